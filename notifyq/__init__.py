@@ -1,0 +1,39 @@
+"""notifyq: a PostgreSQL job dispatcher.
+
+Plain SQL in (`INSERT INTO notifyq.jobs (task, payload) ...`), one
+dispatcher out (`notifyq serve --app module:app`).
+"""
+
+from .app import App, Settings, Worker
+from .errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    DoNotRetry,
+    InvalidJob,
+    JobFailure,
+    NotifyqError,
+    PayloadError,
+    SchemaMissing,
+)
+from .job import JobContext, JobState
+from .retry import Backoff
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "Backoff",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "DoNotRetry",
+    "InvalidJob",
+    "JobContext",
+    "JobFailure",
+    "JobState",
+    "NotifyqError",
+    "PayloadError",
+    "SchemaMissing",
+    "Settings",
+    "Worker",
+    "__version__",
+]

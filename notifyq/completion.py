@@ -1,0 +1,139 @@
+"""Turn finished attempts into batched, fenced state writes.
+
+Workers never write job state: they report `Finished`, and this component
+writes whatever has accumulated in one statement (`complete`) while the
+previous write is in flight, so under load one round trip carries many
+outcomes and an idle dispatcher still writes a single outcome at once.
+Interrupted attempts (shutdown) are handed back with `hand_back` instead.
+
+A write that fails because the database is gone is kept and retried after
+the connection comes back; if the job's lease expired in the meantime the
+fence drops the write and the job runs again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import anyio
+
+from .errors import DatabaseUnavailable, DoNotRetry
+from .store import Outcome, Store
+from .worker_pool import Finished, UnknownTask
+
+log = logging.getLogger("notifyq.completion")
+
+MAX_BATCH = 1000
+_ERROR_LIMIT = 64 * 1024  # bytes of error text kept per attempt
+
+
+def decide(finished: Finished) -> Outcome:
+    """succeeded, queued again after a backoff, or dead: the retry policy, applied."""
+    job = finished.job
+    if finished.error is None:
+        return Outcome(job.id, job.attempt, "succeeded")
+    error = _describe(finished.error, finished.trace)
+    final = isinstance(finished.error, DoNotRetry | UnknownTask)
+    if final or job.attempt >= job.max_attempts:
+        return Outcome(job.id, job.attempt, "dead", error=error)
+    backoff = finished.task.backoff if finished.task else None
+    delay = backoff.delay(job.attempt) if backoff else 0.0
+    return Outcome(job.id, job.attempt, "queued", delay=delay, error=error)
+
+
+def _describe(error: BaseException, trace: str | None) -> str:
+    head = f"{type(error).__name__}: {error}".rstrip(": ")
+    text = f"{head}\n\n{trace}" if trace else head
+    return text if len(text) <= _ERROR_LIMIT else text[: _ERROR_LIMIT - 20] + "\n... (truncated)"
+
+
+class Completer:
+    def __init__(
+        self,
+        store: Store,
+        claimant: str,
+        on_written: Callable[[set[int]], None],
+    ) -> None:
+        self._store = store
+        self._claimant = claimant
+        self._on_written = on_written
+        self._outcomes: list[Outcome] = []
+        self._handed: list[int] = []
+        self._wake = anyio.Event()
+        self._closing = False
+        self._give_up_at = float("inf")
+        self.written = 0
+        self.fenced = 0
+
+    def submit(self, finished: Finished) -> None:
+        if finished.interrupted:
+            self._handed.append(finished.job.id)
+        else:
+            outcome = decide(finished)
+            self._outcomes.append(outcome)
+            log.debug(
+                "finished job=%s task=%s attempt=%s status=%s",
+                outcome.job_id, finished.job.task, outcome.attempt, outcome.status,
+            )
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._outcomes) + len(self._handed)
+
+    def close(self, give_up_after: float) -> None:
+        """Write what is pending, then let `run` return; stop retrying after the deadline."""
+        self._closing = True
+        self._give_up_at = anyio.current_time() + give_up_after
+        self._wake.set()
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            if not self._outcomes and not self._handed:
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
+            try:
+                await self._flush()
+                failures = 0
+            except DatabaseUnavailable as exc:
+                if self._closing and anyio.current_time() >= self._give_up_at:
+                    log.error(
+                        "shutting down with %d outcomes unwritten (%s); their jobs run again "
+                        "once their leases expire", self.pending, exc,
+                    )
+                    return
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                log.warning("completion write failed (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+
+    async def _flush(self) -> None:
+        if self._outcomes:
+            batch = self._outcomes[:MAX_BATCH]
+            applied = await self._store.complete(batch, self._claimant)
+            del self._outcomes[: len(batch)]
+            self._account({o.job_id for o in batch}, applied, "completion")
+        if self._handed:
+            ids = self._handed[:MAX_BATCH]
+            applied = await self._store.hand_back(ids, self._claimant)
+            del self._handed[: len(ids)]
+            self._account(set(ids), applied, "hand-back")
+            if applied:
+                log.info("handed back %d unfinished jobs to the queue", len(applied))
+
+    def _account(self, ids: set[int], applied: set[int], what: str) -> None:
+        lost = ids - applied
+        self.written += len(applied)
+        self.fenced += len(lost)
+        for job_id in sorted(lost):
+            log.warning(
+                "%s of job=%s not written: it is no longer running under this dispatcher's "
+                "claim (its lease expired and it was rescued or cancelled)", what, job_id,
+            )
+        self._on_written(ids)

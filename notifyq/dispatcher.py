@@ -1,0 +1,135 @@
+"""Decide when to claim, claim up to the free slots, hand the jobs to the pool.
+
+The loop sleeps until one of: a wake-up (notification, reconnect, rescue),
+the fallback poll timer, the precise timer for the next scheduled job, a
+freed slot (only when the last claim came back full, i.e. more work is
+waiting), or stop.  Then it claims at most `min(free slots, batch_size)` in
+one statement.  A claim that came back full is followed by another as soon
+as there is room; a short one means the ready backlog is drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import anyio
+
+from .errors import DatabaseUnavailable
+from .job import Job
+from .store import Store
+
+log = logging.getLogger("notifyq.dispatcher")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        claimant: str,
+        *,
+        queues: Sequence[str],
+        concurrency: int,
+        batch_size: int,
+        poll_interval: float,
+        lease: float,
+        task_max_attempts: dict[str, int],
+        default_max_attempts: int,
+        submit: Callable[[Job], None],
+    ) -> None:
+        self._store = store
+        self._claimant = claimant
+        self._queues = list(queues)
+        self._concurrency = concurrency
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._lease = lease
+        self._task_max_attempts = task_max_attempts
+        self._default_max_attempts = default_max_attempts
+        self._submit = submit
+        self._signal = anyio.Event()
+        self._notified = True  # the first pass claims at once
+        self._stopping = False
+        self.running = 0  # claimed and handed to the pool, not finished
+        self.claims = 0
+        self.claimed = 0
+        self.polls_with_work = 0
+
+    # Called from the listener, the pool and the app; all on the event loop.
+
+    def wake(self) -> None:
+        self._notified = True
+        self._signal.set()
+
+    def slot_freed(self) -> None:
+        self.running -= 1
+        self._signal.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._signal.set()
+
+    async def run(self) -> None:
+        clock = anyio.current_time
+        more_waiting = False  # the last claim came back full
+        next_poll = clock() + self._jittered_poll()
+        next_due = math.inf  # the next scheduled job's run_at, on our monotonic clock
+        failures = 0
+        while not self._stopping:
+            now = clock()
+            polled = now >= next_poll
+            if self._notified or polled or now >= next_due:
+                more_waiting = True
+                self._notified = False
+            free = self._concurrency - self.running
+            if more_waiting and free > 0:
+                limit = min(free, self._batch_size)
+                try:
+                    jobs, next_in = await self._claim(limit)
+                    failures = 0
+                except DatabaseUnavailable as exc:
+                    failures += 1
+                    delay = min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
+                    log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
+                    self._notified = True  # after reconnecting, catch up at once
+                    await self._sleep(delay)
+                    continue
+                next_poll = clock() + self._jittered_poll()
+                next_due = clock() + max(next_in, 0.0) if next_in is not None else math.inf
+                more_waiting = len(jobs) == limit
+                if polled and jobs:
+                    # Work found by the poll alone means a notification went missing.
+                    self.polls_with_work += 1
+                    log.info("fallback poll found %d jobs", len(jobs))
+                for job in jobs:
+                    self.running += 1
+                    self._submit(job)
+                continue
+            await self._sleep(min(next_poll, next_due) - now)
+
+    async def _claim(self, limit: int) -> tuple[list[Job], float | None]:
+        jobs, next_in = await self._store.claim(
+            queues=self._queues,
+            limit=limit,
+            claimant=self._claimant,
+            lease=self._lease,
+            task_max_attempts=self._task_max_attempts,
+            default_max_attempts=self._default_max_attempts,
+        )
+        self.claims += 1
+        self.claimed += len(jobs)
+        if jobs:
+            log.debug("claimed %d of %d", len(jobs), limit)
+        return jobs, next_in
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep until the timeout or any signal, whichever comes first."""
+        with anyio.move_on_after(max(seconds, 0.0)):
+            await self._signal.wait()
+        self._signal = anyio.Event()
+
+    def _jittered_poll(self) -> float:
+        # Jitter keeps many dispatchers from polling in lockstep.
+        return self._poll_interval * random.uniform(0.9, 1.1)

@@ -1,0 +1,62 @@
+"""Build a job row from Python arguments and INSERT it.
+
+With `conn=` the INSERT runs on the caller's connection, inside whatever
+transaction it has open: the job exists if and only if that transaction
+commits (PostgreSQL holds the trigger's notification until then too).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from . import codec, store
+from .errors import InvalidJob
+from .registry import Handler, Registry, check_queue_name, check_task_name
+
+
+def build(
+    registry: Registry,
+    task: str | Handler,
+    payload: Any,
+    *,
+    queue: str | None,
+    priority: int | None,
+    delay: float | None,
+    run_at: datetime | None,
+    max_attempts: int | None,
+) -> store.NewJob:
+    """Validate in Python what can be checked without a round trip."""
+    if isinstance(task, str):
+        name = check_task_name(task)
+        known = registry.get(name)
+    else:
+        known = registry.for_handler(task)
+        if known is None:
+            raise InvalidJob(f"{task!r} is not a task registered with this app")
+        name = known.name
+    if queue is None and known is not None:
+        queue = known.queue
+    if queue is not None:
+        check_queue_name(queue)
+    if delay is not None and run_at is not None:
+        raise InvalidJob("give either delay or run_at, not both")
+    if delay is not None and delay < 0:
+        raise InvalidJob(f"delay must be >= 0 seconds, got {delay}")
+    if run_at is not None and run_at.tzinfo is None:
+        raise InvalidJob("run_at must be timezone-aware (naive datetimes are ambiguous)")
+    try:
+        payload_json = codec.dumps({} if payload is None else payload)
+    except TypeError as exc:
+        raise InvalidJob(f"job rejected: {exc}") from exc
+    return store.NewJob(
+        task=name,
+        payload_json=payload_json,
+        queue=queue,
+        priority=priority,
+        delay=delay or 0.0,
+        run_at=run_at,
+        max_attempts=max_attempts if max_attempts is not None else (
+            known.max_attempts if known is not None else None
+        ),
+    )

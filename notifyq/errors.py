@@ -1,0 +1,89 @@
+"""Every error notifyq raises, under one root.
+
+    NotifyqError
+    ├── ConfigurationError      bad settings: no DSN and no embedded server, bad --app, ...
+    ├── DatabaseUnavailable     cannot reach PostgreSQL (retryable: the dispatcher reconnects)
+    ├── SchemaMissing           the notifyq schema is absent or older than this code
+    ├── InvalidJob              PostgreSQL rejected a job at INSERT (names the rule it broke)
+    └── JobFailure              raised *by handlers* to steer what happens to the job
+        └── DoNotRetry          fail this attempt and send the job to `dead` at once
+            └── PayloadError    the payload cannot be used by this task
+
+Driver errors are translated at one seam (store.py) with `translate()`; no
+other module looks at psycopg exceptions.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pg_errors
+
+
+class NotifyqError(Exception):
+    """Root of every notifyq error."""
+
+
+class ConfigurationError(NotifyqError):
+    """The settings do not describe something notifyq can run."""
+
+
+class DatabaseUnavailable(NotifyqError):
+    """PostgreSQL cannot be reached or the connection broke; retrying may succeed."""
+
+
+class SchemaMissing(NotifyqError):
+    """The database has no notifyq schema, or an older version than this code needs."""
+
+
+class InvalidJob(NotifyqError):
+    """PostgreSQL refused a job; the message names the rule it broke."""
+
+
+class JobFailure(NotifyqError):
+    """Base for the exceptions a handler raises on purpose."""
+
+
+class DoNotRetry(JobFailure):
+    """Raise from a handler: the job goes to `dead` now, whatever attempts remain."""
+
+
+class PayloadError(DoNotRetry):
+    """Raise from a handler (or a task's decoder) when the payload cannot be used."""
+
+
+# What each CHECK constraint means, for messages a producer can act on.
+_CONSTRAINTS = {
+    "jobs_queue_format": "queue must be 1-63 characters of a-z, 0-9, '_' and '-', "
+    "not starting with '-'",
+    "jobs_task_format": "task must be 1-200 characters of letters, digits, '_', '.', ':' "
+    "and '-', starting with a letter or '_'",
+    "jobs_priority_range": "priority must be an integer from -1000 to 1000",
+    "jobs_max_attempts_range": "max_attempts must be NULL or an integer from 1 to 1000",
+    "jobs_attempts_nonnegative": "attempts cannot be negative",
+    "jobs_payload_size": "payload must be at most 1 MiB as stored jsonb",
+    "jobs_status_valid": "status must be one of queued, running, succeeded, dead, cancelled",
+    "jobs_running_has_lease": "a running job needs claimed_by and lease_expires_at",
+}
+
+
+def translate(exc: BaseException) -> NotifyqError | None:
+    """Map a driver error to the notifyq error it means, or None to let it through."""
+    if isinstance(exc, pg_errors.CheckViolation):
+        name = exc.diag.constraint_name or ""
+        return InvalidJob(f"job rejected: {_CONSTRAINTS.get(name, exc.diag.message_primary)}")
+    if isinstance(exc, pg_errors.NotNullViolation):
+        return InvalidJob(f"job rejected: {exc.diag.column_name} cannot be NULL")
+    if isinstance(exc, pg_errors.InvalidTextRepresentation | pg_errors.InvalidParameterValue):
+        return InvalidJob(f"job rejected: {exc.diag.message_primary}")
+    if isinstance(exc, pg_errors.UndefinedTable | pg_errors.InvalidSchemaName):
+        return SchemaMissing(
+            "the notifyq schema is not installed in this database: run `notifyq migrate`"
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        return DatabaseUnavailable(f"cannot reach PostgreSQL: {_first_line(exc)}")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,56 @@
+"""A claimed job and the context its handler receives.
+
+The states of a job (column `status`) and who moves it between them:
+
+    INSERT ──> queued ──claim──> running ──success──> succeeded
+                 ^                 │ │ └──no attempts left / DoNotRetry──> dead
+                 │                 │ └────handed back at shutdown (attempt not counted)──┐
+                 └──retry (backoff)┴──lease expired, rescued (attempt counted)───────────┤
+                 └───────────────────────────────────────────────────────────────────────┘
+    queued/running ──UPDATE by an operator──> cancelled
+    dead ──UPDATE by an operator──> queued          (the dead-letter queue is re-queueable)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One claimed attempt of a job, as the claim returned it."""
+
+    id: int
+    queue: str
+    task: str
+    payload: Any
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What a handler may know about the attempt it runs.
+
+    `stopping` is set when the dispatcher shuts down and this attempt will be
+    handed back if it does not finish in time; a long synchronous handler can
+    check it and return early.
+    """
+
+    id: int
+    queue: str
+    task: str
+    attempt: int
+    max_attempts: int
+    stopping: threading.Event = field(default_factory=threading.Event, compare=False)

@@ -1,0 +1,103 @@
+"""Task name -> handler, and the `@app.task` decorator's bookkeeping. No I/O."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigurationError
+from .retry import Backoff
+
+# Mirrors the CHECK constraints in schema.sql, so a bad name fails at import
+# time in Python instead of at the first INSERT.
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
+QUEUE_NAME = re.compile(r"[a-z0-9_][a-z0-9_-]{0,62}")
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_ATTEMPTS = 5
+
+Handler = Callable[..., Any]
+
+
+def check_queue_name(queue: str) -> str:
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
+        raise ConfigurationError(
+            f"invalid queue name {queue!r}: use 1-63 characters of a-z, 0-9, '_' and '-'"
+        )
+    return queue
+
+
+def check_task_name(name: str) -> str:
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"invalid task name {name!r}: use 1-200 characters of letters, digits, "
+            "'_', '.', ':' and '-', starting with a letter or '_'"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A registered handler and the settings its jobs run with."""
+
+    name: str
+    handler: Handler
+    queue: str = DEFAULT_QUEUE
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff: Backoff = field(default_factory=Backoff)
+    timeout: float | None = None
+    decode: Callable[[Any], Any] | None = None
+    is_async: bool = False
+    wants_context: bool = False
+
+
+def describe_handler(handler: Handler) -> tuple[bool, bool]:
+    """(is_async, wants_context): decided once at registration, never per job."""
+    if not callable(handler):
+        raise ConfigurationError(f"task handler {handler!r} is not callable")
+    is_async = inspect.iscoroutinefunction(handler)
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: payload only
+        return is_async, False
+    positional = [
+        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in params)
+    if not positional and not variadic:
+        raise ConfigurationError(
+            f"task handler {handler.__qualname__} must accept the payload as its first argument"
+        )
+    return is_async, variadic or len(positional) >= 2
+
+
+class Registry:
+    """The tasks one App knows, by name."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task] = {}
+        self._by_handler: dict[Handler, Task] = {}
+
+    def add(self, task: Task) -> None:
+        if task.name in self._tasks:
+            raise ConfigurationError(f"task {task.name!r} is registered twice")
+        self._tasks[task.name] = task
+        self._by_handler[task.handler] = task
+
+    def get(self, name: str) -> Task | None:
+        return self._tasks.get(name)
+
+    def for_handler(self, handler: Handler) -> Task | None:
+        return self._by_handler.get(handler)
+
+    def __iter__(self) -> Any:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def queues(self) -> list[str]:
+        """The queues this app's tasks live on, plus the default queue."""
+        return sorted({DEFAULT_QUEUE, *(t.queue for t in self._tasks.values())})

@@ -1,0 +1,29 @@
+"""When to run a failed job again: exponential backoff with full jitter. Pure."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delay before attempt n+1 is drawn uniformly from [base*factor^(n-1) / 2, that].
+
+    Half-jitter keeps retries of a burst of failures apart while still
+    guaranteeing that the delay grows.
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.factor < 1 or self.max_delay < 0:
+            raise ValueError("backoff needs base >= 0, factor >= 1 and max_delay >= 0")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after `attempt` (1-based) failed."""
+        ceiling = min(self.max_delay, self.base * self.factor ** max(attempt - 1, 0))
+        draw = (rng or random).random()
+        return ceiling / 2 + draw * ceiling / 2

@@ -1,0 +1,315 @@
+"""The only module that executes SQL.
+
+Queries come from sql/queries.sql, loaded once.  Every driver error leaves
+this module translated by errors.translate(), so callers handle notifyq
+errors only.  A `Store` owns one autocommit connection for one role (claims,
+completions, maintenance) and reconnects lazily after a failure: the caller
+decides when to try again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, LiteralString, cast
+
+import psycopg
+from psycopg import sql
+
+from . import codec
+from .errors import DatabaseUnavailable, translate
+from .job import Job
+
+log = logging.getLogger("notifyq.store")
+
+_BLOCK = re.compile(r"^-- name: (\w+)\n", re.MULTILINE)
+
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 10,
+    # Notice a peer that vanished without closing the socket within ~30 s.
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+
+def _load_queries() -> dict[str, LiteralString]:
+    text = resources.files("notifyq").joinpath("sql/queries.sql").read_text()
+    parts = _BLOCK.split(text)[1:]
+    # The SQL is our own file, never user input: typing it as LiteralString is honest.
+    return {name: cast(LiteralString, body.strip()) for name, body in zip(parts[::2], parts[1::2])}
+
+
+QUERIES = _load_queries()
+
+
+def schema_sql() -> LiteralString:
+    """The canonical schema (the repository's schema.sql, shipped in the package)."""
+    return cast(LiteralString, resources.files("notifyq").joinpath("sql/schema.sql").read_text())
+
+
+def migration_scripts() -> list[tuple[int, LiteralString]]:
+    """Numbered migrations after version 1, in order: (version, script)."""
+    folder = resources.files("notifyq").joinpath("sql/migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"(\d{4})_\w+\.sql", entry.name)
+        if match:
+            found.append((int(match.group(1)), cast(LiteralString, entry.read_text())))
+    return sorted(found)
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Re-raise driver errors as the notifyq errors they mean."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        mapped = translate(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    with translated():
+        conn = psycopg.connect(dsn, autocommit=autocommit, **CONNECT_OPTIONS)
+    codec.configure(conn)
+    return conn
+
+
+async def connect(dsn: str, *, application_name: str = "notifyq") -> psycopg.AsyncConnection[Any]:
+    with translated():
+        conn = await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, application_name=application_name, **CONNECT_OPTIONS
+        )
+    codec.configure(conn)
+    return conn
+
+
+# --- enqueue: runs on whatever connection the caller gives, inside its transaction
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    task: str
+    payload_json: str
+    queue: str | None
+    priority: int | None
+    delay: float
+    run_at: Any
+    max_attempts: int | None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "payload": self.payload_json,
+            # NULL would break NOT NULL; the defaults live in the schema, so repeat them here.
+            "queue": self.queue if self.queue is not None else "default",
+            "priority": self.priority if self.priority is not None else 0,
+            "delay": self.delay,
+            "run_at": self.run_at,
+            "max_attempts": self.max_attempts,
+        }
+
+
+async def enqueue(conn: psycopg.AsyncConnection[Any], job: NewJob) -> int:
+    with translated():
+        cur = await conn.execute(QUERIES["enqueue"], job.params())
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def enqueue_sync(conn: psycopg.Connection[Any], job: NewJob) -> int:
+    with translated():
+        row = conn.execute(QUERIES["enqueue"], job.params()).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- the schema
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int | None:
+    with translated():
+        row = conn.execute(QUERIES["schema_present"]).fetchone()
+        if not row or not row[0]:
+            return None
+        row = conn.execute(QUERIES["schema_version"]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def apply_script(conn: psycopg.Connection[Any], version: int, script: LiteralString) -> None:
+    """Run one migration script and record its version; the caller holds the transaction."""
+    with translated():
+        # No parameters: psycopg sends the script whole, several statements at once.
+        conn.execute(script)
+        conn.execute(QUERIES["record_version"], {"version": version})
+
+
+def lock_migrations(conn: psycopg.Connection[Any]) -> None:
+    with translated():
+        conn.execute(QUERIES["migrate_lock"])
+
+
+# --- the dispatcher's statements, each on the Store of its role
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What an attempt came to, as completion.py writes it."""
+
+    job_id: int
+    attempt: int
+    status: str  # succeeded | queued (retry) | dead
+    delay: float = 0.0
+    error: str | None = None
+
+
+class Store:
+    """One autocommit connection for one role, reopened on the next call after a failure."""
+
+    def __init__(self, dsn: str, role: str) -> None:
+        self._dsn = dsn
+        self._role = role
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect(self._dsn, application_name=f"notifyq:{self._role}")
+            log.debug("connected role=%s", self._role)
+        return self._conn
+
+    async def _run(self, name: str, params: dict[str, Any]) -> list[Any]:
+        conn = await self._connection()
+        try:
+            with translated():
+                cur = await conn.execute(QUERIES[name], params)
+                return await cur.fetchall() if cur.description else []
+        except DatabaseUnavailable:
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            try:
+                await conn.close()
+            except psycopg.Error:  # already broken: closing is best effort
+                pass
+
+    async def close(self) -> None:
+        await self._drop()
+
+    async def claim(
+        self,
+        *,
+        queues: Sequence[str],
+        limit: int,
+        claimant: str,
+        lease: float,
+        task_max_attempts: dict[str, int],
+        default_max_attempts: int,
+    ) -> tuple[list[Job], float | None]:
+        """Claim up to `limit` jobs; also returns seconds until the next scheduled job."""
+        rows = await self._run(
+            "claim",
+            {
+                "queues": list(queues),
+                "limit": limit,
+                "claimant": claimant,
+                "lease": lease,
+                "task_names": list(task_max_attempts),
+                "task_max_attempts": list(task_max_attempts.values()),
+                "default_max_attempts": default_max_attempts,
+            },
+        )
+        jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows if r[0] is not None]
+        next_in = next((r[6] for r in rows if r[0] is None), None)
+        return jobs, next_in
+
+    async def complete(self, outcomes: Sequence[Outcome], claimant: str) -> set[int]:
+        """Write outcomes; returns the ids that applied (the rest lost their claim)."""
+        rows = await self._run(
+            "complete",
+            {
+                "ids": [o.job_id for o in outcomes],
+                "attempts": [o.attempt for o in outcomes],
+                "statuses": [o.status for o in outcomes],
+                "delays": [o.delay for o in outcomes],
+                "errors": [o.error for o in outcomes],
+                "claimant": claimant,
+            },
+        )
+        return {r[0] for r in rows}
+
+    async def renew_leases(self, ids: Sequence[int], claimant: str, lease: float) -> set[int]:
+        rows = await self._run(
+            "renew_leases", {"ids": list(ids), "claimant": claimant, "lease": lease}
+        )
+        return {r[0] for r in rows}
+
+    async def hand_back(self, ids: Sequence[int], claimant: str) -> set[int]:
+        rows = await self._run("hand_back", {"ids": list(ids), "claimant": claimant})
+        return {r[0] for r in rows}
+
+    async def rescue(self, limit: int = 1000) -> list[tuple[int, str]]:
+        rows = await self._run("rescue", {"limit": limit})
+        return [(r[0], r[1]) for r in rows]
+
+
+class Listener:
+    """The one LISTEN connection: autocommit, never inside a transaction."""
+
+    def __init__(self, dsn: str, channel: str) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def open(self) -> None:
+        await self.close()
+        conn = await connect(self._dsn, application_name="notifyq:listen")
+        try:
+            with translated():
+                # A session timeout would cut an idle listener off: exempt this connection.
+                await conn.execute("SET idle_session_timeout = 0")
+                await conn.execute(
+                    sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
+                )
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+
+    async def wait(self, timeout: float) -> list[str]:
+        """Payloads that arrived within `timeout` seconds; [] after a successful ping."""
+        conn = self._conn
+        if conn is None:
+            raise DatabaseUnavailable("the listener is not connected")
+        payloads: list[str] = []
+        try:
+            with translated():
+                async for note in conn.notifies(timeout=timeout, stop_after=1):
+                    payloads.append(note.payload)
+                if not payloads:
+                    # Quiet for a whole interval: make sure the socket is still alive.
+                    await conn.execute("SELECT 1")
+        except DatabaseUnavailable:
+            await self.close()
+            raise
+        return payloads
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            try:
+                await conn.close()
+            except psycopg.Error:  # already broken: closing is best effort
+                pass
+

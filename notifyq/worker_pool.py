@@ -1,0 +1,160 @@
+"""N worker slots that run handlers; no SQL.
+
+Each claimed job becomes one attempt: its task is looked up, its payload
+decoded, its handler called (in a worker thread when it is a plain `def`,
+so it cannot block the event loop) under the task's timeout, inside a
+cancel scope of its own so shutdown can interrupt it.  What happened is
+reported as a `Finished` through the `on_finished` callback; turning that
+into a state write is completion.py's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .errors import PayloadError
+from .job import Job, JobContext
+from .registry import Registry, Task
+
+log = logging.getLogger("notifyq.worker")
+
+
+class UnknownTask(Exception):
+    """No handler is registered under the job's task name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """How one attempt ended: error None is success; interrupted means handed back."""
+
+    job: Job
+    task: Task | None
+    error: BaseException | None = None
+    trace: str | None = None
+    interrupted: bool = False
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    context: JobContext
+    scope: anyio.CancelScope
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        registry: Registry,
+        concurrency: int,
+        on_finished: Callable[[Finished], None],
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._registry = registry
+        self._concurrency = concurrency
+        self._on_finished = on_finished
+        self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
+        self._running: dict[int, _Running] = {}
+        self._threads = anyio.CapacityLimiter(concurrency)
+        self._pending = 0  # submitted and not yet finished
+        self._interrupting = False
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, job: Job) -> None:
+        """Queue a claimed job; the dispatcher never claims more than there are free slots."""
+        if self._pending == 0:
+            self._idle = anyio.Event()
+        self._pending += 1
+        self._send.send_nowait(job)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the slots until `close()` and every submitted job has finished."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(self._concurrency):
+                tg.start_soon(self._slot, self._receive.clone())
+            self._receive.close()
+            task_status.started()
+
+    def close(self) -> None:
+        """Accept no more jobs; slots exit once they have run what was submitted."""
+        self._send.close()
+
+    def interrupt_all(self) -> None:
+        """Cancel every running attempt (shutdown grace is over): they are handed back."""
+        self._interrupting = True
+        for running in self._running.values():
+            running.context.stopping.set()
+            running.scope.cancel()
+
+    def signal_stopping(self) -> None:
+        for running in self._running.values():
+            running.context.stopping.set()
+
+    async def wait_idle(self) -> None:
+        """Until no attempt is running and none is waiting for a slot."""
+        await self._idle.wait()
+
+    async def _slot(self, receive: Any) -> None:
+        async with receive:
+            async for job in receive:
+                finished = await self._attempt(job)
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
+                self._on_finished(finished)
+
+    async def _attempt(self, job: Job) -> Finished:
+        task = self._registry.get(job.task)
+        if self._interrupting:  # claimed just before shutdown and never started
+            return Finished(job, task, interrupted=True)
+        context = JobContext(job.id, job.queue, job.task, job.attempt, job.max_attempts)
+        with anyio.CancelScope() as scope:
+            self._running[job.id] = _Running(job, context, scope)
+            try:
+                if task is None:
+                    raise UnknownTask(
+                        f"unknown task {job.task!r}: no handler is registered under this name "
+                        f"in the app serving queue {job.queue!r}"
+                    )
+                await self._call(task, job, context)
+                return Finished(job, task)
+            except Exception as exc:
+                return Finished(job, task, exc, traceback.format_exc())
+            finally:
+                del self._running[job.id]
+        # Only reached when the scope was cancelled: shutdown interrupted the attempt.
+        return Finished(job, task, interrupted=True)
+
+    async def _call(self, task: Task, job: Job, context: JobContext) -> None:
+        payload = job.payload
+        if task.decode is not None:
+            try:
+                payload = task.decode(payload)
+            except Exception as exc:
+                raise PayloadError(
+                    f"payload of job {job.id} cannot be decoded for task {task.name!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        args = (payload, context) if task.wants_context else (payload,)
+        # fail_after(None) sets no deadline.
+        with anyio.fail_after(task.timeout):
+            if task.is_async:
+                await task.handler(*args)
+            else:
+                await anyio.to_thread.run_sync(
+                    task.handler, *args, limiter=self._threads, abandon_on_cancel=True
+                )
+
