@@ -12,6 +12,7 @@ callbacks.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import signal
@@ -250,9 +251,19 @@ class App:
         return Worker(self, settings or Settings(), resolve_dsn(dsn or self.dsn))
 
     def serve(self, settings: Settings | None = None, *, dsn: str | None = None) -> None:
-        """Run a dispatcher in this thread until SIGTERM/SIGINT."""
+        """Run a dispatcher in this thread until SIGTERM/SIGINT.
+
+        A plain `def` handler still running when the shutdown grace ran out
+        cannot be interrupted (threads cannot be cancelled): its job has been
+        handed back, and the process exits without waiting for the thread.
+        """
         worker = self.worker(settings, dsn=dsn)
         anyio.run(lambda: worker.run(handle_signals=True))
+        if worker.pool.abandoned:
+            log.warning("exiting with %d abandoned handler threads", worker.pool.abandoned)
+            atexit._run_exitfuncs()
+            logging.shutdown()
+            os._exit(0)
 
 
 class Worker:

@@ -66,6 +66,7 @@ class WorkerPool:
         self._threads = anyio.CapacityLimiter(concurrency)
         self._pending = 0  # submitted and not yet finished
         self._interrupting = False
+        self.abandoned = 0  # sync handlers interrupted at shutdown: their threads live on
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -136,6 +137,8 @@ class WorkerPool:
             finally:
                 del self._running[job.id]
         # Only reached when the scope was cancelled: shutdown interrupted the attempt.
+        if task is not None and not task.is_async:
+            self.abandoned += 1
         return Finished(job, task, interrupted=True)
 
     async def _call(self, task: Task, job: Job, context: JobContext) -> None:

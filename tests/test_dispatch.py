@@ -1,0 +1,394 @@
+"""The dispatcher in-process: wake-ups, batches, order, schedules, retries, dead letters, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+import notifyq
+from notifyq import Backoff, DoNotRetry, JobContext, PayloadError, Settings
+from tests.conftest import query, statuses
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def serving(app: notifyq.App, dsn: str, **settings: Any) -> AsyncIterator[notifyq.Worker]:
+    """Run a Worker in the background; stop it gracefully on exit."""
+    worker = app.worker(Settings(**settings), dsn=dsn)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(10):
+            await worker.ready.wait()
+            if worker.settings.listen:
+                await worker.listening.wait()
+            # Let the start-up claim finish, so tests see the steady state.
+            while worker.dispatcher.claims == 0:
+                await anyio.sleep(0.005)
+        try:
+            yield worker
+        finally:
+            worker.stop()
+
+
+async def eventually(condition: Any, timeout: float = 20.0, message: str = "condition") -> Any:
+    with anyio.fail_after(timeout):
+        while True:
+            value = await anyio.to_thread.run_sync(condition)
+            if value:
+                return value
+            await anyio.sleep(0.02)
+    raise AssertionError(message)  # pragma: no cover - fail_after raises first
+
+
+def sql_insert(dsn: str, values: str, columns: str = "task, payload") -> None:
+    query(dsn, f"INSERT INTO notifyq.jobs ({columns}) VALUES {values}")
+
+
+async def test_job_inserted_by_sql_runs_on_notification_without_polling(dsn: str) -> None:
+    app = notifyq.App()
+    seen: list[tuple[Any, int, str, int]] = []
+    done = anyio.Event()
+
+    @app.task(name="hello.greet")
+    async def greet(payload: Any, ctx: JobContext) -> None:
+        seen.append((payload, ctx.id, ctx.queue, ctx.attempt))
+        done.set()
+
+    # A poll interval of an hour: only the notification can start this job.
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, """('hello.greet', '{"name": "Ada"}')""")
+        with anyio.fail_after(10):
+            await done.wait()
+    job_id = query(dsn, "SELECT id FROM notifyq.jobs")[0][0]
+    assert seen == [({"name": "Ada"}, job_id, "default", 1)]
+    row = query(dsn, "SELECT status, attempts, started_at IS NOT NULL, finished_at IS NOT NULL,"
+                     " claimed_by, lease_expires_at FROM notifyq.jobs")
+    assert row == [("succeeded", 1, True, True, None, None)]
+
+
+async def test_fallback_poll_finds_jobs_when_not_listening(dsn: str) -> None:
+    app = notifyq.App()
+    ran = anyio.Event()
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        ran.set()
+
+    async with serving(app, dsn, listen=False, poll_interval=0.2) as worker:
+        sql_insert(dsn, "('t', '{}')")
+        with anyio.fail_after(10):
+            await ran.wait()
+    assert worker.dispatcher.polls_with_work == 1
+
+
+async def test_backlog_runs_in_priority_then_run_at_then_id_order(dsn: str) -> None:
+    app = notifyq.App()
+    order: list[int] = []
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        order.append(payload["n"])
+
+    query(dsn, """
+        INSERT INTO notifyq.jobs (task, payload, priority, run_at) VALUES
+        ('t', '{"n": 4}', 0, now() - interval '1 minute'),
+        ('t', '{"n": 5}', 0, now() - interval '1 minute'),
+        ('t', '{"n": 1}', 10, now()),
+        ('t', '{"n": 3}', 0, now() - interval '2 minutes'),
+        ('t', '{"n": 6}', -5, now() - interval '1 hour'),
+        ('t', '{"n": 2}', 10, now())""")
+    async with serving(app, dsn, concurrency=1):
+        await eventually(lambda: statuses(dsn) == {"succeeded": 6})
+    assert order == [1, 2, 3, 4, 5, 6]
+
+
+async def test_claims_in_batches_and_never_runs_more_than_concurrency(dsn: str) -> None:
+    app = notifyq.App()
+    running = 0
+    peak = 0
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.01)
+        running -= 1
+
+    query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 300)")
+    async with serving(app, dsn, concurrency=4) as worker:
+        await eventually(lambda: statuses(dsn) == {"succeeded": 300})
+    assert peak == 4
+    assert worker.dispatcher.claimed == 300
+    # Batches, not one claim per job (claims also happen on wake-ups and polls).
+    assert worker.dispatcher.claims < 300 / 2
+
+
+async def test_delayed_job_starts_on_time_by_the_precise_timer(dsn: str) -> None:
+    app = notifyq.App()
+    started = anyio.Event()
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        started.set()
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('t', now() + interval '1 second')", columns="task, run_at")
+        with anyio.fail_after(10):
+            await started.wait()
+    late = query(dsn, "SELECT extract(epoch FROM started_at - run_at) FROM notifyq.jobs")[0][0]
+    # Never before run_at, and well before the hour-long poll.
+    assert 0 <= late < 1.0
+
+
+async def test_failure_retries_with_backoff_then_dead_with_traceback(dsn: str) -> None:
+    app = notifyq.App()
+    attempts: list[int] = []
+
+    @app.task(name="flaky", max_attempts=3, backoff=Backoff(base=0.2, factor=2))
+    def flaky(payload: Any, ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        raise RuntimeError(f"boom on attempt {ctx.attempt}")
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('flaky', '{}')")
+        await eventually(lambda: statuses(dsn) == {"dead": 1})
+    assert attempts == [1, 2, 3]
+    status, n, max_attempts, error, finished = query(
+        dsn, "SELECT status, attempts, max_attempts, last_error, finished_at IS NOT NULL"
+             " FROM notifyq.jobs")[0]
+    assert (status, n, max_attempts, finished) == ("dead", 3, 3, True)
+    assert error.startswith("RuntimeError: boom on attempt 3")
+    assert "Traceback (most recent call last)" in error and "in flaky" in error
+
+
+async def test_sql_max_attempts_overrides_the_task_setting(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="fails", max_attempts=5, backoff=Backoff(base=0))
+    async def fails(payload: Any) -> None:
+        raise ValueError("no")
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('fails', 1)", columns="task, max_attempts")
+        await eventually(lambda: statuses(dsn) == {"dead": 1})
+    assert query(dsn, "SELECT attempts FROM notifyq.jobs") == [(1,)]
+
+
+async def test_retry_waits_for_the_backoff(dsn: str) -> None:
+    app = notifyq.App()
+    times: list[float] = []
+
+    @app.task(name="once", max_attempts=2, backoff=Backoff(base=0.6))
+    async def once(payload: Any) -> None:
+        times.append(time.monotonic())
+        if len(times) == 1:
+            raise RuntimeError("first attempt fails")
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('once', '{}')")
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+    # Half-jitter: the delay after attempt 1 is within [0.3, 0.6] seconds.
+    assert 0.3 <= times[1] - times[0] < 1.5
+    assert query(dsn, "SELECT attempts, last_error LIKE 'RuntimeError: first%' FROM notifyq.jobs"
+                 ) == [(2, True)]
+
+
+async def test_do_not_retry_and_payload_errors_go_dead_at_once(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="refuse", max_attempts=5)
+    async def refuse(payload: Any) -> None:
+        raise DoNotRetry("this will never work")
+
+    @app.task(name="typed", max_attempts=5, decode=lambda p: int(p["n"]))
+    async def typed(n: int) -> None:
+        assert isinstance(n, int)
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, """('refuse', '{}'), ('typed', '{"n": "x"}'), ('typed', '{"n": "7"}')""")
+        await eventually(lambda: statuses(dsn) == {"dead": 2, "succeeded": 1})
+    rows = query(dsn, "SELECT task, attempts, split_part(last_error, E'\\n', 1) FROM notifyq.jobs"
+                      " WHERE status = 'dead' ORDER BY id")
+    assert rows[0] == ("refuse", 1, "DoNotRetry: this will never work")
+    assert rows[1][:2] == ("typed", 1)
+    assert rows[1][2].startswith("PayloadError: payload of job")
+    assert "cannot be decoded for task 'typed'" in rows[1][2]
+    assert PayloadError.__mro__[1] is DoNotRetry
+
+
+async def test_unknown_task_goes_dead_naming_it_and_others_keep_flowing(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="known")
+    async def known(payload: Any) -> None:
+        pass
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('no.such.task', '{}'), ('known', '{}')")
+        await eventually(lambda: statuses(dsn) == {"dead": 1, "succeeded": 1})
+    error = query(dsn, "SELECT last_error FROM notifyq.jobs WHERE status = 'dead'")[0][0]
+    assert error.startswith("UnknownTask: unknown task 'no.such.task'")
+    assert query(dsn, "SELECT attempts FROM notifyq.jobs WHERE status = 'dead'") == [(1,)]
+
+
+async def test_only_served_queues_are_claimed(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="t", queue="mine")
+    async def t(payload: Any) -> None:
+        pass
+
+    async with serving(app, dsn, queues=("mine",), poll_interval=3600):
+        sql_insert(dsn, "('t', 'other'), ('t', 'mine')", columns="task, queue")
+        await eventually(lambda: statuses(dsn) == {"queued": 1, "succeeded": 1})
+    assert query(dsn, "SELECT queue FROM notifyq.jobs WHERE status = 'queued'") == [("other",)]
+
+
+async def test_sync_handlers_run_in_threads_without_blocking_the_loop(dsn: str) -> None:
+    app = notifyq.App()
+    release = threading.Event()
+    async_ran = anyio.Event()
+
+    @app.task(name="blocking")
+    def blocking(payload: Any) -> None:
+        assert threading.current_thread() is not threading.main_thread()
+        release.wait(20)
+
+    @app.task(name="quick")
+    async def quick(payload: Any) -> None:
+        async_ran.set()
+
+    async with serving(app, dsn, concurrency=2, poll_interval=3600):
+        sql_insert(dsn, "('blocking', '{}')")
+        await eventually(lambda: statuses(dsn) == {"running": 1})
+        sql_insert(dsn, "('quick', '{}')")
+        with anyio.fail_after(10):
+            await async_ran.wait()
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 2})
+
+
+async def test_graceful_shutdown_finishes_within_grace_and_hands_back_the_rest(dsn: str) -> None:
+    app = notifyq.App()
+    started = 0
+    quick_done = anyio.Event()
+
+    @app.task(name="quick")
+    async def quick(payload: Any) -> None:
+        nonlocal started
+        started += 1
+        await anyio.sleep(0.2)
+        quick_done.set()
+
+    @app.task(name="slow")
+    async def slow(payload: Any) -> None:
+        nonlocal started
+        started += 1
+        await anyio.sleep(3600)
+
+    worker = app.worker(Settings(concurrency=2, shutdown_timeout=1.0, poll_interval=3600),
+                        dsn=dsn)
+    sql_insert(dsn, "('quick', '{}'), ('slow', '{}')")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await eventually(lambda: started == 2)
+        sql_insert(dsn, "('quick', '{}')")  # arrives while both slots are busy
+        worker.stop()
+    assert quick_done.is_set()
+    rows = query(dsn, "SELECT task, status, attempts, claimed_by, started_at FROM notifyq.jobs"
+                      " ORDER BY id")
+    assert rows == [
+        ("quick", "succeeded", 1, None, rows[0][4]),
+        # Handed back: ready again, its interrupted attempt not charged.
+        ("slow", "queued", 0, None, None),
+        # Never claimed after stop().
+        ("quick", "queued", 0, None, None),
+    ]
+
+
+async def test_lease_is_renewed_while_a_job_runs(dsn: str) -> None:
+    app = notifyq.App()
+    release = anyio.Event()
+
+    @app.task(name="long")
+    async def long(payload: Any) -> None:
+        await release.wait()
+
+    def lease_left() -> float:
+        return float(query(dsn, "SELECT extract(epoch FROM lease_expires_at - now())"
+                                " FROM notifyq.jobs")[0][0] or 0)
+
+    async with serving(app, dsn, lease=1.5, poll_interval=3600):
+        sql_insert(dsn, "('long', '{}')")
+        await eventually(lambda: statuses(dsn) == {"running": 1})
+        first = query(dsn, "SELECT lease_expires_at FROM notifyq.jobs")[0][0]
+        # Renewed (heartbeat every lease/3) past the first lease, never expired or rescued.
+        await eventually(lambda: query(
+            dsn, "SELECT lease_expires_at > %s + interval '1.2 seconds' FROM notifyq.jobs",
+            first)[0][0])
+        assert lease_left() > 0
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+    assert query(dsn, "SELECT attempts FROM notifyq.jobs") == [(1,)]
+
+
+async def test_expired_lease_is_rescued_counting_the_attempt(dsn: str) -> None:
+    app = notifyq.App()
+    ran = anyio.Event()
+
+    @app.task(name="t", max_attempts=3)
+    async def t(payload: Any, ctx: JobContext) -> None:
+        assert ctx.attempt == 2
+        ran.set()
+
+    # A job left running by a dispatcher that died: its lease ran out a second ago.
+    query(dsn, "INSERT INTO notifyq.jobs (task, status, attempts, max_attempts, started_at,"
+               " claimed_by, lease_expires_at) VALUES ('t', 'running', 1, 3, now(), 'dead-host:1:x',"
+               " now() - interval '1 second')")
+    async with serving(app, dsn, poll_interval=0.5) as worker:
+        with anyio.fail_after(15):
+            await ran.wait()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+    assert worker.leases.rescued == 1
+    error = query(dsn, "SELECT last_error FROM notifyq.jobs")[0][0]
+    assert "attempt 1 lost: the lease of dispatcher dead-host:1:x expired" in error
+
+
+async def test_rescue_of_a_job_out_of_attempts_sends_it_dead(dsn: str) -> None:
+    app = notifyq.App()
+    query(dsn, "INSERT INTO notifyq.jobs (task, status, attempts, max_attempts, started_at,"
+               " claimed_by, lease_expires_at) VALUES ('t', 'running', 2, 2, now(), 'gone',"
+               " now() - interval '1 second')")
+    async with serving(app, dsn, poll_interval=0.3):
+        await eventually(lambda: statuses(dsn) == {"dead": 1})
+    assert query(dsn, "SELECT attempts, finished_at IS NOT NULL FROM notifyq.jobs") == [(2, True)]
+
+
+async def test_late_completion_of_a_rescued_attempt_is_fenced(dsn: str) -> None:
+    app = notifyq.App()
+    release = anyio.Event()
+    attempts: list[int] = []
+
+    @app.task(name="t")
+    async def t(payload: Any, ctx: JobContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await release.wait()
+
+    async with serving(app, dsn, poll_interval=3600) as worker:
+        sql_insert(dsn, "('t', '{}')")
+        await eventually(lambda: statuses(dsn) == {"running": 1})
+        # Another dispatcher rescued and re-ran it meanwhile (simulated in SQL).
+        query(dsn, "UPDATE notifyq.jobs SET status = 'succeeded', attempts = 2,"
+                   " claimed_by = NULL, lease_expires_at = NULL, finished_at = now()")
+        release.set()
+        await eventually(lambda: worker.completer.fenced == 1)
+    assert query(dsn, "SELECT status, attempts FROM notifyq.jobs") == [("succeeded", 2)]

@@ -1,0 +1,214 @@
+"""The SQL contract: columns and defaults, constraints, notifications, the stats view, migrations."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from notifyq import SchemaMissing, migrate, store
+from tests.conftest import REPO, query
+
+
+def insert(dsn: str, columns: str, values: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO notifyq.jobs ({columns}) VALUES ({values})".encode())
+
+
+def test_plain_sql_insert_gets_documented_defaults(dsn: str) -> None:
+    insert(dsn, "task", "'hello.greet'")
+    row = query(
+        dsn,
+        "SELECT queue, payload, priority, status, attempts, max_attempts, last_error,"
+        " run_at <= now(), created_at IS NOT NULL, started_at, finished_at FROM notifyq.jobs",
+    )[0]
+    assert row == ("default", {}, 0, "queued", 0, None, None, True, True, None, None)
+
+
+BAD_ROWS = [
+    ("task, payload", "'', '{}'", "jobs_task_format"),
+    ("task", "'has space'", "jobs_task_format"),
+    ("task", "'9starts.with.digit'", "jobs_task_format"),
+    ("task", "repeat('x', 201)", "jobs_task_format"),
+    ("task, queue", "'t', ''", "jobs_queue_format"),
+    ("task, queue", "'t', 'Upper'", "jobs_queue_format"),
+    ("task, queue", "'t', 'semi;colon'", "jobs_queue_format"),
+    ("task, queue", "'t', 'quo''te'", "jobs_queue_format"),
+    ("task, queue", "'t', repeat('q', 64)", "jobs_queue_format"),
+    ("task, queue", "'t', 'é'", "jobs_queue_format"),
+    ("task, priority", "'t', 1001", "jobs_priority_range"),
+    ("task, priority", "'t', -1001", "jobs_priority_range"),
+    ("task, max_attempts", "'t', -1", "jobs_max_attempts_range"),
+    ("task, max_attempts", "'t', 0", "jobs_max_attempts_range"),
+    ("task, attempts", "'t', -1", "jobs_attempts_nonnegative"),
+    ("task, status", "'t', 'finished'", "jobs_status_valid"),
+    ("task, status", "'t', 'running'", "jobs_running_has_lease"),
+    (
+        "task, payload",
+        "'t', jsonb_build_object('blob', (SELECT string_agg(md5(i::text), '')"
+        " FROM generate_series(1, 40000) i))",
+        "jobs_payload_size",
+    ),
+]
+
+
+@pytest.mark.parametrize(("columns", "values", "constraint"), BAD_ROWS)
+def test_bad_rows_are_rejected_at_insert_naming_the_rule(
+    dsn: str, columns: str, values: str, constraint: str
+) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation) as caught:
+        insert(dsn, columns, values)
+    assert caught.value.diag.constraint_name == constraint
+    assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(0,)]
+
+
+def test_each_constraint_documents_its_rule(dsn: str) -> None:
+    comments = dict(query(
+        dsn,
+        "SELECT conname, obj_description(oid, 'pg_constraint') FROM pg_constraint"
+        " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
+    ))
+    for name in ("jobs_queue_format", "jobs_task_format", "jobs_priority_range",
+                 "jobs_max_attempts_range", "jobs_payload_size"):
+        assert comments[name], name
+
+
+def test_null_task_and_bad_json_are_rejected(dsn: str) -> None:
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        insert(dsn, "payload", "'{}'")
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        insert(dsn, "task, payload", "'t', '{not json'")
+
+
+def test_largest_allowed_payload_and_edge_values_are_accepted(dsn: str) -> None:
+    insert(dsn, "task, queue, priority, max_attempts",
+           "'a_b.c:d-e', 'queue_1-x', 1000, 1000")
+    insert(dsn, "task, priority, max_attempts", "'_t', -1000, 1")
+    insert(dsn, "task, queue", f"'t', '{'q' * 63}'")
+    assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(3,)]
+
+
+def listen(dsn: str, channel: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f"LISTEN {channel}".encode())
+    return conn
+
+
+def drain(conn: psycopg.Connection[Any]) -> list[str]:
+    # The notifications of a committed transaction are delivered before its
+    # commit returns; one round trip on the listening connection reads them.
+    conn.execute("SELECT 1")
+    return [n.payload for n in conn.notifies(timeout=0.2)]
+
+
+def test_insert_trigger_notifies_once_per_statement_per_queue(dsn: str) -> None:
+    with listen(dsn, "notifyq_jobs") as listener:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO notifyq.jobs (task, queue)"
+                " SELECT 't', CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END"
+                " FROM generate_series(1, 100000) i"
+            )
+        assert sorted(drain(listener)) == ["a", "b"]
+
+
+def test_status_change_notifies_and_requeue_wakes_dispatchers(dsn: str) -> None:
+    insert(dsn, "task, queue, status, finished_at", "'t', 'q', 'dead', now()")
+    with listen(dsn, "notifyq_status") as status, listen(dsn, "notifyq_jobs") as jobs:
+        query(dsn, "UPDATE notifyq.jobs SET status = 'queued', finished_at = NULL")
+        assert drain(status) == ['{"queue" : "q", "status" : "queued"}']
+        assert drain(jobs) == ["q"]
+        # An update that changes no status notifies nobody.
+        query(dsn, "UPDATE notifyq.jobs SET priority = 5")
+        assert drain(status) == []
+        assert drain(jobs) == []
+
+
+def test_no_notification_for_a_rolled_back_insert(dsn: str) -> None:
+    with listen(dsn, "notifyq_jobs") as listener:
+        with psycopg.connect(dsn) as conn:
+            conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('t')")
+            conn.rollback()
+        assert drain(listener) == []
+
+
+def test_queue_stats_counts_by_status_and_oldest_ready_age(dsn: str) -> None:
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, queue, run_at, status, finished_at) VALUES"
+        " ('t', 'a', now() - interval '1 hour', 'queued', NULL),"
+        " ('t', 'a', now() + interval '1 hour', 'queued', NULL),"
+        " ('t', 'a', now(), 'succeeded', now()),"
+        " ('t', 'a', now(), 'dead', now()),"
+        " ('t', 'b', now(), 'cancelled', now())",
+    )
+    rows = query(
+        dsn,
+        "SELECT queue, queued, ready, scheduled, running, succeeded, dead, cancelled,"
+        " oldest_ready_age >= interval '59 minutes' FROM notifyq.queue_stats ORDER BY queue",
+    )
+    assert rows == [("a", 2, 1, 1, 0, 1, 1, 0, True), ("b", 0, 0, 0, 0, 0, 0, 1, None)]
+
+
+def test_claim_uses_the_partial_index_with_many_finished_rows(dsn: str) -> None:
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, status, finished_at)"
+        " SELECT 't', 'succeeded', now() FROM generate_series(1, 50000)",
+    )
+    query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 100)")
+    query(dsn, "ANALYZE notifyq.jobs")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("BEGIN")
+        plan = conn.execute(
+            b"EXPLAIN " + store.QUERIES["claim"].encode(),
+            {
+                "queues": ["default"], "limit": 10, "claimant": "x", "lease": 30,
+                "task_names": [], "task_max_attempts": [], "default_max_attempts": 5,
+            },
+        ).fetchall()
+        conn.execute("ROLLBACK")
+    text = "\n".join(r[0] for r in plan)
+    assert "jobs_claim_idx" in text
+    assert "Seq Scan on jobs" not in text
+
+
+def test_schema_file_is_the_packaged_schema() -> None:
+    assert store.schema_sql() == (REPO / "schema.sql").read_text()
+
+
+def test_schema_file_applies_twice_as_psql_would(empty_dsn: str) -> None:
+    script = (REPO / "schema.sql").read_text().encode()
+    for _ in range(2):
+        with psycopg.connect(empty_dsn) as conn:
+            conn.execute(script)
+    assert query(empty_dsn, "SELECT version FROM notifyq.schema_version") == [(1,)]
+
+
+def test_migrate_is_idempotent_and_records_the_version(empty_dsn: str) -> None:
+    with pytest.raises(SchemaMissing, match="notifyq migrate"):
+        migrate.check(empty_dsn)
+    assert migrate.migrate(empty_dsn) == (None, 1)
+    assert migrate.migrate(empty_dsn) == (1, 1)
+    assert migrate.check(empty_dsn) == 1
+
+
+def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
+    results: list[tuple[int | None, int]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(migrate.migrate(empty_dsn))
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(results, key=str) == [(1, 1), (1, 1), (1, 1), (None, 1)]
