@@ -169,7 +169,8 @@ def serve_process(dsn: str, *args: str, app: str = "tests.apps.ledger:app",
     env = {**os.environ, "NOTIFYQ_DSN": dsn, "PYTHONPATH": str(REPO)}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "notifyq", "serve", "--app", app, "--log-level", "debug", *args],
+        [sys.executable, "-m", "notifyq", "serve", *(["--app", app] if app else []),
+         "--log-level", "debug", *args],
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
     )
     try:

@@ -1,0 +1,127 @@
+"""The `notifyq` command as users run it: real subprocesses, real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import REPO, query, serve_process, statuses, wait_until
+
+
+def notifyq(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "notifyq", *args], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=timeout,
+    )
+
+
+def listeners(dsn: str) -> int:
+    return int(query(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND application_name = 'notifyq:listen'")[0][0])
+
+
+def test_help_explains_every_serve_option() -> None:
+    result = notifyq("serve", "--help")
+    assert result.returncode == 0
+    for option in ("--app", "--dsn", "--concurrency", "--queues", "--poll-interval", "--lease",
+                   "--shutdown-timeout", "--batch-size", "--no-listen", "--migrate"):
+        assert option in result.stdout
+
+
+def test_enqueue_prints_the_id_and_honours_options(dsn: str) -> None:
+    result = notifyq("enqueue", "hello.greet", '{"name": "Ada"}', "--queue", "greetings",
+                     "--priority", "7", "--delay", "60", "--max-attempts", "2", "--dsn", dsn)
+    assert result.returncode == 0, result.stderr
+    job_id = int(result.stdout)
+    assert query(dsn, "SELECT id, queue, task, payload, priority, max_attempts,"
+                      " run_at > now() + interval '50 seconds' FROM notifyq.jobs") == [
+        (job_id, "greetings", "hello.greet", {"name": "Ada"}, 7, 2, True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["enqueue", "t", "{bad"], "notifyq: error: PAYLOAD is not valid JSON"),
+        (["enqueue", "bad name"], "notifyq: error: invalid task name 'bad name'"),
+        (["enqueue", "t", "--queue", "A;B"], "notifyq: error: invalid queue name 'A;B'"),
+        (["enqueue", "t", "--priority", "99999"],
+         "notifyq: error: job rejected: priority must be an integer from -1000 to 1000"),
+        (["serve", "--app", "no_such_module:app"], "notifyq: error: cannot import 'no_such_module'"),
+        (["serve", "--app", "examples.hello"], "notifyq: error: --app must look like module:attribute"),
+        (["serve", "--app", "examples.hello:log"], "is not a notifyq.App"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(dsn: str, args: list[str], message: str) -> None:
+    result = notifyq(*args, "--dsn", dsn)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(0,)]
+
+
+def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    result = notifyq("migrate", "--dsn", f"postgresql://postgres@/x?host={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("notifyq: error: cannot reach PostgreSQL")
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_database_without_schema_until_migrated(empty_dsn: str) -> None:
+    result = notifyq("serve", "--app", "examples.hello:app", "--dsn", empty_dsn)
+    assert result.returncode == 1
+    assert "the notifyq schema is not installed in this database: run `notifyq migrate`" \
+        in result.stderr
+    first = notifyq("migrate", "--dsn", empty_dsn)
+    again = notifyq("migrate", env={"NOTIFYQ_DSN": empty_dsn})
+    assert first.stdout == "schema migrated from version none to 1\n"
+    assert again.stdout == "schema already at version 1\n"
+
+
+def test_serve_runs_sql_enqueued_jobs_and_stops_cleanly_on_sigterm(dsn: str,
+                                                                     tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    with serve_process(dsn, "--app", "examples.hello:app", app="", log=log) as proc:
+        wait_until(lambda: listeners(dsn) == 1, message="the dispatcher to LISTEN")
+        query(dsn, """INSERT INTO notifyq.jobs (task, payload) VALUES
+                      ('hello.greet', '{"name": "Ada"}'), ('hello.shout', '{"name": "bob"}')""")
+        wait_until(lambda: statuses(dsn) == {"succeeded": 2}, message="both jobs to succeed")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "Hello, Ada!" in text and "HELLO, BOB!" in text
+    assert "received SIGTERM: shutting down gracefully" in text
+
+
+def test_zero_setup_private_server_is_shared_with_a_second_terminal(tmp_path: Path) -> None:
+    env = {"NOTIFYQ_DATA_DIR": str(tmp_path / "pgdata"), "NOTIFYQ_DSN": ""}
+    assert notifyq("dsn", env=env).returncode == 1  # nothing running yet
+    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "notifyq", "serve", "--app", "examples.hello:app"],
+        cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        printed = wait_until(lambda: notifyq("dsn", env=env).stdout.strip(), timeout=60,
+                             message="the private server to be up")
+        wait_until(lambda: listeners(printed) == 1, timeout=60, message="the dispatcher")
+        # "A second terminal": plain SQL through the printed DSN, and the CLI.
+        with psycopg.connect(printed, autocommit=True) as conn:
+            conn.execute("INSERT INTO notifyq.jobs (task, payload)"
+                         """ VALUES ('hello.greet', '{"name": "Ada"}')""")
+        assert notifyq("enqueue", "hello.greet", '{"name": "Bo"}', env=env).returncode == 0
+        wait_until(lambda: statuses(printed) == {"succeeded": 2}, message="jobs to run")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert b"Hello, Ada!" in out and b"Hello, Bo!" in out
+    # The last process using the private server stopped it.
+    assert notifyq("dsn", env=env).returncode == 1
