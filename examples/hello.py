@@ -1,6 +1,6 @@
 """The hello app: `notifyq serve --app examples.hello:app`, then from anywhere
 
-    INSERT INTO notifyq.jobs (task, payload) VALUES ('hello.greet', '{"name": "Ada"}');
+INSERT INTO notifyq.jobs (task, payload) VALUES ('hello.greet', '{"name": "Ada"}');
 """
 
 import logging

@@ -90,12 +90,12 @@ def resolve_dsn(explicit: str | None = None) -> str:
 class App:
     """Tasks and how to reach their database.
 
-        app = notifyq.App()                     # DSN from --dsn / NOTIFYQ_DSN
+    app = notifyq.App()                     # DSN from --dsn / NOTIFYQ_DSN
 
-        @app.task(name="hello.greet")
-        async def greet(payload, ctx): ...
+    @app.task(name="hello.greet")
+    async def greet(payload, ctx): ...
 
-        await app.enqueue("hello.greet", {"name": "Ada"})
+    await app.enqueue("hello.greet", {"name": "Ada"})
     """
 
     def __init__(self, dsn: str | None = None) -> None:
@@ -113,13 +113,15 @@ class App:
     @overload
     def task(
         self,
+        handler: None = None,
+        /,
         *,
-        name: str | None = None,
-        queue: str = DEFAULT_QUEUE,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        backoff: Backoff | None = None,
-        timeout: float | None = None,
-        decode: Callable[[Any], Any] | None = None,
+        name: str | None = ...,
+        queue: str = ...,
+        max_attempts: int = ...,
+        backoff: Backoff | None = ...,
+        timeout: float | None = ...,
+        decode: Callable[[Any], Any] | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -188,8 +190,14 @@ class App:
         job exists only if it commits.  Without, it commits on its own.
         """
         job = enqueue.build(
-            self.registry, task, payload, queue=queue, priority=priority, delay=delay,
-            run_at=run_at, max_attempts=max_attempts,
+            self.registry,
+            task,
+            payload,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
         )
         if conn is not None:
             return await store.enqueue(conn, job)
@@ -209,8 +217,14 @@ class App:
     ) -> int:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
         job = enqueue.build(
-            self.registry, task, payload, queue=queue, priority=priority, delay=delay,
-            run_at=run_at, max_attempts=max_attempts,
+            self.registry,
+            task,
+            payload,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
         )
         if conn is not None:
             return store.enqueue_sync(conn, job)
@@ -326,7 +340,11 @@ class Worker:
         s = self.settings
         log.info(
             "serving queues=%s concurrency=%d claimant=%s poll=%ss lease=%ss listen=%s",
-            ",".join(self.queues), s.concurrency, self.claimant, s.poll_interval, s.lease,
+            ",".join(self.queues),
+            s.concurrency,
+            self.claimant,
+            s.poll_interval,
+            s.lease,
             s.listen,
         )
         try:
@@ -349,14 +367,20 @@ class Worker:
                     await st.close()
         log.info(
             "stopped: claimed=%d written=%d fenced=%d rescued=%d polls_with_work=%d",
-            self.dispatcher.claimed, self.completer.written, self.completer.fenced,
-            self.leases.rescued, self.dispatcher.polls_with_work,
+            self.dispatcher.claimed,
+            self.completer.written,
+            self.completer.fenced,
+            self.leases.rescued,
+            self.dispatcher.polls_with_work,
         )
 
     async def _drain(self, work: anyio.abc.TaskGroup) -> None:
         running = self.pool.running
-        log.info("stopping: claiming no more; waiting up to %ss for %d running jobs",
-                 self.settings.shutdown_timeout, running)
+        log.info(
+            "stopping: claiming no more; waiting up to %ss for %d running jobs",
+            self.settings.shutdown_timeout,
+            running,
+        )
         self.pool.signal_stopping()
         with anyio.move_on_after(self.settings.shutdown_timeout):
             await self.pool.wait_idle()
@@ -376,8 +400,10 @@ class Worker:
             async for signum in signals:
                 if not self._signalled:
                     self._signalled = True
-                    log.info("received %s: shutting down gracefully (again to exit at once)",
-                             signal.Signals(signum).name)
+                    log.info(
+                        "received %s: shutting down gracefully (again to exit at once)",
+                        signal.Signals(signum).name,
+                    )
                     self.stop()
                 else:
                     log.warning("second signal: exiting now; leases return running jobs later")

@@ -105,35 +105,83 @@ def load_app(target: str) -> App:
 
 @main.command()
 @log_option
-@click.option("--app", "app_target", envvar="NOTIFYQ_APP", required=True, metavar="MODULE:ATTR",
-              help="The notifyq.App whose tasks to run, e.g. examples.hello:app (also NOTIFYQ_APP).")
+@click.option(
+    "--app",
+    "app_target",
+    envvar="NOTIFYQ_APP",
+    required=True,
+    metavar="MODULE:ATTR",
+    help="The notifyq.App whose tasks to run, e.g. examples.hello:app (also NOTIFYQ_APP).",
+)
 @dsn_option
-@click.option("--concurrency", "-c", default=10, show_default=True, type=click.IntRange(1, 10000),
-              help="Jobs run at once by this process (async handlers as tasks, sync ones "
-              "in threads).")
-@click.option("--queues", "-q", metavar="Q1,Q2", default=None,
-              help="Comma-separated queues to serve. Default: 'default' and every queue "
-              "the app's tasks name.")
-@click.option("--batch-size", type=click.IntRange(1, 1000), default=None,
-              help="Most jobs claimed per statement. Default: the concurrency.")
-@click.option("--poll-interval", type=click.FloatRange(0.01), default=5.0, show_default=True,
-              help="Seconds between fallback polls, which catch jobs whose notification "
-              "was lost.")
-@click.option("--lease", type=click.FloatRange(1), default=30.0, show_default=True,
-              help="Seconds a claim holds without a heartbeat; a killed process's jobs "
-              "are rescued after this.")
-@click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
-              help="On SIGTERM/SIGINT, seconds running jobs get to finish before they are "
-              "handed back to the queue (a second signal exits at once).")
-@click.option("--no-listen", is_flag=True,
-              help="Do not LISTEN; find work by polling only (for PgBouncer in "
-              "transaction mode).")
-@click.option("--migrate/--no-migrate", "do_migrate", default=False,
-              help="Apply the notifyq schema before serving (always done for the "
-              "private server).")
-def serve(app_target: str, dsn: str | None, concurrency: int, queues: str | None,
-          batch_size: int | None, poll_interval: float, lease: float, shutdown_timeout: float,
-          no_listen: bool, do_migrate: bool) -> None:
+@click.option(
+    "--concurrency",
+    "-c",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 10000),
+    help="Jobs run at once by this process (async handlers as tasks, sync ones in threads).",
+)
+@click.option(
+    "--queues",
+    "-q",
+    metavar="Q1,Q2",
+    default=None,
+    help="Comma-separated queues to serve. Default: 'default' and every queue "
+    "the app's tasks name.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Most jobs claimed per statement. Default: the concurrency.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(0.01),
+    default=5.0,
+    show_default=True,
+    help="Seconds between fallback polls, which catch jobs whose notification was lost.",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a claim holds without a heartbeat; a killed process's jobs "
+    "are rescued after this.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT, seconds running jobs get to finish before they are "
+    "handed back to the queue (a second signal exits at once).",
+)
+@click.option(
+    "--no-listen",
+    is_flag=True,
+    help="Do not LISTEN; find work by polling only (for PgBouncer in transaction mode).",
+)
+@click.option(
+    "--migrate/--no-migrate",
+    "do_migrate",
+    default=False,
+    help="Apply the notifyq schema before serving (always done for the private server).",
+)
+def serve(
+    app_target: str,
+    dsn: str | None,
+    concurrency: int,
+    queues: str | None,
+    batch_size: int | None,
+    poll_interval: float,
+    lease: float,
+    shutdown_timeout: float,
+    no_listen: bool,
+    do_migrate: bool,
+) -> None:
     """Run the dispatcher: LISTEN, claim in batches, run the app's handlers."""
     app = load_app(app_target)
     settings = Settings(
@@ -171,12 +219,27 @@ def migrate_command(dsn: str | None) -> None:
 @dsn_option
 @click.option("--queue", default=None, help="Queue name (default: 'default').")
 @click.option("--priority", type=int, default=None, help="-1000..1000; higher runs first.")
-@click.option("--delay", type=click.FloatRange(0), default=None,
-              help="Seconds from now (database clock) before the job may run.")
-@click.option("--max-attempts", type=click.IntRange(1, 1000), default=None,
-              help="Attempts before the job is dead (default: the task's setting).")
-def enqueue_command(task: str, payload: str, dsn: str | None, queue: str | None,
-                    priority: int | None, delay: float | None, max_attempts: int | None) -> None:
+@click.option(
+    "--delay",
+    type=click.FloatRange(0),
+    default=None,
+    help="Seconds from now (database clock) before the job may run.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Attempts before the job is dead (default: the task's setting).",
+)
+def enqueue_command(
+    task: str,
+    payload: str,
+    dsn: str | None,
+    queue: str | None,
+    priority: int | None,
+    delay: float | None,
+    max_attempts: int | None,
+) -> None:
     """Enqueue TASK with PAYLOAD (a JSON document, default {}); prints the job id."""
     try:
         value = codec.loads(payload)
@@ -184,8 +247,9 @@ def enqueue_command(task: str, payload: str, dsn: str | None, queue: str | None,
         raise InvalidJob(f"PAYLOAD is {exc}") from exc
     app = App(database(dsn))
     try:
-        job_id = app.enqueue_sync(task, value, queue=queue, priority=priority, delay=delay,
-                                  max_attempts=max_attempts)
+        job_id = app.enqueue_sync(
+            task, value, queue=queue, priority=priority, delay=delay, max_attempts=max_attempts
+        )
     finally:
         app.close()
     click.echo(job_id)
@@ -196,9 +260,8 @@ def dsn_command() -> None:
     """Print the DSN of the running private server: psql "$(notifyq dsn)"."""
     dsn = embedded.running_dsn()
     if dsn is None:
-        fail(f"the private PostgreSQL is not running (data directory {embedded.data_dir()}); "
-             "start it with `notifyq serve`")
+        fail(
+            f"the private PostgreSQL is not running (data directory {embedded.data_dir()}); "
+            "start it with `notifyq serve`"
+        )
     click.echo(dsn)
-
-
-

@@ -75,7 +75,10 @@ class Completer:
             self._outcomes.append(outcome)
             log.debug(
                 "finished job=%s task=%s attempt=%s status=%s",
-                outcome.job_id, finished.job.task, outcome.attempt, outcome.status,
+                outcome.job_id,
+                finished.job.task,
+                outcome.attempt,
+                outcome.status,
             )
         self._wake.set()
 
@@ -105,7 +108,9 @@ class Completer:
                 if self._closing and anyio.current_time() >= self._give_up_at:
                     log.error(
                         "shutting down with %d outcomes unwritten (%s); their jobs run again "
-                        "once their leases expire", self.pending, exc,
+                        "once their leases expire",
+                        self.pending,
+                        exc,
                     )
                     return
                 failures += 1
@@ -134,6 +139,8 @@ class Completer:
         for job_id in sorted(lost):
             log.warning(
                 "%s of job=%s not written: it is no longer running under this dispatcher's "
-                "claim (its lease expired and it was rescued or cancelled)", what, job_id,
+                "claim (its lease expired and it was rescued or cancelled)",
+                what,
+                job_id,
             )
         self._on_written(ids)

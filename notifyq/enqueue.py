@@ -56,7 +56,7 @@ def build(
         priority=priority,
         delay=delay or 0.0,
         run_at=run_at,
-        max_attempts=max_attempts if max_attempts is not None else (
-            known.max_attempts if known is not None else None
-        ),
+        max_attempts=max_attempts
+        if max_attempts is not None
+        else (known.max_attempts if known is not None else None),
     )

@@ -73,7 +73,8 @@ class LeaseKeeper:
         if lost:
             log.warning(
                 "lost the lease of jobs %s (rescued or cancelled elsewhere); their outcome "
-                "will not be written", sorted(lost),
+                "will not be written",
+                sorted(lost),
             )
 
     async def rescue(self) -> None:

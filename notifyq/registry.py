@@ -62,9 +62,7 @@ def describe_handler(handler: Handler) -> tuple[bool, bool]:
         params = list(inspect.signature(handler).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature: payload only
         return is_async, False
-    positional = [
-        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     variadic = any(p.kind is p.VAR_POSITIONAL for p in params)
     if not positional and not variadic:
         raise ConfigurationError(

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, LiteralString, cast
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -42,7 +42,7 @@ def _load_queries() -> dict[str, LiteralString]:
     text = resources.files("notifyq").joinpath("sql/queries.sql").read_text()
     parts = _BLOCK.split(text)[1:]
     # The SQL is our own file, never user input: typing it as LiteralString is honest.
-    return {name: cast(LiteralString, body.strip()) for name, body in zip(parts[::2], parts[1::2])}
+    return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=True)}
 
 
 QUERIES = _load_queries()
@@ -50,7 +50,7 @@ QUERIES = _load_queries()
 
 def schema_sql() -> LiteralString:
     """The canonical schema (the repository's schema.sql, shipped in the package)."""
-    return cast(LiteralString, resources.files("notifyq").joinpath("sql/schema.sql").read_text())
+    return resources.files("notifyq").joinpath("sql/schema.sql").read_text()
 
 
 def migration_scripts() -> list[tuple[int, LiteralString]]:
@@ -60,7 +60,7 @@ def migration_scripts() -> list[tuple[int, LiteralString]]:
     for entry in folder.iterdir():
         match = re.fullmatch(r"(\d{4})_\w+\.sql", entry.name)
         if match:
-            found.append((int(match.group(1)), cast(LiteralString, entry.read_text())))
+            found.append((int(match.group(1)), entry.read_text()))
     return sorted(found)
 
 
@@ -199,10 +199,8 @@ class Store:
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            try:
+            with suppress(psycopg.Error):  # already broken: closing is best effort
                 await conn.close()
-            except psycopg.Error:  # already broken: closing is best effort
-                pass
 
     async def close(self) -> None:
         await self._drop()
@@ -279,23 +277,21 @@ class Listener:
             with translated():
                 # A session timeout would cut an idle listener off: exempt this connection.
                 await conn.execute("SET idle_session_timeout = 0")
-                await conn.execute(
-                    sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
-                )
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         except BaseException:
             await conn.close()
             raise
         self._conn = conn
 
-    async def wait(self, timeout: float) -> list[str]:
-        """Payloads that arrived within `timeout` seconds; [] after a successful ping."""
+    async def wait(self, ping_after: float) -> list[str]:
+        """Payloads that arrived within `ping_after` seconds; [] after a successful ping."""
         conn = self._conn
         if conn is None:
             raise DatabaseUnavailable("the listener is not connected")
         payloads: list[str] = []
         try:
             with translated():
-                async for note in conn.notifies(timeout=timeout, stop_after=1):
+                async for note in conn.notifies(timeout=ping_after, stop_after=1):
                     payloads.append(note.payload)
                 if not payloads:
                     # Quiet for a whole interval: make sure the socket is still alive.
@@ -308,8 +304,5 @@ class Listener:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            try:
+            with suppress(psycopg.Error):  # already broken: closing is best effort
                 await conn.close()
-            except psycopg.Error:  # already broken: closing is best effort
-                pass
-

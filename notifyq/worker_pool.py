@@ -160,4 +160,3 @@ class WorkerPool:
                 await anyio.to_thread.run_sync(
                     task.handler, *args, limiter=self._threads, abandon_on_cancel=True
                 )
-

@@ -48,8 +48,12 @@ class EmbeddedServer:
         self.dsn = str(self.server.get_uri())
 
     def restart(self, mode: str = "fast") -> None:
-        self._pg_ctl(["-w", "-m", mode, "restart"], pgdata=self.server.pgdata,
-                     user=self.server.system_user, timeout=60)
+        self._pg_ctl(
+            ["-w", "-m", mode, "restart"],
+            pgdata=self.server.pgdata,
+            user=self.server.system_user,
+            timeout=60,
+        )
 
     def stop(self) -> None:
         self.server.cleanup()
@@ -144,7 +148,10 @@ def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 def wait_until(
-    condition: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02,
+    condition: Callable[[], Any],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.02,
     message: str = "condition",
 ) -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
@@ -163,15 +170,27 @@ def statuses(dsn: str) -> dict[str, int]:
 
 
 @contextmanager
-def serve_process(dsn: str, *args: str, app: str = "tests.apps.ledger:app",
-                  log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def serve_process(
+    dsn: str, *args: str, app: str = "tests.apps.ledger:app", log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """`notifyq serve` as a real subprocess; killed at the end if still alive."""
     env = {**os.environ, "NOTIFYQ_DSN": dsn, "PYTHONPATH": str(REPO)}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "notifyq", "serve", *(["--app", app] if app else []),
-         "--log-level", "debug", *args],
-        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "notifyq",
+            "serve",
+            *(["--app", app] if app else []),
+            "--log-level",
+            "debug",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
     try:
         yield proc

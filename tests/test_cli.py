@@ -14,36 +14,70 @@ import pytest
 from tests.conftest import REPO, query, serve_process, statuses, wait_until
 
 
-def notifyq(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def notifyq(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "notifyq", *args], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=timeout,
+        [sys.executable, "-m", "notifyq", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
     )
 
 
 def listeners(dsn: str) -> int:
-    return int(query(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                          " AND application_name = 'notifyq:listen'")[0][0])
+    return int(
+        query(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'notifyq:listen'",
+        )[0][0]
+    )
 
 
 def test_help_explains_every_serve_option() -> None:
     result = notifyq("serve", "--help")
     assert result.returncode == 0
-    for option in ("--app", "--dsn", "--concurrency", "--queues", "--poll-interval", "--lease",
-                   "--shutdown-timeout", "--batch-size", "--no-listen", "--migrate"):
+    for option in (
+        "--app",
+        "--dsn",
+        "--concurrency",
+        "--queues",
+        "--poll-interval",
+        "--lease",
+        "--shutdown-timeout",
+        "--batch-size",
+        "--no-listen",
+        "--migrate",
+    ):
         assert option in result.stdout
 
 
 def test_enqueue_prints_the_id_and_honours_options(dsn: str) -> None:
-    result = notifyq("enqueue", "hello.greet", '{"name": "Ada"}', "--queue", "greetings",
-                     "--priority", "7", "--delay", "60", "--max-attempts", "2", "--dsn", dsn)
+    result = notifyq(
+        "enqueue",
+        "hello.greet",
+        '{"name": "Ada"}',
+        "--queue",
+        "greetings",
+        "--priority",
+        "7",
+        "--delay",
+        "60",
+        "--max-attempts",
+        "2",
+        "--dsn",
+        dsn,
+    )
     assert result.returncode == 0, result.stderr
     job_id = int(result.stdout)
-    assert query(dsn, "SELECT id, queue, task, payload, priority, max_attempts,"
-                      " run_at > now() + interval '50 seconds' FROM notifyq.jobs") == [
-        (job_id, "greetings", "hello.greet", {"name": "Ada"}, 7, 2, True)
-    ]
+    assert query(
+        dsn,
+        "SELECT id, queue, task, payload, priority, max_attempts,"
+        " run_at > now() + interval '50 seconds' FROM notifyq.jobs",
+    ) == [(job_id, "greetings", "hello.greet", {"name": "Ada"}, 7, 2, True)]
 
 
 @pytest.mark.parametrize(
@@ -52,10 +86,18 @@ def test_enqueue_prints_the_id_and_honours_options(dsn: str) -> None:
         (["enqueue", "t", "{bad"], "notifyq: error: PAYLOAD is not valid JSON"),
         (["enqueue", "bad name"], "notifyq: error: invalid task name 'bad name'"),
         (["enqueue", "t", "--queue", "A;B"], "notifyq: error: invalid queue name 'A;B'"),
-        (["enqueue", "t", "--priority", "99999"],
-         "notifyq: error: job rejected: priority must be an integer from -1000 to 1000"),
-        (["serve", "--app", "no_such_module:app"], "notifyq: error: cannot import 'no_such_module'"),
-        (["serve", "--app", "examples.hello"], "notifyq: error: --app must look like module:attribute"),
+        (
+            ["enqueue", "t", "--priority", "99999"],
+            "notifyq: error: job rejected: priority must be an integer from -1000 to 1000",
+        ),
+        (
+            ["serve", "--app", "no_such_module:app"],
+            "notifyq: error: cannot import 'no_such_module'",
+        ),
+        (
+            ["serve", "--app", "examples.hello"],
+            "notifyq: error: --app must look like module:attribute",
+        ),
         (["serve", "--app", "examples.hello:log"], "is not a notifyq.App"),
     ],
 )
@@ -77,21 +119,27 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
 def test_serve_refuses_a_database_without_schema_until_migrated(empty_dsn: str) -> None:
     result = notifyq("serve", "--app", "examples.hello:app", "--dsn", empty_dsn)
     assert result.returncode == 1
-    assert "the notifyq schema is not installed in this database: run `notifyq migrate`" \
+    assert (
+        "the notifyq schema is not installed in this database: run `notifyq migrate`"
         in result.stderr
+    )
     first = notifyq("migrate", "--dsn", empty_dsn)
     again = notifyq("migrate", env={"NOTIFYQ_DSN": empty_dsn})
     assert first.stdout == "schema migrated from version none to 1\n"
     assert again.stdout == "schema already at version 1\n"
 
 
-def test_serve_runs_sql_enqueued_jobs_and_stops_cleanly_on_sigterm(dsn: str,
-                                                                     tmp_path: Path) -> None:
+def test_serve_runs_sql_enqueued_jobs_and_stops_cleanly_on_sigterm(
+    dsn: str, tmp_path: Path
+) -> None:
     log = tmp_path / "serve.log"
     with serve_process(dsn, "--app", "examples.hello:app", app="", log=log) as proc:
         wait_until(lambda: listeners(dsn) == 1, message="the dispatcher to LISTEN")
-        query(dsn, """INSERT INTO notifyq.jobs (task, payload) VALUES
-                      ('hello.greet', '{"name": "Ada"}'), ('hello.shout', '{"name": "bob"}')""")
+        query(
+            dsn,
+            """INSERT INTO notifyq.jobs (task, payload) VALUES
+                      ('hello.greet', '{"name": "Ada"}'), ('hello.shout', '{"name": "bob"}')""",
+        )
         wait_until(lambda: statuses(dsn) == {"succeeded": 2}, message="both jobs to succeed")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -106,16 +154,24 @@ def test_zero_setup_private_server_is_shared_with_a_second_terminal(tmp_path: Pa
     full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "notifyq", "serve", "--app", "examples.hello:app"],
-        cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
-        printed = wait_until(lambda: notifyq("dsn", env=env).stdout.strip(), timeout=60,
-                             message="the private server to be up")
+        printed = wait_until(
+            lambda: notifyq("dsn", env=env).stdout.strip(),
+            timeout=60,
+            message="the private server to be up",
+        )
         wait_until(lambda: listeners(printed) == 1, timeout=60, message="the dispatcher")
         # "A second terminal": plain SQL through the printed DSN, and the CLI.
         with psycopg.connect(printed, autocommit=True) as conn:
-            conn.execute("INSERT INTO notifyq.jobs (task, payload)"
-                         """ VALUES ('hello.greet', '{"name": "Ada"}')""")
+            conn.execute(
+                "INSERT INTO notifyq.jobs (task, payload)"
+                """ VALUES ('hello.greet', '{"name": "Ada"}')"""
+            )
         assert notifyq("enqueue", "hello.greet", '{"name": "Bo"}', env=env).returncode == 0
         wait_until(lambda: statuses(printed) == {"succeeded": 2}, message="jobs to run")
     finally:

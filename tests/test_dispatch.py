@@ -1,4 +1,5 @@
-"""The dispatcher in-process: wake-ups, batches, order, schedules, retries, dead letters, shutdown."""
+"""The dispatcher in-process: wake-ups, batches, order, schedules, retries, dead letters,
+shutdown."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ async def serving(app: notifyq.App, dsn: str, **settings: Any) -> AsyncIterator[
             if worker.settings.listen:
                 await worker.listening.wait()
             # Let the start-up claim finish, so tests see the steady state.
-            while worker.dispatcher.claims == 0:
+            while worker.dispatcher.claims == 0:  # noqa: ASYNC110 - a counter, not an event
                 await anyio.sleep(0.005)
         try:
             yield worker
@@ -37,14 +38,14 @@ async def serving(app: notifyq.App, dsn: str, **settings: Any) -> AsyncIterator[
             worker.stop()
 
 
-async def eventually(condition: Any, timeout: float = 20.0, message: str = "condition") -> Any:
-    with anyio.fail_after(timeout):
+async def eventually(condition: Any, within: float = 20.0) -> Any:
+    """Poll a (blocking) condition off the event loop until it holds; fail after `within` s."""
+    with anyio.fail_after(within):
         while True:
             value = await anyio.to_thread.run_sync(condition)
             if value:
                 return value
             await anyio.sleep(0.02)
-    raise AssertionError(message)  # pragma: no cover - fail_after raises first
 
 
 def sql_insert(dsn: str, values: str, columns: str = "task, payload") -> None:
@@ -68,8 +69,11 @@ async def test_job_inserted_by_sql_runs_on_notification_without_polling(dsn: str
             await done.wait()
     job_id = query(dsn, "SELECT id FROM notifyq.jobs")[0][0]
     assert seen == [({"name": "Ada"}, job_id, "default", 1)]
-    row = query(dsn, "SELECT status, attempts, started_at IS NOT NULL, finished_at IS NOT NULL,"
-                     " claimed_by, lease_expires_at FROM notifyq.jobs")
+    row = query(
+        dsn,
+        "SELECT status, attempts, started_at IS NOT NULL, finished_at IS NOT NULL,"
+        " claimed_by, lease_expires_at FROM notifyq.jobs",
+    )
     assert row == [("succeeded", 1, True, True, None, None)]
 
 
@@ -96,14 +100,17 @@ async def test_backlog_runs_in_priority_then_run_at_then_id_order(dsn: str) -> N
     async def t(payload: Any) -> None:
         order.append(payload["n"])
 
-    query(dsn, """
+    query(
+        dsn,
+        """
         INSERT INTO notifyq.jobs (task, payload, priority, run_at) VALUES
         ('t', '{"n": 4}', 0, now() - interval '1 minute'),
         ('t', '{"n": 5}', 0, now() - interval '1 minute'),
         ('t', '{"n": 1}', 10, now()),
         ('t', '{"n": 3}', 0, now() - interval '2 minutes'),
         ('t', '{"n": 6}', -5, now() - interval '1 hour'),
-        ('t', '{"n": 2}', 10, now())""")
+        ('t', '{"n": 2}', 10, now())""",
+    )
     async with serving(app, dsn, concurrency=1):
         await eventually(lambda: statuses(dsn) == {"succeeded": 6})
     assert order == [1, 2, 3, 4, 5, 6]
@@ -162,8 +169,10 @@ async def test_failure_retries_with_backoff_then_dead_with_traceback(dsn: str) -
         await eventually(lambda: statuses(dsn) == {"dead": 1})
     assert attempts == [1, 2, 3]
     status, n, max_attempts, error, finished = query(
-        dsn, "SELECT status, attempts, max_attempts, last_error, finished_at IS NOT NULL"
-             " FROM notifyq.jobs")[0]
+        dsn,
+        "SELECT status, attempts, max_attempts, last_error, finished_at IS NOT NULL"
+        " FROM notifyq.jobs",
+    )[0]
     assert (status, n, max_attempts, finished) == ("dead", 3, 3, True)
     assert error.startswith("RuntimeError: boom on attempt 3")
     assert "Traceback (most recent call last)" in error and "in flaky" in error
@@ -197,8 +206,9 @@ async def test_retry_waits_for_the_backoff(dsn: str) -> None:
         await eventually(lambda: statuses(dsn) == {"succeeded": 1})
     # Half-jitter: the delay after attempt 1 is within [0.3, 0.6] seconds.
     assert 0.3 <= times[1] - times[0] < 1.5
-    assert query(dsn, "SELECT attempts, last_error LIKE 'RuntimeError: first%' FROM notifyq.jobs"
-                 ) == [(2, True)]
+    assert query(
+        dsn, "SELECT attempts, last_error LIKE 'RuntimeError: first%' FROM notifyq.jobs"
+    ) == [(2, True)]
 
 
 async def test_do_not_retry_and_payload_errors_go_dead_at_once(dsn: str) -> None:
@@ -215,8 +225,11 @@ async def test_do_not_retry_and_payload_errors_go_dead_at_once(dsn: str) -> None
     async with serving(app, dsn, poll_interval=3600):
         sql_insert(dsn, """('refuse', '{}'), ('typed', '{"n": "x"}'), ('typed', '{"n": "7"}')""")
         await eventually(lambda: statuses(dsn) == {"dead": 2, "succeeded": 1})
-    rows = query(dsn, "SELECT task, attempts, split_part(last_error, E'\\n', 1) FROM notifyq.jobs"
-                      " WHERE status = 'dead' ORDER BY id")
+    rows = query(
+        dsn,
+        "SELECT task, attempts, split_part(last_error, E'\\n', 1) FROM notifyq.jobs"
+        " WHERE status = 'dead' ORDER BY id",
+    )
     assert rows[0] == ("refuse", 1, "DoNotRetry: this will never work")
     assert rows[1][:2] == ("typed", 1)
     assert rows[1][2].startswith("PayloadError: payload of job")
@@ -294,8 +307,7 @@ async def test_graceful_shutdown_finishes_within_grace_and_hands_back_the_rest(d
         started += 1
         await anyio.sleep(3600)
 
-    worker = app.worker(Settings(concurrency=2, shutdown_timeout=1.0, poll_interval=3600),
-                        dsn=dsn)
+    worker = app.worker(Settings(concurrency=2, shutdown_timeout=1.0, poll_interval=3600), dsn=dsn)
     sql_insert(dsn, "('quick', '{}'), ('slow', '{}')")
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
@@ -303,8 +315,9 @@ async def test_graceful_shutdown_finishes_within_grace_and_hands_back_the_rest(d
         sql_insert(dsn, "('quick', '{}')")  # arrives while both slots are busy
         worker.stop()
     assert quick_done.is_set()
-    rows = query(dsn, "SELECT task, status, attempts, claimed_by, started_at FROM notifyq.jobs"
-                      " ORDER BY id")
+    rows = query(
+        dsn, "SELECT task, status, attempts, claimed_by, started_at FROM notifyq.jobs ORDER BY id"
+    )
     assert rows == [
         ("quick", "succeeded", 1, None, rows[0][4]),
         # Handed back: ready again, its interrupted attempt not charged.
@@ -323,17 +336,25 @@ async def test_lease_is_renewed_while_a_job_runs(dsn: str) -> None:
         await release.wait()
 
     def lease_left() -> float:
-        return float(query(dsn, "SELECT extract(epoch FROM lease_expires_at - now())"
-                                " FROM notifyq.jobs")[0][0] or 0)
+        return float(
+            query(dsn, "SELECT extract(epoch FROM lease_expires_at - now()) FROM notifyq.jobs")[0][
+                0
+            ]
+            or 0
+        )
 
     async with serving(app, dsn, lease=1.5, poll_interval=3600):
         sql_insert(dsn, "('long', '{}')")
         await eventually(lambda: statuses(dsn) == {"running": 1})
         first = query(dsn, "SELECT lease_expires_at FROM notifyq.jobs")[0][0]
         # Renewed (heartbeat every lease/3) past the first lease, never expired or rescued.
-        await eventually(lambda: query(
-            dsn, "SELECT lease_expires_at > %s + interval '1.2 seconds' FROM notifyq.jobs",
-            first)[0][0])
+        await eventually(
+            lambda: query(
+                dsn,
+                "SELECT lease_expires_at > %s + interval '1.2 seconds' FROM notifyq.jobs",
+                first,
+            )[0][0]
+        )
         assert lease_left() > 0
         release.set()
         await eventually(lambda: statuses(dsn) == {"succeeded": 1})
@@ -350,9 +371,12 @@ async def test_expired_lease_is_rescued_counting_the_attempt(dsn: str) -> None:
         ran.set()
 
     # A job left running by a dispatcher that died: its lease ran out a second ago.
-    query(dsn, "INSERT INTO notifyq.jobs (task, status, attempts, max_attempts, started_at,"
-               " claimed_by, lease_expires_at) VALUES ('t', 'running', 1, 3, now(), 'dead-host:1:x',"
-               " now() - interval '1 second')")
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, status, attempts, max_attempts, started_at,"
+        " claimed_by, lease_expires_at) VALUES ('t', 'running', 1, 3, now(),"
+        " 'dead-host:1:x', now() - interval '1 second')",
+    )
     async with serving(app, dsn, poll_interval=0.5) as worker:
         with anyio.fail_after(15):
             await ran.wait()
@@ -364,9 +388,12 @@ async def test_expired_lease_is_rescued_counting_the_attempt(dsn: str) -> None:
 
 async def test_rescue_of_a_job_out_of_attempts_sends_it_dead(dsn: str) -> None:
     app = notifyq.App()
-    query(dsn, "INSERT INTO notifyq.jobs (task, status, attempts, max_attempts, started_at,"
-               " claimed_by, lease_expires_at) VALUES ('t', 'running', 2, 2, now(), 'gone',"
-               " now() - interval '1 second')")
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, status, attempts, max_attempts, started_at,"
+        " claimed_by, lease_expires_at) VALUES ('t', 'running', 2, 2, now(), 'gone',"
+        " now() - interval '1 second')",
+    )
     async with serving(app, dsn, poll_interval=0.3):
         await eventually(lambda: statuses(dsn) == {"dead": 1})
     assert query(dsn, "SELECT attempts, finished_at IS NOT NULL FROM notifyq.jobs") == [(2, True)]
@@ -387,8 +414,11 @@ async def test_late_completion_of_a_rescued_attempt_is_fenced(dsn: str) -> None:
         sql_insert(dsn, "('t', '{}')")
         await eventually(lambda: statuses(dsn) == {"running": 1})
         # Another dispatcher rescued and re-ran it meanwhile (simulated in SQL).
-        query(dsn, "UPDATE notifyq.jobs SET status = 'succeeded', attempts = 2,"
-                   " claimed_by = NULL, lease_expires_at = NULL, finished_at = now()")
+        query(
+            dsn,
+            "UPDATE notifyq.jobs SET status = 'succeeded', attempts = 2,"
+            " claimed_by = NULL, lease_expires_at = NULL, finished_at = now()",
+        )
         release.set()
         await eventually(lambda: worker.completer.fenced == 1)
     assert query(dsn, "SELECT status, attempts FROM notifyq.jobs") == [("succeeded", 2)]

@@ -1,4 +1,5 @@
-"""Enqueue from Python: async and sync, on the app's connection or inside the caller's transaction."""
+"""Enqueue from Python: async and sync, on the app's connection or inside the caller's
+transaction."""
 
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ async def test_async_enqueue_uses_task_defaults_and_returns_the_id(dsn: str) -> 
         by_function = await app.enqueue(app.registry.get("mail.send").handler)  # type: ignore[union-attr]
     finally:
         await app.aclose()
-    rows = query(dsn, "SELECT id, queue, task, payload, priority, max_attempts, status"
-                      " FROM notifyq.jobs ORDER BY id")
+    rows = query(
+        dsn,
+        "SELECT id, queue, task, payload, priority, max_attempts, status"
+        " FROM notifyq.jobs ORDER BY id",
+    )
     assert rows == [
         (job_id, "mail", "mail.send", {"to": "ada@example.org"}, 3, 7, "queued"),
         (by_function, "mail", "mail.send", {}, 0, 7, "queued"),
@@ -58,8 +62,11 @@ def test_delay_and_run_at_use_the_database_clock(dsn: str) -> None:
         app.enqueue_sync("t", run_at=at)
     finally:
         app.close()
-    rows = query(dsn, "SELECT round(extract(epoch FROM run_at - created_at)), run_at"
-                      " FROM notifyq.jobs ORDER BY id")
+    rows = query(
+        dsn,
+        "SELECT round(extract(epoch FROM run_at - created_at)), run_at"
+        " FROM notifyq.jobs ORDER BY id",
+    )
     assert rows[0][0] == 3600
     assert rows[1][1] == at
 
@@ -135,8 +142,9 @@ def test_enqueue_with_an_unreachable_database_is_a_clear_error(tmp_path: Any) ->
         app.enqueue_sync("t")
 
 
-def test_no_dsn_anywhere_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Any) -> None:
+def test_no_dsn_anywhere_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     monkeypatch.delenv("NOTIFYQ_DSN", raising=False)
     monkeypatch.setenv("NOTIFYQ_DATA_DIR", str(tmp_path / "none"))
     with pytest.raises(ConfigurationError, match="no database configured"):

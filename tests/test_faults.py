@@ -24,26 +24,41 @@ def ledger_dsn(dsn: str) -> str:
 
 
 def listen_pids(dsn: str) -> list[int]:
-    return [r[0] for r in query(
-        dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-             " AND application_name = 'notifyq:listen' ORDER BY pid")]
+    return [
+        r[0]
+        for r in query(
+            dsn,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'notifyq:listen' ORDER BY pid",
+        )
+    ]
 
 
 def ledger(dsn: str, event: str) -> list[tuple[int, int, int]]:
-    return query(dsn, "SELECT job_id, attempt, pid FROM ledger WHERE event = %s"
-                      " ORDER BY job_id, attempt", event)
+    return query(
+        dsn,
+        "SELECT job_id, attempt, pid FROM ledger WHERE event = %s ORDER BY job_id, attempt",
+        event,
+    )
 
 
 def test_many_dispatchers_run_every_job_exactly_once(ledger_dsn: str) -> None:
     dsn = ledger_dsn
     jobs = 600
-    with serve_process(dsn, "-c", "8") as a, serve_process(dsn, "-c", "8") as b, \
-            serve_process(dsn, "-c", "8") as c:
+    with (
+        serve_process(dsn, "-c", "8") as a,
+        serve_process(dsn, "-c", "8") as b,
+        serve_process(dsn, "-c", "8") as c,
+    ):
         wait_until(lambda: len(listen_pids(dsn)) == 3, message="three dispatchers listening")
-        query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 'ledger.record'"
-                   " FROM generate_series(1, %s)", jobs)
-        wait_until(lambda: statuses(dsn) == {"succeeded": jobs}, timeout=60,
-                   message="every job to succeed")
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task) SELECT 'ledger.record' FROM generate_series(1, %s)",
+            jobs,
+        )
+        wait_until(
+            lambda: statuses(dsn) == {"succeeded": jobs}, timeout=60, message="every job to succeed"
+        )
         pids = {a.pid, b.pid, c.pid}
     runs = ledger(dsn, "ran")
     assert len(runs) == jobs
@@ -60,15 +75,19 @@ def test_kill_9_mid_job_is_rescued_by_a_live_dispatcher(ledger_dsn: str, tmp_pat
         wait_until(lambda: len(listen_pids(dsn)) == 1, message="the first dispatcher")
         query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ledger.hold')")
         wait_until(lambda: ledger(dsn, "started"), message="the job to start")
-        with serve_process(dsn, "--lease", str(lease), "--poll-interval", "0.5",
-                           log=tmp_path / "b.log") as rescuer:
+        with serve_process(
+            dsn, "--lease", str(lease), "--poll-interval", "0.5", log=tmp_path / "b.log"
+        ) as rescuer:
             wait_until(lambda: len(listen_pids(dsn)) == 2, message="the second dispatcher")
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
             killed_at = time.monotonic()
             # The rescuer re-runs it (attempt 2); let that attempt finish.
-            wait_until(lambda: len(ledger(dsn, "started")) == 2, timeout=30,
-                       message="the rescued job to start again")
+            wait_until(
+                lambda: len(ledger(dsn, "started")) == 2,
+                timeout=30,
+                message="the rescued job to start again",
+            )
             recovered = time.monotonic() - killed_at
             job_id = ledger(dsn, "started")[0][0]
             query(dsn, "INSERT INTO release VALUES (%s)", job_id)
@@ -76,14 +95,16 @@ def test_kill_9_mid_job_is_rescued_by_a_live_dispatcher(ledger_dsn: str, tmp_pat
     started = ledger(dsn, "started")
     assert [(a, p) for _, a, p in started] == [(1, victim.pid), (2, rescuer.pid)]
     assert ledger(dsn, "finished") == [(job_id, 2, rescuer.pid)]
-    assert query(dsn, "SELECT attempts, last_error LIKE 'attempt 1 lost: the lease%%'"
-                      " FROM notifyq.jobs") == [(2, True)]
+    assert query(
+        dsn, "SELECT attempts, last_error LIKE 'attempt 1 lost: the lease%%' FROM notifyq.jobs"
+    ) == [(2, True)]
     # Rescue bound: lease + rescue interval (<= poll) + poll, plus process start-up slack.
     assert recovered < lease + 0.5 + 0.5 + 5
 
 
-def test_listen_backend_terminated_reconnects_and_catches_up(ledger_dsn: str,
-                                                           tmp_path: Path) -> None:
+def test_listen_backend_terminated_reconnects_and_catches_up(
+    ledger_dsn: str, tmp_path: Path
+) -> None:
     dsn = ledger_dsn
     # An hour-long poll: only LISTEN and the reconnect catch-up can start jobs here.
     with serve_process(dsn, "--poll-interval", "3600", log=tmp_path / "serve.log"):
@@ -101,36 +122,47 @@ def test_listen_backend_terminated_reconnects_and_catches_up(ledger_dsn: str,
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_postgres_restart_under_load_loses_no_job(private_server: EmbeddedServer,
-                                                  tmp_path: Path, mode: str) -> None:
+def test_postgres_restart_under_load_loses_no_job(
+    private_server: EmbeddedServer, tmp_path: Path, mode: str
+) -> None:
     dsn = private_server.dsn
     query(dsn, LEDGER_DDL)
     with serve_process(dsn, "-c", "4", "--poll-interval", "1", log=tmp_path / "serve.log"):
         wait_until(lambda: len(listen_pids(dsn)) == 1, message="the dispatcher")
-        query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 'ledger.record'"
-                   " FROM generate_series(1, 200)")
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task) SELECT 'ledger.record' FROM generate_series(1, 200)",
+        )
         wait_until(lambda: statuses(dsn).get("succeeded", 0) >= 20, message="work under way")
         private_server.restart(mode)
-        query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 'ledger.record'"
-                   " FROM generate_series(1, 100)")
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task) SELECT 'ledger.record' FROM generate_series(1, 100)",
+        )
         # Jobs running during the crash come back through their leases (30 s by default)
         # at worst; most finish right after the reconnect.
-        wait_until(lambda: statuses(dsn) == {"succeeded": 300}, timeout=90,
-                   message="every job to succeed after the restart")
+        wait_until(
+            lambda: statuses(dsn) == {"succeeded": 300},
+            timeout=90,
+            message="every job to succeed after the restart",
+        )
         wait_until(lambda: len(listen_pids(dsn)) == 1, message="the listener to be back")
     runs = ledger(dsn, "ran")
     # (Ids, not 1..300: a crash makes the identity sequence skip values.)
-    assert {job_id for job_id, _, _ in runs} == {r[0] for r in query(dsn, "SELECT id FROM notifyq.jobs")}
+    inserted = {r[0] for r in query(dsn, "SELECT id FROM notifyq.jobs")}
+    assert {job_id for job_id, _, _ in runs} == inserted
     # A re-run happens only where the crash cut an attempt off before its outcome was written.
     reruns = len(runs) - 300
     assert reruns <= 4 + 4  # at most the jobs running plus those awaiting their write
 
 
 def test_graceful_shutdown_hands_back_unfinished_jobs_without_charging(
-        ledger_dsn: str, tmp_path: Path) -> None:
+    ledger_dsn: str, tmp_path: Path
+) -> None:
     dsn = ledger_dsn
-    with serve_process(dsn, "-c", "2", "--shutdown-timeout", "1",
-                       log=tmp_path / "serve.log") as proc:
+    with serve_process(
+        dsn, "-c", "2", "--shutdown-timeout", "1", log=tmp_path / "serve.log"
+    ) as proc:
         wait_until(lambda: len(listen_pids(dsn)) == 1, message="the dispatcher")
         query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ledger.hold'), ('ledger.hold')")
         wait_until(lambda: len(ledger(dsn, "started")) == 2, message="both jobs to start")
@@ -141,11 +173,13 @@ def test_graceful_shutdown_hands_back_unfinished_jobs_without_charging(
         query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ledger.record')")
         assert proc.wait(timeout=30) == 0
     rows = query(dsn, "SELECT task, status, attempts, claimed_by FROM notifyq.jobs ORDER BY id")
-    assert sorted(rows) == sorted([
-        ("ledger.hold", "succeeded", 1, None),
-        ("ledger.hold", "queued", 0, None),  # interrupted, handed back, attempt not charged
-        ("ledger.record", "queued", 0, None),  # inserted after SIGTERM: never claimed
-    ])
+    assert sorted(rows) == sorted(
+        [
+            ("ledger.hold", "succeeded", 1, None),
+            ("ledger.hold", "queued", 0, None),  # interrupted, handed back, attempt not charged
+            ("ledger.record", "queued", 0, None),  # inserted after SIGTERM: never claimed
+        ]
+    )
     assert "handed back 1 unfinished jobs" in (tmp_path / "serve.log").read_text()
 
 

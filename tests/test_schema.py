@@ -1,4 +1,5 @@
-"""The SQL contract: columns and defaults, constraints, notifications, the stats view, migrations."""
+"""The SQL contract: columns and defaults, constraints, notifications, the stats view,
+migrations."""
 
 from __future__ import annotations
 
@@ -65,13 +66,20 @@ def test_bad_rows_are_rejected_at_insert_naming_the_rule(
 
 
 def test_each_constraint_documents_its_rule(dsn: str) -> None:
-    comments = dict(query(
-        dsn,
-        "SELECT conname, obj_description(oid, 'pg_constraint') FROM pg_constraint"
-        " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
-    ))
-    for name in ("jobs_queue_format", "jobs_task_format", "jobs_priority_range",
-                 "jobs_max_attempts_range", "jobs_payload_size"):
+    comments = dict(
+        query(
+            dsn,
+            "SELECT conname, obj_description(oid, 'pg_constraint') FROM pg_constraint"
+            " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
+        )
+    )
+    for name in (
+        "jobs_queue_format",
+        "jobs_task_format",
+        "jobs_priority_range",
+        "jobs_max_attempts_range",
+        "jobs_payload_size",
+    ):
         assert comments[name], name
 
 
@@ -83,8 +91,7 @@ def test_null_task_and_bad_json_are_rejected(dsn: str) -> None:
 
 
 def test_largest_allowed_payload_and_edge_values_are_accepted(dsn: str) -> None:
-    insert(dsn, "task, queue, priority, max_attempts",
-           "'a_b.c:d-e', 'queue_1-x', 1000, 1000")
+    insert(dsn, "task, queue, priority, max_attempts", "'a_b.c:d-e', 'queue_1-x', 1000, 1000")
     insert(dsn, "task, priority, max_attempts", "'_t', -1000, 1")
     insert(dsn, "task, queue", f"'t', '{'q' * 63}'")
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(3,)]
@@ -165,8 +172,13 @@ def test_claim_uses_the_partial_index_with_many_finished_rows(dsn: str) -> None:
         plan = conn.execute(
             b"EXPLAIN " + store.QUERIES["claim"].encode(),
             {
-                "queues": ["default"], "limit": 10, "claimant": "x", "lease": 30,
-                "task_names": [], "task_max_attempts": [], "default_max_attempts": 5,
+                "queues": ["default"],
+                "limit": 10,
+                "claimant": "x",
+                "lease": 30,
+                "task_names": [],
+                "task_max_attempts": [],
+                "default_max_attempts": 5,
             },
         ).fetchall()
         conn.execute("ROLLBACK")
