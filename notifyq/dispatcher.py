@@ -23,6 +23,8 @@ from .store import Store
 
 log = logging.getLogger("notifyq.dispatcher")
 
+REFILL_WAIT = 0.002  # seconds a backlog claim may wait for more free slots
+
 
 class Dispatcher:
     def __init__(
@@ -49,6 +51,7 @@ class Dispatcher:
         self._task_max_attempts = task_max_attempts
         self._default_max_attempts = default_max_attempts
         self._submit = submit
+        self._refill_at = max(1, min(batch_size, concurrency) // 2)
         self._signal = anyio.Event()
         self._notified = True  # the first pass claims at once
         self._stopping = False
@@ -73,7 +76,9 @@ class Dispatcher:
 
     async def run(self) -> None:
         clock = anyio.current_time
-        more_waiting = False  # the last claim came back full
+        more_waiting = False  # there may be ready jobs we have not claimed
+        more_waiting_full = False  # ... because the last claim came back full
+        refill_by: float | None = None
         next_poll = clock() + self._jittered_poll()
         next_due = math.inf  # the next scheduled job's run_at, on our monotonic clock
         failures = 0
@@ -85,6 +90,15 @@ class Dispatcher:
                 self._notified = False
             free = self._concurrency - self.running
             if more_waiting and free > 0:
+                if more_waiting_full and free < self._refill_at:
+                    # Draining a backlog: let a few more slots free up (briefly) so one
+                    # claim fills many, instead of one claim per finished job.
+                    if refill_by is None:
+                        refill_by = clock() + REFILL_WAIT
+                    if clock() < refill_by:
+                        await self._sleep(refill_by - clock())
+                        continue
+                refill_by = None
                 limit = min(free, self._batch_size)
                 try:
                     jobs, next_in = await self._claim(limit)
@@ -98,7 +112,7 @@ class Dispatcher:
                     continue
                 next_poll = clock() + self._jittered_poll()
                 next_due = clock() + max(next_in, 0.0) if next_in is not None else math.inf
-                more_waiting = len(jobs) == limit
+                more_waiting = more_waiting_full = len(jobs) == limit
                 if polled and jobs:
                     # Work found by the poll alone means a notification went missing.
                     self.polls_with_work += 1

@@ -43,9 +43,9 @@ class Job:
 class JobContext:
     """What a handler may know about the attempt it runs.
 
-    `stopping` is set when the dispatcher shuts down and this attempt will be
-    handed back if it does not finish in time; a long synchronous handler can
-    check it and return early.
+    `stopping` is set when the dispatcher shuts down: an attempt that does not
+    finish within the shutdown timeout is handed back, so a long synchronous
+    handler (which cannot be cancelled) can check it and stop early.
     """
 
     id: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,13 +43,6 @@ class Finished:
     interrupted: bool = False
 
 
-@dataclass(slots=True)
-class _Running:
-    job: Job
-    context: JobContext
-    scope: anyio.CancelScope
-
-
 class WorkerPool:
     def __init__(
         self,
@@ -62,10 +56,11 @@ class WorkerPool:
         self._concurrency = concurrency
         self._on_finished = on_finished
         self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
-        self._running: dict[int, _Running] = {}
+        self._running: dict[int, anyio.CancelScope] = {}  # job id -> its attempt's scope
         self._threads = anyio.CapacityLimiter(concurrency)
         self._pending = 0  # submitted and not yet finished
         self._interrupting = False
+        self._stopping = threading.Event()  # shared by every JobContext of this pool
         self.abandoned = 0  # sync handlers interrupted at shutdown: their threads live on
         self._idle = anyio.Event()
         self._idle.set()
@@ -96,13 +91,13 @@ class WorkerPool:
     def interrupt_all(self) -> None:
         """Cancel every running attempt (shutdown grace is over): they are handed back."""
         self._interrupting = True
-        for running in self._running.values():
-            running.context.stopping.set()
-            running.scope.cancel()
+        self._stopping.set()
+        for scope in self._running.values():
+            scope.cancel()
 
     def signal_stopping(self) -> None:
-        for running in self._running.values():
-            running.context.stopping.set()
+        """Tell running handlers (JobContext.stopping) that shutdown has begun."""
+        self._stopping.set()
 
     async def wait_idle(self) -> None:
         """Until no attempt is running and none is waiting for a slot."""
@@ -121,9 +116,11 @@ class WorkerPool:
         task = self._registry.get(job.task)
         if self._interrupting:  # claimed just before shutdown and never started
             return Finished(job, task, interrupted=True)
-        context = JobContext(job.id, job.queue, job.task, job.attempt, job.max_attempts)
+        context = JobContext(
+            job.id, job.queue, job.task, job.attempt, job.max_attempts, self._stopping
+        )
         with anyio.CancelScope() as scope:
-            self._running[job.id] = _Running(job, context, scope)
+            self._running[job.id] = scope
             try:
                 if task is None:
                     raise UnknownTask(
@@ -152,11 +149,16 @@ class WorkerPool:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
         args = (payload, context) if task.wants_context else (payload,)
-        # fail_after(None) sets no deadline.
-        with anyio.fail_after(task.timeout):
-            if task.is_async:
-                await task.handler(*args)
-            else:
-                await anyio.to_thread.run_sync(
-                    task.handler, *args, limiter=self._threads, abandon_on_cancel=True
-                )
+        if task.timeout is None:  # no second cancel scope on the hot path
+            await self._invoke(task, args)
+        else:
+            with anyio.fail_after(task.timeout):
+                await self._invoke(task, args)
+
+    async def _invoke(self, task: Task, args: tuple[Any, ...]) -> None:
+        if task.is_async:
+            await task.handler(*args)
+        else:
+            await anyio.to_thread.run_sync(
+                task.handler, *args, limiter=self._threads, abandon_on_cancel=True
+            )
