@@ -181,3 +181,25 @@ def test_zero_setup_private_server_is_shared_with_a_second_terminal(tmp_path: Pa
     assert b"Hello, Ada!" in out and b"Hello, Bo!" in out
     # The last process using the private server stopped it.
     assert notifyq("dsn", env=env).returncode == 1
+
+
+def test_sql_example_runs_as_written(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute((REPO / "examples" / "enqueue.sql").read_bytes())
+    assert statuses(dsn) == {"queued": 103}
+
+
+def test_python_enqueue_example_runs_as_written(dsn: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.enqueue_from_python"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NOTIFYQ_DSN": dsn, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert query(dsn, "SELECT task, priority FROM notifyq.jobs ORDER BY id") == [
+        ("hello.greet", 0),
+        ("hello.shout", 5),
+    ]
