@@ -354,6 +354,7 @@ class Worker:
                 if s.listen:
                     background.start_soon(self._listen)
                 background.start_soon(self.leases.run)
+                background.start_soon(self._summaries)
                 async with anyio.create_task_group() as work:
                     await work.start(self.pool.run)
                     work.start_soon(self.completer.run)
@@ -365,14 +366,36 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 for st in self._stores:
                     await st.close()
-        log.info(
-            "stopped: claimed=%d written=%d fenced=%d rescued=%d polls_with_work=%d",
-            self.dispatcher.claimed,
-            self.completer.written,
-            self.completer.fenced,
-            self.leases.rescued,
-            self.dispatcher.polls_with_work,
-        )
+        log.info("stopped; since start: %s", self._totals_text(self._totals()))
+
+    def _totals(self) -> dict[str, int]:
+        decided = self.completer.decided
+        return {
+            "claimed": self.dispatcher.claimed,
+            "succeeded": decided["succeeded"],
+            "retried": decided["queued"],
+            "dead": decided["dead"],
+            "fenced": self.completer.fenced,
+            "rescued": self.leases.rescued,
+            "polls_with_work": self.dispatcher.polls_with_work,
+        }
+
+    @staticmethod
+    def _totals_text(totals: dict[str, int]) -> str:
+        return " ".join(f"{k}={v}" for k, v in totals.items())
+
+    async def _summaries(self, every: float = 60.0) -> None:
+        """One info line a minute while there is activity: what happened since the last."""
+        last = self._totals()
+        while True:
+            await anyio.sleep(every)
+            now = self._totals()
+            delta = {k: now[k] - last[k] for k in now}
+            if any(delta.values()):
+                log.info(
+                    "last %ds: %s running=%d", every, self._totals_text(delta), self.pool.running
+                )
+            last = now
 
     async def _drain(self, work: anyio.abc.TaskGroup) -> None:
         running = self.pool.running

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 
 import anyio
@@ -66,6 +67,7 @@ class Completer:
         self._give_up_at = float("inf")
         self.written = 0
         self.fenced = 0
+        self.decided: Counter[str] = Counter()  # outcomes by status, for the summaries
 
     def submit(self, finished: Finished) -> None:
         if finished.interrupted:
@@ -73,6 +75,7 @@ class Completer:
         else:
             outcome = decide(finished)
             self._outcomes.append(outcome)
+            self.decided[outcome.status] += 1
             log.debug(
                 "finished job=%s task=%s attempt=%s status=%s",
                 outcome.job_id,

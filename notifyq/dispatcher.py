@@ -134,8 +134,16 @@ class Dispatcher:
         )
         self.claims += 1
         self.claimed += len(jobs)
-        if jobs:
-            log.debug("claimed %d of %d", len(jobs), limit)
+        if jobs and log.isEnabledFor(logging.DEBUG):
+            for job in jobs:
+                log.debug(
+                    "claimed job=%s task=%s queue=%s attempt=%s/%s",
+                    job.id,
+                    job.task,
+                    job.queue,
+                    job.attempt,
+                    job.max_attempts,
+                )
         return jobs, next_in
 
     async def _sleep(self, seconds: float) -> None:

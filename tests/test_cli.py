@@ -146,6 +146,8 @@ def test_serve_runs_sql_enqueued_jobs_and_stops_cleanly_on_sigterm(
     text = log.read_text()
     assert "Hello, Ada!" in text and "HELLO, BOB!" in text
     assert "received SIGTERM: shutting down gracefully" in text
+    assert "stopped; since start: claimed=2 succeeded=2 retried=0 dead=0" in text
+    assert "claimed job=1 task=hello.greet queue=default attempt=1/5" in text
 
 
 def test_zero_setup_private_server_is_shared_with_a_second_terminal(tmp_path: Path) -> None:
