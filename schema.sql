@@ -89,9 +89,10 @@ END
 $$;
 
 -- On every status change: notifyq_status gets one {"queue","status"} per
--- statement per pair (for monitors and waiters), and a job that became
--- 'queued' again (retry, re-queued dead job, rescued lease) wakes the
--- dispatchers on notifyq_jobs like an insert does.
+-- statement per pair (for monitors and waiters).  A job that became 'queued'
+-- again (retry, re-queued dead job, rescued lease), or a queued job moved to
+-- another queue or to an earlier run_at, wakes the dispatchers on
+-- notifyq_jobs like an insert does.
 CREATE OR REPLACE FUNCTION notifyq.notify_status_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -103,7 +104,8 @@ BEGIN
     PERFORM pg_notify('notifyq_jobs', r.queue)
     FROM (SELECT DISTINCT n.queue
           FROM new_rows n JOIN old_rows o ON o.id = n.id
-          WHERE n.status = 'queued' AND o.status IS DISTINCT FROM 'queued') AS r;
+          WHERE n.status = 'queued'
+            AND (o.status <> 'queued' OR o.queue <> n.queue OR n.run_at < o.run_at)) AS r;
     RETURN NULL;
 END
 $$;

@@ -291,7 +291,8 @@ class Worker:
         self.dsn = dsn
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queues = list(settings.queues or app.registry.queues())
-        self.held: set[int] = set()  # claimed and outcome not yet written: leases to keep
+        # (job id, attempt) claimed and whose outcome is not yet written: leases to keep.
+        self.held: set[tuple[int, int]] = set()
         self.ready = anyio.Event()
         self._signalled = False
         self.listening = anyio.Event()
@@ -309,6 +310,7 @@ class Worker:
             task_max_attempts={t.name: t.max_attempts for t in app.registry},
             default_max_attempts=DEFAULT_MAX_ATTEMPTS,
             submit=self._submit,
+            held_ids=lambda: {job_id for job_id, _ in self.held},
         )
         self.completer = Completer(complete_store, self.claimant, self._written)
         self.leases = LeaseKeeper(
@@ -326,15 +328,15 @@ class Worker:
         self.dispatcher.stop()
 
     def _submit(self, job: Any) -> None:
-        self.held.add(job.id)
+        self.held.add((job.id, job.attempt))
         self.pool.submit(job)
 
     def _finished(self, finished: Finished) -> None:
         self.dispatcher.slot_freed()
         self.completer.submit(finished)
 
-    def _written(self, ids: set[int]) -> None:
-        self.held -= ids
+    def _written(self, pairs: set[tuple[int, int]]) -> None:
+        self.held -= pairs
 
     async def run(self, *, handle_signals: bool = False) -> None:
         s = self.settings

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import click
+import psycopg
 
 from . import codec, embedded, migrate
 from .app import App, Settings
@@ -40,6 +41,21 @@ class Group(click.Group):
             return super().invoke(ctx)
         except NotifyqError as exc:
             fail(str(exc))
+        except BaseExceptionGroup as group:
+            # A task group (serve) raises its failures wrapped: show the notifyq ones.
+            leaves = _leaves(group)
+            if all(isinstance(e, NotifyqError | psycopg.Error) for e in leaves):
+                fail("; ".join(str(e) for e in leaves))
+            raise
+        except psycopg.Error as exc:
+            fail(f"PostgreSQL: {exc}")
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def database(dsn: str | None) -> str:

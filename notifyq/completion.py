@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import anyio
 
-from .errors import DatabaseUnavailable, DoNotRetry
+from .errors import DatabaseUnavailable, DoNotRetry, NotifyqError
 from .store import Outcome, Store
 from .worker_pool import Finished, UnknownTask
 
@@ -47,7 +47,10 @@ def decide(finished: Finished) -> Outcome:
 def _describe(error: BaseException, trace: str | None) -> str:
     head = f"{type(error).__name__}: {error}".rstrip(": ")
     text = f"{head}\n\n{trace}" if trace else head
-    return text if len(text) <= _ERROR_LIMIT else text[: _ERROR_LIMIT - 20] + "\n... (truncated)"
+    if len(text) > _ERROR_LIMIT:
+        text = text[: _ERROR_LIMIT - 20] + "\n... (truncated)"
+    # PostgreSQL text cannot hold NUL or lone surrogates: escape them, never fail the write.
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Completer:
@@ -55,13 +58,13 @@ class Completer:
         self,
         store: Store,
         claimant: str,
-        on_written: Callable[[set[int]], None],
+        on_written: Callable[[set[tuple[int, int]]], None],
     ) -> None:
         self._store = store
         self._claimant = claimant
         self._on_written = on_written
         self._outcomes: list[Outcome] = []
-        self._handed: list[int] = []
+        self._handed: list[tuple[int, int]] = []  # (job id, attempt) to hand back
         self._wake = anyio.Event()
         self._closing = False
         self._give_up_at = float("inf")
@@ -71,7 +74,7 @@ class Completer:
 
     def submit(self, finished: Finished) -> None:
         if finished.interrupted:
-            self._handed.append(finished.job.id)
+            self._handed.append((finished.job.id, finished.job.attempt))
         else:
             outcome = decide(finished)
             self._outcomes.append(outcome)
@@ -107,7 +110,13 @@ class Completer:
             try:
                 await self._flush()
                 failures = 0
-            except DatabaseUnavailable as exc:
+            except NotifyqError as exc:
+                if not isinstance(exc, DatabaseUnavailable):
+                    # Not an outage: retrying would fail forever. Drop the batch from what
+                    # we hold so its leases lapse and the rescuer runs those jobs again.
+                    log.exception("completion write rejected (%s); leaving the jobs to rescue", exc)
+                    self._drop_pending()
+                    continue
                 if self._closing and anyio.current_time() >= self._give_up_at:
                     log.error(
                         "shutting down with %d outcomes unwritten (%s); their jobs run again "
@@ -121,29 +130,37 @@ class Completer:
                 log.warning("completion write failed (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay)
 
+    def _drop_pending(self) -> None:
+        pairs = {(o.job_id, o.attempt) for o in self._outcomes[:MAX_BATCH]}
+        del self._outcomes[:MAX_BATCH]
+        if not pairs:
+            pairs = set(self._handed[:MAX_BATCH])
+            del self._handed[:MAX_BATCH]
+        self._on_written(pairs)
+
     async def _flush(self) -> None:
         if self._outcomes:
             batch = self._outcomes[:MAX_BATCH]
             applied = await self._store.complete(batch, self._claimant)
             del self._outcomes[: len(batch)]
-            self._account({o.job_id for o in batch}, applied, "completion")
+            self._account({(o.job_id, o.attempt) for o in batch}, applied, "completion")
         if self._handed:
-            ids = self._handed[:MAX_BATCH]
-            applied = await self._store.hand_back(ids, self._claimant)
-            del self._handed[: len(ids)]
-            self._account(set(ids), applied, "hand-back")
+            pairs = self._handed[:MAX_BATCH]
+            applied = await self._store.hand_back(pairs, self._claimant)
+            del self._handed[: len(pairs)]
+            self._account(set(pairs), applied, "hand-back")
             if applied:
                 log.info("handed back %d unfinished jobs to the queue", len(applied))
 
-    def _account(self, ids: set[int], applied: set[int], what: str) -> None:
-        lost = ids - applied
-        self.written += len(applied)
+    def _account(self, pairs: set[tuple[int, int]], applied: set[int], what: str) -> None:
+        lost = sorted(job_id for job_id, _ in pairs if job_id not in applied)
+        self.written += len(pairs) - len(lost)
         self.fenced += len(lost)
-        for job_id in sorted(lost):
+        for job_id in lost:
             log.warning(
                 "%s of job=%s not written: it is no longer running under this dispatcher's "
                 "claim (its lease expired and it was rescued or cancelled)",
                 what,
                 job_id,
             )
-        self._on_written(ids)
+        self._on_written(pairs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import anyio
 
@@ -40,6 +40,7 @@ class Dispatcher:
         task_max_attempts: dict[str, int],
         default_max_attempts: int,
         submit: Callable[[Job], None],
+        held_ids: Callable[[], Collection[int]],
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -51,6 +52,8 @@ class Dispatcher:
         self._task_max_attempts = task_max_attempts
         self._default_max_attempts = default_max_attempts
         self._submit = submit
+        self._held_ids = held_ids
+        self._orphans_possible = False  # a claim failed: it may have committed unseen
         self._refill_at = max(1, min(batch_size, concurrency) // 2)
         self._signal = anyio.Event()
         self._notified = True  # the first pass claims at once
@@ -59,6 +62,7 @@ class Dispatcher:
         self.claims = 0
         self.claimed = 0
         self.polls_with_work = 0
+        self.passes = 0  # loop iterations: a busy loop would show here
 
     # Called from the listener, the pool and the app; all on the event loop.
 
@@ -83,6 +87,7 @@ class Dispatcher:
         next_due = math.inf  # the next scheduled job's run_at, on our monotonic clock
         failures = 0
         while not self._stopping:
+            self.passes += 1
             now = clock()
             polled = now >= next_poll
             if self._notified or polled or now >= next_due:
@@ -121,9 +126,27 @@ class Dispatcher:
                     self.running += 1
                     self._submit(job)
                 continue
-            await self._sleep(min(next_poll, next_due) - now)
+            if more_waiting:
+                # Work is known and every slot is busy: the timers have nothing to add
+                # until a slot frees (which signals); sleeping on them would spin.
+                await self._sleep(math.inf)
+            else:
+                await self._sleep(min(next_poll, next_due) - now)
 
     async def _claim(self, limit: int) -> tuple[list[Job], float | None]:
+        if self._orphans_possible:
+            released = await self._store.release_orphans(self._claimant, self._held_ids())
+            self._orphans_possible = False
+            if released:
+                log.warning("returned %d jobs whose claim reply was lost", len(released))
+        try:
+            jobs, next_in = await self._claim_once(limit)
+        except DatabaseUnavailable:
+            self._orphans_possible = True
+            raise
+        return jobs, next_in
+
+    async def _claim_once(self, limit: int) -> tuple[list[Job], float | None]:
         jobs, next_in = await self._store.claim(
             queues=self._queues,
             limit=limit,

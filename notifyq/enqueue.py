@@ -14,6 +14,8 @@ from . import codec, store
 from .errors import InvalidJob
 from .registry import Handler, Registry, check_queue_name, check_task_name
 
+MAX_DELAY = 10 * 365 * 24 * 3600.0
+
 
 def build(
     registry: Registry,
@@ -41,8 +43,8 @@ def build(
         check_queue_name(queue)
     if delay is not None and run_at is not None:
         raise InvalidJob("give either delay or run_at, not both")
-    if delay is not None and delay < 0:
-        raise InvalidJob(f"delay must be >= 0 seconds, got {delay}")
+    if delay is not None and not 0 <= delay <= MAX_DELAY:  # also rejects NaN
+        raise InvalidJob(f"delay must be from 0 to {MAX_DELAY:.0f} seconds (10 years), got {delay}")
     if run_at is not None and run_at.tzinfo is None:
         raise InvalidJob("run_at must be timezone-aware (naive datetimes are ambiguous)")
     try:

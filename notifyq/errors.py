@@ -66,22 +66,32 @@ _CONSTRAINTS = {
 }
 
 
-def translate(exc: BaseException) -> NotifyqError | None:
-    """Map a driver error to the notifyq error it means, or None to let it through."""
+def translate(exc: psycopg.Error) -> NotifyqError:
+    """The notifyq error a driver error means; the message keeps PostgreSQL's words."""
+    state = exc.sqlstate or ""
+    message = exc.diag.message_primary or _first_line(exc)
     if isinstance(exc, pg_errors.CheckViolation):
         name = exc.diag.constraint_name or ""
-        return InvalidJob(f"job rejected: {_CONSTRAINTS.get(name, exc.diag.message_primary)}")
+        return InvalidJob(f"job rejected: {_CONSTRAINTS.get(name, message)}")
     if isinstance(exc, pg_errors.NotNullViolation):
         return InvalidJob(f"job rejected: {exc.diag.column_name} cannot be NULL")
-    if isinstance(exc, pg_errors.InvalidTextRepresentation | pg_errors.InvalidParameterValue):
-        return InvalidJob(f"job rejected: {exc.diag.message_primary}")
+    if isinstance(exc, pg_errors.DataError):  # class 22: a value PostgreSQL cannot store
+        return InvalidJob(f"job rejected: {message}")
     if isinstance(exc, pg_errors.UndefinedTable | pg_errors.InvalidSchemaName):
         return SchemaMissing(
             "the notifyq schema is not installed in this database: run `notifyq migrate`"
         )
-    if isinstance(exc, psycopg.OperationalError):
+    if state.startswith("28") or state == "3D000":  # authentication; no such database
+        return ConfigurationError(f"PostgreSQL refused the connection: {message}")
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return ConfigurationError(f"PostgreSQL: {message} (check the role's privileges)")
+    if not state or state[:2] in ("08", "53", "57"):
+        # No SQLSTATE: libpq could not connect or lost the socket.  08 connection,
+        # 53 resources (too many connections), 57 shutdown or cancellation.
         return DatabaseUnavailable(f"cannot reach PostgreSQL: {_first_line(exc)}")
-    return None
+    if state == "25006" or state.startswith("40"):  # read-only after failover; deadlock
+        return DatabaseUnavailable(f"PostgreSQL: {message} (will retry)")
+    return NotifyqError(f"PostgreSQL error {state}: {message}")
 
 
 def _first_line(exc: BaseException) -> str:

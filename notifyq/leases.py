@@ -31,7 +31,7 @@ class LeaseKeeper:
         lease: float,
         heartbeat: float,
         rescue_interval: float,
-        held: Callable[[], Collection[int]],
+        held: Callable[[], Collection[tuple[int, int]]],
         on_rescued: Callable[[], None],
     ) -> None:
         self._store = store
@@ -64,12 +64,12 @@ class LeaseKeeper:
                 await anyio.sleep(1.0)
 
     async def renew(self) -> None:
-        ids = list(self._held())
+        ids = {job_id for job_id, _ in self._held()}
         if not ids:
             return
-        renewed = await self._store.renew_leases(ids, self._claimant, self._lease)
+        renewed = await self._store.renew_leases(list(ids), self._claimant, self._lease)
         # An outcome written meanwhile also drops out of `renewed`: only what we still hold is lost.
-        lost = (set(ids) - renewed) & set(self._held())
+        lost = (ids - renewed) & {job_id for job_id, _ in self._held()}
         if lost:
             log.warning(
                 "lost the lease of jobs %s (rescued or cancelled elsewhere); their outcome "

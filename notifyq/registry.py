@@ -57,7 +57,10 @@ def describe_handler(handler: Handler) -> tuple[bool, bool]:
     """(is_async, wants_context): decided once at registration, never per job."""
     if not callable(handler):
         raise ConfigurationError(f"task handler {handler!r} is not callable")
-    is_async = inspect.iscoroutinefunction(handler)
+    # Callable objects with an `async def __call__` count as async too.
+    is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        type(handler).__call__
+    )
     try:
         params = list(inspect.signature(handler).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature: payload only

@@ -24,6 +24,9 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after `attempt` (1-based) failed."""
-        ceiling = min(self.max_delay, self.base * self.factor ** max(attempt - 1, 0))
+        try:
+            ceiling = min(self.max_delay, self.base * self.factor ** max(attempt - 1, 0))
+        except OverflowError:  # factor ** attempt beyond a float: far past any max_delay
+            ceiling = self.max_delay
         draw = (rng or random).random()
         return ceiling / 2 + draw * ceiling / 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from . import codec
-from .errors import DatabaseUnavailable, translate
+from .errors import ConfigurationError, DatabaseUnavailable, translate
 from .job import Job
 
 log = logging.getLogger("notifyq.store")
@@ -35,6 +35,8 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
+    # ... and a query whose packets go unacknowledged (keepalives do not cover that).
+    "tcp_user_timeout": 30_000,
 }
 
 
@@ -69,11 +71,12 @@ def translated() -> Iterator[None]:
     """Re-raise driver errors as the notifyq errors they mean."""
     try:
         yield
+    except psycopg.ProgrammingError as exc:
+        if exc.sqlstate is None:  # raised by the driver itself, e.g. a malformed DSN
+            raise ConfigurationError(f"invalid connection string: {exc}") from exc
+        raise translate(exc) from exc
     except psycopg.Error as exc:
-        mapped = translate(exc)
-        if mapped is None:
-            raise
-        raise mapped from exc
+        raise translate(exc) from exc
 
 
 def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -253,8 +256,20 @@ class Store:
         )
         return {r[0] for r in rows}
 
-    async def hand_back(self, ids: Sequence[int], claimant: str) -> set[int]:
-        rows = await self._run("hand_back", {"ids": list(ids), "claimant": claimant})
+    async def hand_back(self, attempts: Sequence[tuple[int, int]], claimant: str) -> set[int]:
+        """Return (job id, attempt) pairs to the queue; returns the ids that applied."""
+        rows = await self._run(
+            "hand_back",
+            {
+                "ids": [job_id for job_id, _ in attempts],
+                "attempts": [attempt for _, attempt in attempts],
+                "claimant": claimant,
+            },
+        )
+        return {r[0] for r in rows}
+
+    async def release_orphans(self, claimant: str, held: Collection[int]) -> set[int]:
+        rows = await self._run("release_orphans", {"claimant": claimant, "held": list(held)})
         return {r[0] for r in rows}
 
     async def rescue(self, limit: int = 1000) -> list[tuple[int, str]]:

@@ -10,6 +10,7 @@ into a state write is completion.py's job.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -56,7 +57,8 @@ class WorkerPool:
         self._concurrency = concurrency
         self._on_finished = on_finished
         self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
-        self._running: dict[int, anyio.CancelScope] = {}  # job id -> its attempt's scope
+        # (job id, attempt) -> that attempt's cancel scope
+        self._running: dict[tuple[int, int], anyio.CancelScope] = {}
         self._threads = anyio.CapacityLimiter(concurrency)
         self._pending = 0  # submitted and not yet finished
         self._interrupting = False
@@ -106,10 +108,12 @@ class WorkerPool:
     async def _slot(self, receive: Any) -> None:
         async with receive:
             async for job in receive:
-                finished = await self._attempt(job)
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.set()
+                try:
+                    finished = await self._attempt(job)
+                finally:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.set()
                 self._on_finished(finished)
 
     async def _attempt(self, job: Job) -> Finished:
@@ -119,8 +123,9 @@ class WorkerPool:
         context = JobContext(
             job.id, job.queue, job.task, job.attempt, job.max_attempts, self._stopping
         )
+        key = (job.id, job.attempt)  # the same job may come back as a newer attempt
         with anyio.CancelScope() as scope:
-            self._running[job.id] = scope
+            self._running[key] = scope
             try:
                 if task is None:
                     raise UnknownTask(
@@ -131,8 +136,18 @@ class WorkerPool:
                 return Finished(job, task)
             except Exception as exc:
                 return Finished(job, task, exc, traceback.format_exc())
+            except anyio.get_cancelled_exc_class():
+                if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
+                    raise  # a real cancellation: ours (shutdown) or an enclosing one
+                # The handler leaked a cancellation of its own (awaited a cancelled future).
+                return Finished(
+                    job,
+                    task,
+                    RuntimeError("the handler raised CancelledError"),
+                    traceback.format_exc(),
+                )
             finally:
-                del self._running[job.id]
+                del self._running[key]
         # Only reached when the scope was cancelled: shutdown interrupted the attempt.
         if task is not None and not task.is_async:
             self.abandoned += 1
@@ -151,14 +166,24 @@ class WorkerPool:
         args = (payload, context) if task.wants_context else (payload,)
         if task.timeout is None:  # no second cancel scope on the hot path
             await self._invoke(task, args)
-        else:
+            return
+        try:
             with anyio.fail_after(task.timeout):
                 await self._invoke(task, args)
+        except TimeoutError:
+            if not task.is_async:
+                # Python cannot stop a thread: the handler runs on, unsupervised, while
+                # the attempt counts as failed (and a retry may overlap it).
+                self.abandoned += 1
+            raise TimeoutError(f"task {task.name!r} ran past its {task.timeout}s timeout") from None
 
     async def _invoke(self, task: Task, args: tuple[Any, ...]) -> None:
         if task.is_async:
             await task.handler(*args)
-        else:
-            await anyio.to_thread.run_sync(
-                task.handler, *args, limiter=self._threads, abandon_on_cancel=True
-            )
+            return
+        result = await anyio.to_thread.run_sync(
+            task.handler, *args, limiter=self._threads, abandon_on_cancel=True
+        )
+        if inspect.isawaitable(result):
+            # A plain `def` wrapper around a coroutine function: run what it returned.
+            await result

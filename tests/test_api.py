@@ -56,6 +56,10 @@ def test_backoff_grows_exponentially_within_half_jitter() -> None:
             assert ceiling / 2 <= backoff.delay(attempt, rng) <= ceiling
 
 
+def test_backoff_of_huge_attempt_numbers_is_capped_not_an_overflow() -> None:
+    assert 50 <= Backoff(factor=10, max_delay=100).delay(400) <= 100
+
+
 def test_backoff_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="backoff needs"):
         Backoff(factor=0.5)

@@ -109,6 +109,21 @@ def test_errors_are_one_line_without_traceback(dsn: str, args: list[str], messag
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(0,)]
 
 
+@pytest.mark.parametrize(
+    ("dsn", "message"),
+    [
+        ("foo", "notifyq: error: invalid connection string"),
+        ("postgresql://postgres@127.0.0.1:1/x?connect_timeout=2", "cannot reach PostgreSQL"),
+    ],
+)
+def test_bad_dsn_is_one_line(dsn: str, message: str) -> None:
+    for args in (["migrate"], ["enqueue", "t"], ["serve", "--app", "examples.hello:app"]):
+        result = notifyq(*args, "--dsn", dsn)
+        assert result.returncode == 1
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     result = notifyq("migrate", "--dsn", f"postgresql://postgres@/x?host={tmp_path}")
     assert result.returncode == 1

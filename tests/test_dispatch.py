@@ -422,3 +422,119 @@ async def test_late_completion_of_a_rescued_attempt_is_fenced(dsn: str) -> None:
         release.set()
         await eventually(lambda: worker.completer.fenced == 1)
     assert query(dsn, "SELECT status, attempts FROM notifyq.jobs") == [("succeeded", 2)]
+
+
+async def test_sync_wrapper_around_a_coroutine_really_runs_it(dsn: str) -> None:
+    app = notifyq.App()
+    ran = anyio.Event()
+
+    async def body(payload: Any) -> None:
+        ran.set()
+
+    @app.task(name="wrapped")
+    def wrapped(payload: Any) -> Any:  # a plain def that returns a coroutine
+        return body(payload)
+
+    class Callable_:
+        async def __call__(self, payload: Any) -> None:
+            pass
+
+    app.task(name="callable")(Callable_())
+    assert app.registry.get("callable").is_async  # type: ignore[union-attr]
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('wrapped', '{}'), ('callable', '{}')")
+        await eventually(lambda: statuses(dsn) == {"succeeded": 2})
+    assert ran.is_set()
+
+
+async def test_handler_leaking_a_cancellation_fails_the_attempt_not_the_pool(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="leaky", max_attempts=1)
+    async def leaky(payload: Any) -> None:
+        import asyncio
+
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future  # raises CancelledError that no scope of ours asked for
+
+    @app.task(name="fine")
+    async def fine(payload: Any) -> None:
+        pass
+
+    async with serving(app, dsn, concurrency=1, poll_interval=3600, shutdown_timeout=2):
+        sql_insert(dsn, "('leaky', '{}')")
+        await eventually(lambda: statuses(dsn) == {"dead": 1})
+        sql_insert(dsn, "('fine', '{}')")  # the only slot is free again
+        await eventually(lambda: statuses(dsn) == {"dead": 1, "succeeded": 1})
+    error = query(dsn, "SELECT last_error FROM notifyq.jobs WHERE task = 'leaky'")[0][0]
+    assert error.startswith("RuntimeError: the handler raised CancelledError")
+
+
+async def test_error_text_postgres_cannot_store_is_escaped(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="nul", max_attempts=1)
+    async def nul(payload: Any) -> None:
+        raise ValueError("bad \x00 byte and \udcff surrogate")
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('nul', '{}')")
+        await eventually(lambda: statuses(dsn) == {"dead": 1})
+    error = query(dsn, "SELECT last_error FROM notifyq.jobs")[0][0]
+    assert error.startswith("ValueError: bad \\x00 byte and \\udcff surrogate")
+
+
+async def test_task_timeout_fails_the_attempt(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="slow", timeout=0.2, max_attempts=1)
+    async def slow(payload: Any) -> None:
+        await anyio.sleep(3600)
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('slow', '{}')")
+        await eventually(lambda: statuses(dsn) == {"dead": 1})
+    error = query(dsn, "SELECT last_error FROM notifyq.jobs")[0][0]
+    assert error.startswith("TimeoutError: task 'slow' ran past its 0.2s timeout")
+
+
+async def test_busy_dispatcher_waits_instead_of_spinning(dsn: str) -> None:
+    app = notifyq.App()
+    release = anyio.Event()
+
+    @app.task(name="hold")
+    async def hold(payload: Any) -> None:
+        await release.wait()
+
+    async with serving(app, dsn, concurrency=1, poll_interval=0.05) as worker:
+        sql_insert(dsn, "('hold', '{}'), ('hold', '{}')")
+        await eventually(lambda: statuses(dsn) == {"running": 1, "queued": 1})
+        before = worker.dispatcher.passes
+        await anyio.sleep(1.0)  # real time is the behaviour: what does a busy second cost?
+        passes = worker.dispatcher.passes - before
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 2})
+    assert passes < 5
+
+
+async def test_jobs_claimed_under_our_name_but_never_received_are_returned(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        pass
+
+    async with serving(app, dsn, poll_interval=3600) as worker:
+        # What a claim whose reply was lost leaves behind: running under our claimant.
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task, status, attempts, started_at, claimed_by,"
+            " lease_expires_at) VALUES ('t', 'running', 1, now(), %s, now() + interval '1 hour')",
+            worker.claimant,
+        )
+        worker.dispatcher._orphans_possible = True  # as after a failed claim
+        worker.dispatcher.wake()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+    assert query(dsn, "SELECT attempts FROM notifyq.jobs") == [(1,)]  # not charged twice

@@ -225,3 +225,14 @@ def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
         t.join()
     assert errors == []
     assert sorted(results, key=str) == [(1, 1), (1, 1), (1, 1), (None, 1)]
+
+
+def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: str) -> None:
+    insert(dsn, "task, queue, run_at", "'t', 'a', now() + interval '1 hour'")
+    with listen(dsn, "notifyq_jobs") as jobs:
+        query(dsn, "UPDATE notifyq.jobs SET run_at = now()")
+        assert drain(jobs) == ["a"]
+        query(dsn, "UPDATE notifyq.jobs SET queue = 'b'")
+        assert drain(jobs) == ["b"]
+        query(dsn, "UPDATE notifyq.jobs SET run_at = run_at + interval '1 hour'")
+        assert drain(jobs) == []  # later is nothing to wake for

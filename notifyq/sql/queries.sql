@@ -89,14 +89,32 @@ RETURNING id;
 
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
--- charging the attempt that was interrupted.
+-- charging the attempt that was interrupted.  Fenced like `complete`.
+UPDATE notifyq.jobs j
+SET status = 'queued',
+    attempts = j.attempts - 1,
+    started_at = NULL,
+    claimed_by = NULL,
+    lease_expires_at = NULL
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt)
+WHERE j.id = h.id
+  AND j.status = 'running'
+  AND j.claimed_by = %(claimant)s
+  AND j.attempts = h.attempt
+RETURNING j.id;
+
+-- name: release_orphans
+-- After a claim whose reply was lost (the connection broke after the commit):
+-- jobs running under our name that we never received go back, uncharged.
 UPDATE notifyq.jobs
 SET status = 'queued',
     attempts = attempts - 1,
     started_at = NULL,
     claimed_by = NULL,
     lease_expires_at = NULL
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND claimed_by = %(claimant)s
+WHERE status = 'running'
+  AND claimed_by = %(claimant)s
+  AND NOT (id = ANY(%(held)s::bigint[]))
 RETURNING id;
 
 -- name: rescue
