@@ -4,7 +4,7 @@ Plain SQL in (`INSERT INTO notifyq.jobs (task, payload) ...`), one
 dispatcher out (`notifyq serve --app module:app`).
 """
 
-from .app import App, Settings, Worker
+from .app import App
 from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -17,6 +17,7 @@ from .errors import (
 )
 from .job import JobContext, JobState
 from .retry import Backoff
+from .worker import Settings, Worker
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,9 @@ import click
 import psycopg
 
 from . import codec, embedded, migrate
-from .app import App, Settings
+from .app import App
 from .errors import ConfigurationError, InvalidJob, NotifyqError
+from .worker import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 

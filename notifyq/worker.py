@@ -1,0 +1,219 @@
+"""One dispatcher's machinery, composed: the only place that knows every piece.
+
+    listener ──wake──> dispatcher ──claim──> worker pool ──Finished──> completer
+                           ^                                               │
+                           └────────── slot freed / outcome written ───────┘
+    lease keeper: renews what we hold, rescues what others lost
+
+Each piece knows only the callbacks it is given; `Worker.run` owns them all
+in one task group and shuts them down in order: stop claiming, let running
+jobs finish (or interrupt them), write every outcome, then stop the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from . import listener, store
+from .completion import Completer
+from .dispatcher import Dispatcher
+from .errors import ConfigurationError
+from .job import Job
+from .leases import LeaseKeeper
+from .registry import DEFAULT_MAX_ATTEMPTS, check_queue_name
+from .worker_pool import Finished, WorkerPool
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("notifyq")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How a dispatcher runs; `notifyq serve --help` documents each one."""
+
+    concurrency: int = 10
+    queues: tuple[str, ...] | None = None  # None: 'default' and the queues of the app's tasks
+    batch_size: int | None = None  # None: up to `concurrency` per claim
+    poll_interval: float = 5.0
+    lease: float = 30.0
+    shutdown_timeout: float = 30.0
+    listen: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigurationError("batch size must be at least 1")
+        if self.poll_interval <= 0:
+            raise ConfigurationError("poll interval must be positive")
+        if self.lease < 1:
+            raise ConfigurationError("lease must be at least 1 second")
+        if self.shutdown_timeout < 0:
+            raise ConfigurationError("shutdown timeout cannot be negative")
+        for queue in self.queues or ():
+            check_queue_name(queue)
+
+
+class Worker:
+    """One dispatcher process's machinery; `run()` until `stop()` or a signal."""
+
+    def __init__(self, app: App, settings: Settings, dsn: str) -> None:
+        if not len(app.registry):
+            log.warning("the app registers no tasks: every job claimed will be dead")
+        self.app = app
+        self.settings = settings
+        self.dsn = dsn
+        self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.queues = list(settings.queues or app.registry.queues())
+        # (job id, attempt) claimed and whose outcome is not yet written: leases to keep.
+        self.held: set[tuple[int, int]] = set()
+        self.ready = anyio.Event()
+        self._signalled = False
+        self.listening = anyio.Event()
+        self._stores = [store.Store(dsn, role) for role in ("claim", "complete", "leases")]
+        claim_store, complete_store, lease_store = self._stores
+        self.pool = WorkerPool(app.registry, settings.concurrency, self._finished)
+        self.dispatcher = Dispatcher(
+            claim_store,
+            self.claimant,
+            queues=self.queues,
+            concurrency=settings.concurrency,
+            batch_size=min(settings.batch_size or settings.concurrency, 1000),
+            poll_interval=settings.poll_interval,
+            lease=settings.lease,
+            task_max_attempts={t.name: t.max_attempts for t in app.registry},
+            default_max_attempts=DEFAULT_MAX_ATTEMPTS,
+            submit=self._submit,
+            held_ids=lambda: {job_id for job_id, _ in self.held},
+        )
+        self.completer = Completer(complete_store, self.claimant, self._written)
+        self.leases = LeaseKeeper(
+            lease_store,
+            self.claimant,
+            lease=settings.lease,
+            heartbeat=settings.lease / 3,
+            rescue_interval=min(settings.poll_interval, settings.lease / 2),
+            held=lambda: self.held,
+            on_rescued=self.dispatcher.wake,
+        )
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown: claim nothing more, let running jobs finish."""
+        self.dispatcher.stop()
+
+    def _submit(self, job: Job) -> None:
+        self.held.add((job.id, job.attempt))
+        self.pool.submit(job)
+
+    def _finished(self, finished: Finished) -> None:
+        self.dispatcher.slot_freed()
+        self.completer.submit(finished)
+
+    def _written(self, pairs: set[tuple[int, int]]) -> None:
+        self.held -= pairs
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        s = self.settings
+        log.info(
+            "serving queues=%s concurrency=%d claimant=%s poll=%ss lease=%ss listen=%s",
+            ",".join(self.queues),
+            s.concurrency,
+            self.claimant,
+            s.poll_interval,
+            s.lease,
+            s.listen,
+        )
+        try:
+            async with anyio.create_task_group() as background:
+                if handle_signals:
+                    background.start_soon(self._signals)
+                if s.listen:
+                    background.start_soon(self._listen)
+                background.start_soon(self.leases.run)
+                background.start_soon(self._summaries)
+                async with anyio.create_task_group() as work:
+                    await work.start(self.pool.run)
+                    work.start_soon(self.completer.run)
+                    self.ready.set()
+                    await self.dispatcher.run()
+                    await self._drain()
+                background.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for st in self._stores:
+                    await st.close()
+        log.info("stopped; since start: %s", self._totals_text(self._totals()))
+
+    def _totals(self) -> dict[str, int]:
+        decided = self.completer.decided
+        return {
+            "claimed": self.dispatcher.claimed,
+            "succeeded": decided["succeeded"],
+            "retried": decided["queued"],
+            "dead": decided["dead"],
+            "fenced": self.completer.fenced,
+            "rescued": self.leases.rescued,
+            "polls_with_work": self.dispatcher.polls_with_work,
+        }
+
+    @staticmethod
+    def _totals_text(totals: dict[str, int]) -> str:
+        return " ".join(f"{k}={v}" for k, v in totals.items())
+
+    async def _summaries(self, every: float = 60.0) -> None:
+        """One info line a minute while there is activity: what happened since the last."""
+        last = self._totals()
+        while True:
+            await anyio.sleep(every)
+            now = self._totals()
+            delta = {k: now[k] - last[k] for k in now}
+            if any(delta.values()):
+                log.info(
+                    "last %ds: %s running=%d", every, self._totals_text(delta), self.pool.running
+                )
+            last = now
+
+    async def _drain(self) -> None:
+        running = self.pool.running
+        log.info(
+            "stopping: claiming no more; waiting up to %ss for %d running jobs",
+            self.settings.shutdown_timeout,
+            running,
+        )
+        self.pool.signal_stopping()
+        with anyio.move_on_after(self.settings.shutdown_timeout):
+            await self.pool.wait_idle()
+        self.pool.interrupt_all()  # what is still running is handed back
+        self.pool.close()
+        await self.pool.wait_idle()
+        # Leases keep running meanwhile, so nothing we hold is rescued under us.
+        self.completer.close(give_up_after=max(self.settings.shutdown_timeout, 5.0))
+
+    async def _listen(self) -> None:
+        await listener.listen(
+            self.dsn, self.queues, self.dispatcher.wake, on_connected=self.listening.set
+        )
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self._signalled:
+                    self._signalled = True
+                    log.info(
+                        "received %s: shutting down gracefully (again to exit at once)",
+                        signal.Signals(signum).name,
+                    )
+                    self.stop()
+                else:
+                    log.warning("second signal: exiting now; leases return running jobs later")
+                    os._exit(128 + signum)
