@@ -53,6 +53,33 @@ def _describe(error: BaseException, trace: str | None) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _log_outcome(finished: Finished, outcome: Outcome) -> None:
+    job = finished.job
+    if outcome.status == "succeeded":
+        log.debug("succeeded job=%s task=%s attempt=%s", job.id, job.task, job.attempt)
+        return
+    first_line = (outcome.error or "").split("\n", 1)[0]
+    if outcome.status == "queued":
+        log.info(
+            "failed job=%s task=%s attempt=%s/%s: %s; retry in %.1fs",
+            job.id,
+            job.task,
+            job.attempt,
+            job.max_attempts,
+            first_line,
+            outcome.delay,
+        )
+    else:
+        log.warning(
+            "dead job=%s task=%s attempt=%s/%s: %s",
+            job.id,
+            job.task,
+            job.attempt,
+            job.max_attempts,
+            first_line,
+        )
+
+
 class Completer:
     def __init__(
         self,
@@ -79,13 +106,7 @@ class Completer:
             outcome = decide(finished)
             self._outcomes.append(outcome)
             self.decided[outcome.status] += 1
-            log.debug(
-                "finished job=%s task=%s attempt=%s status=%s",
-                outcome.job_id,
-                finished.job.task,
-                outcome.attempt,
-                outcome.status,
-            )
+            _log_outcome(finished, outcome)
         self._wake.set()
 
     @property

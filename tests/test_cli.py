@@ -153,15 +153,19 @@ def test_serve_runs_sql_enqueued_jobs_and_stops_cleanly_on_sigterm(
         query(
             dsn,
             """INSERT INTO notifyq.jobs (task, payload) VALUES
-                      ('hello.greet', '{"name": "Ada"}'), ('hello.shout', '{"name": "bob"}')""",
+                      ('hello.greet', '{"name": "Ada"}'), ('hello.shout', '{"name": "bob"}'),
+                      ('hello.shout', '{}')""",
         )
-        wait_until(lambda: statuses(dsn) == {"succeeded": 2}, message="both jobs to succeed")
+        wait_until(
+            lambda: statuses(dsn) == {"succeeded": 2, "dead": 1}, message="all three to finish"
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     text = log.read_text()
     assert "Hello, Ada!" in text and "HELLO, BOB!" in text
     assert "received SIGTERM: shutting down gracefully" in text
-    assert "stopped; since start: claimed=2 succeeded=2 retried=0 dead=0" in text
+    assert "stopped; since start: claimed=3 succeeded=2 retried=0 dead=1" in text
+    assert "dead job=3 task=hello.shout attempt=1/3: PayloadError: hello.shout needs" in text
     assert "claimed job=1 task=hello.greet queue=default attempt=1/5" in text
 
 

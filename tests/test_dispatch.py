@@ -151,8 +151,8 @@ async def test_delayed_job_starts_on_time_by_the_precise_timer(dsn: str) -> None
         with anyio.fail_after(10):
             await started.wait()
     late = query(dsn, "SELECT extract(epoch FROM started_at - run_at) FROM notifyq.jobs")[0][0]
-    # Never before run_at, and well before the hour-long poll.
-    assert 0 <= late < 1.0
+    # Never before run_at, and nowhere near the hour-long poll.
+    assert 0 <= late < 2.0
 
 
 async def test_failure_retries_with_backoff_then_dead_with_traceback(dsn: str) -> None:
@@ -204,8 +204,9 @@ async def test_retry_waits_for_the_backoff(dsn: str) -> None:
     async with serving(app, dsn, poll_interval=3600):
         sql_insert(dsn, "('once', '{}')")
         await eventually(lambda: statuses(dsn) == {"succeeded": 1})
-    # Half-jitter: the delay after attempt 1 is within [0.3, 0.6] seconds.
-    assert 0.3 <= times[1] - times[0] < 1.5
+    # Half-jitter: the delay after attempt 1 is within [0.3, 0.6] seconds (slack for a busy
+    # machine above; never below).
+    assert 0.3 <= times[1] - times[0] < 5
     assert query(
         dsn, "SELECT attempts, last_error LIKE 'RuntimeError: first%' FROM notifyq.jobs"
     ) == [(2, True)]
@@ -422,6 +423,21 @@ async def test_late_completion_of_a_rescued_attempt_is_fenced(dsn: str) -> None:
         release.set()
         await eventually(lambda: worker.completer.fenced == 1)
     assert query(dsn, "SELECT status, attempts FROM notifyq.jobs") == [("succeeded", 2)]
+
+
+async def test_cancelled_queued_job_never_runs(dsn: str) -> None:
+    app = notifyq.App()
+    ran: list[int] = []
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        ran.append(payload["n"])
+
+    sql_insert(dsn, """('t', '{"n": 1}'), ('t', '{"n": 2}')""")
+    query(dsn, "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = now() WHERE id = 1")
+    async with serving(app, dsn, poll_interval=3600):
+        await eventually(lambda: statuses(dsn) == {"cancelled": 1, "succeeded": 1})
+    assert ran == [2]
 
 
 async def test_sync_wrapper_around_a_coroutine_really_runs_it(dsn: str) -> None:
