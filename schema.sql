@@ -64,7 +64,13 @@ COMMENT ON CONSTRAINT jobs_priority_range ON notifyq.jobs IS
 COMMENT ON CONSTRAINT jobs_max_attempts_range ON notifyq.jobs IS
     'max_attempts: NULL (the task''s setting) or an integer from 1 to 1000';
 COMMENT ON CONSTRAINT jobs_payload_size ON notifyq.jobs IS
-    'payload: at most 1 MiB as stored jsonb';
+    'payload: at most 1 MiB as jsonb before compression';
+COMMENT ON CONSTRAINT jobs_attempts_nonnegative ON notifyq.jobs IS
+    'attempts: never negative';
+COMMENT ON CONSTRAINT jobs_status_valid ON notifyq.jobs IS
+    'status: one of queued, running, succeeded, dead, cancelled';
+COMMENT ON CONSTRAINT jobs_running_has_lease ON notifyq.jobs IS
+    'a running job has claimed_by and lease_expires_at (set by the dispatcher that claimed it)';
 
 -- Claimable rows, in claim order.  Partial, so finished rows cost nothing here.
 CREATE INDEX IF NOT EXISTS jobs_claim_idx

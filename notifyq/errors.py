@@ -60,7 +60,7 @@ _CONSTRAINTS = {
     "jobs_priority_range": "priority must be an integer from -1000 to 1000",
     "jobs_max_attempts_range": "max_attempts must be NULL or an integer from 1 to 1000",
     "jobs_attempts_nonnegative": "attempts cannot be negative",
-    "jobs_payload_size": "payload must be at most 1 MiB as stored jsonb",
+    "jobs_payload_size": "payload must be at most 1 MiB as jsonb (before compression)",
     "jobs_status_valid": "status must be one of queued, running, succeeded, dead, cancelled",
     "jobs_running_has_lease": "a running job needs claimed_by and lease_expires_at",
 }

@@ -47,6 +47,7 @@ class LeaseKeeper:
         clock = anyio.current_time
         next_rescue = clock() + self._rescue_interval * random.uniform(0.5, 1.0)
         next_beat = clock() + self._heartbeat
+        failures = 0
         while True:
             await anyio.sleep(max(0.0, min(next_rescue, next_beat) - clock()))
             try:
@@ -57,11 +58,14 @@ class LeaseKeeper:
                     await self.rescue()
                     # Jitter spreads many dispatchers' rescues apart.
                     next_rescue = clock() + self._rescue_interval * random.uniform(0.8, 1.2)
+                failures = 0
             except DatabaseUnavailable as exc:
-                log.warning("lease upkeep failed (%s); retrying in 1s", exc)
-                next_beat = min(next_beat, clock() + 1.0)
-                next_rescue = min(next_rescue, clock() + 1.0)
-                await anyio.sleep(1.0)
+                failures += 1
+                # Capped below the heartbeat, so a short outage costs no lease.
+                delay = min(self._heartbeat, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                log.warning("lease upkeep failed (%s); retrying in %.1fs", exc, delay)
+                next_beat = min(next_beat, clock() + delay)
+                next_rescue = min(next_rescue, clock() + delay)
 
     async def renew(self) -> None:
         ids = {job_id for job_id, _ in self._held()}

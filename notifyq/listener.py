@@ -26,12 +26,17 @@ CHANNEL = "notifyq_jobs"
 async def listen(
     dsn: str,
     queues: Collection[str],
-    wake: Callable[[], None],
     *,
+    on_notify: Callable[[], None],
+    on_connected: Callable[[], None],
     ping_interval: float = 30.0,
-    on_connected: Callable[[], None] = lambda: None,
 ) -> None:
-    """Run until cancelled, reconnecting with capped, jittered backoff."""
+    """Run until cancelled, reconnecting with capped, jittered backoff.
+
+    `on_connected` runs after every successful LISTEN (the caller should claim
+    at once: anything inserted while nobody listened notified no one);
+    `on_notify` runs once per batch of notifications naming a served queue.
+    """
     served = frozenset(queues)
     listener = Listener(dsn, CHANNEL)
     failures = 0
@@ -43,11 +48,10 @@ async def listen(
                     log.info("listener reconnected after %d failed attempts", failures)
                 failures = 0
                 on_connected()
-                wake()  # catch up on whatever was inserted while we were not listening
                 while True:
                     payloads = await listener.wait(ping_interval)
                     if any(p in served for p in payloads):
-                        wake()
+                        on_notify()
             except DatabaseUnavailable as exc:
                 failures += 1
                 delay = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .errors import ConfigurationError
+
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
@@ -20,7 +22,7 @@ class Backoff:
 
     def __post_init__(self) -> None:
         if self.base < 0 or self.factor < 1 or self.max_delay < 0:
-            raise ValueError("backoff needs base >= 0, factor >= 1 and max_delay >= 0")
+            raise ConfigurationError("backoff needs base >= 0, factor >= 1 and max_delay >= 0")
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after `attempt` (1-based) failed."""

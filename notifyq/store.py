@@ -86,11 +86,17 @@ def connect_sync(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any
     return conn
 
 
-async def connect(dsn: str, *, application_name: str = "notifyq") -> psycopg.AsyncConnection[Any]:
+async def connect(
+    dsn: str, *, application_name: str = "notifyq", prepare: bool = True
+) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection; `prepare=False` for poolers that cannot keep prepared
+    statements across transactions (PgBouncer in transaction mode)."""
     with translated():
         conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=True, application_name=application_name, **CONNECT_OPTIONS
         )
+    if not prepare:
+        conn.prepare_threshold = None
     codec.configure(conn)
     return conn
 
@@ -178,14 +184,17 @@ class Outcome:
 class Store:
     """One autocommit connection for one role, reopened on the next call after a failure."""
 
-    def __init__(self, dsn: str, role: str) -> None:
+    def __init__(self, dsn: str, role: str, *, prepare: bool = True) -> None:
         self._dsn = dsn
         self._role = role
+        self._prepare = prepare
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect(self._dsn, application_name=f"notifyq:{self._role}")
+            self._conn = await connect(
+                self._dsn, application_name=f"notifyq:{self._role}", prepare=self._prepare
+            )
             log.debug("connected role=%s", self._role)
         return self._conn
 

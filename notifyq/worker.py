@@ -80,7 +80,12 @@ class Worker:
         self.ready = anyio.Event()
         self._signalled = False
         self.listening = anyio.Event()
-        self._stores = [store.Store(dsn, role) for role in ("claim", "complete", "leases")]
+        self.notifications = 0  # wake-ups by a notification naming a served queue
+        # Poll-only mode is for poolers in transaction mode: no prepared statements there.
+        self._stores = [
+            store.Store(dsn, role, prepare=settings.listen)
+            for role in ("claim", "complete", "leases")
+        ]
         claim_store, complete_store, lease_store = self._stores
         self.pool = WorkerPool(app.registry, settings.concurrency, self._finished)
         self.dispatcher = Dispatcher(
@@ -201,8 +206,16 @@ class Worker:
 
     async def _listen(self) -> None:
         await listener.listen(
-            self.dsn, self.queues, self.dispatcher.wake, on_connected=self.listening.set
+            self.dsn, self.queues, on_notify=self._notified, on_connected=self._connected
         )
+
+    def _notified(self) -> None:
+        self.notifications += 1
+        self.dispatcher.wake()
+
+    def _connected(self) -> None:
+        self.listening.set()
+        self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .errors import PayloadError
+from .errors import ConfigurationError, PayloadError
 from .job import Job, JobContext
 from .registry import Registry, Task
 
@@ -52,7 +52,7 @@ class WorkerPool:
         on_finished: Callable[[Finished], None],
     ) -> None:
         if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+            raise ConfigurationError("concurrency must be at least 1")
         self._registry = registry
         self._concurrency = concurrency
         self._on_finished = on_finished
@@ -146,6 +146,9 @@ class WorkerPool:
                     RuntimeError("the handler raised CancelledError"),
                     traceback.format_exc(),
                 )
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt from a handler
+                # A handler cannot stop the dispatcher: it only fails its own attempt.
+                return Finished(job, task, exc, traceback.format_exc())
             finally:
                 del self._running[key]
         # Only reached when the scope was cancelled: shutdown interrupted the attempt.

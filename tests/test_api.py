@@ -61,7 +61,7 @@ def test_backoff_of_huge_attempt_numbers_is_capped_not_an_overflow() -> None:
 
 
 def test_backoff_rejects_nonsense() -> None:
-    with pytest.raises(ValueError, match="backoff needs"):
+    with pytest.raises(notifyq.ConfigurationError, match="backoff needs"):
         Backoff(factor=0.5)
 
 

@@ -63,10 +63,12 @@ async def test_job_inserted_by_sql_runs_on_notification_without_polling(dsn: str
         done.set()
 
     # A poll interval of an hour: only the notification can start this job.
-    async with serving(app, dsn, poll_interval=3600):
+    async with serving(app, dsn, poll_interval=3600) as worker:
         sql_insert(dsn, """('hello.greet', '{"name": "Ada"}')""")
         with anyio.fail_after(10):
             await done.wait()
+    assert worker.notifications >= 1
+    assert worker.dispatcher.polls_with_work == 0
     job_id = query(dsn, "SELECT id FROM notifyq.jobs")[0][0]
     assert seen == [({"name": "Ada"}, job_id, "default", 1)]
     row = query(
@@ -136,6 +138,23 @@ async def test_claims_in_batches_and_never_runs_more_than_concurrency(dsn: str) 
     assert worker.dispatcher.claimed == 300
     # Batches, not one claim per job (claims also happen on wake-ups and polls).
     assert worker.dispatcher.claims < 300 / 2
+
+
+async def test_claims_no_more_jobs_than_free_slots(dsn: str) -> None:
+    app = notifyq.App()
+    release = anyio.Event()
+
+    @app.task(name="hold")
+    async def hold(payload: Any) -> None:
+        await release.wait()
+
+    async with serving(app, dsn, concurrency=4, poll_interval=0.1):
+        query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 'hold' FROM generate_series(1, 10)")
+        await eventually(lambda: statuses(dsn) == {"running": 4, "queued": 6})
+        await anyio.sleep(0.5)  # several polls while full: still nothing more claimed
+        assert statuses(dsn) == {"running": 4, "queued": 6}
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 10})
 
 
 async def test_delayed_job_starts_on_time_by_the_precise_timer(dsn: str) -> None:
@@ -344,7 +363,7 @@ async def test_lease_is_renewed_while_a_job_runs(dsn: str) -> None:
             or 0
         )
 
-    async with serving(app, dsn, lease=1.5, poll_interval=3600):
+    async with serving(app, dsn, lease=3, poll_interval=3600):
         sql_insert(dsn, "('long', '{}')")
         await eventually(lambda: statuses(dsn) == {"running": 1})
         first = query(dsn, "SELECT lease_expires_at FROM notifyq.jobs")[0][0]
@@ -352,7 +371,7 @@ async def test_lease_is_renewed_while_a_job_runs(dsn: str) -> None:
         await eventually(
             lambda: query(
                 dsn,
-                "SELECT lease_expires_at > %s + interval '1.2 seconds' FROM notifyq.jobs",
+                "SELECT lease_expires_at > %s + interval '0.5 seconds' FROM notifyq.jobs",
                 first,
             )[0][0]
         )
@@ -414,15 +433,18 @@ async def test_late_completion_of_a_rescued_attempt_is_fenced(dsn: str) -> None:
     async with serving(app, dsn, poll_interval=3600) as worker:
         sql_insert(dsn, "('t', '{}')")
         await eventually(lambda: statuses(dsn) == {"running": 1})
-        # Another dispatcher rescued and re-ran it meanwhile (simulated in SQL).
+        # Meanwhile its lease expired and another dispatcher rescued it and is running
+        # attempt 2 (simulated in SQL): still 'running', so only claimant+attempt fence it.
         query(
             dsn,
-            "UPDATE notifyq.jobs SET status = 'succeeded', attempts = 2,"
-            " claimed_by = NULL, lease_expires_at = NULL, finished_at = now()",
+            "UPDATE notifyq.jobs SET attempts = 2, claimed_by = 'other:1:x',"
+            " lease_expires_at = now() + interval '1 hour'",
         )
         release.set()
         await eventually(lambda: worker.completer.fenced == 1)
-    assert query(dsn, "SELECT status, attempts FROM notifyq.jobs") == [("succeeded", 2)]
+    assert query(dsn, "SELECT status, attempts, claimed_by FROM notifyq.jobs") == [
+        ("running", 2, "other:1:x")
+    ]
 
 
 async def test_cancelled_queued_job_never_runs(dsn: str) -> None:
@@ -488,6 +510,24 @@ async def test_handler_leaking_a_cancellation_fails_the_attempt_not_the_pool(dsn
     assert error.startswith("RuntimeError: the handler raised CancelledError")
 
 
+async def test_handler_raising_system_exit_fails_only_its_attempt(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="quits", max_attempts=1)
+    def quits(payload: Any) -> None:
+        raise SystemExit(3)
+
+    @app.task(name="fine")
+    async def fine(payload: Any) -> None:
+        pass
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('quits', '{}'), ('fine', '{}')")
+        await eventually(lambda: statuses(dsn) == {"dead": 1, "succeeded": 1})
+    error = query(dsn, "SELECT last_error FROM notifyq.jobs WHERE task = 'quits'")[0][0]
+    assert error.startswith("SystemExit: 3")
+
+
 async def test_error_text_postgres_cannot_store_is_escaped(dsn: str) -> None:
     app = notifyq.App()
 
@@ -542,7 +582,15 @@ async def test_jobs_claimed_under_our_name_but_never_received_are_returned(dsn: 
     async def t(payload: Any) -> None:
         pass
 
+    release = anyio.Event()
+
+    @app.task(name="held")
+    async def held(payload: Any) -> None:
+        await release.wait()
+
     async with serving(app, dsn, poll_interval=3600) as worker:
+        sql_insert(dsn, "('held', '{}')")  # genuinely ours and running: must be spared
+        await eventually(lambda: statuses(dsn) == {"running": 1})
         # What a claim whose reply was lost leaves behind: running under our claimant.
         query(
             dsn,
@@ -552,5 +600,10 @@ async def test_jobs_claimed_under_our_name_but_never_received_are_returned(dsn: 
         )
         worker.dispatcher._orphans_possible = True  # as after a failed claim
         worker.dispatcher.wake()
-        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
-    assert query(dsn, "SELECT attempts FROM notifyq.jobs") == [(1,)]  # not charged twice
+        await eventually(lambda: statuses(dsn) == {"running": 1, "succeeded": 1})
+        assert query(dsn, "SELECT task, attempts FROM notifyq.jobs WHERE status = 'running'") == [
+            ("held", 1)
+        ]
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 2})
+    assert query(dsn, "SELECT attempts FROM notifyq.jobs ORDER BY id") == [(1,), (1,)]

@@ -70,7 +70,7 @@ def test_many_dispatchers_run_every_job_exactly_once(ledger_dsn: str) -> None:
 
 def test_kill_9_mid_job_is_rescued_by_a_live_dispatcher(ledger_dsn: str, tmp_path: Path) -> None:
     dsn = ledger_dsn
-    lease = 2.0
+    lease = 4.0  # short for the test, long enough that a loaded machine keeps its heartbeats
     with serve_process(dsn, "--lease", str(lease), log=tmp_path / "a.log") as victim:
         wait_until(lambda: len(listen_pids(dsn)) == 1, message="the first dispatcher")
         query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ledger.hold')")
@@ -170,6 +170,8 @@ def test_graceful_shutdown_hands_back_unfinished_jobs_without_charging(
         query(dsn, "INSERT INTO release VALUES (%s)", first)  # one finishes within grace
         wait_until(lambda: statuses(dsn).get("succeeded") == 1, message="the released job")
         proc.send_signal(signal.SIGTERM)
+        log = tmp_path / "serve.log"
+        wait_until(lambda: "claiming no more" in log.read_text(), message="the shutdown")
         query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ledger.record')")
         assert proc.wait(timeout=30) == 0
     rows = query(dsn, "SELECT task, status, attempts, claimed_by FROM notifyq.jobs ORDER BY id")
@@ -180,12 +182,12 @@ def test_graceful_shutdown_hands_back_unfinished_jobs_without_charging(
             ("ledger.record", "queued", 0, None),  # inserted after SIGTERM: never claimed
         ]
     )
-    assert "handed back 1 unfinished jobs" in (tmp_path / "serve.log").read_text()
+    assert "handed back 1 unfinished jobs" in log.read_text()
 
 
 def test_second_signal_exits_at_once_and_leases_protect_the_job(ledger_dsn: str) -> None:
     dsn = ledger_dsn
-    with serve_process(dsn, "--shutdown-timeout", "60", "--lease", "2") as proc:
+    with serve_process(dsn, "--shutdown-timeout", "60", "--lease", "4") as proc:
         wait_until(lambda: len(listen_pids(dsn)) == 1, message="the dispatcher")
         query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ledger.hold')")
         wait_until(lambda: ledger(dsn, "started"), message="the job to start")
@@ -194,7 +196,7 @@ def test_second_signal_exits_at_once_and_leases_protect_the_job(ledger_dsn: str)
         assert proc.wait(timeout=10) == 128 + signal.SIGINT
     # Still running in the table, under a lease that will expire and be rescued.
     assert query(dsn, "SELECT status, attempts FROM notifyq.jobs") == [("running", 1)]
-    with serve_process(dsn, "--lease", "2", "--poll-interval", "0.5"):
+    with serve_process(dsn, "--lease", "4", "--poll-interval", "0.5"):
         wait_until(lambda: len(ledger(dsn, "started")) == 2, timeout=30, message="rescue")
         query(dsn, "INSERT INTO release SELECT job_id FROM ledger")
         wait_until(lambda: statuses(dsn) == {"succeeded": 1}, message="success")
