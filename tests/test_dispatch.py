@@ -607,3 +607,59 @@ async def test_jobs_claimed_under_our_name_but_never_received_are_returned(dsn: 
         release.set()
         await eventually(lambda: statuses(dsn) == {"succeeded": 2})
     assert query(dsn, "SELECT attempts FROM notifyq.jobs ORDER BY id") == [(1,), (1,)]
+
+
+async def test_outcome_survives_a_broken_completion_connection(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = notifyq.App()
+    release = anyio.Event()
+    runs = 0
+
+    @app.task(name="quick")
+    async def quick(payload: Any) -> None:
+        pass
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+
+    async with serving(app, dsn, poll_interval=3600):
+        sql_insert(dsn, "('quick', '{}')")  # opens the completion connection
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+        sql_insert(dsn, "('t', '{}'), ('t', '{}')")
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1, "running": 2})
+        # Cut it: the next write meets a dead socket and must be kept and retried.
+        query(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'notifyq:complete' AND datname = current_database()",
+        )
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 3})
+    assert "completion write failed" in caplog.text
+    # Written after reconnecting: not lost, not re-run through a lease.
+    assert runs == 2
+    assert query(dsn, "SELECT attempts FROM notifyq.jobs") == [(1,), (1,), (1,)]
+
+
+async def test_sync_handler_sees_stopping_and_can_finish_within_grace(dsn: str) -> None:
+    app = notifyq.App()
+    started = threading.Event()
+
+    @app.task(name="polite")
+    def polite(payload: Any, ctx: JobContext) -> None:
+        started.set()
+        assert ctx.stopping.wait(30), "stopping was never set"
+
+    worker = app.worker(Settings(poll_interval=3600, shutdown_timeout=30), dsn=dsn)
+    sql_insert(dsn, "('polite', '{}')")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await anyio.to_thread.run_sync(started.wait, 20)
+        began = time.monotonic()
+        worker.stop()
+    assert time.monotonic() - began < 10  # finished early, not after the 30 s grace
+    assert statuses(dsn) == {"succeeded": 1}
