@@ -224,3 +224,32 @@ def test_python_enqueue_example_runs_as_written(dsn: str) -> None:
         ("hello.greet", 0),
         ("hello.shout", 5),
     ]
+
+
+def test_serve_queues_and_poll_only_mode(dsn: str, tmp_path: Path) -> None:
+    query(
+        dsn,
+        "CREATE TABLE ledger (job_id bigint, attempt int, pid int, event text,"
+        " at timestamptz DEFAULT clock_timestamp())",
+    )
+    with serve_process(
+        dsn,
+        "--queues",
+        "other, more",
+        "--no-listen",
+        "--poll-interval",
+        "0.2",
+        log=tmp_path / "serve.log",
+    ):
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task, queue) VALUES ('ledger.record', 'other'),"
+            " ('ledger.record', 'default'), ('ledger.record', 'more')",
+        )
+        wait_until(
+            lambda: statuses(dsn) == {"succeeded": 2, "queued": 1},
+            message="the served queues' jobs",
+        )
+        assert listeners(dsn) == 0  # poll-only: no LISTEN connection at all
+    assert query(dsn, "SELECT queue FROM notifyq.jobs WHERE status = 'queued'") == [("default",)]
+    assert "serving queues=other,more" in (tmp_path / "serve.log").read_text()
