@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.apps.ledger import LEDGER_DDL
 from tests.conftest import REPO, query, serve_process, statuses, wait_until
 
 
@@ -227,11 +228,7 @@ def test_python_enqueue_example_runs_as_written(dsn: str) -> None:
 
 
 def test_serve_queues_and_poll_only_mode(dsn: str, tmp_path: Path) -> None:
-    query(
-        dsn,
-        "CREATE TABLE ledger (job_id bigint, attempt int, pid int, event text,"
-        " at timestamptz DEFAULT clock_timestamp())",
-    )
+    query(dsn, LEDGER_DDL)
     with serve_process(
         dsn,
         "--queues",
