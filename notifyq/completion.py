@@ -131,13 +131,7 @@ class Completer:
             try:
                 await self._flush()
                 failures = 0
-            except NotifyqError as exc:
-                if not isinstance(exc, DatabaseUnavailable):
-                    # Not an outage: retrying would fail forever. Drop the batch from what
-                    # we hold so its leases lapse and the rescuer runs those jobs again.
-                    log.exception("completion write rejected (%s); leaving the jobs to rescue", exc)
-                    self._drop_pending()
-                    continue
+            except DatabaseUnavailable as exc:
                 if self._closing and anyio.current_time() >= self._give_up_at:
                     log.error(
                         "shutting down with %d outcomes unwritten (%s); their jobs run again "
@@ -151,27 +145,48 @@ class Completer:
                 log.warning("completion write failed (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay)
 
-    def _drop_pending(self) -> None:
-        pairs = {(o.job_id, o.attempt) for o in self._outcomes[:MAX_BATCH]}
-        del self._outcomes[:MAX_BATCH]
-        if not pairs:
-            pairs = set(self._handed[:MAX_BATCH])
-            del self._handed[:MAX_BATCH]
-        self._on_written(pairs)
-
     async def _flush(self) -> None:
+        """Write one batch of outcomes, then one of hand-backs.
+
+        DatabaseUnavailable leaves the batch in place for `run` to retry; any other
+        error would fail forever, so that batch is given up to the rescuer instead.
+        """
         if self._outcomes:
             batch = self._outcomes[:MAX_BATCH]
-            applied = await self._store.complete(batch, self._claimant)
-            del self._outcomes[: len(batch)]
-            self._account({(o.job_id, o.attempt) for o in batch}, applied, "completion")
+            pairs = {(o.job_id, o.attempt) for o in batch}
+            try:
+                applied = await self._store.complete(batch, self._claimant)
+            except DatabaseUnavailable:
+                raise
+            except NotifyqError as exc:
+                del self._outcomes[: len(batch)]
+                self._give_up(pairs, exc)
+            else:
+                del self._outcomes[: len(batch)]
+                self._account(pairs, applied, "completion")
         if self._handed:
-            pairs = self._handed[:MAX_BATCH]
-            applied = await self._store.hand_back(pairs, self._claimant)
-            del self._handed[: len(pairs)]
-            self._account(set(pairs), applied, "hand-back")
-            if applied:
-                log.info("handed back %d unfinished jobs to the queue", len(applied))
+            handed = self._handed[:MAX_BATCH]
+            try:
+                applied = await self._store.hand_back(handed, self._claimant)
+            except DatabaseUnavailable:
+                raise
+            except NotifyqError as exc:
+                del self._handed[: len(handed)]
+                self._give_up(set(handed), exc)
+            else:
+                del self._handed[: len(handed)]
+                self._account(set(handed), applied, "hand-back")
+                if applied:
+                    log.info("handed back %d unfinished jobs to the queue", len(applied))
+
+    def _give_up(self, pairs: set[tuple[int, int]], exc: NotifyqError) -> None:
+        # Released from what we hold, their leases lapse and the rescuer runs them again.
+        log.error(
+            "could not write outcomes of jobs %s (%s); leaving them to the rescuer",
+            sorted(job_id for job_id, _ in pairs),
+            exc,
+        )
+        self._on_written(pairs)
 
     def _account(self, pairs: set[tuple[int, int]], applied: set[int], what: str) -> None:
         lost = sorted(job_id for job_id, _ in pairs if job_id not in applied)

@@ -663,3 +663,38 @@ async def test_sync_handler_sees_stopping_and_can_finish_within_grace(dsn: str) 
         worker.stop()
     assert time.monotonic() - began < 10  # finished early, not after the 30 s grace
     assert statuses(dsn) == {"succeeded": 1}
+
+
+async def test_outcome_the_database_rejects_is_left_to_the_rescuer(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = notifyq.App()
+
+    @app.task(name="t", max_attempts=1)
+    async def t(payload: Any) -> None:
+        pass
+
+    # A rule of the user's that refuses this one success: not an outage, so no retrying.
+    query(
+        dsn,
+        """
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.status = 'succeeded' AND NEW.payload ? 'poison' THEN
+                RAISE EXCEPTION 'refused by a site rule';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse BEFORE UPDATE ON notifyq.jobs
+            FOR EACH ROW EXECUTE FUNCTION refuse();
+        """,
+    )
+    async with serving(app, dsn, lease=2, poll_interval=0.5) as worker:
+        sql_insert(dsn, """('t', '{"poison": true}')""")
+        # Given up, its lease lapses, and the rescuer ends it (no attempts left).
+        await eventually(lambda: statuses(dsn) == {"dead": 1})
+        assert worker.held == set()
+        sql_insert(dsn, "('t', '{}')")  # the dispatcher is alive and well
+        await eventually(lambda: statuses(dsn) == {"dead": 1, "succeeded": 1})
+    assert "could not write outcomes of jobs [1]" in caplog.text
+    assert "refused by a site rule" in caplog.text
