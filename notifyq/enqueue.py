@@ -12,7 +12,7 @@ from typing import Any
 
 from . import codec, store
 from .errors import InvalidJob
-from .registry import Handler, Registry, check_queue_name, check_task_name
+from .registry import DEFAULT_QUEUE, Handler, Registry, check_queue_name, check_task_name
 
 MAX_DELAY = 10 * 365 * 24 * 3600.0
 
@@ -54,8 +54,9 @@ def build(
     return store.NewJob(
         task=name,
         payload_json=payload_json,
-        queue=queue,
-        priority=priority,
+        # Explicit values, as the INSERT names every column (the schema's defaults agree).
+        queue=queue if queue is not None else DEFAULT_QUEUE,
+        priority=priority if priority is not None else 0,
         delay=delay or 0.0,
         run_at=run_at,
         max_attempts=max_attempts

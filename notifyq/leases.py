@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 
 import anyio
 
@@ -31,7 +31,7 @@ class LeaseKeeper:
         lease: float,
         heartbeat: float,
         rescue_interval: float,
-        held: Callable[[], Collection[tuple[int, int]]],
+        held_ids: Callable[[], set[int]],
         on_rescued: Callable[[], None],
     ) -> None:
         self._store = store
@@ -39,7 +39,7 @@ class LeaseKeeper:
         self._lease = lease
         self._heartbeat = heartbeat
         self._rescue_interval = rescue_interval
-        self._held = held
+        self._held_ids = held_ids
         self._on_rescued = on_rescued
         self.rescued = 0
 
@@ -68,12 +68,12 @@ class LeaseKeeper:
                 next_rescue = min(next_rescue, clock() + delay)
 
     async def renew(self) -> None:
-        ids = {job_id for job_id, _ in self._held()}
+        ids = self._held_ids()
         if not ids:
             return
         renewed = await self._store.renew_leases(list(ids), self._claimant, self._lease)
         # An outcome written meanwhile also drops out of `renewed`: only what we still hold is lost.
-        lost = (ids - renewed) & {job_id for job_id, _ in self._held()}
+        lost = (ids - renewed) & self._held_ids()
         if lost:
             log.warning(
                 "lost the lease of jobs %s (rescued or cancelled elsewhere); their outcome "

@@ -108,8 +108,8 @@ async def connect(
 class NewJob:
     task: str
     payload_json: str
-    queue: str | None
-    priority: int | None
+    queue: str
+    priority: int
     delay: float
     run_at: Any
     max_attempts: int | None
@@ -118,9 +118,8 @@ class NewJob:
         return {
             "task": self.task,
             "payload": self.payload_json,
-            # NULL would break NOT NULL; the defaults live in the schema, so repeat them here.
-            "queue": self.queue if self.queue is not None else "default",
-            "priority": self.priority if self.priority is not None else 0,
+            "queue": self.queue,
+            "priority": self.priority,
             "delay": self.delay,
             "run_at": self.run_at,
             "max_attempts": self.max_attempts,

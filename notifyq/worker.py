@@ -99,7 +99,7 @@ class Worker:
             task_max_attempts={t.name: t.max_attempts for t in app.registry},
             default_max_attempts=DEFAULT_MAX_ATTEMPTS,
             submit=self._submit,
-            held_ids=lambda: {job_id for job_id, _ in self.held},
+            held_ids=self._held_ids,
         )
         self.completer = Completer(complete_store, self.claimant, self._written)
         self.leases = LeaseKeeper(
@@ -108,13 +108,16 @@ class Worker:
             lease=settings.lease,
             heartbeat=settings.lease / 3,
             rescue_interval=min(settings.poll_interval, settings.lease / 2),
-            held=lambda: self.held,
+            held_ids=self._held_ids,
             on_rescued=self.dispatcher.wake,
         )
 
     def stop(self) -> None:
         """Begin a graceful shutdown: claim nothing more, let running jobs finish."""
         self.dispatcher.stop()
+
+    def _held_ids(self) -> set[int]:
+        return {job_id for job_id, _ in self.held}
 
     def _submit(self, job: Job) -> None:
         self.held.add((job.id, job.attempt))
