@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 
 import anyio
 
+from . import failpoints
 from .errors import DatabaseUnavailable
 from .store import Listener
 
@@ -47,6 +48,8 @@ async def listen(
                 if failures:
                     log.info("listener reconnected after %d failed attempts", failures)
                 failures = 0
+                if failpoints.ACTIVE:
+                    failpoints.hit("listen-before-poll")
                 on_connected()
                 while True:
                     payloads = await listener.wait(ping_interval)

@@ -20,7 +20,7 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg import sql
 
-from . import codec
+from . import codec, failpoints
 from .errors import ConfigurationError, DatabaseUnavailable, translate
 from .job import Job
 
@@ -197,15 +197,32 @@ class Store:
             log.debug("connected role=%s", self._role)
         return self._conn
 
-    async def _run(self, name: str, params: dict[str, Any]) -> list[Any]:
+    async def _run(
+        self, name: str, params: dict[str, Any], *, failpoint: str | None = None
+    ) -> list[Any]:
         conn = await self._connection()
         try:
             with translated():
+                if failpoint is not None and failpoints.ACTIVE:
+                    return await self._run_failing(conn, name, params, failpoint)
                 cur = await conn.execute(QUERIES[name], params)
                 return await cur.fetchall() if cur.description else []
         except DatabaseUnavailable:
             await self._drop()
             raise
+
+    @staticmethod
+    async def _run_failing(
+        conn: psycopg.AsyncConnection[Any], name: str, params: dict[str, Any], failpoint: str
+    ) -> list[Any]:
+        """Only under NOTIFYQ_FAILPOINT: the statement in an explicit transaction, so the
+        failpoint can strike between the statement and its COMMIT."""
+        async with conn.transaction():
+            cur = await conn.execute(QUERIES[name], params)
+            rows = await cur.fetchall()
+            if any(row[0] is not None for row in rows):
+                failpoints.hit(failpoint)
+        return rows
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -229,7 +246,8 @@ class Store:
         """Claim up to `limit` jobs; also returns seconds until the next scheduled job."""
         rows = await self._run(
             "claim",
-            {
+            failpoint="claim-before-commit",
+            params={
                 "queues": list(queues),
                 "limit": limit,
                 "claimant": claimant,
@@ -241,13 +259,16 @@ class Store:
         )
         jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows if r[0] is not None]
         next_in = next((r[6] for r in rows if r[0] is None), None)
+        if failpoints.ACTIVE and jobs:
+            failpoints.hit("claim-after-commit")
         return jobs, next_in
 
     async def complete(self, outcomes: Sequence[Outcome], claimant: str) -> set[int]:
         """Write outcomes; returns the ids that applied (the rest lost their claim)."""
         rows = await self._run(
             "complete",
-            {
+            failpoint="completion-commit",
+            params={
                 "ids": [o.job_id for o in outcomes],
                 "attempts": [o.attempt for o in outcomes],
                 "statuses": [o.status for o in outcomes],

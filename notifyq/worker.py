@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import listener, store
+from . import failpoints, listener, store
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import ConfigurationError
@@ -68,6 +68,7 @@ class Worker:
     """One dispatcher process's machinery; `run()` until `stop()` or a signal."""
 
     def __init__(self, app: App, settings: Settings, dsn: str) -> None:
+        failpoints.check()
         if not len(app.registry):
             log.warning("the app registers no tasks: every job claimed will be dead")
         self.app = app

@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from . import failpoints
 from .errors import ConfigurationError, PayloadError
 from .job import Job, JobContext
 from .registry import Registry, Task
@@ -114,6 +115,8 @@ class WorkerPool:
                     self._pending -= 1
                     if self._pending == 0:
                         self._idle.set()
+                if failpoints.ACTIVE and not finished.interrupted:
+                    failpoints.hit("handler-after")
                 self._on_finished(finished)
 
     async def _attempt(self, job: Job) -> Finished:

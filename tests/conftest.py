@@ -171,10 +171,14 @@ def statuses(dsn: str) -> dict[str, int]:
 
 @contextmanager
 def serve_process(
-    dsn: str, *args: str, app: str = "tests.apps.ledger:app", log: Path | None = None
+    dsn: str,
+    *args: str,
+    app: str = "tests.apps.ledger:app",
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`notifyq serve` as a real subprocess; killed at the end if still alive."""
-    env = {**os.environ, "NOTIFYQ_DSN": dsn, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "NOTIFYQ_DSN": dsn, "PYTHONPATH": str(REPO), **(env or {})}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
