@@ -1,0 +1,98 @@
+"""Scenario 1: kill -9 a dispatcher with many jobs in flight; a restarted one rescues them.
+
+Recovery is measured from the kill until every job the victim held has started
+again under the new dispatcher; the bound is the rescue bound R (lease +
+rescue interval + poll) plus the new process's start-up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import query, wait_until
+from tests.faults import harness
+from tests.faults.harness import Dispatcher
+
+LEASE, POLL = 3.0, 0.5
+ARGS = ("--lease", str(LEASE), "--poll-interval", str(POLL))
+STARTUP = 5.0  # a new `notifyq serve` on a loaded 2-core machine: import, connect, LISTEN
+
+
+def held_by(dsn: str, pid: int) -> set[int]:
+    rows = query(
+        dsn,
+        "SELECT id FROM notifyq.jobs WHERE status = 'running'"
+        " AND split_part(claimed_by, ':', 2) = %s",
+        str(pid),
+    )
+    return {r[0] for r in rows}
+
+
+def restarted(dsn: str, jobs: set[int], victim: int) -> bool:
+    rows = query(
+        dsn,
+        "SELECT count(DISTINCT job_id) FROM executions"
+        " WHERE job_id = ANY(%s::bigint[]) AND pid <> %s",
+        list(jobs),
+        victim,
+    )
+    return rows[0][0] == len(jobs)
+
+
+def kill_and_recover(dsn: str, logs: Path, *, concurrency: int, rounds: int, name: str) -> None:
+    baseline = harness.deadlocks(dsn)
+    args = ("-c", str(concurrency), *ARGS)
+    worst = 0.0
+    procs: list[Dispatcher] = []
+    try:
+        victim = Dispatcher(dsn, *args, log=logs / "d0.log")
+        procs.append(victim)
+        for i in range(rounds):
+            wait_until(
+                lambda v=victim: len(held_by(dsn, v.pid)) >= min(concurrency, 20),  # type: ignore[misc]
+                timeout=30,
+                message="jobs in flight on the victim",
+            )
+            if rounds > 1:
+                time.sleep(random.uniform(0, 1.5))  # a random moment of its work (not a wait)
+            affected = held_by(dsn, victim.pid)
+            killed_at = harness.kill9(dsn, victim)
+            affected |= held_by(dsn, victim.pid)
+            survivor = Dispatcher(dsn, *args, log=logs / f"d{i + 1}.log")
+            procs.append(survivor)
+            wait_until(
+                lambda a=affected, v=victim.pid: restarted(dsn, a, v),  # type: ignore[misc]
+                timeout=60,
+                message="every job of the killed dispatcher to run again",
+            )
+            seconds = time.monotonic() - killed_at
+            worst = max(worst, seconds)
+            victim = survivor
+        bound = harness.rescue_bound(LEASE, POLL) + STARTUP
+        harness.record_recovery(name, worst, bound, in_flight=len(affected), kills=rounds)
+        harness.wait_terminal(dsn, timeout=120)
+        harness.check_invariants(
+            dsn,
+            deadlocks_before=baseline,
+            listeners=1,
+            logs=[p.log for p in procs],
+        )
+        assert worst <= bound
+    finally:
+        for p in procs:
+            p.__exit__()
+
+
+def test_kill_9_with_many_jobs_in_flight(fault_dsn: str, tmp_path: Path) -> None:
+    harness.seed(fault_dsn, 100, task="faults.sleep", payload='{"ms": 1500}')
+    kill_and_recover(fault_dsn, tmp_path, concurrency=50, rounds=1, name="kill -9 (100 jobs)")
+
+
+@pytest.mark.faults
+def test_kill_9_repeatedly_at_random_moments(fault_dsn: str, tmp_path: Path) -> None:
+    harness.seed(fault_dsn, 600, task="faults.sleep", payload='{"ms": 1000}', max_attempts=20)
+    kill_and_recover(fault_dsn, tmp_path, concurrency=50, rounds=5, name="kill -9 x5 (600 jobs)")
