@@ -6,12 +6,23 @@ lease every `heartbeat` seconds in one statement for all of them.  Every
 `rescue_interval` seconds it also re-queues any job whose lease expired,
 whoever claimed it: that dispatcher was killed or lost the database.  All
 times are the database's clock (`now()` in SQL), never this host's.
+
+The keeper runs in a thread of its own, with its own event loop and
+connection: an `async def` handler that blocks the dispatcher's loop (a
+`time.sleep`, a CPU-bound loop) must not cost every other job its lease.
+It watches the main loop's heartbeat instead: past `stall_warning` it says
+which problem it is; past `max_stall` it stops renewing, so the jobs of a
+wedged process are rescued by others rather than held forever.  Rescued
+jobs wake the dispatchers through their status notification (and the
+fallback poll), so the keeper never has to call into the main loop.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
 from collections.abc import Callable
 
 import anyio
@@ -32,16 +43,49 @@ class LeaseKeeper:
         heartbeat: float,
         rescue_interval: float,
         held_ids: Callable[[], set[int]],
-        on_rescued: Callable[[], None],
+        loop_beat: Callable[[], float],
+        max_stall: float,
     ) -> None:
         self._store = store
         self._claimant = claimant
         self._lease = lease
         self._heartbeat = heartbeat
         self._rescue_interval = rescue_interval
-        self._held_ids = held_ids
-        self._on_rescued = on_rescued
+        self._held_ids = held_ids  # called from the keeper's thread: must be thread-safe
+        self._loop_beat = loop_beat  # time.monotonic() of the main loop's last tick
+        self._max_stall = max_stall
+        self._stall_warned = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.rescued = 0
+        self.failure: BaseException | None = None  # why the thread died, for the main loop
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="notifyq-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing and rescuing; blocks until the thread has closed its connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _main(self) -> None:
+        try:
+            anyio.run(self._run_until_stopped)
+        except BaseException as exc:  # reported to the main loop, which stops serving
+            log.exception("the lease keeper failed")
+            self.failure = exc
+
+    async def _run_until_stopped(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.run)
+                await anyio.to_thread.run_sync(self._stop.wait)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._store.close()
 
     async def run(self) -> None:
         clock = anyio.current_time
@@ -67,9 +111,32 @@ class LeaseKeeper:
                 next_beat = min(next_beat, clock() + delay)
                 next_rescue = min(next_rescue, clock() + delay)
 
+    def _loop_alive(self) -> bool:
+        stalled = time.monotonic() - self._loop_beat()
+        if stalled > self._heartbeat:
+            if not self._stall_warned:
+                self._stall_warned = True
+                log.warning(
+                    "the event loop has not run for %.1fs: an async handler is blocking it "
+                    "(make it a plain def, or use anyio.to_thread); leases are still renewed "
+                    "for up to %.0fs of this",
+                    stalled,
+                    self._max_stall,
+                )
+        else:
+            self._stall_warned = False
+        if stalled > self._max_stall:
+            log.error(
+                "the event loop has been blocked for %.0fs: no longer renewing leases, so "
+                "other dispatchers rescue this one's jobs",
+                stalled,
+            )
+            return False
+        return True
+
     async def renew(self) -> None:
         ids = self._held_ids()
-        if not ids:
+        if not ids or not self._loop_alive():
             return
         renewed = await self._store.renew_leases(list(ids), self._claimant, self._lease)
         # An outcome written meanwhile also drops out of `renewed`: only what we still hold is lost.
@@ -87,4 +154,3 @@ class LeaseKeeper:
             self.rescued += len(rescued)
             for job_id, status in rescued:
                 log.info("rescued job=%s (lease expired) -> %s", job_id, status)
-            self._on_rescued()

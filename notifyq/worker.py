@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import socket
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -77,17 +79,19 @@ class Worker:
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queues = list(settings.queues or app.registry.queues())
         # (job id, attempt) claimed and whose outcome is not yet written: leases to keep.
+        # The lease keeper's thread reads it too, hence the lock.
         self.held: set[tuple[int, int]] = set()
+        self._held_lock = threading.Lock()
+        self._loop_beat = time.monotonic()
         self.ready = anyio.Event()
         self._signalled = False
         self.listening = anyio.Event()
         self.notifications = 0  # wake-ups by a notification naming a served queue
         # Poll-only mode is for poolers in transaction mode: no prepared statements there.
         self._stores = [
-            store.Store(dsn, role, prepare=settings.listen)
-            for role in ("claim", "complete", "leases")
+            store.Store(dsn, role, prepare=settings.listen) for role in ("claim", "complete")
         ]
-        claim_store, complete_store, lease_store = self._stores
+        claim_store, complete_store = self._stores
         self.pool = WorkerPool(app.registry, settings.concurrency, self._finished)
         self.dispatcher = Dispatcher(
             claim_store,
@@ -104,13 +108,15 @@ class Worker:
         )
         self.completer = Completer(complete_store, self.claimant, self._written)
         self.leases = LeaseKeeper(
-            lease_store,
+            # Used, and closed, only on the keeper's own thread and loop.
+            store.Store(dsn, "leases", prepare=settings.listen),
             self.claimant,
             lease=settings.lease,
             heartbeat=settings.lease / 3,
             rescue_interval=min(settings.poll_interval, settings.lease / 2),
             held_ids=self._held_ids,
-            on_rescued=self.dispatcher.wake,
+            loop_beat=lambda: self._loop_beat,
+            max_stall=settings.lease * 10,
         )
 
     def stop(self) -> None:
@@ -118,10 +124,12 @@ class Worker:
         self.dispatcher.stop()
 
     def _held_ids(self) -> set[int]:
-        return {job_id for job_id, _ in self.held}
+        with self._held_lock:
+            return {job_id for job_id, _ in self.held}
 
     def _submit(self, job: Job) -> None:
-        self.held.add((job.id, job.attempt))
+        with self._held_lock:
+            self.held.add((job.id, job.attempt))
         self.pool.submit(job)
 
     def _finished(self, finished: Finished) -> None:
@@ -129,7 +137,8 @@ class Worker:
         self.completer.submit(finished)
 
     def _written(self, pairs: set[tuple[int, int]]) -> None:
-        self.held -= pairs
+        with self._held_lock:
+            self.held -= pairs
 
     async def run(self, *, handle_signals: bool = False) -> None:
         s = self.settings
@@ -142,13 +151,14 @@ class Worker:
             s.lease,
             s.listen,
         )
+        self.leases.start()
         try:
             async with anyio.create_task_group() as background:
                 if handle_signals:
                     background.start_soon(self._signals)
                 if s.listen:
                     background.start_soon(self._listen)
-                background.start_soon(self.leases.run)
+                background.start_soon(self._beat)
                 background.start_soon(self._summaries)
                 async with anyio.create_task_group() as work:
                     await work.start(self.pool.run)
@@ -159,6 +169,7 @@ class Worker:
                 background.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.leases.stop)
                 for st in self._stores:
                     await st.close()
         log.info("stopped; since start: %s", self._totals_text(self._totals()))
@@ -191,6 +202,15 @@ class Worker:
                     "last %ds: %s running=%d", every, self._totals_text(delta), self.pool.running
                 )
             last = now
+
+    async def _beat(self) -> None:
+        """Show the lease keeper that this loop runs; surface the keeper's failure."""
+        interval = min(1.0, self.settings.lease / 12)
+        while True:
+            self._loop_beat = time.monotonic()
+            if self.leases.failure is not None:
+                raise self.leases.failure
+            await anyio.sleep(interval)
 
     async def _drain(self) -> None:
         running = self.pool.running
