@@ -26,8 +26,9 @@ tests/faults/test_handlers.py:
                                      a thread inserting jobs by plain SQL until stop(),
                                      through outages, acking or marking ambiguous;
                                      use as a context manager; .acked, .ambiguous
-    Dispatcher(dsn, *args, log=path, app=APP)
-                                     `notifyq serve` as a process (debug log to `log`);
+    Dispatcher(dsn, *args, log=path, app=APP, env=None)
+                                     `notifyq serve` as a process (debug log to `log`;
+                                     `env` adds variables, e.g. NOTIFYQ_FAILPOINT);
                                      .pid .kill() .term() .wait(timeout) .log_text()
                                      .rss_kib(); a context manager that kills it at exit
     RssSampler(pid)                  a thread sampling VmRSS; .peak_kib
@@ -269,9 +270,11 @@ class Producer:
 class Dispatcher:
     """`notifyq serve --app tests.faults.app:app` as a real process, logging at debug level."""
 
-    def __init__(self, dsn: str, *args: str, log: Path, app: str = APP) -> None:
+    def __init__(
+        self, dsn: str, *args: str, log: Path, app: str = APP, env: dict[str, str] | None = None
+    ) -> None:
         self.dsn, self.args, self.log, self.app = dsn, args, log, app
-        env = {**os.environ, "NOTIFYQ_DSN": dsn, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "NOTIFYQ_DSN": dsn, "PYTHONPATH": str(REPO), **(env or {})}
         self._out = open(log, "ab")  # noqa: SIM115 - closed in wait() / __exit__
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "notifyq", "serve", "--app", app, "--log-level", "debug", *args],

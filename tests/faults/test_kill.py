@@ -82,6 +82,25 @@ def kill_and_recover(dsn: str, logs: Path, *, concurrency: int, rounds: int, nam
             logs=[p.log for p in procs],
         )
         assert worst <= bound
+        if rounds == 1:
+            # Each job the victim was running: attempt 1 there, attempt 2 on the survivor, and
+            # the lost attempt counted and explained.  (From tests/test_faults.py's kill test.)
+            first = query(
+                dsn,
+                "SELECT DISTINCT job_id FROM executions WHERE attempt = 1 AND pid = %s"
+                " AND outcome = 'running'",
+                procs[0].pid,
+            )
+            assert first
+            for (job_id,) in first:
+                runs = harness.executions(dsn, f"job_id = {int(job_id)}")
+                assert [(a, p) for _, a, p, _ in runs] == [(1, procs[0].pid), (2, procs[1].pid)]
+                assert query(
+                    dsn,
+                    "SELECT attempts, last_error LIKE 'attempt 1 lost: the lease%%'"
+                    " FROM notifyq.jobs WHERE id = %s",
+                    job_id,
+                ) == [(2, True)]
     finally:
         for p in procs:
             p.__exit__()
