@@ -6,6 +6,12 @@ freed slot (only when the last claim came back full, i.e. more work is
 waiting), or stop.  Then it claims at most `min(free slots, batch_size)` in
 one statement.  A claim that came back full is followed by another as soon
 as there is room; a short one means the ready backlog is drained.
+
+Any role can NOTIFY any channel, so notifications are never trusted: claims
+that a notification alone caused and that found nothing draw on a token
+bucket (a burst, then a steady rate), which bounds what a flood of forged
+or stale notifications can make a dispatcher do.  Claims that find work
+cost nothing, so a real producer is never slowed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,31 @@ from .store import Store
 log = logging.getLogger("notifyq.dispatcher")
 
 REFILL_WAIT = 0.002  # seconds a backlog claim may wait for more free slots
+EMPTY_CLAIM_BURST = 50  # empty claims notifications may cause at once ...
+EMPTY_CLAIM_RATE = 50.0  # ... and per second after that
+
+
+class EmptyClaimBudget:
+    """A token bucket for claims that only a notification caused and that found nothing."""
+
+    def __init__(self, burst: int, rate: float, now: float) -> None:
+        self._burst = float(burst)
+        self._rate = rate
+        self._tokens = float(burst)
+        self._at = now
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until such a claim may run (0: now)."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
+
+    def spend(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1
 
 
 class Dispatcher:
@@ -62,6 +93,7 @@ class Dispatcher:
         self.claims = 0
         self.claimed = 0
         self.polls_with_work = 0
+        self.empty_notified_claims = 0  # a flood of forged notifications would show here
         self.passes = 0  # loop iterations: a busy loop would show here
 
     # Called from the listener, the pool and the app; all on the event loop.
@@ -86,11 +118,17 @@ class Dispatcher:
         next_poll = clock() + self._jittered_poll()
         next_due = math.inf  # the next scheduled job's run_at, on our monotonic clock
         failures = 0
+        budget = EmptyClaimBudget(EMPTY_CLAIM_BURST, EMPTY_CLAIM_RATE, clock())
         while not self._stopping:
             self.passes += 1
             now = clock()
             polled = now >= next_poll
-            if self._notified or polled or now >= next_due:
+            timers = polled or now >= next_due
+            notified_only = self._notified and not timers and not more_waiting
+            if notified_only and (hold := budget.wait(now)) > 0:
+                await self._sleep(hold)  # the flag stays set: the claim is late, not lost
+                continue
+            if self._notified or timers:
                 more_waiting = True
                 self._notified = False
             free = self._concurrency - self.running
@@ -118,6 +156,9 @@ class Dispatcher:
                 next_poll = clock() + self._jittered_poll()
                 next_due = clock() + max(next_in, 0.0) if next_in is not None else math.inf
                 more_waiting = more_waiting_full = len(jobs) == limit
+                if notified_only and not jobs:
+                    budget.spend(clock())
+                    self.empty_notified_claims += 1
                 if polled and jobs:
                     # Work found by the poll alone means a notification went missing.
                     self.polls_with_work += 1

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 
 import notifyq
@@ -698,3 +699,44 @@ async def test_outcome_the_database_rejects_is_left_to_the_rescuer(
         await eventually(lambda: statuses(dsn) == {"dead": 1, "succeeded": 1})
     assert "could not write outcomes of jobs [1]" in caplog.text
     assert "refused by a site rule" in caplog.text
+
+
+async def test_a_flood_of_forged_notifications_causes_a_bounded_claim_rate(dsn: str) -> None:
+    """Any role may NOTIFY notifyq_jobs: thousands of empty hints cost at most the empty-claim
+    budget (a burst, then a steady rate), and a real job still starts promptly meanwhile."""
+    from notifyq.dispatcher import EMPTY_CLAIM_BURST, EMPTY_CLAIM_RATE
+
+    app = notifyq.App()
+    started = anyio.Event()
+
+    @app.task(name="real")
+    async def real(payload: Any) -> None:
+        started.set()
+
+    stop = threading.Event()
+    sent = 0
+
+    def flood() -> None:
+        nonlocal sent
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("SELECT pg_notify('notifyq_jobs', 'default')")
+                sent += 1
+
+    async with serving(app, dsn, poll_interval=3600) as worker:
+        claims_before, began = worker.dispatcher.claims, time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, flood)
+            await anyio.sleep(1.0)  # the flood's length is the behaviour under test
+            inserted_at = time.monotonic()
+            sql_insert(dsn, "('real', '{}')")
+            with anyio.fail_after(5):
+                await started.wait()
+            latency = time.monotonic() - inserted_at
+            await anyio.sleep(1.0)
+            stop.set()
+        elapsed = time.monotonic() - began
+        claims = worker.dispatcher.claims - claims_before
+    assert sent > 500 and worker.notifications > 100  # the flood really reached it
+    assert claims <= EMPTY_CLAIM_BURST + EMPTY_CLAIM_RATE * elapsed + 5
+    assert latency < 1.0  # a claim is late by at most one token's wait, not lost
