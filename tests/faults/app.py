@@ -15,6 +15,8 @@ is recorded as outcome 'interrupted'):
     faults.hold     record, wait until `release` holds its id (or a NULL row), succeed
     faults.sleep    record, sleep payload["ms"] milliseconds, succeed
     faults.typed    payload must be {"n": <int>} (decode=): record, succeed
+    faults.noop     succeed, recording nothing (bulk load where the ledger would be the
+                    bottleneck; the invariants check ledger rows of the tasks above only)
 
 Outcomes in the ledger: 'running' (started, never ended: killed or cut off),
 'success', 'failed', 'interrupted' (cancelled at shutdown, handed back).
@@ -106,6 +108,11 @@ async def record(payload: object, ctx: notifyq.JobContext) -> None:
 
 
 async def _nothing() -> None:
+    return None
+
+
+@app.task(name="faults.noop")
+async def noop(payload: object) -> None:
     return None
 
 
