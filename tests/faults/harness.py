@@ -22,6 +22,8 @@ tests/faults/test_handlers.py:
     seed(dsn, n, task=..., payload=..., queue=..., max_attempts=..., batch=...)
                                      insert n jobs by plain SQL, each committed batch
                                      acked as 'setup'; returns the ids
+    seed_rows(dsn, [(task, payload_json), ...], queue=...)
+                                     the same for mixed rows, in one transaction
     Producer(dsn, task=..., every=0.01, batch=1, payload=..., queue=...)
                                      a thread inserting jobs by plain SQL until stop(),
                                      through outages, acking or marking ambiguous;
@@ -156,6 +158,26 @@ def seed(
             conn.commit()
             ids.extend(got)
     return ids
+
+
+def seed_rows(dsn: str, rows: Sequence[tuple[str, str]], *, queue: str = "default") -> list[int]:
+    """Insert (task, payload JSON) rows in one transaction, in order, acked as 'setup'."""
+    with psycopg.connect(dsn) as conn:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                b"INSERT INTO notifyq.jobs (task, payload, queue)"
+                b" SELECT t, p::jsonb, %s FROM unnest(%s::text[], %s::text[])"
+                b" WITH ORDINALITY AS r(t, p, n) ORDER BY n RETURNING id",
+                (queue, [t for t, _ in rows], [p for _, p in rows]),
+            ).fetchall()
+        ]
+        conn.commit()
+        conn.execute(
+            b"INSERT INTO acked (job_id, source) SELECT unnest(%s::bigint[]), 'setup'", (ids,)
+        )
+        conn.commit()
+    return sorted(ids)
 
 
 class Producer:

@@ -1,0 +1,115 @@
+"""Scenario 8: malformed rows written by plain SQL.
+
+Every CHECK constraint in schema.sql rejects its bad row at INSERT with an
+error naming it.  Rows that pass the CHECKs but cannot run (a task no handler
+is registered for; a payload the task's `decode` rejects) end `dead` after
+exactly one attempt with a last_error that says why, while the valid jobs
+inserted around them keep flowing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import REPO, query, wait_until
+from tests.faults import harness
+from tests.faults.harness import Dispatcher
+
+# constraint -> (columns, values) of a row that violates it and nothing else.
+BAD_ROWS = {
+    "jobs_queue_format": ("task, queue", "'faults.record', 'No Spaces'"),
+    "jobs_task_format": ("task", "'9lives'"),
+    "jobs_priority_range": ("task, priority", "'faults.record', 1001"),
+    "jobs_max_attempts_range": ("task, max_attempts", "'faults.record', 0"),
+    "jobs_attempts_nonnegative": ("task, attempts", "'faults.record', -1"),
+    "jobs_payload_size": (
+        "task, payload",
+        "'faults.record', jsonb_build_object('blob', repeat('x', 1100000))",
+    ),
+    "jobs_status_valid": ("task, status", "'faults.record', 'paused'"),
+    "jobs_running_has_lease": ("task, status", "'faults.record', 'running'"),
+}
+
+
+def test_every_check_constraint_has_a_case() -> None:
+    schema = (REPO / "schema.sql").read_text()
+    assert set(re.findall(r"CONSTRAINT (\w+) CHECK", schema)) == set(BAD_ROWS)
+
+
+@pytest.mark.parametrize("constraint", sorted(BAD_ROWS))
+def test_check_constraint_rejects_at_insert_naming_itself(dsn: str, constraint: str) -> None:
+    columns, values = BAD_ROWS[constraint]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation) as caught:
+            conn.execute(f"INSERT INTO notifyq.jobs ({columns}) VALUES ({values})".encode())
+        assert caught.value.diag.constraint_name == constraint
+        assert f'violates check constraint "{constraint}"' in str(caught.value)
+    assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(0,)]
+
+
+UNRUNNABLE = [
+    # (task, payload, what last_error must say)
+    ("faults.nope", "{}", "unknown task 'faults.nope'"),
+    ("faults.typed", '{"n": "seven"}', "TypeError: n must be an integer, got str"),
+    ("faults.typed", "{}", "KeyError: 'n'"),
+    ("faults.typed", "[1, 2]", "TypeError"),
+]
+
+
+def malformed_among_valid(dsn: str, logs: Path, *, rounds: int, processes: int) -> None:
+    baseline = harness.deadlocks(dsn)
+    rows: list[tuple[str, str]] = []
+    for i in range(rounds):
+        for task, payload, _ in UNRUNNABLE:
+            rows += [("faults.record", "{}"), (task, payload), ("faults.typed", f'{{"n": {i}}}')]
+    ids = harness.seed_rows(dsn, rows)
+    kinds = dict(zip(ids, rows, strict=True))
+    with harness.dispatchers(dsn, processes, "--poll-interval", "1", logs=logs) as procs:
+        settled = harness.wait_terminal(dsn, timeout=60)
+        harness.record_recovery(
+            f"{len(rows)} rows, {rounds * len(UNRUNNABLE)} unrunnable: all settled",
+            settled,
+            60,
+        )
+        harness.check_invariants(
+            dsn, deadlocks_before=baseline, listeners=processes, logs=[p.log for p in procs]
+        )
+    bad = {(t, p): why for t, p, why in UNRUNNABLE}
+    for job_id, status, attempts, last_error in query(
+        dsn, "SELECT id, status, attempts, last_error FROM notifyq.jobs ORDER BY id"
+    ):
+        why = bad.get(kinds[job_id])
+        if why is None:
+            assert (status, attempts, last_error) == ("succeeded", 1, None), job_id
+            continue
+        assert (status, attempts) == ("dead", 1), (job_id, kinds[job_id])
+        assert why in last_error, last_error
+        if kinds[job_id][0] == "faults.typed":
+            assert "PayloadError: payload of job" in last_error
+            assert "cannot be decoded for task 'faults.typed'" in last_error
+    # The handler never ran for an unrunnable row.
+    dead = [j for j in ids if kinds[j] in bad]
+    assert query(dsn, "SELECT count(*) FROM executions WHERE job_id = ANY(%s)", dead) == [(0,)]
+
+
+def test_unrunnable_rows_die_after_one_attempt_valid_ones_flow(
+    fault_dsn: str, tmp_path: Path
+) -> None:
+    malformed_among_valid(fault_dsn, tmp_path, rounds=5, processes=1)
+
+
+@pytest.mark.faults
+def test_many_unrunnable_rows_among_valid_ones(fault_dsn: str, tmp_path: Path) -> None:
+    malformed_among_valid(fault_dsn, tmp_path, rounds=500, processes=2)
+
+
+def test_dispatcher_logs_why_each_unrunnable_row_died(fault_dsn: str, tmp_path: Path) -> None:
+    (job,) = harness.seed_rows(fault_dsn, [("faults.nope", "{}")])
+    with Dispatcher(fault_dsn, "--poll-interval", "1", log=tmp_path / "serve.log") as proc:
+        harness.wait_terminal(fault_dsn, timeout=30)
+        wait_until(lambda: f"dead job={job}" in proc.log_text(), message="the warning")
+    assert "unknown task 'faults.nope'" in proc.log_text()
