@@ -287,3 +287,39 @@ def dsn_command() -> None:
             "start it with `notifyq serve`"
         )
     click.echo(dsn)
+
+
+@main.command(name="health")
+@click.option(
+    "--dsn",
+    envvar="NOTIFYQ_DSN",
+    metavar="DSN",
+    help="PostgreSQL connection string (also NOTIFYQ_DSN). Without one, the private server "
+    "if it is running (health never starts it).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@click.option(
+    "--max-transaction-age",
+    type=click.FloatRange(0),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Warn about a transaction open longer than this: it holds back vacuum of notifyq.jobs.",
+)
+def health_command(dsn: str | None, as_json: bool, max_transaction_age: float) -> None:
+    """Check the database: reachable, schema current, no old transaction, no stranded lease.
+
+    Exit status 0 when healthy, 1 when a check failed, 2 when there are only warnings.
+    """
+    from . import health  # local: this command's block stays self-contained
+
+    dsn = dsn or embedded.running_dsn()
+    if dsn is None:
+        fail("no --dsn or NOTIFYQ_DSN given and the private PostgreSQL is not running")
+    report = health.check(dsn, max_transaction_age=max_transaction_age)
+    if as_json:
+        click.echo(codec.dumps(report.as_dict()))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(report.exit_code)

@@ -158,3 +158,37 @@ SELECT pg_advisory_xact_lock(hashtext('notifyq.migrate'));
 -- Record a migration as applied, in the same transaction as the migration.
 INSERT INTO notifyq.schema_version (version) VALUES (%(version)s)
 ON CONFLICT (version) DO NOTHING;
+
+-- name: health_server
+-- notifyq health: the server answers; its version and our database's name.
+SELECT current_setting('server_version') AS version, current_database() AS database;
+
+-- name: health_oldest_transaction
+-- notifyq health: the oldest transaction open in this database, other than ours
+-- (client backends only; idle connections without a transaction have no xact_start).
+-- Until it ends, vacuum cannot remove the rows dead since it began.
+SELECT pid,
+       extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age,
+       coalesce(application_name, '') AS application_name,
+       coalesce(state, '') AS state
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend'
+  AND xact_start IS NOT NULL
+ORDER BY xact_start
+LIMIT 1;
+
+-- name: health_expired_leases
+-- notifyq health: running jobs whose lease expired over %(grace)s seconds ago,
+-- which a live dispatcher would have rescued.
+SELECT count(*) AS jobs,
+       coalesce(extract(epoch FROM now() - min(lease_expires_at))::float8, 0) AS oldest
+FROM notifyq.jobs
+WHERE status = 'running' AND lease_expires_at < now() - make_interval(secs => %(grace)s);
+
+-- name: health_jobs_table
+-- notifyq health: live and dead tuples of notifyq.jobs (statistics, so approximate).
+SELECT n_live_tup, n_dead_tup
+FROM pg_stat_user_tables
+WHERE relid = 'notifyq.jobs'::regclass;

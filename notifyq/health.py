@@ -1,0 +1,173 @@
+"""`notifyq health`: is this database fit to run notifyq jobs right now?
+
+Checks, in order; a failed one stops the rest that depend on it:
+
+    reachable        the server answers                                   else FAILED
+    schema           notifyq's schema is installed at the version we need  else FAILED
+                     (newer than we know: WARNING, this notifyq is older)
+    transactions     no transaction in the database has been open longer
+                     than --max-transaction-age (default 300 s)           else WARNING:
+                     it holds back vacuum of notifyq.jobs, whose dead rows
+                     (one per finished attempt) then pile up and slow claims
+    leases           no running job's lease expired over a minute ago      else WARNING:
+                     nobody is rescuing them (no dispatcher alive)
+
+Exit status: 0 healthy, 1 a check FAILED, 2 only warnings.  The dead-tuple
+count of notifyq.jobs is reported too (information, never a verdict).
+
+Seeing other roles' transactions needs `pg_read_all_stats` (or superuser):
+without it PostgreSQL hides their `xact_start` and this check cannot see them.
+The SQL is in sql/queries.sql (blocks `health_*`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import migrate, store
+from .errors import NotifyqError
+
+OK, WARNING, FAILED = "ok", "warning", "failed"
+EXIT = {OK: 0, FAILED: 1, WARNING: 2}
+LEASE_GRACE = 60.0  # seconds past expiry before an unrescued lease is reported
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: str  # ok | warning | failed
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        found = {c.status for c in self.checks}
+        return FAILED if FAILED in found else WARNING if WARNING in found else OK
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT[self.status]
+
+    def lines(self) -> list[str]:
+        return [f"{c.status.upper()}: {c.name}: {c.message}" for c in self.checks]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def check(dsn: str, *, max_transaction_age: float = 300.0) -> Report:
+    """Run every check against `dsn`; never raises for what it finds."""
+    report = Report()
+    try:
+        conn = store.connect_sync(dsn)
+    except NotifyqError as exc:
+        report.checks.append(Check("reachable", FAILED, f"cannot connect: {exc}"))
+        return report
+    with conn:
+        try:
+            _run(conn, report, max_transaction_age)
+        except NotifyqError as exc:  # lost the connection half-way, say
+            report.checks.append(Check("query", FAILED, str(exc)))
+    return report
+
+
+def _one(conn: Any, name: str, params: dict[str, Any] | None = None) -> Any:
+    with store.translated():
+        return conn.execute(store.QUERIES[name], params).fetchone()
+
+
+def _run(conn: Any, report: Report, max_age: float) -> None:
+    version, database = _one(conn, "health_server")
+    report.checks.append(
+        Check(
+            "reachable",
+            OK,
+            f"database {database!r} on PostgreSQL {version}",
+            {"database": database, "server_version": version},
+        )
+    )
+    schema = _schema(conn)
+    report.checks.append(schema)
+    report.checks.append(_transactions(conn, max_age))
+    if schema.status == FAILED:
+        return
+    jobs, oldest = _one(conn, "health_expired_leases", {"grace": LEASE_GRACE})
+    if jobs:
+        report.checks.append(
+            Check(
+                "leases",
+                WARNING,
+                f"{jobs} running jobs' leases expired more than {LEASE_GRACE:.0f}s ago "
+                f"(the oldest {oldest:.0f}s ago): no dispatcher is rescuing them; "
+                "is any `notifyq serve` alive?",
+                {"jobs": jobs, "oldest_expired_seconds": round(oldest, 1)},
+            )
+        )
+    else:
+        report.checks.append(Check("leases", OK, "no expired lease left unrescued"))
+    row = _one(conn, "health_jobs_table")
+    if row is not None:
+        live, dead = row
+        report.checks.append(
+            Check(
+                "jobs table",
+                OK,
+                f"notifyq.jobs has about {live} live and {dead} dead rows",
+                {"live_tuples": live, "dead_tuples": dead},
+            )
+        )
+
+
+def _schema(conn: Any) -> Check:
+    have, need = store.schema_version(conn), migrate.latest_version()
+    details = {"version": have, "expected": need}
+    if have is None:
+        return Check(
+            "schema", FAILED, "the notifyq schema is not installed: run `notifyq migrate`", details
+        )
+    if have < need:
+        return Check(
+            "schema",
+            FAILED,
+            f"the schema is at version {have}, this notifyq needs {need}: run `notifyq migrate`",
+            details,
+        )
+    if have > need:
+        return Check(
+            "schema",
+            WARNING,
+            f"the schema is at version {have}, newer than this notifyq knows ({need}): "
+            "upgrade notifyq",
+            details,
+        )
+    return Check("schema", OK, f"version {have}", details)
+
+
+def _transactions(conn: Any, max_age: float) -> Check:
+    row = _one(conn, "health_oldest_transaction")
+    if row is None:
+        return Check("transactions", OK, "no other transaction open", {"oldest": None})
+    pid, age, app, state = row
+    details = {"pid": pid, "age_seconds": round(age, 1), "application_name": app, "state": state}
+    if age <= max_age:
+        return Check(
+            "transactions", OK, f"the oldest is {age:.0f}s old (limit {max_age:.0f}s)", details
+        )
+    return Check(
+        "transactions",
+        WARNING,
+        f"pid {pid} (application_name {app!r}, state {state!r}) has had a transaction open "
+        f"for {age:.0f}s (limit {max_age:.0f}s): it holds back vacuum of notifyq.jobs, "
+        "whose dead rows pile up until it ends",
+        details,
+    )
