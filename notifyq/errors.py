@@ -3,6 +3,7 @@
     NotifyqError
     ├── ConfigurationError      bad settings: no DSN and no embedded server, bad --app, ...
     ├── DatabaseUnavailable     cannot reach PostgreSQL (retryable: the dispatcher reconnects)
+    │   └── PoolerInTheWay      prepared statements vanish: a pooler in transaction mode
     ├── SchemaMissing           the notifyq schema is absent or older than this code
     ├── InvalidJob              PostgreSQL rejected a job at INSERT (names the rule it broke)
     └── JobFailure              raised *by handlers* to steer what happens to the job
@@ -29,6 +30,12 @@ class ConfigurationError(NotifyqError):
 
 class DatabaseUnavailable(NotifyqError):
     """PostgreSQL cannot be reached or the connection broke; retrying may succeed."""
+
+
+class PoolerInTheWay(DatabaseUnavailable):
+    """A prepared statement vanished or clashed between two statements of one connection:
+    a pooler in transaction mode (PgBouncer) hands each transaction to another server
+    connection.  The Store that sees it stops preparing statements and retries."""
 
 
 class SchemaMissing(NotifyqError):
@@ -89,6 +96,12 @@ def translate(exc: psycopg.Error) -> NotifyqError:
         # No SQLSTATE: libpq could not connect or lost the socket.  08 connection,
         # 53 resources (too many connections), 57 shutdown or cancellation.
         return DatabaseUnavailable(f"cannot reach PostgreSQL: {_first_line(exc)}")
+    if state in ("26000", "42P05"):  # prepared statement does not exist / already exists
+        return PoolerInTheWay(
+            f"PostgreSQL: {message}: a pooler in transaction mode (PgBouncer?) sits in front "
+            "of PostgreSQL; notifyq stops preparing statements on this connection. Serve "
+            "with --no-listen there, or give notifyq a direct DSN"
+        )
     if state == "25006" or state.startswith("40"):  # read-only after failover; deadlock
         return DatabaseUnavailable(f"PostgreSQL: {message} (will retry)")
     return NotifyqError(f"PostgreSQL error {state}: {message}")

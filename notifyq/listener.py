@@ -5,13 +5,20 @@ burst of them between two claims collapses into one wake-up (the dispatcher
 reads a flag, not a count).  After every (re)connect the listener wakes the
 dispatcher once, because anything inserted while nobody listened sent its
 notification to no one.  While quiet, it pings so a dead socket is noticed.
+
+After every LISTEN it also checks that notifications really arrive: another
+connection sends a probe, which must come back within PROBE_TIMEOUT.  Behind
+a pooler in transaction mode (PgBouncer) the LISTEN stays on a server
+connection the pooler has already handed to someone else, so nothing ever
+arrives; the probe turns that silent failure into a warning.  Jobs are still
+found by the fallback poll meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 import anyio
 
@@ -22,6 +29,8 @@ from .store import Listener
 log = logging.getLogger("notifyq.listener")
 
 CHANNEL = "notifyq_jobs"
+PROBE_PREFIX = "notifyq-probe:"  # ':' keeps it from ever naming a queue
+PROBE_TIMEOUT = 5.0
 
 
 async def listen(
@@ -30,17 +39,21 @@ async def listen(
     *,
     on_notify: Callable[[], None],
     on_connected: Callable[[], None],
+    send_probe: Callable[[str], Awaitable[None]],
+    probe_id: str,
     ping_interval: float = 30.0,
 ) -> None:
     """Run until cancelled, reconnecting with capped, jittered backoff.
 
     `on_connected` runs after every successful LISTEN (the caller should claim
     at once: anything inserted while nobody listened notified no one);
-    `on_notify` runs once per batch of notifications naming a served queue.
+    `on_notify` runs once per batch of notifications naming a served queue;
+    `send_probe(payload)` must NOTIFY the channel from another connection.
     """
     served = frozenset(queues)
     listener = Listener(dsn, CHANNEL)
     failures = 0
+    connects = 0
     try:
         while True:
             try:
@@ -48,11 +61,32 @@ async def listen(
                 if failures:
                     log.info("listener reconnected after %d failed attempts", failures)
                 failures = 0
+                connects += 1
                 if failpoints.ACTIVE:
                     failpoints.hit("listen-before-poll")
                 on_connected()
+                probe = f"{PROBE_PREFIX}{probe_id}:{connects}"
+                probe_deadline: float | None = anyio.current_time() + PROBE_TIMEOUT
+                await send_probe(probe)
                 while True:
-                    payloads = await listener.wait(ping_interval)
+                    wait = ping_interval
+                    if probe_deadline is not None:
+                        wait = max(0.0, probe_deadline - anyio.current_time())
+                    payloads = await listener.wait(wait)
+                    if probe_deadline is not None:
+                        if probe in payloads:
+                            probe_deadline = None
+                            log.debug("listener verified: its probe notification arrived")
+                        elif anyio.current_time() >= probe_deadline:
+                            probe_deadline = None
+                            log.warning(
+                                "LISTEN receives no notifications: a probe sent from another "
+                                "connection did not arrive within %.0fs. If this DSN goes "
+                                "through a pooler in transaction mode (PgBouncer), serve with "
+                                "--no-listen or give the dispatcher a direct DSN. Jobs are "
+                                "still found by the fallback poll.",
+                                PROBE_TIMEOUT,
+                            )
                     if any(p in served for p in payloads):
                         on_notify()
             except DatabaseUnavailable as exc:

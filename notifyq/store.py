@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, LiteralString
 
+import anyio
 import psycopg
 from psycopg import sql
 
 from . import codec, failpoints
-from .errors import ConfigurationError, DatabaseUnavailable, translate
+from .errors import ConfigurationError, DatabaseUnavailable, PoolerInTheWay, translate
 from .job import Job
 
 log = logging.getLogger("notifyq.store")
@@ -188,13 +189,18 @@ class Store:
         self._role = role
         self._prepare = prepare
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._connecting = anyio.Lock()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect(
-                self._dsn, application_name=f"notifyq:{self._role}", prepare=self._prepare
-            )
-            log.debug("connected role=%s", self._role)
+            # Two tasks may share a Store (the claim store also sends the listener's
+            # probe): one connects, the other waits for that connection.
+            async with self._connecting:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await connect(
+                        self._dsn, application_name=f"notifyq:{self._role}", prepare=self._prepare
+                    )
+                    log.debug("connected role=%s", self._role)
         return self._conn
 
     async def _run(
@@ -207,7 +213,10 @@ class Store:
                     return await self._run_failing(conn, name, params, failpoint)
                 cur = await conn.execute(QUERIES[name], params)
                 return await cur.fetchall() if cur.description else []
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as exc:
+            if isinstance(exc, PoolerInTheWay) and self._prepare:
+                self._prepare = False
+                log.warning("%s (role %s)", exc, self._role)
             await self._drop()
             raise
 
@@ -300,6 +309,9 @@ class Store:
     async def release_orphans(self, claimant: str, held: Collection[int]) -> set[int]:
         rows = await self._run("release_orphans", {"claimant": claimant, "held": list(held)})
         return {r[0] for r in rows}
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self._run("notify", {"channel": channel, "payload": payload})
 
     async def rescue(self, limit: int = 1000) -> list[tuple[int, str]]:
         rows = await self._run("rescue", {"limit": limit})

@@ -27,7 +27,7 @@ import anyio
 from . import failpoints, listener, store
 from .completion import Completer
 from .dispatcher import Dispatcher
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DatabaseUnavailable
 from .job import Job
 from .leases import LeaseKeeper
 from .registry import DEFAULT_MAX_ATTEMPTS, check_queue_name
@@ -230,8 +230,19 @@ class Worker:
 
     async def _listen(self) -> None:
         await listener.listen(
-            self.dsn, self.queues, on_notify=self._notified, on_connected=self._connected
+            self.dsn,
+            self.queues,
+            on_notify=self._notified,
+            on_connected=self._connected,
+            send_probe=self._send_probe,
+            probe_id=self.claimant,
         )
+
+    async def _send_probe(self, payload: str) -> None:
+        try:
+            await self._stores[0].notify(listener.CHANNEL, payload)
+        except DatabaseUnavailable as exc:
+            log.warning("could not send the listener's probe notification (%s)", exc)
 
     def _notified(self) -> None:
         self.notifications += 1

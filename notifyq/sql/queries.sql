@@ -142,6 +142,10 @@ FROM expired e
 WHERE j.id = e.id
 RETURNING j.id, j.status;
 
+-- name: notify
+-- The listener's probe: a notification from another connection than the listener's.
+SELECT pg_notify(%(channel)s, %(payload)s);
+
 -- name: schema_present
 -- Whether the notifyq schema has been installed at all.
 SELECT to_regclass('notifyq.schema_version') IS NOT NULL AS present;
