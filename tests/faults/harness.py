@@ -39,6 +39,7 @@ tests/faults/test_handlers.py:
     kill9(dsn, proc)                 log the fault, SIGKILL, wait
     listen_pids(dsn, role="listen")  backends of application_name notifyq:<role>
     executions(dsn, where="true")    ledger rows
+    start_latency(dsn, job_id)       seconds from a job's INSERT to its first start
     wait_terminal(dsn, timeout)      until every acked job is succeeded/dead/cancelled
     deadlocks(dsn)                   pg_stat_database.deadlocks for this database
     check_invariants(dsn, deadlocks_before=..., listeners=..., slack=...)
@@ -447,6 +448,18 @@ def executions(dsn: str, where: str = "true") -> list[tuple[Any, ...]]:
         + where
         + " ORDER BY started_at, exec_id",
     )
+
+
+def start_latency(dsn: str, job_id: int) -> float:
+    """Seconds from the job's INSERT (created_at) to its first execution's start."""
+    rows = query(
+        dsn,
+        "SELECT extract(epoch FROM min(e.started_at) - j.created_at)::float8"
+        " FROM executions e JOIN notifyq.jobs j ON j.id = e.job_id WHERE j.id = %s"
+        " GROUP BY j.created_at",
+        job_id,
+    )
+    return float(rows[0][0])
 
 
 def unfinished(dsn: str) -> int:

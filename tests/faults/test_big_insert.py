@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import query, statuses, wait_until
+from tests.conftest import statuses, wait_until
 from tests.faults import harness
 from tests.faults.harness import Dispatcher, RssSampler
 
@@ -55,7 +55,7 @@ def big_insert(dsn: str, logs: Path, *, rows: int, timeout: float) -> None:
             timeout=timeout,
             message="the second queue's job to start",
         )
-        latency = latency_of(dsn, other)
+        latency = harness.start_latency(dsn, other)
         harness.wait_terminal(dsn, timeout=timeout)
         drained = time.monotonic() - t0
         listener.execute("SELECT 1")  # read whatever notifications are pending
@@ -72,16 +72,6 @@ def big_insert(dsn: str, logs: Path, *, rows: int, timeout: float) -> None:
     assert notes.count("a") == 1, notes[:10]
     assert notes.count("b") == 1
     assert rss.samples > 0 and rss.peak_kib <= RSS_BOUND_KIB
-
-
-def latency_of(dsn: str, job_id: int) -> float:
-    rows = query(
-        dsn,
-        "SELECT extract(epoch FROM e.started_at - j.created_at)::float8"
-        " FROM executions e JOIN notifyq.jobs j ON j.id = e.job_id WHERE j.id = %s",
-        job_id,
-    )
-    return float(rows[0][0])
 
 
 def test_20000_inserts_in_one_transaction(fault_dsn: str, tmp_path: Path) -> None:
@@ -112,4 +102,4 @@ def test_second_queue_starts_promptly_behind_a_backlog(fault_dsn: str, tmp_path:
             timeout=PROMPT + 1,
             message=f"the queue-b job to start within {PROMPT}s",
         )
-    assert latency_of(dsn, other) <= PROMPT
+    assert harness.start_latency(dsn, other) <= PROMPT

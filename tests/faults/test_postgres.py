@@ -98,12 +98,7 @@ def test_listen_backend_terminated_jobs_start_within_the_poll(
         # Committed while nobody listens: its notification is lost for good.
         (job,) = harness.seed(dsn, 1)
         wait_until(lambda: statuses(dsn) == {"succeeded": 1}, message="the catch-up claim")
-        latency = query(
-            dsn,
-            "SELECT extract(epoch FROM e.started_at - j.created_at)::float8"
-            " FROM executions e JOIN notifyq.jobs j ON j.id = e.job_id WHERE j.id = %s",
-            job,
-        )[0][0]
+        latency = harness.start_latency(dsn, job)
         harness.record_recovery("LISTEN backend terminated: insert to start", latency, POLL + 1.5)
         new = wait_until(lambda: harness.listen_pids(dsn), message="a new listener")
         assert new != [old]
