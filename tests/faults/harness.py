@@ -608,6 +608,7 @@ def check_invariants(
     listeners: int | None = None,
     slack: float = 3.0,
     logs: Sequence[Path] = (),
+    listener_wait: float = 10.0,
 ) -> None:
     """Check every invariant; raise InvariantsFailed listing each that failed with examples.
 
@@ -615,7 +616,8 @@ def check_invariants(
     LISTEN backend; None skips the check).  `deadlocks_before`: the database's
     deadlock count when the scenario began.  `logs`: dispatcher logs, searched
     for PostgreSQL's "deadlock detected".  `slack`: seconds of tolerance when
-    matching executions to fault times and for lease expiry.
+    matching executions to fault times and for lease expiry.  `listener_wait`:
+    how long listeners may take to settle (a reconnect after a restart).
     """
     failed = InvariantsFailed()
     params = {"slack": slack, "recorded_tasks": list(RECORDED_TASKS)}
@@ -628,7 +630,7 @@ def check_invariants(
         try:
             wait_until(
                 lambda: _idle_listeners(dsn) == listeners,
-                timeout=max(slack, 10.0),
+                timeout=listener_wait,
                 message="one idle listener per live dispatcher",
             )
         except AssertionError:
