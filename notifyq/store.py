@@ -350,8 +350,13 @@ class Listener:
                 async for note in conn.notifies(timeout=ping_after, stop_after=1):
                     payloads.append(note.payload)
                 if not payloads:
-                    # Quiet for a whole interval: make sure the socket is still alive.
-                    await conn.execute("SELECT 1")
+                    # Quiet for a whole interval: make sure the socket is still alive.  A
+                    # path that swallows packets must not hang us: the answer has as long.
+                    with anyio.fail_after(max(ping_after, 1.0)):
+                        await conn.execute("SELECT 1")
+        except TimeoutError:
+            await self.close()
+            raise DatabaseUnavailable("the listener's ping went unanswered") from None
         except DatabaseUnavailable:
             await self.close()
             raise
