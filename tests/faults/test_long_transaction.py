@@ -137,7 +137,7 @@ def long_transaction(dsn: str, logs: Path, *, hold: float, phase: float) -> None
 
 
 def test_long_transaction_while_jobs_churn(fault_dsn: str, tmp_path: Path) -> None:
-    long_transaction(fault_dsn, tmp_path, hold=10, phase=2)
+    long_transaction(fault_dsn, tmp_path, hold=10, phase=1)
 
 
 @pytest.mark.faults

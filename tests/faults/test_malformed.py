@@ -15,9 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import REPO, query, wait_until
+from tests.conftest import REPO, query
 from tests.faults import harness
-from tests.faults.harness import Dispatcher
 
 # constraint -> (columns, values) of a row that violates it and nothing else.
 BAD_ROWS = {
@@ -78,6 +77,10 @@ def malformed_among_valid(dsn: str, logs: Path, *, rounds: int, processes: int) 
         harness.check_invariants(
             dsn, deadlocks_before=baseline, listeners=processes, logs=[p.log for p in procs]
         )
+        logged = "".join(p.log_text() for p in procs)
+    # Each dead job got its warning line, saying why.
+    assert logged.count("WARNING notifyq.completion: dead job=") == rounds * len(UNRUNNABLE)
+    assert "unknown task 'faults.nope'" in logged
     bad = {(t, p): why for t, p, why in UNRUNNABLE}
     for job_id, status, attempts, last_error in query(
         dsn, "SELECT id, status, attempts, last_error FROM notifyq.jobs ORDER BY id"
@@ -105,11 +108,3 @@ def test_unrunnable_rows_die_after_one_attempt_valid_ones_flow(
 @pytest.mark.faults
 def test_many_unrunnable_rows_among_valid_ones(fault_dsn: str, tmp_path: Path) -> None:
     malformed_among_valid(fault_dsn, tmp_path, rounds=500, processes=2)
-
-
-def test_dispatcher_logs_why_each_unrunnable_row_died(fault_dsn: str, tmp_path: Path) -> None:
-    (job,) = harness.seed_rows(fault_dsn, [("faults.nope", "{}")])
-    with Dispatcher(fault_dsn, "--poll-interval", "1", log=tmp_path / "serve.log") as proc:
-        harness.wait_terminal(fault_dsn, timeout=30)
-        wait_until(lambda: f"dead job={job}" in proc.log_text(), message="the warning")
-    assert "unknown task 'faults.nope'" in proc.log_text()
