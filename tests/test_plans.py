@@ -1,0 +1,164 @@
+"""Regression guards for the hot path that are not timed tests.
+
+The dispatcher's statements must keep using the indexes they were written for
+(a plan that turns into a sequential scan is invisible on a small table and a
+disaster on a big one), and draining a backlog must cost a small, bounded
+number of round trips per job: batched claims and batched completions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+import notifyq
+from notifyq import Settings, store
+from notifyq.store import QUERIES
+from tests.conftest import statuses
+
+BACKLOG = 20_000
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def explain(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    # In a rolled-back transaction: the UPDATEs are planned, never applied.
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction(force_rollback=True):
+        row = conn.execute(f"EXPLAIN (FORMAT JSON) {QUERIES[name]}".encode(), params).fetchone()
+    assert row is not None
+    return list(plan_nodes(row[0][0]["Plan"]))
+
+
+def scans(nodes: list[dict[str, Any]]) -> set[tuple[str, str | None]]:
+    return {(n["Node Type"], n.get("Index Name")) for n in nodes if "Scan" in n["Node Type"]}
+
+
+@pytest.fixture
+def big_dsn(dsn: str) -> str:
+    """A realistic table: a backlog, a history of finished jobs, scheduled and running ones."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, %s)", (BACKLOG,)
+        )
+        conn.execute(
+            "INSERT INTO notifyq.jobs (task, status, attempts, finished_at)"
+            " SELECT 't', 'succeeded', 1, now() FROM generate_series(1, %s)",
+            (BACKLOG,),
+        )
+        conn.execute(
+            "INSERT INTO notifyq.jobs (task, run_at)"
+            " SELECT 't', now() + interval '1 hour' FROM generate_series(1, 1000)"
+        )
+        conn.execute(
+            "INSERT INTO notifyq.jobs (task, status, attempts, started_at, claimed_by,"
+            " lease_expires_at) SELECT 't', 'running', 1, now(), 'x', now() + interval '1 minute'"
+            " FROM generate_series(1, 100)"
+        )
+        conn.execute("VACUUM ANALYZE notifyq.jobs")
+    return dsn
+
+
+def test_claim_uses_the_claim_index_and_the_schedule_index(big_dsn: str) -> None:
+    nodes = explain(
+        big_dsn,
+        "claim",
+        {
+            "queues": ["default", "other"],
+            "limit": 50,
+            "claimant": "c",
+            "lease": 30.0,
+            "task_names": ["t"],
+            "task_max_attempts": [3],
+            "default_max_attempts": 5,
+        },
+    )
+    found = scans(nodes)
+    assert ("Index Scan", "jobs_claim_idx") in found
+    assert ("Index Scan", "jobs_scheduled_idx") in found  # the next run_at, for the timer
+    assert not any(kind == "Seq Scan" for kind, _ in found), found
+
+
+# Writes by id: the primary key, or the (small) partial index of running jobs.
+BY_ID = {"jobs_pkey", "jobs_lease_idx"}
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "indexes"),
+    [
+        (
+            "complete",
+            {
+                "ids": list(range(1, 51)),
+                "attempts": [1] * 50,
+                "statuses": ["succeeded"] * 50,
+                "delays": [0.0] * 50,
+                "errors": [None] * 50,
+                "claimant": "c",
+            },
+            BY_ID,
+        ),
+        ("renew_leases", {"ids": list(range(1, 51)), "claimant": "c", "lease": 30.0}, BY_ID),
+        (
+            "hand_back",
+            {"ids": list(range(1, 51)), "attempts": [1] * 50, "claimant": "c"},
+            BY_ID,
+        ),
+        ("rescue", {"limit": 1000}, {"jobs_lease_idx"}),
+    ],
+    ids=["complete", "renew_leases", "hand_back", "rescue"],
+)
+def test_writes_use_their_index(
+    big_dsn: str, name: str, params: dict[str, Any], indexes: set[str]
+) -> None:
+    found = scans(explain(big_dsn, name, params))
+    assert any(idx in indexes for _, idx in found), found
+    assert not any(kind == "Seq Scan" for kind, _ in found), found
+
+
+@pytest.mark.anyio
+async def test_draining_a_backlog_costs_few_round_trips_per_job(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every dispatcher statement goes through Store._run: count them by role."""
+    jobs = 2000
+    calls: Counter[str] = Counter()
+    real_run = store.Store._run
+
+    async def counting(self: store.Store, name: str, *args: Any, **kwargs: Any) -> list[Any]:
+        calls[name] += 1
+        return await real_run(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(store.Store, "_run", counting)
+    app = notifyq.App()
+
+    @app.task(name="noop")
+    async def noop(payload: Any) -> None:
+        pass
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO notifyq.jobs (task) SELECT 'noop' FROM generate_series(1, %s)", (jobs,)
+        )
+    worker = app.worker(Settings(concurrency=50, poll_interval=3600), dsn=dsn)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        with anyio.fail_after(60):
+            # Polling the table: no event says "the database shows every job done".
+            while await anyio.to_thread.run_sync(statuses, dsn) != {"succeeded": jobs}:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        worker.stop()
+    # A claim fetches up to the free slots (refilled at half), and one completion statement
+    # writes whatever finished meanwhile: far fewer statements than jobs.
+    assert calls["claim"] <= jobs / 10, calls
+    assert calls["complete"] <= jobs / 10, calls
+    per_job = (calls["claim"] + calls["complete"]) / jobs
+    print(f"round trips per job: {per_job:.3f} ({dict(calls)})")
