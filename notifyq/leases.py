@@ -10,9 +10,10 @@ times are the database's clock (`now()` in SQL), never this host's.
 The keeper runs in a thread of its own, with its own event loop and
 connection: an `async def` handler that blocks the dispatcher's loop (a
 `time.sleep`, a CPU-bound loop) must not cost every other job its lease.
-It watches the main loop's heartbeat instead: past `stall_warning` it says
-which problem it is; past `max_stall` it stops renewing, so the jobs of a
-wedged process are rescued by others rather than held forever.  Rescued
+It watches the main loop's heartbeat instead: a loop stalled for longer than
+a heartbeat gets a warning that names the likely cause; past `max_stall` the
+keeper stops renewing, so the jobs of a wedged process are rescued by others
+rather than held forever.  Rescued
 jobs wake the dispatchers through their status notification (and the
 fallback poll), so the keeper never has to call into the main loop.
 """
