@@ -13,7 +13,9 @@ RETURNING id;
 -- Claim up to %(limit)s ready jobs of the served queues, marking them running
 -- under our lease and counting the attempt, in one statement.  Each queue's
 -- best rows come from its own index scan (LATERAL), so serving many queues
--- never sorts the whole backlog; the outer ORDER BY/LIMIT picks the global best.
+-- never sorts the whole backlog.  The outer ORDER BY takes them round-robin:
+-- every queue's best job, then every queue's second best, ... so one queue's
+-- backlog never starves another; within a queue: priority, run_at, id.
 -- The candidates CTE is MATERIALIZED so the locked set is computed once: a
 -- `WHERE id IN (SELECT ... LIMIT n)` may be re-evaluated and claim more than n.
 -- The last row (id NULL) carries the seconds until the next scheduled job, by
@@ -22,14 +24,18 @@ WITH candidates AS MATERIALIZED (
     SELECT c.id
     FROM unnest(%(queues)s::text[]) AS q(name)
     CROSS JOIN LATERAL (
-        SELECT j.id, j.priority, j.run_at
-        FROM notifyq.jobs j
-        WHERE j.status = 'queued' AND j.queue = q.name AND j.run_at <= now()
-        ORDER BY j.priority DESC, j.run_at, j.id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
+        SELECT l.id, l.priority, l.run_at,
+               row_number() OVER (ORDER BY l.priority DESC, l.run_at, l.id) AS turn
+        FROM (
+            SELECT j.id, j.priority, j.run_at
+            FROM notifyq.jobs j
+            WHERE j.status = 'queued' AND j.queue = q.name AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ) AS l
     ) AS c
-    ORDER BY c.priority DESC, c.run_at, c.id
+    ORDER BY c.turn, c.priority DESC, c.run_at, c.id
     LIMIT %(limit)s
 ), claimed AS (
     UPDATE notifyq.jobs j
@@ -196,3 +202,182 @@ WHERE status = 'running' AND lease_expires_at < now() - make_interval(secs => %(
 SELECT n_live_tup, n_dead_tup
 FROM pg_stat_user_tables
 WHERE relid = 'notifyq.jobs'::regclass;
+
+-- name: register_dispatcher
+-- Lease keeper heartbeat: upsert this dispatcher's registry row with the jobs it
+-- holds; the same statement deletes rows of dispatchers stopped or lost a day ago.
+WITH pruned AS (
+    DELETE FROM notifyq.dispatchers
+    WHERE claimant <> %(claimant)s
+      AND coalesce(stopped_at, heartbeat_at) < now() - interval '1 day'
+)
+INSERT INTO notifyq.dispatchers AS d
+    (claimant, host, pid, queues, concurrency, running, heartbeat)
+VALUES (%(claimant)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s, %(running)s,
+        %(heartbeat)s)
+ON CONFLICT (claimant) DO UPDATE SET running = excluded.running, heartbeat_at = now();
+
+-- name: dispatcher_stopped
+-- Graceful exit: mark this dispatcher's registry row stopped.
+UPDATE notifyq.dispatchers SET stopped_at = now(), running = 0 WHERE claimant = %(claimant)s;
+
+-- name: watch_queues
+-- notifyq watch/stats: per queue, from the partial indexes only (never the whole
+-- table): ready, scheduled and the oldest ready job's age (jobs_claim_idx), running
+-- (jobs_lease_idx), dead (jobs_dead_idx), finished in the last minute and 10 s
+-- (jobs_finished_idx), jobs whose last attempt failed in the last minute
+-- (jobs_failed_idx), and enqueue-to-start waits of the latest 2,000 starts of the
+-- last minute.  %(queues)s NULL means every queue.
+WITH queued AS (
+    SELECT queue,
+           count(*) FILTER (WHERE run_at <= now()) AS ready,
+           count(*) FILTER (WHERE run_at > now()) AS scheduled,
+           extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
+               AS oldest_ready
+    FROM notifyq.jobs
+    WHERE status = 'queued' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+    GROUP BY queue
+), running AS (
+    SELECT queue, count(*) AS running
+    FROM notifyq.jobs
+    WHERE status = 'running' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+    GROUP BY queue
+), dead AS (
+    SELECT queue, count(*) AS dead
+    FROM notifyq.jobs
+    WHERE status = 'dead' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+    GROUP BY queue
+), finished AS (
+    SELECT queue,
+           count(*) FILTER (WHERE status = 'succeeded') AS succeeded_1m,
+           count(*) FILTER (WHERE status <> 'cancelled'
+                              AND finished_at > now() - interval '10 seconds') AS done_10s
+    FROM notifyq.jobs
+    WHERE status IN ('succeeded', 'dead', 'cancelled')
+      AND finished_at > now() - interval '1 minute'
+      AND coalesce(queue = ANY(%(queues)s::text[]), true)
+    GROUP BY queue
+), failed AS (
+    SELECT queue, count(*) AS failed_1m
+    FROM notifyq.jobs
+    WHERE last_error IS NOT NULL AND started_at > now() - interval '1 minute'
+      AND status IN ('queued', 'dead') AND coalesce(queue = ANY(%(queues)s::text[]), true)
+    GROUP BY queue
+), starts AS (
+    (SELECT queue, started_at - run_at AS wait
+     FROM notifyq.jobs
+     WHERE status IN ('succeeded', 'dead') AND finished_at > now() - interval '1 minute'
+       AND started_at > now() - interval '1 minute' AND started_at >= run_at
+       AND coalesce(queue = ANY(%(queues)s::text[]), true)
+     ORDER BY finished_at DESC
+     LIMIT 2000)
+    UNION ALL
+    SELECT queue, started_at - run_at
+    FROM notifyq.jobs
+    WHERE status = 'running' AND started_at > now() - interval '1 minute'
+      AND started_at >= run_at AND coalesce(queue = ANY(%(queues)s::text[]), true)
+), latency AS (
+    SELECT queue,
+           extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY wait))::float8 AS p50,
+           extract(epoch FROM percentile_cont(0.95) WITHIN GROUP (ORDER BY wait))::float8 AS p95
+    FROM starts
+    GROUP BY queue
+), names AS (
+    SELECT queue FROM queued UNION SELECT queue FROM running UNION SELECT queue FROM dead
+    UNION SELECT queue FROM finished UNION SELECT queue FROM failed
+    UNION SELECT unnest(%(queues)s::text[])
+)
+SELECT n.queue,
+       coalesce(q.ready, 0) AS ready,
+       coalesce(q.scheduled, 0) AS scheduled,
+       coalesce(r.running, 0) AS running,
+       coalesce(f.succeeded_1m, 0) AS succeeded_1m,
+       coalesce(x.failed_1m, 0) AS failed_1m,
+       coalesce(d.dead, 0) AS dead,
+       coalesce(f.done_10s, 0) AS done_10s,
+       l.p50,
+       l.p95,
+       q.oldest_ready
+FROM names n
+LEFT JOIN queued q USING (queue)
+LEFT JOIN running r USING (queue)
+LEFT JOIN dead d USING (queue)
+LEFT JOIN finished f USING (queue)
+LEFT JOIN failed x USING (queue)
+LEFT JOIN latency l USING (queue)
+ORDER BY n.queue;
+
+-- name: watch_failures
+-- notifyq watch: the latest jobs whose last attempt failed (waiting for a retry,
+-- or dead), newest first, along jobs_failed_idx.
+SELECT id, queue, task, attempts, status, split_part(last_error, E'\n', 1) AS error,
+       extract(epoch FROM now() - started_at)::float8 AS age
+FROM notifyq.jobs
+WHERE last_error IS NOT NULL AND started_at IS NOT NULL AND status IN ('queued', 'dead')
+  AND coalesce(queue = ANY(%(queues)s::text[]), true)
+ORDER BY started_at DESC
+LIMIT %(limit)s;
+
+-- name: watch_dispatchers
+-- notifyq watch: the dispatcher registry with each one's state (running, stopped, lost).
+SELECT claimant, host, pid, queues, concurrency, running, state,
+       extract(epoch FROM now() - started_at)::float8 AS up,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS silent
+FROM notifyq.dispatcher_status
+ORDER BY state <> 'running', started_at;
+
+-- name: jobs_list
+-- notifyq jobs list: the newest jobs, optionally of one queue, task and status.
+SELECT id, queue, task, status, attempts, max_attempts, priority, run_at, created_at,
+       finished_at, split_part(last_error, E'\n', 1) AS error
+FROM notifyq.jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(task)s::text IS NULL OR task = %(task)s::text)
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: job_show
+-- notifyq jobs show: every column of one job.
+SELECT id, queue, task, status, priority, attempts, max_attempts, payload, run_at,
+       created_at, started_at, finished_at, claimed_by, lease_expires_at, last_error
+FROM notifyq.jobs
+WHERE id = %(id)s;
+
+-- name: retry_job
+-- notifyq retry ID: the SQL function; returns the status the job had.
+SELECT notifyq.retry_job(%(id)s);
+
+-- name: retry_dead
+-- notifyq retry --dead: the SQL function; returns how many jobs were re-queued.
+SELECT notifyq.retry_dead(%(queue)s, %(task)s);
+
+-- name: cancel_job
+-- notifyq cancel ID: the SQL function; returns the status the job had.
+SELECT notifyq.cancel_job(%(id)s);
+
+-- name: purge
+-- notifyq purge: the SQL function; returns how many jobs were deleted.
+SELECT notifyq.purge(make_interval(secs => %(seconds)s), %(statuses)s::text[]);
+
+-- name: metrics_depth
+-- Prometheus scrape: queued jobs per queue, ready and scheduled (jobs_claim_idx only).
+SELECT queue, count(*) FILTER (WHERE run_at <= now()) AS ready,
+       count(*) FILTER (WHERE run_at > now()) AS scheduled
+FROM notifyq.jobs
+WHERE status = 'queued'
+GROUP BY queue;
+
+-- name: metrics_waits
+-- Prometheus scrape: enqueue-to-start wait of attempts this dispatcher started, by
+-- primary key; a job queued again since (a retry) no longer has its start's run_at.
+SELECT queue, task, extract(epoch FROM started_at - run_at)::float8 AS wait
+FROM notifyq.jobs
+WHERE id = ANY(%(ids)s::bigint[]) AND status <> 'queued' AND started_at >= run_at;
+
+-- name: health_lost_dispatchers
+-- notifyq health: dispatchers whose heartbeat stopped without a graceful exit.
+SELECT count(*) AS lost,
+       coalesce(string_agg(host || ':' || pid, ', ' ORDER BY heartbeat_at), '') AS which
+FROM notifyq.dispatcher_status
+WHERE state = 'lost';
