@@ -141,4 +141,205 @@ SELECT queue,
 FROM notifyq.jobs
 GROUP BY queue;
 
+-- Operations
+--
+-- What `notifyq watch`, the admin commands and the dispatcher registry need.
+-- Every admin action is a plain SQL function, so any language (or psql) can do
+-- what the CLI does.  EXECUTE on them is revoked from PUBLIC: grant it to the
+-- roles that may operate the queue.
+
+-- Finished rows by finish time: "succeeded/dead in the last minute" for
+-- monitors, and purge's range scan (never a scan of the whole table).
+CREATE INDEX IF NOT EXISTS jobs_finished_idx
+    ON notifyq.jobs (finished_at) INCLUDE (queue, status)
+    WHERE status IN ('succeeded', 'dead', 'cancelled');
+-- The dead-letter queue per queue, counted on every monitor refresh.
+CREATE INDEX IF NOT EXISTS jobs_dead_idx
+    ON notifyq.jobs (queue, finished_at) WHERE status = 'dead';
+-- Jobs that have failed at least once, by their last start: small while jobs
+-- succeed at the first attempt, so it costs the usual path nothing.
+CREATE INDEX IF NOT EXISTS jobs_failed_idx
+    ON notifyq.jobs (started_at) INCLUDE (queue, status)
+    WHERE last_error IS NOT NULL;
+
+-- One row per `notifyq serve` process: written at start, refreshed on every
+-- lease heartbeat (with the number of jobs it holds), marked stopped on a
+-- graceful exit.  A row whose heartbeat is older than three heartbeat
+-- intervals belongs to a process that died or lost the database (see
+-- notifyq.dispatcher_status); rows of stopped and lost dispatchers are deleted
+-- by the live dispatchers' upkeep a day later.
+CREATE TABLE IF NOT EXISTS notifyq.dispatchers (
+    claimant     text        PRIMARY KEY,  -- host:pid:random, as in jobs.claimed_by
+    host         text        NOT NULL,
+    pid          integer     NOT NULL,
+    queues       text[]      NOT NULL,
+    concurrency  integer     NOT NULL,
+    running      integer     NOT NULL DEFAULT 0,  -- jobs claimed, outcome not yet written
+    heartbeat    float8      NOT NULL,  -- seconds between two heartbeats of this process
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    stopped_at   timestamptz
+);
+COMMENT ON TABLE notifyq.dispatchers IS
+    'One row per notifyq serve process, kept by the dispatchers themselves: read it, do not write it.';
+
+CREATE OR REPLACE VIEW notifyq.dispatcher_status AS
+SELECT d.*,
+       CASE WHEN d.stopped_at IS NOT NULL THEN 'stopped'
+            WHEN d.heartbeat_at < now() - make_interval(secs => 3 * d.heartbeat) THEN 'lost'
+            ELSE 'running' END AS state
+FROM notifyq.dispatchers d;
+COMMENT ON VIEW notifyq.dispatcher_status IS
+    'notifyq.dispatchers with a state: running, stopped (graceful exit) or lost '
+    '(no heartbeat for three intervals: killed, hung or cut off from the database).';
+
+-- The status of job id, its row locked for the caller's update; raises when
+-- there is no such job.  Shared by retry_job and cancel_job.
+CREATE OR REPLACE FUNCTION notifyq.lock_job(id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    was text;
+BEGIN
+    SELECT j.status INTO was FROM notifyq.jobs j WHERE j.id = lock_job.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'notifyq: no job with id %', lock_job.id
+            USING ERRCODE = 'no_data_found', HINT = 'List jobs with: notifyq jobs list';
+    END IF;
+    RETURN was;
+END
+$$;
+COMMENT ON FUNCTION notifyq.lock_job(bigint) IS
+    'Internal to retry_job and cancel_job: the job''s status, row locked; raises for an unknown id.';
+
+-- Run one job again, now.  dead or cancelled: queued with attempts from 0;
+-- queued (scheduled, or waiting for a retry's backoff): only run_at moves.
+-- last_error is kept.  Returns the status the job had.
+CREATE OR REPLACE FUNCTION notifyq.retry_job(id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    was text := notifyq.lock_job(retry_job.id);
+BEGIN
+    IF was IN ('running', 'succeeded') THEN
+        RAISE EXCEPTION 'notifyq: job % is %: it cannot be retried', retry_job.id, was
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = CASE WHEN was = 'running'
+                              THEN 'It is running now; cancel it first to stop it.'
+                              ELSE 'It has succeeded; enqueue a new job instead.' END;
+    END IF;
+    UPDATE notifyq.jobs j
+    SET status = 'queued',
+        run_at = now(),
+        attempts = CASE WHEN was = 'queued' THEN j.attempts ELSE 0 END,
+        started_at = CASE WHEN was = 'queued' THEN j.started_at END,
+        finished_at = NULL
+    WHERE j.id = retry_job.id;
+    RETURN was;
+END
+$$;
+COMMENT ON FUNCTION notifyq.retry_job(bigint) IS
+    'Run job id now: dead or cancelled -> queued with attempts reset to 0; queued -> run_at now(). '
+    'Keeps last_error. Returns the previous status; raises for an unknown id, a running or a '
+    'succeeded job.';
+
+-- Re-queue every dead job (of one queue and/or one task when given).
+CREATE OR REPLACE FUNCTION notifyq.retry_dead(queue text DEFAULT NULL, task text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    UPDATE notifyq.jobs j
+    SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL
+    WHERE j.status = 'dead'
+      AND (retry_dead.queue IS NULL OR j.queue = retry_dead.queue)
+      AND (retry_dead.task IS NULL OR j.task = retry_dead.task);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION notifyq.retry_dead(text, text) IS
+    'Re-queue dead jobs (optionally only of one queue and/or task): queued, attempts 0, run_at '
+    'now(), last_error kept. Returns how many.';
+
+-- Cancel one job.  queued: it never runs.  running: marked cancelled at once;
+-- its handler is not interrupted, and when it ends, the dispatcher's fenced
+-- completion finds the job no longer running under its claim and drops the
+-- outcome (logged as "not written"): no retry, no second status change.
+CREATE OR REPLACE FUNCTION notifyq.cancel_job(id bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    was text := notifyq.lock_job(cancel_job.id);
+BEGIN
+    IF was NOT IN ('queued', 'running') THEN
+        RAISE EXCEPTION 'notifyq: job % is already %: it cannot be cancelled', cancel_job.id, was
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only queued and running jobs can be cancelled.';
+    END IF;
+    UPDATE notifyq.jobs j
+    SET status = 'cancelled', finished_at = now(), claimed_by = NULL, lease_expires_at = NULL
+    WHERE j.id = cancel_job.id;
+    RETURN was;
+END
+$$;
+COMMENT ON FUNCTION notifyq.cancel_job(bigint) IS
+    'Cancel job id: queued -> cancelled (it never runs); running -> cancelled at once (the '
+    'handler is not interrupted; the fenced completion drops its outcome). Returns the previous '
+    'status; raises for an unknown id or a finished job.';
+
+-- Delete jobs that finished more than older_than ago, 10,000 rows per
+-- statement along jobs_finished_idx.  Only succeeded, dead and cancelled rows
+-- qualify: queued and running rows (the queue itself) are never read, locked
+-- or deleted, so dispatchers claim as usual meanwhile.  Every batch belongs to
+-- the caller's transaction.  Returns how many rows were deleted.
+CREATE OR REPLACE FUNCTION notifyq.purge(
+    older_than interval,
+    statuses text[] DEFAULT '{succeeded,cancelled}'
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    cutoff timestamptz := now() - older_than;
+    batch bigint;
+    total bigint := 0;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'notifyq: purge needs an interval of zero or more, got %', older_than
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example: interval ''7 days''.';
+    END IF;
+    IF statuses IS NULL OR cardinality(statuses) = 0
+       OR NOT statuses <@ ARRAY['succeeded', 'dead', 'cancelled'] THEN
+        RAISE EXCEPTION 'notifyq: purge deletes finished jobs only, not statuses %', statuses
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Name some of succeeded, dead, cancelled; queued and running jobs are the queue.';
+    END IF;
+    LOOP
+        -- The CTE fixes the batch (a LIMIT in a plain DELETE is not allowed);
+        -- SKIP LOCKED steps around a row an operator is retrying right now.
+        WITH doomed AS MATERIALIZED (
+            SELECT j.id FROM notifyq.jobs j
+            WHERE j.status IN ('succeeded', 'dead', 'cancelled')
+              AND j.status = ANY(purge.statuses)
+              AND j.finished_at < cutoff
+            ORDER BY j.finished_at
+            LIMIT 10000
+            FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM notifyq.jobs j USING doomed d WHERE j.id = d.id;
+        GET DIAGNOSTICS batch = ROW_COUNT;
+        total := total + batch;
+        EXIT WHEN batch < 10000;
+    END LOOP;
+    RETURN total;
+END
+$$;
+COMMENT ON FUNCTION notifyq.purge(interval, text[]) IS
+    'Delete jobs of the given statuses (default succeeded and cancelled; only succeeded, dead and '
+    'cancelled are allowed) that finished more than older_than ago, 10,000 per batch; never '
+    'touches queued or running jobs. Returns how many were deleted.';
+
+REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.cancel_job(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.purge(interval, text[]) FROM PUBLIC;
+
 INSERT INTO notifyq.schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;

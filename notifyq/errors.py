@@ -6,6 +6,7 @@
     │   └── PoolerInTheWay      prepared statements vanish: a pooler in transaction mode
     ├── SchemaMissing           the notifyq schema is absent or older than this code
     ├── InvalidJob              PostgreSQL rejected a job at INSERT (names the rule it broke)
+    ├── OperationRefused        an admin function refused (unknown job id, wrong state, ...)
     └── JobFailure              raised *by handlers* to steer what happens to the job
         └── DoNotRetry          fail this attempt and send the job to `dead` at once
             └── PayloadError    the payload cannot be used by this task
@@ -44,6 +45,11 @@ class SchemaMissing(NotifyqError):
 
 class InvalidJob(NotifyqError):
     """PostgreSQL refused a job; the message names the rule it broke."""
+
+
+class OperationRefused(NotifyqError):
+    """An admin function (notifyq.retry_job, cancel_job, purge, ...) refused: the message
+    says why and what to do instead."""
 
 
 class JobFailure(NotifyqError):

@@ -11,6 +11,8 @@ Checks, in order; a failed one stops the rest that depend on it:
                      (one per finished attempt) then pile up and slow claims
     leases           no running job's lease expired over a minute ago      else WARNING:
                      nobody is rescuing them (no dispatcher alive)
+    dispatchers      no registered dispatcher is lost (heartbeat silent    else WARNING
+                     for three intervals without a graceful stop)
 
 Exit status: 0 healthy, 1 a check FAILED, 2 only warnings.  The dead-tuple
 count of notifyq.jobs is reported too (information, never a verdict).
@@ -115,6 +117,7 @@ def _run(conn: Any, report: Report, max_age: float) -> None:
         )
     else:
         report.checks.append(Check("leases", OK, "no expired lease left unrescued"))
+    report.checks.append(_dispatchers(conn))
     row = _one(conn, "health_jobs_table")
     if row is not None:
         live, dead = row
@@ -170,4 +173,17 @@ def _transactions(conn: Any, max_age: float) -> Check:
         f"for {age:.0f}s (limit {max_age:.0f}s): it holds back vacuum of notifyq.jobs, "
         "whose dead rows pile up until it ends",
         details,
+    )
+
+
+def _dispatchers(conn: Any) -> Check:
+    lost, which = _one(conn, "health_lost_dispatchers")
+    if not lost:
+        return Check("dispatchers", OK, "no lost dispatcher", {"lost": 0})
+    return Check(
+        "dispatchers",
+        WARNING,
+        f"{lost} dispatchers stopped sending heartbeats without a graceful exit ({which}): "
+        "killed, hung or cut off from the database; their jobs are rescued when leases expire",
+        {"lost": lost, "which": which},
     )

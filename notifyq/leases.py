@@ -16,6 +16,10 @@ keeper stops renewing, so the jobs of a wedged process are rescued by others
 rather than held forever.  Rescued
 jobs wake the dispatchers through their status notification (and the
 fallback poll), so the keeper never has to call into the main loop.
+
+Each heartbeat also upserts this dispatcher's row in notifyq.dispatchers (the
+registry `notifyq watch` shows, with the number of jobs held), first at start;
+on a graceful stop the row is marked stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
 
 import anyio
 
@@ -46,6 +52,7 @@ class LeaseKeeper:
         held_ids: Callable[[], set[int]],
         loop_beat: Callable[[], float],
         max_stall: float,
+        registration: dict[str, Any] | None = None,
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -55,6 +62,9 @@ class LeaseKeeper:
         self._held_ids = held_ids  # called from the keeper's thread: must be thread-safe
         self._loop_beat = loop_beat  # time.monotonic() of the main loop's last tick
         self._max_stall = max_stall
+        # The registry row's fixed columns (claimant, host, pid, queues, concurrency, heartbeat).
+        self._registration = registration
+        self.beat_at: float | None = None  # time.monotonic() of the last heartbeat written
         self._stall_warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,12 +96,15 @@ class LeaseKeeper:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                if self._registration is not None:
+                    with suppress(DatabaseUnavailable), anyio.move_on_after(5):
+                        await self._store.unregister(self._claimant)
                 await self._store.close()
 
     async def run(self) -> None:
         clock = anyio.current_time
         next_rescue = clock() + self._rescue_interval * random.uniform(0.5, 1.0)
-        next_beat = clock() + self._heartbeat
+        next_beat = clock()  # the first heartbeat registers this dispatcher at once
         failures = 0
         while True:
             await anyio.sleep(max(0.0, min(next_rescue, next_beat) - clock()))
@@ -137,6 +150,9 @@ class LeaseKeeper:
 
     async def renew(self) -> None:
         ids = self._held_ids()
+        if self._registration is not None:
+            await self._store.register(self._registration, running=len(ids))
+            self.beat_at = time.monotonic()
         if not ids or not self._loop_alive():
             return
         renewed = await self._store.renew_leases(list(ids), self._claimant, self._lease)

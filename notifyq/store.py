@@ -22,7 +22,13 @@ import psycopg
 from psycopg import sql
 
 from . import codec, failpoints
-from .errors import ConfigurationError, DatabaseUnavailable, PoolerInTheWay, translate
+from .errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    OperationRefused,
+    PoolerInTheWay,
+    translate,
+)
 from .job import Job
 
 log = logging.getLogger("notifyq.store")
@@ -165,6 +171,41 @@ def apply_script(conn: psycopg.Connection[Any], version: int, script: LiteralStr
 def lock_migrations(conn: psycopg.Connection[Any]) -> None:
     with translated():
         conn.execute(QUERIES["migrate_lock"])
+
+
+# --- operations: the admin functions, listings, metrics (sync, on the caller's connection)
+
+
+def rows(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[Any]:
+    """Run one named query; an admin function's refusal becomes OperationRefused."""
+    with translated():
+        try:
+            cur = conn.execute(QUERIES[name], params)
+        except psycopg.Error as exc:
+            refusal = _refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
+        return cur.fetchall() if cur.description else []
+
+
+def records(
+    conn: psycopg.Connection[Any], name: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Rows of a named query as dicts by column name."""
+    with translated():
+        cur = conn.execute(QUERIES[name], params)
+        names = [d.name for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _refusal(exc: psycopg.Error) -> OperationRefused | None:
+    """The notifyq.* admin functions RAISE with a message starting 'notifyq: '."""
+    message = exc.diag.message_primary or ""
+    if not message.startswith("notifyq: "):
+        return None
+    hint = exc.diag.message_hint
+    return OperationRefused(message.removeprefix("notifyq: ") + (f" ({hint})" if hint else ""))
 
 
 # --- the dispatcher's statements, each on the Store of its role
@@ -317,6 +358,17 @@ class Store:
         rows = await self._run("rescue", {"limit": limit})
         return [(r[0], r[1]) for r in rows]
 
+    async def register(self, registration: dict[str, Any], running: int) -> None:
+        """Upsert this dispatcher's registry row (prunes day-old stopped/lost rows too)."""
+        await self._run("register_dispatcher", {**registration, "running": running})
+
+    async def unregister(self, claimant: str) -> None:
+        await self._run("dispatcher_stopped", {"claimant": claimant})
+
+    async def fetch(self, name: str, params: dict[str, Any]) -> list[Any]:
+        """Rows of a read-only named query (notifyq watch's)."""
+        return await self._run(name, params)
+
 
 class Listener:
     """The one LISTEN connection: autocommit, never inside a transaction."""
@@ -361,6 +413,17 @@ class Listener:
             await self.close()
             raise
         return payloads
+
+    async def drain(self) -> int:
+        """Consume the notifications already received; returns how many."""
+        conn = self._conn
+        if conn is None:
+            raise DatabaseUnavailable("the listener is not connected")
+        count = 0
+        with translated():
+            async for _ in conn.notifies(timeout=0.0):
+                count += 1
+        return count
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
