@@ -192,6 +192,14 @@ def load_app(target: str) -> App:
     default=False,
     help="Apply the notifyq schema before serving (always done for the private server).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics, with /healthz and /readyz "
+    "(needs pip install 'notifyq[metrics]').",
+)
 def serve(
     app_target: str,
     dsn: str | None,
@@ -203,6 +211,7 @@ def serve(
     shutdown_timeout: float,
     no_listen: bool,
     do_migrate: bool,
+    metrics_port: int | None,
 ) -> None:
     """Run the dispatcher: LISTEN, claim in batches, run the app's handlers."""
     app = load_app(app_target)
@@ -214,6 +223,7 @@ def serve(
         lease=lease,
         shutdown_timeout=shutdown_timeout,
         listen=not no_listen,
+        metrics_port=metrics_port,
     )
     dsn = dsn or app.dsn
     if dsn and do_migrate:
@@ -323,3 +333,210 @@ def health_command(dsn: str | None, as_json: bool, max_transaction_age: float) -
         for line in report.lines():
             click.echo(line)
     sys.exit(report.exit_code)
+
+
+# --- monitoring and operations: watch, stats, jobs, retry, cancel, purge
+
+
+def _queues_option(fn: F) -> F:
+    return click.option(
+        "--queue", "queues", multiple=True, metavar="Q", help="Only this queue (repeatable)."
+    )(fn)
+
+
+@main.command(name="watch")
+@dsn_option
+@_queues_option
+@click.option("--once", is_flag=True, help="Print one snapshot and exit (for scripts).")
+@click.option("--json", "as_json", is_flag=True, help="Snapshots as JSON, one per line.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2),
+    default=2.0,
+    show_default=True,
+    metavar="S",
+    help="Refresh at least this often; notifications refresh sooner (at most 3 times a second).",
+)
+@click.option(
+    "--max-age",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    metavar="S",
+    help="Show the oldest ready job in red when it has waited longer than this.",
+)
+def watch_command(
+    dsn: str | None,
+    queues: tuple[str, ...],
+    once: bool,
+    as_json: bool,
+    interval: float,
+    max_age: float,
+) -> None:
+    """Live view of queues, dispatchers and failures (Ctrl-C to quit)."""
+    import anyio
+    from rich.console import Console
+    from rich.live import Live
+
+    from . import watch
+
+    dsn = database(dsn)
+    console = Console()
+    if once:
+        snap = anyio.run(lambda: watch.once(dsn, queues or None, max_age))
+        if as_json:
+            click.echo(codec.dumps(snap.as_dict()))
+        else:
+            console.print(watch.render(snap, console.width))
+        return
+    live = None if as_json else Live(console=console, auto_refresh=False, redirect_stderr=False)
+
+    def show(snap: watch.Snapshot) -> None:
+        if live is None:
+            click.echo(codec.dumps(snap.as_dict()))
+        else:
+            live.update(watch.render(snap, console.width), refresh=True)
+
+    try:
+        if live is not None:
+            live.start()
+        anyio.run(
+            lambda: watch.follow(
+                dsn, show, queues=queues or None, interval=interval, max_age=max_age
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+
+
+@main.command(name="stats")
+@dsn_option
+@_queues_option
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON document.")
+def stats_command(dsn: str | None, queues: tuple[str, ...], as_json: bool) -> None:
+    """Per queue: ready, scheduled, running, the last minute's outcomes, dead, waits."""
+    import anyio
+
+    from . import watch
+
+    snap = anyio.run(lambda: watch.once(database(dsn), queues or None))
+    if as_json:
+        click.echo(codec.dumps({"queues": snap.as_dict()["queues"]}))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(watch.queue_table(snap, console.width))
+
+
+@main.group(name="jobs", cls=Group)
+def jobs_group() -> None:
+    """List and inspect jobs."""
+
+
+@jobs_group.command(name="list")
+@dsn_option
+@click.option("--queue", default=None, help="Only this queue.")
+@click.option("--task", default=None, help="Only this task.")
+@click.option(
+    "--status", type=click.Choice(["queued", "running", "succeeded", "dead", "cancelled"])
+)
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+def jobs_list_command(
+    dsn: str | None, queue: str | None, task: str | None, status: str | None, limit: int
+) -> None:
+    """The newest jobs, one line each (id, queue, task, status, attempts, first error line)."""
+    from . import admin
+
+    found = admin.list_jobs(database(dsn), queue=queue, task=task, status=status, limit=limit)
+    click.echo(f"{'id':>8}  {'queue':<12} {'task':<24} {'status':<9} {'tries':>5}  error")
+    for j in found:
+        tries = f"{j['attempts']}/{j['max_attempts'] or '-'}"
+        click.echo(
+            f"{j['id']:>8}  {j['queue']:<12} {j['task']:<24} {j['status']:<9} {tries:>5}  "
+            f"{j['error'] or ''}".rstrip()
+        )
+
+
+@jobs_group.command(name="show")
+@click.argument("job_id", metavar="ID", type=int)
+@dsn_option
+def jobs_show_command(job_id: int, dsn: str | None) -> None:
+    """Every column of job ID, with the full last_error (traceback included)."""
+    from . import admin
+
+    job = admin.show_job(database(dsn), job_id)
+    if job is None:
+        fail(f"no job with id {job_id}")
+    error = job.pop("last_error")
+    payload = job.pop("payload")
+    for name, value in job.items():
+        click.echo(f"{name + ':':<18}{'' if value is None else value}")
+    click.echo(f"{'payload:':<18}{codec.dumps(payload)}")
+    click.echo("last_error:" + ("\n" + error if error else ""))
+
+
+@main.command(name="retry")
+@click.argument("job_id", metavar="[ID]", type=int, required=False)
+@dsn_option
+@click.option("--dead", "all_dead", is_flag=True, help="Re-queue every dead job instead of one.")
+@click.option("--queue", default=None, help="With --dead: only this queue.")
+@click.option("--task", default=None, help="With --dead: only this task.")
+def retry_command(
+    job_id: int | None, dsn: str | None, all_dead: bool, queue: str | None, task: str | None
+) -> None:
+    """Run job ID again now (dead or cancelled ones start from attempt 1), or --dead jobs."""
+    from . import admin
+
+    if all_dead == (job_id is not None):
+        fail("give either a job ID or --dead")
+    if not all_dead and (queue or task):
+        fail("--queue and --task go with --dead")
+    if all_dead:
+        count = admin.retry_dead(database(dsn), queue, task)
+        click.echo(f"re-queued {count} dead jobs")
+    else:
+        assert job_id is not None
+        was = admin.retry_job(database(dsn), job_id)
+        click.echo(f"job {job_id}: {was} -> queued")
+
+
+@main.command(name="cancel")
+@click.argument("job_id", metavar="ID", type=int)
+@dsn_option
+def cancel_command(job_id: int, dsn: str | None) -> None:
+    """Cancel job ID: a queued job never runs; a running one's outcome is dropped."""
+    from . import admin
+
+    was = admin.cancel_job(database(dsn), job_id)
+    note = " (its handler runs on; its outcome will be dropped)" if was == "running" else ""
+    click.echo(f"job {job_id}: {was} -> cancelled{note}")
+
+
+@main.command(name="purge")
+@dsn_option
+@click.option(
+    "--older-than",
+    default="7d",
+    show_default=True,
+    metavar="AGE",
+    help="Finished longer ago than this: 90s, 30m, 12h, 7d, 2w.",
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["succeeded", "dead", "cancelled"]),
+    help="Statuses to delete (repeatable). Default: succeeded and cancelled.",
+)
+def purge_command(dsn: str | None, older_than: str, statuses: tuple[str, ...]) -> None:
+    """Delete finished jobs in batches; queued and running jobs are never touched."""
+    from . import admin
+
+    seconds = admin.parse_age(older_than)
+    chosen = statuses or ("succeeded", "cancelled")
+    count = admin.purge(database(dsn), seconds, chosen)
+    click.echo(f"purged {count} jobs ({', '.join(chosen)}) finished over {older_than} ago")

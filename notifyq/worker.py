@@ -35,6 +35,7 @@ from .worker_pool import Finished, WorkerPool
 
 if TYPE_CHECKING:
     from .app import App
+    from .metrics import Metrics
 
 log = logging.getLogger("notifyq")
 
@@ -50,6 +51,7 @@ class Settings:
     lease: float = 30.0
     shutdown_timeout: float = 30.0
     listen: bool = True
+    metrics_port: int | None = None  # serve Prometheus metrics, /healthz and /readyz there
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -64,6 +66,8 @@ class Settings:
             raise ConfigurationError("shutdown timeout cannot be negative")
         for queue in self.queues or ():
             check_queue_name(queue)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError("metrics port must be from 0 to 65535")
 
 
 class Worker:
@@ -107,6 +111,11 @@ class Worker:
             held_ids=self._held_ids,
         )
         self.completer = Completer(complete_store, self.claimant, self._written)
+        self.metrics: Metrics | None = None
+        if settings.metrics_port is not None:
+            from .metrics import Metrics  # optional dependency: imported only when asked for
+
+            self.metrics = Metrics(self)
         self.leases = LeaseKeeper(
             # Used, and closed, only on the keeper's own thread and loop.
             store.Store(dsn, "leases", prepare=settings.listen),
@@ -117,6 +126,14 @@ class Worker:
             held_ids=self._held_ids,
             loop_beat=lambda: self._loop_beat,
             max_stall=settings.lease * 10,
+            registration={
+                "claimant": self.claimant,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": self.queues,
+                "concurrency": settings.concurrency,
+                "heartbeat": settings.lease / 3,
+            },
         )
 
     def stop(self) -> None:
@@ -130,10 +147,14 @@ class Worker:
     def _submit(self, job: Job) -> None:
         with self._held_lock:
             self.held.add((job.id, job.attempt))
+        if self.metrics is not None:
+            self.metrics.started(job)
         self.pool.submit(job)
 
     def _finished(self, finished: Finished) -> None:
         self.dispatcher.slot_freed()
+        if self.metrics is not None:
+            self.metrics.finished(finished)
         self.completer.submit(finished)
 
     def _written(self, pairs: set[tuple[int, int]]) -> None:
@@ -151,6 +172,12 @@ class Worker:
             s.lease,
             s.listen,
         )
+        exporter = None
+        if self.metrics is not None:
+            from .metrics import Exporter
+
+            exporter = Exporter(self.metrics, self.settings.metrics_port or 0)
+            exporter.start()
         self.leases.start()
         try:
             async with anyio.create_task_group() as background:
@@ -170,6 +197,8 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.leases.stop)
+                if exporter is not None:
+                    await anyio.to_thread.run_sync(exporter.stop)
                 for st in self._stores:
                     await st.close()
         log.info("stopped; since start: %s", self._totals_text(self._totals()))

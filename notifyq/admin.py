@@ -1,0 +1,83 @@
+"""The operations behind `notifyq jobs/retry/cancel/purge/stats`.
+
+Each admin action is a SQL function in schema.sql (notifyq.retry_job,
+retry_dead, cancel_job, purge), so any language can do the same; this module
+only calls them, through the named queries in sql/queries.sql.  A refusal
+(unknown id, wrong state) arrives as OperationRefused with the function's
+message and hint.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from . import store
+from .errors import ConfigurationError
+
+FINISHED = ("succeeded", "dead", "cancelled")
+STATUSES = ("queued", "running", *FINISHED)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """'7d', '12h', '30m', '90s', '2w' or plain seconds, as seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not match:
+        raise ConfigurationError(f"not a duration: {text!r} (use e.g. 7d, 12h, 30m, 90s)")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+@contextmanager
+def _connection(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with store.connect_sync(dsn) as conn:
+        yield conn
+
+
+def _one(dsn: str, name: str, params: dict[str, Any]) -> Any:
+    with _connection(dsn) as conn:
+        return store.rows(conn, name, params)[0][0]
+
+
+def retry_job(dsn: str, job_id: int) -> str:
+    """Run the job again now; returns the status it had."""
+    return str(_one(dsn, "retry_job", {"id": job_id}))
+
+
+def retry_dead(dsn: str, queue: str | None = None, task: str | None = None) -> int:
+    return int(_one(dsn, "retry_dead", {"queue": queue, "task": task}))
+
+
+def cancel_job(dsn: str, job_id: int) -> str:
+    """Cancel a queued or running job; returns the status it had."""
+    return str(_one(dsn, "cancel_job", {"id": job_id}))
+
+
+def purge(dsn: str, older_than: float, statuses: Sequence[str] = ("succeeded", "cancelled")) -> int:
+    return int(_one(dsn, "purge", {"seconds": older_than, "statuses": list(statuses)}))
+
+
+def list_jobs(
+    dsn: str,
+    *,
+    queue: str | None = None,
+    task: str | None = None,
+    status: str | None = None,
+    limit: int = 20,
+) -> list[dict[str, Any]]:
+    params = {"queue": queue, "task": task, "status": status, "limit": limit}
+    return _dicts(dsn, "jobs_list", params)
+
+
+def show_job(dsn: str, job_id: int) -> dict[str, Any] | None:
+    found = _dicts(dsn, "job_show", {"id": job_id})
+    return found[0] if found else None
+
+
+def _dicts(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    with _connection(dsn) as conn:
+        return store.records(conn, name, params)

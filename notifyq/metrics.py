@@ -1,0 +1,245 @@
+"""`notifyq serve --metrics-port N`: Prometheus metrics, /healthz and /readyz.
+
+The hot path pays one method call per claimed job and one per finished
+attempt (a label lookup and a counter increment); everything else is read at
+scrape time: the dispatcher's own counters, and from the database the queue
+depth (jobs_claim_idx only) and the enqueue-to-start wait of the attempts this
+process started since the last scrape (by primary key).
+
+    /metrics   Prometheus text format
+    /healthz   200 while the process serves HTTP at all (liveness)
+    /readyz    200 when the dispatcher is connected (its last heartbeat was
+               written within three heartbeats) and listening; else 503
+
+`prometheus-client` is an optional dependency: `pip install 'notifyq[metrics]'`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from . import store
+from .errors import ConfigurationError, DoNotRetry, NotifyqError
+from .job import Job
+from .worker_pool import Finished, UnknownTask
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("notifyq.metrics")
+
+LABELS = ("queue", "task")
+# Seconds; from a notification-driven start (milliseconds) to a long backlog or a long job.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+MAX_PENDING_WAITS = 10_000  # started ids kept between two scrapes; older ones are dropped
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError as exc:
+        raise ConfigurationError(
+            "--metrics-port needs prometheus-client: pip install 'notifyq[metrics]'"
+        ) from exc
+    return prometheus_client
+
+
+class Metrics:
+    """The dispatcher's Prometheus registry and its hooks."""
+
+    def __init__(self, worker: Worker) -> None:
+        prom = _prometheus()
+        self._prom = prom
+        self._worker = worker
+        self.registry = prom.CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._started = prom.Counter(
+            "notifyq_jobs_started", "Attempts claimed and started.", LABELS, registry=r
+        )
+        self._succeeded = prom.Counter(
+            "notifyq_jobs_succeeded", "Attempts that succeeded.", LABELS, registry=r
+        )
+        self._failed = prom.Counter(
+            "notifyq_jobs_failed",
+            "Attempts that failed (retried later, or dead).",
+            LABELS,
+            registry=r,
+        )
+        self._dead = prom.Counter(
+            "notifyq_jobs_dead", "Jobs that went dead (the dead-letter queue).", LABELS, registry=r
+        )
+        self._run = prom.Histogram(
+            "notifyq_job_run_seconds", "Handler run time.", LABELS, buckets=BUCKETS, registry=r
+        )
+        self._wait = prom.Histogram(
+            "notifyq_job_wait_seconds",
+            "Enqueue-to-start wait (started_at - run_at), by the database clock.",
+            LABELS,
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self._depth = prom.Gauge(
+            "notifyq_queue_depth",
+            "Queued jobs (all dispatchers'): ready now, or scheduled later; read at scrape time.",
+            ["queue", "state"],
+            registry=r,
+        )
+        self._up = prom.Gauge(
+            "notifyq_database_up", "1 if the scrape's queries reached the database.", registry=r
+        )
+        self._starts: dict[tuple[int, int], float] = {}
+        self._waits: deque[int] = deque(maxlen=MAX_PENDING_WAITS)
+        self._conn: Any = None
+        self._conn_lock = threading.Lock()
+        r.register(_Collector(self))
+
+    # --- hooks: called on the dispatcher's event loop, so kept to a few dict operations
+
+    def started(self, job: Job) -> None:
+        self._starts[(job.id, job.attempt)] = time.monotonic()
+        self._waits.append(job.id)
+        self._started.labels(job.queue, job.task).inc()
+
+    def finished(self, finished: Finished) -> None:
+        job = finished.job
+        began = self._starts.pop((job.id, job.attempt), None)
+        if finished.interrupted:
+            return  # handed back at shutdown: neither success nor failure
+        labels = (job.queue, job.task)
+        if began is not None:
+            self._run.labels(*labels).observe(time.monotonic() - began)
+        if finished.error is None:
+            self._succeeded.labels(*labels).inc()
+            return
+        self._failed.labels(*labels).inc()
+        # The same rule completion.decide applies.
+        if isinstance(finished.error, DoNotRetry | UnknownTask) or job.attempt >= job.max_attempts:
+            self._dead.labels(*labels).inc()
+
+    # --- scrape time, on the HTTP server's threads
+
+    def ready(self) -> bool:
+        w = self._worker
+        beat = w.leases.beat_at
+        heartbeat = w.settings.lease / 3
+        connected = beat is not None and time.monotonic() - beat < 3 * heartbeat + 1
+        return connected and (w.listening.is_set() or not w.settings.listen)
+
+    def refresh(self) -> None:
+        """Before each scrape: queue depth, and the waits of attempts started since the last."""
+        ids = [self._waits.popleft() for _ in range(len(self._waits))]
+        try:
+            with self._conn_lock:
+                if self._conn is None or self._conn.closed:
+                    self._conn = store.connect_sync(self._worker.dsn)
+                depth = store.rows(self._conn, "metrics_depth", {})
+                waits = store.rows(self._conn, "metrics_waits", {"ids": ids}) if ids else []
+        except NotifyqError as exc:
+            log.warning("metrics: could not query the database (%s)", exc)
+            self.close()
+            self._up.set(0)
+            return
+        self._up.set(1)
+        self._depth.clear()
+        for queue, ready, scheduled in depth:
+            self._depth.labels(queue, "ready").set(ready)
+            self._depth.labels(queue, "scheduled").set(scheduled)
+        for queue, task, wait in waits:
+            self._wait.labels(queue, task).observe(wait)
+
+    def close(self) -> None:
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+class _Collector:
+    """What the dispatcher already counts, read at scrape time (no hot-path cost)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def describe(self) -> list[Any]:
+        return []  # the families are fixed, but cheap enough to find by collecting
+
+    def collect(self) -> Iterator[Any]:
+        core = self._m._prom.core
+        w = self._m._worker
+        counters = {
+            "notifyq_notifications": ("Notifications naming a served queue.", w.notifications),
+            "notifyq_polls_with_work": (
+                "Fallback polls that found jobs (notifications that went missing).",
+                w.dispatcher.polls_with_work,
+            ),
+            "notifyq_claims": ("Claim statements run.", w.dispatcher.claims),
+            "notifyq_completions_fenced": (
+                "Outcomes dropped because the job was no longer ours (rescued or cancelled).",
+                w.completer.fenced,
+            ),
+            "notifyq_rescued": ("Jobs whose expired lease this process rescued.", w.leases.rescued),
+        }
+        for name, (doc, value) in counters.items():
+            yield core.CounterMetricFamily(name, doc, value=value)
+        yield core.GaugeMetricFamily(
+            "notifyq_running_jobs", "Jobs running in this process.", value=w.pool.running
+        )
+
+
+class Exporter:
+    """The HTTP endpoint, on a thread of its own."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str = "") -> None:
+        self._metrics = metrics
+        prom = metrics._prom
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    metrics.refresh()
+                    body = prom.generate_latest(metrics.registry)
+                    self._reply(200, body, prom.CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._reply(200, b"ok\n")
+                elif path == "/readyz":
+                    ok = metrics.ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _reply(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("%s %s", exporter.address, format % args)
+
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot serve metrics on port {port}: {exc}") from exc
+        self._server.daemon_threads = True
+        self.address = f"{host or '0.0.0.0'}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="notifyq-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics on http://%s/metrics (also /healthz, /readyz)", self.address)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._metrics.close()
