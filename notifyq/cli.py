@@ -214,6 +214,10 @@ def serve(
     metrics_port: int | None,
 ) -> None:
     """Run the dispatcher: LISTEN, claim in batches, run the app's handlers."""
+    if metrics_port is not None:
+        from .metrics import require_prometheus  # fail before connecting, not after
+
+        require_prometheus()
     app = load_app(app_target)
     settings = Settings(
         concurrency=concurrency,

@@ -40,7 +40,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
 MAX_PENDING_WAITS = 10_000  # started ids kept between two scrapes; older ones are dropped
 
 
-def _prometheus() -> Any:
+def require_prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError as exc:
@@ -54,7 +54,7 @@ class Metrics:
     """The dispatcher's Prometheus registry and its hooks."""
 
     def __init__(self, worker: Worker) -> None:
-        prom = _prometheus()
+        prom = require_prometheus()
         self._prom = prom
         self._worker = worker
         self.registry = prom.CollectorRegistry(auto_describe=True)
@@ -170,7 +170,8 @@ class _Collector:
         return []  # the families are fixed, but cheap enough to find by collecting
 
     def collect(self) -> Iterator[Any]:
-        core = self._m._prom.core
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         w = self._m._worker
         counters = {
             "notifyq_notifications": ("Notifications naming a served queue.", w.notifications),
@@ -186,8 +187,8 @@ class _Collector:
             "notifyq_rescued": ("Jobs whose expired lease this process rescued.", w.leases.rescued),
         }
         for name, (doc, value) in counters.items():
-            yield core.CounterMetricFamily(name, doc, value=value)
-        yield core.GaugeMetricFamily(
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
             "notifyq_running_jobs", "Jobs running in this process.", value=w.pool.running
         )
 
