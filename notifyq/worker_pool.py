@@ -58,8 +58,8 @@ class WorkerPool:
         self._concurrency = concurrency
         self._on_finished = on_finished
         self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
-        # (job id, attempt) -> that attempt's cancel scope
-        self._running: dict[tuple[int, int], anyio.CancelScope] = {}
+        self._scopes: set[anyio.CancelScope] = set()  # each slot's current session
+        self._active = 0  # attempts running now
         self._threads = anyio.CapacityLimiter(concurrency)
         self._pending = 0  # submitted and not yet finished
         self._interrupting = False
@@ -70,7 +70,7 @@ class WorkerPool:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return self._active
 
     def submit(self, job: Job) -> None:
         """Queue a claimed job; the dispatcher never claims more than there are free slots."""
@@ -95,7 +95,7 @@ class WorkerPool:
         """Cancel every running attempt (shutdown grace is over): they are handed back."""
         self._interrupting = True
         self._stopping.set()
-        for scope in self._running.values():
+        for scope in self._scopes:
             scope.cancel()
 
     def signal_stopping(self) -> None:
@@ -108,56 +108,74 @@ class WorkerPool:
 
     async def _slot(self, receive: Any) -> None:
         async with receive:
-            async for job in receive:
-                try:
-                    finished = await self._attempt(job)
-                finally:
-                    self._pending -= 1
-                    if self._pending == 0:
-                        self._idle.set()
-                if failpoints.ACTIVE and not finished.interrupted:
-                    failpoints.hit("handler-after")
-                self._on_finished(finished)
+            while not await self._session(receive):
+                pass  # interrupted: a new session reports what is still queued as handed back
 
-    async def _attempt(self, job: Job) -> Finished:
+    async def _session(self, receive: Any) -> bool:
+        """Run jobs under one cancel scope until the stream ends (True) or `interrupt_all`
+        cancels the scope (False).  One scope per slot, not per attempt: creating a scope
+        costs more than a no-op job, and only shutdown ever cancels it."""
+        current: Job | None = None
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                async for job in receive:
+                    current = job
+                    self._active += 1
+                    try:
+                        finished = await self._attempt(job, scope)
+                    finally:
+                        self._active -= 1
+                    current = None
+                    self._report(finished)
+                return True
+            finally:
+                self._scopes.discard(scope)
+        if current is not None:  # shutdown interrupted this attempt
+            task = self._registry.get(current.task)
+            if task is not None and not task.is_async:
+                self.abandoned += 1
+            self._report(Finished(current, task, interrupted=True))
+        return False
+
+    def _report(self, finished: Finished) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()
+        if failpoints.ACTIVE and not finished.interrupted:
+            failpoints.hit("handler-after")
+        self._on_finished(finished)
+
+    async def _attempt(self, job: Job, scope: anyio.CancelScope) -> Finished:
         task = self._registry.get(job.task)
         if self._interrupting:  # claimed just before shutdown and never started
             return Finished(job, task, interrupted=True)
         context = JobContext(
             job.id, job.queue, job.task, job.attempt, job.max_attempts, self._stopping
         )
-        key = (job.id, job.attempt)  # the same job may come back as a newer attempt
-        with anyio.CancelScope() as scope:
-            self._running[key] = scope
-            try:
-                if task is None:
-                    raise UnknownTask(
-                        f"unknown task {job.task!r}: no handler is registered under this name "
-                        f"in the app serving queue {job.queue!r}"
-                    )
-                await self._call(task, job, context)
-                return Finished(job, task)
-            except Exception as exc:
-                return Finished(job, task, exc, traceback.format_exc())
-            except anyio.get_cancelled_exc_class():
-                if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
-                    raise  # a real cancellation: ours (shutdown) or an enclosing one
-                # The handler leaked a cancellation of its own (awaited a cancelled future).
-                return Finished(
-                    job,
-                    task,
-                    RuntimeError("the handler raised CancelledError"),
-                    traceback.format_exc(),
+        try:
+            if task is None:
+                raise UnknownTask(
+                    f"unknown task {job.task!r}: no handler is registered under this name "
+                    f"in the app serving queue {job.queue!r}"
                 )
-            except BaseException as exc:  # SystemExit, KeyboardInterrupt from a handler
-                # A handler cannot stop the dispatcher: it only fails its own attempt.
-                return Finished(job, task, exc, traceback.format_exc())
-            finally:
-                del self._running[key]
-        # Only reached when the scope was cancelled: shutdown interrupted the attempt.
-        if task is not None and not task.is_async:
-            self.abandoned += 1
-        return Finished(job, task, interrupted=True)
+            await self._call(task, job, context)
+            return Finished(job, task)
+        except Exception as exc:
+            return Finished(job, task, exc, traceback.format_exc())
+        except anyio.get_cancelled_exc_class():
+            if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
+                raise  # a real cancellation: ours (shutdown) or an enclosing one
+            # The handler leaked a cancellation of its own (awaited a cancelled future).
+            return Finished(
+                job,
+                task,
+                RuntimeError("the handler raised CancelledError"),
+                traceback.format_exc(),
+            )
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt from a handler
+            # A handler cannot stop the dispatcher: it only fails its own attempt.
+            return Finished(job, task, exc, traceback.format_exc())
 
     async def _call(self, task: Task, job: Job, context: JobContext) -> None:
         payload = job.payload
