@@ -316,7 +316,7 @@ def render(snap: Snapshot, width: int, *, title: str = "notifyq watch") -> Rende
     head = Text(f"{title}  {stamp}", style="bold")
     if snap.connected:
         head.append(f"  refresh #{snap.refreshes}", style="dim")
-        if width >= 60:
+        if width >= 60 and snap.refreshes > 1:  # a rate means nothing after one refresh
             head.append(f"  ~{snap.queries_per_second:.1f} queries/s", style="dim")
     else:
         head.append(f"  reconnecting… ({snap.problem})", style="bold red")
