@@ -86,6 +86,20 @@ WHERE j.id = o.id
   AND j.attempts = o.attempt
 RETURNING j.id;
 
+-- name: complete_succeeded
+-- `complete` for a batch of successes only (the common case), fenced the same way.
+UPDATE notifyq.jobs j
+SET status = 'succeeded',
+    finished_at = now(),
+    claimed_by = NULL,
+    lease_expires_at = NULL
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt)
+WHERE j.id = o.id
+  AND j.status = 'running'
+  AND j.claimed_by = %(claimant)s
+  AND j.attempts = o.attempt
+RETURNING j.id;
+
 -- name: renew_leases
 -- Heartbeat: extend the lease of every job we are still running.
 UPDATE notifyq.jobs
