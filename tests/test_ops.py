@@ -82,6 +82,15 @@ def test_retry_and_cancel_from_plain_sql(dsn: str) -> None:
     assert (row["status"], row["claimed_by"], row["lease_expires_at"]) == ("cancelled", None, None)
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="already cancelled"):
         query(dsn, "SELECT notifyq.cancel_job(%s)", queued)
+    # A job waiting for a retry's backoff runs now, its attempts kept.
+    (waiting,) = insert(
+        dsn, QUEUED.replace("0, NULL::timestamptz, NULL,", "2, NULL::timestamptz, 'err',")
+    )
+    query(dsn, "UPDATE notifyq.jobs SET run_at = now() + interval '1 hour' WHERE id = %s", waiting)
+    assert query(dsn, "SELECT notifyq.retry_job(%s)", waiting) == [("queued",)]
+    assert query(
+        dsn, "SELECT attempts, run_at <= now(), last_error FROM notifyq.jobs WHERE id = %s", waiting
+    ) == [(2, True, "err")]
     # A cancelled job can be retried: it starts again from attempt 1.
     assert query(dsn, "SELECT notifyq.retry_job(%s)", running) == [("cancelled",)]
     assert job(dsn, running)["attempts"] == 0
