@@ -13,12 +13,21 @@
 
 Driver errors are translated at one seam (store.py) with `translate()`; no
 other module looks at psycopg exceptions.
+
+A DSN's password must never reach a message or a log line: `redact()` is the
+one place that removes it (libpq echoes a malformed connection string in its
+error, password and all), used by store.py's seam and the command line.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from urllib.parse import unquote
+
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 
 
 class NotifyqError(Exception):
@@ -79,8 +88,60 @@ _CONSTRAINTS = {
 }
 
 
-def translate(exc: psycopg.Error) -> NotifyqError:
-    """The notifyq error a driver error means; the message keeps PostgreSQL's words."""
+# A URI's userinfo password (scheme://user:PASSWORD@host) and a keyword's value
+# (password=PASSWORD, quoted or not), wherever they appear in a text.
+_URI_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@\[]*:)[^\s/?#]*@")
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&'\"]+)", re.I)
+REDACTED = "***"
+
+
+def dsn_secrets(dsn: str | None) -> set[str]:
+    """The password a connection string carries, as written and decoded, even when
+    the string is malformed (its error message may still echo it)."""
+    if not dsn:
+        return set()
+    found: set[str] = set()
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except psycopg.Error:
+        password = None
+    if password:
+        found.add(str(password))
+    match = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@", dsn)
+    if match and ":" in match.group(1):
+        raw = match.group(1).split(":", 1)[1]
+        found.update({raw, unquote(raw)})
+    for keyword in _KEYWORD_PASSWORD.finditer(dsn):
+        value = keyword.group(2)
+        found.update({value, value.strip("'")})
+    return {secret for secret in found if secret}
+
+
+def has_password(dsn: str | None) -> bool:
+    return bool(dsn_secrets(dsn))
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without the given secrets and without any password a URI or a
+    password=... keyword in it carries."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    text = _URI_PASSWORD.sub(lambda m: m.group(1) + REDACTED + "@", text)
+    return _KEYWORD_PASSWORD.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def translate(exc: psycopg.Error, *, dsn: str | None = None) -> NotifyqError:
+    """The notifyq error a driver error means; the message keeps PostgreSQL's words
+    (less any password: `dsn`, when given, names the one to look for)."""
+    error = _translate(exc)
+    text = str(error)
+    clean = redact(text, dsn_secrets(dsn))
+    if clean != text:
+        error = type(error)(clean)
+    return error
+
+
+def _translate(exc: psycopg.Error) -> NotifyqError:
     state = exc.sqlstate or ""
     message = exc.diag.message_primary or _first_line(exc)
     if isinstance(exc, pg_errors.CheckViolation):
