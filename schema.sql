@@ -82,13 +82,22 @@ CREATE INDEX IF NOT EXISTS jobs_scheduled_idx
 CREATE INDEX IF NOT EXISTS jobs_lease_idx
     ON notifyq.jobs (lease_expires_at) WHERE status = 'running';
 
+-- The trigger functions run as whoever writes the row (a dispatcher, an
+-- operator), so every function and type they name is qualified with
+-- pg_catalog: a better-matching function in a schema on the writer's
+-- search_path (public is writable by everyone before PostgreSQL 15), or a temp
+-- table named like a type, cannot capture the call.  Qualified names cost
+-- nothing, unlike a SET search_path clause on the enqueue path.  The
+-- transition tables (inserted, new_rows, old_rows) are found before any table
+-- of the same name.
+
 -- One notification per statement per queue, never one per row: a 100,000-row
 -- INSERT wakes the dispatchers once.  The payload is the queue name only; a
 -- notification is a hint to look at the table, never the job itself.
 CREATE OR REPLACE FUNCTION notifyq.notify_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('notifyq_jobs', q.queue)
+    PERFORM pg_catalog.pg_notify('notifyq_jobs', q.queue)
     FROM (SELECT DISTINCT queue FROM inserted WHERE status = 'queued') AS q;
     RETURN NULL;
 END
@@ -102,12 +111,13 @@ $$;
 CREATE OR REPLACE FUNCTION notifyq.notify_status_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('notifyq_status',
-                      json_build_object('queue', c.queue, 'status', c.status)::text)
+    PERFORM pg_catalog.pg_notify(
+        'notifyq_status',
+        pg_catalog.json_build_object('queue', c.queue, 'status', c.status)::pg_catalog.text)
     FROM (SELECT DISTINCT n.queue, n.status
           FROM new_rows n JOIN old_rows o ON o.id = n.id
           WHERE n.status IS DISTINCT FROM o.status) AS c;
-    PERFORM pg_notify('notifyq_jobs', r.queue)
+    PERFORM pg_catalog.pg_notify('notifyq_jobs', r.queue)
     FROM (SELECT DISTINCT n.queue
           FROM new_rows n JOIN old_rows o ON o.id = n.id
           WHERE n.status = 'queued'
@@ -146,7 +156,9 @@ GROUP BY queue;
 -- What `notifyq watch`, the admin commands and the dispatcher registry need.
 -- Every admin action is a plain SQL function, so any language (or psql) can do
 -- what the CLI does.  EXECUTE on them is revoked from PUBLIC: grant it to the
--- roles that may operate the queue.
+-- roles that may operate the queue.  They pin search_path to pg_catalog (pg_temp
+-- last), so no function, operator or type from another schema can stand in for
+-- a built-in while an operator (often the owner) runs them.
 
 -- Finished rows by finish time: "succeeded/dead in the last minute" for
 -- monitors, and purge's range scan (never a scan of the whole table).
@@ -196,7 +208,9 @@ COMMENT ON VIEW notifyq.dispatcher_status IS
 -- The status of job id, its row locked for the caller's update; raises when
 -- there is no such job.  Shared by retry_job and cancel_job.
 CREATE OR REPLACE FUNCTION notifyq.lock_job(id bigint) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     was text;
 BEGIN
@@ -215,7 +229,9 @@ COMMENT ON FUNCTION notifyq.lock_job(bigint) IS
 -- queued (scheduled, or waiting for a retry's backoff): only run_at moves.
 -- last_error is kept.  Returns the status the job had.
 CREATE OR REPLACE FUNCTION notifyq.retry_job(id bigint) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     was text := notifyq.lock_job(retry_job.id);
 BEGIN
@@ -244,7 +260,9 @@ COMMENT ON FUNCTION notifyq.retry_job(bigint) IS
 -- Re-queue every dead job (of one queue and/or one task when given).
 CREATE OR REPLACE FUNCTION notifyq.retry_dead(queue text DEFAULT NULL, task text DEFAULT NULL)
 RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     n bigint;
 BEGIN
@@ -266,7 +284,9 @@ COMMENT ON FUNCTION notifyq.retry_dead(text, text) IS
 -- completion finds the job no longer running under its claim and drops the
 -- outcome (logged as "not written"): no retry, no second status change.
 CREATE OR REPLACE FUNCTION notifyq.cancel_job(id bigint) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     was text := notifyq.lock_job(cancel_job.id);
 BEGIN
@@ -295,7 +315,9 @@ CREATE OR REPLACE FUNCTION notifyq.purge(
     older_than interval,
     statuses text[] DEFAULT '{succeeded,cancelled}'
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     cutoff timestamptz := now() - older_than;
     batch bigint;
@@ -336,6 +358,9 @@ COMMENT ON FUNCTION notifyq.purge(interval, text[]) IS
     'cancelled are allowed) that finished more than older_than ago, 10,000 per batch; never '
     'touches queued or running jobs. Returns how many were deleted.';
 
+-- Trigger functions need no EXECUTE privilege to fire; nobody calls them directly.
+REVOKE EXECUTE ON FUNCTION notifyq.notify_inserted() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.notify_status_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text) FROM PUBLIC;
