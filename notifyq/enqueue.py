@@ -15,6 +15,10 @@ from .errors import InvalidJob
 from .registry import DEFAULT_QUEUE, Handler, Registry, check_queue_name, check_task_name
 
 MAX_DELAY = 10 * 365 * 24 * 3600.0
+MAX_PAYLOAD_DEPTH = 100
+"""Arrays and objects nested deeper than this are refused at enqueue.  Far beyond
+what a real payload needs; the dispatcher itself decodes up to 1024 levels (a row
+inserted by SQL that is deeper goes dead after one attempt, see codec.py)."""
 
 
 def build(
@@ -33,9 +37,9 @@ def build(
         name = check_task_name(task)
         known = registry.get(name)
     else:
-        known = registry.for_handler(task)
+        known = registry.for_handler(task) if callable(task) else None
         if known is None:
-            raise InvalidJob(f"{task!r} is not a task registered with this app")
+            raise InvalidJob(f"{task!r} is not a task name or a handler registered with this app")
         name = known.name
     if queue is None and known is not None:
         queue = known.queue
@@ -51,6 +55,11 @@ def build(
         payload_json = codec.dumps({} if payload is None else payload)
     except TypeError as exc:
         raise InvalidJob(f"job rejected: {exc}") from exc
+    if codec.depth_exceeds(payload_json, MAX_PAYLOAD_DEPTH):
+        raise InvalidJob(
+            f"job rejected: payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} "
+            "levels deep"
+        )
     return store.NewJob(
         task=name,
         payload_json=payload_json,

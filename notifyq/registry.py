@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigurationError
+from .codec import Undecodable
+from .errors import ConfigurationError, PayloadError
 from .retry import Backoff
 
 # Mirrors the CHECK constraints in schema.sql, so a bad name fails at import
@@ -51,6 +52,28 @@ class Task:
     decode: Callable[[Any], Any] | None = None
     is_async: bool = False
     wants_context: bool = False
+
+    def __post_init__(self) -> None:
+        # Every task decodes through _refuse_undecodable first, so a payload PostgreSQL
+        # holds but Python cannot decode (codec.Undecodable: nested over 1024 levels, a
+        # number beyond a double) fails its attempt with a PayloadError and goes dead,
+        # whether or not the handler would have looked at it.
+        user = self.decode
+        guard = _refuse_undecodable if user is None else _guarded(user)
+        object.__setattr__(self, "decode", guard)
+
+
+def _refuse_undecodable(payload: Any) -> Any:
+    if isinstance(payload, Undecodable):
+        raise PayloadError(str(payload))
+    return payload
+
+
+def _guarded(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def guarded(payload: Any) -> Any:
+        return decode(_refuse_undecodable(payload))
+
+    return guarded
 
 
 def describe_handler(handler: Handler) -> tuple[bool, bool]:
