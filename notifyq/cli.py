@@ -11,10 +11,11 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import psycopg
+from click.core import ParameterSource
 
 from . import codec, embedded, migrate
 from .app import App
-from .errors import ConfigurationError, InvalidJob, NotifyqError
+from .errors import ConfigurationError, InvalidJob, NotifyqError, dsn_secrets, redact
 from .worker import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,12 +26,42 @@ DSN_HELP = (
 )
 
 
+# --- secrets: no DSN password in an error line or a log line; a warning for --dsn
+
+_secrets: set[str] = set()  # every password this process was given, to redact
+
+
+def remember_secrets(dsn: str | None) -> None:
+    _secrets.update(dsn_secrets(dsn))
+
+
+def _dsn_given(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    remember_secrets(value)
+    on_command_line = ctx.get_parameter_source(param.name or "") is ParameterSource.COMMANDLINE
+    meta = ctx.find_root().meta
+    if on_command_line and value and dsn_secrets(value) and not meta.get("notifyq.warned"):
+        meta["notifyq.warned"] = True  # once per run
+        click.echo(
+            "notifyq: warning: the password in --dsn is visible to other users of this "
+            "machine (ps, /proc); pass it in NOTIFYQ_DSN, PGPASSWORD or ~/.pgpass instead",
+            err=True,
+        )
+    return value
+
+
 def dsn_option(fn: F) -> F:
-    return click.option("--dsn", envvar="NOTIFYQ_DSN", metavar="DSN", help=DSN_HELP)(fn)
+    return click.option(
+        "--dsn", envvar="NOTIFYQ_DSN", metavar="DSN", help=DSN_HELP, callback=_dsn_given
+    )(fn)
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), _secrets)
 
 
 def fail(message: str) -> NoReturn:
-    click.echo(f"notifyq: error: {message}", err=True)
+    click.echo(f"notifyq: error: {redact(message, _secrets)}", err=True)
     sys.exit(1)
 
 
@@ -62,6 +93,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 def database(dsn: str | None) -> str:
     """The given DSN, else the private server (started if needed, schema applied)."""
     if dsn:
+        remember_secrets(dsn)
         return dsn
     dsn = embedded.start()
     migrate.migrate(dsn)
@@ -71,9 +103,12 @@ def database(dsn: str | None) -> str:
 def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value is None:
         return
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
-    )
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            _RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        )
+        logging.getLogger().addHandler(handler)
     level = logging.getLevelName(value.upper())
     logging.getLogger().setLevel(level)
     # Libraries' chatter (the embedded server's start-up, asyncio) only when debugging.
@@ -104,6 +139,9 @@ def main() -> None:
     Enqueue from anywhere with plain SQL:
     INSERT INTO notifyq.jobs (task, payload) VALUES ('hello.greet', '{"name": "Ada"}');
     """
+    remember_secrets(os.environ.get("NOTIFYQ_DSN"))
+    if os.environ.get("PGPASSWORD"):
+        _secrets.add(os.environ["PGPASSWORD"])
     if not logging.getLogger().handlers:
         _set_log_level(click.get_current_context(), None, "info")  # type: ignore[arg-type]
 
@@ -219,9 +257,14 @@ def serve(
 
         require_prometheus()
     app = load_app(app_target)
+    served = (
+        tuple(q.strip() for q in queues.split(",") if q.strip()) if queues is not None else None
+    )
+    if served == ():
+        raise ConfigurationError(f"--queues {queues!r} names no queue")
     settings = Settings(
         concurrency=concurrency,
-        queues=tuple(q.strip() for q in queues.split(",") if q.strip()) if queues else None,
+        queues=served,
         batch_size=batch_size,
         poll_interval=poll_interval,
         lease=lease,
@@ -247,6 +290,46 @@ def migrate_command(dsn: str | None) -> None:
         click.echo(f"schema already at version {after}")
     else:
         click.echo(f"schema migrated from version {before or 'none'} to {after}")
+
+
+@main.command(name="roles")
+@dsn_option
+@click.option(
+    "--producer-role",
+    default="notifyq_producer",
+    show_default=True,
+    metavar="NAME",
+    help="Group role that may only enqueue (INSERT the public columns of notifyq.jobs).",
+)
+@click.option(
+    "--worker-role",
+    default="notifyq_worker",
+    show_default=True,
+    metavar="NAME",
+    help="Group role that may run `notifyq serve` (and enqueue, as a member of the producer).",
+)
+@click.option(
+    "--print",
+    "print_only",
+    is_flag=True,
+    help="Print the SQL instead of running it (for a DBA: psql -1 -f).",
+)
+def roles_command(dsn: str | None, producer_role: str, worker_role: str, print_only: bool) -> None:
+    """Create the NOLOGIN group roles for producers and workers and grant least privilege.
+
+    Idempotent. Roles are cluster-wide, grants per database: run it in every database
+    with the notifyq schema (and again after `notifyq migrate`). Then make LOGIN roles
+    members: CREATE ROLE app LOGIN ... IN ROLE notifyq_producer.
+    """
+    from . import roles  # local: this command's block stays self-contained
+
+    if print_only:
+        click.echo(roles.script(producer_role, worker_role), nl=False)
+        return
+    roles.install(database(dsn), producer_role, worker_role)
+    click.echo(
+        f"roles {producer_role} (enqueue) and {worker_role} (serve) granted their privileges"
+    )
 
 
 @main.command(name="enqueue")

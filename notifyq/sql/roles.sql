@@ -1,0 +1,65 @@
+-- notifyq roles: two NOLOGIN group roles with least privilege on the notifyq schema.
+--
+-- `notifyq roles` runs this in one transaction; `notifyq roles --print` prints it
+-- with the role names filled in, for a DBA to read and run by hand:
+--
+--     notifyq roles --print > roles.sql && psql -1 -v ON_ERROR_STOP=1 -f roles.sql "$DSN"
+--
+-- In this file the role names are placeholders in braces that notifyq fills in
+-- (producer and worker as quoted identifiers, producer_name and worker_name as
+-- string literals; defaults notifyq_producer, notifyq_worker).  Roles belong to the
+-- whole cluster, GRANTs to one database: run this in every database that has the
+-- notifyq schema, and again after `notifyq migrate` upgrades it.  Running it
+-- twice changes nothing.  Existing roles are kept as they are (LOGIN or not);
+-- their privileges on the notifyq schema are reset to exactly those below.
+--
+-- Give people and programs LOGIN roles of their own that are members of these:
+--
+--     CREATE ROLE billing_app LOGIN PASSWORD '...' IN ROLE notifyq_producer;
+--     CREATE ROLE dispatcher LOGIN PASSWORD '...' IN ROLE notifyq_worker;
+--
+-- The owner of the schema (whoever ran `notifyq migrate`) keeps every DDL right,
+-- and alone may run the admin functions (notifyq.retry_job, cancel_job, ...)
+-- unless it grants EXECUTE on them to an operator role.
+
+-- Create a role unless it exists.  A temporary function, so the names arrive as
+-- literals outside any quoted body; two runs at once both succeed.
+CREATE OR REPLACE FUNCTION pg_temp.notifyq_create_role(role_name text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = role_name) THEN
+        EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', role_name);
+    END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;  -- created meanwhile by a concurrent run
+END
+$$;
+
+SELECT pg_temp.notifyq_create_role({producer_name});
+SELECT pg_temp.notifyq_create_role({worker_name});
+
+-- Start from nothing on the notifyq schema, so the result is exact whatever was granted before.
+REVOKE ALL ON ALL TABLES IN SCHEMA notifyq FROM {producer}, {worker};
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA notifyq FROM {producer}, {worker};
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notifyq FROM {producer}, {worker};
+REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
+
+-- The producer enqueues: INSERT of the public columns only, and SELECT of id for
+-- `RETURNING id`.  It cannot set status, attempts, claimed_by, lease_expires_at,
+-- last_error or the timestamps, nor read or change any job.  The identity column
+-- needs no grant on its sequence.  The notification triggers fire for it
+-- without EXECUTE on their functions.
+GRANT USAGE ON SCHEMA notifyq TO {producer};
+GRANT INSERT (queue, task, payload, priority, run_at, max_attempts) ON notifyq.jobs TO {producer};
+GRANT SELECT (id) ON notifyq.jobs TO {producer};
+
+-- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
+-- UPDATE on jobs), its row in the dispatcher registry, the schema version check,
+-- the monitoring views; and, as a member of the producer role, enqueues from
+-- handlers.  No DELETE on jobs (purge is the owner's), no DDL.
+GRANT USAGE ON SCHEMA notifyq TO {worker};
+GRANT SELECT, UPDATE ON notifyq.jobs TO {worker};
+GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {worker};
+GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status
+    TO {worker};
+GRANT {producer} TO {worker};
