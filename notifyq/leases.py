@@ -34,7 +34,7 @@ from typing import Any
 
 import anyio
 
-from .errors import DatabaseUnavailable
+from .errors import DatabaseUnavailable, NotifyqError
 from .store import Store
 
 log = logging.getLogger("notifyq.leases")
@@ -66,6 +66,7 @@ class LeaseKeeper:
         self._registration = registration
         self.beat_at: float | None = None  # time.monotonic() of the last heartbeat written
         self._stall_warned = False
+        self._register_warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rescued = 0
@@ -150,20 +151,39 @@ class LeaseKeeper:
 
     async def renew(self) -> None:
         ids = self._held_ids()
+        if not self._loop_alive():
+            return  # neither leases nor the registry: a wedged process shows as lost
+        if ids:
+            renewed = await self._store.renew_leases(list(ids), self._claimant, self._lease)
+            # An outcome written meanwhile also drops out of `renewed`: only what we still
+            # hold is lost.
+            lost = (ids - renewed) & self._held_ids()
+            if lost:
+                log.warning(
+                    "lost the lease of jobs %s (rescued or cancelled elsewhere); their outcome "
+                    "will not be written",
+                    sorted(lost),
+                )
         if self._registration is not None:
-            await self._store.register(self._registration, running=len(ids))
-            self.beat_at = time.monotonic()
-        if not ids or not self._loop_alive():
+            await self._register(len(ids))
+
+    async def _register(self, running: int) -> None:
+        """The registry is for monitors: a failure there must never cost a lease."""
+        assert self._registration is not None
+        try:
+            await self._store.register(self._registration, running=running)
+        except DatabaseUnavailable:
+            raise  # retried with the leases
+        except NotifyqError as exc:
+            if not self._register_warned:
+                self._register_warned = True
+                log.warning(
+                    "cannot update the dispatcher registry (%s); `notifyq watch` "
+                    "will not list this dispatcher",
+                    exc,
+                )
             return
-        renewed = await self._store.renew_leases(list(ids), self._claimant, self._lease)
-        # An outcome written meanwhile also drops out of `renewed`: only what we still hold is lost.
-        lost = (ids - renewed) & self._held_ids()
-        if lost:
-            log.warning(
-                "lost the lease of jobs %s (rescued or cancelled elsewhere); their outcome "
-                "will not be written",
-                sorted(lost),
-            )
+        self.beat_at = time.monotonic()
 
     async def rescue(self) -> None:
         rescued = await self._store.rescue()
