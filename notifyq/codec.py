@@ -12,7 +12,6 @@ Every task's decode step refuses an `Undecodable` with a PayloadError
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,9 +20,11 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 
 
 def dumps(value: Any) -> str:
-    """Encode a payload; raises TypeError for values JSON cannot hold."""
+    """Encode a payload; raises TypeError for values JSON cannot hold.  An
+    `Undecodable` read back from the database (`notifyq jobs show`) is written as
+    a string saying why."""
     try:
-        return orjson.dumps(value).decode()
+        return orjson.dumps(value, default=_describe_undecodable).decode()
     except orjson.JSONEncodeError as exc:
         raise TypeError(f"payload is not JSON-serialisable: {exc}") from exc
 
@@ -36,17 +37,29 @@ def loads(text: str | bytes) -> Any:
         raise ValueError(f"not valid JSON: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True)
 class Undecodable:
-    """A json/jsonb value read from PostgreSQL that orjson could not decode."""
+    """A json/jsonb value read from PostgreSQL that orjson could not decode.  Not a
+    dataclass, which orjson would write as if it were the payload."""
 
-    reason: str
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Undecodable({self.reason!r})"
 
     def __str__(self) -> str:
         return (
             f"the payload stored in PostgreSQL cannot be decoded in Python ({self.reason}); "
             "notifyq decodes at most 1024 levels of nesting and numbers within a double's range"
         )
+
+
+def _describe_undecodable(value: Any) -> str:
+    if isinstance(value, Undecodable):
+        return f"<{value}>"
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def _loads_column(data: str | bytes) -> Any:

@@ -51,6 +51,8 @@ def build(
         raise InvalidJob(f"delay must be from 0 to {MAX_DELAY:.0f} seconds (10 years), got {delay}")
     if run_at is not None and run_at.tzinfo is None:
         raise InvalidJob("run_at must be timezone-aware (naive datetimes are ambiguous)")
+    if isinstance(payload, codec.Undecodable):
+        raise InvalidJob(f"job rejected: {payload}")
     try:
         payload_json = codec.dumps({} if payload is None else payload)
     except TypeError as exc:

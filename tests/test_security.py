@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import notifyq
-from notifyq import cli, enqueue
+from notifyq import cli, codec, enqueue
 from notifyq.errors import ConfigurationError, InvalidJob, dsn_secrets, redact
 from tests.conftest import query, serve_process, statuses, wait_until
 from tests.test_cli import notifyq as notifyq_process
@@ -525,6 +525,8 @@ def test_python_enqueue_refuses_payloads_nested_too_deep(dsn: str) -> None:
             app.enqueue_sync("secure.echo", nested(limit + 1))
         with pytest.raises(InvalidJob):
             app.enqueue_sync("secure.echo", nested(100_000))
+        with pytest.raises(InvalidJob, match="cannot be decoded"):
+            app.enqueue_sync("secure.echo", codec.Undecodable("depth limit exceeded"))
     finally:
         app.close()
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(2,)]
@@ -583,6 +585,10 @@ def test_undecodable_payloads_from_sql_go_dead_after_one_attempt(dsn: str, tmp_p
         assert "PayloadError" in error and "cannot be decoded in Python" in error
     assert "depth limit exceeded" in rows[1][3]
     assert "infinity" in rows[2][3]
+    # Operators can still look at such a job.
+    shown = run_cli("jobs", "show", str(ids[1][0]), "--dsn", dsn)
+    assert shown.exit_code == 0, shown.output
+    assert 'payload:          "<the payload stored in PostgreSQL cannot be decoded' in shown.stdout
 
 
 # --- 5. secrets
