@@ -116,6 +116,29 @@ def test_roles_print_renders_quoted_names_without_a_database() -> None:
     assert "{" not in text  # every placeholder filled in
 
 
+def test_roles_print_output_runs_by_hand_as_plain_sql(dsn: str) -> None:
+    tag = uuid.uuid4().hex[:10]
+    producer, worker = f"nq_p_{tag}", f"nq_w_{tag}"
+    try:
+        printed = run_cli("roles", "--print", "--producer-role", producer, "--worker-role", worker)
+        assert printed.exit_code == 0, printed.output
+        with psycopg.connect(dsn) as conn:  # one transaction, like psql -1
+            conn.execute(printed.stdout.encode())
+        assert query(
+            dsn,
+            "SELECT has_column_privilege(%s, 'notifyq.jobs', 'task', 'INSERT'), "
+            "has_column_privilege(%s, 'notifyq.jobs', 'status', 'INSERT'), "
+            "has_table_privilege(%s, 'notifyq.jobs', 'UPDATE'), pg_has_role(%s, %s, 'MEMBER')",
+            producer,
+            producer,
+            worker,
+            worker,
+            producer,
+        ) == [(True, False, True, True)]
+    finally:
+        _drop_roles(dsn, [producer, worker])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
