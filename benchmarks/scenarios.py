@@ -1,0 +1,367 @@
+"""The scenarios, identical for every system; each returns {metric: value}.
+
+Each run gets a fresh database with only that system's schema.  Producers
+enqueue with plain SQL (each system's own INSERT); workers run in their own
+process (procs.py) and stamp each handler start, so latency is measured
+from the producer's commit to the handler's first line.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from . import procs
+from .systems import System
+
+
+@dataclass(frozen=True)
+class Sizes:
+    drain_jobs: int = 20_000
+    drain_concurrency: tuple[int, ...] = (10, 50, 200)
+    enqueue_slices: int = 10  # paired on/off slices
+    enqueue_slice: float = 0.5  # seconds
+    contended_producers: int = 32
+    contended_slices: int = 5
+    contended_slice: float = 1.0
+    bulk_rows: int = 10_000
+    latency_seconds: float = 10.0
+    latency_interval: float = 0.010
+    steady_rate: float = 500.0
+    steady_seconds: float = 20.0
+    steady_concurrency: int = 50
+    idle_seconds: float = 30.0
+    scale_rows: int = 1_000_000  # of each: future queued, succeeded
+    scale_concurrency: int = 50
+    cap: float = 60.0  # seconds a drain (or steady's backlog) may take before it is cut short
+
+
+QUICK = Sizes(
+    drain_jobs=2_000,
+    drain_concurrency=(50,),
+    enqueue_slices=3,
+    enqueue_slice=0.2,
+    bulk_rows=2_000,
+    contended_slices=2,
+    contended_slice=0.3,
+    latency_seconds=2.0,
+    steady_seconds=3.0,
+    idle_seconds=6.0,
+    scale_rows=50_000,
+    cap=15.0,
+)
+
+Result = dict[str, float]
+NOTES: dict[str, str] = {}  # scenario -> how it was measured (printed under the table)
+
+
+def connect(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def _done(system: System, conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    row = conn.execute(system.pending).fetchone()
+    return row is not None and not row[0]
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def _warm_up(system: System, w: procs.Worker, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """One job through the worker, so what follows measures it idle, not starting."""
+    row = conn.execute(system.insert_one).fetchone()
+    assert row is not None
+    job = int(row[0])  # type: ignore[call-overload]
+    procs.wait(lambda: job in w.starts(), "the warm-up job", 120, w, interval=0.05)
+    time.sleep(1.0)
+
+
+def drain(
+    system: System, dsn: str, work: Path, sizes: Sizes, concurrency: int, label: str = "drain"
+) -> Result:
+    """Jobs pre-loaded, then one worker: first handler start to the last job finished.
+
+    A drain still running after `sizes.cap` seconds is cut short: the rate is then
+    the jobs started by that time, and a note says so.
+    """
+    jobs = sizes.drain_jobs
+    with connect(dsn) as conn:
+        conn.execute(system.insert_bulk, {"n": jobs})
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(_table(system)))
+        with procs.worker(system.name, dsn, work, "--concurrency", str(concurrency)) as w:
+            procs.wait(lambda: w.count() > 0, "the first job to start", 120, w)
+            finished = procs.reached(lambda: _done(system, conn), sizes.cap, w)
+            end = time.time()
+            starts = w.starts()
+    first = min(starts.values())
+    if not finished:
+        _note(
+            f"{label} {system.name}",
+            f"cut at {sizes.cap:.0f} s, {len(starts):,} of {jobs:,} started",
+        )
+        return {"jobs/s": len(starts) / (end - first)}
+    if len(starts) < jobs:
+        raise procs.RunFailed(f"only {len(starts)} of {jobs} jobs started")
+    return {"jobs/s": jobs / (end - first)}
+
+
+def _note(key: str, text: str) -> None:
+    NOTES[key] = f"{NOTES[key]}; {text}" if key in NOTES else text
+
+
+def _table(system: System) -> sql.Composed:
+    return sql.SQL(".").join(sql.Identifier(p) for p in system.table.split("."))
+
+
+def _triggers(system: System, conn: psycopg.Connection[tuple[object, ...]], on: bool) -> None:
+    verb = sql.SQL("ENABLE" if on else "DISABLE")
+    for name in system.notify_triggers:
+        trigger = sql.SQL("USER") if name == "USER" else sql.Identifier(name)
+        conn.execute(sql.SQL("ALTER TABLE {} {} TRIGGER {}").format(_table(system), verb, trigger))
+
+
+def enqueue(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
+    """One producer; notify triggers on and off alternate in short slices (paired)."""
+    rates: dict[str, list[float]] = {"on": [], "off": [], "bulk on": [], "bulk off": []}
+    with connect(dsn) as conn:
+        for _ in range(sizes.enqueue_slices):
+            for state in ("on", "off"):
+                _triggers(system, conn, state == "on")
+                n, t0 = 0, time.monotonic()
+                while time.monotonic() - t0 < sizes.enqueue_slice:
+                    conn.execute(system.insert_one)
+                    n += 1
+                rates[state].append(n / (time.monotonic() - t0))
+                t0 = time.monotonic()
+                conn.execute(system.insert_bulk, {"n": sizes.bulk_rows})
+                rates[f"bulk {state}"].append(sizes.bulk_rows / (time.monotonic() - t0))
+        _triggers(system, conn, True)
+    m = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "1 on/s": m["on"],
+        "1 off/s": m["off"],
+        "1 on/off %": 100 * m["on"] / m["off"],
+        "bulk on/s": m["bulk on"],
+        "bulk off/s": m["bulk off"],
+        "bulk on/off %": 100 * m["bulk on"] / m["bulk off"],
+    }
+
+
+def contended(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
+    """Many producers, each its own connection and thread, one autocommit INSERT at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def produce(conn: psycopg.Connection[tuple[object, ...]], until: float) -> int:
+        n = 0
+        while time.monotonic() < until:
+            conn.execute(system.insert_one)
+            n += 1
+        return n
+
+    k = sizes.contended_producers
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    conns = [connect(dsn) for _ in range(k)]
+    try:
+        with connect(dsn) as admin, ThreadPoolExecutor(k) as pool:
+            for _ in range(sizes.contended_slices):
+                for state in ("on", "off"):
+                    _triggers(system, admin, state == "on")
+                    t0 = time.monotonic()
+                    until = t0 + sizes.contended_slice
+                    total = sum(pool.map(produce, conns, [until] * k))
+                    rates[state].append(total / (time.monotonic() - t0))
+            _triggers(system, admin, True)
+    finally:
+        for c in conns:
+            c.close()
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    return {f"{k} on/s": on, f"{k} off/s": off, "on/off %": 100 * on / off}
+
+
+def _offer(
+    system: System,
+    dsn: str,
+    rate: float,
+    seconds: float,
+    producers: int = 1,
+) -> dict[int, float]:
+    """`rate` jobs/s by plain SQL, spread over producers with a connection each.
+
+    Returns job id -> unix time its INSERT committed (autocommit: when execute returns).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def produce(offset: float) -> dict[int, float]:
+        committed: dict[int, float] = {}
+        interval = producers / rate
+        with connect(dsn) as conn:
+            next_at = start + offset * interval / producers
+            while next_at < end:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                row = conn.execute(system.insert_one).fetchone()
+                assert row is not None
+                committed[int(row[0])] = time.time()  # type: ignore[call-overload]
+                next_at += interval
+        return committed
+
+    start = time.monotonic() + 0.1
+    end = start + seconds
+    out: dict[int, float] = {}
+    with ThreadPoolExecutor(producers) as pool:
+        for part in pool.map(produce, range(producers)):
+            out.update(part)
+    return out
+
+
+def _waits(committed: dict[int, float], starts: dict[int, float]) -> list[float]:
+    return [(starts[i] - committed[i]) * 1000 for i in committed]
+
+
+def latency(
+    system: System, dsn: str, work: Path, sizes: Sizes, worker_args: tuple[str, ...] = ()
+) -> Result:
+    """Worker idle and listening; one job every 10 ms; handler start minus commit."""
+    with connect(dsn) as conn, procs.worker(system.name, dsn, work, *worker_args) as w:
+        _warm_up(system, w, conn)
+        committed = _offer(system, dsn, 1 / sizes.latency_interval, sizes.latency_seconds)
+        procs.wait(lambda: w.count() > len(committed), "every job to start", 120, w)
+        ms = _waits(committed, w.starts())
+    return {
+        "p50 ms": _pct(ms, 50),
+        "p95 ms": _pct(ms, 95),
+        "p99 ms": _pct(ms, 99),
+        "max ms": max(ms),
+    }
+
+
+def steady(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
+    """A fixed offered rate with a 5 ms async handler: does it keep up, and how fast.
+
+    Four producers share the rate (one alone cannot commit 500 single-row
+    transactions a second with fsync on a busy 2-core machine).  After the
+    offer ends, the backlog gets up to `sizes.cap` seconds to finish.
+    """
+    args = ("--concurrency", str(sizes.steady_concurrency), "--handler", "sleep")
+    with connect(dsn) as conn, procs.worker(system.name, dsn, work, *args) as w:
+        _warm_up(system, w, conn)
+        t0 = time.monotonic()
+        committed = _offer(system, dsn, sizes.steady_rate, sizes.steady_seconds, producers=4)
+        offered = len(committed) / (time.monotonic() - t0)
+        finished = procs.reached(lambda: _done(system, conn), sizes.cap, w)
+        starts = w.starts()
+        done = sum(1 for i in committed if i in starts) if not finished else len(committed)
+        completed = done / (time.monotonic() - t0)
+    if not finished:
+        _note(
+            f"steady {system.name}",
+            f"{len(committed) - done:,} of {len(committed):,} jobs not started"
+            f" {sizes.cap:.0f} s after the offer ended (percentiles: started jobs only)",
+        )
+    ms = [(starts[i] - committed[i]) * 1000 for i in committed if i in starts]
+    return {
+        "offered/s": offered,
+        "completed/s": completed,
+        "p50 ms": _pct(ms, 50),
+        "p95 ms": _pct(ms, 95),
+        "p99 ms": _pct(ms, 99),
+    }
+
+
+def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -> Result:
+    """Statements an idle worker sends: pg_stat_statements, else committed transactions."""
+    with connect(dsn) as conn:
+        if statements:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            name = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET pg_stat_statements.track = 'top'").format(
+                    sql.Identifier(str(name))
+                )
+            )
+        with procs.worker(system.name, dsn, work) as w, connect(dsn) as probe:
+            _warm_up(system, w, conn)
+            time.sleep(1.0)
+            if statements:  # so the statement list below covers the idle window only
+                probe.execute("SELECT pg_stat_statements_reset()")
+            before = _counter(probe, statements)
+            t0 = time.monotonic()
+            time.sleep(sizes.idle_seconds)
+            w.check()
+            count = _counter(probe, statements) - before
+            elapsed = time.monotonic() - t0
+            if statements:
+                NOTES["idle"] = _top_statements(probe)
+    return {"queries/s": count / elapsed, "per 5 s poll": count / elapsed * 5}
+
+
+def _counter(conn: psycopg.Connection[tuple[object, ...]], statements: bool) -> float:
+    if statements:
+        query = (
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s"
+            " JOIN pg_database d ON d.oid = s.dbid"
+            " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
+        )
+    else:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        query = (
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+            " WHERE datname = current_database()"
+        )
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return float(row[0])  # type: ignore[arg-type]
+
+
+def _top_statements(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    rows = conn.execute(
+        "SELECT calls, regexp_replace(left(query, 70), '\\s+', ' ', 'g') FROM pg_stat_statements s"
+        " JOIN pg_database d ON d.oid = s.dbid"
+        " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
+        " ORDER BY calls DESC LIMIT 5"
+    ).fetchall()
+    return "; ".join(f"{calls}x {query}" for calls, query in rows)
+
+
+FILLER = """
+INSERT INTO notifyq.jobs (task, status, run_at, attempts, max_attempts, started_at, finished_at)
+SELECT 'bench.filler',
+       CASE WHEN g %% 2 = 0 THEN 'succeeded' ELSE 'queued' END,
+       CASE WHEN g %% 2 = 0 THEN now() - interval '1 day' ELSE now() + interval '10 years' END,
+       CASE WHEN g %% 2 = 0 THEN 1 ELSE 0 END,
+       5,
+       CASE WHEN g %% 2 = 0 THEN now() - interval '1 day' END,
+       CASE WHEN g %% 2 = 0 THEN now() - interval '1 day' END
+FROM generate_series(1, 2 * %(n)s) AS g
+"""
+
+
+def scale(
+    system: System,
+    dsn: str,
+    work: Path,
+    sizes: Sizes,
+    fresh: Callable[[], object],
+) -> Result:
+    """Drain rate with n future-queued and n succeeded rows present, against an empty table."""
+    c = sizes.scale_concurrency
+    empty = drain(system, dsn, work, sizes, c, "scale")["jobs/s"]
+    with fresh() as loaded:  # type: ignore[attr-defined]
+        system.install(loaded)
+        with connect(loaded) as conn:
+            t0 = time.monotonic()
+            conn.execute(FILLER, {"n": sizes.scale_rows})
+            conn.execute("VACUUM ANALYZE notifyq.jobs")
+            NOTES["scale"] = (
+                f"{2 * sizes.scale_rows:,} filler rows by one INSERT ... SELECT generate_series"
+                f" and VACUUM ANALYZE in {time.monotonic() - t0:.0f} s"
+            )
+        full = drain(system, loaded, work, sizes, c, "scale")["jobs/s"]
+    return {"empty jobs/s": empty, "loaded jobs/s": full, "loaded/empty %": 100 * full / empty}
