@@ -118,7 +118,9 @@ class App:
             if timeout is not None and timeout <= 0:
                 raise ConfigurationError("timeout must be positive")
             is_async, wants_context = describe_handler(fn)
-            task_name = check_task_name(name or f"{fn.__module__}.{fn.__qualname__}")
+            task_name = check_task_name(
+                f"{fn.__module__}.{fn.__qualname__}" if name is None else name
+            )
             self.registry.add(
                 Task(
                     name=task_name,

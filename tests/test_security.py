@@ -371,11 +371,6 @@ def test_functions_on_the_search_path_cannot_capture_trigger_or_admin_calls(dsn:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="queries.sql's enqueue casts %(payload)s::jsonb unqualified: a temp table named "
-    "jsonb in the producer's own session breaks its enqueue (::pg_catalog.jsonb fixes it)",
-)
 def test_temp_table_named_jsonb_cannot_break_python_enqueue(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TEMP TABLE jsonb (x int)")
@@ -443,9 +438,8 @@ def test_bad_names_are_refused_by_the_python_api(dsn: str) -> None:
     app = notifyq.App(dsn=dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         for name in BAD_TASKS:
-            if name:  # name="" means the default name (see the xfail below)
-                with pytest.raises(ConfigurationError, match="invalid task name"):
-                    app.task(name=name)(handler)
+            with pytest.raises(ConfigurationError, match="invalid task name"):
+                app.task(name=name)(handler)
             with pytest.raises(ConfigurationError, match="invalid task name"):
                 app.enqueue_sync(name, {}, conn=conn)
         for name in BAD_QUEUES:
@@ -467,11 +461,6 @@ def test_bad_names_are_refused_by_the_python_api(dsn: str) -> None:
     assert schema_snapshot(dsn) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.py takes `name or <module.qualname>`, so @app.task(name='') registers the "
-    "default name instead of refusing the empty one",
-)
 def test_empty_task_name_is_refused_by_the_decorator() -> None:
     with pytest.raises(ConfigurationError):
         notifyq.App().task(name="")(handler)

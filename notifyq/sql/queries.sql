@@ -5,7 +5,7 @@
 -- name: enqueue
 -- Insert one job; NULL arguments fall back to the column defaults.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts)
-VALUES (%(queue)s, %(task)s, %(payload)s::jsonb, %(priority)s,
+VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s)
 RETURNING id;
 
