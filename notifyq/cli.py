@@ -391,6 +391,7 @@ def dsn_command() -> None:
     "--dsn",
     envvar="NOTIFYQ_DSN",
     metavar="DSN",
+    callback=_dsn_given,
     help="PostgreSQL connection string (also NOTIFYQ_DSN). Without one, the private server "
     "if it is running (health never starts it).",
 )
