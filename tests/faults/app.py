@@ -17,6 +17,8 @@ is recorded as outcome 'interrupted'):
     faults.typed    payload must be {"n": <int>} (decode=): record, succeed
     faults.noop     succeed, recording nothing (bulk load where the ledger would be the
                     bottleneck; the invariants check ledger rows of the tasks above only)
+    faults.nap      sleep payload["ms"] milliseconds, recording nothing (many slots
+                    without a ledger connection each)
 
 Outcomes in the ledger: 'running' (started, never ended: killed or cut off),
 'success', 'failed', 'interrupted' (cancelled at shutdown, handed back).
@@ -114,6 +116,11 @@ async def _nothing() -> None:
 @app.task(name="faults.noop")
 async def noop(payload: object) -> None:
     return None
+
+
+@app.task(name="faults.nap")
+async def nap(payload: dict[str, Any]) -> None:
+    await anyio.sleep(float(payload.get("ms", 100)) / 1000)
 
 
 @app.task(name="faults.fail", max_attempts=3, backoff=notifyq.Backoff(base=0.1, factor=1))

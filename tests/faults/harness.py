@@ -15,6 +15,27 @@ beside notifyq's own tables, four ledgers:
                                      every fault the test injected, by the database clock
     release(job_id)                  releases faults.hold jobs (NULL releases all)
 
+The app (tests/faults/app.py, `APP`) has handlers faults.record / fail / hold /
+sleep / typed / noop; its docstring says what each records.  A scenario in short:
+
+    def test_something(fault_dsn, deadlock_baseline, tmp_path):
+        harness.seed(fault_dsn, 100, task="faults.sleep", payload='{"ms": 500}')
+        with Dispatcher(fault_dsn, "--lease", "3", "--poll-interval", "0.5",
+                        log=tmp_path / "a.log") as proc:
+            ...inject a fault, logging it with fault() or kill9()...
+            seconds = harness.wait_terminal(fault_dsn)
+            harness.record_recovery("my scenario", seconds, bound)
+            harness.check_invariants(fault_dsn, deadlocks_before=deadlock_baseline,
+                                     listeners=1, logs=[proc.log])
+        assert seconds <= bound
+
+Fixtures (tests/faults/conftest.py): `fault_dsn` (a fresh database on every
+server under test, ledgers created), `deadlock_baseline`; from tests/conftest.py
+`private_server` for scenarios that restart PostgreSQL (call `prepare` on it).
+Invariants that depend on the ledger (one success per attempt, the final
+attempt's success) apply to jobs of the recording tasks (`RECORDED_TASKS`);
+jobs of other apps' tasks are held to the rest.
+
 The API, for scenarios here and in tests/faults/test_failpoints.py and
 tests/faults/test_handlers.py:
 
@@ -37,10 +58,14 @@ tests/faults/test_handlers.py:
     fault(dsn, kind, pid=None, detail=None) -> int  log a fault now (returns its id);
     fault_end(dsn, fault_id)         ... and mark when it ended (restarts take a while)
     kill9(dsn, proc)                 log the fault, SIGKILL, wait
+    terminate_backend(dsn, role)     log the fault, pg_terminate_backend a notifyq:<role>
     listen_pids(dsn, role="listen")  backends of application_name notifyq:<role>
     executions(dsn, where="true")    ledger rows
     start_latency(dsn, job_id)       seconds from a job's INSERT to its first start
     wait_terminal(dsn, timeout)      until every acked job is succeeded/dead/cancelled
+    unfinished(dsn)                  how many acked jobs are not terminal yet
+    dispatchers(dsn, n, *args, logs=dir)  n Dispatchers at once (a context manager)
+    rescue_bound(lease, poll)        R, see below
     deadlocks(dsn)                   pg_stat_database.deadlocks for this database
     check_invariants(dsn, deadlocks_before=..., listeners=..., slack=...)
                                      raises InvariantsFailed naming each failed

@@ -1,8 +1,10 @@
 """Scenario 1: kill -9 a dispatcher with many jobs in flight; a restarted one rescues them.
 
-Recovery is measured from the kill until every job the victim held has started
-again under the new dispatcher; the bound is the rescue bound R (lease +
-rescue interval + poll) plus the new process's start-up.
+Recovery is measured from the kill until every job the victim held has been
+rescued (re-queued by the new dispatcher); the bound is the rescue bound R
+(lease + rescue interval + poll) plus the new process's start-up.  The time
+until they all run again is recorded too: with a backlog it is longer, since a
+rescued job is re-queued with run_at = now(), behind the jobs already waiting.
 """
 
 from __future__ import annotations
@@ -37,11 +39,24 @@ def running_on(dsn: str, pid: int) -> int:
     return int(rows[0][0])
 
 
+def rescued(dsn: str, jobs: set[int], victim: int) -> bool:
+    """None of `jobs` is still running under the victim's claim."""
+    rows = query(
+        dsn,
+        "SELECT count(*) FROM notifyq.jobs WHERE id = ANY(%s::bigint[])"
+        " AND status = 'running' AND split_part(claimed_by, ':', 2) = %s",
+        list(jobs),
+        str(victim),
+    )
+    return rows[0][0] == 0
+
+
 def restarted(dsn: str, jobs: set[int], victim: int) -> bool:
     rows = query(
         dsn,
         "SELECT count(DISTINCT job_id) FROM executions"
-        " WHERE job_id = ANY(%s::bigint[]) AND pid <> %s",
+        " WHERE job_id = ANY(%s::bigint[])"
+        " AND started_at > (SELECT max(at) FROM faults WHERE pid = %s)",
         list(jobs),
         victim,
     )
@@ -51,7 +66,7 @@ def restarted(dsn: str, jobs: set[int], victim: int) -> bool:
 def kill_and_recover(dsn: str, logs: Path, *, concurrency: int, rounds: int, name: str) -> None:
     baseline = harness.deadlocks(dsn)
     args = ("-c", str(concurrency), *ARGS)
-    worst = 0.0
+    worst = worst_rerun = 0.0
     procs: list[Dispatcher] = []
     try:
         victim = Dispatcher(dsn, *args, log=logs / "d0.log")
@@ -70,15 +85,29 @@ def kill_and_recover(dsn: str, logs: Path, *, concurrency: int, rounds: int, nam
             survivor = Dispatcher(dsn, *args, log=logs / f"d{i + 1}.log")
             procs.append(survivor)
             wait_until(
-                lambda a=affected, v=victim.pid: restarted(dsn, a, v),  # type: ignore[misc]
+                lambda a=affected, v=victim.pid: rescued(dsn, a, v),  # type: ignore[misc]
                 timeout=60,
+                message="every job of the killed dispatcher to be rescued",
+            )
+            worst = max(worst, time.monotonic() - killed_at)
+            # Running again takes longer when a backlog is ahead: a rescued job is
+            # re-queued with run_at = now(), behind every job already waiting.
+            wait_until(
+                lambda a=affected, v=victim.pid: restarted(dsn, a, v),  # type: ignore[misc]
+                timeout=120,
                 message="every job of the killed dispatcher to run again",
             )
-            seconds = time.monotonic() - killed_at
-            worst = max(worst, seconds)
+            worst_rerun = max(worst_rerun, time.monotonic() - killed_at)
             victim = survivor
         bound = harness.rescue_bound(LEASE, POLL) + STARTUP
-        harness.record_recovery(name, worst, bound, in_flight=len(affected), kills=rounds)
+        harness.record_recovery(
+            name,
+            worst,
+            bound,
+            in_flight=len(affected),
+            kills=rounds,
+            running_again_s=round(worst_rerun, 3),
+        )
         harness.wait_terminal(dsn, timeout=120)
         harness.check_invariants(
             dsn,

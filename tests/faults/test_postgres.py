@@ -84,29 +84,44 @@ def test_postgres_restarts_repeatedly_under_load(
     private_server: EmbeddedServer, tmp_path: Path, mode: str
 ) -> None:
     for i in range(3):
+        (tmp_path / str(i)).mkdir()
         restart_under_load(private_server, tmp_path / str(i), mode, seeded=2000)
+
+
+def listen_terminated(dsn: str, logs: Path, *, rounds: int, inserts: int = 3) -> None:
+    baseline = harness.deadlocks(dsn)
+    worst = 0.0
+    with Dispatcher(dsn, *ARGS, log=logs / "serve.log") as proc:
+        wait_until(lambda: len(harness.listen_pids(dsn)) == 1, message="the dispatcher")
+        for _ in range(rounds):
+            old = harness.terminate_backend(dsn, "listen")
+            # Committed while nobody listens: their notifications are lost for good, and
+            # nothing else is inserted after them: only the catch-up or the poll finds them.
+            jobs = [job for _ in range(inserts) for job in harness.seed(dsn, 1)]
+            wait_until(lambda: harness.unfinished(dsn) == 0, message="the jobs committed unheard")
+            worst = max([worst, *(harness.start_latency(dsn, job) for job in jobs)])
+            new = wait_until(lambda: harness.listen_pids(dsn), message="a new listener")
+            assert new != [old]
+        harness.seed(dsn, 1)
+        wait_until(lambda: harness.unfinished(dsn) == 0, message="a job after reconnect")
+        harness.record_recovery(
+            f"LISTEN backend terminated x{rounds}: insert to start", worst, POLL + 1.5
+        )
+        harness.check_invariants(dsn, deadlocks_before=baseline, listeners=1, logs=[proc.log])
+    assert statuses(dsn) == {"succeeded": rounds * inserts + 1}
+    assert "listener lost the database" in proc.log_text()
+    assert worst <= POLL + 1.5
 
 
 def test_listen_backend_terminated_jobs_start_within_the_poll(
     fault_dsn: str, tmp_path: Path
 ) -> None:
-    dsn = fault_dsn
-    baseline = harness.deadlocks(dsn)
-    with Dispatcher(dsn, *ARGS, log=tmp_path / "serve.log") as proc:
-        wait_until(lambda: len(harness.listen_pids(dsn)) == 1, message="the dispatcher")
-        old = harness.terminate_backend(dsn, "listen")
-        # Committed while nobody listens: its notification is lost for good.
-        (job,) = harness.seed(dsn, 1)
-        wait_until(lambda: statuses(dsn) == {"succeeded": 1}, message="the catch-up claim")
-        latency = harness.start_latency(dsn, job)
-        harness.record_recovery("LISTEN backend terminated: insert to start", latency, POLL + 1.5)
-        new = wait_until(lambda: harness.listen_pids(dsn), message="a new listener")
-        assert new != [old]
-        harness.seed(dsn, 1)
-        wait_until(lambda: statuses(dsn) == {"succeeded": 2}, message="a job after reconnect")
-        harness.check_invariants(dsn, deadlocks_before=baseline, listeners=1, logs=[proc.log])
-    assert "listener lost the database" in proc.log_text()
-    assert latency <= POLL + 1.5
+    listen_terminated(fault_dsn, tmp_path, rounds=1)
+
+
+@pytest.mark.faults
+def test_listen_backend_terminated_repeatedly(fault_dsn: str, tmp_path: Path) -> None:
+    listen_terminated(fault_dsn, tmp_path, rounds=20)
 
 
 def claim_backend_terminated(dsn: str, logs: Path, *, kills: int) -> None:
