@@ -146,6 +146,7 @@ def test_kill_9_with_many_jobs_in_flight(fault_dsn: str, tmp_path: Path) -> None
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(900)
 def test_kill_9_repeatedly_at_random_moments(fault_dsn: str, tmp_path: Path) -> None:
     harness.seed(fault_dsn, 600, task="faults.sleep", payload='{"ms": 1000}', max_attempts=20)
     kill_and_recover(fault_dsn, tmp_path, concurrency=50, rounds=5, name="kill -9 x5 (600 jobs)")

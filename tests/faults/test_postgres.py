@@ -79,6 +79,7 @@ def test_postgres_restart_under_load_loses_no_job(
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_postgres_restarts_repeatedly_under_load(
     private_server: EmbeddedServer, tmp_path: Path, mode: str
@@ -120,6 +121,7 @@ def test_listen_backend_terminated_jobs_start_within_the_poll(
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(600)
 def test_listen_backend_terminated_repeatedly(fault_dsn: str, tmp_path: Path) -> None:
     listen_terminated(fault_dsn, tmp_path, rounds=20)
 
@@ -161,5 +163,6 @@ def test_claim_backend_terminated_while_claiming(fault_dsn: str, tmp_path: Path)
 
 
 @pytest.mark.faults
+@pytest.mark.timeout(600)
 def test_claim_backend_terminated_many_times(fault_dsn: str, tmp_path: Path) -> None:
     claim_backend_terminated(fault_dsn, tmp_path, kills=30)
