@@ -158,6 +158,8 @@ class LeaseKeeper:
             # An outcome written meanwhile also drops out of `renewed`: only what we still
             # hold is lost.
             lost = (ids - renewed) & self._held_ids()
+            if lost:  # or merely locked at that moment: ask without waiting for the lock
+                lost -= await self._store.still_claimed(lost, self._claimant)
             if lost:
                 log.warning(
                     "lost the lease of jobs %s (rescued or cancelled elsewhere); their outcome "

@@ -368,6 +368,10 @@ class Store:
         )
         return {r[0] for r in rows}
 
+    async def still_claimed(self, ids: Collection[int], claimant: str) -> set[int]:
+        rows = await self._run("still_claimed", {"ids": list(ids), "claimant": claimant})
+        return {r[0] for r in rows}
+
     async def hand_back(self, attempts: Sequence[tuple[int, int]], claimant: str) -> set[int]:
         """Return (job id, attempt) pairs to the queue; returns the ids that applied."""
         rows = await self._run(

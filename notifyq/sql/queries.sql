@@ -101,11 +101,27 @@ WHERE j.id = o.id
 RETURNING j.id;
 
 -- name: renew_leases
--- Heartbeat: extend the lease of every job we are still running.
-UPDATE notifyq.jobs
+-- Heartbeat: extend the lease of every job we are still running.  SKIP LOCKED:
+-- a row locked right now is being completed or handed back (by our own other
+-- connection, in another order) or changed by an admin; waiting for it could
+-- deadlock, and the next heartbeat, a third of a lease later, renews it anyway.
+WITH mine AS MATERIALIZED (
+    SELECT id
+    FROM notifyq.jobs
+    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND claimed_by = %(claimant)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifyq.jobs j
 SET lease_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND claimed_by = %(claimant)s
-RETURNING id;
+FROM mine
+WHERE j.id = mine.id
+RETURNING j.id;
+
+-- name: still_claimed
+-- Which of these jobs are still running under our claim (a plain read, no lock):
+-- tells a lease really lost from a row renewal skipped because it was locked.
+SELECT id FROM notifyq.jobs
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND claimed_by = %(claimant)s;
 
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without

@@ -1,21 +1,16 @@
-"""A dispatcher deadlocks with itself: lease renewal against completion.
+"""A dispatcher must never deadlock with itself: lease renewal against completion.
 
 Found by the heavy many-dispatchers scenario (8 processes, 200,000 jobs: one
 "deadlock detected" in `lease upkeep failed`).  One dispatcher's leases
-connection runs `renew_leases` (UPDATE ... WHERE id = ANY(held ids)) while its
-completions connection runs `complete` (UPDATE ... FROM unnest(finished ids))
-on an overlapping set of the jobs it holds.  Neither statement locks its rows
-in a fixed order (the first follows the plan's scan of notifyq.jobs, the
-second the order jobs finished in), so each can hold a row the other waits
-for: PostgreSQL aborts one of them ("deadlock detected"), after
-deadlock_timeout (1 s) of both waiting.  The dispatcher retries and no job is
-lost, but each one stalls completions and heartbeats for a second and counts
-in pg_stat_database.deadlocks.  (hand_back against renew_leases has the same
-shape.)  Locking in id order in both (a CTE with ORDER BY id FOR UPDATE), or
-renewing with SKIP LOCKED, would remove it.
+connection renewed (UPDATE ... WHERE id = ANY(held ids)) while its completions
+connection completed (UPDATE ... FROM unnest(finished ids)) an overlapping set
+of its jobs, each locking rows in its own order: PostgreSQL aborted one after
+deadlock_timeout, stalling completions and heartbeats for a second.  Renewal
+now takes its rows with FOR UPDATE SKIP LOCKED, so it never waits and cannot
+be part of a deadlock (a skipped row is renewed by the next heartbeat).
 
 Many slots of jobs with random short durations, and a 1 s lease (a heartbeat
-every 0.33 s), make it show within seconds; the test stops at the first one.
+every 0.33 s), showed the deadlock within seconds; the test churns for a minute.
 """
 
 from __future__ import annotations
@@ -32,11 +27,7 @@ from tests.faults.harness import Dispatcher
 WINDOW = 60.0  # seconds of churn; a deadlock shows after ~5 s on average here
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lease renewal and completion of one dispatcher lock overlapping rows in "
-    "different orders and deadlock (see the module docstring)",
-)
+@pytest.mark.faults  # a minute of churn: heavy
 def test_one_dispatcher_never_deadlocks_with_itself(fault_dsn: str, tmp_path: Path) -> None:
     dsn = fault_dsn
     baseline = harness.deadlocks(dsn)
@@ -52,6 +43,6 @@ def test_one_dispatcher_never_deadlocks_with_itself(fault_dsn: str, tmp_path: Pa
                 message="a deadlock",
             )
         except AssertionError:
-            return  # none within the window: the bug did not show (XPASS, strict: fails)
+            return  # none within the window
         lines = [line for line in proc.log_text().splitlines() if "deadlock detected" in line]
     assert harness.deadlocks(dsn) == baseline and not lines, lines[:3]
