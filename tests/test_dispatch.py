@@ -407,6 +407,33 @@ async def test_expired_lease_is_rescued_counting_the_attempt(dsn: str) -> None:
     assert "attempt 1 lost: the lease of dispatcher dead-host:1:x expired" in error
 
 
+async def test_rescued_job_goes_back_to_its_place_ahead_of_the_backlog(dsn: str) -> None:
+    app = notifyq.App()
+    order: list[str] = []
+
+    @app.task(name="t")
+    def t(payload: dict[str, str]) -> None:
+        order.append(payload["name"])
+        if payload["name"] == "first":
+            # Hold the only slot until the lost job has been rescued behind this backlog.
+            deadline = time.monotonic() + 15
+            while statuses(dsn).get("running", 0) > 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    # Lost an hour ago (its run_at), lease expired: it must run before the newer backlog.
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, payload, status, attempts, run_at, started_at,"
+        " claimed_by, lease_expires_at) VALUES ('t', '{\"name\": \"lost\"}', 'running', 1,"
+        " now() - interval '1 hour', now(), 'gone', now() - interval '1 second')",
+    )
+    sql_insert(dsn, """('t', '{"name": "first"}')""")
+    sql_insert(dsn, """('t', '{"name": "b1"}'), ('t', '{"name": "b2"}')""")
+    async with serving(app, dsn, concurrency=1, poll_interval=0.3):
+        await eventually(lambda: statuses(dsn) == {"succeeded": 4})
+    assert order == ["first", "lost", "b1", "b2"]
+
+
 async def test_rescue_of_a_job_out_of_attempts_sends_it_dead(dsn: str) -> None:
     app = notifyq.App()
     query(

@@ -156,6 +156,8 @@ RETURNING id;
 -- name: rescue
 -- Re-queue jobs whose lease expired (their dispatcher died or lost the
 -- database); the attempt counts, and a job with no attempts left goes dead.
+-- run_at is left as it was (in the past): the job goes back to its old place
+-- in the queue, ahead of the backlog that arrived while it was lost.
 -- SKIP LOCKED lets every live dispatcher run this without waiting on another.
 WITH expired AS MATERIALIZED (
     SELECT id
@@ -168,7 +170,6 @@ WITH expired AS MATERIALIZED (
 UPDATE notifyq.jobs j
 SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
     finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-    run_at = now(),
     last_error = format('attempt %%s lost: the lease of dispatcher %%s expired at %%s '
                         '(process killed or cut off from the database)',
                         j.attempts, j.claimed_by, j.lease_expires_at),

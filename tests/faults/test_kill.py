@@ -3,8 +3,8 @@
 Recovery is measured from the kill until every job the victim held has been
 rescued (re-queued by the new dispatcher); the bound is the rescue bound R
 (lease + rescue interval + poll) plus the new process's start-up.  The time
-until they all run again is recorded too: with a backlog it is longer, since a
-rescued job is re-queued with run_at = now(), behind the jobs already waiting.
+until they all run again is recorded too: a rescued job keeps its run_at, so it
+goes back to its old place in the queue, ahead of the newer backlog.
 """
 
 from __future__ import annotations
