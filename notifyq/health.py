@@ -84,8 +84,8 @@ def check(dsn: str, *, max_transaction_age: float = 300.0) -> Report:
 
 
 def _one(conn: Any, name: str, params: dict[str, Any] | None = None) -> Any:
-    with store.translated():
-        return conn.execute(store.QUERIES[name], params).fetchone()
+    found = store.rows(conn, name, params or {})
+    return found[0] if found else None
 
 
 def _run(conn: Any, report: Report, max_age: float) -> None:
