@@ -20,6 +20,7 @@ import pytest
 
 from tests.apps.ledger import LEDGER_DDL
 from tests.conftest import query, serve_process, statuses, wait_until
+from tests.faults.harness import record_recovery
 
 JOBS = 30
 LEASE = 2.0
@@ -89,6 +90,7 @@ def test_failpoint(ledger_dsn: str, tmp_path: Path, case: Case) -> None:
         JOBS,
     )
     options = ("--lease", str(LEASE), "--poll-interval", str(POLL), "-c", "10")
+    began = time.monotonic()
     armed_log = tmp_path / "armed.log"
     with serve_process(dsn, *options, log=armed_log, env={"NOTIFYQ_FAILPOINT": case.id}) as armed:
         if case.dies:
@@ -109,7 +111,7 @@ def test_failpoint(ledger_dsn: str, tmp_path: Path, case: Case) -> None:
                 message="the armed dispatcher to recover and finish every job",
             )
             assert armed.poll() is None, "a raised failpoint must not stop the dispatcher"
-            recovered = 0.0
+            recovered = time.monotonic() - began  # the fault and the recovery, in one process
     assert f"failpoint {case.failpoint}: {case.action}" in armed_log.read_text()
 
     ran = runs(dsn)
@@ -123,6 +125,13 @@ def test_failpoint(ledger_dsn: str, tmp_path: Path, case: Case) -> None:
     else:
         assert not twice, f"jobs {sorted(twice)} ran twice though no outcome was lost"
     charged = query(dsn, "SELECT id, attempts, last_error FROM notifyq.jobs WHERE attempts > 1")
+    record_recovery(
+        f"failpoint {case.id}",
+        recovered,
+        RESCUE_BOUND + 10,
+        charged=len(charged),
+        reruns=len(twice),
+    )
     if case.charged:
         # Only jobs whose lease died with the armed process paid an attempt.
         for _, attempts, error in charged:
