@@ -44,10 +44,15 @@ def record(payload: object, ctx: notifyq.JobContext) -> None:
 def hold(payload: object, ctx: notifyq.JobContext) -> None:
     """Record the start, then wait until the test inserts this job into `release`."""
     _record(ctx, "started")
-    with psycopg.connect(os.environ["NOTIFYQ_DSN"], autocommit=True) as conn:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if conn.execute("SELECT 1 FROM release WHERE job_id = %s", (ctx.id,)).fetchone():
-                break
-            time.sleep(0.05)
+    wait_for_release(ctx.id)
     _record(ctx, "finished")
+
+
+def wait_for_release(job_id: int, timeout: float = 120.0) -> None:
+    """Block (in the handler's thread) until the test inserts `job_id` into `release`."""
+    with psycopg.connect(os.environ["NOTIFYQ_DSN"], autocommit=True) as conn:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if conn.execute("SELECT 1 FROM release WHERE job_id = %s", (job_id,)).fetchone():
+                return
+            time.sleep(0.05)

@@ -14,6 +14,7 @@ import anyio
 import psycopg
 
 import notifyq
+from tests.apps.ledger import wait_for_release
 
 app = notifyq.App()
 
@@ -50,12 +51,7 @@ async def block_loop(payload: dict[str, float], ctx: notifyq.JobContext) -> None
 def hold(payload: object, ctx: notifyq.JobContext) -> None:
     """Runs (in a thread) until the test inserts this job's id into `release`."""
     record(ctx, "started")
-    with psycopg.connect(os.environ["NOTIFYQ_DSN"], autocommit=True) as conn:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if conn.execute("SELECT 1 FROM release WHERE job_id = %s", (ctx.id,)).fetchone():
-                break
-            time.sleep(0.05)
+    wait_for_release(ctx.id)
     record(ctx, "finished")
 
 

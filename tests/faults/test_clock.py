@@ -16,17 +16,9 @@ import pytest
 
 from tests.apps.ledger import LEDGER_DDL
 from tests.conftest import query, serve_process, statuses, wait_until
+from tests.faults.harness import listen_pids
 
 LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))), None)
-
-
-def listeners(dsn: str) -> int:
-    rows = query(
-        dsn,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'notifyq:listen'",
-    )
-    return int(rows[0][0])
 
 
 @pytest.mark.skipif(
@@ -46,7 +38,7 @@ def test_host_clocks_hours_off_change_no_schedule_and_no_lease(dsn: str, tmp_pat
         serve_process(dsn, *options, env=skewed("+3h"), log=tmp_path / "ahead.log"),
         serve_process(dsn, *options, env=skewed("-3h"), log=tmp_path / "behind.log"),
     ):
-        wait_until(lambda: listeners(dsn) == 2, message="both dispatchers")
+        wait_until(lambda: len(listen_pids(dsn)) == 2, message="both dispatchers")
         # Scheduled 3 s ahead by the database clock: neither may start it before then.
         scheduled, run_at = query(
             dsn,
