@@ -1,10 +1,11 @@
 """`notifyq watch`: the live terminal view.  A model that queries, a view that renders.
 
-Model: three statements per refresh (sql/queries.sql `watch_queues`,
-`watch_failures`, `watch_dispatchers`), each along a partial index, never a
-count of the whole table: ready/scheduled/oldest from jobs_claim_idx, running
-from jobs_lease_idx, dead from jobs_dead_idx, the last minute's successes and
-enqueue-to-start waits from jobs_finished_idx, failures from jobs_failed_idx.
+Model: four statements per refresh (sql/queries.sql `watch_queues`,
+`watch_failures`, `watch_running`, `watch_dispatchers`), each along a partial
+index, never a count of the whole table: ready/scheduled/oldest from
+jobs_claim_idx, running jobs from jobs_lease_idx, dead from jobs_dead_idx, the
+last minute's successes and enqueue-to-start waits from jobs_finished_idx,
+failures from jobs_failed_idx.
 Throughput is the jobs finished in the last 10 s; its history (the sparkline)
 is kept in memory, as is the backlog's, to tell a growing backlog.
 
@@ -44,7 +45,8 @@ HISTORY = 300.0  # seconds of throughput and backlog samples kept
 SPARK_BUCKETS = 10  # the sparkline: 10 buckets of 30 s, the last 5 minutes
 GROWTH_WINDOW = 30.0  # a backlog larger than this many seconds ago is growing
 FAILURES_SHOWN = 5
-QUERIES_PER_REFRESH = 3
+RUNNING_SHOWN = 5
+QUERIES_PER_REFRESH = 4
 _SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -90,6 +92,16 @@ class FailureRow:
 
 
 @dataclass(slots=True)
+class RunningRow:
+    id: int
+    queue: str
+    task: str
+    attempt: int
+    claimant: str
+    running_for: float  # seconds since this attempt started
+
+
+@dataclass(slots=True)
 class Snapshot:
     at: float
     connected: bool = True
@@ -97,6 +109,7 @@ class Snapshot:
     queues: list[QueueRow] = field(default_factory=list)
     dispatchers: list[DispatcherRow] = field(default_factory=list)
     failures: list[FailureRow] = field(default_factory=list)
+    running: list[RunningRow] = field(default_factory=list)  # the longest-running first
     refreshes: int = 0
     queries_per_second: float = 0.0
 
@@ -124,6 +137,7 @@ class Model:
         params = {"queues": self._queues}
         queue_rows = await self._store.fetch("watch_queues", params)
         failures = await self._store.fetch("watch_failures", {**params, "limit": FAILURES_SHOWN})
+        running = await self._store.fetch("watch_running", {**params, "limit": RUNNING_SHOWN})
         dispatchers = await self._store.fetch("watch_dispatchers", {})
         self.queries += QUERIES_PER_REFRESH
         self.refreshes += 1
@@ -136,6 +150,7 @@ class Model:
         for q in snap.queues:
             self._judge(now, q)
         snap.failures = [FailureRow(*row) for row in failures]
+        snap.running = [RunningRow(*row) for row in running]
         snap.dispatchers = [DispatcherRow(*row) for row in dispatchers]
         self.last = snap
         return snap
@@ -145,7 +160,7 @@ class Model:
         snap = Snapshot(at=time.time(), refreshes=self.refreshes)
         if self.last is not None:
             snap.queues, snap.dispatchers = self.last.queues, self.last.dispatchers
-            snap.failures = self.last.failures
+            snap.failures, snap.running = self.last.failures, self.last.running
         snap.connected, snap.problem = False, problem
         return snap
 
@@ -311,6 +326,22 @@ def failure_table(snap: Snapshot, width: int) -> Table:
     return table
 
 
+def running_table(snap: Snapshot, width: int) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
+    table.add_column("job", justify="right")
+    table.add_column("task", overflow="ellipsis", no_wrap=True, max_width=max(10, width // 3))
+    table.add_column("try", justify="right")
+    table.add_column("for", justify="right")
+    if width >= 70:
+        table.add_column("on", overflow="ellipsis", no_wrap=True, ratio=1)
+    for r in snap.running:
+        cells = [str(r.id), r.task, str(r.attempt), duration(r.running_for)]
+        if width >= 70:
+            cells.append(r.claimant)
+        table.add_row(*cells)
+    return table
+
+
 def render(snap: Snapshot, width: int, *, title: str = "notifyq watch") -> RenderableType:
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.at))
     head = Text(f"{title}  {stamp}", style="bold")
@@ -326,6 +357,8 @@ def render(snap: Snapshot, width: int, *, title: str = "notifyq watch") -> Rende
     if lost:
         summary.append(f", {len(lost)} lost", style="bold red")
     parts += [summary, dispatcher_table(snap, width)]
+    if snap.running:
+        parts += [Text("running longest"), running_table(snap, width)]
     if snap.failures:
         parts += [Text("latest failures"), failure_table(snap, width)]
     return Group(*parts)

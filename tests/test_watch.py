@@ -116,6 +116,28 @@ def test_dead_jobs_appearing_and_an_old_backlog_turn_red(dsn: str) -> None:
     assert re.search(r"\x1b\[1;31m\s*3m\x1b\[0m", coloured)  # the oldest, over --max-age
 
 
+def test_running_jobs_longest_first_with_attempt_and_dispatcher(dsn: str) -> None:
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (queue, task, status, attempts, started_at, claimed_by,"
+        " lease_expires_at) VALUES"
+        " ('mail', 'mail.recent', 'running', 1, now() - interval '5 seconds', 'hostb:7:x',"
+        "  now() + interval '30 seconds'),"
+        " ('mail', 'mail.slow', 'running', 2, now() - interval '90 seconds', 'hosta:42:y',"
+        "  now() + interval '30 seconds')",
+    )
+    snap = snapshot(dsn)
+    assert [(r.task, r.attempt, r.claimant) for r in snap.running] == [
+        ("mail.slow", 2, "hosta:42:y"),
+        ("mail.recent", 1, "hostb:7:x"),
+    ]
+    lines = screen(snap, 80).splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("running longest")))
+    slow = next(line for line in lines[at:] if "mail.slow" in line).split()
+    assert slow[2:] == ["2", "90s", "hosta:42:y"]  # job, task, try, for, on
+    assert cells(screen(snap, 80), "mail")["run"] == "2"
+
+
 def test_narrow_terminal_drops_columns_but_keeps_the_essentials(dsn: str) -> None:
     fill(dsn)
     text = screen(snapshot(dsn), 50)

@@ -349,6 +349,16 @@ WHERE last_error IS NOT NULL AND started_at IS NOT NULL AND status IN ('queued',
 ORDER BY started_at DESC
 LIMIT %(limit)s;
 
+-- name: watch_running
+-- notifyq watch: the jobs running longest, along jobs_lease_idx (running rows
+-- only, at most the dispatchers' total concurrency), with who runs them.
+SELECT id, queue, task, attempts, claimed_by,
+       extract(epoch FROM now() - started_at)::float8 AS running_for
+FROM notifyq.jobs
+WHERE status = 'running' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+ORDER BY started_at
+LIMIT %(limit)s;
+
 -- name: watch_dispatchers
 -- notifyq watch: the dispatcher registry with each one's state (running, stopped, lost).
 SELECT claimant, host, pid, queues, concurrency, running, state,
