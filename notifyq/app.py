@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
@@ -200,6 +200,74 @@ class App:
             if self._sync_conn is None or self._sync_conn.closed:
                 self._sync_conn = store.connect_sync(resolve_dsn(self.dsn))
             return store.enqueue_sync(self._sync_conn, job)
+
+    async def enqueue_many(
+        self,
+        task: str | Callable[..., Any],
+        payloads: Iterable[Any],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[int]:
+        """Insert one job of `task` per payload, all in one transaction; their ids, in order.
+
+        Each queue gets one notification however many jobs.  Every payload is
+        checked before anything is sent, so a bad one refuses the whole batch.
+        With `conn`, the jobs join that connection's open transaction.
+        """
+        job, encoded = self._many(task, payloads, queue, priority, delay, run_at, max_attempts)
+        if not encoded:
+            return []
+        return await store.enqueue_many(conn or await self._async_connection(), job, encoded)
+
+    def enqueue_many_sync(
+        self,
+        task: str | Callable[..., Any],
+        payloads: Iterable[Any],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> list[int]:
+        """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
+        job, encoded = self._many(task, payloads, queue, priority, delay, run_at, max_attempts)
+        if not encoded:
+            return []
+        if conn is not None:
+            return store.enqueue_many_sync(conn, job, encoded)
+        with self._sync_lock:
+            if self._sync_conn is None or self._sync_conn.closed:
+                self._sync_conn = store.connect_sync(resolve_dsn(self.dsn))
+            return store.enqueue_many_sync(self._sync_conn, job, encoded)
+
+    def _many(
+        self,
+        task: str | Callable[..., Any],
+        payloads: Iterable[Any],
+        queue: str | None,
+        priority: int | None,
+        delay: float | None,
+        run_at: datetime | None,
+        max_attempts: int | None,
+    ) -> tuple[store.NewJob, list[str]]:
+        job = enqueue.build(
+            self.registry,
+            task,
+            None,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+        )
+        return job, enqueue.encode_all(payloads)
 
     async def _async_connection(self) -> psycopg.AsyncConnection[Any]:
         loop = asyncio.get_running_loop()

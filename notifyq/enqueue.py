@@ -7,6 +7,7 @@ commits (PostgreSQL holds the trigger's notification until then too).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -51,20 +52,9 @@ def build(
         raise InvalidJob(f"delay must be from 0 to {MAX_DELAY:.0f} seconds (10 years), got {delay}")
     if run_at is not None and run_at.tzinfo is None:
         raise InvalidJob("run_at must be timezone-aware (naive datetimes are ambiguous)")
-    if isinstance(payload, codec.Undecodable):
-        raise InvalidJob(f"job rejected: {payload}")
-    try:
-        payload_json = codec.dumps({} if payload is None else payload)
-    except TypeError as exc:
-        raise InvalidJob(f"job rejected: {exc}") from exc
-    if codec.depth_exceeds(payload_json, MAX_PAYLOAD_DEPTH):
-        raise InvalidJob(
-            f"job rejected: payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} "
-            "levels deep"
-        )
     return store.NewJob(
         task=name,
-        payload_json=payload_json,
+        payload_json=encode(payload),
         # Explicit values, as the INSERT names every column (the schema's defaults agree).
         queue=queue if queue is not None else DEFAULT_QUEUE,
         priority=priority if priority is not None else 0,
@@ -74,3 +64,29 @@ def build(
         if max_attempts is not None
         else (known.max_attempts if known is not None else None),
     )
+
+
+def encode(payload: Any, where: str = "") -> str:
+    """The payload as JSON text, or InvalidJob saying why not (`where`: which one)."""
+    if isinstance(payload, codec.Undecodable):
+        raise InvalidJob(f"job rejected{where}: {payload}")
+    try:
+        payload_json = codec.dumps({} if payload is None else payload)
+    except TypeError as exc:
+        raise InvalidJob(f"job rejected{where}: {exc}") from exc
+    if codec.depth_exceeds(payload_json, MAX_PAYLOAD_DEPTH):
+        raise InvalidJob(
+            f"job rejected{where}: payload nests arrays and objects more than "
+            f"{MAX_PAYLOAD_DEPTH} levels deep"
+        )
+    return payload_json
+
+
+def encode_all(payloads: Iterable[Any]) -> list[str]:
+    """Every payload encoded before anything is sent: one bad payload refuses the batch."""
+    if isinstance(payloads, (str, bytes, dict)):
+        raise InvalidJob(
+            "payloads must be an iterable of payloads (a list, say), "
+            f"not a {type(payloads).__name__}"
+        )
+    return [encode(payload, f" (payload #{i})") for i, payload in enumerate(payloads)]

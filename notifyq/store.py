@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, LiteralString
@@ -171,6 +171,45 @@ def enqueue_sync(conn: psycopg.Connection[Any], job: NewJob) -> int:
         row = conn.execute(QUERIES["enqueue"], job.params()).fetchone()
     assert row is not None
     return int(row[0])
+
+
+ENQUEUE_CHUNK = 5_000
+"""Payloads per INSERT in enqueue_many: bounds one statement's parameter size;
+the chunks share one transaction, so PostgreSQL still delivers one
+notification per queue (it folds identical notifications of a transaction)."""
+
+
+def _chunks(job: NewJob, payloads: Sequence[str]) -> Iterator[dict[str, Any]]:
+    common = job.params()
+    del common["payload"]
+    for start in range(0, len(payloads), ENQUEUE_CHUNK):
+        yield {**common, "payloads": list(payloads[start : start + ENQUEUE_CHUNK])}
+
+
+async def enqueue_many(
+    conn: psycopg.AsyncConnection[Any], job: NewJob, payloads: Sequence[str]
+) -> list[int]:
+    """Insert one job per payload (JSON text) with `job`'s other columns; ids in order."""
+    ids: list[int] = []
+    with translated():
+        # An autocommit connection gets a transaction of its own (all or nothing, one
+        # notification); any other joins the caller's, which commits it or not.
+        async with conn.transaction() if conn.autocommit else nullcontext():
+            for params in _chunks(job, payloads):
+                cur = await conn.execute(QUERIES["enqueue_many"], params)
+                ids += sorted(int(row[0]) for row in await cur.fetchall())
+    return ids
+
+
+def enqueue_many_sync(
+    conn: psycopg.Connection[Any], job: NewJob, payloads: Sequence[str]
+) -> list[int]:
+    ids: list[int] = []
+    with translated(), conn.transaction() if conn.autocommit else nullcontext():
+        for params in _chunks(job, payloads):
+            rows = conn.execute(QUERIES["enqueue_many"], params).fetchall()
+            ids += sorted(int(row[0]) for row in rows)
+    return ids
 
 
 # --- the schema

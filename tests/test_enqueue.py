@@ -167,3 +167,87 @@ def test_task_registration_rejects_bad_settings() -> None:
     app.task(name="t")(lambda p: None)
     with pytest.raises(ConfigurationError, match="registered twice"):
         app.task(name="t")(lambda p: None)
+
+
+def notifications_until_sentinel(listener: psycopg.Connection[Any], dsn: str) -> list[str]:
+    """Everything `listener` received on notifyq_jobs before a sentinel sent now: a NOTIFY
+    is delivered in commit order, so the sentinel arriving means nothing else is on its way."""
+    query(dsn, "SELECT pg_notify('notifyq_jobs', 'sentinel')")
+    got: list[str] = []
+    for note in listener.notifies(timeout=20):
+        if note.payload == "sentinel":
+            return got
+        got.append(note.payload)
+    raise AssertionError(f"the sentinel never arrived; got {got[:5]}")
+
+
+@pytest.mark.anyio
+async def test_enqueue_many_inserts_in_order_with_one_notification_per_queue(dsn: str) -> None:
+    app = make_app(dsn)
+    count = notifyq.store.ENQUEUE_CHUNK * 2 + 17  # three statements, one transaction
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN notifyq_jobs")
+        try:
+            ids = await app.enqueue_many("mail.send", ({"i": i} for i in range(count)), priority=2)
+            other = await app.enqueue_many("report.build", [[1], [2]], queue="reports")
+            assert await app.enqueue_many("mail.send", []) == []
+        finally:
+            await app.aclose()
+        assert notifications_until_sentinel(listener, dsn) == ["mail", "reports"]
+    assert len(ids) == count and len(set(ids)) == count
+    rows = query(
+        dsn,
+        "SELECT id, (payload->>'i')::int, queue, priority, max_attempts FROM notifyq.jobs"
+        " WHERE task = 'mail.send' ORDER BY id",
+    )
+    assert [(r[0], r[1]) for r in rows] == list(zip(ids, range(count), strict=True))
+    assert {r[2:] for r in rows} == {("mail", 2, 7)}  # the task's queue and max_attempts
+    assert query(
+        dsn, "SELECT id, payload, queue FROM notifyq.jobs WHERE task = 'report.build' ORDER BY id"
+    ) == [(other[0], [1], "reports"), (other[1], [2], "reports")]
+
+
+def test_enqueue_many_sync_joins_the_callers_transaction(dsn: str) -> None:
+    app = make_app(dsn)
+    try:
+        with psycopg.connect(dsn) as conn:
+            app.enqueue_many_sync("mail.send", [{"a": 1}, {"a": 2}], conn=conn, delay=60)
+            conn.rollback()
+            assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(0,)]
+            ids = app.enqueue_many_sync("mail.send", [{"a": 3}], conn=conn, delay=60)
+            conn.commit()
+        ids += app.enqueue_many_sync("mail.send", [None])  # on the app's own connection
+    finally:
+        app.close()
+    assert query(
+        dsn,
+        "SELECT id, payload, run_at > now() + interval '50 seconds' FROM notifyq.jobs ORDER BY id",
+    ) == [(ids[0], {"a": 3}, True), (ids[1], {}, False)]
+
+
+def nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("payloads", "message"),
+    [
+        ([{"ok": 1}, {"ok": 2}, {"ok": 3}, {"bad": object()}], "payload #3"),
+        ([{"ok": 1}, nested(101)], "payload #1"),
+        ("abc", "not a str"),
+        ({"a": 1}, "not a dict"),
+    ],
+)
+def test_enqueue_many_refuses_the_whole_batch_for_one_bad_payload(
+    dsn: str, payloads: Any, message: str
+) -> None:
+    app = make_app(dsn)
+    try:
+        with pytest.raises(InvalidJob, match=message):
+            app.enqueue_many_sync("mail.send", payloads)
+    finally:
+        app.close()
+    assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(0,)]

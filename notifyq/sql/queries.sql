@@ -9,6 +9,20 @@ VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s)
 RETURNING id;
 
+-- name: enqueue_many
+-- Insert many jobs of one task in one statement: the statement-level trigger
+-- sends one notification per queue however many rows.  Identity values are
+-- drawn in ORDINALITY order, so the caller sorts the returned ids into the
+-- payloads' order.  Casts are explicit: a NULL parameter has no type here.
+INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts)
+SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
+       coalesce(%(run_at)s::timestamptz,
+                now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
+       %(max_attempts)s::integer
+FROM pg_catalog.unnest(%(payloads)s::text[]) WITH ORDINALITY AS p (payload, n)
+ORDER BY p.n
+RETURNING id;
+
 -- name: claim
 -- Claim up to %(limit)s ready jobs of the served queues, marking them running
 -- under our lease and counting the attempt, in one statement.  Each queue's
