@@ -36,6 +36,7 @@ from .worker import Settings, Worker
 log = logging.getLogger("notifyq")
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 
 def resolve_dsn(explicit: str | None = None) -> str:
@@ -196,10 +197,7 @@ class App:
         )
         if conn is not None:
             return store.enqueue_sync(conn, job)
-        with self._sync_lock:
-            if self._sync_conn is None or self._sync_conn.closed:
-                self._sync_conn = store.connect_sync(resolve_dsn(self.dsn))
-            return store.enqueue_sync(self._sync_conn, job)
+        return self._on_own_sync_connection(lambda own: store.enqueue_sync(own, job))
 
     async def enqueue_many(
         self,
@@ -242,10 +240,14 @@ class App:
             return []
         if conn is not None:
             return store.enqueue_many_sync(conn, job, encoded)
+        return self._on_own_sync_connection(lambda own: store.enqueue_many_sync(own, job, encoded))
+
+    def _on_own_sync_connection(self, call: Callable[[psycopg.Connection[Any]], R]) -> R:
+        """Run `call` on the app's one sync connection, one thread at a time."""
         with self._sync_lock:
             if self._sync_conn is None or self._sync_conn.closed:
                 self._sync_conn = store.connect_sync(resolve_dsn(self.dsn))
-            return store.enqueue_many_sync(self._sync_conn, job, encoded)
+            return call(self._sync_conn)
 
     def _many(
         self,
