@@ -19,7 +19,7 @@ import pytest
 import notifyq
 from notifyq import Settings, store
 from notifyq.store import QUERIES
-from tests.conftest import statuses
+from tests.conftest import query, statuses
 
 BACKLOG = 20_000
 
@@ -30,9 +30,15 @@ def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from plan_nodes(child)
 
 
-def explain(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+def explain(
+    dsn: str, name: str, params: dict[str, Any], *, generic: bool = False
+) -> list[dict[str, Any]]:
+    """The plan of a named query; `generic`: the plan a prepared statement settles on
+    after its first executions, which cannot see the parameters' values."""
     # In a rolled-back transaction: the UPDATEs are planned, never applied.
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction(force_rollback=True):
+        if generic:
+            conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         row = conn.execute(f"EXPLAIN (FORMAT JSON) {QUERIES[name]}".encode(), params).fetchone()
     assert row is not None
     return list(plan_nodes(row[0][0]["Plan"]))
@@ -87,8 +93,10 @@ def test_claim_uses_the_claim_index_and_the_schedule_index(big_dsn: str) -> None
     assert not any(kind == "Seq Scan" for kind, _ in found), found
 
 
-# Writes by id: the primary key, or the (small) partial index of running jobs.
-BY_ID = {"jobs_pkey", "jobs_lease_idx"}
+# Writes by id go through the primary key, one probe per id.  Never the partial index
+# of running jobs: when the statistics believe it small, the planner scans all of it once
+# per id (a drain at concurrency 200 spent seconds per completion that way).
+BY_ID = {"jobs_pkey"}
 
 
 @pytest.mark.parametrize(
@@ -121,11 +129,22 @@ BY_ID = {"jobs_pkey", "jobs_lease_idx"}
     ],
     ids=["complete", "complete_succeeded", "renew_leases", "hand_back", "rescue"],
 )
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
 def test_writes_use_their_index(
-    big_dsn: str, name: str, params: dict[str, Any], indexes: set[str]
+    big_dsn: str, name: str, params: dict[str, Any], indexes: set[str], generic: bool
 ) -> None:
-    found = scans(explain(big_dsn, name, params))
+    # Statistics gone stale the way a drain makes them: ANALYZE saw 100 running jobs,
+    # now thousands run (claimed, finished, their outcomes not yet written).
+    query(
+        big_dsn,
+        "UPDATE notifyq.jobs SET status = 'running', attempts = 1, started_at = now(),"
+        " claimed_by = 'c', lease_expires_at = now() + interval '1 minute'"
+        " WHERE status = 'queued' AND run_at <= now() AND id % 4 = 0",
+    )
+    found = scans(explain(big_dsn, name, params, generic=generic))
     assert any(idx in indexes for _, idx in found), found
+    if "jobs_lease_idx" not in indexes:
+        assert not any(idx == "jobs_lease_idx" for _, idx in found), found
     assert not any(kind == "Seq Scan" for kind, _ in found), found
 
 

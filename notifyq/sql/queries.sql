@@ -83,6 +83,11 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL,
 -- Write a batch of outcomes at once.  Fenced: a row changes only while it is
 -- still running under our claim and the same attempt, so a late completion of
 -- an attempt whose lease expired (and was rescued) cannot overwrite the newer one.
+-- By id, through the primary key: `status = 'running' COLLATE "C"` (the same test,
+-- bytewise) cannot match the predicate of jobs_lease_idx, so the planner never
+-- picks that partial index here.  When its statistics say few jobs run (they lag
+-- during a drain, while thousands are claimed), the planner would scan all of it
+-- once per id: quadratic, seconds per batch at concurrency 200.
 UPDATE notifyq.jobs j
 SET status = o.status,
     finished_at = CASE WHEN o.status = 'queued' THEN NULL ELSE now() END,
@@ -95,13 +100,14 @@ FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
             %(delays)s::float8[], %(errors)s::text[])
      AS o(id, attempt, status, delay, error)
 WHERE j.id = o.id
-  AND j.status = 'running'
+  AND j.status = 'running' COLLATE "C"
   AND j.claimed_by = %(claimant)s
   AND j.attempts = o.attempt
 RETURNING j.id;
 
 -- name: complete_succeeded
 -- `complete` for a batch of successes only (the common case), fenced the same way.
+-- By id through the primary key, never jobs_lease_idx: see `complete`.
 UPDATE notifyq.jobs j
 SET status = 'succeeded',
     finished_at = now(),
@@ -109,7 +115,7 @@ SET status = 'succeeded',
     lease_expires_at = NULL
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt)
 WHERE j.id = o.id
-  AND j.status = 'running'
+  AND j.status = 'running' COLLATE "C"
   AND j.claimed_by = %(claimant)s
   AND j.attempts = o.attempt
 RETURNING j.id;
@@ -119,10 +125,11 @@ RETURNING j.id;
 -- a row locked right now is being completed or handed back (by our own other
 -- connection, in another order) or changed by an admin; waiting for it could
 -- deadlock, and the next heartbeat, a third of a lease later, renews it anyway.
+-- By id through the primary key, never jobs_lease_idx: see `complete`.
 WITH mine AS MATERIALIZED (
     SELECT id
     FROM notifyq.jobs
-    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND claimed_by = %(claimant)s
+    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' COLLATE "C" AND claimed_by = %(claimant)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE notifyq.jobs j
@@ -134,12 +141,14 @@ RETURNING j.id;
 -- name: still_claimed
 -- Which of these jobs are still running under our claim (a plain read, no lock):
 -- tells a lease really lost from a row renewal skipped because it was locked.
+-- By id through the primary key, never jobs_lease_idx: see `complete`.
 SELECT id FROM notifyq.jobs
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' AND claimed_by = %(claimant)s;
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' COLLATE "C" AND claimed_by = %(claimant)s;
 
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
 -- charging the attempt that was interrupted.  Fenced like `complete`.
+-- By id through the primary key, never jobs_lease_idx: see `complete`.
 UPDATE notifyq.jobs j
 SET status = 'queued',
     attempts = j.attempts - 1,
@@ -148,7 +157,7 @@ SET status = 'queued',
     lease_expires_at = NULL
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt)
 WHERE j.id = h.id
-  AND j.status = 'running'
+  AND j.status = 'running' COLLATE "C"
   AND j.claimed_by = %(claimant)s
   AND j.attempts = h.attempt
 RETURNING j.id;
