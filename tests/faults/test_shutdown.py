@@ -117,6 +117,9 @@ def test_second_signal_exits_at_once_and_leases_protect_the_job(
         wait_until(lambda: harness.executions(dsn), message="the job to start")
         harness.fault(dsn, "SIGTERM then SIGINT", pid=proc.pid)
         proc.term()
+        # Two signals pending at once are delivered lowest number first (SIGINT before
+        # SIGTERM): send the second only once the first has been taken as the graceful one.
+        wait_until(lambda: "received SIGTERM" in proc.log_text(), message="SIGTERM taken")
         proc.proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 128 + signal.SIGINT
         t0 = time.monotonic()
