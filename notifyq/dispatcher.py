@@ -7,6 +7,12 @@ waiting), or stop.  Then it claims at most `min(free slots, batch_size)` in
 one statement.  A claim that came back full is followed by another as soon
 as there is room; a short one means the ready backlog is drained.
 
+A slot frees when its handler returns, before the outcome is written.  If
+writes fall behind (a slow or locked database), claims stop once the
+outcomes waiting to be written exceed the concurrency, so the jobs this
+dispatcher holds as `running` stay below twice its concurrency instead of
+growing with the backlog; every write that lands wakes the loop again.
+
 Any role can NOTIFY any channel, so notifications are never trusted: claims
 that a notification alone caused and that found nothing draw on a token
 bucket (a burst, then a steady rate), which bounds what a flood of forged
@@ -72,6 +78,7 @@ class Dispatcher:
         default_max_attempts: int,
         submit: Callable[[Job], None],
         held_ids: Callable[[], Collection[int]],
+        unwritten: Callable[[], int] = lambda: 0,
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -84,6 +91,7 @@ class Dispatcher:
         self._default_max_attempts = default_max_attempts
         self._submit = submit
         self._held_ids = held_ids
+        self._unwritten = unwritten  # outcomes finished but not yet written
         self._orphans_possible = False  # a claim failed: it may have committed unseen
         self._refill_at = max(1, min(batch_size, concurrency) // 2)
         self._signal = anyio.Event()
@@ -105,6 +113,9 @@ class Dispatcher:
     def slot_freed(self) -> None:
         self.running -= 1
         self._signal.set()
+
+    def outcomes_written(self) -> None:
+        self._signal.set()  # room again, if unwritten outcomes were holding claims back
 
     def stop(self) -> None:
         self._stopping = True
@@ -131,7 +142,8 @@ class Dispatcher:
             if self._notified or timers:
                 more_waiting = True
                 self._notified = False
-            free = self._concurrency - self.running
+            backlog = self._unwritten() - self._concurrency
+            free = self._concurrency - self.running - max(backlog, 0)
             if more_waiting and free > 0:
                 if more_waiting_full and free < self._refill_at:
                     # Draining a backlog: let a few more slots free up (briefly) so one

@@ -109,6 +109,7 @@ class Worker:
             default_max_attempts=DEFAULT_MAX_ATTEMPTS,
             submit=self._submit,
             held_ids=self._held_ids,
+            unwritten=lambda: self.completer.pending,
         )
         self.completer = Completer(complete_store, self.claimant, self._written)
         self.metrics: Metrics | None = None
@@ -160,6 +161,7 @@ class Worker:
     def _written(self, pairs: set[tuple[int, int]]) -> None:
         with self._held_lock:
             self.held -= pairs
+        self.dispatcher.outcomes_written()
 
     async def run(self, *, handle_signals: bool = False) -> None:
         s = self.settings

@@ -158,6 +158,48 @@ async def test_claims_no_more_jobs_than_free_slots(dsn: str) -> None:
         await eventually(lambda: statuses(dsn) == {"succeeded": 10})
 
 
+async def test_claims_pause_while_outcomes_cannot_be_written(dsn: str) -> None:
+    """A completion blocked on a row lock: the dispatcher stops claiming once the unwritten
+    outcomes exceed its concurrency, instead of marking the whole backlog running."""
+    app = notifyq.App()
+    c = 5
+    first_started = anyio.Event()
+    locked = anyio.Event()
+
+    @app.task(name="t")
+    async def t(payload: Any, ctx: JobContext) -> None:
+        if payload == {"first": True}:
+            first_started.set()
+            await locked.wait()  # its outcome's write will wait for the test's row lock
+
+    query(
+        dsn,
+        """INSERT INTO notifyq.jobs (task, payload, priority) VALUES ('t', '{"first": true}', 1)""",
+    )
+    query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 200)")
+    with psycopg.connect(dsn) as blocker:
+        async with serving(app, dsn, concurrency=c, poll_interval=3600) as worker:
+            with anyio.fail_after(10):
+                await first_started.wait()
+            blocker.execute(
+                """SELECT 1 FROM notifyq.jobs WHERE payload = '{"first": true}' FOR UPDATE"""
+            )
+            locked.set()
+
+            def stalled() -> bool:
+                d, pool = worker.dispatcher, worker.pool
+                return d.claimed >= 3 * c or (pool.running == 0 and worker.completer.pending > c)
+
+            with anyio.fail_after(20):
+                while not stalled():  # noqa: ASYNC110 - counters, not events
+                    await anyio.sleep(0.01)
+            assert worker.dispatcher.claimed < 3 * c
+            running = query(dsn, "SELECT count(*) FROM notifyq.jobs WHERE status = 'running'")
+            assert running[0][0] < 3 * c
+            blocker.rollback()  # the lock goes: every outcome is written, claiming resumes
+            await eventually(lambda: statuses(dsn) == {"succeeded": 201})
+
+
 async def test_delayed_job_starts_on_time_by_the_precise_timer(dsn: str) -> None:
     app = notifyq.App()
     started = anyio.Event()
