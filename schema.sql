@@ -280,9 +280,10 @@ COMMENT ON FUNCTION notifyq.retry_dead(text, text) IS
     'now(), last_error kept. Returns how many.';
 
 -- Cancel one job.  queued: it never runs.  running: marked cancelled at once;
--- its handler is not interrupted, and when it ends, the dispatcher's fenced
--- completion finds the job no longer running under its claim and drops the
--- outcome (logged as "not written"): no retry, no second status change.
+-- the status trigger's notification tells the dispatcher running it, which
+-- interrupts an async handler and tells a sync one (JobContext.cancelled);
+-- whatever the handler does, nothing more is written: no retry, no second
+-- status change.  A plain UPDATE to 'cancelled' does the same.
 CREATE OR REPLACE FUNCTION notifyq.cancel_job(id bigint) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -303,8 +304,8 @@ END
 $$;
 COMMENT ON FUNCTION notifyq.cancel_job(bigint) IS
     'Cancel job id: queued -> cancelled (it never runs); running -> cancelled at once (the '
-    'handler is not interrupted; the fenced completion drops its outcome). Returns the previous '
-    'status; raises for an unknown id or a finished job.';
+    'dispatcher running it interrupts its handler; nothing more is written). Returns the '
+    'previous status; raises for an unknown id or a finished job.';
 
 -- Delete jobs that finished more than older_than ago, 10,000 rows per
 -- statement along jobs_finished_idx.  Only succeeded, dead and cancelled rows

@@ -12,6 +12,7 @@ from .errors import (
     InvalidJob,
     JobFailure,
     NotifyqError,
+    OperationRefused,
     PayloadError,
     SchemaMissing,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "JobFailure",
     "JobState",
     "NotifyqError",
+    "OperationRefused",
     "PayloadError",
     "SchemaMissing",
     "Settings",

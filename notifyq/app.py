@@ -19,7 +19,7 @@ from typing import Any, TypeVar, overload
 import anyio
 import psycopg
 
-from . import embedded, enqueue, migrate, store
+from . import admin, embedded, enqueue, migrate, store
 from .errors import ConfigurationError
 from .registry import (
     DEFAULT_MAX_ATTEMPTS,
@@ -291,6 +291,18 @@ class App:
             if self._sync_conn is not None:
                 self._sync_conn.close()
                 self._sync_conn = None
+
+    # --- operations
+
+    async def cancel(self, job_id: int) -> str:
+        """Cancel a job (`notifyq.cancel_job`): a queued one never runs; a running one's
+        handler is interrupted by the dispatcher running it.  Returns the status it had;
+        raises OperationRefused for an unknown or finished job."""
+        return await anyio.to_thread.run_sync(self.cancel_sync, job_id)
+
+    def cancel_sync(self, job_id: int) -> str:
+        """`cancel` for synchronous code."""
+        return admin.cancel_job(resolve_dsn(self.dsn), job_id)
 
     # --- schema and serving
 

@@ -596,11 +596,11 @@ def retry_command(
 @click.argument("job_id", metavar="ID", type=int)
 @dsn_option
 def cancel_command(job_id: int, dsn: str | None) -> None:
-    """Cancel job ID: a queued job never runs; a running one's outcome is dropped."""
+    """Cancel job ID: a queued job never runs; a running one's handler is interrupted."""
     from . import admin
 
     was = admin.cancel_job(database(dsn), job_id)
-    note = " (its handler runs on; its outcome will be dropped)" if was == "running" else ""
+    note = " (the dispatcher running it interrupts its handler)" if was == "running" else ""
     click.echo(f"job {job_id}: {was} -> cancelled{note}")
 
 

@@ -4,7 +4,8 @@ Workers never write job state: they report `Finished`, and this component
 writes whatever has accumulated in one statement (`complete`) while the
 previous write is in flight, so under load one round trip carries many
 outcomes and an idle dispatcher still writes a single outcome at once.
-Interrupted attempts (shutdown) are handed back with `hand_back` instead.
+Interrupted attempts (shutdown) are handed back with `hand_back` instead;
+attempts of jobs cancelled while they ran write nothing (the row says so).
 
 A write that fails because the database is gone is kept and retried after
 the connection comes back; if the job's lease expired in the meantime the
@@ -100,6 +101,15 @@ class Completer:
         self.decided: Counter[str] = Counter()  # outcomes by status, for the summaries
 
     def submit(self, finished: Finished) -> None:
+        if finished.cancelled:
+            # The row already says cancelled: nothing to write, whatever the handler did.
+            job = finished.job
+            log.info(
+                "cancelled job=%s task=%s attempt=%s: interrupted", job.id, job.task, job.attempt
+            )
+            self.decided["cancelled"] += 1
+            self._on_written({(job.id, job.attempt)})
+            return
         if finished.interrupted:
             self._handed.append((finished.job.id, finished.job.attempt))
         else:

@@ -46,6 +46,11 @@ class JobContext:
     `stopping` is set when the dispatcher shuts down: an attempt that does not
     finish within the shutdown timeout is handed back, so a long synchronous
     handler (which cannot be cancelled) can check it and stop early.
+
+    `cancelled` is set when an operator cancels the job while a synchronous
+    handler runs it: the handler should return soon (the job stays cancelled
+    whatever it returns).  An async handler is cancelled instead (it sees
+    CancelledError), and its `cancelled` is never set.
     """
 
     id: int
@@ -54,3 +59,4 @@ class JobContext:
     attempt: int
     max_attempts: int
     stopping: threading.Event = field(default_factory=threading.Event, compare=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)

@@ -6,6 +6,12 @@ reads a flag, not a count).  After every (re)connect the listener wakes the
 dispatcher once, because anything inserted while nobody listened sent its
 notification to no one.  While quiet, it pings so a dead socket is noticed.
 
+With `on_cancelled`, it also listens to the status channel, where every
+status change is announced, and calls `on_cancelled` when a job was
+cancelled, so the dispatcher can interrupt the handler if the job is one of
+its own (the payload names only the queue and the status: the dispatcher
+asks the table which of its jobs were cancelled).
+
 After every LISTEN it also checks that notifications really arrive: another
 connection sends a probe, which must come back within PROBE_TIMEOUT.  Behind
 a pooler in transaction mode (PgBouncer) the LISTEN stays on a server
@@ -29,6 +35,7 @@ from .store import Listener
 log = logging.getLogger("notifyq.listener")
 
 CHANNEL = "notifyq_jobs"
+STATUS_CHANNEL = "notifyq_status"
 PROBE_PREFIX = "notifyq-probe:"  # ':' keeps it from ever naming a queue
 PROBE_TIMEOUT = 5.0
 
@@ -42,6 +49,7 @@ async def listen(
     send_probe: Callable[[str], Awaitable[None]],
     probe_id: str,
     ping_interval: float = 30.0,
+    on_cancelled: Callable[[], None] | None = None,
 ) -> None:
     """Run until cancelled, reconnecting with capped, jittered backoff.
 
@@ -51,7 +59,8 @@ async def listen(
     `send_probe(payload)` must NOTIFY the channel from another connection.
     """
     served = frozenset(queues)
-    listener = Listener(dsn, CHANNEL)
+    channels = (CHANNEL,) if on_cancelled is None else (CHANNEL, STATUS_CHANNEL)
+    listener = Listener(dsn, *channels)
     failures = 0
     connects = 0
     try:
@@ -89,6 +98,11 @@ async def listen(
                             )
                     if any(p in served for p in payloads):
                         on_notify()
+                    # Status payloads are JSON objects; no queue name starts with '{'.
+                    if on_cancelled is not None and any(
+                        p.startswith("{") and '"cancelled"' in p for p in payloads
+                    ):
+                        on_cancelled()
             except DatabaseUnavailable as exc:
                 failures += 1
                 delay = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)

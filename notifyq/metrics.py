@@ -109,8 +109,8 @@ class Metrics:
     def finished(self, finished: Finished) -> None:
         job = finished.job
         began = self._starts.pop((job.id, job.attempt), None)
-        if finished.interrupted:
-            return  # handed back at shutdown: neither success nor failure
+        if finished.interrupted or finished.cancelled:
+            return  # handed back at shutdown, or cancelled: neither success nor failure
         labels = (job.queue, job.task)
         if began is not None:
             self._run.labels(*labels).observe(time.monotonic() - began)

@@ -411,6 +411,10 @@ class Store:
         rows = await self._run("still_claimed", {"ids": list(ids), "claimant": claimant})
         return {r[0] for r in rows}
 
+    async def cancelled_among(self, ids: Collection[int]) -> set[int]:
+        rows = await self._run("cancelled_among", {"ids": list(ids)})
+        return {r[0] for r in rows}
+
     async def hand_back(self, attempts: Sequence[tuple[int, int]], claimant: str) -> set[int]:
         """Return (job id, attempt) pairs to the queue; returns the ids that applied."""
         rows = await self._run(
@@ -449,9 +453,9 @@ class Store:
 class Listener:
     """The one LISTEN connection: autocommit, never inside a transaction."""
 
-    def __init__(self, dsn: str, channel: str) -> None:
+    def __init__(self, dsn: str, *channels: str) -> None:
         self._dsn = dsn
-        self._channel = channel
+        self._channels = channels
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def open(self) -> None:
@@ -461,7 +465,8 @@ class Listener:
             with translated():
                 # A session timeout would cut an idle listener off: exempt this connection.
                 await conn.execute("SET idle_session_timeout = 0")
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                for channel in self._channels:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except BaseException:
             await conn.close()
             raise

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("notifyq")
 
+CANCEL_CHECK_GAP = 0.05  # seconds between two checks for cancelled jobs, at least
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -89,6 +91,7 @@ class Worker:
         self._loop_beat = time.monotonic()
         self.ready = anyio.Event()
         self._signalled = False
+        self._cancel_check = anyio.Event()
         self.listening = anyio.Event()
         self.notifications = 0  # wake-ups by a notification naming a served queue
         # Poll-only mode is for poolers in transaction mode: no prepared statements there.
@@ -188,6 +191,7 @@ class Worker:
                 if s.listen:
                     background.start_soon(self._listen)
                 background.start_soon(self._beat)
+                background.start_soon(self._cancellations)
                 background.start_soon(self._summaries)
                 async with anyio.create_task_group() as work:
                     await work.start(self.pool.run)
@@ -267,7 +271,31 @@ class Worker:
             on_connected=self._connected,
             send_probe=self._send_probe,
             probe_id=self.claimant,
+            on_cancelled=self._cancel_requested,
         )
+
+    def _cancel_requested(self) -> None:
+        self._cancel_check.set()
+
+    async def _cancellations(self) -> None:
+        """Interrupt the handlers of jobs cancelled while they run: at once on a status
+        notification that names a cancellation, and every poll interval (a notification
+        may be lost, or the dispatcher may not listen)."""
+        while True:
+            with anyio.move_on_after(self.settings.poll_interval):
+                await self._cancel_check.wait()
+            self._cancel_check = anyio.Event()
+            held = self._held_ids()
+            if held:
+                try:
+                    cancelled = await self._stores[0].cancelled_among(held)
+                except DatabaseUnavailable as exc:
+                    log.warning("could not check for cancelled jobs (%s)", exc)
+                    cancelled = set()
+                if cancelled and (found := self.pool.cancel(cancelled)):
+                    log.info("interrupting cancelled jobs %s", sorted(found))
+            # Coalesces a burst of notifications; bounds what forged ones can cost.
+            await anyio.sleep(CANCEL_CHECK_GAP)
 
     async def _send_probe(self, payload: str) -> None:
         try:

@@ -3,7 +3,10 @@
 Each claimed job becomes one attempt: its task is looked up, its payload
 decoded, its handler called (in a worker thread when it is a plain `def`,
 so it cannot block the event loop) under the task's timeout, inside a
-cancel scope of its own so shutdown can interrupt it.  What happened is
+cancel scope of its own so shutdown can interrupt it.  `cancel(ids)`
+interrupts the attempts of jobs an operator cancelled: an async handler's
+scope is cancelled; a sync handler's thread cannot be, so its context's
+`cancelled` event is set and the attempt ends when the handler returns.  What happened is
 reported as a `Finished` through the `on_finished` callback; turning that
 into a state write is completion.py's job.
 """
@@ -16,7 +19,7 @@ import math
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -36,13 +39,18 @@ class UnknownTask(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """How one attempt ended: error None is success; interrupted means handed back."""
+    """How one attempt ended: error None is success; interrupted means handed back;
+    cancelled means the job was cancelled while it ran (nothing is left to write)."""
 
     job: Job
     task: Task | None
     error: BaseException | None = None
     trace: str | None = None
     interrupted: bool = False
+    cancelled: bool = False
+
+
+_NEVER = threading.Event()  # the `cancelled` of async handlers: they get CancelledError
 
 
 class WorkerPool:
@@ -65,6 +73,9 @@ class WorkerPool:
         self._interrupting = False
         self._stopping = threading.Event()  # shared by every JobContext of this pool
         self.abandoned = 0  # sync handlers interrupted at shutdown: their threads live on
+        # Attempts running now: job id -> its session's scope, and a sync handler's event.
+        self._running: dict[int, tuple[anyio.CancelScope, threading.Event | None]] = {}
+        self._cancelled: set[int] = set()  # job ids cancelled while they ran
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -97,6 +108,18 @@ class WorkerPool:
         self._stopping.set()
         for scope in self._scopes:
             scope.cancel()
+
+    def cancel(self, job_ids: set[int]) -> set[int]:
+        """Interrupt the running attempts of these jobs; returns the ids that were running."""
+        found = job_ids & self._running.keys()
+        for job_id in found:
+            self._cancelled.add(job_id)
+            scope, event = self._running[job_id]
+            if event is None:
+                scope.cancel()  # the session reports the attempt and starts a new scope
+            else:
+                event.set()
+        return found
 
     def signal_stopping(self) -> None:
         """Tell running handlers (JobContext.stopping) that shutdown has begun."""
@@ -131,7 +154,7 @@ class WorkerPool:
                 return True
             finally:
                 self._scopes.discard(scope)
-        if current is not None:  # shutdown interrupted this attempt
+        if current is not None:  # shutdown or a cancellation interrupted this attempt
             task = self._registry.get(current.task)
             if task is not None and not task.is_async:
                 self.abandoned += 1
@@ -139,6 +162,9 @@ class WorkerPool:
         return False
 
     def _report(self, finished: Finished) -> None:
+        if self._cancelled and finished.job.id in self._cancelled:
+            self._cancelled.discard(finished.job.id)
+            finished = replace(finished, cancelled=True)
         self._pending -= 1
         if self._pending == 0:
             self._idle.set()
@@ -150,9 +176,17 @@ class WorkerPool:
         task = self._registry.get(job.task)
         if self._interrupting:  # claimed just before shutdown and never started
             return Finished(job, task, interrupted=True)
+        cancelled = threading.Event() if task is not None and not task.is_async else None
         context = JobContext(
-            job.id, job.queue, job.task, job.attempt, job.max_attempts, self._stopping
+            job.id,
+            job.queue,
+            job.task,
+            job.attempt,
+            job.max_attempts,
+            self._stopping,
+            cancelled or _NEVER,
         )
+        self._running[job.id] = (scope, cancelled)
         try:
             if task is None:
                 raise UnknownTask(
@@ -176,6 +210,8 @@ class WorkerPool:
         except BaseException as exc:  # SystemExit, KeyboardInterrupt from a handler
             # A handler cannot stop the dispatcher: it only fails its own attempt.
             return Finished(job, task, exc, traceback.format_exc())
+        finally:
+            del self._running[job.id]
 
     async def _call(self, task: Task, job: Job, context: JobContext) -> None:
         payload = job.payload

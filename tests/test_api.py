@@ -20,6 +20,7 @@ PUBLIC = {
     "JobFailure",
     "JobState",
     "NotifyqError",
+    "OperationRefused",
     "PayloadError",
     "SchemaMissing",
     "Settings",

@@ -532,6 +532,67 @@ async def test_cancelled_queued_job_never_runs(dsn: str) -> None:
     assert ran == [2]
 
 
+@pytest.mark.parametrize("listen", [True, False], ids=["notified", "polled"])
+async def test_cancelling_a_running_job_by_sql_interrupts_its_handler(
+    dsn: str, listen: bool
+) -> None:
+    app = notifyq.App()
+    started = anyio.Event()
+    interrupted = anyio.Event()
+
+    @app.task(name="slow")
+    async def slow(payload: Any) -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            interrupted.set()
+
+    @app.task(name="next")
+    async def next_job(payload: Any) -> None:
+        pass
+
+    # Listening, only the status notification can be this prompt (the poll is an hour);
+    # not listening, the check every poll interval finds it.
+    poll = 3600 if listen else 0.2
+    async with serving(app, dsn, concurrency=1, poll_interval=poll, listen=listen) as worker:
+        sql_insert(dsn, "('slow', '{}')")
+        with anyio.fail_after(10):
+            await started.wait()
+        # A plain UPDATE, as any program may do; claimed_by and the lease stay as they were.
+        query(dsn, "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = now()")
+        with anyio.fail_after(10):
+            await interrupted.wait()
+        sql_insert(dsn, "('next', '{}')")  # the slot is free again
+        await eventually(lambda: statuses(dsn) == {"cancelled": 1, "succeeded": 1})
+    assert query(dsn, "SELECT attempts FROM notifyq.jobs WHERE task = 'slow'") == [(1,)]
+    assert worker.completer.decided["cancelled"] == 1
+    assert worker.completer.fenced == 0  # nothing was written for the cancelled attempt
+
+
+async def test_app_cancel_tells_a_sync_handler_through_its_context(dsn: str) -> None:
+    app = notifyq.App(dsn=dsn)
+    started = threading.Event()
+    saw: list[bool] = []
+
+    @app.task(name="slow")
+    def slow(payload: Any, ctx: JobContext) -> None:
+        started.set()
+        saw.append(ctx.cancelled.wait(timeout=30))  # a sync handler cannot be interrupted
+
+    async with serving(app, dsn, poll_interval=3600) as worker:
+        job_id = await app.enqueue("slow")
+        await app.aclose()
+        await anyio.to_thread.run_sync(started.wait, 10)
+        assert await app.cancel(job_id) == "running"
+        await eventually(lambda: worker.completer.decided["cancelled"] == 1)
+    assert saw == [True]
+    assert statuses(dsn) == {"cancelled": 1}
+    assert worker.completer.fenced == 0
+    with pytest.raises(notifyq.OperationRefused, match="already cancelled"):
+        app.cancel_sync(job_id)
+
+
 async def test_sync_wrapper_around_a_coroutine_really_runs_it(dsn: str) -> None:
     app = notifyq.App()
     ran = anyio.Event()

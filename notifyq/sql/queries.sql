@@ -145,6 +145,11 @@ RETURNING j.id;
 SELECT id FROM notifyq.jobs
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' COLLATE "C" AND claimed_by = %(claimant)s;
 
+-- name: cancelled_among
+-- Which of the jobs this dispatcher runs were cancelled meanwhile (notifyq.cancel_job,
+-- or a plain UPDATE to 'cancelled'): their handlers are interrupted.
+SELECT id FROM notifyq.jobs WHERE id = ANY(%(ids)s::bigint[]) AND status = 'cancelled';
+
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
 -- charging the attempt that was interrupted.  Fenced like `complete`.
