@@ -61,6 +61,18 @@ def purge(dsn: str, older_than: float, statuses: Sequence[str] = ("succeeded", "
     return int(_one(dsn, "purge", {"seconds": older_than, "statuses": list(statuses)}))
 
 
+def set_history(dsn: str, enabled: bool) -> bool:
+    return bool(_one(dsn, "set_history", {"enabled": enabled}))
+
+
+def history_enabled(dsn: str) -> bool:
+    return bool(_one(dsn, "history_enabled", {}))
+
+
+def job_history(dsn: str, job_id: int) -> list[dict[str, Any]]:
+    return _dicts(dsn, "job_history", {"id": job_id})
+
+
 def list_jobs(
     dsn: str,
     *,

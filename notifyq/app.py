@@ -12,14 +12,14 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
 import anyio
 import psycopg
 
-from . import admin, embedded, enqueue, migrate, store
+from . import admin, embedded, enqueue, migrate, results, store
 from .errors import ConfigurationError
 from .registry import (
     DEFAULT_MAX_ATTEMPTS,
@@ -71,6 +71,12 @@ class App:
         self._async_conns: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, psycopg.AsyncConnection[Any]
         ] = weakref.WeakKeyDictionary()
+        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, results.Waiters] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # --- tasks
 
@@ -151,12 +157,17 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        dedupe_key: str | None = None,
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> int:
         """Insert a job and return its id.
 
         With `conn`, the INSERT joins that connection's open transaction: the
         job exists only if it commits.  Without, it commits on its own.
+
+        With `dedupe_key`, while a job with the same key is unfinished (queued,
+        running or waiting for a retry) nothing is inserted and that job's id is
+        returned instead.
         """
         job = enqueue.build(
             self.registry,
@@ -167,6 +178,7 @@ class App:
             delay=delay,
             run_at=run_at,
             max_attempts=max_attempts,
+            dedupe_key=dedupe_key,
         )
         if conn is not None:
             return await store.enqueue(conn, job)
@@ -182,6 +194,7 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        dedupe_key: str | None = None,
         conn: psycopg.Connection[Any] | None = None,
     ) -> int:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
@@ -194,6 +207,7 @@ class App:
             delay=delay,
             run_at=run_at,
             max_attempts=max_attempts,
+            dedupe_key=dedupe_key,
         )
         if conn is not None:
             return store.enqueue_sync(conn, job)
@@ -275,16 +289,63 @@ class App:
         loop = asyncio.get_running_loop()
         conn = self._async_conns.get(loop)
         if conn is None or conn.closed or conn.broken:
-            conn = await store.connect(resolve_dsn(self.dsn), application_name="notifyq:enqueue")
-            self._async_conns[loop] = conn
+            # Two tasks asking at once would both connect, and one connection would leak.
+            lock = self._async_locks.setdefault(loop, asyncio.Lock())
+            async with lock:
+                conn = self._async_conns.get(loop)
+                if conn is None or conn.closed or conn.broken:
+                    conn = await store.connect(
+                        resolve_dsn(self.dsn), application_name="notifyq:enqueue"
+                    )
+                    self._async_conns[loop] = conn
         return conn
 
-    async def aclose(self) -> None:
-        """Close the connections enqueue opened (this event loop's, and the sync one)."""
+    # --- results
+
+    # timeout= is the documented API (a job outliving it is not an error of the caller's scope).
+    async def wait(self, job_id: int, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """Wait until job `job_id` finishes; return what its handler returned (None if
+        nothing), or raise JobFailed if it ended dead or cancelled.
+
+        Driven by the status notifications (one LISTEN connection per event loop
+        serves every wait on it), not by polling.  TimeoutError after `timeout`
+        seconds; the job itself is not touched.  OperationRefused for an unknown id.
+        """
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be None or at least 0 seconds, got {timeout}")
+        loop = asyncio.get_running_loop()
+        waiters = self._waiters.get(loop)
+        if waiters is None:
+
+            async def read(ids: Collection[int]) -> list[results.Row]:
+                return await store.wait_outcomes(await self._async_connection(), ids)
+
+            waiters = self._waiters[loop] = results.Waiters(resolve_dsn(self.dsn), read)
+        return await waiters.wait(job_id, timeout)
+
+    def wait_sync(self, job_id: int, timeout: float | None = None) -> Any:
+        """`wait` for synchronous code: runs it on an event loop of its own (with
+        connections of its own, closed when it returns)."""
+
+        async def once() -> Any:
+            try:
+                return await self.wait(job_id, timeout)
+            finally:
+                await self.aclose(sync_too=False)
+
+        return asyncio.run(once())
+
+    async def aclose(self, *, sync_too: bool = True) -> None:
+        """Close the connections enqueue and wait opened (this event loop's, and the
+        sync one)."""
+        waiters = self._waiters.pop(asyncio.get_running_loop(), None)
+        if waiters is not None:
+            await waiters.close()
         conn = self._async_conns.pop(asyncio.get_running_loop(), None)
         if conn is not None:
             await conn.close()
-        self.close()
+        if sync_too:
+            self.close()
 
     def close(self) -> None:
         with self._sync_lock:

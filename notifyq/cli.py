@@ -231,6 +231,28 @@ def load_app(target: str) -> App:
     help="Apply the notifyq schema before serving (always done for the private server).",
 )
 @click.option(
+    "--retain-succeeded",
+    default="7d",
+    show_default=True,
+    metavar="AGE",
+    help="Delete succeeded jobs (and their history) this long after they finished: "
+    "90s, 30m, 12h, 7d, 2w, or 'forever'.",
+)
+@click.option(
+    "--retain-cancelled",
+    default="7d",
+    show_default=True,
+    metavar="AGE",
+    help="Delete cancelled jobs this long after they were cancelled, or 'forever'.",
+)
+@click.option(
+    "--retain-dead",
+    default="30d",
+    show_default=True,
+    metavar="AGE",
+    help="Delete dead jobs this long after they died, or 'forever'.",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
@@ -249,6 +271,9 @@ def serve(
     shutdown_timeout: float,
     no_listen: bool,
     do_migrate: bool,
+    retain_succeeded: str,
+    retain_cancelled: str,
+    retain_dead: str,
     metrics_port: int | None,
 ) -> None:
     """Run the dispatcher: LISTEN, claim in batches, run the app's handlers."""
@@ -271,6 +296,9 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         listen=not no_listen,
         metrics_port=metrics_port,
+        retain_succeeded=_retention(retain_succeeded),
+        retain_cancelled=_retention(retain_cancelled),
+        retain_dead=_retention(retain_dead),
     )
     dsn = dsn or app.dsn
     if dsn and do_migrate:
@@ -278,6 +306,12 @@ def serve(
     dsn = database(dsn)
     migrate.check(dsn)
     app.serve(settings, dsn=dsn)
+
+
+def _retention(age: str) -> float | None:
+    from . import admin
+
+    return None if age.strip().lower() == "forever" else admin.parse_age(age)
 
 
 @main.command(name="migrate")
@@ -556,15 +590,42 @@ def jobs_show_command(job_id: int, dsn: str | None) -> None:
     """Every column of job ID, with the full last_error (traceback included)."""
     from . import admin
 
-    job = admin.show_job(database(dsn), job_id)
+    dsn = database(dsn)
+    job = admin.show_job(dsn, job_id)
     if job is None:
         fail(f"no job with id {job_id}")
     error = job.pop("last_error")
-    payload = job.pop("payload")
+    documents = {name: job.pop(name) for name in ("payload", "checkpoint", "result")}
     for name, value in job.items():
         click.echo(f"{name + ':':<18}{'' if value is None else value}")
-    click.echo(f"{'payload:':<18}{codec.dumps(payload)}")
+    for name, value in documents.items():
+        click.echo(f"{name + ':':<18}{'' if value is None else codec.dumps(value)}")
     click.echo("last_error:" + ("\n" + error if error else ""))
+    history = admin.job_history(dsn, job_id)
+    click.echo("history:" + ("" if history else " (none recorded: see notifyq history)"))
+    for h in history:
+        step = f"{h['from_status'] or 'inserted'} -> {h['to_status']}"
+        by = f" by {h['dispatcher']}" if h["dispatcher"] else ""
+        why = f": {h['error']}" if h["error"] else ""
+        click.echo(f"  {h['at']:%Y-%m-%d %H:%M:%S.%f}  {step:<22} attempt {h['attempt']}{by}{why}")
+
+
+@main.command(name="history")
+@click.argument("state", type=click.Choice(["on", "off"]), required=False)
+@dsn_option
+def history_command(state: str | None, dsn: str | None) -> None:
+    """Show, or switch on or off, the status history (notifyq.job_history).
+
+    On by default: one row per status change of every job, written in the same
+    transaction.  Switching it off saves that write where throughput matters
+    more than the audit trail; it needs the owner of the notifyq tables."""
+    from . import admin
+
+    dsn = database(dsn)
+    if state is not None:
+        admin.set_history(dsn, state == "on")
+    on = admin.history_enabled(dsn)
+    click.echo(f"history is {'on' if on else 'off'}")
 
 
 @main.command(name="retry")

@@ -35,7 +35,7 @@ def decide(finished: Finished) -> Outcome:
     """succeeded, queued again after a backoff, or dead: the retry policy, applied."""
     job = finished.job
     if finished.error is None:
-        return Outcome(job.id, job.attempt, "succeeded")
+        return Outcome(job.id, job.attempt, "succeeded", result=finished.result)
     error = _describe(finished.error, finished.trace)
     final = isinstance(finished.error, DoNotRetry | UnknownTask)
     if final or job.attempt >= job.max_attempts:

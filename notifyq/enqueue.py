@@ -16,6 +16,7 @@ from .errors import InvalidJob
 from .registry import DEFAULT_QUEUE, Handler, Registry, check_queue_name, check_task_name
 
 MAX_DELAY = 10 * 365 * 24 * 3600.0
+MAX_DEDUPE_KEY = 255  # characters, as the schema's jobs_dedupe_key_length says
 MAX_PAYLOAD_DEPTH = 100
 """Arrays and objects nested deeper than this are refused at enqueue.  Far beyond
 what a real payload needs; the dispatcher itself decodes up to 1024 levels (a row
@@ -32,6 +33,7 @@ def build(
     delay: float | None,
     run_at: datetime | None,
     max_attempts: int | None,
+    dedupe_key: str | None = None,
 ) -> store.NewJob:
     """Validate in Python what can be checked without a round trip."""
     if isinstance(task, str):
@@ -52,6 +54,12 @@ def build(
         raise InvalidJob(f"delay must be from 0 to {MAX_DELAY:.0f} seconds (10 years), got {delay}")
     if run_at is not None and run_at.tzinfo is None:
         raise InvalidJob("run_at must be timezone-aware (naive datetimes are ambiguous)")
+    if dedupe_key is not None and not (
+        isinstance(dedupe_key, str) and 1 <= len(dedupe_key) <= MAX_DEDUPE_KEY
+    ):
+        raise InvalidJob(
+            f"dedupe_key must be a string of 1 to {MAX_DEDUPE_KEY} characters, got {dedupe_key!r}"
+        )
     return store.NewJob(
         task=name,
         payload_json=encode(payload),
@@ -63,6 +71,7 @@ def build(
         max_attempts=max_attempts
         if max_attempts is not None
         else (known.max_attempts if known is not None else None),
+        dedupe_key=dedupe_key,
     )
 
 

@@ -7,9 +7,11 @@
     ├── SchemaMissing           the notifyq schema is absent or older than this code
     ├── InvalidJob              PostgreSQL rejected a job at INSERT (names the rule it broke)
     ├── OperationRefused        an admin function refused (unknown job id, wrong state, ...)
+    ├── JobFailed               App.wait(): the job ended dead or cancelled
     └── JobFailure              raised *by handlers* to steer what happens to the job
         └── DoNotRetry          fail this attempt and send the job to `dead` at once
-            └── PayloadError    the payload cannot be used by this task
+            ├── PayloadError    the payload cannot be used by this task
+            └── ResultError     the handler returned what cannot be stored as JSON
 
 Driver errors are translated at one seam (store.py) with `translate()`; no
 other module looks at psycopg exceptions.
@@ -67,6 +69,22 @@ class JobFailure(NotifyqError):
 
 class DoNotRetry(JobFailure):
     """Raise from a handler: the job goes to `dead` now, whatever attempts remain."""
+
+
+class ResultError(DoNotRetry):
+    """The handler's return value cannot be stored: not JSON-serialisable, or over
+    1 MiB as JSON.  Retrying would return the same, so the job goes dead."""
+
+
+class JobFailed(NotifyqError):
+    """What `App.wait` raises for a job that ended `dead` or `cancelled`."""
+
+    def __init__(self, job_id: int, status: str, error: str | None) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.error = error
+        first = (error or "").split("\n", 1)[0]
+        super().__init__(f"job {job_id} is {status}" + (f": {first}" if first else ""))
 
 
 class PayloadError(DoNotRetry):

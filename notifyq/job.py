@@ -16,7 +16,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
+
+import anyio
 
 
 class JobState(StrEnum):
@@ -37,6 +39,15 @@ class Job:
     payload: Any
     attempt: int
     max_attempts: int
+    checkpoint: Any = None  # what an earlier attempt saved, decoded
+
+
+class Reporter(Protocol):
+    """Where a JobContext sends progress and checkpoints (progress.py's Reports)."""
+
+    def progress(self, job_id: int, attempt: int, percent: float, message: str | None) -> None: ...
+
+    async def save_checkpoint(self, job_id: int, attempt: int, checkpoint: Any) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +62,9 @@ class JobContext:
     handler runs it: the handler should return soon (the job stays cancelled
     whatever it returns).  An async handler is cancelled instead (it sees
     CancelledError), and its `cancelled` is never set.
+
+    `checkpoint` is what an earlier attempt of this job saved with
+    `save_checkpoint` (None if nothing): a long job resumes from it.
     """
 
     id: int
@@ -60,3 +74,35 @@ class JobContext:
     max_attempts: int
     stopping: threading.Event = field(default_factory=threading.Event, compare=False)
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
+    checkpoint: Any = None
+    reporter: Reporter | None = field(default=None, repr=False, compare=False)
+
+    def progress(self, percent: float, message: str | None = None) -> None:
+        """Report progress (0-100, and a short message): never blocks, never fails the job.
+
+        Reports are coalesced per job (the latest wins) and written a few times a
+        second at most, each announced on the notifyq_progress channel.  Call it
+        from the handler itself (its own thread, for a plain `def` handler).
+        """
+        if not (isinstance(percent, int | float) and 0 <= percent <= 100):  # NaN fails too
+            raise ValueError(f"progress must be a number from 0 to 100, got {percent!r}")
+        if message is not None and not isinstance(message, str):
+            raise ValueError(f"a progress message must be a string, got {type(message).__name__}")
+        if self.reporter is not None:
+            text = None if message is None else message[:MAX_PROGRESS_MESSAGE]
+            self.reporter.progress(self.id, self.attempt, float(percent), text)
+
+    async def save_checkpoint(self, checkpoint: Any) -> None:
+        """Store `checkpoint` (JSON, at most 1 MiB) for the job's next attempts: it is
+        their `ctx.checkpoint`.  Returns once it is committed; raises OperationRefused
+        if this attempt no longer holds the job (its lease was lost, or it was cancelled)."""
+        if self.reporter is not None:
+            await self.reporter.save_checkpoint(self.id, self.attempt, checkpoint)
+
+    def save_checkpoint_sync(self, checkpoint: Any) -> None:
+        """`save_checkpoint` for a plain `def` handler, called from its own thread."""
+        if self.reporter is not None:
+            anyio.from_thread.run(self.save_checkpoint, checkpoint)
+
+
+MAX_PROGRESS_MESSAGE = 200  # characters, as the schema's jobs_progress_message_length says

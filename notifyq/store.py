@@ -145,9 +145,11 @@ class NewJob:
     delay: float
     run_at: Any
     max_attempts: int | None
+    dedupe_key: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {
+            "dedupe_key": self.dedupe_key,
             "task": self.task,
             "payload": self.payload_json,
             "queue": self.queue,
@@ -158,19 +160,56 @@ class NewJob:
         }
 
 
+DEDUPE_TRIES = 5
+"""Rounds of `enqueue_deduped` before giving up: each one that finds neither a new
+row nor a holder saw the holder commit or finish in between, which is rare."""
+
+
 async def enqueue(conn: psycopg.AsyncConnection[Any], job: NewJob) -> int:
     with translated():
-        cur = await conn.execute(QUERIES["enqueue"], job.params())
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
+        if job.dedupe_key is None:
+            cur = await conn.execute(QUERIES["enqueue"], job.params())
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+        for _ in range(DEDUPE_TRIES):
+            cur = await conn.execute(QUERIES["enqueue_deduped"], job.params())
+            row = await cur.fetchone()
+            if row is not None:
+                return int(row[0])
+    raise _dedupe_unsettled(job)
 
 
 def enqueue_sync(conn: psycopg.Connection[Any], job: NewJob) -> int:
     with translated():
-        row = conn.execute(QUERIES["enqueue"], job.params()).fetchone()
-    assert row is not None
-    return int(row[0])
+        if job.dedupe_key is None:
+            row = conn.execute(QUERIES["enqueue"], job.params()).fetchone()
+            assert row is not None
+            return int(row[0])
+        for _ in range(DEDUPE_TRIES):
+            row = conn.execute(QUERIES["enqueue_deduped"], job.params()).fetchone()
+            if row is not None:
+                return int(row[0])
+    raise _dedupe_unsettled(job)
+
+
+def _dedupe_unsettled(job: NewJob) -> OperationRefused:
+    # Only a snapshot that never moves (REPEATABLE READ or SERIALIZABLE) gets here
+    # every round: the holder committed after it was taken, so it can never be seen.
+    return OperationRefused(
+        f"could not enqueue with dedupe_key {job.dedupe_key!r}: another transaction "
+        f"holds the key and this one cannot see its job (a REPEATABLE READ or SERIALIZABLE "
+        f"transaction); retry the transaction, or enqueue in READ COMMITTED"
+    )
+
+
+async def wait_outcomes(
+    conn: psycopg.AsyncConnection[Any], ids: Collection[int]
+) -> list[tuple[int, str, str, Any, str | None]]:
+    """id, queue, status, result, last_error of these jobs (App.wait's read)."""
+    with translated():
+        cur = await conn.execute(QUERIES["wait_outcomes"], {"ids": list(ids)})
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
 
 
 ENQUEUE_CHUNK = 5_000
@@ -284,6 +323,7 @@ class Outcome:
     status: str  # succeeded | queued (retry) | dead
     delay: float = 0.0
     error: str | None = None
+    result: str | None = None  # JSON text the handler returned (succeeded only)
 
 
 class Store:
@@ -371,7 +411,7 @@ class Store:
                 "default_max_attempts": default_max_attempts,
             },
         )
-        jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows if r[0] is not None]
+        jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5], r[7]) for r in rows if r[0] is not None]
         next_in = next((r[6] for r in rows if r[0] is None), None)
         if failpoints.ACTIVE and jobs:
             failpoints.hit("claim-after-commit")
@@ -382,8 +422,8 @@ class Store:
         ids = [o.job_id for o in outcomes]
         attempts = [o.attempt for o in outcomes]
         params: dict[str, Any]
-        if all(o.status == "succeeded" for o in outcomes):
-            # The common batch: two arrays to send instead of five.
+        if all(o.status == "succeeded" and o.result is None for o in outcomes):
+            # The common batch: two arrays to send instead of six.
             name, params = "complete_succeeded", {"ids": ids, "attempts": attempts}
         else:
             name, params = (
@@ -394,6 +434,7 @@ class Store:
                     "statuses": [o.status for o in outcomes],
                     "delays": [o.delay for o in outcomes],
                     "errors": [o.error for o in outcomes],
+                    "results": [o.result for o in outcomes],
                 },
             )
         rows = await self._run(
@@ -410,6 +451,38 @@ class Store:
     async def still_claimed(self, ids: Collection[int], claimant: str) -> set[int]:
         rows = await self._run("still_claimed", {"ids": list(ids), "claimant": claimant})
         return {r[0] for r in rows}
+
+    async def save_progress(
+        self, reports: Sequence[tuple[int, int, float, str | None]], claimant: str
+    ) -> int:
+        """Write (job id, attempt, percent, message) reports; returns how many applied."""
+        rows = await self._run(
+            "save_progress",
+            {
+                "ids": [r[0] for r in reports],
+                "attempts": [r[1] for r in reports],
+                "percents": [r[2] for r in reports],
+                "messages": [r[3] for r in reports],
+                "claimant": claimant,
+            },
+        )
+        return len(rows)
+
+    async def save_checkpoint(
+        self, job_id: int, attempt: int, checkpoint: str, claimant: str
+    ) -> bool:
+        """Store a checkpoint (JSON text); False if the attempt no longer holds the job."""
+        rows = await self._run(
+            "save_checkpoint",
+            {"id": job_id, "attempt": attempt, "checkpoint": checkpoint, "claimant": claimant},
+        )
+        return bool(rows)
+
+    async def purge_batch(self, seconds: float, status: str, limit: int) -> int:
+        rows = await self._run(
+            "purge_batch", {"seconds": seconds, "status": status, "limit": limit}
+        )
+        return int(rows[0][0])
 
     async def cancelled_among(self, ids: Collection[int]) -> set[int]:
         rows = await self._run("cancelled_among", {"ids": list(ids)})

@@ -9,7 +9,8 @@ failures from jobs_failed_idx.
 Throughput is the jobs finished in the last 10 s; its history (the sparkline)
 is kept in memory, as is the backlog's, to tell a growing backlog.
 
-Loop: LISTEN notifyq_status (every status change notifies it); a refresh
+Loop: LISTEN notifyq_status (every status change notifies it) and
+notifyq_progress (handlers' progress reports); a refresh
 follows a notification, coalesced to at most MAX_REFRESHES per second however
 many arrive, and a quiet `interval` (default 2 s) refreshes anyway.  When the
 database goes away the view says "reconnecting" and the loop reconnects with
@@ -40,6 +41,7 @@ from . import store
 from .errors import DatabaseUnavailable
 
 CHANNEL = "notifyq_status"
+PROGRESS_CHANNEL = "notifyq_progress"  # handlers' progress reports (ctx.progress)
 MAX_REFRESHES = 3.0  # per second, however many notifications arrive
 HISTORY = 300.0  # seconds of throughput and backlog samples kept
 SPARK_BUCKETS = 10  # the sparkline: 10 buckets of 30 s, the last 5 minutes
@@ -99,6 +101,8 @@ class RunningRow:
     attempt: int
     claimant: str
     running_for: float  # seconds since this attempt started
+    progress: float | None = None  # the handler's last report, percent
+    message: str | None = None
 
 
 @dataclass(slots=True)
@@ -332,14 +336,22 @@ def running_table(snap: Snapshot, width: int) -> Table:
     table.add_column("task", overflow="ellipsis", no_wrap=True, max_width=max(10, width // 3))
     table.add_column("try", justify="right")
     table.add_column("for", justify="right")
+    table.add_column("done", overflow="ellipsis", no_wrap=True, max_width=max(5, width // 4))
     if width >= 70:
         table.add_column("on", overflow="ellipsis", no_wrap=True, ratio=1)
     for r in snap.running:
-        cells = [str(r.id), r.task, str(r.attempt), duration(r.running_for)]
+        cells = [str(r.id), r.task, str(r.attempt), duration(r.running_for), _progress(r)]
         if width >= 70:
             cells.append(r.claimant)
         table.add_row(*cells)
     return table
+
+
+def _progress(r: RunningRow) -> str:
+    if r.progress is None:
+        return "-"
+    text = f"{r.progress:.0f}%"
+    return f"{text} {r.message}" if r.message else text
 
 
 def render(snap: Snapshot, width: int, *, title: str = "notifyq watch") -> RenderableType:
@@ -377,7 +389,7 @@ async def follow(
 ) -> None:
     """Refresh on notifications (coalesced) and every `interval`; never returns."""
     st = store.Store(dsn, "watch")
-    listener = store.Listener(dsn, CHANNEL)
+    listener = store.Listener(dsn, CHANNEL, PROGRESS_CHANNEL)
     model = Model(st, queues, max_age=max_age)
     failures = 0
     clock = anyio.current_time

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import failpoints, listener, store
+from . import failpoints, listener, retention, store
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import ConfigurationError, DatabaseUnavailable
 from .job import Job
 from .leases import LeaseKeeper
+from .progress import Reports
 from .registry import DEFAULT_MAX_ATTEMPTS, check_queue_name
 from .worker_pool import Finished, WorkerPool
 
@@ -54,6 +55,11 @@ class Settings:
     shutdown_timeout: float = 30.0
     listen: bool = True
     metrics_port: int | None = None  # serve Prometheus metrics, /healthz and /readyz there
+    # Seconds after finishing that a job is deleted (None: kept forever); retention.py.
+    retain_succeeded: float | None = retention.DEFAULTS["succeeded"]
+    retain_cancelled: float | None = retention.DEFAULTS["cancelled"]
+    retain_dead: float | None = retention.DEFAULTS["dead"]
+    retention_interval: float = retention.INTERVAL
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -70,6 +76,18 @@ class Settings:
             check_queue_name(queue)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError("metrics port must be from 0 to 65535")
+        for status, age in self.retention_ages().items():
+            if age is not None and not age >= 0:
+                raise ConfigurationError(f"retention of {status} jobs cannot be negative")
+        if not self.retention_interval > 0:
+            raise ConfigurationError("retention interval must be positive")
+
+    def retention_ages(self) -> dict[str, float | None]:
+        return {
+            "succeeded": self.retain_succeeded,
+            "cancelled": self.retain_cancelled,
+            "dead": self.retain_dead,
+        }
 
 
 class Worker:
@@ -99,7 +117,11 @@ class Worker:
             store.Store(dsn, role, prepare=settings.listen) for role in ("claim", "complete")
         ]
         claim_store, complete_store = self._stores
-        self.pool = WorkerPool(app.registry, settings.concurrency, self._finished)
+        self.reports = Reports(claim_store, self.claimant)
+        self.retention = retention.Retention(
+            complete_store, settings.retention_ages(), settings.retention_interval
+        )
+        self.pool = WorkerPool(app.registry, settings.concurrency, self._finished, self.reports)
         self.dispatcher = Dispatcher(
             claim_store,
             self.claimant,
@@ -193,6 +215,8 @@ class Worker:
                 background.start_soon(self._beat)
                 background.start_soon(self._cancellations)
                 background.start_soon(self._summaries)
+                background.start_soon(self.reports.run)
+                background.start_soon(self.retention.run)
                 async with anyio.create_task_group() as work:
                     await work.start(self.pool.run)
                     work.start_soon(self.completer.run)

@@ -25,9 +25,9 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from . import failpoints
-from .errors import ConfigurationError, PayloadError
-from .job import Job, JobContext
+from . import codec, failpoints
+from .errors import ConfigurationError, PayloadError, ResultError
+from .job import Job, JobContext, Reporter
 from .registry import Registry, Task
 
 log = logging.getLogger("notifyq.worker")
@@ -48,6 +48,7 @@ class Finished:
     trace: str | None = None
     interrupted: bool = False
     cancelled: bool = False
+    result: str | None = None  # what the handler returned, as JSON text (None: nothing)
 
 
 _NEVER = threading.Event()  # the `cancelled` of async handlers: they get CancelledError
@@ -59,12 +60,14 @@ class WorkerPool:
         registry: Registry,
         concurrency: int,
         on_finished: Callable[[Finished], None],
+        reporter: Reporter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
         self._registry = registry
         self._concurrency = concurrency
         self._on_finished = on_finished
+        self._reporter = reporter
         self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
         self._scopes: set[anyio.CancelScope] = set()  # each slot's current session
         self._active = 0  # attempts running now
@@ -185,6 +188,8 @@ class WorkerPool:
             job.max_attempts,
             self._stopping,
             cancelled or _NEVER,
+            job.checkpoint,
+            self._reporter,
         )
         self._running[job.id] = (scope, cancelled)
         try:
@@ -193,8 +198,8 @@ class WorkerPool:
                     f"unknown task {job.task!r}: no handler is registered under this name "
                     f"in the app serving queue {job.queue!r}"
                 )
-            await self._call(task, job, context)
-            return Finished(job, task)
+            value = await self._call(task, job, context)
+            return Finished(job, task, result=encode_result(task.name, value))
         except Exception as exc:
             return Finished(job, task, exc, traceback.format_exc())
         except anyio.get_cancelled_exc_class():
@@ -213,7 +218,7 @@ class WorkerPool:
         finally:
             del self._running[job.id]
 
-    async def _call(self, task: Task, job: Job, context: JobContext) -> None:
+    async def _call(self, task: Task, job: Job, context: JobContext) -> Any:
         payload = job.payload
         if task.decode is not None:
             try:
@@ -225,11 +230,10 @@ class WorkerPool:
                 ) from exc
         args = (payload, context) if task.wants_context else (payload,)
         if task.timeout is None:  # no second cancel scope on the hot path
-            await self._invoke(task, args)
-            return
+            return await self._invoke(task, args)
         try:
             with anyio.fail_after(task.timeout):
-                await self._invoke(task, args)
+                return await self._invoke(task, args)
         except TimeoutError:
             if not task.is_async:
                 # Python cannot stop a thread: the handler runs on, unsupervised, while
@@ -237,13 +241,35 @@ class WorkerPool:
                 self.abandoned += 1
             raise TimeoutError(f"task {task.name!r} ran past its {task.timeout}s timeout") from None
 
-    async def _invoke(self, task: Task, args: tuple[Any, ...]) -> None:
+    async def _invoke(self, task: Task, args: tuple[Any, ...]) -> Any:
         if task.is_async:
-            await task.handler(*args)
-            return
+            return await task.handler(*args)
         result = await anyio.to_thread.run_sync(
             task.handler, *args, limiter=self._threads, abandon_on_cancel=True
         )
         if inspect.isawaitable(result):
             # A plain `def` wrapper around a coroutine function: run what it returned.
-            await result
+            return await result
+        return result
+
+
+MAX_RESULT = 1024 * 1024
+"""Bytes of JSON a handler may return (the column has no CHECK: see schema.sql)."""
+
+
+def encode_result(task: str, value: Any) -> str | None:
+    """A handler's return value as JSON text; None stays None (no result stored)."""
+    if value is None:
+        return None
+    try:
+        text = codec.dumps(value)
+    except TypeError as exc:
+        raise ResultError(
+            f"task {task!r} returned a value that cannot be stored as JSON: {exc.__cause__ or exc}"
+        ) from None
+    if len(text.encode()) > MAX_RESULT:
+        raise ResultError(
+            f"task {task!r} returned {len(text.encode())} bytes of JSON; results are limited "
+            f"to {MAX_RESULT} bytes: store large results elsewhere and return a reference"
+        )
+    return text

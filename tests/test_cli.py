@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from notifyq.migrate import SCHEMA_VERSION
 from tests.apps.ledger import LEDGER_DDL
 from tests.conftest import REPO, query, serve_process, statuses, wait_until
 
@@ -141,8 +142,8 @@ def test_serve_refuses_a_database_without_schema_until_migrated(empty_dsn: str) 
     )
     first = notifyq("migrate", "--dsn", empty_dsn)
     again = notifyq("migrate", env={"NOTIFYQ_DSN": empty_dsn})
-    assert first.stdout == "schema migrated from version none to 1\n"
-    assert again.stdout == "schema already at version 1\n"
+    assert first.stdout == f"schema migrated from version none to {SCHEMA_VERSION}\n"
+    assert again.stdout == f"schema already at version {SCHEMA_VERSION}\n"
 
 
 def test_serve_runs_sql_enqueued_jobs_and_stops_cleanly_on_sigterm(

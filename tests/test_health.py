@@ -9,6 +9,7 @@ import sys
 
 import psycopg
 
+from notifyq.migrate import SCHEMA_VERSION
 from tests.conftest import REPO, query, wait_until
 
 
@@ -28,7 +29,7 @@ def test_healthy_database_exits_0(dsn: str) -> None:
     done = health(dsn)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK: reachable: database" in done.stdout
-    assert "OK: schema: version 1" in done.stdout
+    assert f"OK: schema: version {SCHEMA_VERSION}" in done.stdout
     assert "OK: leases: no expired lease left unrescued" in done.stdout
     assert "OK: jobs table: notifyq.jobs has about" in done.stdout
 
@@ -69,7 +70,10 @@ def test_outdated_schema_fails_with_1(dsn: str) -> None:
     query(dsn, "DELETE FROM notifyq.schema_version")
     done = health(dsn)
     assert done.returncode == 1
-    assert "FAILED: schema: the schema is at version 0, this notifyq needs 1" in done.stdout
+    assert (
+        f"FAILED: schema: the schema is at version 0, this notifyq needs {SCHEMA_VERSION}"
+        in done.stdout
+    )
 
 
 def test_unreachable_database_fails_with_1() -> None:

@@ -251,7 +251,8 @@ def test_jobs_list_show_and_purge_through_the_cli(dsn: str) -> None:
     assert len(notifyq(dsn, "jobs", "list", "--limit", "2").stdout.splitlines()) == 3
     done = notifyq(dsn, "jobs", "show", str(dead))
     assert "status:           dead" in done.stdout
-    assert done.stdout.endswith("Traceback (most recent call last):\n  line 1\n")
+    assert "Traceback (most recent call last):\n  line 1\nhistory:\n" in done.stdout
+    assert done.stdout.splitlines()[-1].split()[2:] == ["inserted", "->", "dead", "attempt", "5"]
     done = notifyq(dsn, "purge", "--older-than", "2d", "--status", "dead")
     assert done.stdout.strip() == "purged 1 jobs (dead) finished over 2d ago"
     done = notifyq(dsn, "purge", "--older-than", "soon")

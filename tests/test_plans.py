@@ -110,6 +110,7 @@ BY_ID = {"jobs_pkey"}
                 "statuses": ["succeeded"] * 50,
                 "delays": [0.0] * 50,
                 "errors": [None] * 50,
+                "results": [None] * 50,
                 "claimant": "c",
             },
             BY_ID,

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from notifyq import SchemaMissing, migrate, store
-from tests.conftest import REPO, query
+from tests.conftest import REPO, query, with_dbname
 
 
 def insert(dsn: str, columns: str, values: str) -> None:
@@ -47,6 +47,11 @@ BAD_ROWS = [
     ("task, attempts", "'t', -1", "jobs_attempts_nonnegative"),
     ("task, status", "'t', 'finished'", "jobs_status_valid"),
     ("task, status", "'t', 'running'", "jobs_running_has_lease"),
+    ("task, dedupe_key", "'t', ''", "jobs_dedupe_key_length"),
+    ("task, dedupe_key", "'t', repeat('k', 256)", "jobs_dedupe_key_length"),
+    ("task, progress", "'t', 100.5", "jobs_progress_range"),
+    ("task, progress", "'t', -1", "jobs_progress_range"),
+    ("task, progress_message", "'t', repeat('m', 201)", "jobs_progress_message_length"),
     (
         "task, payload",
         "'t', jsonb_build_object('blob', (SELECT string_agg(md5(i::text), '')"
@@ -74,7 +79,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 8
+    assert len(comments) == 11
     for name, comment in comments.items():
         assert comment, name
 
@@ -197,15 +202,17 @@ def test_schema_file_applies_twice_as_psql_would(empty_dsn: str) -> None:
     for _ in range(2):
         with psycopg.connect(empty_dsn) as conn:
             conn.execute(script)
-    assert query(empty_dsn, "SELECT version FROM notifyq.schema_version") == [(1,)]
+    versions = query(empty_dsn, "SELECT version FROM notifyq.schema_version ORDER BY 1")
+    assert versions == [(v,) for v in range(1, migrate.SCHEMA_VERSION + 1)]
 
 
 def test_migrate_is_idempotent_and_records_the_version(empty_dsn: str) -> None:
     with pytest.raises(SchemaMissing, match="notifyq migrate"):
         migrate.check(empty_dsn)
-    assert migrate.migrate(empty_dsn) == (None, 1)
-    assert migrate.migrate(empty_dsn) == (1, 1)
-    assert migrate.check(empty_dsn) == 1
+    now = migrate.SCHEMA_VERSION
+    assert migrate.migrate(empty_dsn) == (None, now)
+    assert migrate.migrate(empty_dsn) == (now, now)
+    assert migrate.check(empty_dsn) == now
 
 
 def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
@@ -224,7 +231,57 @@ def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(results, key=str) == [(1, 1), (1, 1), (1, 1), (None, 1)]
+    now = migrate.SCHEMA_VERSION
+    assert sorted(results, key=str) == [(now, now)] * 3 + [(None, now)]
+
+
+CATALOG = """
+SELECT 'column', c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+       || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+       || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE c.relnamespace = 'notifyq'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'constraint', conname || ' ' || pg_get_constraintdef(oid) || ' '
+       || coalesce(obj_description(oid, 'pg_constraint'), '')
+FROM pg_constraint WHERE connamespace = 'notifyq'::regnamespace
+UNION ALL
+SELECT 'index', pg_get_indexdef(indexrelid) FROM pg_index
+WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'notifyq'::regnamespace)
+UNION ALL
+SELECT 'trigger', pg_get_triggerdef(oid) || ' ' || tgenabled::text FROM pg_trigger
+WHERE tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'notifyq'::regnamespace)
+  AND NOT tgisinternal
+UNION ALL
+SELECT 'function', pg_get_functiondef(p.oid) || ' ' || coalesce(array_to_string(p.proacl, ','), '')
+       || ' ' || coalesce(obj_description(p.oid, 'pg_proc'), '')
+FROM pg_proc p WHERE pronamespace = 'notifyq'::regnamespace
+UNION ALL
+SELECT 'view', c.relname || ' ' || pg_get_viewdef(c.oid) FROM pg_class c
+WHERE c.relnamespace = 'notifyq'::regnamespace AND c.relkind = 'v'
+UNION ALL
+SELECT 'comment', c.relname || ' ' || coalesce(obj_description(c.oid, 'pg_class'), '')
+FROM pg_class c WHERE c.relnamespace = 'notifyq'::regnamespace
+ORDER BY 1, 2
+"""
+
+
+def test_migrating_from_version_1_gives_what_a_fresh_install_gives(server: Any) -> None:
+    """Every numbered migration, applied to the first released schema, must arrive at
+    exactly the objects schema.sql installs (which new databases get)."""
+    fresh, old = server.create_database("template0"), server.create_database("template0")
+    try:
+        fresh_dsn = with_dbname(server.admin_dsn, fresh)
+        old_dsn = with_dbname(server.admin_dsn, old)
+        migrate.migrate(fresh_dsn)
+        with psycopg.connect(old_dsn) as conn:
+            conn.execute((REPO / "tests" / "data" / "schema_v1.sql").read_bytes())
+        assert migrate.migrate(old_dsn) == (1, migrate.SCHEMA_VERSION)
+        assert query(old_dsn, CATALOG) == query(fresh_dsn, CATALOG)
+    finally:
+        server.drop_database(fresh)
+        server.drop_database(old)
 
 
 def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: str) -> None:

@@ -92,7 +92,7 @@ def as_user(dsn: str, user: str) -> str:
     return make_conninfo(dsn, user=user)
 
 
-PUBLIC_COLUMNS = ["queue", "task", "payload", "priority", "run_at", "max_attempts"]
+PUBLIC_COLUMNS = ["queue", "task", "payload", "priority", "run_at", "max_attempts", "dedupe_key"]
 PRIVATE_COLUMNS = [
     "id",
     "status",
@@ -103,6 +103,10 @@ PRIVATE_COLUMNS = [
     "finished_at",
     "claimed_by",
     "lease_expires_at",
+    "result",
+    "progress",
+    "progress_message",
+    "checkpoint",
 ]
 
 
@@ -181,13 +185,16 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
     assert query(
         dsn, "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN (%s, %s) ORDER BY 1", p, w
     ) == sorted([(p, False), (w, False)])
-    # Producer: INSERT of the public columns and SELECT of id, nothing else.
+    # Producer: INSERT of the public columns and SELECT of id (with dedupe_key and status,
+    # to find the job holding a key), nothing else.
     for name in PUBLIC_COLUMNS:
         assert column(p, name, "INSERT"), name
     for name in PRIVATE_COLUMNS:
         assert not column(p, name, "INSERT"), name
-    assert column(p, "id", "SELECT")
-    assert not column(p, "payload", "SELECT") and not column(p, "status", "SELECT")
+    for name in ("id", "dedupe_key", "status"):
+        assert column(p, name, "SELECT"), name
+    for name in ("payload", "result", "checkpoint", "last_error"):
+        assert not column(p, name, "SELECT"), name
     for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "TRIGGER"):
         assert not table(p, privilege), privilege
     assert not table(p, "SELECT", "notifyq.dispatchers")
@@ -208,6 +215,13 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
             role,
         )[0][0]
     assert query(dsn, "SELECT has_schema_privilege(current_user, 'notifyq', 'CREATE')")[0][0]
+    # Retention: the worker may run purge_batch (finished jobs only), the producer may not;
+    # nobody but the owner writes the history.
+    batch = "notifyq.purge_batch(interval, text[], integer)"
+    assert query(dsn, "SELECT has_function_privilege(%s, %s, 'EXECUTE')", w, batch)[0][0]
+    assert not query(dsn, "SELECT has_function_privilege(%s, %s, 'EXECUTE')", p, batch)[0][0]
+    for role in (p, w):
+        assert not table(role, "INSERT", "notifyq.job_history"), role
 
 
 def test_producer_login_enqueues_but_cannot_steer_jobs(dsn: str, roles: Roles) -> None:
@@ -260,6 +274,32 @@ def test_worker_login_serves_and_enqueues_from_a_handler(
     assert "permission denied" not in log.read_text()
 
 
+def test_producer_dedupes_and_worker_runs_retention_under_their_logins(
+    dsn: str, roles: Roles
+) -> None:
+    producer = notifyq.App(as_user(dsn, roles.producer_login))
+    first = producer.enqueue_sync("secure.leaf", dedupe_key="once")
+    assert producer.enqueue_sync("secure.leaf", dedupe_key="once") == first
+    producer.close()
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, status, finished_at) VALUES "
+        "('secure.leaf', 'succeeded', now() - interval '8 days')",
+    )
+    worker = as_user(dsn, roles.worker_login)
+    assert query(worker, "SELECT notifyq.purge_batch(interval '7 days', '{succeeded}', 10)") == [
+        (1,)
+    ]
+    assert statuses(dsn) == {"queued": 1}
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        query(worker, "DELETE FROM notifyq.jobs")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        query(
+            worker,
+            "INSERT INTO notifyq.job_history (job_id, to_status, attempt) VALUES (1, 'x', 0)",
+        )
+
+
 # --- 2. functions
 
 
@@ -294,8 +334,10 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "cancel_job",
         "lock_job",
         "purge",
+        "purge_batch",
         "retry_dead",
         "retry_job",
+        "set_history",
     ]
     for name, config in admin:
         assert config == ["search_path=pg_catalog, pg_temp"], name

@@ -134,7 +134,7 @@ def test_running_jobs_longest_first_with_attempt_and_dispatcher(dsn: str) -> Non
     lines = screen(snap, 80).splitlines()
     at = lines.index(next(line for line in lines if line.startswith("running longest")))
     slow = next(line for line in lines[at:] if "mail.slow" in line).split()
-    assert slow[2:] == ["2", "90s", "hosta:42:y"]  # job, task, try, for, on
+    assert slow[2:] == ["2", "90s", "-", "hosta:42:y"]  # job, task, try, for, done, on
     assert cells(screen(snap, 80), "mail")["run"] == "2"
 
 

@@ -9,6 +9,25 @@ VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s)
 RETURNING id;
 
+-- name: enqueue_deduped
+-- `enqueue` with a dedupe_key: while an unfinished job holds the key, nothing is
+-- inserted and that job's id comes back instead (created false).  No row at all
+-- means the holder committed after this statement's snapshot: run it again.
+WITH inserted AS (
+    INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, dedupe_key)
+    VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
+            coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
+            %(dedupe_key)s)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+)
+SELECT id, true AS created FROM inserted
+UNION ALL
+SELECT j.id, false FROM notifyq.jobs j
+WHERE NOT EXISTS (SELECT FROM inserted)
+  AND j.dedupe_key = %(dedupe_key)s
+  AND j.status NOT IN ('succeeded', 'dead', 'cancelled');
+
 -- name: enqueue_many
 -- Insert many jobs of one task in one statement: the statement-level trigger
 -- sends one notification per queue however many rows.  Identity values are
@@ -33,7 +52,8 @@ RETURNING id;
 -- The candidates CTE is MATERIALIZED so the locked set is computed once: a
 -- `WHERE id IN (SELECT ... LIMIT n)` may be re-evaluated and claim more than n.
 -- The last row (id NULL) carries the seconds until the next scheduled job, by
--- the database clock, so the dispatcher can sleep exactly that long.
+-- the database clock, so the dispatcher can sleep exactly that long.  A job's
+-- checkpoint (saved by an earlier attempt) comes with it, for the handler.
 WITH candidates AS MATERIALIZED (
     SELECT c.id
     FROM unnest(%(queues)s::text[]) AS q(name)
@@ -67,9 +87,9 @@ WITH candidates AS MATERIALIZED (
             %(default_max_attempts)s)
     FROM candidates c
     WHERE j.id = c.id
-    RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts
+    RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint
 )
-SELECT id, queue, task, payload, attempts, max_attempts, NULL::float8 AS next_in
+SELECT id, queue, task, payload, attempts, max_attempts, NULL::float8 AS next_in, checkpoint
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL,
@@ -77,7 +97,8 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL,
         FROM notifyq.jobs j
         WHERE j.status = 'queued' AND j.run_at > now() AND j.queue = ANY(%(queues)s::text[])
         ORDER BY j.run_at
-        LIMIT 1);
+        LIMIT 1),
+       NULL;
 
 -- name: complete
 -- Write a batch of outcomes at once.  Fenced: a row changes only while it is
@@ -94,11 +115,12 @@ SET status = o.status,
     run_at = CASE WHEN o.status = 'queued'
                   THEN now() + make_interval(secs => o.delay) ELSE j.run_at END,
     last_error = coalesce(o.error, j.last_error),
+    result = CASE WHEN o.status = 'succeeded' THEN o.result::pg_catalog.jsonb ELSE j.result END,
     claimed_by = NULL,
     lease_expires_at = NULL
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
-            %(delays)s::float8[], %(errors)s::text[])
-     AS o(id, attempt, status, delay, error)
+            %(delays)s::float8[], %(errors)s::text[], %(results)s::text[])
+     AS o(id, attempt, status, delay, error, result)
 WHERE j.id = o.id
   AND j.status = 'running' COLLATE "C"
   AND j.claimed_by = %(claimant)s
@@ -106,7 +128,8 @@ WHERE j.id = o.id
 RETURNING j.id;
 
 -- name: complete_succeeded
--- `complete` for a batch of successes only (the common case), fenced the same way.
+-- `complete` for a batch of successes that returned nothing (the common case),
+-- fenced the same way.
 -- By id through the primary key, never jobs_lease_idx: see `complete`.
 UPDATE notifyq.jobs j
 SET status = 'succeeded',
@@ -144,6 +167,35 @@ RETURNING j.id;
 -- By id through the primary key, never jobs_lease_idx: see `complete`.
 SELECT id FROM notifyq.jobs
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' COLLATE "C" AND claimed_by = %(claimant)s;
+
+-- name: save_progress
+-- Handlers' latest progress reports, one row per job, fenced like `complete` (a
+-- report of an attempt that lost its claim is dropped).  Each row written is
+-- announced on notifyq_progress, for notifyq watch and any client that LISTENs.
+-- By id through the primary key, never jobs_lease_idx: see `complete`.
+WITH written AS (
+    UPDATE notifyq.jobs j
+    SET progress = o.progress, progress_message = o.message
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(percents)s::real[], %(messages)s::text[])
+         AS o(id, attempt, progress, message)
+    WHERE j.id = o.id
+      AND j.status = 'running' COLLATE "C"
+      AND j.claimed_by = %(claimant)s
+      AND j.attempts = o.attempt
+    RETURNING j.id, j.queue, j.task, j.attempts, j.progress, j.progress_message
+)
+SELECT pg_notify('notifyq_progress',
+                 json_build_object('id', id, 'queue', queue, 'task', task, 'attempt', attempts,
+                                   'progress', progress, 'message', progress_message)::text)
+FROM written;
+
+-- name: save_checkpoint
+-- A handler's checkpoint, for the job's next attempt; fenced like `complete`.
+UPDATE notifyq.jobs
+SET checkpoint = %(checkpoint)s::pg_catalog.jsonb
+WHERE id = %(id)s AND status = 'running' COLLATE "C" AND claimed_by = %(claimant)s
+  AND attempts = %(attempt)s
+RETURNING id;
 
 -- name: cancelled_among
 -- Which of the jobs this dispatcher runs were cancelled meanwhile (notifyq.cancel_job,
@@ -379,9 +431,11 @@ LIMIT %(limit)s;
 
 -- name: watch_running
 -- notifyq watch: the jobs running longest, along jobs_lease_idx (running rows
--- only, at most the dispatchers' total concurrency), with who runs them.
+-- only, at most the dispatchers' total concurrency), with who runs them and
+-- how far their handlers say they are.
 SELECT id, queue, task, attempts, claimed_by,
-       extract(epoch FROM now() - started_at)::float8 AS running_for
+       extract(epoch FROM now() - started_at)::float8 AS running_for,
+       progress::float8, progress_message
 FROM notifyq.jobs
 WHERE status = 'running' AND coalesce(queue = ANY(%(queues)s::text[]), true)
 ORDER BY started_at
@@ -394,6 +448,10 @@ SELECT claimant, host, pid, queues, concurrency, running, state,
        extract(epoch FROM now() - heartbeat_at)::float8 AS silent
 FROM notifyq.dispatcher_status
 ORDER BY state <> 'running', started_at;
+
+-- name: wait_outcomes
+-- App.wait: where the awaited jobs stand, by primary key.
+SELECT id, queue, status, result, last_error FROM notifyq.jobs WHERE id = ANY(%(ids)s::bigint[]);
 
 -- name: jobs_list
 -- notifyq jobs list: the newest jobs, optionally of one queue, task and status.
@@ -408,8 +466,9 @@ LIMIT %(limit)s;
 
 -- name: job_show
 -- notifyq jobs show: every column of one job.
-SELECT id, queue, task, status, priority, attempts, max_attempts, payload, run_at,
-       created_at, started_at, finished_at, claimed_by, lease_expires_at, last_error
+SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
+       created_at, started_at, finished_at, claimed_by, lease_expires_at, progress,
+       progress_message, payload, checkpoint, result, last_error
 FROM notifyq.jobs
 WHERE id = %(id)s;
 
@@ -428,6 +487,27 @@ SELECT notifyq.cancel_job(%(id)s);
 -- name: purge
 -- notifyq purge: the SQL function; returns how many jobs were deleted.
 SELECT notifyq.purge(make_interval(secs => %(seconds)s), %(statuses)s::text[]);
+
+-- name: purge_batch
+-- notifyq serve's retention: one batch of the SQL function, in its own transaction.
+SELECT notifyq.purge_batch(make_interval(secs => %(seconds)s), ARRAY[%(status)s::text], %(limit)s);
+
+-- name: set_history
+-- notifyq history on|off: the SQL function.
+SELECT notifyq.set_history(%(enabled)s);
+
+-- name: history_enabled
+-- notifyq history: whether the history triggers fire (tgenabled 'D' is disabled).
+SELECT bool_and(tgenabled <> 'D') FROM pg_catalog.pg_trigger
+WHERE tgrelid = 'notifyq.jobs'::pg_catalog.regclass
+  AND tgname IN ('jobs_history_inserted', 'jobs_history_changed');
+
+-- name: job_history
+-- notifyq jobs show: every recorded status change of one job, oldest first.
+SELECT at, from_status, to_status, attempt, dispatcher, split_part(error, E'\n', 1) AS error
+FROM notifyq.job_history
+WHERE job_id = %(id)s
+ORDER BY id;
 
 -- name: metrics_depth
 -- Prometheus scrape: queued jobs per queue, ready and scheduled (jobs_claim_idx only).

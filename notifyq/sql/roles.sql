@@ -45,20 +45,27 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA notifyq FROM {producer}, {worker};
 REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 
 -- The producer enqueues: INSERT of the public columns only, and SELECT of id for
--- `RETURNING id`.  It cannot set status, attempts, claimed_by, lease_expires_at,
--- last_error or the timestamps, nor read or change any job.  The identity column
+-- `RETURNING id` (with dedupe_key and status, to find the job holding a key).
+-- It cannot set status, attempts, claimed_by, lease_expires_at, last_error,
+-- result or the timestamps, nor read payloads or results.  The identity column
 -- needs no grant on its sequence.  The notification triggers fire for it
--- without EXECUTE on their functions.
+-- without EXECUTE on their functions; the history trigger runs as the owner.
+-- Awaiting results (App.wait) reads them: that is the worker role's right.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
-GRANT INSERT (queue, task, payload, priority, run_at, max_attempts) ON notifyq.jobs TO {producer};
-GRANT SELECT (id) ON notifyq.jobs TO {producer};
+GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key)
+    ON notifyq.jobs TO {producer};
+GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
 -- UPDATE on jobs), its row in the dispatcher registry, the schema version check,
--- the monitoring views; and, as a member of the producer role, enqueues from
--- handlers.  No DELETE on jobs (purge is the owner's), no DDL.
+-- the monitoring views; the status history; retention (notifyq.purge_batch,
+-- which deletes as the owner, finished jobs only); and, as a member of the
+-- producer role, enqueues from handlers.  No DELETE on jobs (whole purges are
+-- the owner's), no DDL.
 GRANT USAGE ON SCHEMA notifyq TO {worker};
 GRANT SELECT, UPDATE ON notifyq.jobs TO {worker};
+GRANT SELECT ON notifyq.job_history TO {worker};
+GRANT EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {worker};
 GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status
     TO {worker};

@@ -1,0 +1,163 @@
+"""Progress reports and checkpoints: written by the dispatcher running the job,
+announced on notifyq_progress, shown by notifyq watch, handed to the next attempt."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+import notifyq
+from notifyq import JobContext, OperationRefused, watch
+from tests.conftest import query, statuses
+from tests.test_dispatch import eventually, serving
+
+pytestmark = pytest.mark.anyio
+
+
+def progress_of(dsn: str) -> list[tuple[Any, ...]]:
+    return query(dsn, "SELECT progress, progress_message FROM notifyq.jobs")
+
+
+async def test_progress_is_written_announced_and_shown_by_watch(dsn: str) -> None:
+    app = notifyq.App(dsn)
+    reported = anyio.Event()
+    release = anyio.Event()
+
+    @app.task(name="long")
+    async def long(payload: Any, ctx: JobContext) -> None:
+        for step in range(1, 101):  # a tight loop: coalesced, not 100 writes
+            ctx.progress(step * 0.42, f"page {step}")
+        reported.set()
+        await release.wait()
+
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN notifyq_progress")
+        async with serving(app, dsn) as worker:
+            job = await app.enqueue(long)
+            await reported.wait()
+            await eventually(lambda: progress_of(dsn) == [(42.0, "page 100")])
+            snap = await watch.once(dsn)
+            assert [(r.id, r.progress, r.message) for r in snap.running] == [
+                (job, 42.0, "page 100")
+            ]
+            assert "42% page 100" in render_text(snap)
+            release.set()
+            await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+            assert worker.reports.written < 10
+        notes = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
+    assert notes and notes[-1] == {
+        "id": job,
+        "queue": "default",
+        "task": "long",
+        "attempt": 1,
+        "progress": 42.0,
+        "message": "page 100",
+    }
+    await app.aclose()
+
+
+def render_text(snap: watch.Snapshot) -> str:
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(watch.render(snap, 120))
+    return console.export_text()
+
+
+async def test_sync_handler_reports_progress_from_its_thread(dsn: str) -> None:
+    app = notifyq.App(dsn)
+    release = threading.Event()
+
+    @app.task(name="sync")
+    def sync(payload: Any, ctx: JobContext) -> None:
+        ctx.progress(50, "half")
+        release.wait(20)
+
+    async with serving(app, dsn):
+        await app.enqueue(sync)
+        await eventually(lambda: progress_of(dsn) == [(50.0, "half")])
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+    await app.aclose()
+
+
+def test_bad_progress_reports_are_refused_at_the_call() -> None:
+    ctx = JobContext(1, "default", "t", 1, 5)
+    for bad in (-1, 100.5, float("nan"), "50"):
+        with pytest.raises(ValueError, match="progress must be a number from 0 to 100"):
+            ctx.progress(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="a progress message must be a string"):
+        ctx.progress(5, 7)  # type: ignore[arg-type]
+
+
+async def test_next_attempt_resumes_from_the_saved_checkpoint(dsn: str) -> None:
+    app = notifyq.App(dsn)
+    seen: list[Any] = []
+
+    @app.task(name="resumable", max_attempts=3, backoff=notifyq.Backoff(base=0.01))
+    async def resumable(payload: Any, ctx: JobContext) -> dict[str, int]:
+        seen.append(ctx.checkpoint)
+        done = (ctx.checkpoint or {}).get("done", 0)
+        for item in range(done, 10):
+            if item == 4 and ctx.attempt == 1:
+                raise RuntimeError("lost the connection to the API")
+            await ctx.save_checkpoint({"done": item + 1})
+        return {"items": 10}
+
+    async with serving(app, dsn):
+        job = await app.enqueue(resumable)
+        assert await app.wait(job, timeout=20) == {"items": 10}
+    assert seen == [None, {"done": 4}]
+    assert query(dsn, "SELECT attempts, checkpoint FROM notifyq.jobs") == [(2, {"done": 10})]
+    await app.aclose()
+
+
+async def test_sync_handler_saves_a_checkpoint(dsn: str) -> None:
+    app = notifyq.App(dsn)
+
+    @app.task(name="sync")
+    def sync(payload: Any, ctx: JobContext) -> None:
+        ctx.save_checkpoint_sync({"cursor": "abc"})
+
+    async with serving(app, dsn):
+        job = await app.enqueue(sync)
+        await app.wait(job, timeout=20)
+    assert query(dsn, "SELECT checkpoint FROM notifyq.jobs") == [({"cursor": "abc"},)]
+    await app.aclose()
+
+
+async def test_checkpoint_of_an_attempt_that_lost_the_job_is_refused(dsn: str) -> None:
+    app = notifyq.App(dsn)
+    started = anyio.Event()
+    proceed = anyio.Event()
+    errors: list[BaseException] = []
+
+    @app.task(name="t")
+    def t(payload: Any, ctx: JobContext) -> None:
+        anyio.from_thread.run_sync(started.set)
+        ctx.cancelled.wait(20)
+        anyio.from_thread.run(proceed.wait)
+        try:
+            ctx.save_checkpoint_sync({"late": True})
+        except OperationRefused as exc:
+            errors.append(exc)
+        try:
+            ctx.save_checkpoint_sync({"x": object()})
+        except ValueError as exc:
+            errors.append(exc)
+
+    async with serving(app, dsn):
+        job = await app.enqueue(t)
+        await started.wait()
+        await app.cancel(job)
+        proceed.set()
+        await eventually(lambda: len(errors) == 2)
+    assert "no longer holds the job" in str(errors[0])
+    assert "a checkpoint must be JSON" in str(errors[1])
+    assert query(dsn, "SELECT status, checkpoint FROM notifyq.jobs") == [("cancelled", None)]
+    await app.aclose()
