@@ -3,6 +3,7 @@ migrations."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from typing import Any
@@ -74,7 +75,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 8
+    assert len(comments) == 10
     for name, comment in comments.items():
         assert comment, name
 
@@ -157,6 +158,12 @@ def test_queue_stats_counts_by_status_and_oldest_ready_age(dsn: str) -> None:
         " oldest_ready_age >= interval '59 minutes' FROM notifyq.queue_stats ORDER BY queue",
     )
     assert rows == [("a", 2, 1, 1, 0, 1, 1, 0, True), ("b", 0, 0, 0, 0, 0, 0, 1, None)]
+    # Jobs waiting for their dependencies: the last column, appended in version 4.
+    query(dsn, "INSERT INTO notifyq.jobs (task, queue, depends_on) VALUES ('t', 'b', ARRAY[1])")
+    assert query(dsn, "SELECT queue, waiting FROM notifyq.queue_stats ORDER BY queue") == [
+        ("a", 0),
+        ("b", 1),
+    ]
 
 
 def test_claim_uses_the_partial_index_with_many_finished_rows(dsn: str) -> None:
@@ -197,15 +204,15 @@ def test_schema_file_applies_twice_as_psql_would(empty_dsn: str) -> None:
     for _ in range(2):
         with psycopg.connect(empty_dsn) as conn:
             conn.execute(script)
-    assert query(empty_dsn, "SELECT version FROM notifyq.schema_version") == [(1,)]
+    assert query(empty_dsn, "SELECT version FROM notifyq.schema_version ORDER BY 1") == [(1,), (4,)]
 
 
 def test_migrate_is_idempotent_and_records_the_version(empty_dsn: str) -> None:
     with pytest.raises(SchemaMissing, match="notifyq migrate"):
         migrate.check(empty_dsn)
-    assert migrate.migrate(empty_dsn) == (None, 1)
-    assert migrate.migrate(empty_dsn) == (1, 1)
-    assert migrate.check(empty_dsn) == 1
+    assert migrate.migrate(empty_dsn) == (None, 4)
+    assert migrate.migrate(empty_dsn) == (4, 4)
+    assert migrate.check(empty_dsn) == 4
 
 
 def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
@@ -224,7 +231,7 @@ def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(results, key=str) == [(1, 1), (1, 1), (1, 1), (None, 1)]
+    assert sorted(results, key=str) == [(4, 4), (4, 4), (4, 4), (None, 4)]
 
 
 def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: str) -> None:
@@ -236,3 +243,50 @@ def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: 
         assert drain(jobs, expect=1) == ["b"]
         query(dsn, "UPDATE notifyq.jobs SET run_at = run_at + interval '1 hour'")
         assert drain(jobs) == []  # later is nothing to wake for
+
+
+V1_COMMIT = "4b87306"
+"""The last commit whose schema.sql was version 1, before any numbered migration."""
+
+
+def catalog(dsn: str) -> list[tuple[Any, ...]]:
+    """What a schema is made of: columns in order, constraints, indexes, triggers,
+    functions with their settings and rights, views, comments and recorded versions."""
+    return query(
+        dsn,
+        "SELECT 'column', c.relname, a.attnum::text || ' ' || a.attname, format_type(a.atttypid,"
+        " a.atttypmod) || ' ' || a.attnotnull::text || ' ' || coalesce(pg_get_expr(d.adbin,"
+        " d.adrelid), '') FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+        " WHERE c.relnamespace = 'notifyq'::regnamespace AND a.attnum > 0"
+        " AND NOT a.attisdropped"
+        " UNION ALL SELECT 'constraint', conname, pg_get_constraintdef(oid),"
+        " coalesce(obj_description(oid, 'pg_constraint'), '') FROM pg_constraint"
+        " WHERE connamespace = 'notifyq'::regnamespace"
+        " UNION ALL SELECT 'index', indexname, indexdef, '' FROM pg_indexes"
+        " WHERE schemaname = 'notifyq'"
+        " UNION ALL SELECT 'trigger', tgname, pg_get_triggerdef(oid), '' FROM pg_trigger"
+        " WHERE tgrelid = 'notifyq.jobs'::regclass"
+        " UNION ALL SELECT 'function', oid::regprocedure::text, prosrc, concat_ws(' ',"
+        " provolatile, prosecdef, proconfig::text, proacl::text,"
+        " obj_description(oid, 'pg_proc')) FROM pg_proc"
+        " WHERE pronamespace = 'notifyq'::regnamespace"
+        " UNION ALL SELECT 'view', viewname, definition, '' FROM pg_views"
+        " WHERE schemaname = 'notifyq'"
+        " UNION ALL SELECT 'version', version::text, '', '' FROM notifyq.schema_version"
+        " ORDER BY 1, 2, 3",
+    )
+
+
+def test_schema_file_equals_version_1_and_the_migrations_in_order(dsn: str, empty_dsn: str) -> None:
+    shown = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{V1_COMMIT}:schema.sql"],
+        capture_output=True,
+        check=False,
+    )
+    if shown.returncode != 0:
+        pytest.skip(f"no git history with commit {V1_COMMIT} (a shallow clone?)")
+    with psycopg.connect(empty_dsn) as conn:
+        conn.execute(shown.stdout)
+    assert migrate.migrate(empty_dsn) == (1, migrate.latest_version())
+    assert catalog(empty_dsn) == catalog(dsn)

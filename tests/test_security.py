@@ -292,6 +292,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
     )
     assert [name for name, _ in admin] == [
         "cancel_job",
+        "dependency_status",
         "lock_job",
         "purge",
         "retry_dead",
