@@ -151,12 +151,17 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> int:
         """Insert a job and return its id.
 
         With `conn`, the INSERT joins that connection's open transaction: the
         job exists only if it commits.  Without, it commits on its own.
+        With `depends_on` (ids of existing jobs), the job waits until all of
+        them succeeded; if one ends dead or cancelled, it is cancelled too, or
+        with `on_dependency_failure="run"` runs once all of them finished.
         """
         job = enqueue.build(
             self.registry,
@@ -167,6 +172,8 @@ class App:
             delay=delay,
             run_at=run_at,
             max_attempts=max_attempts,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
         if conn is not None:
             return await store.enqueue(conn, job)
@@ -182,6 +189,8 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
     ) -> int:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
@@ -194,6 +203,8 @@ class App:
             delay=delay,
             run_at=run_at,
             max_attempts=max_attempts,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
         if conn is not None:
             return store.enqueue_sync(conn, job)
@@ -209,6 +220,8 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[int]:
         """Insert one job of `task` per payload, all in one transaction; their ids, in order.
@@ -217,7 +230,8 @@ class App:
         checked before anything is sent, so a bad one refuses the whole batch.
         With `conn`, the jobs join that connection's open transaction.
         """
-        job, encoded = self._many(task, payloads, queue, priority, delay, run_at, max_attempts)
+        options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
+        job, encoded = self._many(task, payloads, *options)
         if not encoded:
             return []
         return await store.enqueue_many(conn or await self._async_connection(), job, encoded)
@@ -232,10 +246,13 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
     ) -> list[int]:
         """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
-        job, encoded = self._many(task, payloads, queue, priority, delay, run_at, max_attempts)
+        options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
+        job, encoded = self._many(task, payloads, *options)
         if not encoded:
             return []
         if conn is not None:
@@ -258,6 +275,8 @@ class App:
         delay: float | None,
         run_at: datetime | None,
         max_attempts: int | None,
+        depends_on: Iterable[int] | None,
+        on_dependency_failure: str,
     ) -> tuple[store.NewJob, list[str]]:
         job = enqueue.build(
             self.registry,
@@ -268,6 +287,8 @@ class App:
             delay=delay,
             run_at=run_at,
             max_attempts=max_attempts,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
         return job, enqueue.encode_all(payloads)
 

@@ -530,7 +530,8 @@ def jobs_group() -> None:
 @click.option("--queue", default=None, help="Only this queue.")
 @click.option("--task", default=None, help="Only this task.")
 @click.option(
-    "--status", type=click.Choice(["queued", "running", "succeeded", "dead", "cancelled"])
+    "--status",
+    type=click.Choice(["waiting", "queued", "running", "succeeded", "dead", "cancelled"]),
 )
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 def jobs_list_command(
@@ -562,7 +563,7 @@ def jobs_show_command(job_id: int, dsn: str | None) -> None:
     error = job.pop("last_error")
     payload = job.pop("payload")
     for name, value in job.items():
-        click.echo(f"{name + ':':<18}{'' if value is None else value}")
+        click.echo(f"{name + ':':<{max(18, len(name) + 2)}}{'' if value is None else value}")
     click.echo(f"{'payload:':<18}{codec.dumps(payload)}")
     click.echo("last_error:" + ("\n" + error if error else ""))
 

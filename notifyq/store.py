@@ -145,6 +145,8 @@ class NewJob:
     delay: float
     run_at: Any
     max_attempts: int | None
+    depends_on: list[int] | None = None
+    on_dependency_failure: str = "cancel"
 
     def params(self) -> dict[str, Any]:
         return {
@@ -155,6 +157,8 @@ class NewJob:
             "delay": self.delay,
             "run_at": self.run_at,
             "max_attempts": self.max_attempts,
+            "depends_on": self.depends_on,
+            "on_dependency_failure": self.on_dependency_failure,
         }
 
 

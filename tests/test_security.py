@@ -92,7 +92,16 @@ def as_user(dsn: str, user: str) -> str:
     return make_conninfo(dsn, user=user)
 
 
-PUBLIC_COLUMNS = ["queue", "task", "payload", "priority", "run_at", "max_attempts"]
+PUBLIC_COLUMNS = [
+    "queue",
+    "task",
+    "payload",
+    "priority",
+    "run_at",
+    "max_attempts",
+    "depends_on",
+    "on_dependency_failure",
+]
 PRIVATE_COLUMNS = [
     "id",
     "status",

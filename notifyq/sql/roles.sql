@@ -50,7 +50,8 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- needs no grant on its sequence.  The notification triggers fire for it
 -- without EXECUTE on their functions.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
-GRANT INSERT (queue, task, payload, priority, run_at, max_attempts) ON notifyq.jobs TO {producer};
+GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, depends_on,
+    on_dependency_failure) ON notifyq.jobs TO {producer};
 GRANT SELECT (id) ON notifyq.jobs TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
