@@ -56,6 +56,12 @@ def main() -> None:
     parser.add_argument("--dsn", required=True, help="a server where this role may CREATEDB")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument(
+        "--history",
+        choices=["on", "off"],
+        default="on",
+        help="the status history triggers (notifyq.set_history), to measure what they cost",
+    )
     args = parser.parse_args()
     dsn = make_conninfo(args.dsn, dbname=NAME)
     with psycopg.connect(args.dsn, autocommit=True) as conn:
@@ -64,6 +70,7 @@ def main() -> None:
     try:
         migrate.migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT notifyq.set_history(%s)", [args.history == "on"])
             conn.execute(
                 "INSERT INTO notifyq.jobs (task) SELECT 'bench.noop' FROM generate_series(1, %s)",
                 [args.jobs],
@@ -91,7 +98,7 @@ def main() -> None:
 
         elapsed, cpu = anyio.run(drain)
         print(
-            f"c={args.concurrency}: {args.jobs / elapsed:,.0f} jobs/s, "
+            f"c={args.concurrency} history {args.history}: {args.jobs / elapsed:,.0f} jobs/s, "
             f"{cpu / args.jobs * 1e6:.0f} µs CPU per job in this process"
         )
         for name in TIMED:

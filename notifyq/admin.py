@@ -20,7 +20,7 @@ from . import store
 from .errors import ConfigurationError
 
 FINISHED = ("succeeded", "dead", "cancelled")
-STATUSES = ("queued", "running", *FINISHED)
+STATUSES = ("waiting", "queued", "running", *FINISHED)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

@@ -158,6 +158,8 @@ class App:
         run_at: datetime | None = None,
         max_attempts: int | None = None,
         dedupe_key: str | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> int:
         """Insert a job and return its id.
@@ -168,6 +170,10 @@ class App:
         With `dedupe_key`, while a job with the same key is unfinished (queued,
         running or waiting for a retry) nothing is inserted and that job's id is
         returned instead.
+
+        With `depends_on` (ids of existing jobs), the job waits until all of
+        them succeeded; if one ends dead or cancelled, it is cancelled too, or
+        with `on_dependency_failure="run"` runs once all of them finished.
         """
         job = enqueue.build(
             self.registry,
@@ -179,6 +185,8 @@ class App:
             run_at=run_at,
             max_attempts=max_attempts,
             dedupe_key=dedupe_key,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
         if conn is not None:
             return await store.enqueue(conn, job)
@@ -195,6 +203,8 @@ class App:
         run_at: datetime | None = None,
         max_attempts: int | None = None,
         dedupe_key: str | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
     ) -> int:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
@@ -208,6 +218,8 @@ class App:
             run_at=run_at,
             max_attempts=max_attempts,
             dedupe_key=dedupe_key,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
         if conn is not None:
             return store.enqueue_sync(conn, job)
@@ -223,6 +235,8 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[int]:
         """Insert one job of `task` per payload, all in one transaction; their ids, in order.
@@ -231,7 +245,8 @@ class App:
         checked before anything is sent, so a bad one refuses the whole batch.
         With `conn`, the jobs join that connection's open transaction.
         """
-        job, encoded = self._many(task, payloads, queue, priority, delay, run_at, max_attempts)
+        options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
+        job, encoded = self._many(task, payloads, *options)
         if not encoded:
             return []
         return await store.enqueue_many(conn or await self._async_connection(), job, encoded)
@@ -246,10 +261,13 @@ class App:
         delay: float | None = None,
         run_at: datetime | None = None,
         max_attempts: int | None = None,
+        depends_on: Iterable[int] | None = None,
+        on_dependency_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
     ) -> list[int]:
         """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
-        job, encoded = self._many(task, payloads, queue, priority, delay, run_at, max_attempts)
+        options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
+        job, encoded = self._many(task, payloads, *options)
         if not encoded:
             return []
         if conn is not None:
@@ -272,6 +290,8 @@ class App:
         delay: float | None,
         run_at: datetime | None,
         max_attempts: int | None,
+        depends_on: Iterable[int] | None,
+        on_dependency_failure: str,
     ) -> tuple[store.NewJob, list[str]]:
         job = enqueue.build(
             self.registry,
@@ -282,6 +302,8 @@ class App:
             delay=delay,
             run_at=run_at,
             max_attempts=max_attempts,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
         return job, enqueue.encode_all(payloads)
 

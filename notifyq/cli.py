@@ -564,7 +564,8 @@ def jobs_group() -> None:
 @click.option("--queue", default=None, help="Only this queue.")
 @click.option("--task", default=None, help="Only this task.")
 @click.option(
-    "--status", type=click.Choice(["queued", "running", "succeeded", "dead", "cancelled"])
+    "--status",
+    type=click.Choice(["waiting", "queued", "running", "succeeded", "dead", "cancelled"]),
 )
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 def jobs_list_command(
@@ -597,7 +598,7 @@ def jobs_show_command(job_id: int, dsn: str | None) -> None:
     error = job.pop("last_error")
     documents = {name: job.pop(name) for name in ("payload", "checkpoint", "result")}
     for name, value in job.items():
-        click.echo(f"{name + ':':<18}{'' if value is None else value}")
+        click.echo(f"{name + ':':<{max(18, len(name) + 2)}}{'' if value is None else value}")
     for name, value in documents.items():
         click.echo(f"{name + ':':<18}{'' if value is None else codec.dumps(value)}")
     click.echo("last_error:" + ("\n" + error if error else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from numbers import Integral
 from typing import Any
 
 from . import codec, store
@@ -17,6 +18,8 @@ from .registry import DEFAULT_QUEUE, Handler, Registry, check_queue_name, check_
 
 MAX_DELAY = 10 * 365 * 24 * 3600.0
 MAX_DEDUPE_KEY = 255  # characters, as the schema's jobs_dedupe_key_length says
+MAX_DEPENDENCIES = 1000
+ON_DEPENDENCY_FAILURE = ("cancel", "run")
 MAX_PAYLOAD_DEPTH = 100
 """Arrays and objects nested deeper than this are refused at enqueue.  Far beyond
 what a real payload needs; the dispatcher itself decodes up to 1024 levels (a row
@@ -34,6 +37,8 @@ def build(
     run_at: datetime | None,
     max_attempts: int | None,
     dedupe_key: str | None = None,
+    depends_on: Iterable[int] | None = None,
+    on_dependency_failure: str = "cancel",
 ) -> store.NewJob:
     """Validate in Python what can be checked without a round trip."""
     if isinstance(task, str):
@@ -72,7 +77,32 @@ def build(
         if max_attempts is not None
         else (known.max_attempts if known is not None else None),
         dedupe_key=dedupe_key,
+        depends_on=dependencies(depends_on),
+        on_dependency_failure=failure_policy(on_dependency_failure),
     )
+
+
+def dependencies(depends_on: Iterable[int] | None) -> list[int] | None:
+    """Job ids as a list (that they exist, the database checks at INSERT)."""
+    if depends_on is None:
+        return None
+    if isinstance(depends_on, (str, bytes, dict)) or not isinstance(depends_on, Iterable):
+        raise InvalidJob(f"depends_on must be a list of job ids, not {depends_on!r}")
+    ids = list(depends_on)
+    for job_id in ids:
+        if isinstance(job_id, bool) or not isinstance(job_id, Integral) or job_id < 1:
+            raise InvalidJob(f"depends_on must hold job ids (positive integers), not {job_id!r}")
+    if len(ids) > MAX_DEPENDENCIES:
+        raise InvalidJob(f"depends_on holds {len(ids)} ids; at most {MAX_DEPENDENCIES}")
+    return [int(job_id) for job_id in ids] or None
+
+
+def failure_policy(on_dependency_failure: str) -> str:
+    if on_dependency_failure not in ON_DEPENDENCY_FAILURE:
+        raise InvalidJob(
+            f"on_dependency_failure must be 'cancel' or 'run', not {on_dependency_failure!r}"
+        )
+    return on_dependency_failure
 
 
 def encode(payload: Any, where: str = "") -> str:

@@ -101,8 +101,11 @@ _CONSTRAINTS = {
     "jobs_max_attempts_range": "max_attempts must be NULL or an integer from 1 to 1000",
     "jobs_attempts_nonnegative": "attempts cannot be negative",
     "jobs_payload_size": "payload must be at most 1 MiB as jsonb (before compression)",
-    "jobs_status_valid": "status must be one of queued, running, succeeded, dead, cancelled",
+    "jobs_status_valid": "status must be one of queued, running, succeeded, dead, cancelled, "
+    "waiting",
     "jobs_running_has_lease": "a running job needs claimed_by and lease_expires_at",
+    "jobs_on_dependency_failure_valid": "on_dependency_failure must be 'cancel' or 'run'",
+    "jobs_depends_on_valid": "depends_on must hold at most 1000 job ids, none of them NULL",
 }
 
 
@@ -165,6 +168,8 @@ def _translate(exc: psycopg.Error) -> NotifyqError:
     if isinstance(exc, pg_errors.CheckViolation):
         name = exc.diag.constraint_name or ""
         return InvalidJob(f"job rejected: {_CONSTRAINTS.get(name, message)}")
+    if isinstance(exc, pg_errors.ForeignKeyViolation):  # depends_on names no such job
+        return InvalidJob(f"job rejected: {message.removeprefix('notifyq: ')}")
     if isinstance(exc, pg_errors.NotNullViolation):
         return InvalidJob(f"job rejected: {exc.diag.column_name} cannot be NULL")
     if isinstance(exc, pg_errors.DataError):  # class 22: a value PostgreSQL cannot store

@@ -9,6 +9,10 @@ The states of a job (column `status`) and who moves it between them:
                  └───────────────────────────────────────────────────────────────────────┘
     queued/running ──UPDATE by an operator──> cancelled
     dead ──UPDATE by an operator──> queued          (the dead-letter queue is re-queueable)
+
+    INSERT with depends_on ──> waiting ──every dependency succeeded──> queued
+                                  └──a dependency ended dead or cancelled──> cancelled
+                                     (or queued once all finished, with on_dependency_failure 'run')
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class JobState(StrEnum):
     SUCCEEDED = "succeeded"
     DEAD = "dead"
     CANCELLED = "cancelled"
+    WAITING = "waiting"
 
 
 @dataclass(frozen=True, slots=True)

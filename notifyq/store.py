@@ -146,6 +146,8 @@ class NewJob:
     run_at: Any
     max_attempts: int | None
     dedupe_key: str | None = None
+    depends_on: list[int] | None = None
+    on_dependency_failure: str = "cancel"
 
     def params(self) -> dict[str, Any]:
         return {
@@ -157,6 +159,8 @@ class NewJob:
             "delay": self.delay,
             "run_at": self.run_at,
             "max_attempts": self.max_attempts,
+            "depends_on": self.depends_on,
+            "on_dependency_failure": self.on_dependency_failure,
         }
 
 

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from notifyq import SchemaMissing, migrate, store
-from tests.conftest import REPO, query, with_dbname
+from tests.conftest import REPO, query
 
 
 def insert(dsn: str, columns: str, values: str) -> None:
@@ -79,7 +79,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 11
+    assert len(comments) == 13
     for name, comment in comments.items():
         assert comment, name
 
@@ -162,6 +162,12 @@ def test_queue_stats_counts_by_status_and_oldest_ready_age(dsn: str) -> None:
         " oldest_ready_age >= interval '59 minutes' FROM notifyq.queue_stats ORDER BY queue",
     )
     assert rows == [("a", 2, 1, 1, 0, 1, 1, 0, True), ("b", 0, 0, 0, 0, 0, 0, 1, None)]
+    # Jobs waiting for their dependencies: the last column, appended in version 3.
+    query(dsn, "INSERT INTO notifyq.jobs (task, queue, depends_on) VALUES ('t', 'b', ARRAY[1])")
+    assert query(dsn, "SELECT queue, waiting FROM notifyq.queue_stats ORDER BY queue") == [
+        ("a", 0),
+        ("b", 1),
+    ]
 
 
 def test_claim_uses_the_partial_index_with_many_finished_rows(dsn: str) -> None:
@@ -235,55 +241,6 @@ def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
     assert sorted(results, key=str) == [(now, now)] * 3 + [(None, now)]
 
 
-CATALOG = """
-SELECT 'column', c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
-       || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
-       || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
-FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-WHERE c.relnamespace = 'notifyq'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
-UNION ALL
-SELECT 'constraint', conname || ' ' || pg_get_constraintdef(oid) || ' '
-       || coalesce(obj_description(oid, 'pg_constraint'), '')
-FROM pg_constraint WHERE connamespace = 'notifyq'::regnamespace
-UNION ALL
-SELECT 'index', pg_get_indexdef(indexrelid) FROM pg_index
-WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'notifyq'::regnamespace)
-UNION ALL
-SELECT 'trigger', pg_get_triggerdef(oid) || ' ' || tgenabled::text FROM pg_trigger
-WHERE tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'notifyq'::regnamespace)
-  AND NOT tgisinternal
-UNION ALL
-SELECT 'function', pg_get_functiondef(p.oid) || ' ' || coalesce(array_to_string(p.proacl, ','), '')
-       || ' ' || coalesce(obj_description(p.oid, 'pg_proc'), '')
-FROM pg_proc p WHERE pronamespace = 'notifyq'::regnamespace
-UNION ALL
-SELECT 'view', c.relname || ' ' || pg_get_viewdef(c.oid) FROM pg_class c
-WHERE c.relnamespace = 'notifyq'::regnamespace AND c.relkind = 'v'
-UNION ALL
-SELECT 'comment', c.relname || ' ' || coalesce(obj_description(c.oid, 'pg_class'), '')
-FROM pg_class c WHERE c.relnamespace = 'notifyq'::regnamespace
-ORDER BY 1, 2
-"""
-
-
-def test_migrating_from_version_1_gives_what_a_fresh_install_gives(server: Any) -> None:
-    """Every numbered migration, applied to the first released schema, must arrive at
-    exactly the objects schema.sql installs (which new databases get)."""
-    fresh, old = server.create_database("template0"), server.create_database("template0")
-    try:
-        fresh_dsn = with_dbname(server.admin_dsn, fresh)
-        old_dsn = with_dbname(server.admin_dsn, old)
-        migrate.migrate(fresh_dsn)
-        with psycopg.connect(old_dsn) as conn:
-            conn.execute((REPO / "tests" / "data" / "schema_v1.sql").read_bytes())
-        assert migrate.migrate(old_dsn) == (1, migrate.SCHEMA_VERSION)
-        assert query(old_dsn, CATALOG) == query(fresh_dsn, CATALOG)
-    finally:
-        server.drop_database(fresh)
-        server.drop_database(old)
-
-
 def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: str) -> None:
     insert(dsn, "task, queue, run_at", "'t', 'a', now() + interval '1 hour'")
     with listen(dsn, "notifyq_jobs") as jobs:
@@ -293,3 +250,45 @@ def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: 
         assert drain(jobs, expect=1) == ["b"]
         query(dsn, "UPDATE notifyq.jobs SET run_at = run_at + interval '1 hour'")
         assert drain(jobs) == []  # later is nothing to wake for
+
+
+V1_SCHEMA = REPO / "tests" / "data" / "schema_v1.sql"
+"""schema.sql as it was at version 1, before any numbered migration (commit 4b87306)."""
+
+
+def catalog(dsn: str) -> list[tuple[Any, ...]]:
+    """What a schema is made of: columns in order, constraints, indexes, triggers,
+    functions with their settings and rights, views, comments and recorded versions."""
+    return query(
+        dsn,
+        "SELECT 'column', c.relname, a.attnum::text || ' ' || a.attname, format_type(a.atttypid,"
+        " a.atttypmod) || ' ' || a.attnotnull::text || ' ' || coalesce(pg_get_expr(d.adbin,"
+        " d.adrelid), '') FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+        " WHERE c.relnamespace = 'notifyq'::regnamespace AND a.attnum > 0"
+        " AND NOT a.attisdropped"
+        " UNION ALL SELECT 'constraint', conname, pg_get_constraintdef(oid),"
+        " coalesce(obj_description(oid, 'pg_constraint'), '') FROM pg_constraint"
+        " WHERE connamespace = 'notifyq'::regnamespace"
+        " UNION ALL SELECT 'index', indexname, indexdef, '' FROM pg_indexes"
+        " WHERE schemaname = 'notifyq'"
+        " UNION ALL SELECT 'trigger', tgname, pg_get_triggerdef(oid), '' FROM pg_trigger"
+        " WHERE tgrelid = 'notifyq.jobs'::regclass"
+        " UNION ALL SELECT 'function', oid::regprocedure::text, prosrc, concat_ws(' ',"
+        " provolatile, prosecdef, proconfig::text, proacl::text,"
+        " obj_description(oid, 'pg_proc')) FROM pg_proc"
+        " WHERE pronamespace = 'notifyq'::regnamespace"
+        " UNION ALL SELECT 'view', viewname, definition, '' FROM pg_views"
+        " WHERE schemaname = 'notifyq'"
+        " UNION ALL SELECT 'version', version::text, '', '' FROM notifyq.schema_version"
+        " ORDER BY 1, 2, 3",
+    )
+
+
+def test_schema_file_equals_version_1_and_the_migrations_in_order(dsn: str, empty_dsn: str) -> None:
+    """Every numbered migration, applied to the first released schema, must arrive at
+    exactly what schema.sql installs (which new databases get)."""
+    with psycopg.connect(empty_dsn) as conn:
+        conn.execute(V1_SCHEMA.read_bytes())
+    assert migrate.migrate(empty_dsn) == (1, migrate.latest_version())
+    assert catalog(empty_dsn) == catalog(dsn)

@@ -92,7 +92,17 @@ def as_user(dsn: str, user: str) -> str:
     return make_conninfo(dsn, user=user)
 
 
-PUBLIC_COLUMNS = ["queue", "task", "payload", "priority", "run_at", "max_attempts", "dedupe_key"]
+PUBLIC_COLUMNS = [
+    "queue",
+    "task",
+    "payload",
+    "priority",
+    "run_at",
+    "max_attempts",
+    "depends_on",
+    "on_dependency_failure",
+    "dedupe_key",
+]
 PRIVATE_COLUMNS = [
     "id",
     "status",
@@ -332,6 +342,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
     )
     assert [name for name, _ in admin] == [
         "cancel_job",
+        "dependency_status",
         "lock_job",
         "purge",
         "purge_batch",

@@ -3,10 +3,13 @@
 -- line says what it is for.  Parameters are psycopg's %(name)s placeholders.
 
 -- name: enqueue
--- Insert one job; NULL arguments fall back to the column defaults.
-INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts)
+-- Insert one job; NULL arguments fall back to the column defaults.  With
+-- depends_on, the schema's trigger sets the status (waiting, queued, cancelled).
+INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
+                          on_dependency_failure)
 VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
-        coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s)
+        coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
+        %(depends_on)s::bigint[], %(on_dependency_failure)s)
 RETURNING id;
 
 -- name: enqueue_deduped
@@ -14,10 +17,11 @@ RETURNING id;
 -- inserted and that job's id comes back instead (created false).  No row at all
 -- means the holder committed after this statement's snapshot: run it again.
 WITH inserted AS (
-    INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, dedupe_key)
+    INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
+                              on_dependency_failure, dedupe_key)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
-            %(dedupe_key)s)
+            %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
@@ -33,11 +37,12 @@ WHERE NOT EXISTS (SELECT FROM inserted)
 -- sends one notification per queue however many rows.  Identity values are
 -- drawn in ORDINALITY order, so the caller sorts the returned ids into the
 -- payloads' order.  Casts are explicit: a NULL parameter has no type here.
-INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts)
+INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
+                          on_dependency_failure)
 SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
        coalesce(%(run_at)s::timestamptz,
                 now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
-       %(max_attempts)s::integer
+       %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text
 FROM pg_catalog.unnest(%(payloads)s::text[]) WITH ORDINALITY AS p (payload, n)
 ORDER BY p.n
 RETURNING id;
@@ -467,8 +472,9 @@ LIMIT %(limit)s;
 -- name: job_show
 -- notifyq jobs show: every column of one job.
 SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
-       created_at, started_at, finished_at, claimed_by, lease_expires_at, progress,
-       progress_message, payload, checkpoint, result, last_error
+       created_at, started_at, finished_at, claimed_by, lease_expires_at, depends_on,
+       on_dependency_failure, progress, progress_message, payload, checkpoint, result,
+       last_error
 FROM notifyq.jobs
 WHERE id = %(id)s;
 

@@ -52,8 +52,8 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- without EXECUTE on their functions; the history trigger runs as the owner.
 -- Awaiting results (App.wait) reads them: that is the worker role's right.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
-GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key)
-    ON notifyq.jobs TO {producer};
+GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, depends_on,
+    on_dependency_failure) ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
