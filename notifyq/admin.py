@@ -73,6 +73,19 @@ def job_history(dsn: str, job_id: int) -> list[dict[str, Any]]:
     return _dicts(dsn, "job_history", {"id": job_id})
 
 
+def queue_limits(dsn: str) -> list[dict[str, Any]]:
+    return _dicts(dsn, "queue_limits", {})
+
+
+def set_queue_limit(dsn: str, queue: str, max_running: int | None) -> None:
+    """Cap `queue` at `max_running` jobs running at once, cluster-wide (None: no cap)."""
+    with _connection(dsn) as conn:
+        if max_running is None:
+            store.rows(conn, "clear_queue_limit", {"queue": queue})
+        else:
+            store.rows(conn, "set_queue_limit", {"queue": queue, "max_running": max_running})
+
+
 def list_jobs(
     dsn: str,
     *,

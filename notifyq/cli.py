@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from . import codec, embedded, migrate
 from .app import App
 from .errors import ConfigurationError, InvalidJob, NotifyqError, dsn_secrets, redact
+from .registry import check_queue_name
 from .worker import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -627,6 +628,33 @@ def history_command(state: str | None, dsn: str | None) -> None:
         admin.set_history(dsn, state == "on")
     on = admin.history_enabled(dsn)
     click.echo(f"history is {'on' if on else 'off'}")
+
+
+@main.command(name="limit")
+@click.argument("queue", required=False)
+@click.argument("max_running", metavar="[N|none]", required=False)
+@dsn_option
+def limit_command(queue: str | None, max_running: str | None, dsn: str | None) -> None:
+    """Show the concurrency caps, or set QUEUE's: at most N of its jobs run at once across
+    every dispatcher (0 pauses the queue; 'none' lifts the cap)."""
+    from . import admin
+
+    dsn = database(dsn)
+    if queue is not None:
+        if max_running is None:
+            fail("give the cap too: notifyq limit QUEUE N (or none to lift it)")
+        check_queue_name(queue)
+        if max_running.strip().lower() == "none":
+            admin.set_queue_limit(dsn, queue, None)
+        elif not max_running.isdigit():
+            fail(f"the cap must be a whole number of jobs or 'none', not {max_running!r}")
+        else:
+            admin.set_queue_limit(dsn, queue, int(max_running))
+    limits = admin.queue_limits(dsn)
+    if not limits:
+        click.echo("no queue has a cap")
+    for row in limits:
+        click.echo(f"{row['queue']}: at most {row['max_running']} running ({row['running']} now)")
 
 
 @main.command(name="retry")

@@ -13,6 +13,12 @@ outcomes waiting to be written exceed the concurrency, so the jobs this
 dispatcher holds as `running` stay below twice its concurrency instead of
 growing with the backlog; every write that lands wakes the loop again.
 
+A queue at its concurrency cap (notifyq.queue_limits, cluster-wide) yields no
+jobs however much is ready; the claim says which served queues are full, and
+until a status notification says a job of such a queue finished (or the next
+poll), notifications naming only full queues wake nothing: a flood of inserts
+into a capped queue does not turn into a flood of empty claims.
+
 Any role can NOTIFY any channel, so notifications are never trusted: claims
 that a notification alone caused and that found nothing draw on a token
 bucket (a burst, then a steady rate), which bounds what a flood of forged
@@ -82,7 +88,8 @@ class Dispatcher:
     ) -> None:
         self._store = store
         self._claimant = claimant
-        self._queues = list(queues)
+        # Sorted: the claim locks capped queues in this order (see notifyq.claim_room).
+        self._queues = sorted(queues)
         self._concurrency = concurrency
         self._batch_size = batch_size
         self._poll_interval = poll_interval
@@ -96,6 +103,7 @@ class Dispatcher:
         self._refill_at = max(1, min(batch_size, concurrency) // 2)
         self._signal = anyio.Event()
         self._notified = True  # the first pass claims at once
+        self.full: frozenset[str] = frozenset()  # served queues at their cap, per the last claim
         self._stopping = False
         self.running = 0  # claimed and handed to the pool, not finished
         self.claims = 0
@@ -106,9 +114,19 @@ class Dispatcher:
 
     # Called from the listener, the pool and the app; all on the event loop.
 
-    def wake(self) -> None:
+    def wake(self, queues: Collection[str] | None = None) -> None:
+        """Claim soon; `queues`: the queues a notification named (None: any)."""
+        if queues is not None and self.full.issuperset(queues):
+            return  # only queues at their cap: a claim would find no room
         self._notified = True
         self._signal.set()
+
+    def room_freed(self, queues: Collection[str]) -> None:
+        """Jobs of these queues left `running` somewhere: a full one may have room again."""
+        if self.full.isdisjoint(queues):
+            return
+        self.full = self.full.difference(queues)
+        self.wake()
 
     def slot_freed(self) -> None:
         self.running -= 1
@@ -156,7 +174,7 @@ class Dispatcher:
                 refill_by = None
                 limit = min(free, self._batch_size)
                 try:
-                    jobs, next_in = await self._claim(limit)
+                    jobs, next_in, self.full = await self._claim(limit)
                     failures = 0
                 except DatabaseUnavailable as exc:
                     failures += 1
@@ -186,21 +204,20 @@ class Dispatcher:
             else:
                 await self._sleep(min(next_poll, next_due) - now)
 
-    async def _claim(self, limit: int) -> tuple[list[Job], float | None]:
+    async def _claim(self, limit: int) -> tuple[list[Job], float | None, frozenset[str]]:
         if self._orphans_possible:
             released = await self._store.release_orphans(self._claimant, self._held_ids())
             self._orphans_possible = False
             if released:
                 log.warning("returned %d jobs whose claim reply was lost", len(released))
         try:
-            jobs, next_in = await self._claim_once(limit)
+            return await self._claim_once(limit)
         except DatabaseUnavailable:
             self._orphans_possible = True
             raise
-        return jobs, next_in
 
-    async def _claim_once(self, limit: int) -> tuple[list[Job], float | None]:
-        jobs, next_in = await self._store.claim(
+    async def _claim_once(self, limit: int) -> tuple[list[Job], float | None, frozenset[str]]:
+        jobs, next_in, full = await self._store.claim(
             queues=self._queues,
             limit=limit,
             claimant=self._claimant,
@@ -220,7 +237,7 @@ class Dispatcher:
                     job.attempt,
                     job.max_attempts,
                 )
-        return jobs, next_in
+        return jobs, next_in, full
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep until the timeout or any signal, whichever comes first."""

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Collection
 
 import anyio
 
-from . import failpoints
+from . import codec, failpoints
 from .errors import DatabaseUnavailable
 from .store import Listener
 
@@ -37,25 +37,41 @@ log = logging.getLogger("notifyq.listener")
 CHANNEL = "notifyq_jobs"
 STATUS_CHANNEL = "notifyq_status"
 PROBE_PREFIX = "notifyq-probe:"  # ':' keeps it from ever naming a queue
+LIMIT_PREFIX = "limit:"  # notifyq.queue_limits changed for the queue that follows
 PROBE_TIMEOUT = 5.0
+LEFT_RUNNING = frozenset({"succeeded", "dead", "cancelled", "queued"})  # statuses after running
+
+
+def status_change(payload: str) -> tuple[str, str]:
+    """(queue, status) of a notifyq_status payload; ("", "") if it is not one."""
+    try:
+        note = codec.loads(payload)
+    except ValueError:
+        return "", ""
+    if not isinstance(note, dict):
+        return "", ""
+    return str(note.get("queue", "")), str(note.get("status", ""))
 
 
 async def listen(
     dsn: str,
     queues: Collection[str],
     *,
-    on_notify: Callable[[], None],
+    on_notify: Callable[[set[str]], None],
     on_connected: Callable[[], None],
     send_probe: Callable[[str], Awaitable[None]],
     probe_id: str,
     ping_interval: float = 30.0,
     on_cancelled: Callable[[], None] | None = None,
+    on_room: Callable[[set[str]], None] | None = None,
 ) -> None:
     """Run until cancelled, reconnecting with capped, jittered backoff.
 
     `on_connected` runs after every successful LISTEN (the caller should claim
     at once: anything inserted while nobody listened notified no one);
-    `on_notify` runs once per batch of notifications naming a served queue;
+    `on_notify(queues)` runs once per batch of notifications naming served queues;
+    `on_room(queues)` once per batch of status notifications saying jobs of served
+    queues left `running`, or of cap changes (room under a concurrency cap);
     `send_probe(payload)` must NOTIFY the channel from another connection.
     """
     served = frozenset(queues)
@@ -96,13 +112,20 @@ async def listen(
                                 "still found by the fallback poll.",
                                 PROBE_TIMEOUT,
                             )
-                    if any(p in served for p in payloads):
-                        on_notify()
+                    named = {p for p in payloads if p in served}
+                    if named:
+                        on_notify(named)
                     # Status payloads are JSON objects; no queue name starts with '{'.
-                    if on_cancelled is not None and any(
-                        p.startswith("{") and '"cancelled"' in p for p in payloads
-                    ):
+                    changes = [status_change(p) for p in payloads if p.startswith("{")]
+                    if on_cancelled is not None and any(s == "cancelled" for _, s in changes):
                         on_cancelled()
+                    freed = {q for q, s in changes if s in LEFT_RUNNING}
+                    freed |= {
+                        p.removeprefix(LIMIT_PREFIX) for p in payloads if p.startswith(LIMIT_PREFIX)
+                    }
+                    freed &= served
+                    if on_room is not None and freed:
+                        on_room(freed)
             except DatabaseUnavailable as exc:
                 failures += 1
                 delay = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)

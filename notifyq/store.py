@@ -400,8 +400,9 @@ class Store:
         lease: float,
         task_max_attempts: dict[str, int],
         default_max_attempts: int,
-    ) -> tuple[list[Job], float | None]:
-        """Claim up to `limit` jobs; also returns seconds until the next scheduled job."""
+    ) -> tuple[list[Job], float | None, frozenset[str]]:
+        """Claim up to `limit` jobs; also returns seconds until the next scheduled job, and
+        which of `queues` are at their concurrency cap (notifyq.queue_limits)."""
         rows = await self._run(
             "claim",
             failpoint="claim-before-commit",
@@ -416,10 +417,12 @@ class Store:
             },
         )
         jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5], r[7]) for r in rows if r[0] is not None]
-        next_in = next((r[6] for r in rows if r[0] is None), None)
+        last = next((r for r in rows if r[0] is None), None)
+        next_in = last[6] if last is not None else None
+        full = frozenset(last[8] or ()) if last is not None else frozenset()
         if failpoints.ACTIVE and jobs:
             failpoints.hit("claim-after-commit")
-        return jobs, next_in
+        return jobs, next_in, full
 
     async def complete(self, outcomes: Sequence[Outcome], claimant: str) -> set[int]:
         """Write outcomes; returns the ids that applied (the rest lost their claim)."""

@@ -296,6 +296,7 @@ class Worker:
             send_probe=self._send_probe,
             probe_id=self.claimant,
             on_cancelled=self._cancel_requested,
+            on_room=self.dispatcher.room_freed,
         )
 
     def _cancel_requested(self) -> None:
@@ -327,9 +328,9 @@ class Worker:
         except DatabaseUnavailable as exc:
             log.warning("could not send the listener's probe notification (%s)", exc)
 
-    def _notified(self) -> None:
+    def _notified(self, queues: set[str]) -> None:
         self.notifications += 1
-        self.dispatcher.wake()
+        self.dispatcher.wake(queues)
 
     def _connected(self) -> None:
         self.listening.set()

@@ -85,7 +85,7 @@ async def test_waiting_jobs_are_never_claimed(dsn: str) -> None:
     claims = store.Store(dsn, "test")
     try:
         for expected in ([a], []):
-            jobs, _ = await claims.claim(
+            jobs, *_ = await claims.claim(
                 queues=["default"],
                 limit=10,
                 claimant="h:1:x",

@@ -342,6 +342,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
     )
     assert [name for name, _ in admin] == [
         "cancel_job",
+        "claim_room",
         "dependency_status",
         "lock_job",
         "purge",

@@ -57,11 +57,19 @@ RETURNING id;
 -- The candidates CTE is MATERIALIZED so the locked set is computed once: a
 -- `WHERE id IN (SELECT ... LIMIT n)` may be re-evaluated and claim more than n.
 -- The last row (id NULL) carries the seconds until the next scheduled job, by
--- the database clock, so the dispatcher can sleep exactly that long.  A job's
--- checkpoint (saved by an earlier attempt) comes with it, for the handler.
-WITH candidates AS MATERIALIZED (
-    SELECT c.id
+-- the database clock, so the dispatcher can sleep exactly that long, and the
+-- served queues at their concurrency cap (notifyq.queue_limits) once this claim
+-- commits: those whose cap gave less room than asked for, all of it taken.
+-- A job's checkpoint (saved by an earlier attempt) comes with it, for the handler.
+-- Each queue gives at most its room (notifyq.claim_room: %(limit)s when it has
+-- no cap); rooms is MATERIALIZED so each is asked once, in the (sorted) order
+-- of %(queues)s, which is the order capped queues are locked in.
+WITH rooms AS MATERIALIZED (
+    SELECT q.name, notifyq.claim_room(q.name, %(limit)s) AS room
     FROM unnest(%(queues)s::text[]) AS q(name)
+), candidates AS MATERIALIZED (
+    SELECT c.id
+    FROM rooms AS q
     CROSS JOIN LATERAL (
         SELECT l.id, l.priority, l.run_at,
                row_number() OVER (ORDER BY l.priority DESC, l.run_at, l.id) AS turn
@@ -70,7 +78,7 @@ WITH candidates AS MATERIALIZED (
             FROM notifyq.jobs j
             WHERE j.status = 'queued' AND j.queue = q.name AND j.run_at <= now()
             ORDER BY j.priority DESC, j.run_at, j.id
-            LIMIT %(limit)s
+            LIMIT q.room
             FOR UPDATE SKIP LOCKED
         ) AS l
     ) AS c
@@ -94,7 +102,8 @@ WITH candidates AS MATERIALIZED (
     WHERE j.id = c.id
     RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint
 )
-SELECT id, queue, task, payload, attempts, max_attempts, NULL::float8 AS next_in, checkpoint
+SELECT id, queue, task, payload, attempts, max_attempts, NULL::float8 AS next_in, checkpoint,
+       NULL::text[] AS full_queues
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL,
@@ -103,7 +112,10 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL,
         WHERE j.status = 'queued' AND j.run_at > now() AND j.queue = ANY(%(queues)s::text[])
         ORDER BY j.run_at
         LIMIT 1),
-       NULL;
+       NULL,
+       (SELECT array_agg(r.name) FROM rooms r
+        WHERE r.room < %(limit)s
+          AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name));
 
 -- name: complete
 -- Write a batch of outcomes at once.  Fenced: a row changes only while it is
@@ -514,6 +526,24 @@ SELECT at, from_status, to_status, attempt, dispatcher, split_part(error, E'\n',
 FROM notifyq.job_history
 WHERE job_id = %(id)s
 ORDER BY id;
+
+-- name: queue_limits
+-- notifyq limit: every cap, with how many of the queue's jobs run now.
+SELECT l.queue, l.max_running,
+       (SELECT count(*) FROM notifyq.jobs j WHERE j.status = 'running' AND j.queue = l.queue)
+           AS running
+FROM notifyq.queue_limits l
+ORDER BY l.queue;
+
+-- name: set_queue_limit
+-- notifyq limit QUEUE N: set (or change) a queue's cap.
+INSERT INTO notifyq.queue_limits (queue, max_running) VALUES (%(queue)s, %(max_running)s)
+ON CONFLICT (queue) DO UPDATE SET max_running = excluded.max_running
+RETURNING queue;
+
+-- name: clear_queue_limit
+-- notifyq limit QUEUE none: lift a queue's cap.
+DELETE FROM notifyq.queue_limits WHERE queue = %(queue)s RETURNING queue;
 
 -- name: metrics_depth
 -- Prometheus scrape: queued jobs per queue, ready and scheduled (jobs_claim_idx only).

@@ -58,7 +58,8 @@ GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
 -- UPDATE on jobs), its row in the dispatcher registry, the schema version check,
--- the monitoring views; the status history; retention (notifyq.purge_batch,
+-- the monitoring views; the status history; the concurrency caps (read by every
+-- claim through notifyq.claim_room); retention (notifyq.purge_batch,
 -- which deletes as the owner, finished jobs only); and, as a member of the
 -- producer role, enqueues from handlers.  No DELETE on jobs (whole purges are
 -- the owner's), no DDL.
@@ -66,6 +67,8 @@ GRANT USAGE ON SCHEMA notifyq TO {worker};
 GRANT SELECT, UPDATE ON notifyq.jobs TO {worker};
 GRANT SELECT ON notifyq.job_history TO {worker};
 GRANT EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) TO {worker};
+GRANT SELECT ON notifyq.queue_limits TO {worker};
+GRANT EXECUTE ON FUNCTION notifyq.claim_room(text, integer) TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {worker};
 GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status
     TO {worker};
