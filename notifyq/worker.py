@@ -4,6 +4,7 @@
                            ^                                               │
                            └────────── slot freed / outcome written ───────┘
     lease keeper: renews what we hold, rescues what others lost
+    scheduler: enqueues the instants of periodic schedules (cron), each once
 
 Each piece knows only the callbacks it is given; `Worker.run` owns them all
 in one task group and shuts them down in order: stop claiming, let running
@@ -30,6 +31,7 @@ from .dispatcher import Dispatcher
 from .errors import ConfigurationError, DatabaseUnavailable
 from .job import Job
 from .leases import LeaseKeeper
+from .periodic import Scheduler
 from .registry import DEFAULT_MAX_ATTEMPTS, check_queue_name
 from .worker_pool import Finished, WorkerPool
 
@@ -115,6 +117,9 @@ class Worker:
             unwritten=lambda: self.completer.pending,
         )
         self.completer = Completer(complete_store, self.claimant, self._written)
+        # Shares the claim connection: a read per instant (or per minute) and a write per
+        # instant due; not worth a connection of its own.
+        self.scheduler = Scheduler(claim_store, app.schedules)
         self.metrics: Metrics | None = None
         if settings.metrics_port is not None:
             from .metrics import Metrics  # optional dependency: imported only when asked for
@@ -192,6 +197,7 @@ class Worker:
                     background.start_soon(self._listen)
                 background.start_soon(self._beat)
                 background.start_soon(self._cancellations)
+                background.start_soon(self.scheduler.run)
                 background.start_soon(self._summaries)
                 async with anyio.create_task_group() as work:
                     await work.start(self.pool.run)

@@ -197,15 +197,18 @@ def test_schema_file_applies_twice_as_psql_would(empty_dsn: str) -> None:
     for _ in range(2):
         with psycopg.connect(empty_dsn) as conn:
             conn.execute(script)
-    assert query(empty_dsn, "SELECT version FROM notifyq.schema_version") == [(1,)]
+    # schema.sql installs the newest version whole and records every version it holds.
+    versions = query(empty_dsn, "SELECT version FROM notifyq.schema_version ORDER BY 1")
+    assert versions[-1] == (migrate.SCHEMA_VERSION,)
 
 
 def test_migrate_is_idempotent_and_records_the_version(empty_dsn: str) -> None:
     with pytest.raises(SchemaMissing, match="notifyq migrate"):
         migrate.check(empty_dsn)
-    assert migrate.migrate(empty_dsn) == (None, 1)
-    assert migrate.migrate(empty_dsn) == (1, 1)
-    assert migrate.check(empty_dsn) == 1
+    latest = migrate.SCHEMA_VERSION
+    assert migrate.migrate(empty_dsn) == (None, latest)
+    assert migrate.migrate(empty_dsn) == (latest, latest)
+    assert migrate.check(empty_dsn) == latest
 
 
 def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
@@ -224,7 +227,8 @@ def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(results, key=str) == [(1, 1), (1, 1), (1, 1), (None, 1)]
+    latest = migrate.SCHEMA_VERSION
+    assert sorted(results, key=str) == [*[(latest, latest)] * 3, (None, latest)]
 
 
 def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: str) -> None:

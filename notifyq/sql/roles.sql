@@ -54,12 +54,15 @@ GRANT INSERT (queue, task, payload, priority, run_at, max_attempts) ON notifyq.j
 GRANT SELECT (id) ON notifyq.jobs TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
--- UPDATE on jobs), its row in the dispatcher registry, the schema version check,
--- the monitoring views; and, as a member of the producer role, enqueues from
--- handlers.  No DELETE on jobs (purge is the owner's), no DDL.
+-- UPDATE on jobs), its row in the dispatcher registry, the periodic schedules
+-- (its app's definitions, and advancing them as it enqueues), the schema version
+-- check, the monitoring views; and, as a member of the producer role, enqueues
+-- from handlers.  No DELETE on jobs (purge is the owner's), no DDL.
 GRANT USAGE ON SCHEMA notifyq TO {worker};
 GRANT SELECT, UPDATE ON notifyq.jobs TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {worker};
+-- Periodic jobs: each dispatcher defines its app's schedules and advances them.
+GRANT SELECT, INSERT, UPDATE ON notifyq.periodic TO {worker};
 GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status
     TO {worker};
 GRANT {producer} TO {worker};
