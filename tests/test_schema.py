@@ -240,3 +240,40 @@ def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: 
         assert drain(jobs, expect=1) == ["b"]
         query(dsn, "UPDATE notifyq.jobs SET run_at = run_at + interval '1 hour'")
         assert drain(jobs) == []  # later is nothing to wake for
+
+
+def catalog(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """The notifyq schema as the catalogs describe it: tables and their columns,
+    constraints, indexes and comments."""
+    return {
+        "columns": query(
+            dsn,
+            "SELECT table_name, column_name, data_type, column_default, is_nullable"
+            " FROM information_schema.columns WHERE table_schema = 'notifyq' ORDER BY 1, 2",
+        ),
+        "constraints": query(
+            dsn,
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid),"
+            " obj_description(oid, 'pg_constraint') FROM pg_constraint"
+            " WHERE connamespace = 'notifyq'::regnamespace ORDER BY 1, 2",
+        ),
+        "indexes": query(
+            dsn,
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'notifyq' ORDER BY 1",
+        ),
+        "comments": query(
+            dsn,
+            "SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_class c"
+            " WHERE c.relnamespace = 'notifyq'::regnamespace ORDER BY 1",
+        ),
+    }
+
+
+def test_the_periodic_migration_gives_what_schema_sql_installs(dsn: str, empty_dsn: str) -> None:
+    # A database as it was before version 3: schema.sql less what 0003_periodic adds.
+    migrate.migrate(empty_dsn)
+    query(empty_dsn, "DROP TABLE notifyq.periodic")
+    query(empty_dsn, "DELETE FROM notifyq.schema_version WHERE version >= 3")
+    before, after = migrate.migrate(empty_dsn)
+    assert before is not None and before < 3 and after == migrate.SCHEMA_VERSION
+    assert catalog(empty_dsn) == catalog(dsn)
