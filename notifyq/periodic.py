@@ -193,6 +193,7 @@ class Scheduler:
         if not self._defined:
             await self.define()
         now, schedules = await self._store.periodic_schedules()
+        read_at = anyio.current_time()
         wait = MAX_SLEEP
         for name, schedule, timezone, since in schedules:
             try:
@@ -206,8 +207,9 @@ class Scheduler:
                 await self._fire(name, schedule, timezone, due, now)
             if upcoming is not None:
                 wait = min(wait, (upcoming - now).total_seconds())
-        # A hair past the instant, so the database's clock has reached it too.
-        return max(wait, 0.0) + 0.005
+        # Less the time the writes took; a hair past the instant, so the database's
+        # clock has reached it too.
+        return max(wait - (anyio.current_time() - read_at), 0.0) + 0.005
 
     async def _fire(
         self, name: str, schedule: str, timezone: str, instant: datetime, now: datetime
@@ -224,7 +226,7 @@ class Scheduler:
         enqueued, job_id = result
         if enqueued:
             self.enqueued += 1
-            log.info("periodic %s: enqueued job=%s for instant %s", name, job_id, instant)
+            log.debug("periodic %s: enqueued job=%s for instant %s", name, job_id, instant)
         else:
             self.skipped += 1
             log.warning(

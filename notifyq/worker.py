@@ -225,6 +225,8 @@ class Worker:
             "fenced": self.completer.fenced,
             "rescued": self.leases.rescued,
             "polls_with_work": self.dispatcher.polls_with_work,
+            "periodic_enqueued": self.scheduler.enqueued,
+            "periodic_skipped": self.scheduler.skipped,
         }
 
     @staticmethod
