@@ -19,7 +19,7 @@ from typing import Any, TypeVar, overload
 import anyio
 import psycopg
 
-from . import admin, embedded, enqueue, migrate, results, store
+from . import admin, embedded, enqueue, migrate, periodic, results, store
 from .errors import ConfigurationError
 from .registry import (
     DEFAULT_MAX_ATTEMPTS,
@@ -64,6 +64,7 @@ class App:
     def __init__(self, dsn: str | None = None) -> None:
         self.dsn = dsn
         self.registry = Registry()
+        self.schedules: list[periodic.Periodic] = []
         self._sync_conn: psycopg.Connection[Any] | None = None
         self._sync_lock = threading.Lock()
         # One cached connection per event loop (a connection cannot cross loops);
@@ -144,6 +145,63 @@ class App:
             return fn
 
         return register(handler) if handler is not None else register
+
+    def periodic(
+        self,
+        schedule: str,
+        /,
+        *,
+        timezone: str = "UTC",
+        missed: str = "skip",
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        payload: dict[str, Any] | None = None,
+        priority: int = 0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: Backoff | None = None,
+        timeout: float | None = None,
+        decode: Callable[[Any], Any] | None = None,
+    ) -> Callable[[F], F]:
+        """Register a handler as a task (see `task`) and enqueue it on a cron schedule.
+
+        `schedule` has five fields (minute hour day-of-month month day-of-week) or
+        six (seconds first), read as local times in `timezone` (an IANA name).
+        Every instant is enqueued once, however many dispatchers serve the app,
+        with `payload` plus "instant" (ISO 8601, UTC) as the job's payload.
+        `missed`: what an instant reached over a minute late (every dispatcher
+        was down) comes to: "skip" (nothing) or "once" (the latest one runs).
+        The schedule is named after the task: a row of notifyq.periodic.
+        """
+        zone, payload_json = periodic.check(
+            schedule, timezone=timezone, missed=missed, payload=payload, priority=priority
+        )
+
+        def register(fn: F) -> F:
+            self.task(
+                name=name,
+                queue=queue,
+                max_attempts=max_attempts,
+                backoff=backoff,
+                timeout=timeout,
+                decode=decode,
+            )(fn)
+            task = self.registry.for_handler(fn)
+            assert task is not None
+            self.schedules.append(
+                periodic.Periodic(
+                    name=task.name,
+                    task=task.name,
+                    schedule=schedule,
+                    timezone=zone.key,
+                    missed=missed,
+                    queue=task.queue,
+                    payload_json=payload_json,
+                    priority=priority,
+                )
+            )
+            return fn
+
+        return register
 
     # --- enqueue
 

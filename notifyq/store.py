@@ -14,6 +14,7 @@ import re
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any, LiteralString
 
@@ -524,6 +525,34 @@ class Store:
 
     async def unregister(self, claimant: str) -> None:
         await self._run("dispatcher_stopped", {"claimant": claimant})
+
+    async def define_periodic(self, definition: dict[str, Any]) -> bool:
+        """Create or update one schedule; whether its row changed."""
+        return bool(await self._run("periodic_define", definition))
+
+    async def periodic_schedules(self) -> tuple[datetime, list[tuple[str, str, str, datetime]]]:
+        """The database clock's now() and every schedule not paused:
+        (name, schedule, timezone, since: the instant after which the next is due)."""
+        rows = await self._run("periodic_schedules", {})
+        return rows[0][0], [(r[1], r[2], r[3], r[4]) for r in rows if r[1] is not None]
+
+    async def fire_periodic(
+        self, name: str, schedule: str, timezone: str, instant: datetime, grace: float
+    ) -> tuple[bool, int | None] | None:
+        """Deal with one instant of one schedule (see periodic_fire): None when another
+        dispatcher did, or it is not due; else (enqueued, job id)."""
+        rows = await self._run(
+            "periodic_fire",
+            {
+                "name": name,
+                "schedule": schedule,
+                "timezone": timezone,
+                "instant": instant,
+                "instant_text": instant.isoformat(),
+                "grace": grace,
+            },
+        )
+        return (bool(rows[0][0]), rows[0][1]) if rows else None
 
     async def fetch(self, name: str, params: dict[str, Any]) -> list[Any]:
         """Rows of a read-only named query (notifyq watch's)."""

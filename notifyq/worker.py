@@ -4,6 +4,7 @@
                            ^                                               │
                            └────────── slot freed / outcome written ───────┘
     lease keeper: renews what we hold, rescues what others lost
+    scheduler: enqueues the instants of periodic schedules (cron), each once
 
 Each piece knows only the callbacks it is given; `Worker.run` owns them all
 in one task group and shuts them down in order: stop claiming, let running
@@ -30,6 +31,7 @@ from .dispatcher import Dispatcher
 from .errors import ConfigurationError, DatabaseUnavailable
 from .job import Job
 from .leases import LeaseKeeper
+from .periodic import Scheduler
 from .progress import Reports
 from .registry import DEFAULT_MAX_ATTEMPTS, check_queue_name
 from .worker_pool import Finished, WorkerPool
@@ -137,6 +139,9 @@ class Worker:
             unwritten=lambda: self.completer.pending,
         )
         self.completer = Completer(complete_store, self.claimant, self._written)
+        # Shares the claim connection: a read per instant (or per minute) and a write per
+        # instant due; not worth a connection of its own.
+        self.scheduler = Scheduler(claim_store, app.schedules)
         self.metrics: Metrics | None = None
         if settings.metrics_port is not None:
             from .metrics import Metrics  # optional dependency: imported only when asked for
@@ -214,6 +219,7 @@ class Worker:
                     background.start_soon(self._listen)
                 background.start_soon(self._beat)
                 background.start_soon(self._cancellations)
+                background.start_soon(self.scheduler.run)
                 background.start_soon(self._summaries)
                 background.start_soon(self.reports.run)
                 background.start_soon(self.retention.run)
@@ -243,6 +249,8 @@ class Worker:
             "fenced": self.completer.fenced,
             "rescued": self.leases.rescued,
             "polls_with_work": self.dispatcher.polls_with_work,
+            "periodic_enqueued": self.scheduler.enqueued,
+            "periodic_skipped": self.scheduler.skipped,
         }
 
     @staticmethod

@@ -566,3 +566,78 @@ SELECT count(*) AS lost,
        coalesce(string_agg(host || ':' || pid, ', ' ORDER BY heartbeat_at), '') AS which
 FROM notifyq.dispatcher_status
 WHERE state = 'lost';
+
+-- name: periodic_define
+-- Create or update a schedule the app defines in Python (at dispatcher start).
+-- An operator's `paused` and the progress (`last_instant`) are kept; `defined_at`
+-- moves only when the schedule or its zone changes, so instants of the new
+-- schedule from before the change are never due.  Unchanged rows are not written
+-- (and not returned).
+INSERT INTO notifyq.periodic AS p
+    (name, task, schedule, timezone, missed, queue, payload, priority, max_attempts)
+VALUES (%(name)s, %(task)s, %(schedule)s, %(timezone)s, %(missed)s, %(queue)s,
+        %(payload)s::pg_catalog.jsonb, %(priority)s, %(max_attempts)s)
+ON CONFLICT (name) DO UPDATE
+SET task = excluded.task,
+    schedule = excluded.schedule,
+    timezone = excluded.timezone,
+    missed = excluded.missed,
+    queue = excluded.queue,
+    payload = excluded.payload,
+    priority = excluded.priority,
+    max_attempts = excluded.max_attempts,
+    defined_at = CASE WHEN (p.schedule, p.timezone) IS DISTINCT FROM
+                           (excluded.schedule, excluded.timezone)
+                      THEN now() ELSE p.defined_at END
+WHERE (p.task, p.schedule, p.timezone, p.missed, p.queue, p.payload, p.priority,
+       p.max_attempts)
+      IS DISTINCT FROM
+      (excluded.task, excluded.schedule, excluded.timezone, excluded.missed, excluded.queue,
+       excluded.payload, excluded.priority, excluded.max_attempts)
+RETURNING p.name;
+
+-- name: periodic_schedules
+-- The scheduler's view: every schedule not paused, with the instant after which
+-- its next one is due, and the database clock's now() (one row with NULLs when
+-- there is no schedule, so the clock is read all the same).
+SELECT now() AS now, p.name, p.schedule, p.timezone,
+       greatest(p.last_instant, p.defined_at) AS since
+FROM (VALUES (1)) AS clock (one)
+LEFT JOIN notifyq.periodic p ON NOT p.paused
+ORDER BY p.name;
+
+-- name: periodic_fire
+-- Deal with instant %(instant)s of one schedule, at most once whoever asks.
+-- The conditional UPDATE moves last_instant forward only past it: of two
+-- dispatchers racing for one instant, the second waits on the row lock, then
+-- re-reads the committed row, finds last_instant no longer before the instant
+-- and updates nothing, so it inserts nothing (the job is inserted by the same
+-- statement, in the same transaction).  The database clock decides that the
+-- instant is due, and the row must still hold the schedule and zone the
+-- instant was computed from.  An instant reached more than %(grace)s seconds
+-- late was missed (downtime, a pause): with missed = 'skip' it is recorded
+-- without a job.  One row back when this call dealt with it: whether a job was
+-- enqueued, and its id.
+WITH fired AS (
+    UPDATE notifyq.periodic p
+    SET last_instant = %(instant)s
+    WHERE p.name = %(name)s
+      AND p.schedule = %(schedule)s
+      AND p.timezone = %(timezone)s
+      AND NOT p.paused
+      AND %(instant)s <= now()
+      AND %(instant)s > greatest(p.last_instant, p.defined_at)
+    RETURNING p.task, p.queue, p.payload, p.priority, p.max_attempts,
+              p.missed = 'once'
+                  OR now() - %(instant)s <= make_interval(secs => %(grace)s) AS enqueue
+), job AS (
+    INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts)
+    SELECT f.queue, f.task,
+           f.payload || pg_catalog.jsonb_build_object('instant', %(instant_text)s::text),
+           f.priority, %(instant)s, f.max_attempts
+    FROM fired f
+    WHERE f.enqueue
+    RETURNING id
+)
+SELECT f.enqueue, (SELECT id FROM job) AS job_id
+FROM fired f;

@@ -57,9 +57,10 @@ GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, 
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
--- UPDATE on jobs), its row in the dispatcher registry, the schema version check,
--- the monitoring views; the status history; the concurrency caps (read by every
--- claim through notifyq.claim_room); retention (notifyq.purge_batch,
+-- UPDATE on jobs), its row in the dispatcher registry, the periodic schedules
+-- (its app's definitions, and advancing them as it enqueues), the schema version
+-- check, the monitoring views; the status history; the concurrency caps (read
+-- by every claim through notifyq.claim_room); retention (notifyq.purge_batch,
 -- which deletes as the owner, finished jobs only); and, as a member of the
 -- producer role, enqueues from handlers.  No DELETE on jobs (whole purges are
 -- the owner's), no DDL.
@@ -70,6 +71,8 @@ GRANT EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) TO {wor
 GRANT SELECT ON notifyq.queue_limits TO {worker};
 GRANT EXECUTE ON FUNCTION notifyq.claim_room(text, integer) TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {worker};
+-- Periodic jobs: each dispatcher defines its app's schedules and advances them.
+GRANT SELECT, INSERT, UPDATE ON notifyq.periodic TO {worker};
 GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status
     TO {worker};
 GRANT {producer} TO {worker};
