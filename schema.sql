@@ -1,4 +1,4 @@
--- notifyq schema, version 5.
+-- notifyq schema, version 6.
 --
 -- This file is the one canonical schema. `notifyq migrate` applies it (in one
 -- transaction, under an advisory lock, recording the version); by hand it is
@@ -12,11 +12,11 @@
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,
 -- status, attempts, max_attempts, last_error, created_at, started_at,
 -- finished_at, dedupe_key, result, progress, progress_message, checkpoint,
--- depends_on, on_dependency_failure; the status values; the view
--- notifyq.queue_stats; the tables notifyq.job_history, notifyq.queue_limits and
--- notifyq.periodic; and the notification channels notifyq_jobs, notifyq_status
--- and notifyq_progress.  Columns whose names start with lease_ or claimed_ are
--- the dispatchers' bookkeeping.
+-- depends_on, on_dependency_failure, rate_key; the status values; the view
+-- notifyq.queue_stats; the tables notifyq.job_history, notifyq.queue_limits,
+-- notifyq.rate_limits and notifyq.periodic; and the notification channels
+-- notifyq_jobs, notifyq_status and notifyq_progress.  Columns whose names start
+-- with lease_, claimed_ or rate_reserved are the dispatchers' bookkeeping.
 
 CREATE SCHEMA IF NOT EXISTS notifyq;
 
@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- Jobs this one waits for (see "Dependencies" below), and what a failed one means.
     depends_on       bigint[],
     on_dependency_failure text NOT NULL DEFAULT 'cancel',
+    -- Jobs that share a rate_key share a rate limit (notifyq.rate_limits);
+    -- rate_reserved: run_at is a slot the rate limit gave, admitted when due.
+    rate_key         text,
+    rate_reserved    boolean     NOT NULL DEFAULT false,
 
     CONSTRAINT jobs_queue_format CHECK (queue ~ '^[a-z0-9_][a-z0-9_-]{0,62}$'),
     CONSTRAINT jobs_task_format CHECK (task ~ '^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$'),
@@ -76,7 +80,8 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
         on_dependency_failure IN ('cancel', 'run')),
     CONSTRAINT jobs_depends_on_valid CHECK (
         cardinality(depends_on) <= 1000
-        AND array_position(depends_on, NULL) IS NULL)
+        AND array_position(depends_on, NULL) IS NULL),
+    CONSTRAINT jobs_rate_key_length CHECK (char_length(rate_key) BETWEEN 1 AND 200)
 );
 
 COMMENT ON TABLE notifyq.jobs IS
@@ -108,6 +113,8 @@ COMMENT ON CONSTRAINT jobs_on_dependency_failure_valid ON notifyq.jobs IS
     'cancelled) or run (it runs once every dependency finished, however)';
 COMMENT ON CONSTRAINT jobs_depends_on_valid ON notifyq.jobs IS
     'depends_on: NULL or up to 1000 job ids, none of them NULL';
+COMMENT ON CONSTRAINT jobs_rate_key_length ON notifyq.jobs IS
+    'rate_key: NULL or 1-200 characters';
 
 -- Claimable rows, in claim order.  Partial, so finished rows cost nothing here.
 CREATE INDEX IF NOT EXISTS jobs_claim_idx
@@ -861,6 +868,93 @@ COMMENT ON CONSTRAINT periodic_priority_range ON notifyq.periodic IS
 COMMENT ON CONSTRAINT periodic_max_attempts_range ON notifyq.periodic IS
     'max_attempts: NULL (the task''s setting) or an integer from 1 to 1000';
 
+-- Rate limits
+
+-- At most per_second jobs a second start per rate_key, with bursts of up to
+-- `burst` at once.  The row whose rate_key is '*' applies to every key that has
+-- no row of its own, each key separately ("10 a second per tenant").  A key
+-- with neither is not limited.
+CREATE TABLE IF NOT EXISTS notifyq.rate_limits (
+    rate_key   text    PRIMARY KEY,
+    per_second float8  NOT NULL,
+    burst      integer NOT NULL DEFAULT 1,
+    CONSTRAINT rate_limits_per_second_range CHECK (per_second > 0 AND per_second <= 1000000),
+    CONSTRAINT rate_limits_burst_range CHECK (burst BETWEEN 1 AND 1000000)
+);
+COMMENT ON TABLE notifyq.rate_limits IS
+    'Rate limits: at most per_second job starts a second per rate_key, bursts of up to burst; '
+    'the row ''*'' applies to every key without a row of its own, each separately.';
+COMMENT ON CONSTRAINT rate_limits_per_second_range ON notifyq.rate_limits IS
+    'per_second: more than 0, at most 1000000';
+COMMENT ON CONSTRAINT rate_limits_burst_range ON notifyq.rate_limits IS
+    'burst: 1 to 1000000';
+
+-- Per key, the generic cell rate algorithm's "theoretical arrival time": the
+-- next start is on time once now() >= tat - (burst - 1) / per_second.  Written
+-- only by notifyq.rate_admit, under the row's lock.
+CREATE TABLE IF NOT EXISTS notifyq.rate_state (
+    rate_key text        PRIMARY KEY,
+    tat      timestamptz NOT NULL
+);
+COMMENT ON TABLE notifyq.rate_state IS
+    'Internal to the rate limits (notifyq.rate_admit): read it, do not write it.';
+
+-- The claim's rate check.  `ids` and `keys` are the claim's candidates that have
+-- a rate_key and hold no slot yet, in claim order.  Returns the ones that may not
+-- start now, each with the slot it gets: the claim moves their run_at there and
+-- marks them rate_reserved, so they start at that time without queueing behind
+-- the check again, and no dispatcher has to poll for them.  Keys are locked in
+-- sorted order (rate_state's row lock, until the claim commits); each key's state
+-- is read in a statement of its own (VOLATILE), so it sees every claim committed
+-- before.  Keys without a limit are admitted as they are.
+CREATE OR REPLACE FUNCTION notifyq.rate_admit(ids bigint[], keys text[])
+RETURNS TABLE (id bigint, slot timestamptz)
+LANGUAGE plpgsql
+VOLATILE
+ROWS 1  -- few jobs are deferred per claim: the planner joins them by primary key
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    k text;
+    per float8;
+    size integer;
+    step interval;
+    tolerance interval;
+    next_at timestamptz;
+    job bigint;
+BEGIN
+    FOR k IN SELECT DISTINCT u.key FROM unnest(keys) AS u(key) ORDER BY 1 LOOP
+        SELECT l.per_second, l.burst INTO per, size
+        FROM notifyq.rate_limits l
+        WHERE l.rate_key IN (k, '*')
+        ORDER BY l.rate_key = k DESC
+        LIMIT 1;
+        CONTINUE WHEN NOT FOUND;
+        INSERT INTO notifyq.rate_state AS s (rate_key, tat) VALUES (k, '-infinity')
+        ON CONFLICT (rate_key) DO NOTHING;
+        SELECT s.tat INTO next_at FROM notifyq.rate_state s WHERE s.rate_key = k FOR UPDATE;
+        step := make_interval(secs => 1.0 / per);
+        tolerance := step * (size - 1);
+        FOR job IN
+            SELECT u.id FROM unnest(ids, keys) WITH ORDINALITY AS u(id, key, n)
+            WHERE u.key = k ORDER BY u.n
+        LOOP
+            next_at := greatest(next_at, now());
+            IF next_at - tolerance > now() THEN
+                id := job;
+                slot := next_at - tolerance;
+                RETURN NEXT;
+            END IF;
+            next_at := next_at + step;
+        END LOOP;
+        UPDATE notifyq.rate_state s SET tat = next_at WHERE s.rate_key = k;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION notifyq.rate_admit(bigint[], text[]) IS
+    'Internal to the claim: which of these rate-keyed candidates may not start now, and the '
+    'slot each gets (notifyq.rate_limits, per key, across all dispatchers).';
+
 -- Trigger functions need no EXECUTE privilege to fire; nobody calls them directly.
 REVOKE EXECUTE ON FUNCTION notifyq.notify_inserted() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_status_changed() FROM PUBLIC;
@@ -876,7 +970,8 @@ REVOKE EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) FROM P
 REVOKE EXECUTE ON FUNCTION notifyq.record_history() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.set_history(boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.claim_room(text, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.rate_admit(bigint[], text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
-INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT (version) DO NOTHING;
+INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT (version) DO NOTHING;

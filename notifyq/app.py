@@ -216,6 +216,7 @@ class App:
         run_at: datetime | None = None,
         max_attempts: int | None = None,
         dedupe_key: str | None = None,
+        rate_key: str | None = None,
         depends_on: Iterable[int] | None = None,
         on_dependency_failure: str = "cancel",
         conn: psycopg.AsyncConnection[Any] | None = None,
@@ -224,6 +225,8 @@ class App:
 
         With `conn`, the INSERT joins that connection's open transaction: the
         job exists only if it commits.  Without, it commits on its own.
+
+        With `rate_key`, the job shares the rate limit of that key (notifyq.rate_limits).
 
         With `dedupe_key`, while a job with the same key is unfinished (queued,
         running or waiting for a retry) nothing is inserted and that job's id is
@@ -243,6 +246,7 @@ class App:
             run_at=run_at,
             max_attempts=max_attempts,
             dedupe_key=dedupe_key,
+            rate_key=rate_key,
             depends_on=depends_on,
             on_dependency_failure=on_dependency_failure,
         )
@@ -261,6 +265,7 @@ class App:
         run_at: datetime | None = None,
         max_attempts: int | None = None,
         dedupe_key: str | None = None,
+        rate_key: str | None = None,
         depends_on: Iterable[int] | None = None,
         on_dependency_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
@@ -276,6 +281,7 @@ class App:
             run_at=run_at,
             max_attempts=max_attempts,
             dedupe_key=dedupe_key,
+            rate_key=rate_key,
             depends_on=depends_on,
             on_dependency_failure=on_dependency_failure,
         )
@@ -295,6 +301,7 @@ class App:
         max_attempts: int | None = None,
         depends_on: Iterable[int] | None = None,
         on_dependency_failure: str = "cancel",
+        rate_key: str | None = None,
         conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[int]:
         """Insert one job of `task` per payload, all in one transaction; their ids, in order.
@@ -304,7 +311,7 @@ class App:
         With `conn`, the jobs join that connection's open transaction.
         """
         options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
-        job, encoded = self._many(task, payloads, *options)
+        job, encoded = self._many(task, payloads, *options, rate_key)
         if not encoded:
             return []
         return await store.enqueue_many(conn or await self._async_connection(), job, encoded)
@@ -321,11 +328,12 @@ class App:
         max_attempts: int | None = None,
         depends_on: Iterable[int] | None = None,
         on_dependency_failure: str = "cancel",
+        rate_key: str | None = None,
         conn: psycopg.Connection[Any] | None = None,
     ) -> list[int]:
         """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
         options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
-        job, encoded = self._many(task, payloads, *options)
+        job, encoded = self._many(task, payloads, *options, rate_key)
         if not encoded:
             return []
         if conn is not None:
@@ -350,6 +358,7 @@ class App:
         max_attempts: int | None,
         depends_on: Iterable[int] | None,
         on_dependency_failure: str,
+        rate_key: str | None,
     ) -> tuple[store.NewJob, list[str]]:
         job = enqueue.build(
             self.registry,
@@ -362,6 +371,7 @@ class App:
             max_attempts=max_attempts,
             depends_on=depends_on,
             on_dependency_failure=on_dependency_failure,
+            rate_key=rate_key,
         )
         return job, enqueue.encode_all(payloads)
 

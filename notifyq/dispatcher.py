@@ -19,6 +19,10 @@ until a status notification says a job of such a queue finished (or the next
 poll), notifications naming only full queues wake nothing: a flood of inserts
 into a capped queue does not turn into a flood of empty claims.
 
+A candidate whose rate_key is over its rate limit (notifyq.rate_limits) is not
+started but given its slot as run_at; the claim's timer (next_in) includes the
+earliest slot, so nothing polls for it.
+
 Any role can NOTIFY any channel, so notifications are never trusted: claims
 that a notification alone caused and that found nothing draw on a token
 bucket (a burst, then a steady rate), which bounds what a flood of forged
@@ -37,7 +41,7 @@ import anyio
 
 from .errors import DatabaseUnavailable
 from .job import Job
-from .store import Store
+from .store import Claim, Store
 
 log = logging.getLogger("notifyq.dispatcher")
 
@@ -108,6 +112,7 @@ class Dispatcher:
         self.running = 0  # claimed and handed to the pool, not finished
         self.claims = 0
         self.claimed = 0
+        self.deferred = 0  # candidates a rate limit moved to a later slot
         self.polls_with_work = 0
         self.empty_notified_claims = 0  # a flood of forged notifications would show here
         self.passes = 0  # loop iterations: a busy loop would show here
@@ -174,7 +179,7 @@ class Dispatcher:
                 refill_by = None
                 limit = min(free, self._batch_size)
                 try:
-                    jobs, next_in, self.full = await self._claim(limit)
+                    jobs, next_in, self.full, deferred = await self._claim(limit)
                     failures = 0
                 except DatabaseUnavailable as exc:
                     failures += 1
@@ -185,7 +190,9 @@ class Dispatcher:
                     continue
                 next_poll = clock() + self._jittered_poll()
                 next_due = clock() + max(next_in, 0.0) if next_in is not None else math.inf
-                more_waiting = more_waiting_full = len(jobs) == limit
+                # Candidates deferred by a rate limit took places in this claim: ready
+                # jobs behind them may be waiting.
+                more_waiting = more_waiting_full = len(jobs) + deferred == limit
                 if notified_only and not jobs:
                     budget.spend(clock())
                     self.empty_notified_claims += 1
@@ -204,7 +211,7 @@ class Dispatcher:
             else:
                 await self._sleep(min(next_poll, next_due) - now)
 
-    async def _claim(self, limit: int) -> tuple[list[Job], float | None, frozenset[str]]:
+    async def _claim(self, limit: int) -> Claim:
         if self._orphans_possible:
             released = await self._store.release_orphans(self._claimant, self._held_ids())
             self._orphans_possible = False
@@ -216,8 +223,8 @@ class Dispatcher:
             self._orphans_possible = True
             raise
 
-    async def _claim_once(self, limit: int) -> tuple[list[Job], float | None, frozenset[str]]:
-        jobs, next_in, full = await self._store.claim(
+    async def _claim_once(self, limit: int) -> Claim:
+        claim = await self._store.claim(
             queues=self._queues,
             limit=limit,
             claimant=self._claimant,
@@ -226,9 +233,10 @@ class Dispatcher:
             default_max_attempts=self._default_max_attempts,
         )
         self.claims += 1
-        self.claimed += len(jobs)
-        if jobs and log.isEnabledFor(logging.DEBUG):
-            for job in jobs:
+        self.claimed += len(claim.jobs)
+        self.deferred += claim.deferred
+        if claim.jobs and log.isEnabledFor(logging.DEBUG):
+            for job in claim.jobs:
                 log.debug(
                     "claimed job=%s task=%s queue=%s attempt=%s/%s",
                     job.id,
@@ -237,7 +245,7 @@ class Dispatcher:
                     job.attempt,
                     job.max_attempts,
                 )
-        return jobs, next_in, full
+        return claim
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep until the timeout or any signal, whichever comes first."""

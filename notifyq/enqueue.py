@@ -37,6 +37,7 @@ def build(
     run_at: datetime | None,
     max_attempts: int | None,
     dedupe_key: str | None = None,
+    rate_key: str | None = None,
     depends_on: Iterable[int] | None = None,
     on_dependency_failure: str = "cancel",
 ) -> store.NewJob:
@@ -59,6 +60,8 @@ def build(
         raise InvalidJob(f"delay must be from 0 to {MAX_DELAY:.0f} seconds (10 years), got {delay}")
     if run_at is not None and run_at.tzinfo is None:
         raise InvalidJob("run_at must be timezone-aware (naive datetimes are ambiguous)")
+    if rate_key is not None and not (isinstance(rate_key, str) and 1 <= len(rate_key) <= 200):
+        raise InvalidJob(f"rate_key must be a string of 1 to 200 characters, got {rate_key!r}")
     if dedupe_key is not None and not (
         isinstance(dedupe_key, str) and 1 <= len(dedupe_key) <= MAX_DEDUPE_KEY
     ):
@@ -77,6 +80,7 @@ def build(
         if max_attempts is not None
         else (known.max_attempts if known is not None else None),
         dedupe_key=dedupe_key,
+        rate_key=rate_key,
         depends_on=dependencies(depends_on),
         on_dependency_failure=failure_policy(on_dependency_failure),
     )

@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any, LiteralString
+from typing import Any, LiteralString, NamedTuple
 
 import anyio
 import psycopg
@@ -147,12 +147,14 @@ class NewJob:
     run_at: Any
     max_attempts: int | None
     dedupe_key: str | None = None
+    rate_key: str | None = None
     depends_on: list[int] | None = None
     on_dependency_failure: str = "cancel"
 
     def params(self) -> dict[str, Any]:
         return {
             "dedupe_key": self.dedupe_key,
+            "rate_key": self.rate_key,
             "task": self.task,
             "payload": self.payload_json,
             "queue": self.queue,
@@ -331,6 +333,15 @@ class Outcome:
     result: str | None = None  # JSON text the handler returned (succeeded only)
 
 
+class Claim(NamedTuple):
+    """What one claim statement returned."""
+
+    jobs: list[Job]
+    next_in: float | None  # seconds until the next scheduled job (or rate slot) of our queues
+    full: frozenset[str]  # served queues at their concurrency cap (notifyq.queue_limits)
+    deferred: int  # candidates the rate limits gave a later slot instead of starting now
+
+
 class Store:
     """One autocommit connection for one role, reopened on the next call after a failure."""
 
@@ -401,9 +412,8 @@ class Store:
         lease: float,
         task_max_attempts: dict[str, int],
         default_max_attempts: int,
-    ) -> tuple[list[Job], float | None, frozenset[str]]:
-        """Claim up to `limit` jobs; also returns seconds until the next scheduled job, and
-        which of `queues` are at their concurrency cap (notifyq.queue_limits)."""
+    ) -> Claim:
+        """Claim up to `limit` jobs (see `Claim` for what else the statement tells)."""
         rows = await self._run(
             "claim",
             failpoint="claim-before-commit",
@@ -419,11 +429,11 @@ class Store:
         )
         jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5], r[7]) for r in rows if r[0] is not None]
         last = next((r for r in rows if r[0] is None), None)
-        next_in = last[6] if last is not None else None
-        full = frozenset(last[8] or ()) if last is not None else frozenset()
         if failpoints.ACTIVE and jobs:
             failpoints.hit("claim-after-commit")
-        return jobs, next_in, full
+        if last is None:
+            return Claim(jobs, None, frozenset(), 0)
+        return Claim(jobs, last[6], frozenset(last[8] or ()), last[9] or 0)
 
     async def complete(self, outcomes: Sequence[Outcome], claimant: str) -> set[int]:
         """Write outcomes; returns the ids that applied (the rest lost their claim)."""

@@ -79,7 +79,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 13
+    assert len(comments) == 14
     for name, comment in comments.items():
         assert comment, name
 

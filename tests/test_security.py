@@ -347,6 +347,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "lock_job",
         "purge",
         "purge_batch",
+        "rate_admit",
         "retry_dead",
         "retry_job",
         "set_history",

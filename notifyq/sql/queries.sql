@@ -6,10 +6,10 @@
 -- Insert one job; NULL arguments fall back to the column defaults.  With
 -- depends_on, the schema's trigger sets the status (waiting, queued, cancelled).
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure)
+                          on_dependency_failure, rate_key)
 VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
-        %(depends_on)s::bigint[], %(on_dependency_failure)s)
+        %(depends_on)s::bigint[], %(on_dependency_failure)s, %(rate_key)s::text)
 RETURNING id;
 
 -- name: enqueue_deduped
@@ -18,10 +18,11 @@ RETURNING id;
 -- means the holder committed after this statement's snapshot: run it again.
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                              on_dependency_failure, dedupe_key)
+                              on_dependency_failure, dedupe_key, rate_key)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
-            %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s)
+            %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
+            %(rate_key)s::text)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
@@ -38,11 +39,12 @@ WHERE NOT EXISTS (SELECT FROM inserted)
 -- drawn in ORDINALITY order, so the caller sorts the returned ids into the
 -- payloads' order.  Casts are explicit: a NULL parameter has no type here.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure)
+                          on_dependency_failure, rate_key)
 SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
        coalesce(%(run_at)s::timestamptz,
                 now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
-       %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text
+       %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text,
+       %(rate_key)s::text
 FROM pg_catalog.unnest(%(payloads)s::text[]) WITH ORDINALITY AS p (payload, n)
 ORDER BY p.n
 RETURNING id;
@@ -64,17 +66,22 @@ RETURNING id;
 -- Each queue gives at most its room (notifyq.claim_room: %(limit)s when it has
 -- no cap); rooms is MATERIALIZED so each is asked once, in the (sorted) order
 -- of %(queues)s, which is the order capped queues are locked in.
+-- Candidates with a rate_key and no slot yet go through notifyq.rate_admit
+-- (only when there are any: the one-time filter keeps the call off the common
+-- path); those it defers get their slot as run_at instead of starting, and the
+-- dispatcher's timer covers the earliest slot.
 WITH rooms AS MATERIALIZED (
     SELECT q.name, notifyq.claim_room(q.name, %(limit)s) AS room
     FROM unnest(%(queues)s::text[]) AS q(name)
 ), candidates AS MATERIALIZED (
-    SELECT c.id
+    SELECT c.id, c.rate_key, c.rate_reserved,
+           row_number() OVER (ORDER BY c.turn, c.priority DESC, c.run_at, c.id) AS ord
     FROM rooms AS q
     CROSS JOIN LATERAL (
-        SELECT l.id, l.priority, l.run_at,
+        SELECT l.id, l.priority, l.run_at, l.rate_key, l.rate_reserved,
                row_number() OVER (ORDER BY l.priority DESC, l.run_at, l.id) AS turn
         FROM (
-            SELECT j.id, j.priority, j.run_at
+            SELECT j.id, j.priority, j.run_at, j.rate_key, j.rate_reserved
             FROM notifyq.jobs j
             WHERE j.status = 'queued' AND j.queue = q.name AND j.run_at <= now()
             ORDER BY j.priority DESC, j.run_at, j.id
@@ -84,6 +91,20 @@ WITH rooms AS MATERIALIZED (
     ) AS c
     ORDER BY c.turn, c.priority DESC, c.run_at, c.id
     LIMIT %(limit)s
+), deferrals AS MATERIALIZED (
+    SELECT a.id, a.slot
+    FROM notifyq.rate_admit(
+        ARRAY(SELECT c.id FROM candidates c
+              WHERE c.rate_key IS NOT NULL AND NOT c.rate_reserved ORDER BY c.ord),
+        ARRAY(SELECT c.rate_key FROM candidates c
+              WHERE c.rate_key IS NOT NULL AND NOT c.rate_reserved ORDER BY c.ord)) AS a
+    WHERE EXISTS (SELECT FROM candidates c WHERE c.rate_key IS NOT NULL AND NOT c.rate_reserved)
+), deferred AS (
+    UPDATE notifyq.jobs j
+    SET run_at = d.slot, rate_reserved = true
+    FROM deferrals d
+    WHERE j.id = d.id
+    RETURNING j.id
 ), claimed AS (
     UPDATE notifyq.jobs j
     SET status = 'running',
@@ -91,6 +112,7 @@ WITH rooms AS MATERIALIZED (
         started_at = now(),
         claimed_by = %(claimant)s,
         lease_expires_at = now() + make_interval(secs => %(lease)s),
+        rate_reserved = false,
         max_attempts = coalesce(
             j.max_attempts,
             (SELECT t.max_attempts
@@ -99,23 +121,27 @@ WITH rooms AS MATERIALIZED (
              WHERE t.name = j.task),
             %(default_max_attempts)s)
     FROM candidates c
-    WHERE j.id = c.id
+    WHERE j.id = c.id AND NOT EXISTS (SELECT FROM deferrals d WHERE d.id = c.id)
     RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint
 )
 SELECT id, queue, task, payload, attempts, max_attempts, NULL::float8 AS next_in, checkpoint,
-       NULL::text[] AS full_queues
+       NULL::text[] AS full_queues, NULL::bigint AS deferred
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL,
-       (SELECT extract(epoch FROM j.run_at - clock_timestamp())::float8
-        FROM notifyq.jobs j
-        WHERE j.status = 'queued' AND j.run_at > now() AND j.queue = ANY(%(queues)s::text[])
-        ORDER BY j.run_at
-        LIMIT 1),
+       (SELECT extract(epoch FROM least(
+                   (SELECT min(d.slot) FROM deferrals d),
+                   (SELECT j.run_at
+                    FROM notifyq.jobs j
+                    WHERE j.status = 'queued' AND j.run_at > now()
+                      AND j.queue = ANY(%(queues)s::text[])
+                    ORDER BY j.run_at
+                    LIMIT 1)) - clock_timestamp())::float8),
        NULL,
        (SELECT array_agg(r.name) FROM rooms r
         WHERE r.room < %(limit)s
-          AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name));
+          AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name)),
+       (SELECT count(*) FROM deferred);
 
 -- name: complete
 -- Write a batch of outcomes at once.  Fenced: a row changes only while it is
@@ -485,8 +511,8 @@ LIMIT %(limit)s;
 -- notifyq jobs show: every column of one job.
 SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
        created_at, started_at, finished_at, claimed_by, lease_expires_at, depends_on,
-       on_dependency_failure, progress, progress_message, payload, checkpoint, result,
-       last_error
+       on_dependency_failure, rate_key, rate_reserved, progress, progress_message, payload,
+       checkpoint, result, last_error
 FROM notifyq.jobs
 WHERE id = %(id)s;
 

@@ -53,16 +53,16 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- Awaiting results (App.wait) reads them: that is the worker role's right.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
 GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, depends_on,
-    on_dependency_failure) ON notifyq.jobs TO {producer};
+    on_dependency_failure, rate_key) ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
 -- UPDATE on jobs), its row in the dispatcher registry, the periodic schedules
 -- (its app's definitions, and advancing them as it enqueues), the schema version
--- check, the monitoring views; the status history; the concurrency caps (read
--- by every claim through notifyq.claim_room); retention (notifyq.purge_batch,
--- which deletes as the owner, finished jobs only); and, as a member of the
--- producer role, enqueues from handlers.  No DELETE on jobs (whole purges are
+-- check, the monitoring views; the status history; the concurrency caps and
+-- rate limits (read by every claim through notifyq.claim_room and rate_admit);
+-- retention (notifyq.purge_batch, which deletes as the owner, finished jobs
+-- only); and, as a member of the producer role, enqueues from handlers.  No DELETE on jobs (whole purges are
 -- the owner's), no DDL.
 GRANT USAGE ON SCHEMA notifyq TO {worker};
 GRANT SELECT, UPDATE ON notifyq.jobs TO {worker};
@@ -70,6 +70,9 @@ GRANT SELECT ON notifyq.job_history TO {worker};
 GRANT EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) TO {worker};
 GRANT SELECT ON notifyq.queue_limits TO {worker};
 GRANT EXECUTE ON FUNCTION notifyq.claim_room(text, integer) TO {worker};
+GRANT SELECT ON notifyq.rate_limits TO {worker};
+GRANT SELECT, INSERT, UPDATE ON notifyq.rate_state TO {worker};
+GRANT EXECUTE ON FUNCTION notifyq.rate_admit(bigint[], text[]) TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {worker};
 -- Periodic jobs: each dispatcher defines its app's schedules and advances them.
 GRANT SELECT, INSERT, UPDATE ON notifyq.periodic TO {worker};
