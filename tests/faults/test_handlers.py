@@ -83,13 +83,20 @@ def test_a_handler_blocking_the_event_loop_does_not_cost_other_jobs_their_lease(
 def test_an_unserializable_return_value_does_not_harm_the_dispatcher(
     ledger_dsn: str, tmp_path: Path
 ) -> None:
+    """Results are stored, so a value JSON cannot hold fails its own job (dead at once: the
+    next attempt would return the same) and nothing else."""
     dsn = ledger_dsn
     with serve_process(dsn, app=APP, log=tmp_path / "serve.log") as p:
-        insert(dsn, "bad.unserializable")
+        bad = insert(dsn, "bad.unserializable")
         insert(dsn, "ok.record")
-        wait_until(lambda: statuses(dsn) == {"succeeded": 2}, message="both to succeed")
+        wait_until(
+            lambda: statuses(dsn) == {"succeeded": 1, "dead": 1},
+            message="the good job to succeed and the bad one to die",
+        )
         assert p.poll() is None
     assert len(events(dsn, "ran")) == 2
+    (error,) = query(dsn, "SELECT last_error FROM notifyq.jobs WHERE id = %s", bad)[0]
+    assert error.startswith("ResultError: task 'bad.unserializable' returned a value that cannot")
 
 
 def test_a_poison_job_that_kills_its_process_ends_dead_without_a_crash_loop(
