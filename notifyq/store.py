@@ -345,10 +345,13 @@ class Claim(NamedTuple):
 class Store:
     """One autocommit connection for one role, reopened on the next call after a failure."""
 
-    def __init__(self, dsn: str, role: str, *, prepare: bool = True) -> None:
+    def __init__(
+        self, dsn: str, role: str, *, prepare: bool = True, generic_plans: bool = False
+    ) -> None:
         self._dsn = dsn
         self._role = role
         self._prepare = prepare
+        self._generic_plans = generic_plans
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._connecting = anyio.Lock()
 
@@ -358,9 +361,22 @@ class Store:
             # probe): one connects, the other waits for that connection.
             async with self._connecting:
                 if self._conn is None or self._conn.closed:
-                    self._conn = await connect(
+                    conn = await connect(
                         self._dsn, application_name=f"notifyq:{self._role}", prepare=self._prepare
                     )
+                    if self._generic_plans and self._prepare:
+                        # The claim is one long statement over a table with many indexes:
+                        # planning it anew for every execution (PostgreSQL keeps choosing
+                        # custom plans for it) cost about as much as running it.  Its plan
+                        # does not depend on the parameters' values (tests/test_plans.py
+                        # checks the generic one), so a prepared claim is planned once.
+                        try:
+                            with translated(self._dsn):
+                                await conn.execute("SET plan_cache_mode = force_generic_plan")
+                        except BaseException:
+                            await conn.close()
+                            raise
+                    self._conn = conn
                     log.debug("connected role=%s", self._role)
         return self._conn
 

@@ -116,7 +116,8 @@ class Worker:
         self.notifications = 0  # wake-ups by a notification naming a served queue
         # Poll-only mode is for poolers in transaction mode: no prepared statements there.
         self._stores = [
-            store.Store(dsn, role, prepare=settings.listen) for role in ("claim", "complete")
+            store.Store(dsn, "claim", prepare=settings.listen, generic_plans=True),
+            store.Store(dsn, "complete", prepare=settings.listen),
         ]
         claim_store, complete_store = self._stores
         self.reports = Reports(claim_store, self.claimant)

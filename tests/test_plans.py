@@ -73,7 +73,9 @@ def big_dsn(dsn: str) -> str:
     return dsn
 
 
-def test_claim_uses_the_claim_index_and_the_schedule_index(big_dsn: str) -> None:
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_claim_uses_the_claim_index_and_the_schedule_index(big_dsn: str, generic: bool) -> None:
+    # generic: what the dispatcher runs (its claim connection forces generic plans).
     nodes = explain(
         big_dsn,
         "claim",
@@ -86,6 +88,7 @@ def test_claim_uses_the_claim_index_and_the_schedule_index(big_dsn: str) -> None
             "task_max_attempts": [3],
             "default_max_attempts": 5,
         },
+        generic=generic,
     )
     found = scans(nodes)
     assert ("Index Scan", "jobs_claim_idx") in found

@@ -1,0 +1,78 @@
+"""How long one single-job claim statement takes, planning included.
+
+    python -m benchmarks.claim_timing --dsn postgresql://postgres@127.0.0.1:5432/postgres \
+        [--generic]
+
+Creates a scratch database (`notifyq_claim_timing`), then 1,500 times: inserts one job,
+times the dispatcher's claim statement (prepared, as the dispatcher runs it) and completes
+the job.  Prints the median claim and completion times of the last 1,300.  `--generic`
+sets plan_cache_mode = force_generic_plan on the connection, as the dispatcher's claim
+connection does.  Drops the database at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from notifyq import migrate
+from notifyq.store import QUERIES
+
+NAME = "notifyq_claim_timing"
+ROUNDS, WARMUP = 1500, 200
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn", required=True, help="a server where this role may CREATEDB")
+    parser.add_argument("--generic", action="store_true", help="force generic plans")
+    args = parser.parse_args()
+    with psycopg.connect(args.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {NAME}")
+    try:
+        dsn = make_conninfo(args.dsn, dbname=NAME)
+        migrate.migrate(dsn)
+        claims: list[float] = []
+        completions: list[float] = []
+        claim = dict(
+            queues=["default"],
+            limit=10,
+            claimant="bench:1",
+            lease=30.0,
+            task_names=["t"],
+            task_max_attempts=[3],
+            default_max_attempts=3,
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            if args.generic:
+                conn.execute("SET plan_cache_mode = force_generic_plan")
+            for _ in range(ROUNDS):
+                conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('t')")
+                start = time.perf_counter()
+                rows = conn.execute(QUERIES["claim"], claim, prepare=True).fetchall()
+                claims.append(time.perf_counter() - start)
+                ids = [row[0] for row in rows if row[0] is not None]
+                start = time.perf_counter()
+                conn.execute(
+                    QUERIES["complete_succeeded"],
+                    {"ids": ids, "attempts": [1] * len(ids), "claimant": "bench:1"},
+                    prepare=True,
+                )
+                completions.append(time.perf_counter() - start)
+        print(
+            f"{'generic' if args.generic else 'custom'} plans: claim median "
+            f"{statistics.median(claims[WARMUP:]) * 1e6:,.0f} µs, completion median "
+            f"{statistics.median(completions[WARMUP:]) * 1e6:,.0f} µs"
+        )
+    finally:
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
+
+
+if __name__ == "__main__":
+    main()
