@@ -3,7 +3,7 @@
     python -m benchmarks.claim_timing --dsn postgresql://postgres@127.0.0.1:5432/postgres \
         [--generic]
 
-Creates a scratch database (`notifyq_claim_timing`), then 1,500 times: inserts one job,
+Creates a scratch database, then 1,500 times: inserts one job,
 times the dispatcher's claim statement (prepared, as the dispatcher runs it) and completes
 the job.  Prints the median claim and completion times of the last 1,300.  `--generic`
 sets plan_cache_mode = force_generic_plan on the connection, as the dispatcher's claim
@@ -17,12 +17,12 @@ import statistics
 import time
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
 from notifyq import migrate
 from notifyq.store import QUERIES
 
-NAME = "notifyq_claim_timing"
+from .server import fresh_database
+
 ROUNDS, WARMUP = 1500, 200
 
 
@@ -31,11 +31,7 @@ def main() -> None:
     parser.add_argument("--dsn", required=True, help="a server where this role may CREATEDB")
     parser.add_argument("--generic", action="store_true", help="force generic plans")
     args = parser.parse_args()
-    with psycopg.connect(args.dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {NAME}")
-    try:
-        dsn = make_conninfo(args.dsn, dbname=NAME)
+    with fresh_database(args.dsn) as dsn:
         migrate.migrate(dsn)
         claims: list[float] = []
         completions: list[float] = []
@@ -69,9 +65,6 @@ def main() -> None:
             f"{statistics.median(claims[WARMUP:]) * 1e6:,.0f} µs, completion median "
             f"{statistics.median(completions[WARMUP:]) * 1e6:,.0f} µs"
         )
-    finally:
-        with psycopg.connect(args.dsn, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
 
 
 if __name__ == "__main__":
