@@ -191,3 +191,18 @@ async def test_draining_a_backlog_costs_few_round_trips_per_job(
     assert completes <= jobs / 10, calls
     per_job = (calls["claim"] + completes) / jobs
     print(f"round trips per job: {per_job:.3f} ({dict(calls)})")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("prepare", "expected"), [(True, "force_generic_plan"), (False, "auto")])
+async def test_the_claim_connection_plans_once_unless_it_prepares_nothing(
+    dsn: str, prepare: bool, expected: str
+) -> None:
+    # Without prepared statements (--no-listen, poolers) a generic plan would never be reused.
+    claim_store = store.Store(dsn, "claim", prepare=prepare, generic_plans=True)
+    try:
+        conn = await claim_store._connection()
+        cur = await conn.execute("SHOW plan_cache_mode")
+        assert await cur.fetchone() == (expected,)
+    finally:
+        await claim_store.close()
