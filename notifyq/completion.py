@@ -22,6 +22,7 @@ from collections.abc import Callable
 import anyio
 
 from .errors import DatabaseUnavailable, DoNotRetry, NotifyqError
+from .ledger import Attempt, Ledger
 from .store import Outcome, Store
 from .worker_pool import Finished, UnknownTask
 
@@ -86,10 +87,12 @@ class Completer:
         self,
         store: Store,
         claimant: str,
-        on_written: Callable[[set[tuple[int, int]]], None],
+        ledger: Ledger,
+        on_written: Callable[[], None],
     ) -> None:
         self._store = store
         self._claimant = claimant
+        self._ledger = ledger  # attempts leave it once their outcome is written
         self._on_written = on_written
         self._outcomes: list[Outcome] = []
         self._handed: list[tuple[int, int]] = []  # (job id, attempt) to hand back
@@ -108,7 +111,7 @@ class Completer:
                 "cancelled job=%s task=%s attempt=%s: interrupted", job.id, job.task, job.attempt
             )
             self.decided["cancelled"] += 1
-            self._on_written({(job.id, job.attempt)})
+            self._release({(job.id, job.attempt)})
             return
         if finished.interrupted:
             self._handed.append((finished.job.id, finished.job.attempt))
@@ -164,9 +167,11 @@ class Completer:
         if self._outcomes:
             batch = self._outcomes[:MAX_BATCH]
             pairs = {(o.job_id, o.attempt) for o in batch}
+            self._ledger.writing(pairs)
             try:
                 applied = await self._store.complete(batch, self._claimant)
             except DatabaseUnavailable:
+                self._ledger.unwritten(pairs)
                 raise
             except NotifyqError as exc:
                 del self._outcomes[: len(batch)]
@@ -176,9 +181,11 @@ class Completer:
                 self._account(pairs, applied, "completion")
         if self._handed:
             handed = self._handed[:MAX_BATCH]
+            self._ledger.writing(handed)
             try:
                 applied = await self._store.hand_back(handed, self._claimant)
             except DatabaseUnavailable:
+                self._ledger.unwritten(handed)
                 raise
             except NotifyqError as exc:
                 del self._handed[: len(handed)]
@@ -189,16 +196,20 @@ class Completer:
                 if applied:
                     log.info("handed back %d unfinished jobs to the queue", len(applied))
 
-    def _give_up(self, pairs: set[tuple[int, int]], exc: NotifyqError) -> None:
+    def _release(self, pairs: set[Attempt]) -> None:
+        self._ledger.written(pairs)
+        self._on_written()
+
+    def _give_up(self, pairs: set[Attempt], exc: NotifyqError) -> None:
         # Released from what we hold, their leases lapse and the rescuer runs them again.
         log.error(
             "could not write outcomes of jobs %s (%s); leaving them to the rescuer",
             sorted(job_id for job_id, _ in pairs),
             exc,
         )
-        self._on_written(pairs)
+        self._release(pairs)
 
-    def _account(self, pairs: set[tuple[int, int]], applied: set[int], what: str) -> None:
+    def _account(self, pairs: set[Attempt], applied: set[int], what: str) -> None:
         lost = sorted(job_id for job_id, _ in pairs if job_id not in applied)
         self.written += len(pairs) - len(lost)
         self.fenced += len(lost)
@@ -209,4 +220,4 @@ class Completer:
                 what,
                 job_id,
             )
-        self._on_written(pairs)
+        self._release(pairs)

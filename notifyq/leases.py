@@ -1,11 +1,20 @@
-"""Keep our leases alive; rescue the jobs of dispatchers that stopped keeping theirs.
+"""Keep our leases alive; rescue the jobs of dispatchers that died.
 
 A running job carries `lease_expires_at`, set by the claim.  While we hold a
 job (from claim until its outcome is written) this dispatcher renews the
-lease every `heartbeat` seconds in one statement for all of them.  Every
-`rescue_interval` seconds it also re-queues any job whose lease expired,
-whoever claimed it: that dispatcher was killed or lost the database.  All
-times are the database's clock (`now()` in SQL), never this host's.
+lease every `heartbeat` seconds in one statement for all of them.
+
+Rescue (notifyq.rescue_jobs) finds lost jobs two ways.  A dispatcher that
+listens holds a liveness lock on its listening connection; PostgreSQL frees
+it the moment that session dies, and once a rescuer has seen it free for
+SESSION_GRACE the dead dispatcher's running jobs are queued again: a kill -9
+costs seconds, whatever the lease.  The lease is the backstop for what a
+session cannot show (a frozen process whose socket is open, a partition the
+server has not noticed, a pooler): any job whose lease expired is re-queued.
+The sweep runs every `rescue_interval` seconds, and every FAST_SWEEP seconds
+while other dispatchers with a liveness lock run jobs (the last sweep saw
+some, or the status channel announced activity: `poke`).  All times are the
+database's clock (`now()` in SQL), never this host's.
 
 The keeper runs in a thread of its own, with its own event loop and
 connection: an `async def` handler that blocks the dispatcher's loop (a
@@ -35,9 +44,21 @@ from typing import Any
 import anyio
 
 from .errors import DatabaseUnavailable, NotifyqError
+from .ledger import Ledger
 from .store import Store
 
 log = logging.getLogger("notifyq.leases")
+
+SESSION_GRACE = 2.0
+"""Seconds a dispatcher's liveness lock must stay free before its jobs are rescued: a
+live dispatcher whose connection dropped takes it back within a reconnect (at most
+listener.RECONNECT_CAP seconds of backoff)."""
+RESTART_GRACE = 5.0
+"""Seconds after the server (re)started during which no free liveness lock counts:
+every dispatcher is reconnecting then."""
+FAST_SWEEP = 0.5
+"""Seconds between two rescue sweeps while other dispatchers' sessions are watched: with
+SESSION_GRACE, a dead dispatcher's jobs are queued again about 3 s after it died."""
 
 
 class LeaseKeeper:
@@ -49,7 +70,7 @@ class LeaseKeeper:
         lease: float,
         heartbeat: float,
         rescue_interval: float,
-        held_ids: Callable[[], set[int]],
+        ledger: Ledger,
         loop_beat: Callable[[], float],
         max_stall: float,
         registration: dict[str, Any] | None = None,
@@ -59,7 +80,7 @@ class LeaseKeeper:
         self._lease = lease
         self._heartbeat = heartbeat
         self._rescue_interval = rescue_interval
-        self._held_ids = held_ids  # called from the keeper's thread: must be thread-safe
+        self._ledger = ledger  # thread-safe: the main loop changes it meanwhile
         self._loop_beat = loop_beat  # time.monotonic() of the main loop's last tick
         self._max_stall = max_stall
         # The registry row's fixed columns (claimant, host, pid, queues, concurrency, heartbeat).
@@ -71,6 +92,13 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self.rescued = 0
         self.failure: BaseException | None = None  # why the thread died, for the main loop
+        # time.monotonic() until which rescue sweeps run every FAST_SWEEP seconds.
+        self._watch_until = 0.0
+
+    def poke(self) -> None:
+        """Jobs changed status somewhere: sweep often for a while, in case their
+        dispatcher dies.  Called from the main loop; a float store, safe across threads."""
+        self._watch_until = time.monotonic() + self._lease
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="notifyq-leases", daemon=True)
@@ -104,19 +132,23 @@ class LeaseKeeper:
 
     async def run(self) -> None:
         clock = anyio.current_time
-        next_rescue = clock() + self._rescue_interval * random.uniform(0.5, 1.0)
+        next_rescue = clock()  # at start-up: the jobs of a dispatcher that died before us
         next_beat = clock()  # the first heartbeat registers this dispatcher at once
         failures = 0
         while True:
-            await anyio.sleep(max(0.0, min(next_rescue, next_beat) - clock()))
+            # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier.
+            await anyio.sleep(max(0.0, min(next_rescue, next_beat, clock() + FAST_SWEEP) - clock()))
+            if time.monotonic() < self._watch_until:
+                next_rescue = min(next_rescue, clock() + FAST_SWEEP)
             try:
                 if clock() >= next_beat:
                     await self.renew()
                     next_beat = clock() + self._heartbeat
                 if clock() >= next_rescue:
-                    await self.rescue()
+                    watched = await self.rescue()
+                    interval = FAST_SWEEP if watched else self._rescue_interval
                     # Jitter spreads many dispatchers' rescues apart.
-                    next_rescue = clock() + self._rescue_interval * random.uniform(0.8, 1.2)
+                    next_rescue = clock() + interval * random.uniform(0.8, 1.2)
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
@@ -150,24 +182,26 @@ class LeaseKeeper:
         return True
 
     async def renew(self) -> None:
-        ids = self._held_ids()
+        held = self._ledger.attempts()
         if not self._loop_alive():
             return  # neither leases nor the registry: a wedged process shows as lost
-        if ids:
-            renewed = await self._store.renew_leases(list(ids), self._claimant, self._lease)
-            # An outcome written meanwhile also drops out of `renewed`: only what we still
-            # hold is lost.
-            lost = (ids - renewed) & self._held_ids()
+        if held:
+            ids = {job_id for job_id, _ in held}
+            renewed = await self._store.renew_leases(ids, self._claimant, self._lease)
+            # Asked after the renewal: an outcome whose write began before it is no loss,
+            # though its row has left `running` (the ledger drops it only once written).
+            lost = self._ledger.still_expected(held - renewed)
             if lost:  # or merely locked at that moment: ask without waiting for the lock
-                lost -= await self._store.still_claimed(lost, self._claimant)
+                claimed = await self._store.still_claimed({i for i, _ in lost}, self._claimant)
+                lost = self._ledger.still_expected(lost - claimed)
             if lost:
                 log.warning(
-                    "lost the lease of jobs %s (rescued or cancelled elsewhere); their outcome "
-                    "will not be written",
-                    sorted(lost),
+                    "lost the lease of job attempts %s (rescued or cancelled elsewhere); "
+                    "their outcome will not be written",
+                    ", ".join(f"{job_id}#{attempt}" for job_id, attempt in sorted(lost)),
                 )
         if self._registration is not None:
-            await self._register(len(ids))
+            await self._register(len(held))
 
     async def _register(self, running: int) -> None:
         """The registry is for monitors: a failure there must never cost a lease."""
@@ -187,9 +221,13 @@ class LeaseKeeper:
             return
         self.beat_at = time.monotonic()
 
-    async def rescue(self) -> None:
-        rescued = await self._store.rescue()
-        if rescued:
-            self.rescued += len(rescued)
-            for job_id, status in rescued:
-                log.info("rescued job=%s (lease expired) -> %s", job_id, status)
+    async def rescue(self) -> int:
+        """One sweep; returns how many other dispatchers' sessions it watches."""
+        rescue = await self._store.rescue(
+            self._claimant, session_grace=SESSION_GRACE, restart_grace=RESTART_GRACE
+        )
+        self.rescued += len(rescue.jobs)
+        for job in rescue.jobs:
+            why = "its dispatcher's session ended" if job.cause == "session" else "lease expired"
+            log.info("rescued job=%s (%s) -> %s", job.job_id, why, job.status)
+        return rescue.watched

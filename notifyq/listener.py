@@ -12,6 +12,13 @@ cancelled, so the dispatcher can interrupt the handler if the job is one of
 its own (the payload names only the queue and the status: the dispatcher
 asks the table which of its jobs were cancelled).
 
+With `liveness`, the connection also holds the dispatcher's liveness lock
+(notifyq.rescue_jobs in schema.sql) for as long as it lives: this is the
+connection that notices a broken socket first, since it always waits on it,
+so a live dispatcher whose session dropped takes the lock back within a
+reconnect, long before rescuers give up on it.  Reconnects back off to at
+most RECONNECT_CAP seconds for that reason.
+
 After every LISTEN it also checks that notifications really arrive: another
 connection sends a probe, which must come back within PROBE_TIMEOUT.  Behind
 a pooler in transaction mode (PgBouncer) the LISTEN stays on a server
@@ -39,6 +46,8 @@ STATUS_CHANNEL = "notifyq_status"
 PROBE_PREFIX = "notifyq-probe:"  # ':' keeps it from ever naming a queue
 LIMIT_PREFIX = "limit:"  # notifyq.queue_limits changed for the queue that follows
 PROBE_TIMEOUT = 5.0
+RECONNECT_CAP = 2.0  # seconds: well inside the rescuers' grace for a lost session
+LIVENESS_TRIES = 20  # a rescuer holds the lock for one statement; the old session may linger
 LEFT_RUNNING = frozenset({"succeeded", "dead", "cancelled", "queued"})  # statuses after running
 
 
@@ -64,6 +73,8 @@ async def listen(
     ping_interval: float = 30.0,
     on_cancelled: Callable[[], None] | None = None,
     on_room: Callable[[set[str]], None] | None = None,
+    on_status: Callable[[], None] | None = None,
+    liveness: str | None = None,
 ) -> None:
     """Run until cancelled, reconnecting with capped, jittered backoff.
 
@@ -72,11 +83,13 @@ async def listen(
     `on_notify(queues)` runs once per batch of notifications naming served queues;
     `on_room(queues)` once per batch of status notifications saying jobs of served
     queues left `running`, or of cap changes (room under a concurrency cap);
-    `send_probe(payload)` must NOTIFY the channel from another connection.
+    `on_status()` once per batch of status notifications (jobs changed status
+    somewhere); `send_probe(payload)` must NOTIFY the channel from another connection;
+    `liveness`: the claimant whose liveness lock this connection holds.
     """
     served = frozenset(queues)
     channels = (CHANNEL,) if on_cancelled is None else (CHANNEL, STATUS_CHANNEL)
-    listener = Listener(dsn, *channels)
+    listener = Listener(dsn, *channels, liveness=liveness)
     failures = 0
     connects = 0
     try:
@@ -87,6 +100,8 @@ async def listen(
                     log.info("listener reconnected after %d failed attempts", failures)
                 failures = 0
                 connects += 1
+                if liveness is not None:
+                    await _hold_liveness(listener)
                 if failpoints.ACTIVE:
                     failpoints.hit("listen-before-poll")
                 on_connected()
@@ -98,6 +113,12 @@ async def listen(
                     if probe_deadline is not None:
                         wait = max(0.0, probe_deadline - anyio.current_time())
                     payloads = await listener.wait(wait)
+                    if (
+                        liveness is not None
+                        and not listener.holds_liveness
+                        and await listener.take_liveness()
+                    ):
+                        log.info("took this dispatcher's liveness lock")
                     if probe_deadline is not None:
                         if probe in payloads:
                             probe_deadline = None
@@ -119,6 +140,8 @@ async def listen(
                     changes = [status_change(p) for p in payloads if p.startswith("{")]
                     if on_cancelled is not None and any(s == "cancelled" for _, s in changes):
                         on_cancelled()
+                    if on_status is not None and changes:
+                        on_status()
                     freed = {q for q, s in changes if s in LEFT_RUNNING}
                     freed |= {
                         p.removeprefix(LIMIT_PREFIX) for p in payloads if p.startswith(LIMIT_PREFIX)
@@ -128,9 +151,23 @@ async def listen(
                         on_room(freed)
             except DatabaseUnavailable as exc:
                 failures += 1
-                delay = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                delay = min(RECONNECT_CAP, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
                 log.warning("listener lost the database (%s); reconnecting in %.1fs", exc, delay)
                 await anyio.sleep(delay)
     finally:
         with anyio.CancelScope(shield=True):
             await listener.close()
+
+
+async def _hold_liveness(listener: Listener) -> None:
+    """Take the liveness lock, retrying briefly: a rescuer holds it for one statement
+    while it checks, and after a reconnect our old session may not have ended yet."""
+    for _ in range(LIVENESS_TRIES):
+        if await listener.take_liveness():
+            return
+        await anyio.sleep(0.05)
+    log.warning(
+        "could not take this dispatcher's liveness lock: another session holds it (an old "
+        "connection of this process the server has not noticed is gone?); retrying, and "
+        "until then only lease expiry tells whether this dispatcher is alive"
+    )

@@ -15,7 +15,7 @@ from .errors import SchemaMissing
 
 log = logging.getLogger("notifyq.migrate")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The schema version this code needs (the newest it knows how to apply)."""
 
 

@@ -342,6 +342,19 @@ class Claim(NamedTuple):
     deferred: int  # candidates the rate limits gave a later slot instead of starting now
 
 
+class Rescued(NamedTuple):
+    job_id: int
+    status: str  # queued again, or dead (no attempts left)
+    cause: str  # session (its dispatcher's session ended) or lease (its lease expired)
+
+
+class Rescue(NamedTuple):
+    """What one rescue sweep did."""
+
+    jobs: list[Rescued]
+    watched: int  # other claimants with running jobs whose sessions were checked
+
+
 class Store:
     """One autocommit connection for one role, reopened on the next call after a failure."""
 
@@ -476,15 +489,19 @@ class Store:
         )
         return {r[0] for r in rows}
 
-    async def renew_leases(self, ids: Sequence[int], claimant: str, lease: float) -> set[int]:
+    async def renew_leases(
+        self, ids: Collection[int], claimant: str, lease: float
+    ) -> set[tuple[int, int]]:
+        """Extend our leases of these jobs; returns the (job id, attempt) renewed."""
         rows = await self._run(
             "renew_leases", {"ids": list(ids), "claimant": claimant, "lease": lease}
         )
-        return {r[0] for r in rows}
+        return {(r[0], r[1]) for r in rows}
 
-    async def still_claimed(self, ids: Collection[int], claimant: str) -> set[int]:
+    async def still_claimed(self, ids: Collection[int], claimant: str) -> set[tuple[int, int]]:
+        """(job id, attempt) of these jobs still running under our claim (no lock taken)."""
         rows = await self._run("still_claimed", {"ids": list(ids), "claimant": claimant})
-        return {r[0] for r in rows}
+        return {(r[0], r[1]) for r in rows}
 
     async def save_progress(
         self, reports: Sequence[tuple[int, int, float, str | None]], claimant: str
@@ -541,9 +558,22 @@ class Store:
     async def notify(self, channel: str, payload: str) -> None:
         await self._run("notify", {"channel": channel, "payload": payload})
 
-    async def rescue(self, limit: int = 1000) -> list[tuple[int, str]]:
-        rows = await self._run("rescue", {"limit": limit})
-        return [(r[0], r[1]) for r in rows]
+    async def rescue(
+        self, claimant: str, *, session_grace: float, restart_grace: float, limit: int = 1000
+    ) -> Rescue:
+        """Re-queue the jobs of dispatchers whose session ended or whose lease expired."""
+        rows = await self._run(
+            "rescue",
+            {
+                "claimant": claimant,
+                "session_grace": session_grace,
+                "restart_grace": restart_grace,
+                "limit": limit,
+            },
+        )
+        jobs = [Rescued(r[0], r[1], r[2]) for r in rows if r[0] is not None]
+        watched = next((r[3] for r in rows if r[0] is None), 0)
+        return Rescue(jobs, watched)
 
     async def register(self, registration: dict[str, Any], running: int) -> None:
         """Upsert this dispatcher's registry row (prunes day-old stopped/lost rows too)."""
@@ -588,10 +618,14 @@ class Store:
 class Listener:
     """The one LISTEN connection: autocommit, never inside a transaction."""
 
-    def __init__(self, dsn: str, *channels: str) -> None:
+    def __init__(self, dsn: str, *channels: str, liveness: str | None = None) -> None:
         self._dsn = dsn
         self._channels = channels
+        # The claimant whose liveness lock this connection holds while it lives
+        # (notifyq.rescue_jobs); None: no lock, the dispatcher is rescued by lease only.
+        self._liveness = liveness
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.holds_liveness = False
 
     async def open(self) -> None:
         await self.close()
@@ -606,6 +640,19 @@ class Listener:
             await conn.close()
             raise
         self._conn = conn
+        self.holds_liveness = False
+        await self.take_liveness()
+
+    async def take_liveness(self) -> bool:
+        """Take the liveness lock if it is ours to take and not held yet; whether held."""
+        conn = self._conn
+        if self._liveness is None or self.holds_liveness or conn is None:
+            return self.holds_liveness
+        with translated():
+            cur = await conn.execute(QUERIES["liveness_lock"], {"claimant": self._liveness})
+            row = await cur.fetchone()
+        self.holds_liveness = bool(row and row[0])
+        return self.holds_liveness
 
     async def wait(self, ping_after: float) -> list[str]:
         """Payloads that arrived within `ping_after` seconds; [] after a successful ping."""

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from .dispatcher import Dispatcher
 from .errors import ConfigurationError, DatabaseUnavailable
 from .job import Job
 from .leases import LeaseKeeper
+from .ledger import Ledger
 from .periodic import Scheduler
 from .progress import Reports
 from .registry import DEFAULT_MAX_ATTEMPTS, check_queue_name
@@ -104,10 +104,8 @@ class Worker:
         self.dsn = dsn
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.queues = list(settings.queues or app.registry.queues())
-        # (job id, attempt) claimed and whose outcome is not yet written: leases to keep.
-        # The lease keeper's thread reads it too, hence the lock.
-        self.held: set[tuple[int, int]] = set()
-        self._held_lock = threading.Lock()
+        # Attempts claimed and whose outcome is not yet written: leases to keep.
+        self.held = Ledger()
         self._loop_beat = time.monotonic()
         self.ready = anyio.Event()
         self._signalled = False
@@ -136,10 +134,10 @@ class Worker:
             task_max_attempts={t.name: t.max_attempts for t in app.registry},
             default_max_attempts=DEFAULT_MAX_ATTEMPTS,
             submit=self._submit,
-            held_ids=self._held_ids,
+            held_ids=self.held.ids,
             unwritten=lambda: self.completer.pending,
         )
-        self.completer = Completer(complete_store, self.claimant, self._written)
+        self.completer = Completer(complete_store, self.claimant, self.held, self._written)
         # Shares the claim connection: a read per instant (or per minute) and a write per
         # instant due; not worth a connection of its own.
         self.scheduler = Scheduler(claim_store, app.schedules)
@@ -155,7 +153,7 @@ class Worker:
             lease=settings.lease,
             heartbeat=settings.lease / 3,
             rescue_interval=min(settings.poll_interval, settings.lease / 2),
-            held_ids=self._held_ids,
+            ledger=self.held,
             loop_beat=lambda: self._loop_beat,
             max_stall=settings.lease * 10,
             registration={
@@ -165,6 +163,8 @@ class Worker:
                 "queues": self.queues,
                 "concurrency": settings.concurrency,
                 "heartbeat": settings.lease / 3,
+                # Only the listening connection holds the liveness lock (listener.py).
+                "liveness_lock": settings.listen,
             },
         )
 
@@ -172,13 +172,8 @@ class Worker:
         """Begin a graceful shutdown: claim nothing more, let running jobs finish."""
         self.dispatcher.stop()
 
-    def _held_ids(self) -> set[int]:
-        with self._held_lock:
-            return {job_id for job_id, _ in self.held}
-
     def _submit(self, job: Job) -> None:
-        with self._held_lock:
-            self.held.add((job.id, job.attempt))
+        self.held.claimed((job.id, job.attempt))
         if self.metrics is not None:
             self.metrics.started(job)
         self.pool.submit(job)
@@ -189,9 +184,7 @@ class Worker:
             self.metrics.finished(finished)
         self.completer.submit(finished)
 
-    def _written(self, pairs: set[tuple[int, int]]) -> None:
-        with self._held_lock:
-            self.held -= pairs
+    def _written(self) -> None:
         self.dispatcher.outcomes_written()
 
     async def run(self, *, handle_signals: bool = False) -> None:
@@ -306,6 +299,8 @@ class Worker:
             probe_id=self.claimant,
             on_cancelled=self._cancel_requested,
             on_room=self.dispatcher.room_freed,
+            on_status=self.leases.poke,
+            liveness=self.claimant,
         )
 
     def _cancel_requested(self) -> None:
@@ -319,7 +314,7 @@ class Worker:
             with anyio.move_on_after(self.settings.poll_interval):
                 await self._cancel_check.wait()
             self._cancel_check = anyio.Event()
-            held = self._held_ids()
+            held = self.held.ids()
             if held:
                 try:
                     cancelled = await self._stores[0].cancelled_among(held)

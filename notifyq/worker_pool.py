@@ -28,6 +28,7 @@ from anyio.abc import TaskStatus
 from . import codec, failpoints
 from .errors import ConfigurationError, PayloadError, ResultError
 from .job import Job, JobContext, Reporter
+from .ledger import Attempt
 from .registry import Registry, Task
 
 log = logging.getLogger("notifyq.worker")
@@ -76,9 +77,11 @@ class WorkerPool:
         self._interrupting = False
         self._stopping = threading.Event()  # shared by every JobContext of this pool
         self.abandoned = 0  # sync handlers interrupted at shutdown: their threads live on
-        # Attempts running now: job id -> its session's scope, and a sync handler's event.
-        self._running: dict[int, tuple[anyio.CancelScope, threading.Event | None]] = {}
-        self._cancelled: set[int] = set()  # job ids cancelled while they ran
+        # Attempts running now, by (job id, attempt): a job rescued from under a stalled
+        # attempt can be claimed again by this pool while that attempt still runs.
+        # Each maps to its session's scope, and a sync handler's event.
+        self._running: dict[Attempt, tuple[anyio.CancelScope, threading.Event | None]] = {}
+        self._cancelled: set[Attempt] = set()  # attempts of jobs cancelled while they ran
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -114,15 +117,15 @@ class WorkerPool:
 
     def cancel(self, job_ids: set[int]) -> set[int]:
         """Interrupt the running attempts of these jobs; returns the ids that were running."""
-        found = job_ids & self._running.keys()
-        for job_id in found:
-            self._cancelled.add(job_id)
-            scope, event = self._running[job_id]
+        found = [attempt for attempt in self._running if attempt[0] in job_ids]
+        for attempt in found:
+            self._cancelled.add(attempt)
+            scope, event = self._running[attempt]
             if event is None:
                 scope.cancel()  # the session reports the attempt and starts a new scope
             else:
                 event.set()
-        return found
+        return {job_id for job_id, _ in found}
 
     def signal_stopping(self) -> None:
         """Tell running handlers (JobContext.stopping) that shutdown has begun."""
@@ -165,8 +168,9 @@ class WorkerPool:
         return False
 
     def _report(self, finished: Finished) -> None:
-        if self._cancelled and finished.job.id in self._cancelled:
-            self._cancelled.discard(finished.job.id)
+        attempt = (finished.job.id, finished.job.attempt)
+        if self._cancelled and attempt in self._cancelled:
+            self._cancelled.discard(attempt)
             finished = replace(finished, cancelled=True)
         self._pending -= 1
         if self._pending == 0:
@@ -191,7 +195,8 @@ class WorkerPool:
             job.checkpoint,
             self._reporter,
         )
-        self._running[job.id] = (scope, cancelled)
+        attempt = (job.id, job.attempt)
+        self._running[attempt] = (scope, cancelled)
         try:
             if task is None:
                 raise UnknownTask(
@@ -216,7 +221,7 @@ class WorkerPool:
             # A handler cannot stop the dispatcher: it only fails its own attempt.
             return Finished(job, task, exc, traceback.format_exc())
         finally:
-            del self._running[job.id]
+            del self._running[attempt]
 
     async def _call(self, task: Task, job: Job, context: JobContext) -> Any:
         payload = job.payload

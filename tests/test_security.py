@@ -348,6 +348,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "purge",
         "purge_batch",
         "rate_admit",
+        "rescue_jobs",
         "retry_dead",
         "retry_job",
         "set_history",

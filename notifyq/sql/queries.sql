@@ -202,13 +202,13 @@ UPDATE notifyq.jobs j
 SET lease_expires_at = now() + make_interval(secs => %(lease)s)
 FROM mine
 WHERE j.id = mine.id
-RETURNING j.id;
+RETURNING j.id, j.attempts;
 
 -- name: still_claimed
 -- Which of these jobs are still running under our claim (a plain read, no lock):
 -- tells a lease really lost from a row renewal skipped because it was locked.
 -- By id through the primary key, never jobs_lease_idx: see `complete`.
-SELECT id FROM notifyq.jobs
+SELECT id, attempts FROM notifyq.jobs
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' COLLATE "C" AND claimed_by = %(claimant)s;
 
 -- name: save_progress
@@ -277,30 +277,17 @@ WHERE status = 'running'
 RETURNING id;
 
 -- name: rescue
--- Re-queue jobs whose lease expired (their dispatcher died or lost the
--- database); the attempt counts, and a job with no attempts left goes dead.
--- run_at is left as it was (in the past): the job goes back to its old place
--- in the queue, ahead of the backlog that arrived while it was lost.
--- SKIP LOCKED lets every live dispatcher run this without waiting on another.
-WITH expired AS MATERIALIZED (
-    SELECT id
-    FROM notifyq.jobs
-    WHERE status = 'running' AND lease_expires_at < now()
-    ORDER BY lease_expires_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE notifyq.jobs j
-SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
-    finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-    last_error = format('attempt %%s lost: the lease of dispatcher %%s expired at %%s '
-                        '(process killed or cut off from the database)',
-                        j.attempts, j.claimed_by, j.lease_expires_at),
-    claimed_by = NULL,
-    lease_expires_at = NULL
-FROM expired e
-WHERE j.id = e.id
-RETURNING j.id, j.status;
+-- Re-queue the running jobs of dispatchers whose database session ended, and of
+-- those whose lease expired (notifyq.rescue_jobs, schema.sql); the last row (id
+-- NULL) says how many other live claimants with running jobs are watched.
+SELECT id, status, cause, watched
+FROM notifyq.rescue_jobs(%(claimant)s, make_interval(secs => %(session_grace)s),
+                         make_interval(secs => %(restart_grace)s), %(limit)s);
+
+-- name: liveness_lock
+-- The listener's connection takes this dispatcher's liveness lock for as long as
+-- it lives (see notifyq.rescue_jobs): false while another session still holds it.
+SELECT pg_try_advisory_lock(28274, hashtext(%(claimant)s)) AS locked;
 
 -- name: notify
 -- The listener's probe: a notification from another connection than the listener's.
@@ -366,9 +353,9 @@ WITH pruned AS (
       AND coalesce(stopped_at, heartbeat_at) < now() - interval '1 day'
 )
 INSERT INTO notifyq.dispatchers AS d
-    (claimant, host, pid, queues, concurrency, running, heartbeat)
+    (claimant, host, pid, queues, concurrency, running, heartbeat, liveness_lock)
 VALUES (%(claimant)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s, %(running)s,
-        %(heartbeat)s)
+        %(heartbeat)s, %(liveness_lock)s)
 ON CONFLICT (claimant) DO UPDATE SET running = excluded.running, heartbeat_at = now();
 
 -- name: dispatcher_stopped

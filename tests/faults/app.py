@@ -13,6 +13,8 @@ is recorded as outcome 'interrupted'):
     faults.record   record one execution, succeed              (one INSERT)
     faults.fail     record, then raise (max_attempts 3, 0.1 s backoff)
     faults.hold     record, wait until `release` holds its id (or a NULL row), succeed
+    faults.hold_first
+                    attempt 1 as faults.hold; later attempts record and succeed at once
     faults.sleep    record, sleep payload["ms"] milliseconds, succeed
     faults.typed    payload must be {"n": <int>} (decode=): record, succeed
     faults.noop     succeed, recording nothing (bulk load where the ledger would be the
@@ -141,6 +143,14 @@ async def hold(payload: object, ctx: notifyq.JobContext) -> None:
             await anyio.sleep(0.05)
 
     await _run(ctx, until_released)
+
+
+@app.task(name="faults.hold_first")
+async def hold_first(payload: object, ctx: notifyq.JobContext) -> None:
+    if ctx.attempt == 1:
+        await hold(payload, ctx)
+    else:
+        await _run(ctx, _nothing)
 
 
 @app.task(name="faults.sleep")

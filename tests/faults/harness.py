@@ -623,7 +623,14 @@ class InvariantsFailed(AssertionError):
         return "\n".join(lines)
 
 
-RECORDED_TASKS = ("faults.record", "faults.fail", "faults.hold", "faults.sleep", "faults.typed")
+RECORDED_TASKS = (
+    "faults.record",
+    "faults.fail",
+    "faults.hold",
+    "faults.hold_first",
+    "faults.sleep",
+    "faults.typed",
+)
 
 
 def check_invariants(

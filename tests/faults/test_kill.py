@@ -131,7 +131,7 @@ def kill_and_recover(dsn: str, logs: Path, *, concurrency: int, rounds: int, nam
                 assert [(a, p) for _, a, p, _ in runs] == [(1, procs[0].pid), (2, procs[1].pid)]
                 assert query(
                     dsn,
-                    "SELECT attempts, last_error LIKE 'attempt 1 lost: the lease%%'"
+                    "SELECT attempts, last_error LIKE 'attempt 1 lost: the %%'"
                     " FROM notifyq.jobs WHERE id = %s",
                     job_id,
                 ) == [(2, True)]
