@@ -184,6 +184,7 @@ def _dispatchers(conn: Any) -> Check:
         "dispatchers",
         WARNING,
         f"{lost} dispatchers stopped sending heartbeats without a graceful exit ({which}): "
-        "killed, hung or cut off from the database; their jobs are rescued when leases expire",
+        "killed, hung or cut off from the database; their jobs are rescued once their "
+        "database session is gone, or their leases expire",
         {"lost": lost, "which": which},
     )
