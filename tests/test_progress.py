@@ -131,6 +131,28 @@ async def test_sync_handler_saves_a_checkpoint(dsn: str) -> None:
     await app.aclose()
 
 
+async def test_a_checkpoint_holding_nan_is_refused_not_stored_as_null(dsn: str) -> None:
+    app = notifyq.App(dsn)
+    errors: list[ValueError] = []
+
+    @app.task(name="t")
+    async def t(payload: Any, ctx: JobContext) -> None:
+        await ctx.save_checkpoint({"done": 1, "rate": 0.5})
+        try:
+            await ctx.save_checkpoint({"done": 2, "rate": float("nan")})
+        except ValueError as exc:
+            errors.append(exc)
+
+    async with serving(app, dsn):
+        job = await app.enqueue(t)
+        await app.wait(job, timeout=20)
+    assert len(errors) == 1
+    assert str(errors[0]).startswith("a checkpoint must be JSON: JSON has no NaN or Infinity")
+    assert "['rate'] is nan" in str(errors[0])
+    assert query(dsn, "SELECT checkpoint FROM notifyq.jobs") == [({"done": 1, "rate": 0.5},)]
+    await app.aclose()
+
+
 async def test_checkpoint_of_an_attempt_that_lost_the_job_is_refused(dsn: str) -> None:
     app = notifyq.App(dsn)
     started = anyio.Event()
