@@ -4,6 +4,9 @@ Workers never write job state: they report `Finished`, and this component
 writes whatever has accumulated in one statement (`complete`) while the
 previous write is in flight, so under load one round trip carries many
 outcomes and an idle dispatcher still writes a single outcome at once.
+An outcome carries its attempt's last progress report when that report may not
+be written yet: a separate write would land after the outcome, and the fence
+would drop it (progress.py).
 Interrupted attempts (shutdown) are handed back with `hand_back` instead;
 attempts of jobs cancelled while they ran write nothing (the row says so).
 
@@ -18,6 +21,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import anyio
 
@@ -29,6 +33,7 @@ from .worker_pool import Finished, UnknownTask
 log = logging.getLogger("notifyq.completion")
 
 MAX_BATCH = 1000
+Report = tuple[float, str | None]  # a progress report: percent, message
 _ERROR_LIMIT = 64 * 1024  # bytes of error text kept per attempt
 
 
@@ -89,11 +94,13 @@ class Completer:
         claimant: str,
         ledger: Ledger,
         on_written: Callable[[], None],
+        last_report: Callable[[int, int], Report | None] = lambda job_id, attempt: None,
     ) -> None:
         self._store = store
         self._claimant = claimant
         self._ledger = ledger  # attempts leave it once their outcome is written
         self._on_written = on_written
+        self._last_report = last_report  # (job id, attempt) -> its report not yet written
         self._outcomes: list[Outcome] = []
         self._handed: list[tuple[int, int]] = []  # (job id, attempt) to hand back
         self._wake = anyio.Event()
@@ -117,6 +124,10 @@ class Completer:
             self._handed.append((finished.job.id, finished.job.attempt))
         else:
             outcome = decide(finished)
+            job = finished.job
+            # Succeeded, retried or dead: the attempt's last report lands with it.
+            if (report := self._last_report(job.id, job.attempt)) is not None:
+                outcome = replace(outcome, progress=report[0], progress_message=report[1])
             self._outcomes.append(outcome)
             self.decided[outcome.status] += 1
             _log_outcome(finished, outcome)

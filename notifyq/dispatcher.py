@@ -23,6 +23,13 @@ A candidate whose rate_key is over its rate limit (notifyq.rate_limits) is not
 started but given its slot as run_at; the claim's timer (next_in) includes the
 earliest slot, so nothing polls for it.
 
+`polls_with_work` counts fallback polls that found a job nobody announced: no
+notification named its queue since the claim before, no wake-up said "look at
+every queue" (start-up, reconnect, room freed), the last claim was not full and
+no scheduled job came due.  A job whose notification came while every slot was
+busy waited for a slot, not for the poll, even if the claim that finally took
+it ran after the poll timer fell due; it is not counted.
+
 Any role can NOTIFY any channel, so notifications are never trusted: claims
 that a notification alone caused and that found nothing draw on a token
 bucket (a burst, then a steady rate), which bounds what a flood of forged
@@ -113,7 +120,10 @@ class Dispatcher:
         self.claims = 0
         self.claimed = 0
         self.deferred = 0  # candidates a rate limit moved to a later slot
-        self.polls_with_work = 0
+        self.polls_with_work = 0  # polls that found jobs no notification announced
+        # Queues that wake-ups named since the last claim began; None: every queue (a
+        # wake-up without names, or work known to be left waiting).
+        self._heard: set[str] | None = None
         self.empty_notified_claims = 0  # a flood of forged notifications would show here
         self.passes = 0  # loop iterations: a busy loop would show here
 
@@ -121,6 +131,11 @@ class Dispatcher:
 
     def wake(self, queues: Collection[str] | None = None) -> None:
         """Claim soon; `queues`: the queues a notification named (None: any)."""
+        # Heard even when it wakes nothing: a full queue's job was announced, not lost.
+        if queues is None:
+            self._heard = None
+        elif self._heard is not None:
+            self._heard.update(queues)
         if queues is not None and self.full.issuperset(queues):
             return  # only queues at their cap: a claim would find no room
         self._notified = True
@@ -151,6 +166,9 @@ class Dispatcher:
         refill_by: float | None = None
         next_poll = clock() + self._jittered_poll()
         next_due = math.inf  # the next scheduled job's run_at, on our monotonic clock
+        # The same instant measured from when the claim was sent, not from its reply: from
+        # then on a job may be due that no notification will announce.
+        due_from = math.inf
         failures = 0
         budget = EmptyClaimBudget(EMPTY_CLAIM_BURST, EMPTY_CLAIM_RATE, clock())
         while not self._stopping:
@@ -178,6 +196,10 @@ class Dispatcher:
                         continue
                 refill_by = None
                 limit = min(free, self._batch_size)
+                # Work known to be waiting: left behind by a full claim, or scheduled and due.
+                known = more_waiting_full or now >= due_from
+                sent = clock()
+                heard, self._heard = (None if known else self._heard), set()
                 try:
                     jobs, next_in, self.full, deferred = await self._claim(limit)
                     failures = 0
@@ -186,20 +208,26 @@ class Dispatcher:
                     delay = min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
                     log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
                     self._notified = True  # after reconnecting, catch up at once
+                    self._heard = None  # ... which is no poll finding lost notifications
                     await self._sleep(delay)
                     continue
                 next_poll = clock() + self._jittered_poll()
                 next_due = clock() + max(next_in, 0.0) if next_in is not None else math.inf
+                due_from = sent + max(next_in, 0.0) if next_in is not None else math.inf
                 # Candidates deferred by a rate limit took places in this claim: ready
                 # jobs behind them may be waiting.
                 more_waiting = more_waiting_full = len(jobs) + deferred == limit
                 if notified_only and not jobs:
                     budget.spend(clock())
                     self.empty_notified_claims += 1
-                if polled and jobs:
-                    # Work found by the poll alone means a notification went missing.
-                    self.polls_with_work += 1
-                    log.info("fallback poll found %d jobs", len(jobs))
+                if polled and jobs and heard is not None:
+                    # Work found by the poll alone means a notification went missing.  One
+                    # heard while the claim ran may be the announcement of a job it found.
+                    heard |= self._heard if self._heard is not None else {j.queue for j in jobs}
+                    unannounced = sum(1 for job in jobs if job.queue not in heard)
+                    if unannounced:
+                        self.polls_with_work += 1
+                        log.info("fallback poll found %d jobs", unannounced)
                 for job in jobs:
                     self.running += 1
                     self._submit(job)

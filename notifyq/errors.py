@@ -72,8 +72,9 @@ class DoNotRetry(JobFailure):
 
 
 class ResultError(DoNotRetry):
-    """The handler's return value cannot be stored: not JSON-serialisable, or over
-    1 MiB as JSON.  Retrying would return the same, so the job goes dead."""
+    """The handler's return value cannot be stored: not JSON-serialisable (NaN and
+    infinities included: JSON has neither), or over 1 MiB as JSON.  Retrying would
+    return the same, so the job goes dead."""
 
 
 class JobFailed(NotifyqError):

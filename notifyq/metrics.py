@@ -176,7 +176,8 @@ class _Collector:
         counters = {
             "notifyq_notifications": ("Notifications naming a served queue.", w.notifications),
             "notifyq_polls_with_work": (
-                "Fallback polls that found jobs (notifications that went missing).",
+                "Fallback polls that found jobs no notification had announced "
+                "(notifications that went missing).",
                 w.dispatcher.polls_with_work,
             ),
             "notifyq_claims": ("Claim statements run.", w.dispatcher.claims),

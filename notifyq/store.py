@@ -331,6 +331,9 @@ class Outcome:
     delay: float = 0.0
     error: str | None = None
     result: str | None = None  # JSON text the handler returned (succeeded only)
+    # The attempt's last progress report, if it may not be written yet (None: keep the row's).
+    progress: float | None = None
+    progress_message: str | None = None
 
 
 class Claim(NamedTuple):
@@ -469,8 +472,10 @@ class Store:
         ids = [o.job_id for o in outcomes]
         attempts = [o.attempt for o in outcomes]
         params: dict[str, Any]
-        if all(o.status == "succeeded" and o.result is None for o in outcomes):
-            # The common batch: two arrays to send instead of six.
+        if all(
+            o.status == "succeeded" and o.result is None and o.progress is None for o in outcomes
+        ):
+            # The common batch: two arrays to send instead of eight.
             name, params = "complete_succeeded", {"ids": ids, "attempts": attempts}
         else:
             name, params = (
@@ -482,6 +487,8 @@ class Store:
                     "delays": [o.delay for o in outcomes],
                     "errors": [o.error for o in outcomes],
                     "results": [o.result for o in outcomes],
+                    "progresses": [o.progress for o in outcomes],
+                    "progress_messages": [o.progress_message for o in outcomes],
                 },
             )
         rows = await self._run(

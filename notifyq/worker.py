@@ -137,7 +137,13 @@ class Worker:
             held_ids=self.held.ids,
             unwritten=lambda: self.completer.pending,
         )
-        self.completer = Completer(complete_store, self.claimant, self.held, self._written)
+        self.completer = Completer(
+            complete_store,
+            self.claimant,
+            self.held,
+            self._written,
+            last_report=self.reports.take,
+        )
         # Shares the claim connection: a read per instant (or per minute) and a write per
         # instant due; not worth a connection of its own.
         self.scheduler = Scheduler(claim_store, app.schedules)

@@ -3,6 +3,7 @@ shutdown."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -93,6 +94,63 @@ async def test_fallback_poll_finds_jobs_when_not_listening(dsn: str) -> None:
         with anyio.fail_after(10):
             await ran.wait()
     assert worker.dispatcher.polls_with_work == 1
+
+
+async def test_a_job_notified_while_every_slot_is_busy_is_no_lost_notification(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The notification came, the job waited for a slot, and the claim that took it ran after
+    a fallback poll fell due: not a lost notification."""
+    app = notifyq.App()
+    release = anyio.Event()
+    started: list[int] = []
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        started.append(payload["n"])
+        if payload["n"] == 1:
+            await release.wait()
+
+    caplog.set_level(logging.INFO, logger="notifyq.dispatcher")
+    async with serving(app, dsn, concurrency=1, poll_interval=0.2) as worker:
+        sql_insert(dsn, """('t', '{"n": 1}')""")
+        await eventually(lambda: started == [1])
+        heard = worker.notifications
+        sql_insert(dsn, """('t', '{"n": 2}')""")
+        await eventually(lambda: worker.notifications > heard)
+        await anyio.sleep(0.5)  # more than a poll interval: the slot frees with a poll due
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 2})
+    assert started == [1, 2]
+    assert worker.dispatcher.polls_with_work == 0
+    assert "fallback poll found" not in caplog.text
+
+
+async def test_a_really_lost_notification_is_found_by_the_poll_and_counted_once(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = notifyq.App()
+    ran = anyio.Event()
+
+    @app.task(name="t")
+    async def t(payload: Any) -> None:
+        ran.set()
+
+    caplog.set_level(logging.INFO, logger="notifyq.dispatcher")
+    async with serving(app, dsn, poll_interval=0.3) as worker:
+        # The claim that catches up after LISTEN may still be to come: let it pass first,
+        # or it would find the job before the poll does.
+        claims = worker.dispatcher.claims
+        await eventually(lambda: worker.dispatcher.claims > claims)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            # Triggers do not fire for a session in replica mode: no notification is sent.
+            conn.execute("SET session_replication_role = replica")
+            conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('t')")
+        with anyio.fail_after(10):
+            await ran.wait()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 1})
+    assert worker.dispatcher.polls_with_work == 1
+    assert caplog.text.count("fallback poll found 1 jobs") == 1
 
 
 async def test_backlog_runs_in_priority_then_run_at_then_id_order(dsn: str) -> None:

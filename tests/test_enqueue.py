@@ -3,6 +3,8 @@ transaction."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -10,7 +12,7 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import ConfigurationError, InvalidJob
+from notifyq import ConfigurationError, InvalidJob, enqueue
 from tests.conftest import query
 
 
@@ -107,6 +109,8 @@ async def test_async_enqueue_inside_the_callers_transaction(dsn: str) -> None:
         ({"task": "t", "priority": 5000}, "priority must be an integer from -1000 to 1000"),
         ({"task": "t", "max_attempts": 0}, "max_attempts must be NULL or an integer from 1"),
         ({"task": "t", "payload": {"x": object()}}, "payload is not JSON-serialisable"),
+        ({"task": "t", "payload": {"x": [1, float("nan")]}}, r"JSON has no NaN.*\['x'\]\[1\]"),
+        ({"task": "t", "payload": float("-inf")}, "JSON has no NaN or Infinity"),
         ({"task": "t", "delay": -1}, "delay must be from 0 to"),
         ({"task": "t", "delay": float("inf")}, "delay must be from 0 to"),
         ({"task": "t", "delay": float("nan")}, "delay must be from 0 to"),
@@ -128,6 +132,36 @@ def test_bad_enqueue_arguments_raise_a_clear_error_and_insert_nothing(
     finally:
         app.close()
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(0,)]
+
+
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float
+
+
+class Level(enum.Enum):
+    TOP = float("inf")
+
+
+@pytest.mark.parametrize(
+    ("payload", "where"),
+    [
+        ({"rows": [(1, 2.0), (3, float("nan"))]}, "['rows'][1][1] is nan"),
+        ({"at": Point(1.0, -float("inf"))}, "['at'].y is -inf"),
+        ([None, Level.TOP], "[1] is inf"),
+    ],
+)
+def test_nan_and_infinity_are_refused_wherever_orjson_would_write_null(
+    payload: Any, where: str
+) -> None:
+    with pytest.raises(InvalidJob, match="JSON has no NaN or Infinity") as refused:
+        enqueue.encode(payload)
+    assert where in str(refused.value)
+    # A real null is no reason to refuse.
+    assert enqueue.encode({"a": None, "p": Point(0.5, 1e308)}) == (
+        '{"a":null,"p":{"x":0.5,"y":1e+308}}'
+    )
 
 
 def test_enqueue_without_schema_says_to_migrate(empty_dsn: str) -> None:
@@ -237,6 +271,7 @@ def nested(levels: int) -> list[Any]:
     [
         ([{"ok": 1}, {"ok": 2}, {"ok": 3}, {"bad": object()}], "payload #3"),
         ([{"ok": 1}, nested(101)], "payload #1"),
+        ([{"ok": 1}, {"ratio": float("inf")}], "payload #1.*JSON has no NaN or Infinity"),
         ("abc", "not a str"),
         ({"a": 1}, "not a dict"),
     ],

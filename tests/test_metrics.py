@@ -11,6 +11,8 @@ import sys
 import urllib.error
 import urllib.request
 
+import psycopg
+
 from tests.apps.ledger import LEDGER_DDL
 from tests.conftest import REPO, query, serve_process, statuses, wait_until
 
@@ -78,8 +80,27 @@ def test_metrics_count_the_jobs_run_and_probes_answer(dsn: str) -> None:
         assert sample(text, "notifyq_queue_depth", queue="default", state="ready") == 0
         assert sample(text, "notifyq_database_up") == 1
         assert (sample(text, "notifyq_notifications_total") or 0) >= 1
-        assert sample(text, "notifyq_polls_with_work_total") is not None
+        # Every job was announced: by the start-up catch-up, a retry's notification, a timer.
+        assert sample(text, "notifyq_polls_with_work_total") == 0
         assert get(port, "/nothing")[0] == 404
+
+
+def test_polls_with_work_counts_only_notifications_really_lost(dsn: str) -> None:
+    query(dsn, LEDGER_DDL)
+    port = free_port()
+    with serve_process(
+        dsn, "--metrics-port", str(port), "--poll-interval", "0.3", app="tests.apps.ledger:app"
+    ):
+        wait_until(lambda: get(port, "/readyz") == (200, "ready\n"), message="/readyz")
+        query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ledger.record')")
+        wait_until(lambda: statuses(dsn) == {"succeeded": 1}, message="the announced job")
+        assert sample(get(port, "/metrics")[1], "notifyq_polls_with_work_total") == 0
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            # Triggers do not fire for a session in replica mode: no notification is sent.
+            conn.execute("SET session_replication_role = replica")
+            conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('ledger.record')")
+        wait_until(lambda: statuses(dsn) == {"succeeded": 2}, message="the unannounced job")
+        assert sample(get(port, "/metrics")[1], "notifyq_polls_with_work_total") == 1
 
 
 def test_a_missing_prometheus_client_is_one_clear_line() -> None:

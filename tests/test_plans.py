@@ -115,6 +115,8 @@ BY_ID = {"jobs_pkey"}
                 "delays": [0.0] * 50,
                 "errors": [None] * 50,
                 "results": [None] * 50,
+                "progresses": [None] * 50,
+                "progress_messages": [None] * 50,
                 "claimant": "c",
             },
             BY_ID,

@@ -13,6 +13,8 @@ import pytest
 
 import notifyq
 from notifyq import JobContext, OperationRefused, watch
+from notifyq.progress import Reports
+from notifyq.store import Store
 from tests.conftest import query, statuses
 from tests.test_dispatch import eventually, serving
 
@@ -86,6 +88,79 @@ async def test_sync_handler_reports_progress_from_its_thread(dsn: str) -> None:
     await app.aclose()
 
 
+async def test_the_last_report_before_returning_lands_with_the_outcome(dsn: str) -> None:
+    """A report just before the handler returns would otherwise wait out the writer's gap
+    and arrive after the outcome, which the fence then drops: reported 100, the row 80."""
+    app = notifyq.App(dsn)
+
+    @app.task(name="quick")
+    async def quick(payload: Any, ctx: JobContext) -> None:
+        ctx.progress(80, "almost")
+        ctx.progress(100, "done")
+
+    @app.task(name="quick_sync")
+    def quick_sync(payload: Any, ctx: JobContext) -> None:
+        ctx.progress(80, "almost")
+        ctx.progress(100, "done")
+
+    async with serving(app, dsn, concurrency=10):
+        await app.enqueue_many(quick, [{}] * 50)
+        await app.enqueue_many(quick_sync, [{}] * 50)
+        await eventually(lambda: statuses(dsn) == {"succeeded": 100})
+    rows = query(
+        dsn,
+        "SELECT task, progress, progress_message, count(*) FROM notifyq.jobs"
+        " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    assert rows == [("quick", 100.0, "done", 50), ("quick_sync", 100.0, "done", 50)]
+    await app.aclose()
+
+
+async def test_a_failed_attempts_last_report_lands_with_its_retry_or_death(dsn: str) -> None:
+    app = notifyq.App(dsn)
+
+    @app.task(name="fails", max_attempts=1)
+    async def fails(payload: Any, ctx: JobContext) -> None:
+        ctx.progress(30, "step 3 of 10")
+        raise RuntimeError("step 4 failed")
+
+    @app.task(name="retries", max_attempts=2, backoff=notifyq.Backoff(base=3600))
+    def retries(payload: Any, ctx: JobContext) -> None:
+        ctx.progress(60, "step 6 of 10")
+        raise RuntimeError("step 7 failed")
+
+    async with serving(app, dsn):
+        dead = await app.enqueue(fails)
+        queued = await app.enqueue(retries)
+        await eventually(
+            lambda: (
+                query(
+                    dsn,
+                    "SELECT count(*) FROM notifyq.jobs WHERE attempts = 1 AND "
+                    "status IN ('dead', 'queued')",
+                )
+                == [(2,)]
+            )
+        )
+    assert query(
+        dsn, "SELECT id, status, progress, progress_message FROM notifyq.jobs ORDER BY id"
+    ) == [(dead, "dead", 30.0, "step 3 of 10"), (queued, "queued", 60.0, "step 6 of 10")]
+    await app.aclose()
+
+
+async def test_reports_are_kept_per_attempt_and_taken_once() -> None:
+    """A handler abandoned at its timeout may still report while the job's next attempt
+    runs here: neither report replaces the other, and each outcome takes its own."""
+    # Nothing here reaches the database: a Store connects on its first statement.
+    reports = Reports(Store("postgresql://unused@127.0.0.1:1/unused", "test"), "me")
+    assert reports.take(7, 2) is None
+    reports.progress(7, 2, 50.0, "attempt 2")
+    reports.progress(7, 1, 10.0, "attempt 1, abandoned")
+    assert reports.take(7, 2) == (50.0, "attempt 2")
+    assert reports.take(7, 2) is None
+    assert reports.take(7, 1) == (10.0, "attempt 1, abandoned")
+
+
 def test_bad_progress_reports_are_refused_at_the_call() -> None:
     ctx = JobContext(1, "default", "t", 1, 5)
     for bad in (-1, 100.5, float("nan"), "50"):
@@ -128,6 +203,28 @@ async def test_sync_handler_saves_a_checkpoint(dsn: str) -> None:
         job = await app.enqueue(sync)
         await app.wait(job, timeout=20)
     assert query(dsn, "SELECT checkpoint FROM notifyq.jobs") == [({"cursor": "abc"},)]
+    await app.aclose()
+
+
+async def test_a_checkpoint_holding_nan_is_refused_not_stored_as_null(dsn: str) -> None:
+    app = notifyq.App(dsn)
+    errors: list[ValueError] = []
+
+    @app.task(name="t")
+    async def t(payload: Any, ctx: JobContext) -> None:
+        await ctx.save_checkpoint({"done": 1, "rate": 0.5})
+        try:
+            await ctx.save_checkpoint({"done": 2, "rate": float("nan")})
+        except ValueError as exc:
+            errors.append(exc)
+
+    async with serving(app, dsn):
+        job = await app.enqueue(t)
+        await app.wait(job, timeout=20)
+    assert len(errors) == 1
+    assert str(errors[0]).startswith("a checkpoint must be JSON: JSON has no NaN or Infinity")
+    assert "['rate'] is nan" in str(errors[0])
+    assert query(dsn, "SELECT checkpoint FROM notifyq.jobs") == [({"done": 1, "rate": 0.5},)]
     await app.aclose()
 
 

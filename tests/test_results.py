@@ -241,3 +241,40 @@ async def test_unstorable_result_sends_the_job_dead_naming_why(dsn: str) -> None
         assert query(dsn, "SELECT DISTINCT attempts, status FROM notifyq.jobs") == [(1, "dead")]
     finally:
         await app.aclose()
+
+
+async def test_nan_or_infinity_in_a_result_is_refused_not_stored_as_null(dsn: str) -> None:
+    app = notifyq.App(dsn)
+
+    @app.task(name="ratio")
+    async def ratio(payload: Any) -> Any:
+        if payload["kind"] == "nan":
+            return float("nan")
+        return {"stats": {"rates": [0.5, float("inf")]}}
+
+    @app.task(name="sync_ratio")
+    def sync_ratio(payload: Any) -> Any:
+        return {"ratio": -float("inf")}
+
+    try:
+        async with serving(app, dsn):
+            nan = await app.enqueue(ratio, {"kind": "nan"})
+            nested = await app.enqueue(ratio, {"kind": "nested"})
+            sync = await app.enqueue(sync_ratio)
+            for job in (nan, nested, sync):
+                with pytest.raises(JobFailed, match="ResultError"):
+                    await app.wait(job, timeout=20)
+        rows = query(dsn, "SELECT id, status, attempts, result, last_error FROM notifyq.jobs")
+        errors = {job_id: error for job_id, status, attempts, result, error in rows}
+        assert {(status, attempts, result) for _, status, attempts, result, _ in rows} == {
+            ("dead", 1, None)
+        }
+        for error in errors.values():
+            assert error.startswith("ResultError: ")
+            assert "JSON has no NaN or Infinity" in error
+            assert "use None, a string or a finite number" in error
+        assert "the value itself is nan" in errors[nan]
+        assert "['stats']['rates'][1] is inf" in errors[nested]
+        assert "['ratio'] is -inf" in errors[sync]
+    finally:
+        await app.aclose()

@@ -159,11 +159,16 @@ SET status = o.status,
                   THEN now() + make_interval(secs => o.delay) ELSE j.run_at END,
     last_error = coalesce(o.error, j.last_error),
     result = CASE WHEN o.status = 'succeeded' THEN o.result::pg_catalog.jsonb ELSE j.result END,
+    -- The attempt's last progress report, which a separate write would be too late for.
+    progress = coalesce(o.progress, j.progress),
+    progress_message = CASE WHEN o.progress IS NULL THEN j.progress_message
+                            ELSE o.progress_message END,
     claimed_by = NULL,
     lease_expires_at = NULL
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
-            %(delays)s::float8[], %(errors)s::text[], %(results)s::text[])
-     AS o(id, attempt, status, delay, error, result)
+            %(delays)s::float8[], %(errors)s::text[], %(results)s::text[],
+            %(progresses)s::real[], %(progress_messages)s::text[])
+     AS o(id, attempt, status, delay, error, result, progress, progress_message)
 WHERE j.id = o.id
   AND j.status = 'running' COLLATE "C"
   AND j.claimed_by = %(claimant)s
