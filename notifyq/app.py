@@ -464,9 +464,12 @@ class App:
     def worker(self, settings: Settings | None = None, *, dsn: str | None = None) -> Worker:
         return Worker(self, settings or Settings(), resolve_dsn(dsn or self.dsn))
 
-    def serve(self, settings: Settings | None = None, *, dsn: str | None = None) -> None:
-        """Run a dispatcher in this thread until SIGTERM/SIGINT.
+    def serve(self, settings: Settings | None = None, *, dsn: str | None = None) -> int:
+        """Run a dispatcher in this thread until SIGTERM/SIGINT, or until a one-shot
+        run's end (`Settings.until_empty`, `max_jobs`, `max_runtime`).
 
+        Returns the process exit status `notifyq serve` uses: 0, or 3 when
+        `until_empty` was asked but `max_jobs` or `max_runtime` ended the run first.
         A plain `def` handler still running when the shutdown grace ran out
         cannot be interrupted (threads cannot be cancelled): its job has been
         handed back, and the process exits without waiting for the thread.
@@ -477,4 +480,5 @@ class App:
             log.warning("exiting with %d abandoned handler threads", worker.pool.abandoned)
             atexit._run_exitfuncs()
             logging.shutdown()
-            os._exit(0)
+            os._exit(worker.exit_code)
+        return worker.exit_code

@@ -261,6 +261,27 @@ def load_app(target: str) -> App:
     help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics, with /healthz and /readyz "
     "(needs pip install 'notifyq[metrics]').",
 )
+@click.option(
+    "--until-empty",
+    is_flag=True,
+    help="One-shot run: exit 0 once no job of the served queues is to start now and every "
+    "job taken has finished (delayed jobs and retries in backoff are left for a later run).",
+)
+@click.option(
+    "--max-jobs",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="Claim at most N jobs, let them finish, exit.",
+)
+@click.option(
+    "--max-runtime",
+    default=None,
+    metavar="DURATION",
+    help="After this long (90s, 30m, 2h), claim no more and stop as on SIGTERM: running "
+    "jobs get --shutdown-timeout to finish, then are handed back. With --until-empty, "
+    "reaching this or --max-jobs first exits 3.",
+)
 def serve(
     app_target: str,
     dsn: str | None,
@@ -276,8 +297,14 @@ def serve(
     retain_cancelled: str,
     retain_dead: str,
     metrics_port: int | None,
+    until_empty: bool,
+    max_jobs: int | None,
+    max_runtime: str | None,
 ) -> None:
-    """Run the dispatcher: LISTEN, claim in batches, run the app's handlers."""
+    """Run the dispatcher: LISTEN, claim in batches, run the app's handlers.
+
+    Exit status: 0 after SIGTERM/SIGINT or a one-shot run's end; 3 when --until-empty
+    was given but --max-jobs or --max-runtime ended the run first; 1 on an error."""
     if metrics_port is not None:
         from .metrics import require_prometheus  # fail before connecting, not after
 
@@ -300,19 +327,26 @@ def serve(
         retain_succeeded=_retention(retain_succeeded),
         retain_cancelled=_retention(retain_cancelled),
         retain_dead=_retention(retain_dead),
+        until_empty=until_empty,
+        max_jobs=max_jobs,
+        max_runtime=_duration(max_runtime) if max_runtime is not None else None,
     )
     dsn = dsn or app.dsn
     if dsn and do_migrate:
         migrate.migrate(dsn)
     dsn = database(dsn)
     migrate.check(dsn)
-    app.serve(settings, dsn=dsn)
+    sys.exit(app.serve(settings, dsn=dsn))
 
 
 def _retention(age: str) -> float | None:
+    return None if age.strip().lower() == "forever" else _duration(age)
+
+
+def _duration(text: str) -> float:
     from . import admin
 
-    return None if age.strip().lower() == "forever" else admin.parse_age(age)
+    return admin.parse_age(text)
 
 
 @main.command(name="migrate")

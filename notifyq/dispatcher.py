@@ -30,6 +30,15 @@ no scheduled job came due.  A job whose notification came while every slot was
 busy waited for a slot, not for the poll, even if the claim that finally took
 it ran after the poll timer fell due; it is not counted.
 
+One-shot runs stop the loop themselves.  With `max_jobs`, claims ask for no more
+than the jobs left to that total, and the loop stops once it is reached.  With
+`until_empty`, the loop stops when a claim found nothing while no job of ours is
+running or waiting to be written, and `Store.work_left` confirms that nothing else
+is to be started now: jobs kept from us by a cap held elsewhere, or spread out by a
+rate limit, are waited for; delayed jobs and retries in backoff are not.  Each
+written outcome that leaves us idle asks for that last claim, since the outcome may
+have released a dependent job or queued a retry due at once.
+
 Any role can NOTIFY any channel, so notifications are never trusted: claims
 that a notification alone caused and that found nothing draw on a token
 bucket (a burst, then a steady rate), which bounds what a flood of forged
@@ -96,6 +105,8 @@ class Dispatcher:
         submit: Callable[[Job], None],
         held_ids: Callable[[], Collection[int]],
         unwritten: Callable[[], int] = lambda: 0,
+        max_jobs: int | None = None,
+        until_empty: bool = False,
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -110,6 +121,10 @@ class Dispatcher:
         self._submit = submit
         self._held_ids = held_ids
         self._unwritten = unwritten  # outcomes finished but not yet written
+        self._max_jobs = max_jobs
+        self._until_empty = until_empty
+        self._idle_recheck = False  # until_empty: the last outcome was written; claim again
+        self.stopped_by: str | None = None  # 'until-empty', 'max-jobs', or None: stop()
         self._orphans_possible = False  # a claim failed: it may have committed unseen
         self._refill_at = max(1, min(batch_size, concurrency) // 2)
         self._signal = anyio.Event()
@@ -153,7 +168,17 @@ class Dispatcher:
         self._signal.set()
 
     def outcomes_written(self) -> None:
+        if self._until_empty and self._idle():
+            self._idle_recheck = True
         self._signal.set()  # room again, if unwritten outcomes were holding claims back
+
+    def _idle(self) -> bool:
+        return self.running == 0 and self._unwritten() == 0
+
+    def _finish(self, reason: str) -> None:
+        log.info("stopping: %s", "nothing left to claim" if reason == "until-empty" else reason)
+        self.stopped_by = reason
+        self._stopping = True
 
     def stop(self) -> None:
         self._stopping = True
@@ -180,9 +205,9 @@ class Dispatcher:
             if notified_only and (hold := budget.wait(now)) > 0:
                 await self._sleep(hold)  # the flag stays set: the claim is late, not lost
                 continue
-            if self._notified or timers:
+            if self._notified or timers or self._idle_recheck:
                 more_waiting = True
-                self._notified = False
+                self._notified = self._idle_recheck = False
             backlog = self._unwritten() - self._concurrency
             free = self._concurrency - self.running - max(backlog, 0)
             if more_waiting and free > 0:
@@ -196,6 +221,8 @@ class Dispatcher:
                         continue
                 refill_by = None
                 limit = min(free, self._batch_size)
+                if self._max_jobs is not None:
+                    limit = min(limit, self._max_jobs - self.claimed)
                 # Work known to be waiting: left behind by a full claim, or scheduled and due.
                 known = more_waiting_full or now >= due_from
                 sent = clock()
@@ -231,6 +258,16 @@ class Dispatcher:
                 for job in jobs:
                     self.running += 1
                     self._submit(job)
+                if self._max_jobs is not None and self.claimed >= self._max_jobs:
+                    self._finish("max-jobs")
+                elif self._until_empty and not jobs and not deferred and self._idle():
+                    try:
+                        left = await self._store.work_left(self._queues)
+                    except DatabaseUnavailable as exc:
+                        log.warning("could not tell whether work is left (%s)", exc)
+                        left = True  # the next wake-up asks again
+                    if not left:
+                        self._finish("until-empty")
                 continue
             if more_waiting:
                 # Work is known and every slot is busy: the timers have nothing to add

@@ -62,6 +62,10 @@ class Settings:
     retain_cancelled: float | None = retention.DEFAULTS["cancelled"]
     retain_dead: float | None = retention.DEFAULTS["dead"]
     retention_interval: float = retention.INTERVAL
+    # One-shot runs (cron, CI, Cloud Run jobs): stop by themselves; see Worker.exit_code.
+    until_empty: bool = False  # stop once nothing in the served queues is to start now
+    max_jobs: int | None = None  # stop claiming after this many jobs, let them finish
+    max_runtime: float | None = None  # seconds; then as on SIGTERM
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -83,6 +87,10 @@ class Settings:
                 raise ConfigurationError(f"retention of {status} jobs cannot be negative")
         if not self.retention_interval > 0:
             raise ConfigurationError("retention interval must be positive")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            raise ConfigurationError("max jobs must be at least 1")
+        if self.max_runtime is not None and not self.max_runtime > 0:
+            raise ConfigurationError("max runtime must be positive")
 
     def retention_ages(self) -> dict[str, float | None]:
         return {
@@ -109,6 +117,8 @@ class Worker:
         self._loop_beat = time.monotonic()
         self.ready = anyio.Event()
         self._signalled = False
+        self._hurry = anyio.Event()  # stop() was called: running jobs get the shutdown grace
+        self.runtime_exceeded = False
         self._cancel_check = anyio.Event()
         self.listening = anyio.Event()
         self.notifications = 0  # wake-ups by a notification naming a served queue
@@ -136,6 +146,8 @@ class Worker:
             submit=self._submit,
             held_ids=self.held.ids,
             unwritten=lambda: self.completer.pending,
+            max_jobs=settings.max_jobs,
+            until_empty=settings.until_empty,
         )
         self.completer = Completer(
             complete_store,
@@ -176,7 +188,15 @@ class Worker:
 
     def stop(self) -> None:
         """Begin a graceful shutdown: claim nothing more, let running jobs finish."""
+        self._hurry.set()
         self.dispatcher.stop()
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 3 when `until_empty` was asked and a limit ended the run first:
+        claimable work may be left (the queues were not seen empty)."""
+        limited = self.runtime_exceeded or self.dispatcher.stopped_by == "max-jobs"
+        return 3 if self.settings.until_empty and limited else 0
 
     def _submit(self, job: Job) -> None:
         self.held.claimed((job.id, job.attempt))
@@ -223,6 +243,8 @@ class Worker:
                 background.start_soon(self._summaries)
                 background.start_soon(self.reports.run)
                 background.start_soon(self.retention.run)
+                if s.max_runtime is not None:
+                    background.start_soon(self._runtime_limit, s.max_runtime)
                 async with anyio.create_task_group() as work:
                     await work.start(self.pool.run)
                     work.start_soon(self.completer.run)
@@ -279,12 +301,32 @@ class Worker:
                 raise self.leases.failure
             await anyio.sleep(interval)
 
+    async def _runtime_limit(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+        log.info("stopping: --max-runtime of %ss reached", seconds)
+        self.runtime_exceeded = True
+        self.stop()
+
     async def _drain(self) -> None:
-        running = self.pool.running
+        # Claimed jobs, started or still waiting for a slot (pool.running counts started ones).
+        if not self._hurry.is_set() and self.dispatcher.running:
+            # A one-shot run that reached its end (max-jobs): the jobs it took are its
+            # work, so they finish however long they take, unless a signal or
+            # --max-runtime says to hurry.
+            log.info("claiming no more; waiting for %d running jobs", self.dispatcher.running)
+            async with anyio.create_task_group() as tg:
+
+                async def idle() -> None:
+                    await self.pool.wait_idle()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(idle)
+                await self._hurry.wait()
+                tg.cancel_scope.cancel()
         log.info(
             "stopping: claiming no more; waiting up to %ss for %d running jobs",
             self.settings.shutdown_timeout,
-            running,
+            self.dispatcher.running,
         )
         self.pool.signal_stopping()
         with anyio.move_on_after(self.settings.shutdown_timeout):

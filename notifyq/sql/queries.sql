@@ -250,6 +250,21 @@ RETURNING id;
 -- or a plain UPDATE to 'cancelled'): their handlers are interrupted.
 SELECT id FROM notifyq.jobs WHERE id = ANY(%(ids)s::bigint[]) AND status = 'cancelled';
 
+-- name: work_left
+-- For `serve --until-empty`, asked only once a claim found nothing and nothing runs
+-- here: is any job of the served queues still to be started now?  Ready ones that a
+-- concurrency cap held by other dispatchers kept from us count, and so do those a
+-- rate limit gave a slot (rate_reserved: ready work spread out, not scheduled work).
+-- Delayed jobs and retries waiting out their backoff do not: they are for a later run.
+-- Two probes, not one OR, so the first stays on jobs_claim_idx; the second reads the
+-- scheduled jobs of the served queues only when nothing is ready, i.e. once, at the end.
+SELECT EXISTS (SELECT FROM notifyq.jobs j
+               WHERE j.status = 'queued' AND j.queue = ANY(%(queues)s::text[])
+                 AND j.run_at <= now())
+    OR EXISTS (SELECT FROM notifyq.jobs j
+               WHERE j.status = 'queued' AND j.queue = ANY(%(queues)s::text[])
+                 AND j.rate_reserved);
+
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
 -- charging the attempt that was interrupted.  Fenced like `complete`.
