@@ -5,12 +5,20 @@ job (from claim until its outcome is written) this dispatcher renews the
 lease every `heartbeat` seconds in one statement for all of them.
 
 Rescue (notifyq.rescue_jobs) finds lost jobs two ways.  A dispatcher that
-listens holds a liveness lock on its listening connection; PostgreSQL frees
-it the moment that session dies, and once a rescuer has seen it free for
-SESSION_GRACE the dead dispatcher's running jobs are queued again: a kill -9
-costs seconds, whatever the lease.  The lease is the backstop for what a
-session cannot show (a frozen process whose socket is open, a partition the
-server has not noticed, a pooler): any job whose lease expired is re-queued.
+listens holds a liveness lock on its listening connection, which PostgreSQL
+frees the moment that session dies, and while it holds jobs this keeper
+writes a beat (`alive_at`) every ALIVE_BEAT seconds from its own connection.
+A claimant whose lock is free and who has shown no sign of life (beat or
+claim) for SESSION_GRACE is dead: its running jobs are queued again, so a
+kill -9 costs seconds, whatever the lease.  Either witness alone keeps a live
+dispatcher's jobs: the beat when only its listening connection dropped, the
+lock when the process is frozen or its keeper slow.  The lease is the backstop
+for what a session cannot show (a frozen process whose socket is open, a
+partition the server has not noticed, a pooler): any job whose lease expired
+is re-queued.  After this keeper's own connection failed and came back (a
+server restart or failover: every lock was free, every beat stopped), it
+rescues by lease only for RESTART_GRACE, giving live dispatchers time to
+reconnect and beat.
 The sweep runs every `rescue_interval` seconds, and every FAST_SWEEP seconds
 while other dispatchers with a liveness lock run jobs (the last sweep saw
 some, or the status channel announced activity: `poke`).  All times are the
@@ -50,12 +58,14 @@ from .store import Store
 log = logging.getLogger("notifyq.leases")
 
 SESSION_GRACE = 2.0
-"""Seconds a dispatcher's liveness lock must stay free before its jobs are rescued: a
-live dispatcher whose connection dropped takes it back within a reconnect (at most
-listener.RECONNECT_CAP seconds of backoff)."""
+"""Seconds without a sign of life (beat or claim) after which a dispatcher whose liveness
+lock is free counts as dead: two beats missed."""
+ALIVE_BEAT = 1.0
+"""Seconds between two beats (notifyq.dispatchers.alive_at) while this dispatcher holds
+jobs; none while it holds nothing, so an idle dispatcher writes nothing for it."""
 RESTART_GRACE = 5.0
-"""Seconds after the server (re)started during which no free liveness lock counts:
-every dispatcher is reconnecting then."""
+"""Seconds after the server (re)started, or this keeper's connection came back, during
+which no free liveness lock counts: every dispatcher is reconnecting then."""
 FAST_SWEEP = 0.5
 """Seconds between two rescue sweeps while other dispatchers' sessions are watched: with
 SESSION_GRACE, a dead dispatcher's jobs are queued again about 3 s after it died."""
@@ -94,6 +104,8 @@ class LeaseKeeper:
         self.failure: BaseException | None = None  # why the thread died, for the main loop
         # time.monotonic() until which rescue sweeps run every FAST_SWEEP seconds.
         self._watch_until = 0.0
+        # anyio clock before which free liveness locks are not trusted (see RESTART_GRACE).
+        self._trust_sessions_at = 0.0
 
     def poke(self) -> None:
         """Jobs changed status somewhere: sweep often for a while, in case their
@@ -134,9 +146,11 @@ class LeaseKeeper:
         clock = anyio.current_time
         next_rescue = clock()  # at start-up: the jobs of a dispatcher that died before us
         next_beat = clock()  # the first heartbeat registers this dispatcher at once
+        next_alive = clock()
         failures = 0
         while True:
-            # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier.
+            # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier
+            # and whether jobs are held (ALIVE_BEAT).
             await anyio.sleep(max(0.0, min(next_rescue, next_beat, clock() + FAST_SWEEP) - clock()))
             if time.monotonic() < self._watch_until:
                 next_rescue = min(next_rescue, clock() + FAST_SWEEP)
@@ -144,11 +158,17 @@ class LeaseKeeper:
                 if clock() >= next_beat:
                     await self.renew()
                     next_beat = clock() + self._heartbeat
+                if clock() >= next_alive and self._ledger and self._loop_alive(warn=False):
+                    await self._store.alive(self._claimant)
+                    next_alive = clock() + ALIVE_BEAT
                 if clock() >= next_rescue:
-                    watched = await self.rescue()
+                    watched = await self.rescue(trust_sessions=clock() >= self._trust_sessions_at)
                     interval = FAST_SWEEP if watched else self._rescue_interval
                     # Jitter spreads many dispatchers' rescues apart.
                     next_rescue = clock() + interval * random.uniform(0.8, 1.2)
+                if failures:
+                    # Back after an outage others may have had too: give them time.
+                    self._trust_sessions_at = clock() + RESTART_GRACE
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
@@ -158,8 +178,10 @@ class LeaseKeeper:
                 next_beat = min(next_beat, clock() + delay)
                 next_rescue = min(next_rescue, clock() + delay)
 
-    def _loop_alive(self) -> bool:
+    def _loop_alive(self, *, warn: bool = True) -> bool:
         stalled = time.monotonic() - self._loop_beat()
+        if not warn:
+            return stalled <= self._max_stall
         if stalled > self._heartbeat:
             if not self._stall_warned:
                 self._stall_warned = True
@@ -221,10 +243,13 @@ class LeaseKeeper:
             return
         self.beat_at = time.monotonic()
 
-    async def rescue(self) -> int:
+    async def rescue(self, *, trust_sessions: bool = True) -> int:
         """One sweep; returns how many other dispatchers' sessions it watches."""
         rescue = await self._store.rescue(
-            self._claimant, session_grace=SESSION_GRACE, restart_grace=RESTART_GRACE
+            self._claimant,
+            session_grace=SESSION_GRACE,
+            restart_grace=RESTART_GRACE,
+            trust_sessions=trust_sessions,
         )
         self.rescued += len(rescue.jobs)
         for job in rescue.jobs:

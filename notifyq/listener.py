@@ -16,8 +16,10 @@ With `liveness`, the connection also holds the dispatcher's liveness lock
 (notifyq.rescue_jobs in schema.sql) for as long as it lives: this is the
 connection that notices a broken socket first, since it always waits on it,
 so a live dispatcher whose session dropped takes the lock back within a
-reconnect, long before rescuers give up on it.  Reconnects back off to at
-most RECONNECT_CAP seconds for that reason.
+reconnect.  Meanwhile the lease keeper's beat, on another connection, vouches
+for it: rescuers take a dispatcher for dead only when both have failed.
+Reconnects back off to at most RECONNECT_CAP seconds, and a lock still held
+by an old session is tried again every LIVENESS_RETRY seconds.
 
 After every LISTEN it also checks that notifications really arrive: another
 connection sends a probe, which must come back within PROBE_TIMEOUT.  Behind
@@ -47,6 +49,7 @@ PROBE_PREFIX = "notifyq-probe:"  # ':' keeps it from ever naming a queue
 LIMIT_PREFIX = "limit:"  # notifyq.queue_limits changed for the queue that follows
 PROBE_TIMEOUT = 5.0
 RECONNECT_CAP = 2.0  # seconds: well inside the rescuers' grace for a lost session
+LIVENESS_RETRY = 1.0  # seconds between tries while the lock is not ours yet
 LIVENESS_TRIES = 20  # a rescuer holds the lock for one statement; the old session may linger
 LEFT_RUNNING = frozenset({"succeeded", "dead", "cancelled", "queued"})  # statuses after running
 
@@ -110,6 +113,8 @@ async def listen(
                 await send_probe(probe)
                 while True:
                     wait = ping_interval
+                    if liveness is not None and not listener.holds_liveness:
+                        wait = min(wait, LIVENESS_RETRY)
                     if probe_deadline is not None:
                         wait = max(0.0, probe_deadline - anyio.current_time())
                     payloads = await listener.wait(wait)
@@ -168,6 +173,8 @@ async def _hold_liveness(listener: Listener) -> None:
         await anyio.sleep(0.05)
     log.warning(
         "could not take this dispatcher's liveness lock: another session holds it (an old "
-        "connection of this process the server has not noticed is gone?); retrying, and "
-        "until then only lease expiry tells whether this dispatcher is alive"
+        "connection of this process the server has not noticed is gone?); retrying every "
+        "%.0fs. Meanwhile the lease keeper's beat shows this dispatcher alive, and if it "
+        "dies its jobs are rescued when their leases expire",
+        LIVENESS_RETRY,
     )

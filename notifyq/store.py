@@ -570,15 +570,23 @@ class Store:
         await self._run("notify", {"channel": channel, "payload": payload})
 
     async def rescue(
-        self, claimant: str, *, session_grace: float, restart_grace: float, limit: int = 1000
+        self,
+        claimant: str,
+        *,
+        session_grace: float,
+        restart_grace: float,
+        trust_sessions: bool = True,
+        limit: int = 1000,
     ) -> Rescue:
-        """Re-queue the jobs of dispatchers whose session ended or whose lease expired."""
+        """Re-queue the jobs of dispatchers whose session ended or whose lease expired;
+        `trust_sessions` false: by lease only (our own connection has just come back)."""
         rows = await self._run(
             "rescue",
             {
                 "claimant": claimant,
                 "session_grace": session_grace,
                 "restart_grace": restart_grace,
+                "trust_sessions": trust_sessions,
                 "limit": limit,
             },
         )
@@ -589,6 +597,9 @@ class Store:
     async def register(self, registration: dict[str, Any], running: int) -> None:
         """Upsert this dispatcher's registry row (prunes day-old stopped/lost rows too)."""
         await self._run("register_dispatcher", {**registration, "running": running})
+
+    async def alive(self, claimant: str) -> None:
+        await self._run("alive", {"claimant": claimant})
 
     async def unregister(self, claimant: str) -> None:
         await self._run("dispatcher_stopped", {"claimant": claimant})

@@ -187,7 +187,7 @@ def test_rescue_probes_running_jobs_only(big_dsn: str) -> None:
     query(
         big_dsn,
         "INSERT INTO notifyq.dispatchers (claimant, host, pid, queues, concurrency, heartbeat,"
-        " liveness_lock, session_lost_at) VALUES ('x', 'h', 1, '{default}', 1, 10, true, now())",
+        " liveness_lock, alive_at) VALUES ('x', 'h', 1, '{default}', 1, 10, true, NULL)",
     )
     query(
         big_dsn,
@@ -195,7 +195,13 @@ def test_rescue_probes_running_jobs_only(big_dsn: str) -> None:
         " WHERE status = 'running' AND id % 2 = 0",
     )
     # No grace: the session of 'x' (claimant of the running jobs) counts as lost at once.
-    params = {"claimant": "me", "session_grace": 0.0, "restart_grace": 0.0, "limit": 1000}
+    params = {
+        "claimant": "me",
+        "session_grace": 0.0,
+        "restart_grace": 0.0,
+        "trust_sessions": True,
+        "limit": 1000,
+    }
     plans = nested_plans(big_dsn, "rescue", params)
     on_jobs = [
         scans(nodes) for nodes in plans if any(n.get("Relation Name") == "jobs" for n in nodes)

@@ -302,7 +302,13 @@ RETURNING id;
 -- NULL) says how many other live claimants with running jobs are watched.
 SELECT id, status, cause, watched
 FROM notifyq.rescue_jobs(%(claimant)s, make_interval(secs => %(session_grace)s),
-                         make_interval(secs => %(restart_grace)s), %(limit)s);
+                         make_interval(secs => %(restart_grace)s), %(trust_sessions)s,
+                         %(limit)s);
+
+-- name: alive
+-- The lease keeper's beat while it holds jobs: with its liveness lock free but a
+-- recent beat, a dispatcher is alive (only its listening connection dropped).
+UPDATE notifyq.dispatchers SET alive_at = now() WHERE claimant = %(claimant)s;
 
 -- name: liveness_lock
 -- The listener's connection takes this dispatcher's liveness lock for as long as

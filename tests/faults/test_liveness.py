@@ -21,6 +21,7 @@ import signal
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,6 +220,14 @@ def test_a_dispatcher_whose_listening_session_drops_keeps_its_jobs(
         claimant = claimant_of(fault_dsn, victim.pid)
         old = liveness_holder(fault_dsn, claimant)
         assert old is not None
+
+        def alive_at() -> Any:
+            sql = "SELECT alive_at FROM notifyq.dispatchers WHERE claimant = %s"
+            return query(fault_dsn, sql, claimant)[0][0]
+
+        # While it holds jobs its keeper beats, from another connection than the lock's.
+        first = wait_until(alive_at, message="the victim's first beat")
+        wait_until(lambda: alive_at() > first, message="the victim to beat again")
         harness.fault(fault_dsn, "pg_terminate_backend notifyq:listen", pid=old)
         query(fault_dsn, "SELECT pg_terminate_backend(%s)", old)
         dropped_at = time.monotonic()

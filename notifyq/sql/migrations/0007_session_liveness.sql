@@ -5,25 +5,30 @@
 -- liveness_lock: the dispatcher holds the session-level advisory lock
 -- (28274, hashtext(claimant)) on one connection for as long as it lives, so
 -- PostgreSQL releases it the moment that connection dies (kill -9, crash, a
--- terminated backend).  session_lost_at: when a rescuer first found that lock
--- free; cleared when found held again.
+-- terminated backend).  alive_at: the last sign of life its lease keeper wrote
+-- (a beat a second while it holds jobs, from another connection).
 ALTER TABLE notifyq.dispatchers
-    ADD COLUMN IF NOT EXISTS liveness_lock   boolean     NOT NULL DEFAULT false,
-    ADD COLUMN IF NOT EXISTS session_lost_at timestamptz;
+    ADD COLUMN IF NOT EXISTS liveness_lock boolean     NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS alive_at      timestamptz;
 
 -- The rescue every dispatcher runs, as one statement.  Two ways a running job
 -- is found lost:
---   * its dispatcher's session ended: the liveness lock of a claimant that
---     registered one (liveness_lock) is free.  The rescue waits until the lock
---     has been seen free for session_grace (a live dispatcher whose connection
---     dropped takes it back within a second or so), and counts no sighting from
---     the first restart_grace after the server started (every dispatcher is
---     reconnecting then).  A frozen process keeps its session: the lease tells.
+--   * its dispatcher's session ended: a claimant that registered a liveness
+--     lock (liveness_lock) no longer holds it, AND it has shown no sign of life
+--     for session_grace: neither an alive_at beat (its lease keeper writes one a
+--     second while it holds jobs, from another connection) nor a claim (the
+--     started_at of its running jobs).  Both must fail: a live dispatcher whose
+--     listening connection dropped keeps beating; a frozen one keeps its
+--     session (the lease tells).  The caller passes trust_sessions false while
+--     its own connection has just come back (a failover: every lock is free and
+--     every beat old for a moment), and no session counts in the first
+--     restart_grace after the server started.
 --   * its lease expired (the backstop for everything the session cannot show:
 --     a frozen process, a partition PostgreSQL has not noticed, a pooler).
 -- Either way the attempt counts, a job with no attempts left goes dead, and
 -- run_at is kept (the job goes back to its old place).  Rows are locked with
--- SKIP LOCKED, so rescuers never wait for each other or for a completion.
+-- SKIP LOCKED, and the liveness lock is only tried: rescuers never wait for
+-- each other or for a completion, and keep no state between sweeps.
 -- Returns the rescued jobs, then one row with id NULL whose `watched` is how many
 -- other claimants with running jobs have a liveness lock: while there are any,
 -- the caller sweeps again soon.
@@ -31,6 +36,7 @@ CREATE OR REPLACE FUNCTION notifyq.rescue_jobs(
     me text,
     session_grace interval,
     restart_grace interval,
+    trust_sessions boolean,
     max_rows integer
 ) RETURNS TABLE (id bigint, status text, cause text, watched integer)
 LANGUAGE plpgsql
@@ -40,31 +46,23 @@ AS $$
 DECLARE
     d record;
     counted integer := 0;
-    trusted_from timestamptz := pg_postmaster_start_time() + restart_grace;
+    by_session boolean := trust_sessions
+        AND now() >= pg_postmaster_start_time() + restart_grace;
 BEGIN
     FOR d IN
-        SELECT r.claimant, r.session_lost_at
-        FROM (SELECT DISTINCT j.claimed_by FROM notifyq.jobs j WHERE j.status = 'running') AS c
+        SELECT r.claimant, greatest(r.alive_at, c.last_claim) AS seen_alive
+        FROM (SELECT j.claimed_by, max(j.started_at) AS last_claim
+              FROM notifyq.jobs j WHERE j.status = 'running'
+              GROUP BY j.claimed_by) AS c
         JOIN notifyq.dispatchers r ON r.claimant = c.claimed_by
         WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me
         ORDER BY r.claimant
     LOOP
         counted := counted + 1;
-        -- Held until this statement's transaction ends: a dispatcher taking its lock
-        -- back meanwhile retries, and no other rescuer sees it free twice at once.
-        IF NOT pg_try_advisory_xact_lock(28274, hashtext(d.claimant)) THEN
-            IF d.session_lost_at IS NOT NULL THEN  -- alive again (it reconnected)
-                UPDATE notifyq.dispatchers r SET session_lost_at = NULL
-                WHERE r.claimant = d.claimant;
-            END IF;
-            CONTINUE;
-        END IF;
-        IF d.session_lost_at IS NULL OR d.session_lost_at < trusted_from THEN
-            UPDATE notifyq.dispatchers r SET session_lost_at = now()
-            WHERE r.claimant = d.claimant;
-            CONTINUE;
-        END IF;
-        CONTINUE WHEN d.session_lost_at > now() - session_grace;
+        CONTINUE WHEN NOT by_session OR d.seen_alive > now() - session_grace;
+        -- Held until this statement's transaction ends: the dispatcher, were it
+        -- taking its lock back meanwhile, retries; another rescuer skips it.
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(28274, hashtext(d.claimant));
         RETURN QUERY
         WITH lost AS MATERIALIZED (
             SELECT j.id
@@ -109,8 +107,7 @@ BEGIN
     RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text, counted;
 END
 $$;
-COMMENT ON FUNCTION notifyq.rescue_jobs(text, interval, interval, integer) IS
+COMMENT ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) IS
     'Re-queue (or send dead) running jobs whose dispatcher''s database session ended (its '
-    'liveness lock free for session_grace) or whose lease expired; returns them, then a row '
-    'with id NULL and how many other live claimants are watched.';
-REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, integer) FROM PUBLIC;
+    'liveness lock free and no sign of life for session_grace) or whose lease expired; '
+    'returns them, then a row with id NULL and how many other live claimants are watched.';
