@@ -1083,6 +1083,7 @@ REVOKE EXECUTE ON FUNCTION notifyq.set_history(boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.claim_room(text, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rate_admit(bigint[], text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7) ON CONFLICT (version) DO NOTHING;

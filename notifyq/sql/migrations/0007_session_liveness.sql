@@ -111,3 +111,24 @@ COMMENT ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integ
     'Re-queue (or send dead) running jobs whose dispatcher''s database session ended (its '
     'liveness lock free and no sign of life for session_grace) or whose lease expired; '
     'returns them, then a row with id NULL and how many other live claimants are watched.';
+REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
+
+-- Roles that `notifyq roles` made workers before this version may run the rescue
+-- too, without running `notifyq roles` again: they are those that may execute
+-- notifyq.claim_room.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole AS role
+        FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) AS a
+        WHERE p.oid = 'notifyq.claim_room(text, integer)'::regprocedure
+          AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION '
+                       'notifyq.rescue_jobs(text, interval, interval, boolean, integer) TO %s',
+                       r.role);
+    END LOOP;
+END
+$$;
