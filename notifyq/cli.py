@@ -209,8 +209,8 @@ def load_app(target: str) -> App:
     type=click.FloatRange(1),
     default=30.0,
     show_default=True,
-    help="Seconds a claim holds without a heartbeat; a killed process's jobs "
-    "are rescued after this.",
+    help="Seconds a claim holds without a heartbeat: a frozen process's jobs are rescued "
+    "after this (a killed one's within seconds, through its database session).",
 )
 @click.option(
     "--shutdown-timeout",

@@ -159,7 +159,7 @@ class Completer:
                 if self._closing and anyio.current_time() >= self._give_up_at:
                     log.error(
                         "shutting down with %d outcomes unwritten (%s); their jobs run again "
-                        "once their leases expire",
+                        "once this dispatcher is found gone (its session, or its leases)",
                         self.pending,
                         exc,
                     )

@@ -5,7 +5,7 @@ The states of a job (column `status`) and who moves it between them:
     INSERT ──> queued ──claim──> running ──success──> succeeded
                  ^                 │ │ └──no attempts left / DoNotRetry──> dead
                  │                 │ └────handed back at shutdown (attempt not counted)──┐
-                 └──retry (backoff)┴──lease expired, rescued (attempt counted)───────────┤
+                 └──retry (backoff)┴──dispatcher dead, rescued (attempt counted)────────┤
                  └───────────────────────────────────────────────────────────────────────┘
     queued/running ──UPDATE by an operator──> cancelled
     dead ──UPDATE by an operator──> queued          (the dead-letter queue is re-queueable)

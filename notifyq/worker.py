@@ -399,5 +399,5 @@ class Worker:
                     )
                     self.stop()
                 else:
-                    log.warning("second signal: exiting now; leases return running jobs later")
+                    log.warning("second signal: exiting now; running jobs are rescued once this session is gone")
                     os._exit(128 + signum)
