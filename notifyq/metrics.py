@@ -185,7 +185,10 @@ class _Collector:
                 "Outcomes dropped because the job was no longer ours (rescued or cancelled).",
                 w.completer.fenced,
             ),
-            "notifyq_rescued": ("Jobs this process rescued from dead dispatchers (session ended, or lease expired).", w.leases.rescued),
+            "notifyq_rescued": (
+                "Jobs this process rescued from dead dispatchers (session ended, lease expired).",
+                w.leases.rescued,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -399,5 +399,7 @@ class Worker:
                     )
                     self.stop()
                 else:
-                    log.warning("second signal: exiting now; running jobs are rescued once this session is gone")
+                    log.warning(
+                        "second signal: exiting now; running jobs are rescued once this one is gone"
+                    )
                     os._exit(128 + signum)
