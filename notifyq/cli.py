@@ -82,6 +82,10 @@ class Group(click.Group):
             raise
         except psycopg.Error as exc:
             fail(f"PostgreSQL: {exc}")
+        finally:
+            # Leave the private server's users (the last one stops it); the signals that
+            # end a command leave in embedded.py's handlers instead.
+            embedded.release()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import failpoints, listener, retention, store
+from . import embedded, failpoints, listener, retention, store
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import ConfigurationError, DatabaseUnavailable
@@ -389,17 +389,28 @@ class Worker:
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 
     async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if not self._signalled:
-                    self._signalled = True
-                    log.info(
-                        "received %s: shutting down gracefully (again to exit at once)",
-                        signal.Signals(signum).name,
-                    )
-                    self.stop()
-                else:
-                    log.warning(
-                        "second signal: exiting now; running jobs are rescued once this one is gone"
-                    )
-                    os._exit(128 + signum)
+        watched = (signal.SIGTERM, signal.SIGINT)
+        # Closing the receiver sets Python's defaults, not what was there before it: put
+        # back the handlers that leave the private server's users (embedded.py).
+        before = {signum: signal.getsignal(signum) for signum in watched}
+        try:
+            with anyio.open_signal_receiver(*watched) as signals:
+                async for signum in signals:
+                    if not self._signalled:
+                        self._signalled = True
+                        log.info(
+                            "received %s: shutting down gracefully (again to exit at once)",
+                            signal.Signals(signum).name,
+                        )
+                        self.stop()
+                    else:
+                        log.warning(
+                            "second signal: exiting now; running jobs are rescued once this "
+                            "one is gone"
+                        )
+                        embedded.release()  # os._exit runs no finally and no atexit
+                        os._exit(128 + signum)
+        finally:
+            for signum, handler in before.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
