@@ -650,20 +650,23 @@ WITH RECURSIVE pairs AS (
     ) AS n
 ), live AS MATERIALIZED (
     SELECT d.queues, d.tasks FROM notifyq.dispatcher_status d WHERE d.state = 'running'
+), unserved AS MATERIALIZED (  -- before counting: a served pair's jobs are never counted
+    SELECT p.queue, p.task, EXISTS (SELECT FROM live d WHERE p.queue = ANY(d.queues)) AS served
+    FROM pairs p
+    WHERE coalesce(p.queue = ANY(%(queues)s::text[]), true)
+      AND NOT EXISTS (SELECT FROM live d
+                      WHERE p.queue = ANY(d.queues)
+                        AND (d.tasks IS NULL OR p.task = ANY(d.tasks)))
 )
-SELECT p.queue, p.task, c.jobs, c.oldest,
-       EXISTS (SELECT FROM live d WHERE p.queue = ANY(d.queues)) AS served
-FROM pairs p
+SELECT u.queue, u.task, c.jobs, c.oldest, u.served
+FROM unserved u
 CROSS JOIN LATERAL (
     SELECT count(*) AS jobs, extract(epoch FROM now() - min(j.run_at))::float8 AS oldest
     FROM notifyq.jobs j
-    WHERE j.status = 'queued' AND j.queue = p.queue AND j.task = p.task AND j.run_at <= now()
+    WHERE j.status = 'queued' AND j.queue = u.queue AND j.task = u.task AND j.run_at <= now()
 ) AS c
-WHERE coalesce(p.queue = ANY(%(queues)s::text[]), true)
-  AND NOT EXISTS (SELECT FROM live d
-                  WHERE p.queue = ANY(d.queues) AND (d.tasks IS NULL OR p.task = ANY(d.tasks)))
-  AND c.jobs > 0
-ORDER BY p.queue, p.task;
+WHERE c.jobs > 0
+ORDER BY u.queue, u.task;
 
 -- name: health_lost_dispatchers
 -- notifyq health: dispatchers whose heartbeat stopped without a graceful exit.
