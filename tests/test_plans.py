@@ -392,5 +392,9 @@ async def test_the_claim_connection_plans_once_unless_it_prepares_nothing(
         conn = await claim_store._connection()
         cur = await conn.execute("SHOW plan_cache_mode")
         assert await cur.fetchone() == (expected,)
+        # Either way, no JIT: the claim's estimated cost grows with the backlog (not its work),
+        # and past jit_above_cost every execution would be compiled (~600 ms on PostgreSQL 15).
+        cur = await conn.execute("SHOW jit")
+        assert await cur.fetchone() == ("off",)
     finally:
         await claim_store.close()
