@@ -1,4 +1,4 @@
--- notifyq schema, version 7.
+-- notifyq schema, version 8.
 --
 -- This file is the one canonical schema. `notifyq migrate` applies it (in one
 -- transaction, under an advisory lock, recording the version); by hand it is
@@ -116,12 +116,15 @@ COMMENT ON CONSTRAINT jobs_depends_on_valid ON notifyq.jobs IS
 COMMENT ON CONSTRAINT jobs_rate_key_length ON notifyq.jobs IS
     'rate_key: NULL or 1-200 characters';
 
--- Claimable rows, in claim order.  Partial, so finished rows cost nothing here.
+-- Claimable rows, in claim order per (queue, task): the claim probes one
+-- (queue, task) pair at a time, so jobs of tasks it cannot run (and of other
+-- queues) are never read, however many there are.  Partial, so finished rows
+-- cost nothing here.
 CREATE INDEX IF NOT EXISTS jobs_claim_idx
-    ON notifyq.jobs (queue, priority DESC, run_at, id) WHERE status = 'queued';
--- The earliest future run_at, for the dispatcher's precise timer.
+    ON notifyq.jobs (queue, task, priority DESC, run_at, id) WHERE status = 'queued';
+-- The earliest future run_at per (queue, task), for the dispatcher's precise timer.
 CREATE INDEX IF NOT EXISTS jobs_scheduled_idx
-    ON notifyq.jobs (run_at) WHERE status = 'queued';
+    ON notifyq.jobs (queue, task, run_at) WHERE status = 'queued';
 -- Running jobs by lease, for the rescuer and for lease renewal.
 CREATE INDEX IF NOT EXISTS jobs_lease_idx
     ON notifyq.jobs (lease_expires_at) WHERE status = 'running';
@@ -459,7 +462,10 @@ CREATE TABLE IF NOT EXISTS notifyq.dispatchers (
     -- wrote (a beat a second while it holds jobs, from another connection).  See
     -- notifyq.rescue_jobs.
     liveness_lock boolean     NOT NULL DEFAULT false,
-    alive_at      timestamptz
+    alive_at      timestamptz,
+    -- The tasks the dispatcher has handlers for; NULL (a dispatcher older than
+    -- schema version 8) means any task.
+    tasks         text[]
 );
 COMMENT ON TABLE notifyq.dispatchers IS
     'One row per notifyq serve process, kept by the dispatchers themselves: read it, do not write it.';
@@ -471,7 +477,8 @@ SELECT d.claimant, d.host, d.pid, d.queues, d.concurrency, d.running, d.heartbea
        d.started_at, d.heartbeat_at, d.stopped_at,
        CASE WHEN d.stopped_at IS NOT NULL THEN 'stopped'
             WHEN d.heartbeat_at < now() - make_interval(secs => 3 * d.heartbeat) THEN 'lost'
-            ELSE 'running' END AS state
+            ELSE 'running' END AS state,
+       d.tasks
 FROM notifyq.dispatchers d;
 COMMENT ON VIEW notifyq.dispatcher_status IS
     'notifyq.dispatchers with a state: running, stopped (graceful exit) or lost '
@@ -1086,4 +1093,4 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
-INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7) ON CONFLICT (version) DO NOTHING;
+INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8) ON CONFLICT (version) DO NOTHING;

@@ -8,7 +8,7 @@ Starts a private PostgreSQL (embedded, default settings, fsync on) unless
 prints medians with min-max.  benchmarks/README.md describes each scenario
 and how each system is configured.
 
-Scenarios: drain enqueue contended latency steady idle scale
+Scenarios: drain enqueue contended latency steady idle scale crowd
 Systems:   notifyq raw pgqueuer-asyncpg pgqueuer-psycopg procrastinate
 """
 
@@ -31,7 +31,7 @@ from .report import Cell, render
 from .scenarios import QUICK, Sizes
 from .systems import NOT_INSTALLED, SYSTEMS, System, installed
 
-ALL = ["drain", "enqueue", "contended", "latency", "steady", "idle", "scale"]
+ALL = ["drain", "enqueue", "contended", "latency", "steady", "idle", "scale", "crowd"]
 
 Scenario = Callable[[System, str, Path], scenarios.Result]
 
@@ -93,6 +93,14 @@ def plan(sizes: Sizes, chosen: list[str], statements: bool) -> dict[str, tuple[s
             f"drain of {n} jobs at concurrency {sizes.scale_concurrency}, empty table vs"
             f" {sizes.scale_rows:,} future-queued + {sizes.scale_rows:,} succeeded rows",
             partial(scenarios.scale, sizes=sizes),
+        )
+    if "crowd" in chosen:
+        out["crowd"] = (
+            "crowd",
+            f"drain of {n} jobs at concurrency {sizes.scale_concurrency}, empty table vs"
+            f" {sizes.crowd_rows:,} other queued jobs due now (half another queue's, half"
+            " the same queue's at a lower priority)",
+            partial(scenarios.crowd, sizes=sizes),
         )
     return out
 
@@ -186,7 +194,9 @@ def run(
                     with server.fresh_database(pg.dsn) as dsn:
                         system.install(dsn)
                         extra = {"fresh": partial(server.fresh_database, pg.dsn)}
-                        result = fn(system, dsn, work, **(extra if kind == "scale" else {}))
+                        result = fn(
+                            system, dsn, work, **(extra if kind in ("scale", "crowd") else {})
+                        )
                     cell.runs.append(result)
                     print(f"    {result}", file=sys.stderr, flush=True)
                 except (procs.RunFailed, Exception) as exc:

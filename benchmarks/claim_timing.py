@@ -1,13 +1,15 @@
 """How long one single-job claim statement takes, planning included.
 
     python -m benchmarks.claim_timing --dsn postgresql://postgres@127.0.0.1:5432/postgres \
-        [--generic]
+        [--generic] [--queued 1000000]
 
-Creates a scratch database, then 1,500 times: inserts one job,
-times the dispatcher's claim statement (prepared, as the dispatcher runs it) and completes
-the job.  Prints the median claim and completion times of the last 1,300.  `--generic`
-sets plan_cache_mode = force_generic_plan on the connection, as the dispatcher's claim
-connection does.  Drops the database at the end.
+Creates a scratch database, then 1,500 times: inserts one job, times the dispatcher's
+claim statement (prepared, as the dispatcher runs it) and completes the job.  Prints the
+median claim and completion times of the last 1,300.  The connection has jit = off, and
+`--generic` sets plan_cache_mode = force_generic_plan, as the dispatcher's claim
+connection does.  `--queued N` first loads N queued jobs, due now, that the claim must
+pass over: half in a queue it does not serve, half in its own queue at a lower priority
+than each round's job (the claim asks for one job).  Drops the database at the end.
 """
 
 from __future__ import annotations
@@ -25,11 +27,24 @@ from .server import fresh_database
 
 ROUNDS, WARMUP = 1500, 200
 
+FILLER = """
+INSERT INTO notifyq.jobs (queue, task, priority)
+SELECT CASE WHEN g %% 2 = 0 THEN 'elsewhere' ELSE 'default' END, 't', -1
+FROM generate_series(1, %(n)s) AS g
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", required=True, help="a server where this role may CREATEDB")
     parser.add_argument("--generic", action="store_true", help="force generic plans")
+    parser.add_argument(
+        "--queued",
+        type=int,
+        default=0,
+        metavar="N",
+        help="queued jobs to load first, which the claim must pass over (default 0)",
+    )
     args = parser.parse_args()
     with fresh_database(args.dsn) as dsn:
         migrate.migrate(dsn)
@@ -37,7 +52,7 @@ def main() -> None:
         completions: list[float] = []
         claim = dict(
             queues=["default"],
-            limit=10,
+            limit=1,
             claimant="bench:1",
             lease=30.0,
             task_names=["t"],
@@ -45,6 +60,12 @@ def main() -> None:
             default_max_attempts=3,
         )
         with psycopg.connect(dsn, autocommit=True) as conn:
+            if args.queued:
+                t0 = time.monotonic()
+                conn.execute(FILLER, {"n": args.queued})
+                conn.execute("VACUUM ANALYZE notifyq.jobs")
+                print(f"loaded {args.queued:,} queued jobs in {time.monotonic() - t0:.0f} s")
+            conn.execute("SET jit = off")
             if args.generic:
                 conn.execute("SET plan_cache_mode = force_generic_plan")
             for _ in range(ROUNDS):
@@ -53,6 +74,7 @@ def main() -> None:
                 rows = conn.execute(QUERIES["claim"], claim, prepare=True).fetchall()
                 claims.append(time.perf_counter() - start)
                 ids = [row[0] for row in rows if row[0] is not None]
+                assert len(ids) == 1, ids
                 start = time.perf_counter()
                 conn.execute(
                     QUERIES["complete_succeeded"],

@@ -8,6 +8,7 @@ from the producer's commit to the handler's first line.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class Sizes:
     idle_seconds: float = 30.0
     scale_rows: int = 1_000_000  # of each: future queued, succeeded
     scale_concurrency: int = 50
+    crowd_rows: int = 1_000_000  # other queued jobs, due now: half another queue's, half ours
     cap: float = 60.0  # seconds a drain (or steady's backlog) may take before it is cut short
 
 
@@ -54,6 +56,7 @@ QUICK = Sizes(
     steady_seconds=3.0,
     idle_seconds=6.0,
     scale_rows=50_000,
+    crowd_rows=50_000,
     cap=15.0,
 )
 
@@ -364,4 +367,79 @@ def scale(
                 f" and VACUUM ANALYZE in {time.monotonic() - t0:.0f} s"
             )
         full = drain(system, loaded, work, sizes, c, "scale")["jobs/s"]
+    return {"empty jobs/s": empty, "loaded jobs/s": full, "loaded/empty %": 100 * full / empty}
+
+
+CROWD_FILLER = """
+INSERT INTO notifyq.jobs (queue, task, priority)
+SELECT CASE WHEN g %% 2 = 0 THEN 'other' ELSE 'default' END, 'bench.job', -1
+FROM generate_series(1, %(n)s) AS g
+"""
+# The drain's own jobs, at priority 0, not yet all finished (the crowd is left queued).
+CROWD_PENDING = (
+    "SELECT EXISTS (SELECT 1 FROM notifyq.jobs WHERE status = 'running' AND priority = 0)"
+    " OR EXISTS (SELECT 1 FROM notifyq.jobs WHERE status = 'queued' AND queue = 'default'"
+    " AND task = 'bench.job' AND priority = 0)"
+)
+
+
+def _checkpoint(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Write out the filler's WAL now, so no checkpoint it caused runs during the drain
+    (needs superuser or pg_checkpoint; without, the drain may pay for it)."""
+    with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+        conn.execute("CHECKPOINT")
+
+
+def crowd(
+    system: System,
+    dsn: str,
+    work: Path,
+    sizes: Sizes,
+    fresh: Callable[[], object],
+) -> Result:
+    """Drain rate with n other queued jobs due now (half in a queue the worker does not
+    serve, half in its own queue at a lower priority), against an empty table.
+
+    The drain's jobs have priority 0 and the crowd -1: once they are all finished the
+    worker starts on the crowd, which the rate does not count.
+    """
+    c = sizes.scale_concurrency
+    empty = drain(system, dsn, work, sizes, c, "crowd")["jobs/s"]
+    jobs = sizes.drain_jobs
+    with fresh() as loaded:  # type: ignore[attr-defined]
+        system.install(loaded)
+        with connect(loaded) as conn:
+            t0 = time.monotonic()
+            conn.execute(CROWD_FILLER, {"n": sizes.crowd_rows})
+            conn.execute(system.insert_bulk, {"n": jobs})
+            row = conn.execute("SELECT min(id) FROM notifyq.jobs WHERE priority = 0").fetchone()
+            assert row is not None
+            first_id = int(row[0])  # type: ignore[call-overload]
+            # The history rows too: autovacuum would otherwise get to them during the drain.
+            conn.execute("VACUUM ANALYZE notifyq.jobs, notifyq.job_history")
+            _checkpoint(conn)
+            NOTES["crowd"] = (
+                f"{sizes.crowd_rows:,} crowd rows by one INSERT ... SELECT generate_series,"
+                " VACUUM ANALYZE (with the history) and CHECKPOINT in"
+                f" {time.monotonic() - t0:.0f} s"
+            )
+            with procs.worker(system.name, loaded, work, "--concurrency", str(c)) as w:
+                procs.wait(lambda: w.count() > 0, "the first job to start", 120, w)
+                finished = procs.reached(
+                    lambda: not conn.execute(CROWD_PENDING).fetchone()[0],  # type: ignore[index]
+                    sizes.cap,
+                    w,
+                )
+                end = time.time()
+                starts = w.starts()
+        ours = {job: at for job, at in starts.items() if job >= first_id}
+        first = min(ours.values())
+        if not finished:
+            _note(
+                f"crowd {system.name}",
+                f"cut at {sizes.cap:.0f} s, {len(ours):,} of {jobs:,} started",
+            )
+            full = len(ours) / (end - first)
+        else:
+            full = jobs / (end - first)
     return {"empty jobs/s": empty, "loaded jobs/s": full, "loaded/empty %": 100 * full / empty}

@@ -578,19 +578,23 @@ def watch_command(
 @_queues_option
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON document.")
 def stats_command(dsn: str | None, queues: tuple[str, ...], as_json: bool) -> None:
-    """Per queue: ready, scheduled, running, the last minute's outcomes, dead, waits."""
+    """Per queue: ready, scheduled, running, the last minute's outcomes, dead, waits; and
+    ready jobs no live dispatcher would claim."""
     import anyio
 
     from . import watch
 
     snap = anyio.run(lambda: watch.once(database(dsn), queues or None))
     if as_json:
-        click.echo(codec.dumps({"queues": snap.as_dict()["queues"]}))
+        found = snap.as_dict()
+        click.echo(codec.dumps({"queues": found["queues"], "unserved": found["unserved"]}))
         return
     from rich.console import Console
 
     console = Console()
     console.print(watch.queue_table(snap, console.width))
+    for line in watch.unserved_lines(snap):
+        console.print(line)
 
 
 @main.group(name="jobs", cls=Group)

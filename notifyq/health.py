@@ -13,13 +13,16 @@ Checks, in order; a failed one stops the rest that depend on it:
                      nobody is rescuing them (no dispatcher alive)
     dispatchers      no registered dispatcher is lost (heartbeat silent    else WARNING
                      for three intervals without a graceful stop)
+    unserved         every ready job has a live dispatcher that would      else WARNING:
+                     claim it (one serving its queue, with a handler for
+                     its task); the others wait, queued, until one starts
 
 Exit status: 0 healthy, 1 a check FAILED, 2 only warnings.  The dead-tuple
 count of notifyq.jobs is reported too (information, never a verdict).
 
 Seeing other roles' transactions needs `pg_read_all_stats` (or superuser):
 without it PostgreSQL hides their `xact_start` and this check cannot see them.
-The SQL is in sql/queries.sql (blocks `health_*`).
+The SQL is in sql/queries.sql (blocks `health_*` and `unserved_jobs`).
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ def _run(conn: Any, report: Report, max_age: float) -> None:
     else:
         report.checks.append(Check("leases", OK, "no expired lease left unrescued"))
     report.checks.append(_dispatchers(conn))
+    report.checks.append(_unserved(conn))
     row = _one(conn, "health_jobs_table")
     if row is not None:
         live, dead = row
@@ -187,4 +191,46 @@ def _dispatchers(conn: Any) -> Check:
         "killed, hung or cut off from the database; their jobs are rescued once their "
         "database session is gone, or their leases expire",
         {"lost": lost, "which": which},
+    )
+
+
+UNSERVED_NAMED = 5  # (queue, task) pairs the message names; details list them all
+
+
+def _unserved(conn: Any) -> Check:
+    found = store.records(conn, "unserved_jobs", {"queues": None})
+    if not found:
+        return Check("unserved", OK, "every ready job has a dispatcher that runs it", {"jobs": 0})
+    total = sum(r["jobs"] for r in found)
+    parts = [
+        f"{r['jobs']} of task {r['task']!r} in queue {r['queue']!r} ("
+        + (
+            "no live dispatcher has a handler for the task"
+            if r["served"]
+            else "no live dispatcher serves the queue"
+        )
+        + ")"
+        for r in found[:UNSERVED_NAMED]
+    ]
+    if len(found) > UNSERVED_NAMED:
+        parts.append(f"and {len(found) - UNSERVED_NAMED} more (queue, task) pairs")
+    return Check(
+        "unserved",
+        WARNING,
+        f"{total} ready jobs wait for a dispatcher that can run them: {'; '.join(parts)}. "
+        "They stay queued until `notifyq serve` runs with an app that registers the task "
+        "and serves the queue (--queues)",
+        {
+            "jobs": total,
+            "unserved": [
+                {
+                    "queue": r["queue"],
+                    "task": r["task"],
+                    "jobs": r["jobs"],
+                    "oldest_seconds": round(r["oldest"], 1),
+                    "queue_served": r["served"],
+                }
+                for r in found
+            ],
+        },
     )

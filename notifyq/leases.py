@@ -93,7 +93,8 @@ class LeaseKeeper:
         self._ledger = ledger  # thread-safe: the main loop changes it meanwhile
         self._loop_beat = loop_beat  # time.monotonic() of the main loop's last tick
         self._max_stall = max_stall
-        # The registry row's fixed columns (claimant, host, pid, queues, concurrency, heartbeat).
+        # The registry row's fixed columns (claimant, host, pid, queues, tasks, concurrency,
+        # heartbeat, liveness_lock).
         self._registration = registration
         self.beat_at: float | None = None  # time.monotonic() of the last heartbeat written
         self._stall_warned = False

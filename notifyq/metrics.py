@@ -3,8 +3,10 @@
 The hot path pays one method call per claimed job and one per finished
 attempt (a label lookup and a counter increment); everything else is read at
 scrape time: the dispatcher's own counters, and from the database the queue
-depth (jobs_claim_idx only) and the enqueue-to-start wait of the attempts this
-process started since the last scrape (by primary key).
+depth (jobs_claim_idx only), the ready jobs no live dispatcher would claim (no
+dispatcher serves their queue, or none has a handler for their task: they wait
+for one), and the enqueue-to-start wait of the attempts this process started
+since the last scrape (by primary key).
 
     /metrics   Prometheus text format
     /healthz   200 while the process serves HTTP at all (liveness)
@@ -90,6 +92,13 @@ class Metrics:
             ["queue", "state"],
             registry=r,
         )
+        self._unserved = prom.Gauge(
+            "notifyq_unserved_jobs",
+            "Ready jobs no live dispatcher would claim (none serves the queue, or none has a "
+            "handler for the task): they wait for one; read at scrape time.",
+            LABELS,
+            registry=r,
+        )
         self._up = prom.Gauge(
             "notifyq_database_up", "1 if the scrape's queries reached the database.", registry=r
         )
@@ -132,13 +141,15 @@ class Metrics:
         return connected and (w.listening.is_set() or not w.settings.listen)
 
     def refresh(self) -> None:
-        """Before each scrape: queue depth, and the waits of attempts started since the last."""
+        """Before each scrape: queue depth, unserved jobs, and the waits of attempts started
+        since the last."""
         ids = [self._waits.popleft() for _ in range(len(self._waits))]
         try:
             with self._conn_lock:
                 if self._conn is None or self._conn.closed:
                     self._conn = store.connect_sync(self._worker.dsn)
                 depth = store.rows(self._conn, "metrics_depth", {})
+                unserved = store.records(self._conn, "unserved_jobs", {"queues": None})
                 waits = store.rows(self._conn, "metrics_waits", {"ids": ids}) if ids else []
         except NotifyqError as exc:
             log.warning("metrics: could not query the database (%s)", exc)
@@ -150,6 +161,9 @@ class Metrics:
         for queue, ready, scheduled in depth:
             self._depth.labels(queue, "ready").set(ready)
             self._depth.labels(queue, "scheduled").set(scheduled)
+        self._unserved.clear()
+        for row in unserved:
+            self._unserved.labels(row["queue"], row["task"]).set(row["jobs"])
         for queue, task, wait in waits:
             self._wait.labels(queue, task).observe(wait)
 

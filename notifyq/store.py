@@ -380,21 +380,31 @@ class Store:
                     conn = await connect(
                         self._dsn, application_name=f"notifyq:{self._role}", prepare=self._prepare
                     )
-                    if self._generic_plans and self._prepare:
-                        # The claim is one long statement over a table with many indexes:
-                        # planning it anew for every execution (PostgreSQL keeps choosing
-                        # custom plans for it) cost about as much as running it.  Its plan
-                        # does not depend on the parameters' values (tests/test_plans.py
-                        # checks the generic one), so a prepared claim is planned once.
+                    if self._generic_plans:
                         try:
                             with translated(self._dsn):
-                                await conn.execute("SET plan_cache_mode = force_generic_plan")
+                                await self._tune_for_claims(conn)
                         except BaseException:
                             await conn.close()
                             raise
                     self._conn = conn
                     log.debug("connected role=%s", self._role)
         return self._conn
+
+    async def _tune_for_claims(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # The claim's plan cannot see how few rows it takes (a LIMIT per (queue, task)
+        # probe whose size is a column), so its estimated cost grows with the backlog:
+        # past jit_above_cost PostgreSQL would compile it to machine code on every
+        # execution, 50-700 ms each, to run a few index probes.  Nothing this
+        # connection runs is worth compiling.
+        await conn.execute("SET jit = off")
+        if self._prepare:
+            # The claim is one long statement over a table with many indexes: planning
+            # it anew for every execution (PostgreSQL keeps choosing custom plans for
+            # it) cost about as much as running it.  Its plan does not depend on the
+            # parameters' values (tests/test_plans.py checks the generic one), so a
+            # prepared claim is planned once.
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
 
     async def _run(
         self, name: str, params: dict[str, Any], *, failpoint: str | None = None

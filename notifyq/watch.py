@@ -1,11 +1,13 @@
 """`notifyq watch`: the live terminal view.  A model that queries, a view that renders.
 
-Model: four statements per refresh (sql/queries.sql `watch_queues`,
-`watch_failures`, `watch_running`, `watch_dispatchers`), each along a partial
-index, never a count of the whole table: ready/scheduled/oldest from
-jobs_claim_idx, running jobs from jobs_lease_idx, dead from jobs_dead_idx, the
-last minute's successes and enqueue-to-start waits from jobs_finished_idx,
-failures from jobs_failed_idx.
+Model: five statements per refresh (sql/queries.sql `watch_queues`,
+`watch_failures`, `watch_running`, `watch_dispatchers`, `unserved_jobs`), each
+along a partial index, never a count of the whole table: ready/scheduled/oldest
+from jobs_claim_idx, running jobs from jobs_lease_idx, dead from jobs_dead_idx,
+the last minute's successes and enqueue-to-start waits from jobs_finished_idx,
+failures from jobs_failed_idx, and the ready jobs no live dispatcher would
+claim (no dispatcher serves their queue, or none has a handler for their task)
+from jobs_claim_idx.
 Throughput is the jobs finished in the last 10 s; its history (the sparkline)
 is kept in memory, as is the backlog's, to tell a growing backlog.
 
@@ -17,8 +19,9 @@ database goes away the view says "reconnecting" and the loop reconnects with
 backoff.
 
 View: rich renderables; red for trouble (dead jobs appeared since watch
-started, the oldest ready job older than `max_age`, a lost dispatcher), yellow
-for a backlog growing over the last 30 s and failures in the last minute.
+started, the oldest ready job older than `max_age`, a lost dispatcher, ready
+jobs no dispatcher would claim), yellow for a backlog growing over the last
+30 s and failures in the last minute.
 Columns are dropped, least useful first, when the terminal is narrower than
 they need.
 """
@@ -48,7 +51,8 @@ SPARK_BUCKETS = 10  # the sparkline: 10 buckets of 30 s, the last 5 minutes
 GROWTH_WINDOW = 30.0  # a backlog larger than this many seconds ago is growing
 FAILURES_SHOWN = 5
 RUNNING_SHOWN = 5
-QUERIES_PER_REFRESH = 4
+QUERIES_PER_REFRESH = 5
+UNSERVED_SHOWN = 5  # lines about jobs no dispatcher would claim; the rest are counted
 _SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -94,6 +98,17 @@ class FailureRow:
 
 
 @dataclass(slots=True)
+class UnservedRow:
+    """Ready jobs of one (queue, task) that no live dispatcher would claim."""
+
+    queue: str
+    task: str
+    jobs: int
+    oldest: float  # seconds the oldest of them has been ready
+    queue_served: bool  # some live dispatcher serves the queue (but not the task)
+
+
+@dataclass(slots=True)
 class RunningRow:
     id: int
     queue: str
@@ -114,6 +129,7 @@ class Snapshot:
     dispatchers: list[DispatcherRow] = field(default_factory=list)
     failures: list[FailureRow] = field(default_factory=list)
     running: list[RunningRow] = field(default_factory=list)  # the longest-running first
+    unserved: list[UnservedRow] = field(default_factory=list)
     refreshes: int = 0
     queries_per_second: float = 0.0
 
@@ -143,6 +159,7 @@ class Model:
         failures = await self._store.fetch("watch_failures", {**params, "limit": FAILURES_SHOWN})
         running = await self._store.fetch("watch_running", {**params, "limit": RUNNING_SHOWN})
         dispatchers = await self._store.fetch("watch_dispatchers", {})
+        unserved = await self._store.fetch("unserved_jobs", params)
         self.queries += QUERIES_PER_REFRESH
         self.refreshes += 1
         now = time.monotonic()
@@ -156,6 +173,7 @@ class Model:
         snap.failures = [FailureRow(*row) for row in failures]
         snap.running = [RunningRow(*row) for row in running]
         snap.dispatchers = [DispatcherRow(*row) for row in dispatchers]
+        snap.unserved = [UnservedRow(*row) for row in unserved]
         self.last = snap
         return snap
 
@@ -165,6 +183,7 @@ class Model:
         if self.last is not None:
             snap.queues, snap.dispatchers = self.last.queues, self.last.dispatchers
             snap.failures, snap.running = self.last.failures, self.last.running
+            snap.unserved = self.last.unserved
         snap.connected, snap.problem = False, problem
         return snap
 
@@ -354,6 +373,37 @@ def _progress(r: RunningRow) -> str:
     return f"{text} {r.message}" if r.message else text
 
 
+def unserved_lines(snap: Snapshot) -> list[Text]:
+    """One line per task that a served queue holds and no dispatcher handles, and per
+    queue that no dispatcher serves at all."""
+    lines: list[Text] = []
+    unserved_queues: dict[str, list[UnservedRow]] = {}
+    for u in snap.unserved:
+        if u.queue_served:
+            lines.append(
+                Text(
+                    f"no dispatcher handles task {u.task} (queue {u.queue}): {u.jobs} ready,"
+                    f" oldest {duration(u.oldest)}",
+                    style="bold red",
+                )
+            )
+        else:
+            unserved_queues.setdefault(u.queue, []).append(u)
+    for queue, rows in unserved_queues.items():
+        tasks = ", ".join(u.task for u in rows)
+        lines.append(
+            Text(
+                f"no dispatcher serves queue {queue}: {sum(u.jobs for u in rows)} ready"
+                f" ({tasks}), oldest {duration(max(u.oldest for u in rows))}",
+                style="bold red",
+            )
+        )
+    if len(lines) > UNSERVED_SHOWN:
+        more = len(lines) - UNSERVED_SHOWN + 1
+        lines = [*lines[: UNSERVED_SHOWN - 1], Text(f"... and {more} more", style="bold red")]
+    return lines
+
+
 def render(snap: Snapshot, width: int, *, title: str = "notifyq watch") -> RenderableType:
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.at))
     head = Text(f"{title}  {stamp}", style="bold")
@@ -363,7 +413,7 @@ def render(snap: Snapshot, width: int, *, title: str = "notifyq watch") -> Rende
             head.append(f"  ~{snap.queries_per_second:.1f} queries/s", style="dim")
     else:
         head.append(f"  reconnecting… ({snap.problem})", style="bold red")
-    parts: list[RenderableType] = [head, queue_table(snap, width)]
+    parts: list[RenderableType] = [head, queue_table(snap, width), *unserved_lines(snap)]
     lost = [d for d in snap.dispatchers if d.state == "lost"]
     summary = Text(f"dispatchers: {sum(d.state == 'running' for d in snap.dispatchers)} running")
     if lost:

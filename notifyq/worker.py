@@ -106,7 +106,7 @@ class Worker:
     def __init__(self, app: App, settings: Settings, dsn: str) -> None:
         failpoints.check()
         if not len(app.registry):
-            log.warning("the app registers no tasks: every job claimed will be dead")
+            log.warning("the app registers no tasks: this dispatcher will claim no job")
         self.app = app
         self.settings = settings
         self.dsn = dsn
@@ -179,6 +179,7 @@ class Worker:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "queues": self.queues,
+                "tasks": sorted(t.name for t in app.registry),
                 "concurrency": settings.concurrency,
                 "heartbeat": settings.lease / 3,
                 # Only the listening connection holds the liveness lock (listener.py).

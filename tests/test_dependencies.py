@@ -90,7 +90,7 @@ async def test_waiting_jobs_are_never_claimed(dsn: str) -> None:
                 limit=10,
                 claimant="h:1:x",
                 lease=30,
-                task_max_attempts={},
+                task_max_attempts={"t": 5},  # a claim takes only the tasks it names
                 default_max_attempts=5,
             )
             assert [j.id for j in jobs] == expected

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import Backoff, DoNotRetry, JobContext, PayloadError, Settings
+from notifyq import Backoff, DoNotRetry, JobContext, PayloadError, Settings, store
 from tests.conftest import query, statuses
 
 pytestmark = pytest.mark.anyio
@@ -175,6 +175,45 @@ async def test_backlog_runs_in_priority_then_run_at_then_id_order(dsn: str) -> N
     async with serving(app, dsn, concurrency=1):
         await eventually(lambda: statuses(dsn) == {"succeeded": 6})
     assert order == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_claim_takes_its_tasks_in_priority_order_across_tasks_and_queues(
+    dsn: str,
+) -> None:
+    """The claim probes each (queue, task) pair on its own, then merges: priority order
+    holds across a queue's tasks, queues take turns, and other tasks are not taken."""
+    query(
+        dsn,
+        """
+        INSERT INTO notifyq.jobs (queue, task, priority, payload) VALUES
+        ('default', 'a', 5, '"a5"'), ('default', 'b', 3, '"b3"'), ('default', 'a', 1, '"a1"'),
+        ('default', 'b', 0, '"b0"'), ('default', 'c', 10, '"c10"'), ('other', 'b', 0, '"ob0"'),
+        ('other', 'c', 9, '"oc9"'), ('other', 'a', -1, '"oa-1"')""",
+    )
+    st = store.Store(dsn, "claim")
+    try:
+
+        async def claim(limit: int) -> list[str]:
+            got = await st.claim(
+                queues=["default", "other"],
+                limit=limit,
+                claimant="test:1:x",
+                lease=30.0,
+                task_max_attempts={"a": 3, "b": 3},
+                default_max_attempts=5,
+            )
+            return sorted(job.payload for job in got.jobs)
+
+        # Turns: default's best (a5), other's best (ob0), default's second best (b3).
+        assert await claim(3) == ["a5", "b3", "ob0"]
+        assert await claim(2) == ["a1", "oa-1"]
+        assert await claim(10) == ["b0"]  # never c, whatever its priority
+    finally:
+        await st.close()
+    assert query(dsn, "SELECT task FROM notifyq.jobs WHERE status = 'queued' ORDER BY id") == [
+        ("c",),
+        ("c",),
+    ]
 
 
 async def test_claims_in_batches_and_never_runs_more_than_concurrency(dsn: str) -> None:
@@ -358,19 +397,27 @@ async def test_do_not_retry_and_payload_errors_go_dead_at_once(dsn: str) -> None
     assert PayloadError.__mro__[1] is DoNotRetry
 
 
-async def test_unknown_task_goes_dead_naming_it_and_others_keep_flowing(dsn: str) -> None:
+async def test_a_task_without_a_handler_is_never_claimed_and_others_keep_flowing(
+    dsn: str,
+) -> None:
+    """A job whose task this app cannot run stays queued for an app that can: it is
+    neither claimed nor sent dead (notifyq health, watch and the metrics report it)."""
     app = notifyq.App()
 
     @app.task(name="known")
     async def known(payload: Any) -> None:
         pass
 
-    async with serving(app, dsn, poll_interval=3600):
-        sql_insert(dsn, "('no.such.task', '{}'), ('known', '{}')")
-        await eventually(lambda: statuses(dsn) == {"dead": 1, "succeeded": 1})
-    error = query(dsn, "SELECT last_error FROM notifyq.jobs WHERE status = 'dead'")[0][0]
-    assert error.startswith("UnknownTask: unknown task 'no.such.task'")
-    assert query(dsn, "SELECT attempts FROM notifyq.jobs WHERE status = 'dead'") == [(1,)]
+    async with serving(app, dsn, poll_interval=0.05) as worker:
+        sql_insert(dsn, "('no.such.task', '{}'), ('known', '{}'), ('no.such.task', '{}')")
+        await eventually(lambda: statuses(dsn) == {"queued": 2, "succeeded": 1})
+        # Every claim from now on (the poll's) sees the unknown jobs ready, and takes none.
+        seen = worker.dispatcher.claims
+        await eventually(lambda: worker.dispatcher.claims >= seen + 3)
+    assert query(
+        dsn, "SELECT attempts, started_at, last_error FROM notifyq.jobs WHERE task = 'no.such.task'"
+    ) == [(0, None, None), (0, None, None)]
+    assert statuses(dsn) == {"queued": 2, "succeeded": 1}
 
 
 async def test_only_served_queues_are_claimed(dsn: str) -> None:

@@ -14,7 +14,7 @@ from .base import QUEUE_SCENARIOS, Stamper, WorkerOptions
 class Notifyq:
     name = "notifyq"
     requires = None
-    scenarios = QUEUE_SCENARIOS | {"idle", "scale"}
+    scenarios = QUEUE_SCENARIOS | {"idle", "scale", "crowd"}
     table = "notifyq.jobs"
     notify_triggers = ("USER",)  # both of notifyq's triggers are notify triggers
     insert_one = "INSERT INTO notifyq.jobs (task) VALUES ('bench.job') RETURNING id"

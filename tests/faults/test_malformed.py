@@ -1,21 +1,23 @@
 """Scenario 8: malformed rows written by plain SQL.
 
 Every CHECK constraint in schema.sql rejects its bad row at INSERT with an
-error naming it.  Rows that pass the CHECKs but cannot run (a task no handler
-is registered for; a payload the task's `decode` rejects) end `dead` after
-exactly one attempt with a last_error that says why, while the valid jobs
+error naming it.  Rows that pass the CHECKs but cannot run end `dead` after
+exactly one attempt with a last_error that says why (a payload the task's
+`decode` rejects), or are never claimed at all (a task no dispatcher has a
+handler for: it waits, queued, for one that has), while the valid jobs
 inserted around them keep flowing.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import REPO, query
+from tests.conftest import REPO, query, wait_until
 from tests.faults import harness
 
 # constraint -> (columns, values) of a row that violates it and nothing else.
@@ -59,11 +61,13 @@ def test_check_constraint_rejects_at_insert_naming_itself(dsn: str, constraint: 
 
 UNRUNNABLE = [
     # (task, payload, what last_error must say)
-    ("faults.nope", "{}", "unknown task 'faults.nope'"),
     ("faults.typed", '{"n": "seven"}', "TypeError: n must be an integer, got str"),
     ("faults.typed", "{}", "KeyError: 'n'"),
     ("faults.typed", "[1, 2]", "TypeError"),
 ]
+
+
+UNKNOWN = ("faults.nope", "{}")  # no dispatcher has a handler for this task
 
 
 def malformed_among_valid(dsn: str, logs: Path, *, rounds: int, processes: int) -> None:
@@ -72,14 +76,36 @@ def malformed_among_valid(dsn: str, logs: Path, *, rounds: int, processes: int) 
     for i in range(rounds):
         for task, payload, _ in UNRUNNABLE:
             rows += [("faults.record", "{}"), (task, payload), ("faults.typed", f'{{"n": {i}}}')]
+        rows += [("faults.record", "{}"), UNKNOWN]
     ids = harness.seed_rows(dsn, rows)
     kinds = dict(zip(ids, rows, strict=True))
+    unknown = [j for j in ids if kinds[j] == UNKNOWN]
     with harness.dispatchers(dsn, processes, "--poll-interval", "1", logs=logs) as procs:
-        settled = harness.wait_terminal(dsn, timeout=60)
+        # Every job settles but the unknown task's, which every claim saw ready and left.
+        t0 = time.monotonic()
+        wait_until(
+            lambda: harness.unfinished(dsn) == len(unknown),
+            timeout=60,
+            interval=0.1,
+            message="every job but the unknown task's to reach a terminal state",
+        )
         harness.record_recovery(
-            f"{len(rows)} rows, {rounds * len(UNRUNNABLE)} unrunnable: all settled",
-            settled,
+            f"{len(rows)} rows, {rounds * len(UNRUNNABLE)} unrunnable, {len(unknown)} of no"
+            " known task: the others settled",
+            time.monotonic() - t0,
             60,
+        )
+        assert query(
+            dsn,
+            "SELECT status, attempts, count(*) FROM notifyq.jobs WHERE id = ANY(%s)"
+            " GROUP BY status, attempts",
+            unknown,
+        ) == [("queued", 0, len(unknown))]
+        # What an operator does with jobs nobody will run: cancel them.
+        query(
+            dsn,
+            "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = now() WHERE id = ANY(%s)",
+            unknown,
         )
         harness.check_invariants(
             dsn, deadlocks_before=baseline, listeners=processes, logs=[p.log for p in procs]
@@ -87,11 +113,14 @@ def malformed_among_valid(dsn: str, logs: Path, *, rounds: int, processes: int) 
         logged = "".join(p.log_text() for p in procs)
     # Each dead job got its warning line, saying why.
     assert logged.count("WARNING notifyq.completion: dead job=") == rounds * len(UNRUNNABLE)
-    assert "unknown task 'faults.nope'" in logged
+    assert "faults.nope" not in logged
     bad = {(t, p): why for t, p, why in UNRUNNABLE}
     for job_id, status, attempts, last_error in query(
         dsn, "SELECT id, status, attempts, last_error FROM notifyq.jobs ORDER BY id"
     ):
+        if kinds[job_id] == UNKNOWN:
+            assert (status, attempts, last_error) == ("cancelled", 0, None), job_id
+            continue
         why = bad.get(kinds[job_id])
         if why is None:
             assert (status, attempts, last_error) == ("succeeded", 1, None), job_id
@@ -102,7 +131,7 @@ def malformed_among_valid(dsn: str, logs: Path, *, rounds: int, processes: int) 
             assert "PayloadError: payload of job" in last_error
             assert "cannot be decoded for task 'faults.typed'" in last_error
     # The handler never ran for an unrunnable row.
-    dead = [j for j in ids if kinds[j] in bad]
+    dead = [j for j in ids if kinds[j] in bad or kinds[j] == UNKNOWN]
     assert query(dsn, "SELECT count(*) FROM executions WHERE job_id = ANY(%s)", dead) == [(0,)]
 
 
