@@ -262,7 +262,7 @@ class Dispatcher:
                     self._finish("max-jobs")
                 elif self._until_empty and not jobs and not deferred and self._idle():
                     try:
-                        left = await self._store.work_left(self._queues)
+                        left = await self._store.work_left(self._queues, self._task_max_attempts)
                     except DatabaseUnavailable as exc:
                         log.warning("could not tell whether work is left (%s)", exc)
                         left = True  # the next wake-up asks again

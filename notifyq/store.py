@@ -556,8 +556,8 @@ class Store:
         rows = await self._run("cancelled_among", {"ids": list(ids)})
         return {r[0] for r in rows}
 
-    async def work_left(self, queues: Sequence[str]) -> bool:
-        rows = await self._run("work_left", {"queues": list(queues)})
+    async def work_left(self, queues: Sequence[str], tasks: Collection[str]) -> bool:
+        rows = await self._run("work_left", {"queues": list(queues), "tasks": list(tasks)})
         return bool(rows[0][0])
 
     async def hand_back(self, attempts: Sequence[tuple[int, int]], claimant: str) -> set[int]:

@@ -52,6 +52,8 @@ def test_until_empty_runs_what_is_ready_and_leaves_what_is_delayed(
     query(dsn, LEDGER_DDL)
     ready = enqueue(dsn, "ledger.record", 40)
     later = enqueue(dsn, "ledger.record", 3, run_at="now() + interval '1 hour'")
+    # Another app's job in the same queue: not this run's to wait for.
+    (other,) = enqueue(dsn, "hello.greet")
     # Released only by its dependency's outcome: the run must look again after writing it.
     (dependent,) = query(
         dsn,
@@ -60,9 +62,9 @@ def test_until_empty_runs_what_is_ready_and_leaves_what_is_delayed(
     )[0]
     assert run_to_end(dsn, tmp_path, "--until-empty", "-c", "4") == 0
     assert sorted(ran(dsn)) == sorted([*ready, dependent])  # each once
-    assert statuses(dsn) == {"succeeded": 41, "queued": 3}
+    assert statuses(dsn) == {"succeeded": 41, "queued": 4}
     assert {r[0] for r in query(dsn, "SELECT id FROM notifyq.jobs WHERE status = 'queued'")} == (
-        set(later)
+        {*later, other}
     )
 
 

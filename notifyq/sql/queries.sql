@@ -302,12 +302,13 @@ SELECT id FROM notifyq.jobs WHERE id = ANY(%(ids)s::bigint[]) AND status = 'canc
 -- Delayed jobs and retries waiting out their backoff do not: they are for a later run.
 -- Two probes, not one OR, so the first stays on jobs_claim_idx; the second reads the
 -- scheduled jobs of the served queues only when nothing is ready, i.e. once, at the end.
+-- Only the tasks we have handlers for: another app's jobs are not ours to wait for.
 SELECT EXISTS (SELECT FROM notifyq.jobs j
                WHERE j.status = 'queued' AND j.queue = ANY(%(queues)s::text[])
-                 AND j.run_at <= now())
+                 AND j.task = ANY(%(tasks)s::text[]) AND j.run_at <= now())
     OR EXISTS (SELECT FROM notifyq.jobs j
                WHERE j.status = 'queued' AND j.queue = ANY(%(queues)s::text[])
-                 AND j.rate_reserved);
+                 AND j.task = ANY(%(tasks)s::text[]) AND j.rate_reserved);
 
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
