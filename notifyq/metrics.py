@@ -186,6 +186,11 @@ class _Collector:
                 w.completer.fenced,
             ),
             "notifyq_rescued": ("Jobs whose expired lease this process rescued.", w.leases.rescued),
+            "notifyq_lock_waits": (
+                "Times this process met a lock another transaction held: a statement that "
+                "gave up after lock_timeout, or an outcome whose row was locked (written later).",
+                w.lock_waits,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -217,8 +217,10 @@ async def test_claims_no_more_jobs_than_free_slots(dsn: str) -> None:
 
 
 async def test_claims_pause_while_outcomes_cannot_be_written(dsn: str) -> None:
-    """A completion blocked on a row lock: the dispatcher stops claiming once the unwritten
-    outcomes exceed its concurrency, instead of marking the whole backlog running."""
+    """A completion blocked on a row lock (the job waiting on the finished one, which
+    the completion must release, is locked): the dispatcher stops claiming once the
+    unwritten outcomes exceed its concurrency, instead of marking the whole backlog
+    running."""
     app = notifyq.App()
     c = 5
     first_started = anyio.Event()
@@ -230,18 +232,18 @@ async def test_claims_pause_while_outcomes_cannot_be_written(dsn: str) -> None:
             first_started.set()
             await locked.wait()  # its outcome's write will wait for the test's row lock
 
-    query(
+    (first,) = query(
         dsn,
-        """INSERT INTO notifyq.jobs (task, payload, priority) VALUES ('t', '{"first": true}', 1)""",
-    )
-    query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 200)")
+        """INSERT INTO notifyq.jobs (task, payload, priority) VALUES ('t', '{"first": true}', 1)
+           RETURNING id""",
+    )[0]
+    query(dsn, "INSERT INTO notifyq.jobs (task, depends_on) VALUES ('t', ARRAY[%s])", first)
+    query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 199)")
     with psycopg.connect(dsn) as blocker:
         async with serving(app, dsn, concurrency=c, poll_interval=3600) as worker:
             with anyio.fail_after(10):
                 await first_started.wait()
-            blocker.execute(
-                """SELECT 1 FROM notifyq.jobs WHERE payload = '{"first": true}' FOR UPDATE"""
-            )
+            blocker.execute("SELECT 1 FROM notifyq.jobs WHERE status = 'waiting' FOR UPDATE")
             locked.set()
 
             def stalled() -> bool:
