@@ -14,7 +14,10 @@ import pytest
 
 import notifyq
 from notifyq import InvalidJob, JobContext, store
-from tests.conftest import query, wait_until
+from notifyq.completion import Completer
+from notifyq.ledger import Ledger
+from notifyq.worker_pool import Finished
+from tests.conftest import query, statuses, wait_until
 from tests.test_dispatch import eventually, serving
 
 
@@ -444,3 +447,60 @@ def test_release_finds_dependents_through_the_gin_index(dsn: str) -> None:
     assert "jobs_waiting_idx" in text
     assert '"Seq Scan"' not in text
     assert status(dsn, released) == "queued"
+
+
+@pytest.mark.anyio
+async def test_a_write_that_waits_for_a_lock_is_split_until_the_waiting_outcome_is_alone(
+    dsn: str,
+) -> None:
+    """Writing one outcome must release the job waiting on it, whose row another
+    transaction holds: the batch gives up after lock_timeout, is written in halves
+    until that outcome is alone, the others land, and it lands once the lock goes.
+    Meanwhile it stays `writing` in the ledger (its lease is renewed, no loss reported)."""
+    ids = [insert(dsn) for _ in range(8)]
+    culprit = ids[5]
+    waiting = insert(dsn, depends_on=[culprit])
+    claimant = "h:1:x"
+    claims = store.Store(dsn, "claims")
+    writes = store.Store(dsn, "complete", lock_timeout=0.2)
+    ledger = Ledger()
+    try:
+        jobs, *_ = await claims.claim(
+            queues=["default"],
+            limit=10,
+            claimant=claimant,
+            lease=30,
+            task_max_attempts={},
+            default_max_attempts=5,
+        )
+        assert sorted(j.id for j in jobs) == ids
+        for job in jobs:
+            ledger.claimed((job.id, job.attempt))
+        completer = Completer(writes, claimant, ledger, on_written=lambda: None)
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute("SELECT 1 FROM notifyq.jobs WHERE id = %s FOR UPDATE", (waiting,))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(completer.run)
+                for job in sorted(jobs, key=lambda j: j.id):
+                    completer.submit(Finished(job, None))
+                with anyio.fail_after(20):
+                    while not (  # noqa: ASYNC110 - the table and a counter, no event
+                        statuses(dsn).get("succeeded") == 7 and completer.pending == 1
+                    ):
+                        await anyio.sleep(0.02)
+                assert status(dsn, culprit) == "running"
+                assert ledger.attempts() == {(culprit, 1)}
+                assert ledger.still_expected({(culprit, 1)}) == set()  # being written
+                # 8 -> 4 -> 2 -> 1 outcomes: one timeout each, and the lone one's own.
+                assert writes.lock_waits >= 4
+                blocker.rollback()
+                with anyio.fail_after(20):
+                    while status(dsn, waiting) != "queued":  # noqa: ASYNC110 - the table
+                        await anyio.sleep(0.02)
+                completer.close(give_up_after=5)
+        assert status(dsn, culprit) == "succeeded"
+        assert len(ledger) == 0
+        assert (completer.written, completer.fenced) == (8, 0)
+    finally:
+        await claims.close()
+        await writes.close()
