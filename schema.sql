@@ -1,4 +1,4 @@
--- notifyq schema, version 8.
+-- notifyq schema, version 9.
 --
 -- This file is the one canonical schema. `notifyq migrate` applies it (in one
 -- transaction, under an advisory lock, recording the version); by hand it is
@@ -247,23 +247,34 @@ COMMENT ON FUNCTION notifyq.dependency_status(bigint[], text) IS
     'these dependencies and this on_dependency_failure policy should have now.';
 
 -- BEFORE INSERT, only for rows with dependencies (the trigger's WHEN): checks
--- that every dependency exists and sets the row's initial status.
+-- that every dependency exists and sets the row's initial status.  It takes no
+-- lock: a producer's transaction, however long it stays open, holds nothing a
+-- dispatcher needs (the INSERT's own row is invisible to everyone else).
 --
--- The race it must win: a dependency finishing while its dependent is being
--- inserted.  The finishing transaction releases the dependents it can see; a
--- dependent inserted by a transaction not yet committed is invisible to it and
--- would wait forever.  So the dependencies are locked FOR SHARE, which
--- conflicts with the FOR NO KEY UPDATE lock every status UPDATE takes (FOR KEY
--- SHARE would not: it only blocks deletes and key changes):
---   * lock first: the finishing UPDATE waits until this transaction ends; its
---     release trigger then runs a statement with a new snapshot and sees the
---     committed dependent (READ COMMITTED, which the dispatchers use);
---   * finish first: the lock waits until the finishing transaction ends and
---     then reads the row's newest version, so this sees the dependency finished.
--- Locks are taken in id order, as everywhere a statement locks many rows.
+-- The race that leaves: a dependency finishing while its dependent's
+-- transaction is open.  The finishing transaction releases the dependents it can
+-- see; a dependent whose transaction has not committed is invisible to it and
+-- would wait forever.  So a constraint trigger deferred to the producer's COMMIT
+-- (dependencies_on_commit, below) looks again at every dependent still waiting:
+-- it locks its dependencies FOR SHARE, which conflicts with the FOR NO KEY
+-- UPDATE lock every status UPDATE takes (FOR KEY SHARE would not), and reads
+-- their status in a new statement.  Under READ COMMITTED (the dispatchers'):
+--   * finished before the COMMIT: the new snapshot sees it, and the trigger gives
+--     the dependent the status the dependency calls for, as the release would;
+--   * finishing during the COMMIT (its UPDATE holds the row): the lock waits until
+--     that transaction ends, then the snapshot sees the dependency finished;
+--   * finishing after the lock: the finishing UPDATE meets the lock (a
+--     dispatcher's completion skips the row and tries again; anyone else waits),
+--     and only after this transaction committed does its release trigger run,
+--     with a snapshot that sees the committed dependent.
+-- The lock lives from the check to the end of the COMMIT, not for the life of
+-- the transaction, unless the producer runs SET CONSTRAINTS ... IMMEDIATE or
+-- PREPARE TRANSACTION: then from the check to COMMIT (PREPARED), and the jobs
+-- it depends on wait that long to be finished.  Locks are taken in id order, as
+-- everywhere a statement locks many rows.
 --
 -- SECURITY DEFINER: a producer may INSERT jobs but neither read them nor lock
--- them (a row lock needs UPDATE privilege), and this must do both.  The pinned
+-- them (a row lock needs UPDATE privilege), and both triggers must.  The pinned
 -- search_path costs only rows that have dependencies.
 CREATE OR REPLACE FUNCTION notifyq.dependencies_on_insert() RETURNS trigger
 LANGUAGE plpgsql
@@ -275,9 +286,7 @@ DECLARE
     missing bigint;
     initial record;
 BEGIN
-    SELECT array_agg(l.id) INTO found
-    FROM (SELECT j.id FROM notifyq.jobs j WHERE j.id = ANY(NEW.depends_on)
-          ORDER BY j.id FOR SHARE) AS l;
+    SELECT array_agg(j.id) INTO found FROM notifyq.jobs j WHERE j.id = ANY(NEW.depends_on);
     SELECT d.id INTO missing
     FROM unnest(NEW.depends_on) AS d(id)
     WHERE found IS NULL OR NOT d.id = ANY(found)
@@ -288,7 +297,6 @@ BEGIN
                   HINT = 'depends_on names jobs inserted before this one (committed, or '
                          'earlier in the same transaction).';
     END IF;
-    -- A new statement: its snapshot sees what the locks waited for.
     IF NEW.status = 'queued' THEN
         initial := notifyq.dependency_status(NEW.depends_on, NEW.on_dependency_failure);
         NEW.status := initial.status;
@@ -306,6 +314,52 @@ CREATE OR REPLACE TRIGGER jobs_dependencies_on_insert
     FOR EACH ROW
     WHEN (NEW.depends_on IS NOT NULL AND cardinality(NEW.depends_on) > 0)
     EXECUTE FUNCTION notifyq.dependencies_on_insert();
+
+-- At the producer's COMMIT, once per job inserted 'waiting' (the WHEN): the
+-- second look described above.  The UPDATE it may run fires the release
+-- trigger like any other, so a cancellation cascades to the jobs this
+-- transaction made depend on this one.
+CREATE OR REPLACE FUNCTION notifyq.dependencies_on_commit() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    job record;
+    locked bigint[];
+    now_due record;
+BEGIN
+    -- The row as it is now: this transaction may have changed it since (a cascade).
+    SELECT j.status, j.depends_on, j.on_dependency_failure INTO job
+    FROM notifyq.jobs j WHERE j.id = NEW.id;
+    IF NOT FOUND OR job.status <> 'waiting' THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(l.id) INTO locked
+    FROM (SELECT j.id FROM notifyq.jobs j WHERE j.id = ANY(job.depends_on)
+          ORDER BY j.id FOR SHARE) AS l;
+    -- A new statement: its snapshot sees what the locks waited for.
+    now_due := notifyq.dependency_status(job.depends_on, job.on_dependency_failure);
+    IF now_due.status <> 'waiting' THEN
+        UPDATE notifyq.jobs j
+        SET status = now_due.status,
+            last_error = coalesce(now_due.reason, j.last_error),
+            finished_at = CASE WHEN now_due.status = 'cancelled' THEN now() END
+        WHERE j.id = NEW.id AND j.status = 'waiting';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- A constraint trigger cannot be replaced in place.
+DROP TRIGGER IF EXISTS jobs_dependencies_on_commit ON notifyq.jobs;
+CREATE CONSTRAINT TRIGGER jobs_dependencies_on_commit
+    AFTER INSERT ON notifyq.jobs
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW
+    WHEN (NEW.status = 'waiting' AND NEW.depends_on IS NOT NULL
+          AND cardinality(NEW.depends_on) > 0)
+    EXECUTE FUNCTION notifyq.dependencies_on_commit();
 
 -- AFTER UPDATE, once per statement: when jobs finished (succeeded, dead,
 -- cancelled), the waiting jobs that depend on them get the status their
@@ -1078,6 +1132,7 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_inserted() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_status_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.dependency_status(bigint[], text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_insert() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.release_dependents() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
@@ -1093,4 +1148,5 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
-INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8) ON CONFLICT (version) DO NOTHING;
+INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9)
+ON CONFLICT (version) DO NOTHING;

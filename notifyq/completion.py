@@ -13,26 +13,39 @@ attempts of jobs cancelled while they ran write nothing (the row says so).
 A write that fails because the database is gone is kept and retried after
 the connection comes back; if the job's lease expired in the meantime the
 fence drops the write and the job runs again (at-least-once).
+
+No lock another transaction holds stops the others' outcomes.  A row locked by
+someone else (a producer's COMMIT checking the jobs its new jobs depend on, an
+operator's UPDATE) is skipped by the write and comes back busy: that outcome is
+tried again after RETRY_FIRST seconds, doubling to RETRY_MAX, while the rest are
+written.  A write can still wait for a lock (releasing or cancelling the jobs
+waiting on one it finishes) until the connection's lock_timeout; then the batch is
+split in halves, tried again at once, until the outcome that waits is alone, and
+that one is retried like a busy one.  Busy outcomes stay `writing` in the ledger,
+so their leases are renewed and no lost lease is reported for them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 import anyio
 
-from .errors import DatabaseUnavailable, DoNotRetry, NotifyqError
+from .errors import DatabaseUnavailable, DoNotRetry, LockTimeout, NotifyqError
 from .ledger import Attempt, Ledger
-from .store import Outcome, Store
+from .store import Outcome, Store, Written
 from .worker_pool import Finished, UnknownTask
 
 log = logging.getLogger("notifyq.completion")
 
 MAX_BATCH = 1000
+RETRY_FIRST = 0.1  # seconds before a write skipped for a locked row is tried again ...
+RETRY_MAX = 2.0  # ... doubling while rows stay locked, up to this
 Report = tuple[float, str | None]  # a progress report: percent, message
 _ERROR_LIMIT = 64 * 1024  # bytes of error text kept per attempt
 
@@ -102,12 +115,23 @@ class Completer:
         self._on_written = on_written
         self._last_report = last_report  # (job id, attempt) -> its report not yet written
         self._outcomes: list[Outcome] = []
-        self._handed: list[tuple[int, int]] = []  # (job id, attempt) to hand back
+        # Batches to write before new outcomes, in order: the halves of one that gave up
+        # waiting for a lock, and busy outcomes whose time to try again came.
+        self._retries: deque[list[Outcome]] = deque()
+        self._busy: list[Outcome] = []  # rows locked by another transaction: try again later
+        self._stuck: list[Outcome] = []  # gave up waiting for a lock alone: try again alone
+        self._handed: list[Attempt] = []  # (job id, attempt) to hand back
+        self._busy_handed: list[Attempt] = []
+        self._waiting_since: dict[Attempt, float] = {}  # busy attempts, since when
+        self._retry_at = math.inf
+        self._retry_delay = RETRY_FIRST
+        self._in_flight = 0  # outcomes and hand-backs of the write under way
         self._wake = anyio.Event()
         self._closing = False
         self._give_up_at = float("inf")
         self.written = 0
         self.fenced = 0
+        self.lock_waits = 0  # outcomes whose rows were found locked (each counted once)
         self.decided: Counter[str] = Counter()  # outcomes by status, for the summaries
 
     def submit(self, finished: Finished) -> None:
@@ -135,7 +159,15 @@ class Completer:
 
     @property
     def pending(self) -> int:
-        return len(self._outcomes) + len(self._handed)
+        return (
+            self._in_flight
+            + len(self._outcomes)
+            + sum(len(batch) for batch in self._retries)
+            + len(self._busy)
+            + len(self._stuck)
+            + len(self._handed)
+            + len(self._busy_handed)
+        )
 
     def close(self, give_up_after: float) -> None:
         """Write what is pending, then let `run` return; stop retrying after the deadline."""
@@ -146,10 +178,22 @@ class Completer:
     async def run(self) -> None:
         failures = 0
         while True:
-            if not self._outcomes and not self._handed:
-                if self._closing:
+            now = anyio.current_time()
+            if now >= self._retry_at:
+                self._retry_busy()
+            if not (self._outcomes or self._retries or self._handed):
+                waiting = len(self._busy) + len(self._stuck) + len(self._busy_handed)
+                if self._closing and (not waiting or now >= self._give_up_at):
+                    if waiting:
+                        log.error(
+                            "shutting down with %d outcomes unwritten: their rows stayed locked "
+                            "by other transactions; their jobs run again once their leases expire",
+                            waiting,
+                        )
                     return
-                await self._wake.wait()
+                wake_at = min(self._retry_at, self._give_up_at if self._closing else math.inf)
+                with anyio.move_on_after(wake_at - now):
+                    await self._wake.wait()
                 self._wake = anyio.Event()
                 continue
             try:
@@ -175,39 +219,128 @@ class Completer:
         DatabaseUnavailable leaves the batch in place for `run` to retry; any other
         error would fail forever, so that batch is given up to the rescuer instead.
         """
-        if self._outcomes:
+        if self._retries:
+            await self._write(self._retries.popleft())
+        elif self._outcomes:
             batch = self._outcomes[:MAX_BATCH]
-            pairs = {(o.job_id, o.attempt) for o in batch}
-            self._ledger.writing(pairs)
-            try:
-                applied = await self._store.complete(batch, self._claimant)
-            except DatabaseUnavailable:
-                self._ledger.unwritten(pairs)
-                raise
-            except NotifyqError as exc:
-                del self._outcomes[: len(batch)]
-                self._give_up(pairs, exc)
-            else:
-                del self._outcomes[: len(batch)]
-                self._account(pairs, applied, "completion")
+            del self._outcomes[:MAX_BATCH]
+            await self._write(batch)
         if self._handed:
-            handed = self._handed[:MAX_BATCH]
-            self._ledger.writing(handed)
-            try:
-                applied = await self._store.hand_back(handed, self._claimant)
-            except DatabaseUnavailable:
-                self._ledger.unwritten(handed)
-                raise
-            except NotifyqError as exc:
-                del self._handed[: len(handed)]
-                self._give_up(set(handed), exc)
-            else:
-                del self._handed[: len(handed)]
-                self._account(set(handed), applied, "hand-back")
-                if applied:
-                    log.info("handed back %d unfinished jobs to the queue", len(applied))
+            await self._hand_back()
 
-    def _release(self, pairs: set[Attempt]) -> None:
+    async def _write(self, batch: list[Outcome]) -> None:
+        pairs = {(o.job_id, o.attempt) for o in batch}
+        self._ledger.writing(pairs)
+        self._in_flight = len(batch)
+        try:
+            written = await self._store.complete(batch, self._claimant)
+        except LockTimeout as exc:
+            self._split(batch, exc)
+        except DatabaseUnavailable:
+            self._ledger.unwritten(pairs)
+            self._retries.appendleft(batch)
+            raise
+        except NotifyqError as exc:
+            self._give_up(pairs, exc)
+        else:
+            busy = [o for o in batch if o.job_id in written.busy]
+            self._account(pairs, written, "completion")
+            self._wait(busy, written.busy)
+        finally:
+            self._in_flight = 0
+
+    def _split(self, batch: list[Outcome], exc: LockTimeout) -> None:
+        """A write gave up waiting for a lock: find the outcomes that wait, by halves."""
+        if len(batch) > 1:
+            log.warning(
+                "writing %d outcomes gave up waiting for a lock (%s); writing them in halves "
+                "to find the ones that wait",
+                len(batch),
+                exc,
+            )
+            half = len(batch) // 2
+            self._retries.extendleft([batch[half:], batch[:half]])
+            return
+        outcome = batch[0]
+        key = (outcome.job_id, outcome.attempt)
+        if key not in self._waiting_since:
+            self._waiting_since[key] = anyio.current_time()
+            log.warning(
+                "outcome of job=%s attempt=%s waits for a lock (%s): another transaction holds "
+                "a job that depends on it; trying again, the other outcomes go on",
+                outcome.job_id,
+                outcome.attempt,
+                exc,
+            )
+        self._stuck.append(outcome)
+        self._schedule_retry()
+
+    def _wait(self, busy: list[Outcome], holders: dict[int, str]) -> None:
+        """Outcomes whose rows were locked: tried again later, still being written."""
+        if not busy:
+            return
+        now = anyio.current_time()
+        new = [o for o in busy if (o.job_id, o.attempt) not in self._waiting_since]
+        for o in new:
+            self._waiting_since[(o.job_id, o.attempt)] = now
+        if new:
+            self.lock_waits += len(new)
+            log.warning(
+                "outcomes of jobs %s wait: their rows are locked by another transaction (%s); "
+                "the other outcomes are written, these are tried again",
+                ", ".join(f"{o.job_id}#{o.attempt}" for o in new),
+                "; ".join(f"job {o.job_id}: {holders.get(o.job_id, 'unknown')}" for o in new[:5]),
+            )
+        self._busy.extend(busy)
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = min(self._retry_at, anyio.current_time() + self._retry_delay)
+
+    def _retry_busy(self) -> None:
+        """The time to try busy writes again came: busy outcomes in batches (a skipped
+        row never waits), stuck ones one by one (each may wait for its lock again)."""
+        for start in range(0, len(self._busy), MAX_BATCH):
+            self._retries.append(self._busy[start : start + MAX_BATCH])
+        self._retries.extend([o] for o in self._stuck)
+        self._handed[:0] = self._busy_handed
+        self._busy, self._stuck, self._busy_handed = [], [], []
+        self._retry_at = math.inf
+        self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+
+    async def _hand_back(self) -> None:
+        handed = self._handed[:MAX_BATCH]
+        del self._handed[:MAX_BATCH]
+        self._ledger.writing(handed)
+        self._in_flight = len(handed)
+        try:
+            written = await self._store.hand_back(handed, self._claimant)
+        except LockTimeout as exc:
+            log.warning("handing back %d jobs gave up waiting for a lock (%s)", len(handed), exc)
+            self._busy_handed.extend(handed)
+            self._schedule_retry()
+        except DatabaseUnavailable:
+            self._ledger.unwritten(handed)
+            self._handed[:0] = handed
+            raise
+        except NotifyqError as exc:
+            self._give_up(set(handed), exc)
+        else:
+            busy = [a for a in handed if a[0] in written.busy]
+            self._account(set(handed), written, "hand-back")
+            if len(written.applied):
+                log.info("handed back %d unfinished jobs to the queue", len(written.applied))
+            if busy:
+                log.warning(
+                    "handing back jobs %s waits: their rows are locked by another transaction",
+                    ", ".join(f"{job_id}#{attempt}" for job_id, attempt in busy),
+                )
+                self._busy_handed.extend(busy)
+                self._schedule_retry()
+        finally:
+            self._in_flight = 0
+
+    def _release(self, pairs: Collection[Attempt]) -> None:
         self._ledger.written(pairs)
         self._on_written()
 
@@ -218,11 +351,14 @@ class Completer:
             sorted(job_id for job_id, _ in pairs),
             exc,
         )
+        self._forget(pairs)
         self._release(pairs)
 
-    def _account(self, pairs: set[Attempt], applied: set[int], what: str) -> None:
-        lost = sorted(job_id for job_id, _ in pairs if job_id not in applied)
-        self.written += len(pairs) - len(lost)
+    def _account(self, pairs: set[Attempt], written: Written, what: str) -> None:
+        """Count and release what the write settled; busy attempts stay being written."""
+        settled = {(job_id, attempt) for job_id, attempt in pairs if job_id not in written.busy}
+        lost = sorted(job_id for job_id, _ in settled if job_id not in written.applied)
+        self.written += len(settled) - len(lost)
         self.fenced += len(lost)
         for job_id in lost:
             log.warning(
@@ -231,4 +367,22 @@ class Completer:
                 what,
                 job_id,
             )
-        self._release(pairs)
+        now = anyio.current_time()
+        for key in settled:
+            since = self._waiting_since.pop(key, None)
+            if since is not None:
+                log.info(
+                    "%s of job=%s attempt=%s done after waiting %.1fs for a lock",
+                    what,
+                    key[0],
+                    key[1],
+                    now - since,
+                )
+        if not (self._busy or self._stuck or self._busy_handed or self._waiting_since):
+            self._retry_delay = RETRY_FIRST
+        if settled:
+            self._release(settled)
+
+    def _forget(self, pairs: Collection[Attempt]) -> None:
+        for key in pairs:
+            self._waiting_since.pop(key, None)

@@ -55,7 +55,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import anyio
 
-from .errors import DatabaseUnavailable
+from .errors import DatabaseUnavailable, LockTimeout
 from .job import Job
 from .store import Claim, Store
 
@@ -284,6 +284,8 @@ class Dispatcher:
                 log.warning("returned %d jobs whose claim reply was lost", len(released))
         try:
             return await self._claim_once(limit)
+        except LockTimeout:
+            raise  # the statement failed before its COMMIT: nothing was claimed
         except DatabaseUnavailable:
             self._orphans_possible = True
             raise

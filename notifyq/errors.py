@@ -3,7 +3,8 @@
     NotifyqError
     ├── ConfigurationError      bad settings: no DSN and no embedded server, bad --app, ...
     ├── DatabaseUnavailable     cannot reach PostgreSQL (retryable: the dispatcher reconnects)
-    │   └── PoolerInTheWay      prepared statements vanish: a pooler in transaction mode
+    │   ├── PoolerInTheWay      prepared statements vanish: a pooler in transaction mode
+    │   └── LockTimeout         a statement waited longer than lock_timeout for a row lock
     ├── SchemaMissing           the notifyq schema is absent or older than this code
     ├── InvalidJob              PostgreSQL rejected a job at INSERT (names the rule it broke)
     ├── OperationRefused        an admin function refused (unknown job id, wrong state, ...)
@@ -48,6 +49,12 @@ class PoolerInTheWay(DatabaseUnavailable):
     """A prepared statement vanished or clashed between two statements of one connection:
     a pooler in transaction mode (PgBouncer) hands each transaction to another server
     connection.  The Store that sees it stops preparing statements and retries."""
+
+
+class LockTimeout(DatabaseUnavailable):
+    """A statement gave up waiting for a lock another transaction holds (lock_timeout,
+    SQLSTATE 55P03).  The connection is fine and the statement can be tried again;
+    the message says what waited, for what."""
 
 
 class SchemaMissing(NotifyqError):
@@ -187,6 +194,10 @@ def _translate(exc: psycopg.Error) -> NotifyqError:
         # No SQLSTATE: libpq could not connect or lost the socket.  08 connection,
         # 53 resources (too many connections), 57 shutdown or cancellation.
         return DatabaseUnavailable(f"cannot reach PostgreSQL: {_first_line(exc)}")
+    if state == "55P03":  # lock_not_available: lock_timeout ran out (or NOWAIT)
+        context = (exc.diag.context or "").strip().splitlines()
+        where = f" ({context[0]})" if context else ""
+        return LockTimeout(f"PostgreSQL: {message}{where}")
     if state in ("26000", "42P05"):  # prepared statement does not exist / already exists
         return PoolerInTheWay(
             f"PostgreSQL: {message}: a pooler in transaction mode (PgBouncer?) sits in front "

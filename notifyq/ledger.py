@@ -7,6 +7,10 @@ the old attempt still runs, and both must be told apart until each is gone.
     claimed ──> held ──(completer sends the outcome)──> writing ──> gone
                   └──────────(write failed: kept, retried)<──┘
 
+An outcome whose row another transaction holds locked stays `writing` while
+the completer tries it again: its lease is renewed when the lock allows, and
+its absence from a renewal is no loss.
+
 The lease keeper renews every held attempt (writing ones too: a write may
 fail and be retried) from its own thread, hence the lock.  It warns of a
 lost lease only for attempts that are held and not being written: an

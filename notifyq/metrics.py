@@ -203,6 +203,11 @@ class _Collector:
                 "Jobs this process rescued from dead dispatchers (session ended, lease expired).",
                 w.leases.rescued,
             ),
+            "notifyq_lock_waits": (
+                "Times this process met a lock another transaction held: a statement that "
+                "gave up after lock_timeout, or an outcome whose row was locked (written later).",
+                w.lock_waits,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

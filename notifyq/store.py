@@ -26,6 +26,7 @@ from . import codec, failpoints
 from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
+    LockTimeout,
     OperationRefused,
     PoolerInTheWay,
     dsn_secrets,
@@ -345,6 +346,16 @@ class Claim(NamedTuple):
     deferred: int  # candidates the rate limits gave a later slot instead of starting now
 
 
+class Written(NamedTuple):
+    """What a fenced write (`complete`, `hand_back`) did."""
+
+    applied: set[int]  # ids written
+    # Ids still ours whose rows another transaction held locked, so the write skipped
+    # them: try again.  Each maps to who held it, as far as PostgreSQL tells.  The ids
+    # neither applied nor busy are no longer ours (fenced).
+    busy: dict[int, str]
+
+
 class Rescued(NamedTuple):
     job_id: int
     status: str  # queued again, or dead (no attempts left)
@@ -359,17 +370,38 @@ class Rescue(NamedTuple):
 
 
 class Store:
-    """One autocommit connection for one role, reopened on the next call after a failure."""
+    """One autocommit connection for one role, reopened on the next call after a failure.
+
+    `lock_timeout`: seconds any statement may wait for a lock before it fails with
+    LockTimeout (None: PostgreSQL's setting).  On a direct connection it is the
+    session's setting; without prepared statements (a pooler in transaction mode)
+    each statement runs in a transaction of its own that sets it, as a session
+    setting would stay on whichever server connection the pooler lent.
+    """
 
     def __init__(
-        self, dsn: str, role: str, *, prepare: bool = True, generic_plans: bool = False
+        self,
+        dsn: str,
+        role: str,
+        *,
+        prepare: bool = True,
+        generic_plans: bool = False,
+        lock_timeout: float | None = None,
     ) -> None:
         self._dsn = dsn
         self._role = role
         self._prepare = prepare
         self._generic_plans = generic_plans
+        self._lock_timeout = None if lock_timeout is None else f"{round(lock_timeout * 1000)}ms"
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._connecting = anyio.Lock()
+        # Tasks share a Store (the claim store serves the scheduler, progress reports and
+        # probes too): a statement in a transaction of its own (below) must not have
+        # another task's statement run inside that transaction.
+        self._one_at_a_time = anyio.Lock()
+        # Whether this connection's statements set lock_timeout themselves (see above).
+        self._timeout_per_statement = False
+        self.lock_waits = 0  # statements that gave up waiting for a lock
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -380,31 +412,36 @@ class Store:
                     conn = await connect(
                         self._dsn, application_name=f"notifyq:{self._role}", prepare=self._prepare
                     )
-                    if self._generic_plans:
-                        try:
-                            with translated(self._dsn):
-                                await self._tune_for_claims(conn)
-                        except BaseException:
-                            await conn.close()
-                            raise
+                    try:
+                        with translated(self._dsn):
+                            await self._configure(conn)
+                    except BaseException:
+                        await conn.close()
+                        raise
                     self._conn = conn
                     log.debug("connected role=%s", self._role)
         return self._conn
 
-    async def _tune_for_claims(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # The claim's plan cannot see how few rows it takes (a LIMIT per (queue, task)
-        # probe whose size is a column), so its estimated cost grows with the backlog:
-        # past jit_above_cost PostgreSQL would compile it to machine code on every
-        # execution, 50-700 ms each, to run a few index probes.  Nothing this
-        # connection runs is worth compiling.
-        await conn.execute("SET jit = off")
-        if self._prepare:
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self._generic_plans:
+            # The claim's plan cannot see how few rows it takes (a LIMIT per (queue, task)
+            # probe whose size is a column), so its estimated cost grows with the backlog:
+            # past jit_above_cost PostgreSQL would compile it to machine code on every
+            # execution, 50-700 ms each, to run a few index probes.  Nothing this
+            # connection runs is worth compiling.
+            await conn.execute("SET jit = off")
+        if self._generic_plans and self._prepare:
             # The claim is one long statement over a table with many indexes: planning
             # it anew for every execution (PostgreSQL keeps choosing custom plans for
             # it) cost about as much as running it.  Its plan does not depend on the
             # parameters' values (tests/test_plans.py checks the generic one), so a
             # prepared claim is planned once.
             await conn.execute("SET plan_cache_mode = force_generic_plan")
+        self._timeout_per_statement = self._lock_timeout is not None and not self._prepare
+        if self._lock_timeout is not None and self._prepare:
+            await conn.execute(
+                QUERIES["lock_timeout"], {"lock_timeout": self._lock_timeout, "local": False}
+            )
 
     async def _run(
         self, name: str, params: dict[str, Any], *, failpoint: str | None = None
@@ -412,10 +449,16 @@ class Store:
         conn = await self._connection()
         try:
             with translated():
-                if failpoint is not None and failpoints.ACTIVE:
-                    return await self._run_failing(conn, name, params, failpoint)
-                cur = await conn.execute(QUERIES[name], params)
-                return await cur.fetchall() if cur.description else []
+                async with self._one_at_a_time:
+                    failing = failpoint is not None and failpoints.ACTIVE
+                    if not (failing or self._timeout_per_statement):
+                        cur = await conn.execute(QUERIES[name], params)
+                        return await cur.fetchall() if cur.description else []
+                    return await self._run_in_transaction(conn, name, params, failpoint)
+        except LockTimeout as exc:
+            self.lock_waits += 1
+            # The connection is fine: only the statement gave up.
+            raise LockTimeout(f"{name} ({self._role} connection): {exc}") from exc
         except DatabaseUnavailable as exc:
             if isinstance(exc, PoolerInTheWay) and self._prepare:
                 self._prepare = False
@@ -423,16 +466,24 @@ class Store:
             await self._drop()
             raise
 
-    @staticmethod
-    async def _run_failing(
-        conn: psycopg.AsyncConnection[Any], name: str, params: dict[str, Any], failpoint: str
+    async def _run_in_transaction(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        name: str,
+        params: dict[str, Any],
+        failpoint: str | None,
     ) -> list[Any]:
-        """Only under NOTIFYQ_FAILPOINT: the statement in an explicit transaction, so the
-        failpoint can strike between the statement and its COMMIT."""
+        """The statement in a transaction of its own: with the lock timeout set for it
+        alone (see the class), and under NOTIFYQ_FAILPOINT so the failpoint can strike
+        between the statement and its COMMIT."""
         async with conn.transaction():
+            if self._timeout_per_statement:
+                await conn.execute(
+                    QUERIES["lock_timeout"], {"lock_timeout": self._lock_timeout, "local": True}
+                )
             cur = await conn.execute(QUERIES[name], params)
-            rows = await cur.fetchall()
-            if any(row[0] is not None for row in rows):
+            rows = await cur.fetchall() if cur.description else []
+            if failpoint is not None and failpoints.ACTIVE and any(r[0] is not None for r in rows):
                 failpoints.hit(failpoint)
         return rows
 
@@ -477,8 +528,8 @@ class Store:
             return Claim(jobs, None, frozenset(), 0)
         return Claim(jobs, last[6], frozenset(last[8] or ()), last[9] or 0)
 
-    async def complete(self, outcomes: Sequence[Outcome], claimant: str) -> set[int]:
-        """Write outcomes; returns the ids that applied (the rest lost their claim)."""
+    async def complete(self, outcomes: Sequence[Outcome], claimant: str) -> Written:
+        """Write outcomes, skipping rows locked by another transaction (see Written)."""
         ids = [o.job_id for o in outcomes]
         attempts = [o.attempt for o in outcomes]
         params: dict[str, Any]
@@ -504,7 +555,33 @@ class Store:
         rows = await self._run(
             name, failpoint="completion-commit", params={**params, "claimant": claimant}
         )
-        return {r[0] for r in rows}
+        attempted = [(o.job_id, o.attempt) for o in outcomes]
+        return await self._written({r[0] for r in rows}, attempted, claimant)
+
+    async def _written(
+        self, applied: set[int], attempts: Sequence[tuple[int, int]], claimant: str
+    ) -> Written:
+        """Tell the attempts a write left out because their rows were locked from those no
+        longer ours (asked only when some were left out, which is rare)."""
+        left = [(job_id, attempt) for job_id, attempt in attempts if job_id not in applied]
+        if not left:
+            return Written(applied, {})
+        try:
+            rows = await self._run(
+                "still_held",
+                {
+                    "ids": [job_id for job_id, _ in left],
+                    "attempts": [attempt for _, attempt in left],
+                    "claimant": claimant,
+                },
+            )
+        except DatabaseUnavailable:
+            # What was written is written; the rest is tried again, and the fence tells.
+            return Written(applied, {job_id: "unknown" for job_id, _ in left})
+        return Written(
+            applied,
+            {r[0]: r[2] or (f"transaction {r[1]}" if r[1] != "0" else "released") for r in rows},
+        )
 
     async def renew_leases(
         self, ids: Collection[int], claimant: str, lease: float
@@ -560,8 +637,8 @@ class Store:
         rows = await self._run("work_left", {"queues": list(queues), "tasks": list(tasks)})
         return bool(rows[0][0])
 
-    async def hand_back(self, attempts: Sequence[tuple[int, int]], claimant: str) -> set[int]:
-        """Return (job id, attempt) pairs to the queue; returns the ids that applied."""
+    async def hand_back(self, attempts: Sequence[tuple[int, int]], claimant: str) -> Written:
+        """Return (job id, attempt) pairs to the queue, skipping locked rows (see Written)."""
         rows = await self._run(
             "hand_back",
             {
@@ -570,7 +647,7 @@ class Store:
                 "claimant": claimant,
             },
         )
-        return {r[0] for r in rows}
+        return await self._written({r[0] for r in rows}, attempts, claimant)
 
     async def release_orphans(self, claimant: str, held: Collection[int]) -> set[int]:
         rows = await self._run("release_orphans", {"claimant": claimant, "held": list(held)})

@@ -92,6 +92,12 @@ class Settings:
         if self.max_runtime is not None and not self.max_runtime > 0:
             raise ConfigurationError("max runtime must be positive")
 
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds any dispatcher statement may wait for a lock another transaction holds:
+        short of a heartbeat (lease / 3) with room to try again, and never over 5 s."""
+        return min(5.0, self.lease / 6)
+
     def retention_ages(self) -> dict[str, float | None]:
         return {
             "succeeded": self.retain_succeeded,
@@ -123,11 +129,18 @@ class Worker:
         self.listening = anyio.Event()
         self.notifications = 0  # wake-ups by a notification naming a served queue
         # Poll-only mode is for poolers in transaction mode: no prepared statements there.
+        bounded = settings.lock_timeout
         self._stores = [
-            store.Store(dsn, "claim", prepare=settings.listen, generic_plans=True),
-            store.Store(dsn, "complete", prepare=settings.listen),
+            store.Store(
+                dsn, "claim", prepare=settings.listen, generic_plans=True, lock_timeout=bounded
+            ),
+            store.Store(dsn, "complete", prepare=settings.listen, lock_timeout=bounded),
         ]
         claim_store, complete_store = self._stores
+        # Used, and closed, only on the lease keeper's own thread and loop.
+        self._lease_store = store.Store(
+            dsn, "leases", prepare=settings.listen, lock_timeout=bounded
+        )
         self.reports = Reports(claim_store, self.claimant)
         self.retention = retention.Retention(
             complete_store, settings.retention_ages(), settings.retention_interval
@@ -165,8 +178,7 @@ class Worker:
 
             self.metrics = Metrics(self)
         self.leases = LeaseKeeper(
-            # Used, and closed, only on the keeper's own thread and loop.
-            store.Store(dsn, "leases", prepare=settings.listen),
+            self._lease_store,
             self.claimant,
             lease=settings.lease,
             heartbeat=settings.lease / 3,
@@ -262,6 +274,13 @@ class Worker:
                     await st.close()
         log.info("stopped; since start: %s", self._totals_text(self._totals()))
 
+    @property
+    def lock_waits(self) -> int:
+        """Statements that gave up waiting for a lock, and outcomes whose rows were found
+        locked by another transaction (each once)."""
+        stores = [*self._stores, self._lease_store]
+        return sum(st.lock_waits for st in stores) + self.completer.lock_waits
+
     def _totals(self) -> dict[str, int]:
         decided = self.completer.decided
         return {
@@ -274,6 +293,7 @@ class Worker:
             "polls_with_work": self.dispatcher.polls_with_work,
             "periodic_enqueued": self.scheduler.enqueued,
             "periodic_skipped": self.scheduler.skipped,
+            "lock_waits": self.lock_waits,
         }
 
     @staticmethod

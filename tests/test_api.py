@@ -20,6 +20,7 @@ PUBLIC = {
     "JobFailed",
     "JobFailure",
     "JobState",
+    "LockTimeout",
     "NotifyqError",
     "OperationRefused",
     "PayloadError",

@@ -8,12 +8,16 @@ import json
 import threading
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
 import notifyq
 from notifyq import InvalidJob, JobContext, store
-from tests.conftest import query, wait_until
+from notifyq.completion import Completer
+from notifyq.ledger import Ledger
+from notifyq.worker_pool import Finished
+from tests.conftest import query, statuses, wait_until
 from tests.test_dispatch import eventually, serving
 
 
@@ -235,22 +239,163 @@ def race(dsn: str, first: bytes, second: bytes) -> None:
         assert not blocked.is_alive()
 
 
-@pytest.mark.parametrize("insert_first", [True, False])
-def test_dependency_finishing_while_its_dependent_is_inserted(dsn: str, insert_first: bool) -> None:
-    """Either order, the dependent is queued once both transactions committed."""
+def dependent_of(job_id: int, policy: str = "cancel") -> bytes:
+    return (
+        "INSERT INTO notifyq.jobs (task, depends_on, on_dependency_failure)"
+        f" VALUES ('t', ARRAY[{job_id}], '{policy}') RETURNING id"
+    ).encode()
+
+
+FINISH = b"UPDATE notifyq.jobs SET status = %s, finished_at = now() WHERE id = %s"
+
+
+def finisher(dsn: str, *, autocommit: bool) -> psycopg.Connection[Any]:
+    """A connection that finishes jobs and never waits long for a lock: before version 9
+    a producer's open transaction made it wait until that transaction ended."""
+    conn = psycopg.connect(dsn, autocommit=autocommit)
+    conn.execute("SET lock_timeout = '5s'")
+    if not autocommit:
+        conn.commit()
+    return conn
+
+
+def outcome_of(dsn: str, job_id: int) -> tuple[Any, ...]:
+    return query(dsn, "SELECT status, last_error FROM notifyq.jobs WHERE id = %s", job_id)[0]
+
+
+WHAT_IT_CALLS_FOR = [
+    ("succeeded", "cancel", "queued", None),
+    ("dead", "cancel", "cancelled", "cancelled: job {}, which this job depends on, ended dead"),
+    (
+        "cancelled",
+        "cancel",
+        "cancelled",
+        "cancelled: job {}, which this job depends on, was cancelled",
+    ),
+    ("dead", "run", "queued", None),
+]
+
+
+@pytest.mark.parametrize(("finished_as", "policy", "expected", "reason"), WHAT_IT_CALLS_FOR)
+def test_a_dependency_finishes_while_its_dependents_transaction_is_open(
+    dsn: str, finished_as: str, policy: str, expected: str, reason: str | None
+) -> None:
+    """The producer's transaction inserted a dependent and stays open: finishing the
+    dependency does not wait for it, and the producer's COMMIT gives the dependent what
+    the finished dependency calls for; it is not left waiting."""
     a = insert(dsn)
-    dependent = f"INSERT INTO notifyq.jobs (task, depends_on) VALUES ('t', ARRAY[{a}])".encode()
+    with psycopg.connect(dsn) as producer:
+        row = producer.execute(dependent_of(a, policy)).fetchone()
+        assert row is not None
+        b = int(row[0])
+        with finisher(dsn, autocommit=True) as conn:
+            conn.execute(FINISH, (finished_as, a))
+        assert status(dsn, a) == finished_as
+        producer.commit()
+    assert outcome_of(dsn, b) == (expected, reason and reason.format(a))
+
+
+@pytest.mark.parametrize("finish_commits", [True, False], ids=["committed", "rolled-back"])
+def test_a_dependency_finishing_during_its_dependents_commit(
+    dsn: str, finish_commits: bool
+) -> None:
+    """The finishing UPDATE holds the dependency's row when the producer commits: the
+    COMMIT waits for it to end, and then sees what it did."""
+    a = insert(dsn)
+    with psycopg.connect(dsn) as producer, finisher(dsn, autocommit=False) as conn:
+        row = producer.execute(dependent_of(a)).fetchone()
+        assert row is not None
+        b = int(row[0])
+        conn.execute(FINISH, ("succeeded", a))
+        committing = threading.Thread(target=producer.commit)
+        committing.start()
+        wait_until(lambda: blocked_on_a_lock(dsn), message="the COMMIT to wait for the UPDATE")
+        if finish_commits:
+            conn.commit()
+        else:
+            conn.rollback()
+        committing.join(timeout=20)
+        assert not committing.is_alive()
+    if finish_commits:
+        assert status(dsn, b) == "queued"
+    else:
+        assert status(dsn, b) == "waiting"
+        finish(dsn, a, "succeeded")
+        assert status(dsn, b) == "queued"
+
+
+def test_a_dependency_finishing_before_its_dependent_is_inserted(dsn: str) -> None:
+    """The INSERT comes after the finishing UPDATE, which has not committed yet: the
+    INSERT goes on (it takes no lock), its COMMIT waits for the UPDATE's."""
+    a = insert(dsn)
     finished = (
         f"UPDATE notifyq.jobs SET status = 'succeeded', finished_at = now() WHERE id = {a}"
     ).encode()
-    if insert_first:
-        race(dsn, dependent, finished)
-    else:
-        race(dsn, finished, dependent)
-    assert query(dsn, "SELECT status FROM notifyq.jobs ORDER BY id") == [
-        ("succeeded",),
-        ("queued",),
+    race(dsn, finished, dependent_of(a))
+    assert [r[0] for r in query(dsn, "SELECT status FROM notifyq.jobs ORDER BY id")] == [
+        "succeeded",
+        "queued",
     ]
+
+
+def test_the_commit_cancels_what_depends_on_a_dependency_that_died_meanwhile(dsn: str) -> None:
+    """Jobs inserted together, each depending on the one before, the first on a job that
+    ends dead before they commit: the COMMIT cancels the chain (the cascade runs in the
+    producer's transaction); a job that runs whatever is queued."""
+    a = insert(dsn)
+    with psycopg.connect(dsn) as producer:
+        chain = [a]
+        for policy in ("cancel", "cancel", "run"):
+            row = producer.execute(dependent_of(chain[-1], policy)).fetchone()
+            assert row is not None
+            chain.append(int(row[0]))
+        with finisher(dsn, autocommit=True) as conn:
+            conn.execute(FINISH, ("dead", a))
+        producer.commit()
+    _, b, c, d = chain
+    reason = "cancelled: job {}, which this job depends on, {}"
+    assert outcome_of(dsn, b) == ("cancelled", reason.format(a, "ended dead"))
+    assert outcome_of(dsn, c) == ("cancelled", reason.format(b, "was cancelled"))
+    assert outcome_of(dsn, d)[0] == "queued"
+
+
+@pytest.mark.anyio
+async def test_a_completion_skips_a_row_a_producer_holds_and_writes_it_later(dsn: str) -> None:
+    """SET CONSTRAINTS ALL IMMEDIATE makes the producer check its dependencies at once,
+    and hold the lock on them until its transaction ends.  The dispatcher's completion
+    leaves that row out (busy, with who holds it) instead of waiting, writes the others,
+    and writes it once the producer is done."""
+    a, c = insert(dsn), insert(dsn)
+    claims = store.Store(dsn, "test")
+    claimant = "h:1:x"
+    done = [store.Outcome(a, 1, "succeeded"), store.Outcome(c, 1, "succeeded")]
+    try:
+        jobs, *_ = await claims.claim(
+            queues=["default"],
+            limit=10,
+            claimant=claimant,
+            lease=30,
+            task_max_attempts={},
+            default_max_attempts=5,
+        )
+        assert sorted(j.id for j in jobs) == [a, c]
+        with psycopg.connect(dsn, application_name="a producer") as producer:
+            producer.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            row = producer.execute(dependent_of(a)).fetchone()
+            assert row is not None
+            b = int(row[0])
+            with anyio.fail_after(10):
+                written = await claims.complete(done, claimant)
+            assert written.applied == {c}
+            assert list(written.busy) == [a]
+            assert f"pid {producer.info.backend_pid}, application 'a producer'" in written.busy[a]
+            producer.commit()
+        with anyio.fail_after(10):
+            written = await claims.complete(done[:1], claimant)
+        assert written == store.Written({a}, {})
+    finally:
+        await claims.close()
+    assert status(dsn, b) == "queued"
 
 
 def test_two_dependencies_finishing_in_concurrent_transactions(dsn: str) -> None:
@@ -302,3 +447,60 @@ def test_release_finds_dependents_through_the_gin_index(dsn: str) -> None:
     assert "jobs_waiting_idx" in text
     assert '"Seq Scan"' not in text
     assert status(dsn, released) == "queued"
+
+
+@pytest.mark.anyio
+async def test_a_write_that_waits_for_a_lock_is_split_until_the_waiting_outcome_is_alone(
+    dsn: str,
+) -> None:
+    """Writing one outcome must release the job waiting on it, whose row another
+    transaction holds: the batch gives up after lock_timeout, is written in halves
+    until that outcome is alone, the others land, and it lands once the lock goes.
+    Meanwhile it stays `writing` in the ledger (its lease is renewed, no loss reported)."""
+    ids = [insert(dsn) for _ in range(8)]
+    culprit = ids[5]
+    waiting = insert(dsn, depends_on=[culprit])
+    claimant = "h:1:x"
+    claims = store.Store(dsn, "claims")
+    writes = store.Store(dsn, "complete", lock_timeout=0.2)
+    ledger = Ledger()
+    try:
+        jobs, *_ = await claims.claim(
+            queues=["default"],
+            limit=10,
+            claimant=claimant,
+            lease=30,
+            task_max_attempts={},
+            default_max_attempts=5,
+        )
+        assert sorted(j.id for j in jobs) == ids
+        for job in jobs:
+            ledger.claimed((job.id, job.attempt))
+        completer = Completer(writes, claimant, ledger, on_written=lambda: None)
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute("SELECT 1 FROM notifyq.jobs WHERE id = %s FOR UPDATE", (waiting,))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(completer.run)
+                for job in sorted(jobs, key=lambda j: j.id):
+                    completer.submit(Finished(job, None))
+                with anyio.fail_after(20):
+                    while not (  # noqa: ASYNC110 - the table and a counter, no event
+                        statuses(dsn).get("succeeded") == 7 and completer.pending == 1
+                    ):
+                        await anyio.sleep(0.02)
+                assert status(dsn, culprit) == "running"
+                assert ledger.attempts() == {(culprit, 1)}
+                assert ledger.still_expected({(culprit, 1)}) == set()  # being written
+                # 8 -> 4 -> 2 -> 1 outcomes: one timeout each, and the lone one's own.
+                assert writes.lock_waits >= 4
+                blocker.rollback()
+                with anyio.fail_after(20):
+                    while status(dsn, waiting) != "queued":  # noqa: ASYNC110 - the table
+                        await anyio.sleep(0.02)
+                completer.close(give_up_after=5)
+        assert status(dsn, culprit) == "succeeded"
+        assert len(ledger) == 0
+        assert (completer.written, completer.fenced) == (8, 0)
+    finally:
+        await claims.close()
+        await writes.close()

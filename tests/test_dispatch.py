@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import Backoff, DoNotRetry, JobContext, PayloadError, Settings, store
+from notifyq import Backoff, DoNotRetry, JobContext, LockTimeout, PayloadError, Settings, store
 from tests.conftest import query, statuses
 
 pytestmark = pytest.mark.anyio
@@ -256,8 +256,10 @@ async def test_claims_no_more_jobs_than_free_slots(dsn: str) -> None:
 
 
 async def test_claims_pause_while_outcomes_cannot_be_written(dsn: str) -> None:
-    """A completion blocked on a row lock: the dispatcher stops claiming once the unwritten
-    outcomes exceed its concurrency, instead of marking the whole backlog running."""
+    """A completion blocked on a row lock (the job waiting on the finished one, which
+    the completion must release, is locked): the dispatcher stops claiming once the
+    unwritten outcomes exceed its concurrency, instead of marking the whole backlog
+    running."""
     app = notifyq.App()
     c = 5
     first_started = anyio.Event()
@@ -269,18 +271,18 @@ async def test_claims_pause_while_outcomes_cannot_be_written(dsn: str) -> None:
             first_started.set()
             await locked.wait()  # its outcome's write will wait for the test's row lock
 
-    query(
+    (first,) = query(
         dsn,
-        """INSERT INTO notifyq.jobs (task, payload, priority) VALUES ('t', '{"first": true}', 1)""",
-    )
-    query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 200)")
+        """INSERT INTO notifyq.jobs (task, payload, priority) VALUES ('t', '{"first": true}', 1)
+           RETURNING id""",
+    )[0]
+    query(dsn, "INSERT INTO notifyq.jobs (task, depends_on) VALUES ('t', ARRAY[%s])", first)
+    query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 199)")
     with psycopg.connect(dsn) as blocker:
         async with serving(app, dsn, concurrency=c, poll_interval=3600) as worker:
             with anyio.fail_after(10):
                 await first_started.wait()
-            blocker.execute(
-                """SELECT 1 FROM notifyq.jobs WHERE payload = '{"first": true}' FOR UPDATE"""
-            )
+            blocker.execute("SELECT 1 FROM notifyq.jobs WHERE status = 'waiting' FOR UPDATE")
             locked.set()
 
             def stalled() -> bool:
@@ -295,6 +297,41 @@ async def test_claims_pause_while_outcomes_cannot_be_written(dsn: str) -> None:
             assert running[0][0] < 3 * c
             blocker.rollback()  # the lock goes: every outcome is written, claiming resumes
             await eventually(lambda: statuses(dsn) == {"succeeded": 201})
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["session", "per-statement"])
+async def test_a_statement_waits_for_a_lock_at_most_lock_timeout(dsn: str, prepare: bool) -> None:
+    """A direct connection sets lock_timeout for its session; one that prepares nothing
+    (--no-listen: a pooler in transaction mode) sets it in each statement's own
+    transaction, so nothing stays on a server connection the pooler lends to others.
+    Either way a wait gives up with LockTimeout, counted, and the connection is kept."""
+    registration = {
+        "claimant": "h:1:x",
+        "host": "h",
+        "pid": 1,
+        "queues": ["default"],
+        "concurrency": 1,
+        "heartbeat": 10.0,
+        "liveness_lock": False,
+    }
+    upkeep = store.Store(dsn, "leases", prepare=prepare, lock_timeout=0.2)
+    try:
+        await upkeep.register(registration, running=0)
+        conn = await upkeep._connection()
+        cur = await conn.execute("SHOW lock_timeout")
+        assert await cur.fetchone() == (("200ms",) if prepare else ("0",))
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute("SELECT 1 FROM notifyq.dispatchers FOR UPDATE")
+            with anyio.fail_after(10), pytest.raises(LockTimeout) as caught:
+                await upkeep.register(registration, running=1)
+        assert "register_dispatcher (leases connection)" in str(caught.value)
+        assert "lock timeout" in str(caught.value)
+        assert upkeep.lock_waits == 1
+        await upkeep.register(registration, running=2)
+        assert await upkeep._connection() is conn
+    finally:
+        await upkeep.close()
+    assert query(dsn, "SELECT running FROM notifyq.dispatchers") == [(2,)]
 
 
 async def test_delayed_job_starts_on_time_by_the_precise_timer(dsn: str) -> None:

@@ -191,11 +191,24 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL,
 -- Write a batch of outcomes at once.  Fenced: a row changes only while it is
 -- still running under our claim and the same attempt, so a late completion of
 -- an attempt whose lease expired (and was rescued) cannot overwrite the newer one.
+-- SKIP LOCKED: a row another transaction holds locked (a producer's COMMIT
+-- checking the jobs its new jobs depend on, an operator's UPDATE) is left out
+-- rather than waited for, so no lock holds up the batch; `still_held` tells those
+-- rows from the ones no longer ours, and their outcomes are written again later.
 -- By id, through the primary key: `status = 'running' COLLATE "C"` (the same test,
 -- bytewise) cannot match the predicate of jobs_lease_idx, so the planner never
 -- picks that partial index here.  When its statistics say few jobs run (they lag
 -- during a drain, while thousands are claimed), the planner would scan all of it
 -- once per id: quadratic, seconds per batch at concurrency 200.
+WITH mine AS MATERIALIZED (
+    SELECT j.id, j.attempts
+    FROM notifyq.jobs j
+    JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt) ON j.id = o.id
+    WHERE j.status = 'running' COLLATE "C"
+      AND j.claimed_by = %(claimant)s
+      AND j.attempts = o.attempt
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+)
 UPDATE notifyq.jobs j
 SET status = o.status,
     finished_at = CASE WHEN o.status = 'queued' THEN NULL ELSE now() END,
@@ -209,30 +222,35 @@ SET status = o.status,
                             ELSE o.progress_message END,
     claimed_by = NULL,
     lease_expires_at = NULL
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
+FROM mine m
+JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
             %(delays)s::float8[], %(errors)s::text[], %(results)s::text[],
             %(progresses)s::real[], %(progress_messages)s::text[])
      AS o(id, attempt, status, delay, error, result, progress, progress_message)
-WHERE j.id = o.id
-  AND j.status = 'running' COLLATE "C"
-  AND j.claimed_by = %(claimant)s
-  AND j.attempts = o.attempt
+     ON o.id = m.id AND o.attempt = m.attempts
+WHERE j.id = m.id
 RETURNING j.id;
 
 -- name: complete_succeeded
 -- `complete` for a batch of successes that returned nothing (the common case),
--- fenced the same way.
+-- fenced and skipping locked rows the same way.
 -- By id through the primary key, never jobs_lease_idx: see `complete`.
+WITH mine AS MATERIALIZED (
+    SELECT j.id
+    FROM notifyq.jobs j
+    JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt) ON j.id = o.id
+    WHERE j.status = 'running' COLLATE "C"
+      AND j.claimed_by = %(claimant)s
+      AND j.attempts = o.attempt
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+)
 UPDATE notifyq.jobs j
 SET status = 'succeeded',
     finished_at = now(),
     claimed_by = NULL,
     lease_expires_at = NULL
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt)
-WHERE j.id = o.id
-  AND j.status = 'running' COLLATE "C"
-  AND j.claimed_by = %(claimant)s
-  AND j.attempts = o.attempt
+FROM mine m
+WHERE j.id = m.id
 RETURNING j.id;
 
 -- name: renew_leases
@@ -264,16 +282,22 @@ WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running' COLLATE "C" AND claimed
 -- Handlers' latest progress reports, one row per job, fenced like `complete` (a
 -- report of an attempt that lost its claim is dropped).  Each row written is
 -- announced on notifyq_progress, for notifyq watch and any client that LISTENs.
+-- SKIP LOCKED: a report is a hint; the row's next report, or the outcome, carries it.
 -- By id through the primary key, never jobs_lease_idx: see `complete`.
-WITH written AS (
-    UPDATE notifyq.jobs j
-    SET progress = o.progress, progress_message = o.message
-    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(percents)s::real[], %(messages)s::text[])
-         AS o(id, attempt, progress, message)
-    WHERE j.id = o.id
-      AND j.status = 'running' COLLATE "C"
+WITH mine AS MATERIALIZED (
+    SELECT j.id, o.progress, o.message
+    FROM notifyq.jobs j
+    JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[], %(percents)s::real[],
+                %(messages)s::text[]) AS o(id, attempt, progress, message) ON j.id = o.id
+    WHERE j.status = 'running' COLLATE "C"
       AND j.claimed_by = %(claimant)s
       AND j.attempts = o.attempt
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+), written AS (
+    UPDATE notifyq.jobs j
+    SET progress = m.progress, progress_message = m.message
+    FROM mine m
+    WHERE j.id = m.id
     RETURNING j.id, j.queue, j.task, j.attempts, j.progress, j.progress_message
 )
 SELECT pg_notify('notifyq_progress',
@@ -312,34 +336,69 @@ SELECT EXISTS (SELECT FROM notifyq.jobs j
 
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
--- charging the attempt that was interrupted.  Fenced like `complete`.
+-- charging the attempt that was interrupted.  Fenced, and skipping locked rows
+-- (told apart by `still_held`), like `complete`.
 -- By id through the primary key, never jobs_lease_idx: see `complete`.
+WITH mine AS MATERIALIZED (
+    SELECT j.id
+    FROM notifyq.jobs j
+    JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt) ON j.id = h.id
+    WHERE j.status = 'running' COLLATE "C"
+      AND j.claimed_by = %(claimant)s
+      AND j.attempts = h.attempt
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+)
 UPDATE notifyq.jobs j
 SET status = 'queued',
     attempts = j.attempts - 1,
     started_at = NULL,
     claimed_by = NULL,
     lease_expires_at = NULL
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt)
-WHERE j.id = h.id
-  AND j.status = 'running' COLLATE "C"
-  AND j.claimed_by = %(claimant)s
-  AND j.attempts = h.attempt
+FROM mine m
+WHERE j.id = m.id
 RETURNING j.id;
+
+-- name: still_held
+-- Which of these attempts still run under our claim though `complete` or
+-- `hand_back` left them out: another transaction held their rows locked, and the
+-- write is tried again.  A plain read, no lock.  `holder`: who holds the row, when
+-- PostgreSQL can tell (xmax is the locker's transaction while one transaction holds
+-- the row; the pid and application name are visible to every role).
+-- By id through the primary key, never jobs_lease_idx: see `complete`.
+SELECT j.id,
+       j.xmax::text AS xid,
+       (SELECT format('pid %%s, application %%L', a.pid, a.application_name)
+        FROM pg_catalog.pg_stat_activity a
+        WHERE a.backend_xid = j.xmax
+        LIMIT 1) AS holder
+FROM notifyq.jobs j
+JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt) ON j.id = o.id
+WHERE j.status = 'running' COLLATE "C"
+  AND j.claimed_by = %(claimant)s
+  AND j.attempts = o.attempt;
 
 -- name: release_orphans
 -- After a claim whose reply was lost (the connection broke after the commit):
--- jobs running under our name that we never received go back, uncharged.
-UPDATE notifyq.jobs
+-- jobs running under our name that we never received go back, uncharged.  A row
+-- locked right now is skipped, not waited for: its lease, which nobody renews,
+-- returns it.
+WITH orphans AS MATERIALIZED (
+    SELECT id
+    FROM notifyq.jobs
+    WHERE status = 'running'
+      AND claimed_by = %(claimant)s
+      AND NOT (id = ANY(%(held)s::bigint[]))
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+UPDATE notifyq.jobs j
 SET status = 'queued',
-    attempts = attempts - 1,
+    attempts = j.attempts - 1,
     started_at = NULL,
     claimed_by = NULL,
     lease_expires_at = NULL
-WHERE status = 'running'
-  AND claimed_by = %(claimant)s
-  AND NOT (id = ANY(%(held)s::bigint[]))
-RETURNING id;
+FROM orphans o
+WHERE j.id = o.id
+RETURNING j.id;
 
 -- name: rescue
 -- Re-queue the running jobs of dispatchers whose database session ended, and of
@@ -354,6 +413,13 @@ FROM notifyq.rescue_jobs(%(claimant)s, make_interval(secs => %(session_grace)s),
 -- The lease keeper's beat while it holds jobs: with its liveness lock free but a
 -- recent beat, a dispatcher is alive (only its listening connection dropped).
 UPDATE notifyq.dispatchers SET alive_at = now() WHERE claimant = %(claimant)s;
+
+-- name: lock_timeout
+-- How long a dispatcher's statement may wait for a lock: for the session (local
+-- false), or, behind a pooler in transaction mode, for the statement's own
+-- transaction (a session setting would stay on the pooler's server connection,
+-- for whichever client gets it next).
+SELECT set_config('lock_timeout', %(lock_timeout)s, %(local)s);
 
 -- name: liveness_lock
 -- The listener's connection takes this dispatcher's liveness lock for as long as
@@ -417,12 +483,17 @@ WHERE relid = 'notifyq.jobs'::regclass;
 
 -- name: register_dispatcher
 -- Lease keeper heartbeat: upsert this dispatcher's registry row with the jobs it
--- holds; the same statement deletes rows of dispatchers stopped or lost a day ago.
+-- holds; the same statement deletes rows of dispatchers stopped or lost a day ago
+-- (skipping any row locked right now: the next heartbeat prunes it).
 -- tasks: the tasks it has handlers for, the only ones it claims (see unserved_jobs).
-WITH pruned AS (
-    DELETE FROM notifyq.dispatchers
+WITH stale AS MATERIALIZED (
+    SELECT claimant
+    FROM notifyq.dispatchers
     WHERE claimant <> %(claimant)s
       AND coalesce(stopped_at, heartbeat_at) < now() - interval '1 day'
+    FOR UPDATE SKIP LOCKED
+), pruned AS (
+    DELETE FROM notifyq.dispatchers d USING stale s WHERE d.claimant = s.claimant
 )
 INSERT INTO notifyq.dispatchers AS d
     (claimant, host, pid, queues, concurrency, running, heartbeat, liveness_lock, tasks)
