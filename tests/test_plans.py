@@ -287,6 +287,16 @@ def test_writes_use_their_index(
     assert not any(kind == "Seq Scan" for kind, _ in found), found
 
 
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_until_empty_asks_the_claim_index_whether_work_is_left(big_dsn: str, generic: bool) -> None:
+    """work_left (serve --until-empty): with a backlog it answers from jobs_claim_idx at the
+    first ready row; it never reads the table or the finished rows."""
+    params = {"queues": ["default"], "tasks": ["t"]}
+    found = scans(prepared_plan(big_dsn, "work_left", params, generic=generic))
+    assert any(idx == "jobs_claim_idx" for _, idx in found), found
+    assert not any(kind == "Seq Scan" for kind, _ in found), found
+
+
 def nested_plans(dsn: str, name: str, params: dict[str, Any]) -> list[list[dict[str, Any]]]:
     """The plans of every statement a named query runs inside functions (auto_explain,
     reported as notices), in a rolled-back transaction."""

@@ -324,15 +324,26 @@ SELECT id FROM notifyq.jobs WHERE id = ANY(%(ids)s::bigint[]) AND status = 'canc
 -- concurrency cap held by other dispatchers kept from us count, and so do those a
 -- rate limit gave a slot (rate_reserved: ready work spread out, not scheduled work).
 -- Delayed jobs and retries waiting out their backoff do not: they are for a later run.
--- Two probes, not one OR, so the first stays on jobs_claim_idx; the second reads the
--- scheduled jobs of the served queues only when nothing is ready, i.e. once, at the end.
 -- Only the tasks we have handlers for: another app's jobs are not ours to wait for.
-SELECT EXISTS (SELECT FROM notifyq.jobs j
-               WHERE j.status = 'queued' AND j.queue = ANY(%(queues)s::text[])
-                 AND j.task = ANY(%(tasks)s::text[]) AND j.run_at <= now())
-    OR EXISTS (SELECT FROM notifyq.jobs j
-               WHERE j.status = 'queued' AND j.queue = ANY(%(queues)s::text[])
-                 AND j.task = ANY(%(tasks)s::text[]) AND j.rate_reserved);
+-- One probe per (queue, task) pair, as the claim reads (jobs_claim_idx, then
+-- jobs_scheduled_idx), never a scan of the table; the second reads the pair's
+-- scheduled jobs only when nothing is ready, i.e. once, at the end.
+SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
+               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN LATERAL (
+                   SELECT FROM notifyq.jobs j
+                   WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
+                     AND j.run_at <= now()
+                   ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx's order
+                   LIMIT 1) AS ready)
+    OR EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
+               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN LATERAL (
+                   SELECT FROM notifyq.jobs j
+                   WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
+                     AND j.rate_reserved
+                   ORDER BY j.run_at  -- jobs_scheduled_idx's order
+                   LIMIT 1) AS paced);
 
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
