@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import replace
@@ -38,6 +37,7 @@ import anyio
 
 from .errors import DatabaseUnavailable, DoNotRetry, LockTimeout, NotifyqError
 from .ledger import Attempt, Ledger
+from .retry import reconnect_delay
 from .store import Outcome, Store, Written
 from .worker_pool import Finished, UnknownTask
 
@@ -209,7 +209,7 @@ class Completer:
                     )
                     return
                 failures += 1
-                delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = reconnect_delay(failures, first=0.1, cap=5.0)
                 log.warning("completion write failed (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay)
 

@@ -57,6 +57,7 @@ import anyio
 
 from .errors import DatabaseUnavailable, LockTimeout
 from .job import Job
+from .retry import reconnect_delay
 from .store import Claim, Store
 
 log = logging.getLogger("notifyq.dispatcher")
@@ -232,7 +233,7 @@ class Dispatcher:
                     failures = 0
                 except DatabaseUnavailable as exc:
                     failures += 1
-                    delay = min(5.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
+                    delay = reconnect_delay(failures, first=0.05, cap=5.0)
                     log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
                     self._notified = True  # after reconnecting, catch up at once
                     self._heard = None  # ... which is no poll finding lost notifications

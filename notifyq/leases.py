@@ -42,6 +42,7 @@ on a graceful stop the row is marked stopped.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -53,6 +54,7 @@ import anyio
 
 from .errors import DatabaseUnavailable, NotifyqError
 from .ledger import Ledger
+from .retry import reconnect_delay
 from .store import Store
 
 log = logging.getLogger("notifyq.leases")
@@ -105,8 +107,10 @@ class LeaseKeeper:
         self.failure: BaseException | None = None  # why the thread died, for the main loop
         # time.monotonic() until which rescue sweeps run every FAST_SWEEP seconds.
         self._watch_until = 0.0
-        # anyio clock before which free liveness locks are not trusted (see RESTART_GRACE).
-        self._trust_sessions_at = 0.0
+        # anyio clock before which free liveness locks are not trusted (see RESTART_GRACE);
+        # set when the thread starts: a dispatcher starting during a failover must not
+        # take every other one's free lock for a death.
+        self._trust_sessions_at = math.inf
 
     def poke(self) -> None:
         """Jobs changed status somewhere: sweep often for a while, in case their
@@ -134,7 +138,8 @@ class LeaseKeeper:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.run)
-                await anyio.to_thread.run_sync(self._stop.wait)
+                # Abandoned if `run` fails: the failure then reaches the main loop at once.
+                await anyio.to_thread.run_sync(self._stop.wait, abandon_on_cancel=True)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -148,6 +153,7 @@ class LeaseKeeper:
         next_rescue = clock()  # at start-up: the jobs of a dispatcher that died before us
         next_beat = clock()  # the first heartbeat registers this dispatcher at once
         next_alive = clock()
+        self._trust_sessions_at = clock() + RESTART_GRACE
         failures = 0
         while True:
             # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier
@@ -173,11 +179,13 @@ class LeaseKeeper:
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
+                # Until the connection is back (and RESTART_GRACE after): other
+                # dispatchers may have lost theirs too.
+                self._trust_sessions_at = math.inf
                 # Capped below the heartbeat, so a short outage costs no lease.
-                delay = min(self._heartbeat, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = reconnect_delay(failures, first=0.2, cap=self._heartbeat)
                 log.warning("lease upkeep failed (%s); retrying in %.1fs", exc, delay)
-                next_beat = min(next_beat, clock() + delay)
-                next_rescue = min(next_rescue, clock() + delay)
+                next_beat = next_rescue = clock() + delay
 
     def _loop_alive(self, *, warn: bool = True) -> bool:
         stalled = time.monotonic() - self._loop_beat()

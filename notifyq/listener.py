@@ -32,13 +32,13 @@ found by the fallback poll meanwhile.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable, Collection
 
 import anyio
 
 from . import codec, failpoints
 from .errors import DatabaseUnavailable
+from .retry import reconnect_delay
 from .store import Listener
 
 log = logging.getLogger("notifyq.listener")
@@ -156,7 +156,7 @@ async def listen(
                         on_room(freed)
             except DatabaseUnavailable as exc:
                 failures += 1
-                delay = min(RECONNECT_CAP, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = reconnect_delay(failures, first=0.2, cap=RECONNECT_CAP)
                 log.warning("listener lost the database (%s); reconnecting in %.1fs", exc, delay)
                 await anyio.sleep(delay)
     finally:

@@ -31,7 +31,6 @@ SQL are picked up).
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +42,7 @@ from cronsim import CronSim, CronSimError
 
 from . import enqueue
 from .errors import ConfigurationError, DatabaseUnavailable, InvalidJob, NotifyqError
+from .retry import reconnect_delay
 from .store import Store
 
 log = logging.getLogger("notifyq.periodic")
@@ -169,7 +169,7 @@ class Scheduler:
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
-                wait = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                wait = reconnect_delay(failures, first=0.2, cap=10.0)
                 log.warning(
                     "periodic scheduler lost the database (%s); retrying in %.1fs", exc, wait
                 )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -27,6 +26,7 @@ import anyio
 
 from . import codec
 from .errors import DatabaseUnavailable, JobFailed, OperationRefused
+from .retry import reconnect_delay
 from .store import Listener
 
 log = logging.getLogger("notifyq.results")
@@ -128,7 +128,7 @@ class Waiters:
                 except DatabaseUnavailable as exc:
                     self._listening.clear()
                     failures += 1
-                    delay = min(10.0, 0.2 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                    delay = reconnect_delay(failures, first=0.2, cap=10.0)
                     log.warning("wait lost the database (%s); reconnecting in %.1fs", exc, delay)
                     await asyncio.sleep(delay)
         except Exception as exc:

@@ -32,3 +32,11 @@ class Backoff:
             ceiling = self.max_delay
         draw = (rng or random).random()
         return ceiling / 2 + draw * ceiling / 2
+
+
+def reconnect_delay(failures: int, *, first: float, cap: float, jitter: bool = True) -> float:
+    """Seconds to wait after `failures` consecutive failures to reach the database:
+    `first` doubling to `cap`, times a jitter in [0.5, 1] that keeps many processes from
+    retrying in step.  The exponent is capped, so no outage is long enough to overflow."""
+    delay = min(cap, first * 2.0 ** min(max(failures, 0), 32))
+    return delay * random.uniform(0.5, 1.0) if jitter else delay

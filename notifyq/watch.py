@@ -42,6 +42,7 @@ from rich.text import Text
 
 from . import store
 from .errors import DatabaseUnavailable
+from .retry import reconnect_delay
 
 CHANNEL = "notifyq_status"
 PROGRESS_CHANNEL = "notifyq_progress"  # handlers' progress reports (ctx.progress)
@@ -459,7 +460,7 @@ async def follow(
                 await listener.close()
                 await st.close()
                 failures += 1
-                await anyio.sleep(min(5.0, 0.25 * 2**failures))
+                await anyio.sleep(reconnect_delay(failures, first=0.25, cap=5.0, jitter=False))
     finally:
         with anyio.CancelScope(shield=True):
             await listener.close()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import pytest
 
 from notifyq.leases import LeaseKeeper
 from notifyq.ledger import Ledger
 from notifyq.store import Store
-from tests.conftest import query
+from tests.conftest import query, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +82,84 @@ async def test_an_outcome_being_written_is_no_lost_lease_but_a_rescued_job_is(
         "SELECT lease_expires_at > now() + interval '25 seconds' FROM notifyq.jobs WHERE id = %s",
         kept,
     ) == [(True,)]
+
+
+def keeper_for(dsn: str, **kwargs: float) -> LeaseKeeper:
+    return LeaseKeeper(
+        Store(dsn, "leases"),
+        CLAIMANT,
+        lease=kwargs.get("lease", 3.0),
+        heartbeat=kwargs.get("heartbeat", 1.0),
+        rescue_interval=kwargs.get("rescue_interval", 0.2),
+        ledger=Ledger(),
+        loop_beat=time.monotonic,
+        max_stall=300,
+    )
+
+
+def test_the_keeper_backs_off_while_the_database_is_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each failure waits longer (a busy loop of retries once burned a CPU and, after a
+    thousand failures, overflowed the delay and killed the keeper silently)."""
+    caplog.set_level(logging.WARNING, logger="notifyq.leases")
+    keeper = keeper_for("postgresql://postgres@127.0.0.1:1/unreachable?connect_timeout=2")
+    failures = lambda: [r for r in caplog.records if "lease upkeep failed" in r.getMessage()]  # noqa: E731
+    started = time.monotonic()
+    keeper.start()
+    try:
+        wait_until(lambda: len(failures()) >= 4, timeout=30, message="four failed attempts")
+    finally:
+        keeper.stop()
+    # At least 0.2 + 0.4 + 0.5 s between them: the smallest jittered delays.
+    assert time.monotonic() - started >= 1.1
+    assert keeper.failure is None
+
+
+def test_a_keeper_that_fails_reports_it_at_once(dsn: str) -> None:
+    keeper = keeper_for(dsn)
+
+    async def broken() -> None:
+        raise RuntimeError("keeper bug")
+
+    keeper.run = broken  # type: ignore[method-assign]
+    keeper.start()
+    try:
+        wait_until(lambda: keeper.failure is not None, timeout=10, message="the failure")
+    finally:
+        keeper.stop()
+    assert isinstance(keeper.failure, BaseExceptionGroup | RuntimeError)
+
+
+def test_free_liveness_locks_are_not_trusted_at_start_or_after_a_reconnect(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover frees every dispatcher's lock and stops every beat for a moment: the
+    sweeps right after this keeper (re)connected must rescue by lease only."""
+    sweeps: list[tuple[float, bool]] = []
+    real = Store.rescue
+
+    async def spy(self: Store, claimant: str, **kwargs: Any) -> Any:
+        began = time.monotonic()
+        result = await real(self, claimant, **kwargs)
+        sweeps.append((began, kwargs["trust_sessions"]))  # the sweeps that ran
+        return result
+
+    monkeypatch.setattr(Store, "rescue", spy)
+    keeper = keeper_for(dsn)
+    keeper.start()
+    try:
+        wait_until(lambda: sweeps, message="the first sweep")
+        assert sweeps[0][1] is False
+        wait_until(lambda: sweeps[-1][1], timeout=20, message="sessions trusted again")
+        query(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'notifyq:leases' AND datname = current_database()",
+        )
+        cut = time.monotonic()
+        wait_until(lambda: [trust for at, trust in sweeps if at > cut], message="a sweep after it")
+    finally:
+        keeper.stop()
+    # The first sweep on the new connection did not trust sessions.
+    assert [trust for at, trust in sweeps if at > cut][0] is False
