@@ -1349,9 +1349,12 @@ BEGIN
         RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint,
                   j.lease_expires_at
     )
-    SELECT c.id, c.queue, c.task, c.payload, c.attempts, c.max_attempts, c.checkpoint,
-           c.lease_expires_at, NULL::float8, NULL::text[], NULL::bigint
-    FROM claimed c
+    -- In claim order (an Append keeps its branches' order), the info row last.
+    (SELECT c.id, c.queue, c.task, c.payload, c.attempts, c.max_attempts, c.checkpoint,
+            c.lease_expires_at, NULL::float8, NULL::text[], NULL::bigint
+     FROM claimed c
+     JOIN candidates k ON k.id = c.id
+     ORDER BY k.ord)
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            (SELECT extract(epoch FROM least(

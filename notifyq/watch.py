@@ -84,6 +84,7 @@ class DispatcherRow:
     state: str  # running | stopped | lost
     up: float
     silent: float  # seconds since its last heartbeat
+    kind: str = "serve"  # serve | sql (a worker using the SQL worker protocol)
 
 
 @dataclass(slots=True)
@@ -320,7 +321,8 @@ def dispatcher_table(snap: Snapshot, width: int) -> Table:
     colour = {"running": "green", "stopped": "dim", "lost": "bold red"}
     for d in snap.dispatchers:
         cells: list[RenderableType] = [
-            f"{d.host}:{d.pid}",
+            # A SQL worker's host and pid are its database session's: its name says more.
+            f"{d.claimant} (sql)" if d.kind == "sql" else f"{d.host}:{d.pid}",
             Text(d.state, style=colour.get(d.state, "")),
             f"{d.running}/{d.concurrency}",
             duration(d.up),

@@ -431,10 +431,12 @@ ORDER BY started_at
 LIMIT %(limit)s;
 
 -- name: watch_dispatchers
--- notifyq watch: the dispatcher registry with each one's state (running, stopped, lost).
+-- notifyq watch: the dispatcher registry with each one's state (running, stopped, lost),
+-- `notifyq serve` processes and SQL workers alike (kind).
 SELECT claimant, host, pid, queues, concurrency, running, state,
        extract(epoch FROM now() - started_at)::float8 AS up,
-       extract(epoch FROM now() - heartbeat_at)::float8 AS silent
+       extract(epoch FROM now() - heartbeat_at)::float8 AS silent,
+       kind
 FROM notifyq.dispatcher_status
 ORDER BY state <> 'running', started_at;
 
