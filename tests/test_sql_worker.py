@@ -136,8 +136,11 @@ def test_heartbeat_renews_leases_and_says_which_jobs_are_still_held(dsn: str) ->
         other,
     )
     assert held == [(a,)]
-    (left,) = job(dsn, a, "lease_expires_at - now()")
+    (left, renewed_at) = job(dsn, a, "lease_expires_at - now(), lease_expires_at")
     assert left > timedelta(minutes=59)
+    # Called again at once: the lease has most of its time left, so the row is not rewritten.
+    assert query(dsn, "SELECT * FROM notifyq.heartbeat('w', ARRAY[%s]::bigint[])", a) == [(a,)]
+    assert job(dsn, a, "lease_expires_at") == (renewed_at,)
     # The registry row: a SQL worker, seen now, holding one job.
     row = query(
         dsn,

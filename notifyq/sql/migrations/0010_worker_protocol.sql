@@ -349,18 +349,20 @@ BEGIN
     SELECT w.id, w.attempts, w.status, w.run_at, NULL::text
     FROM written w
     UNION ALL
-    SELECT j.id, j.attempts, 'busy',  NULL::timestamptz,
+    SELECT j.id, j.attempts, 'busy', NULL::timestamptz,
            coalesce((SELECT format('pid %s, application %L', a.pid, a.application_name)
                      FROM pg_catalog.pg_stat_activity a
                      WHERE a.backend_xid = j.xmax
                      LIMIT 1),
                     CASE WHEN j.xmax::text <> '0' THEN 'transaction ' || j.xmax::text END)
-    FROM notifyq.jobs j
-    JOIN o ON j.id = o.id
-    WHERE NOT EXISTS (SELECT FROM mine m WHERE m.id = o.id)
-      AND j.status = 'running' COLLATE "C"
+    -- Only the rows `mine` left out are looked at again (usually none).
+    FROM (SELECT o.id, o.attempt FROM o
+          WHERE NOT EXISTS (SELECT FROM mine m WHERE m.id = o.id)
+          OFFSET 0) AS l
+    JOIN notifyq.jobs j ON j.id = l.id
+    WHERE j.status = 'running' COLLATE "C"
       AND j.claimed_by = finish_jobs.worker
-      AND j.attempts = coalesce(o.attempt, j.attempts);
+      AND j.attempts = coalesce(l.attempt, j.attempts);
 END
 $$;
 COMMENT ON FUNCTION notifyq.finish_jobs(
@@ -415,12 +417,13 @@ BEGIN
                      WHERE a.backend_xid = j.xmax
                      LIMIT 1),
                     CASE WHEN j.xmax::text <> '0' THEN 'transaction ' || j.xmax::text END)
-    FROM notifyq.jobs j
-    JOIN o ON j.id = o.id
-    WHERE NOT EXISTS (SELECT FROM mine m WHERE m.id = o.id)
-      AND j.status = 'running' COLLATE "C"
+    FROM (SELECT o.id, o.attempt FROM o
+          WHERE NOT EXISTS (SELECT FROM mine m WHERE m.id = o.id)
+          OFFSET 0) AS l
+    JOIN notifyq.jobs j ON j.id = l.id
+    WHERE j.status = 'running' COLLATE "C"
       AND j.claimed_by = hand_back_jobs.worker
-      AND j.attempts = coalesce(o.attempt, j.attempts);
+      AND j.attempts = coalesce(l.attempt, j.attempts);
 END
 $$;
 COMMENT ON FUNCTION notifyq.hand_back_jobs(text, bigint[], integer[], boolean) IS
@@ -448,6 +451,15 @@ BEGIN
         RAISE EXCEPTION 'worker must name the worker in 1 to 200 characters, got %',
             coalesce(quote_literal(worker), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Nothing new to say: a plain read, so a busy worker's claims write no registry row
+    -- (an upsert would lock it, and write, even when its WHERE is false).
+    IF running IS NULL AND EXISTS (
+        SELECT FROM notifyq.dispatchers d
+        WHERE d.claimant = worker AND d.stopped_at IS NULL
+          AND d.heartbeat_at >= now() - interval '1 second'
+          AND d.queues IS NOT DISTINCT FROM coalesce(worker_seen.queues, d.queues)) THEN
+        RETURN;
     END IF;
     INSERT INTO notifyq.dispatchers AS d
         (claimant, host, pid, queues, concurrency, running, heartbeat, tasks, kind)
@@ -541,8 +553,10 @@ COMMENT ON FUNCTION notifyq.claim(text, text[], integer, interval, text[]) IS
 
 -- Renew the leases of the jobs this worker still runs; returns the ids it
 -- still holds (a job rescued or cancelled meanwhile is missing: stop working
--- on it).  lease NULL: the lease of the worker's last claim.  Also the worker's
--- sign of life: with ids empty it only says "still here".
+-- on it).  Pass every job the worker holds, as often as it likes (once a
+-- second is cheap): a lease is rewritten only once a third of it has passed.
+-- lease NULL: the lease of the worker's last claim.  Each call is also the
+-- worker's sign of life (see hold_session).
 CREATE OR REPLACE FUNCTION notifyq.heartbeat(
     worker text, ids bigint[] DEFAULT '{}', lease interval DEFAULT NULL
 ) RETURNS SETOF bigint
@@ -564,23 +578,24 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- SKIP LOCKED: a row locked right now is being finished (or changed by an
-    -- operator); it is still held, and reported, if the plain read finds it ours.
+    -- operator); it is still held, and its lease renewed by a later call.
     WITH mine AS MATERIALIZED (
-        SELECT j.id FROM notifyq.jobs j
+        SELECT j.id, j.lease_expires_at FROM notifyq.jobs j
         WHERE j.id = ANY(heartbeat.ids) AND j.status = 'running' COLLATE "C"
           AND j.claimed_by = heartbeat.worker
-        FOR NO KEY UPDATE SKIP LOCKED
+    ), due AS MATERIALIZED (
+        SELECT j.id FROM notifyq.jobs j
+        JOIN mine m ON j.id = m.id
+        WHERE m.lease_expires_at < now() + length * 2 / 3
+          AND j.status = 'running' COLLATE "C" AND j.claimed_by = heartbeat.worker
+        FOR NO KEY UPDATE OF j SKIP LOCKED
     ), renewed AS (
         UPDATE notifyq.jobs j SET lease_expires_at = now() + length
-        FROM mine m WHERE j.id = m.id
+        FROM due WHERE j.id = due.id
         RETURNING j.id
     )
-    SELECT array_agg(x.id) INTO held
-    FROM (SELECT r.id FROM renewed r
-          UNION
-          SELECT j.id FROM notifyq.jobs j
-          WHERE j.id = ANY(heartbeat.ids) AND j.status = 'running' COLLATE "C"
-            AND j.claimed_by = heartbeat.worker) AS x;
+    -- (`renewed` runs to completion whether or not it is read.)
+    SELECT array_agg(m.id) INTO held FROM mine m;
     PERFORM notifyq.worker_seen(heartbeat.worker, NULL, NULL, NULL, length,
                                 coalesce(cardinality(held), 0));
     UPDATE notifyq.dispatchers d SET alive_at = now()
