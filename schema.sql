@@ -562,9 +562,16 @@ COMMENT ON VIEW notifyq.dispatcher_status IS
 -- run_at is kept (the job goes back to its old place).  Rows are locked with
 -- SKIP LOCKED, and the liveness lock is only tried: rescuers never wait for
 -- each other or for a completion, and keep no state between sweeps.
+-- The suspects come from the registry alone: no beat for session_grace, and
+-- not yet lost (three heartbeats missed: about a lease, after which their
+-- leases have expired and the lease sweep takes their jobs).  A live one holds
+-- its lock, which costs one try; only a dead one's running jobs are read.  So a
+-- sweep costs next to nothing however many jobs run, and every dispatcher can
+-- sweep twice a second.
 -- Returns the rescued jobs, then one row with id NULL whose `watched` is how many
--- other claimants with running jobs have a liveness lock: while there are any,
--- the caller sweeps again soon.
+-- other claimants the caller should sweep for again soon: those with a liveness
+-- lock that beat lately (they hold jobs), and the dead ones whose jobs were kept
+-- this time (a claim of theirs is recent, or sessions are not trusted yet).
 CREATE OR REPLACE FUNCTION notifyq.rescue_jobs(
     me text,
     session_grace interval,
@@ -578,24 +585,34 @@ AS $$
 #variable_conflict use_column
 DECLARE
     d record;
-    counted integer := 0;
+    counted integer;
     by_session boolean := trust_sessions
         AND now() >= pg_postmaster_start_time() + restart_grace;
 BEGIN
+    SELECT count(*) INTO counted
+    FROM notifyq.dispatchers r
+    WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me AND r.stopped_at IS NULL
+      AND r.alive_at >= now() - 2 * session_grace;
     FOR d IN
-        SELECT r.claimant, greatest(r.alive_at, c.last_claim) AS seen_alive
-        FROM (SELECT j.claimed_by, max(j.started_at) AS last_claim
-              FROM notifyq.jobs j WHERE j.status = 'running'
-              GROUP BY j.claimed_by) AS c
-        JOIN notifyq.dispatchers r ON r.claimant = c.claimed_by
+        SELECT r.claimant
+        FROM notifyq.dispatchers r
         WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me
+          AND r.stopped_at IS NULL
+          AND coalesce(r.alive_at, '-infinity') < now() - session_grace
+          AND r.heartbeat_at >= now() - make_interval(secs => 3 * r.heartbeat)
         ORDER BY r.claimant
     LOOP
-        counted := counted + 1;
-        CONTINUE WHEN NOT by_session OR d.seen_alive > now() - session_grace;
         -- Held until this statement's transaction ends: the dispatcher, were it
         -- taking its lock back meanwhile, retries; another rescuer skips it.
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(28274, hashtext(d.claimant));
+        -- A claim is a sign of life too.
+        IF NOT by_session OR EXISTS (
+            SELECT FROM notifyq.jobs j
+            WHERE j.status = 'running' AND j.claimed_by = d.claimant
+              AND j.started_at > now() - session_grace) THEN
+            counted := counted + 1;
+            CONTINUE;
+        END IF;
         RETURN QUERY
         WITH lost AS MATERIALIZED (
             SELECT j.id

@@ -49,6 +49,7 @@ RETRY_FIRST = 0.1  # seconds before a write skipped for a locked row is tried ag
 RETRY_MAX = 2.0  # ... doubling while rows stay locked, up to this
 Report = tuple[float, str | None]  # a progress report: percent, message
 _ERROR_LIMIT = 64 * 1024  # bytes of error text kept per attempt
+_LEASE_KEEPER = "application 'notifyq:leases'"  # how a lease keeper holding a row is named
 
 
 def decide(finished: Finished) -> Outcome:
@@ -296,6 +297,9 @@ class Completer:
         new = [o for o in busy if (o.job_id, o.attempt) not in self._waiting_since]
         for o in new:
             self._waiting_since[(o.job_id, o.attempt)] = now
+        # A lease keeper renewing the row (ours, almost always) holds it for a moment: routine,
+        # not the lock wait the counter and the warning are for.
+        new = [o for o in new if _LEASE_KEEPER not in holders.get((o.job_id, o.attempt), "")]
         if new:
             self.lock_waits += len(new)
             log.warning(

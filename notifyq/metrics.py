@@ -95,7 +95,8 @@ class Metrics:
         self._unserved = prom.Gauge(
             "notifyq_unserved_jobs",
             "Ready jobs no live dispatcher would claim (none serves the queue, or none has a "
-            "handler for the task): they wait for one; read at scrape time.",
+            "handler for the task): they wait for one; read at scrape time, counted up to "
+            "10,000 per queue and task.",
             LABELS,
             registry=r,
         )

@@ -107,6 +107,7 @@ class UnservedRow:
     jobs: int
     oldest: float  # seconds the oldest of them has been ready
     queue_served: bool  # some live dispatcher serves the queue (but not the task)
+    more: bool = False  # more than the `jobs` counted (the count stops at 10,000)
 
 
 @dataclass(slots=True)
@@ -384,7 +385,8 @@ def unserved_lines(snap: Snapshot) -> list[Text]:
         if u.queue_served:
             lines.append(
                 Text(
-                    f"no dispatcher handles task {u.task} (queue {u.queue}): {u.jobs} ready,"
+                    f"no dispatcher handles task {u.task} (queue {u.queue}):"
+                    f" {u.jobs}{'+' if u.more else ''} ready,"
                     f" oldest {duration(u.oldest)}",
                     style="bold red",
                 )
@@ -395,7 +397,8 @@ def unserved_lines(snap: Snapshot) -> list[Text]:
         tasks = ", ".join(u.task for u in rows)
         lines.append(
             Text(
-                f"no dispatcher serves queue {queue}: {sum(u.jobs for u in rows)} ready"
+                f"no dispatcher serves queue {queue}: {sum(u.jobs for u in rows)}"
+                f"{'+' if any(u.more for u in rows) else ''} ready"
                 f" ({tasks}), oldest {duration(max(u.oldest for u in rows))}",
                 style="bold red",
             )

@@ -569,12 +569,21 @@ WITH RECURSIVE pairs AS (
                       WHERE p.queue = ANY(d.queues)
                         AND (d.tasks IS NULL OR p.task = ANY(d.tasks)))
 )
-SELECT u.queue, u.task, c.jobs, c.oldest, u.served
+SELECT u.queue, u.task, least(c.jobs, 10000) AS jobs, c.oldest, u.served, c.jobs > 10000 AS more
 FROM unserved u
 CROSS JOIN LATERAL (
-    SELECT count(*) AS jobs, extract(epoch FROM now() - min(j.run_at))::float8 AS oldest
-    FROM notifyq.jobs j
-    WHERE j.status = 'queued' AND j.queue = u.queue AND j.task = u.task AND j.run_at <= now()
+    -- Counted up to 10,000 (more says there are more): a million unserved jobs must not
+    -- cost every watch refresh, health check and scrape a scan of them.
+    SELECT (SELECT count(*) FROM (SELECT FROM notifyq.jobs j
+                                  WHERE j.status = 'queued' AND j.queue = u.queue
+                                    AND j.task = u.task AND j.run_at <= now()
+                                  LIMIT 10001) AS k) AS jobs,
+           (SELECT extract(epoch FROM now() - j.run_at)::float8
+            FROM notifyq.jobs j
+            WHERE j.status = 'queued' AND j.queue = u.queue AND j.task = u.task
+              AND j.run_at <= now()
+            ORDER BY j.run_at
+            LIMIT 1) AS oldest
 ) AS c
 WHERE c.jobs > 0
 ORDER BY u.queue, u.task;

@@ -3,7 +3,123 @@
 -- stop_worker, with per-task retry settings in notifyq.tasks.  `notifyq serve`
 -- claims and writes outcomes through the same functions (claim_jobs and
 -- finish_jobs), so the rules live here once.
+-- The rescue sweep reads a dead dispatcher's running jobs only, never every
+-- running job (see rescue_jobs).
 -- schema.sql holds the same objects for new databases.
+
+-- The rescue every dispatcher runs, as one statement.  Two ways a running job
+-- is found lost:
+--   * its dispatcher's session ended: a claimant that registered a liveness
+--     lock (liveness_lock) no longer holds it, AND it has shown no sign of life
+--     for session_grace: neither an alive_at beat (its lease keeper writes one a
+--     second while it holds jobs, from another connection) nor a claim (the
+--     started_at of its running jobs).  Both must fail: a live dispatcher whose
+--     listening connection dropped keeps beating; a frozen one keeps its
+--     session (the lease tells).  The caller passes trust_sessions false while
+--     its own connection has just come back (a failover: every lock is free and
+--     every beat old for a moment), and no session counts in the first
+--     restart_grace after the server started.
+--   * its lease expired (the backstop for everything the session cannot show:
+--     a frozen process, a partition PostgreSQL has not noticed, a pooler).
+-- Either way the attempt counts, a job with no attempts left goes dead, and
+-- run_at is kept (the job goes back to its old place).  Rows are locked with
+-- SKIP LOCKED, and the liveness lock is only tried: rescuers never wait for
+-- each other or for a completion, and keep no state between sweeps.
+-- The suspects come from the registry alone: no beat for session_grace, and
+-- not yet lost (three heartbeats missed: about a lease, after which their
+-- leases have expired and the lease sweep takes their jobs).  A live one holds
+-- its lock, which costs one try; only a dead one's running jobs are read.  So a
+-- sweep costs next to nothing however many jobs run, and every dispatcher can
+-- sweep twice a second.
+-- Returns the rescued jobs, then one row with id NULL whose `watched` is how many
+-- other claimants the caller should sweep for again soon: those with a liveness
+-- lock that beat lately (they hold jobs), and the dead ones whose jobs were kept
+-- this time (a claim of theirs is recent, or sessions are not trusted yet).
+CREATE OR REPLACE FUNCTION notifyq.rescue_jobs(
+    me text,
+    session_grace interval,
+    restart_grace interval,
+    trust_sessions boolean,
+    max_rows integer
+) RETURNS TABLE (id bigint, status text, cause text, watched integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    d record;
+    counted integer;
+    by_session boolean := trust_sessions
+        AND now() >= pg_postmaster_start_time() + restart_grace;
+BEGIN
+    SELECT count(*) INTO counted
+    FROM notifyq.dispatchers r
+    WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me AND r.stopped_at IS NULL
+      AND r.alive_at >= now() - 2 * session_grace;
+    FOR d IN
+        SELECT r.claimant
+        FROM notifyq.dispatchers r
+        WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me
+          AND r.stopped_at IS NULL
+          AND coalesce(r.alive_at, '-infinity') < now() - session_grace
+          AND r.heartbeat_at >= now() - make_interval(secs => 3 * r.heartbeat)
+        ORDER BY r.claimant
+    LOOP
+        -- Held until this statement's transaction ends: the dispatcher, were it
+        -- taking its lock back meanwhile, retries; another rescuer skips it.
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(28274, hashtext(d.claimant));
+        -- A claim is a sign of life too.
+        IF NOT by_session OR EXISTS (
+            SELECT FROM notifyq.jobs j
+            WHERE j.status = 'running' AND j.claimed_by = d.claimant
+              AND j.started_at > now() - session_grace) THEN
+            counted := counted + 1;
+            CONTINUE;
+        END IF;
+        RETURN QUERY
+        WITH lost AS MATERIALIZED (
+            SELECT j.id
+            FROM notifyq.jobs j
+            WHERE j.status = 'running' AND j.claimed_by = d.claimant
+            ORDER BY j.id
+            LIMIT max_rows
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE notifyq.jobs j
+        SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
+            finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+            last_error = format('attempt %s lost: the database session of dispatcher %s ended '
+                                '(process killed, or cut off from the database)',
+                                j.attempts, j.claimed_by),
+            claimed_by = NULL,
+            lease_expires_at = NULL
+        FROM lost
+        WHERE j.id = lost.id
+        RETURNING j.id, j.status, 'session'::text, NULL::integer;
+    END LOOP;
+    RETURN QUERY
+    WITH expired AS MATERIALIZED (
+        SELECT j.id
+        FROM notifyq.jobs j
+        WHERE j.status = 'running' AND j.lease_expires_at < now()
+        ORDER BY j.lease_expires_at
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE notifyq.jobs j
+    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
+        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+        last_error = format('attempt %s lost: the lease of dispatcher %s expired at %s '
+                            '(process killed or cut off from the database)',
+                            j.attempts, j.claimed_by, j.lease_expires_at),
+        claimed_by = NULL,
+        lease_expires_at = NULL
+    FROM expired e
+    WHERE j.id = e.id
+    RETURNING j.id, j.status, 'lease'::text, NULL::integer;
+    RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text, counted;
+END
+$$;
 
 -- Per-task settings, read by the claim (max_attempts for a job that names
 -- none) and by failures (the backoff).  Python apps write their @app.task
