@@ -36,9 +36,10 @@ from dataclasses import replace
 import anyio
 
 from .errors import DatabaseUnavailable, DoNotRetry, LockTimeout, NotifyqError
+from .job import Job
 from .ledger import Attempt, Ledger
 from .retry import reconnect_delay
-from .store import Outcome, Store, Written
+from .store import Outcome, Settled, Store, Written
 from .worker_pool import Finished, UnknownTask
 
 log = logging.getLogger("notifyq.completion")
@@ -48,20 +49,17 @@ RETRY_FIRST = 0.1  # seconds before a write skipped for a locked row is tried ag
 RETRY_MAX = 2.0  # ... doubling while rows stay locked, up to this
 Report = tuple[float, str | None]  # a progress report: percent, message
 _ERROR_LIMIT = 64 * 1024  # bytes of error text kept per attempt
+_LEASE_KEEPER = "application 'notifyq:leases'"  # how a lease keeper holding a row is named
 
 
 def decide(finished: Finished) -> Outcome:
-    """succeeded, queued again after a backoff, or dead: the retry policy, applied."""
+    """succeeded, failed (the database applies the task's retry policy), or dead."""
     job = finished.job
     if finished.error is None:
         return Outcome(job.id, job.attempt, "succeeded", result=finished.result)
     error = _describe(finished.error, finished.trace)
     final = isinstance(finished.error, DoNotRetry | UnknownTask)
-    if final or job.attempt >= job.max_attempts:
-        return Outcome(job.id, job.attempt, "dead", error=error)
-    backoff = finished.task.backoff if finished.task else None
-    delay = backoff.delay(job.attempt) if backoff else 0.0
-    return Outcome(job.id, job.attempt, "queued", delay=delay, error=error)
+    return Outcome(job.id, job.attempt, "dead" if final else "failed", error=error)
 
 
 def _describe(error: BaseException, trace: str | None) -> str:
@@ -73,21 +71,20 @@ def _describe(error: BaseException, trace: str | None) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _log_outcome(finished: Finished, outcome: Outcome) -> None:
-    job = finished.job
-    if outcome.status == "succeeded":
+def _log_outcome(job: Job, outcome: Outcome, settled: Settled) -> None:
+    if settled.status == "succeeded":
         log.debug("succeeded job=%s task=%s attempt=%s", job.id, job.task, job.attempt)
         return
     first_line = (outcome.error or "").split("\n", 1)[0]
-    if outcome.status == "queued":
+    if settled.status == "queued":
         log.info(
-            "failed job=%s task=%s attempt=%s/%s: %s; retry in %.1fs",
+            "failed job=%s task=%s attempt=%s/%s: %s; retry at %s",
             job.id,
             job.task,
             job.attempt,
             job.max_attempts,
             first_line,
-            outcome.delay,
+            settled.run_at.isoformat(timespec="milliseconds"),
         )
     else:
         log.warning(
@@ -108,12 +105,15 @@ class Completer:
         ledger: Ledger,
         on_written: Callable[[], None],
         last_report: Callable[[int, int], Report | None] = lambda job_id, attempt: None,
+        on_settled: Callable[[Job, str], None] = lambda job, status: None,
     ) -> None:
         self._store = store
         self._claimant = claimant
         self._ledger = ledger  # attempts leave it once their outcome is written
         self._on_written = on_written
         self._last_report = last_report  # (job id, attempt) -> its report not yet written
+        self._on_settled = on_settled  # (job, succeeded | queued | dead) once written
+        self._jobs: dict[Attempt, Job] = {}  # attempts whose outcome is not written yet
         self._outcomes: list[Outcome] = []
         # Batches to write before new outcomes, in order: the halves of one that gave up
         # waiting for a lock, and busy outcomes whose time to try again came.
@@ -153,8 +153,7 @@ class Completer:
             if (report := self._last_report(job.id, job.attempt)) is not None:
                 outcome = replace(outcome, progress=report[0], progress_message=report[1])
             self._outcomes.append(outcome)
-            self.decided[outcome.status] += 1
-            _log_outcome(finished, outcome)
+            self._jobs[(job.id, job.attempt)] = job
         self._wake.set()
 
     @property
@@ -243,7 +242,8 @@ class Completer:
         except NotifyqError as exc:
             self._give_up(pairs, exc)
         else:
-            busy = [o for o in batch if o.job_id in written.busy]
+            busy = [o for o in batch if (o.job_id, o.attempt) in written.busy]
+            self._settle(batch, written)
             self._account(pairs, written, "completion")
             self._wait(busy, written.busy)
         finally:
@@ -275,7 +275,21 @@ class Completer:
         self._stuck.append(outcome)
         self._schedule_retry()
 
-    def _wait(self, busy: list[Outcome], holders: dict[int, str]) -> None:
+    def _settle(self, batch: list[Outcome], written: Written) -> None:
+        """Count and log what the database made of each outcome written."""
+        for outcome in batch:
+            key = (outcome.job_id, outcome.attempt)
+            if key in written.busy:
+                continue
+            job = self._jobs.pop(key, None)
+            settled = written.applied.get(key)
+            if settled is None or job is None:
+                continue
+            self.decided[settled.status] += 1
+            _log_outcome(job, outcome, settled)
+            self._on_settled(job, settled.status)
+
+    def _wait(self, busy: list[Outcome], holders: dict[Attempt, str]) -> None:
         """Outcomes whose rows were locked: tried again later, still being written."""
         if not busy:
             return
@@ -283,13 +297,19 @@ class Completer:
         new = [o for o in busy if (o.job_id, o.attempt) not in self._waiting_since]
         for o in new:
             self._waiting_since[(o.job_id, o.attempt)] = now
+        # A lease keeper renewing the row (ours, almost always) holds it for a moment: routine,
+        # not the lock wait the counter and the warning are for.
+        new = [o for o in new if _LEASE_KEEPER not in holders.get((o.job_id, o.attempt), "")]
         if new:
             self.lock_waits += len(new)
             log.warning(
                 "outcomes of jobs %s wait: their rows are locked by another transaction (%s); "
                 "the other outcomes are written, these are tried again",
                 ", ".join(f"{o.job_id}#{o.attempt}" for o in new),
-                "; ".join(f"job {o.job_id}: {holders.get(o.job_id, 'unknown')}" for o in new[:5]),
+                "; ".join(
+                    f"job {o.job_id}: {holders.get((o.job_id, o.attempt), 'unknown')}"
+                    for o in new[:5]
+                ),
             )
         self._busy.extend(busy)
         self._schedule_retry()
@@ -326,7 +346,7 @@ class Completer:
         except NotifyqError as exc:
             self._give_up(set(handed), exc)
         else:
-            busy = [a for a in handed if a[0] in written.busy]
+            busy = [a for a in handed if a in written.busy]
             self._account(set(handed), written, "hand-back")
             if len(written.applied):
                 log.info("handed back %d unfinished jobs to the queue", len(written.applied))
@@ -356,8 +376,8 @@ class Completer:
 
     def _account(self, pairs: set[Attempt], written: Written, what: str) -> None:
         """Count and release what the write settled; busy attempts stay being written."""
-        settled = {(job_id, attempt) for job_id, attempt in pairs if job_id not in written.busy}
-        lost = sorted(job_id for job_id, _ in settled if job_id not in written.applied)
+        settled = {key for key in pairs if key not in written.busy}
+        lost = sorted(key[0] for key in settled if key not in written.applied)
         self.written += len(settled) - len(lost)
         self.fenced += len(lost)
         for job_id in lost:
@@ -386,3 +406,4 @@ class Completer:
     def _forget(self, pairs: Collection[Attempt]) -> None:
         for key in pairs:
             self._waiting_since.pop(key, None)
+            self._jobs.pop(key, None)

@@ -58,7 +58,7 @@ import anyio
 from .errors import DatabaseUnavailable, LockTimeout
 from .job import Job
 from .retry import reconnect_delay
-from .store import Claim, Store
+from .store import Claim, Store, TaskSettings
 
 log = logging.getLogger("notifyq.dispatcher")
 
@@ -101,8 +101,7 @@ class Dispatcher:
         batch_size: int,
         poll_interval: float,
         lease: float,
-        task_max_attempts: dict[str, int],
-        default_max_attempts: int,
+        tasks: Sequence[TaskSettings],
         submit: Callable[[Job], None],
         held_ids: Callable[[], Collection[int]],
         unwritten: Callable[[], int] = lambda: 0,
@@ -117,8 +116,10 @@ class Dispatcher:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._lease = lease
-        self._task_max_attempts = task_max_attempts
-        self._default_max_attempts = default_max_attempts
+        # Written to notifyq.tasks before the first claim (the claim and failures read them).
+        self._tasks = list(tasks)
+        self._task_names = sorted(t.task for t in tasks)
+        self._tasks_synced = False
         self._submit = submit
         self._held_ids = held_ids
         self._unwritten = unwritten  # outcomes finished but not yet written
@@ -263,7 +264,7 @@ class Dispatcher:
                     self._finish("max-jobs")
                 elif self._until_empty and not jobs and not deferred and self._idle():
                     try:
-                        left = await self._store.work_left(self._queues, self._task_max_attempts)
+                        left = await self._store.work_left(self._queues, self._task_names)
                     except DatabaseUnavailable as exc:
                         log.warning("could not tell whether work is left (%s)", exc)
                         left = True  # the next wake-up asks again
@@ -278,6 +279,11 @@ class Dispatcher:
                 await self._sleep(min(next_poll, next_due) - now)
 
     async def _claim(self, limit: int) -> Claim:
+        if not self._tasks_synced:
+            changed = await self._store.sync_tasks(self._tasks)
+            self._tasks_synced = True
+            if changed:
+                log.info("task settings written to notifyq.tasks: %s", ", ".join(changed))
         if self._orphans_possible:
             released = await self._store.release_orphans(self._claimant, self._held_ids())
             self._orphans_possible = False
@@ -297,8 +303,7 @@ class Dispatcher:
             limit=limit,
             claimant=self._claimant,
             lease=self._lease,
-            task_max_attempts=self._task_max_attempts,
-            default_max_attempts=self._default_max_attempts,
+            tasks=self._task_names,
         )
         self.claims += 1
         self.claimed += len(claim.jobs)

@@ -202,8 +202,9 @@ def _unserved(conn: Any) -> Check:
     if not found:
         return Check("unserved", OK, "every ready job has a dispatcher that runs it", {"jobs": 0})
     total = sum(r["jobs"] for r in found)
+    plus = "+" if any(r["more"] for r in found) else ""
     parts = [
-        f"{r['jobs']} of task {r['task']!r} in queue {r['queue']!r} ("
+        f"{r['jobs']}{'+' if r['more'] else ''} of task {r['task']!r} in queue {r['queue']!r} ("
         + (
             "no live dispatcher has a handler for the task"
             if r["served"]
@@ -217,7 +218,7 @@ def _unserved(conn: Any) -> Check:
     return Check(
         "unserved",
         WARNING,
-        f"{total} ready jobs wait for a dispatcher that can run them: {'; '.join(parts)}. "
+        f"{total}{plus} ready jobs wait for a dispatcher that can run them: {'; '.join(parts)}. "
         "They stay queued until `notifyq serve` runs with an app that registers the task "
         "and serves the queue (--queues)",
         {
@@ -227,6 +228,7 @@ def _unserved(conn: Any) -> Check:
                     "queue": r["queue"],
                     "task": r["task"],
                     "jobs": r["jobs"],
+                    "more": r["more"],  # more than the 10,000 counted
                     "oldest_seconds": round(r["oldest"], 1),
                     "queue_served": r["served"],
                 }

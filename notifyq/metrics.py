@@ -27,9 +27,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from . import store
-from .errors import ConfigurationError, DoNotRetry, NotifyqError
+from .errors import ConfigurationError, NotifyqError
 from .job import Job
-from .worker_pool import Finished, UnknownTask
+from .worker_pool import Finished
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -95,7 +95,8 @@ class Metrics:
         self._unserved = prom.Gauge(
             "notifyq_unserved_jobs",
             "Ready jobs no live dispatcher would claim (none serves the queue, or none has a "
-            "handler for the task): they wait for one; read at scrape time.",
+            "handler for the task): they wait for one; read at scrape time, counted up to "
+            "10,000 per queue and task.",
             LABELS,
             registry=r,
         )
@@ -127,9 +128,11 @@ class Metrics:
             self._succeeded.labels(*labels).inc()
             return
         self._failed.labels(*labels).inc()
-        # The same rule completion.decide applies.
-        if isinstance(finished.error, DoNotRetry | UnknownTask) or job.attempt >= job.max_attempts:
-            self._dead.labels(*labels).inc()
+
+    def settled(self, job: Job, status: str) -> None:
+        """An outcome written: the database applied the retry policy."""
+        if status == "dead":
+            self._dead.labels(job.queue, job.task).inc()
 
     # --- scrape time, on the HTTP server's threads
 

@@ -324,17 +324,29 @@ def _refusal(exc: psycopg.Error) -> OperationRefused | None:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What an attempt came to, as completion.py writes it."""
+    """What an attempt came to, as completion.py writes it (notifyq.finish_jobs)."""
 
     job_id: int
     attempt: int
-    status: str  # succeeded | queued (retry) | dead
-    delay: float = 0.0
+    # succeeded | failed (retried under the task's policy while attempts are left) | dead
+    status: str
     error: str | None = None
     result: str | None = None  # JSON text the handler returned (succeeded only)
     # The attempt's last progress report, if it may not be written yet (None: keep the row's).
     progress: float | None = None
     progress_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSettings:
+    """A task's row in notifyq.tasks: what every worker's claims and failures apply."""
+
+    task: str
+    max_attempts: int
+    backoff_base: float  # seconds
+    backoff_factor: float
+    backoff_max: float  # seconds
+    timeout: float | None  # seconds
 
 
 class Claim(NamedTuple):
@@ -346,14 +358,28 @@ class Claim(NamedTuple):
     deferred: int  # candidates the rate limits gave a later slot instead of starting now
 
 
+class Settled(NamedTuple):
+    status: str  # succeeded | queued (a retry, or handed back) | dead
+    run_at: datetime  # when a retried job runs again
+
+
 class Written(NamedTuple):
     """What a fenced write (`complete`, `hand_back`) did."""
 
-    applied: set[int]  # ids written
-    # Ids still ours whose rows another transaction held locked, so the write skipped
-    # them: try again.  Each maps to who held it, as far as PostgreSQL tells.  The ids
-    # neither applied nor busy are no longer ours (fenced).
-    busy: dict[int, str]
+    applied: dict[tuple[int, int], Settled]  # (job id, attempt) written, and what it became
+    # Attempts still ours whose rows another transaction held locked, so the write
+    # skipped them: try again.  Each maps to who held it, as far as PostgreSQL tells.
+    # The attempts neither applied nor busy are no longer ours (fenced).
+    busy: dict[tuple[int, int], str]
+
+
+def _written(rows: Sequence[Any]) -> Written:
+    """The rows notifyq.finish_jobs and hand_back_jobs return: (id, attempt, status, run_at,
+    holder); status 'busy' for rows another transaction held locked."""
+    return Written(
+        {(r[0], r[1]): Settled(r[2], r[3]) for r in rows if r[2] != "busy"},
+        {(r[0], r[1]): r[4] or "released" for r in rows if r[2] == "busy"},
+    )
 
 
 class Rescued(NamedTuple):
@@ -503,8 +529,7 @@ class Store:
         limit: int,
         claimant: str,
         lease: float,
-        task_max_attempts: dict[str, int],
-        default_max_attempts: int,
+        tasks: Collection[str],
     ) -> Claim:
         """Claim up to `limit` jobs (see `Claim` for what else the statement tells)."""
         rows = await self._run(
@@ -515,9 +540,7 @@ class Store:
                 "limit": limit,
                 "claimant": claimant,
                 "lease": lease,
-                "task_names": list(task_max_attempts),
-                "task_max_attempts": list(task_max_attempts.values()),
-                "default_max_attempts": default_max_attempts,
+                "task_names": list(tasks),
             },
         )
         jobs = [Job(r[0], r[1], r[2], r[3], r[4], r[5], r[7]) for r in rows if r[0] is not None]
@@ -530,58 +553,25 @@ class Store:
 
     async def complete(self, outcomes: Sequence[Outcome], claimant: str) -> Written:
         """Write outcomes, skipping rows locked by another transaction (see Written)."""
-        ids = [o.job_id for o in outcomes]
-        attempts = [o.attempt for o in outcomes]
-        params: dict[str, Any]
-        if all(
+        bare = all(
             o.status == "succeeded" and o.result is None and o.progress is None for o in outcomes
-        ):
-            # The common batch: two arrays to send instead of eight.
-            name, params = "complete_succeeded", {"ids": ids, "attempts": attempts}
-        else:
-            name, params = (
-                "complete",
-                {
-                    "ids": ids,
-                    "attempts": attempts,
-                    "statuses": [o.status for o in outcomes],
-                    "delays": [o.delay for o in outcomes],
-                    "errors": [o.error for o in outcomes],
-                    "results": [o.result for o in outcomes],
-                    "progresses": [o.progress for o in outcomes],
-                    "progress_messages": [o.progress_message for o in outcomes],
-                },
-            )
+        )
+        # The common batch, bare successes: two arrays to send instead of seven.
         rows = await self._run(
-            name, failpoint="completion-commit", params={**params, "claimant": claimant}
+            "complete",
+            failpoint="completion-commit",
+            params={
+                "claimant": claimant,
+                "ids": [o.job_id for o in outcomes],
+                "attempts": [o.attempt for o in outcomes],
+                "outcomes": None if bare else [o.status for o in outcomes],
+                "errors": None if bare else [o.error for o in outcomes],
+                "results": None if bare else [o.result for o in outcomes],
+                "progresses": None if bare else [o.progress for o in outcomes],
+                "progress_messages": None if bare else [o.progress_message for o in outcomes],
+            },
         )
-        attempted = [(o.job_id, o.attempt) for o in outcomes]
-        return await self._written({r[0] for r in rows}, attempted, claimant)
-
-    async def _written(
-        self, applied: set[int], attempts: Sequence[tuple[int, int]], claimant: str
-    ) -> Written:
-        """Tell the attempts a write left out because their rows were locked from those no
-        longer ours (asked only when some were left out, which is rare)."""
-        left = [(job_id, attempt) for job_id, attempt in attempts if job_id not in applied]
-        if not left:
-            return Written(applied, {})
-        try:
-            rows = await self._run(
-                "still_held",
-                {
-                    "ids": [job_id for job_id, _ in left],
-                    "attempts": [attempt for _, attempt in left],
-                    "claimant": claimant,
-                },
-            )
-        except DatabaseUnavailable:
-            # What was written is written; the rest is tried again, and the fence tells.
-            return Written(applied, {job_id: "unknown" for job_id, _ in left})
-        return Written(
-            applied,
-            {r[0]: r[2] or (f"transaction {r[1]}" if r[1] != "0" else "released") for r in rows},
-        )
+        return _written(rows)
 
     async def renew_leases(
         self, ids: Collection[int], claimant: str, lease: float
@@ -647,7 +637,23 @@ class Store:
                 "claimant": claimant,
             },
         )
-        return await self._written({r[0] for r in rows}, attempts, claimant)
+        return _written(rows)
+
+    async def sync_tasks(self, tasks: Sequence[TaskSettings]) -> list[str]:
+        """Write our tasks' settings to notifyq.tasks; returns the tasks whose row changed."""
+        rows = await self._run(
+            "sync_tasks",
+            {
+                "tasks": [t.task for t in tasks],
+                "max_attempts": [t.max_attempts for t in tasks],
+                # Floats all: psycopg refuses a list that mixes int and float.
+                "bases": [float(t.backoff_base) for t in tasks],
+                "factors": [float(t.backoff_factor) for t in tasks],
+                "max_delays": [float(t.backoff_max) for t in tasks],
+                "timeouts": [None if t.timeout is None else float(t.timeout) for t in tasks],
+            },
+        )
+        return [r[0] for r in rows]
 
     async def release_orphans(self, claimant: str, held: Collection[int]) -> set[int]:
         rows = await self._run("release_orphans", {"claimant": claimant, "held": list(held)})

@@ -85,6 +85,7 @@ class DispatcherRow:
     state: str  # running | stopped | lost
     up: float
     silent: float  # seconds since its last heartbeat
+    kind: str = "serve"  # serve | sql (a worker using the SQL worker protocol)
 
 
 @dataclass(slots=True)
@@ -107,6 +108,7 @@ class UnservedRow:
     jobs: int
     oldest: float  # seconds the oldest of them has been ready
     queue_served: bool  # some live dispatcher serves the queue (but not the task)
+    more: bool = False  # more than the `jobs` counted (the count stops at 10,000)
 
 
 @dataclass(slots=True)
@@ -321,7 +323,8 @@ def dispatcher_table(snap: Snapshot, width: int) -> Table:
     colour = {"running": "green", "stopped": "dim", "lost": "bold red"}
     for d in snap.dispatchers:
         cells: list[RenderableType] = [
-            f"{d.host}:{d.pid}",
+            # A SQL worker's host and pid are its database session's: its name says more.
+            f"{d.claimant} (sql)" if d.kind == "sql" else f"{d.host}:{d.pid}",
             Text(d.state, style=colour.get(d.state, "")),
             f"{d.running}/{d.concurrency}",
             duration(d.up),
@@ -383,7 +386,8 @@ def unserved_lines(snap: Snapshot) -> list[Text]:
         if u.queue_served:
             lines.append(
                 Text(
-                    f"no dispatcher handles task {u.task} (queue {u.queue}): {u.jobs} ready,"
+                    f"no dispatcher handles task {u.task} (queue {u.queue}):"
+                    f" {u.jobs}{'+' if u.more else ''} ready,"
                     f" oldest {duration(u.oldest)}",
                     style="bold red",
                 )
@@ -394,7 +398,8 @@ def unserved_lines(snap: Snapshot) -> list[Text]:
         tasks = ", ".join(u.task for u in rows)
         lines.append(
             Text(
-                f"no dispatcher serves queue {queue}: {sum(u.jobs for u in rows)} ready"
+                f"no dispatcher serves queue {queue}: {sum(u.jobs for u in rows)}"
+                f"{'+' if any(u.more for u in rows) else ''} ready"
                 f" ({tasks}), oldest {duration(max(u.oldest for u in rows))}",
                 style="bold red",
             )

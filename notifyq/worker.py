@@ -33,7 +33,8 @@ from .leases import LeaseKeeper
 from .ledger import Ledger
 from .periodic import Scheduler
 from .progress import Reports
-from .registry import DEFAULT_MAX_ATTEMPTS, check_queue_name
+from .registry import check_queue_name
+from .store import TaskSettings
 from .worker_pool import Finished, WorkerPool
 
 if TYPE_CHECKING:
@@ -154,8 +155,17 @@ class Worker:
             batch_size=min(settings.batch_size or settings.concurrency, 1000),
             poll_interval=settings.poll_interval,
             lease=settings.lease,
-            task_max_attempts={t.name: t.max_attempts for t in app.registry},
-            default_max_attempts=DEFAULT_MAX_ATTEMPTS,
+            tasks=[
+                TaskSettings(
+                    t.name,
+                    t.max_attempts,
+                    t.backoff.base,
+                    t.backoff.factor,
+                    t.backoff.max_delay,
+                    t.timeout,
+                )
+                for t in app.registry
+            ],
             submit=self._submit,
             held_ids=self.held.ids,
             unwritten=lambda: self.completer.pending,
@@ -168,6 +178,7 @@ class Worker:
             self.held,
             self._written,
             last_report=self.reports.take,
+            on_settled=self._settled,
         )
         # Shares the claim connection: a read per instant (or per minute) and a write per
         # instant due; not worth a connection of its own.
@@ -222,6 +233,10 @@ class Worker:
         if self.metrics is not None:
             self.metrics.finished(finished)
         self.completer.submit(finished)
+
+    def _settled(self, job: Job, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.settled(job, status)
 
     def _written(self) -> None:
         self.dispatcher.outcomes_written()

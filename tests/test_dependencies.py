@@ -94,8 +94,7 @@ async def test_waiting_jobs_are_never_claimed(dsn: str) -> None:
                 limit=10,
                 claimant="h:1:x",
                 lease=30,
-                task_max_attempts={"t": 5},  # a claim takes only the tasks it names
-                default_max_attempts=5,
+                tasks=["t"],  # a claim takes only the tasks it names
             )
             assert [j.id for j in jobs] == expected
     finally:
@@ -375,8 +374,7 @@ async def test_a_completion_skips_a_row_a_producer_holds_and_writes_it_later(dsn
             limit=10,
             claimant=claimant,
             lease=30,
-            task_max_attempts={"t": 5},  # the claim takes only the tasks it is given
-            default_max_attempts=5,
+            tasks=["t"],  # the claim takes only the tasks it is given
         )
         assert sorted(j.id for j in jobs) == [a, c]
         with psycopg.connect(dsn, application_name="a producer") as producer:
@@ -386,13 +384,15 @@ async def test_a_completion_skips_a_row_a_producer_holds_and_writes_it_later(dsn
             b = int(row[0])
             with anyio.fail_after(10):
                 written = await claims.complete(done, claimant)
-            assert written.applied == {c}
-            assert list(written.busy) == [a]
-            assert f"pid {producer.info.backend_pid}, application 'a producer'" in written.busy[a]
+            assert list(written.applied) == [(c, 1)]
+            assert written.applied[(c, 1)].status == "succeeded"
+            assert list(written.busy) == [(a, 1)]
+            holder = written.busy[(a, 1)]
+            assert f"pid {producer.info.backend_pid}, application 'a producer'" in holder
             producer.commit()
         with anyio.fail_after(10):
             written = await claims.complete(done[:1], claimant)
-        assert written == store.Written({a}, {})
+        assert list(written.applied) == [(a, 1)] and not written.busy
     finally:
         await claims.close()
     assert status(dsn, b) == "queued"
@@ -470,8 +470,7 @@ async def test_a_write_that_waits_for_a_lock_is_split_until_the_waiting_outcome_
             limit=10,
             claimant=claimant,
             lease=30,
-            task_max_attempts={"t": 5},  # the claim takes only the tasks it is given
-            default_max_attempts=5,
+            tasks=["t"],  # the claim takes only the tasks it is given
         )
         assert sorted(j.id for j in jobs) == ids
         for job in jobs:

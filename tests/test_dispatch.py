@@ -199,8 +199,7 @@ async def test_a_claim_takes_its_tasks_in_priority_order_across_tasks_and_queues
                 limit=limit,
                 claimant="test:1:x",
                 lease=30.0,
-                task_max_attempts={"a": 3, "b": 3},
-                default_max_attempts=5,
+                tasks=["a", "b"],
             )
             return sorted(job.payload for job in got.jobs)
 

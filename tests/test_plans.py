@@ -69,8 +69,6 @@ CLAIM = {
     "claimant": "c",
     "lease": 30.0,
     "task_names": ["t", "t2"],
-    "task_max_attempts": [3, 3],
-    "default_max_attempts": 5,
 }
 # The indexes the claim may read notifyq.jobs through: its own, the schedule's, and the
 # primary key for its writes.
@@ -210,7 +208,9 @@ def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
     claimed: a plan that hashes, sorts or filters the backlog or the finished rows reads
     hundreds of thousands here."""
     dsn = request.getfixturevalue(table)
-    nodes = prepared_plan(dsn, "claim", CLAIM, generic=generic, analyze=True)
+    # The claim is notifyq.claim_jobs: the plans of the statements it runs.
+    plans = nested_plans(dsn, "claim", CLAIM, generic=generic, analyze=True)
+    nodes = [node for plan in plans for node in plan]
     found = scans(nodes)
     jobs_scans = {
         (n["Node Type"], n.get("Index Name"))
@@ -244,10 +244,9 @@ BY_ID = {"jobs_pkey"}
             {
                 "ids": list(range(1, 51)),
                 "attempts": [1] * 50,
-                "statuses": ["succeeded"] * 50,
-                "delays": [0.0] * 50,
-                "errors": [None] * 50,
-                "results": [None] * 50,
+                "outcomes": ["succeeded", "failed"] * 25,
+                "errors": [None, "e"] * 25,
+                "results": ['{"r": 1}', None] * 25,
                 "progresses": [None] * 50,
                 "progress_messages": [None] * 50,
                 "claimant": "c",
@@ -256,7 +255,16 @@ BY_ID = {"jobs_pkey"}
         ),
         (
             "complete_succeeded",
-            {"ids": list(range(1, 51)), "attempts": [1] * 50, "claimant": "c"},
+            {
+                "ids": list(range(1, 51)),
+                "attempts": [1] * 50,
+                "outcomes": None,
+                "errors": None,
+                "results": None,
+                "progresses": None,
+                "progress_messages": None,
+                "claimant": "c",
+            },
             BY_ID,
         ),
         ("renew_leases", {"ids": list(range(1, 51)), "claimant": "c", "lease": 30.0}, BY_ID),
@@ -280,7 +288,12 @@ def test_writes_use_their_index(
         " claimed_by = 'c', lease_expires_at = now() + interval '1 minute'"
         " WHERE status = 'queued' AND run_at <= now() AND id % 4 = 0",
     )
-    found = scans(prepared_plan(big_dsn, name, params, generic=generic))
+    query_name = "complete" if name == "complete_succeeded" else name
+    if query_name in ("complete", "hand_back"):  # notifyq.finish_jobs, hand_back_jobs
+        plans = nested_plans(big_dsn, query_name, params, generic=generic)
+        found = scans([node for plan in plans for node in plan if node.get("Relation Name")])
+    else:
+        found = scans(prepared_plan(big_dsn, query_name, params, generic=generic))
     assert any(idx in indexes for _, idx in found), found
     if "jobs_lease_idx" not in indexes:
         assert not any(idx == "jobs_lease_idx" for _, idx in found), found
@@ -297,9 +310,14 @@ def test_until_empty_asks_the_claim_index_whether_work_is_left(big_dsn: str, gen
     assert not any(kind == "Seq Scan" for kind, _ in found), found
 
 
-def nested_plans(dsn: str, name: str, params: dict[str, Any]) -> list[list[dict[str, Any]]]:
+def nested_plans(
+    dsn: str, name: str, params: dict[str, Any], *, generic: bool = False, analyze: bool = False
+) -> list[list[dict[str, Any]]]:
     """The plans of every statement a named query runs inside functions (auto_explain,
-    reported as notices), in a rolled-back transaction."""
+    reported as notices), in a rolled-back transaction.  `generic`: the functions'
+    statements are planned without their parameters' values, as on the dispatcher's
+    claim connection (plan_cache_mode = force_generic_plan); `analyze`: with the rows
+    each node saw."""
     plans: list[list[dict[str, Any]]] = []
 
     def collect(diag: psycopg.errors.Diagnostic) -> None:
@@ -317,6 +335,9 @@ def nested_plans(dsn: str, name: str, params: dict[str, Any]) -> list[list[dict[
             "auto_explain.log_format = json",
             "auto_explain.log_level = notice",
             "client_min_messages = notice",
+            f"auto_explain.log_analyze = {'on' if analyze else 'off'}",
+            "auto_explain.log_timing = off",
+            f"plan_cache_mode = {'force_generic_plan' if generic else 'force_custom_plan'}",
         ):
             conn.execute(f"SET {setting}".encode())
         with conn.transaction(force_rollback=True):

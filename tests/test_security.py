@@ -341,10 +341,21 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "AND prorettype <> 'trigger'::regtype ORDER BY proname",
     )
     assert [name for name, _ in admin] == [
+        "backoff_delay",
         "cancel_job",
+        "claim",
+        "claim_jobs",
         "claim_room",
+        "complete",
         "dependency_status",
+        "fail",
+        "finish_jobs",
+        "hand_back",
+        "hand_back_jobs",
+        "heartbeat",
+        "hold_session",
         "lock_job",
+        "progress",
         "purge",
         "purge_batch",
         "rate_admit",
@@ -352,6 +363,8 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "retry_dead",
         "retry_job",
         "set_history",
+        "stop_worker",
+        "worker_seen",
     ]
     for name, config in admin:
         assert config == ["search_path=pg_catalog, pg_temp"], name

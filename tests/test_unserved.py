@@ -145,3 +145,15 @@ def test_only_a_live_dispatcher_with_the_task_serves_a_job(
     found = unserved(dsn)
     assert [(u["queue"], u["task"], u["served"]) for u in found] == reported
     assert all(u["jobs"] == 2 for u in found)
+
+
+def test_a_huge_unserved_backlog_is_counted_up_to_ten_thousand(dsn: str) -> None:
+    """Every watch refresh, health check and scrape asks: it must not count a million."""
+    query(
+        dsn, "INSERT INTO notifyq.jobs (task) SELECT 'nobody.runs' FROM generate_series(1, 10050)"
+    )
+    (row,) = unserved(dsn)
+    assert (row["task"], row["jobs"], row["more"]) == ("nobody.runs", 10_000, True)
+    result = notifyq(dsn, "health", "--json")
+    (check,) = [c for c in json.loads(result.stdout)["checks"] if c["name"] == "unserved"]
+    assert check["message"].startswith("10000+ ready jobs wait")

@@ -307,3 +307,12 @@ def test_watch_says_reconnecting_and_recovers_after_a_restart(
         thread.join(timeout=10)
         proc.stdout.close()
     assert code == 0
+
+
+def test_sql_workers_appear_beside_dispatchers(dsn: str) -> None:
+    query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('t'), ('t')")
+    query(dsn, "SELECT * FROM notifyq.claim('report-worker-1', max_jobs => 2)")
+    snap = snapshot(dsn)
+    (worker,) = snap.dispatchers
+    assert (worker.claimant, worker.kind, worker.state) == ("report-worker-1", "sql", "running")
+    assert "report-worker-1 (sql)" in screen(snap, 100)

@@ -51,207 +51,28 @@ RETURNING id;
 
 -- name: claim
 -- Claim up to %(limit)s ready jobs of the served queues whose task is one of
--- %(task_names)s (the tasks we have handlers for), marking them running under
--- our lease and counting the attempt, in one statement.  A job of any other
--- task is never read, let alone claimed: it waits for a dispatcher that can
--- run it (see unserved_jobs).
--- Every read of notifyq.jobs is an index probe of one (queue, task) pair along
--- jobs_claim_idx (LATERAL, LIMIT), and every write goes by primary key, so the
--- cost follows the jobs claimed, never the backlog or the finished rows, with
--- custom and generic plans alike (the claim connection forces generic plans).
--- Order: round-robin over the queues (every queue's best job, then every
--- queue's second best, ... so one queue's backlog never starves another);
--- within a queue, across its tasks: priority, run_at, id.
--- Two steps, so only the rows claimed are locked: `ranked` reads (without
--- locking) each pair's best rows and merges them in claim order; `candidates`
--- then locks, per pair, as many rows as that pair has in the merge, skipping
--- rows other claims hold (SKIP LOCKED goes on to the pair's next rows).
--- Locking each pair's best `room` rows at once would lock up to one room per
--- task, most of them only to let go at commit.
--- rooms, ranked and candidates are MATERIALIZED so each is computed once: a
--- `WHERE id IN (SELECT ... LIMIT n)` may be re-evaluated and claim more than n.
--- The UPDATEs select their rows with `id = ANY(ARRAY(SELECT ...))`: an array
--- computed once, then primary-key probes.  A join to the CTE instead lets a
--- generic plan (which cannot see how few rows the CTE holds) hash the whole
--- table: 60-110 ms per claim with a backlog of 150,000 jobs.
--- The last row (id NULL) carries the seconds until the next scheduled job
--- (or rate slot) we could claim, by the database clock, so the dispatcher can
--- sleep exactly that long, and the served queues at their concurrency cap
--- (notifyq.queue_limits) once this claim commits: those whose cap gave less
--- room than asked for, all of it taken.
--- A job's checkpoint (saved by an earlier attempt) comes with it, for the handler.
--- Each queue gives at most its room (notifyq.claim_room: %(limit)s when it has
--- no cap), asked once per queue in the (sorted) order of %(queues)s, which is
--- the order capped queues are locked in.
--- Candidates with a rate_key and no slot yet go through notifyq.rate_admit
--- (only when there are any: the one-time filter keeps the call off the common
--- path); those it defers get their slot as run_at instead of starting, and the
--- dispatcher's timer covers the earliest slot.
-WITH rooms AS MATERIALIZED (
-    SELECT q.name, notifyq.claim_room(q.name, %(limit)s) AS room
-    FROM unnest(%(queues)s::text[]) AS q(name)
-), ranked AS MATERIALIZED (
-    SELECT b.queue, b.task
-    FROM rooms AS q
-    CROSS JOIN LATERAL (
-        SELECT m.queue, m.task, m.priority, m.run_at, m.id,
-               row_number() OVER (ORDER BY m.priority DESC, m.run_at, m.id) AS turn
-        FROM (
-            SELECT p.queue, p.task, p.priority, p.run_at, p.id
-            FROM unnest(%(task_names)s::text[]) AS t(name)
-            CROSS JOIN LATERAL (
-                SELECT j.queue, j.task, j.priority, j.run_at, j.id
-                FROM notifyq.jobs j
-                WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
-                  AND j.run_at <= now()
-                ORDER BY j.priority DESC, j.run_at, j.id
-                LIMIT q.room
-            ) AS p
-            ORDER BY p.priority DESC, p.run_at, p.id
-            LIMIT q.room
-        ) AS m
-    ) AS b
-    ORDER BY b.turn, b.priority DESC, b.run_at, b.id
-    LIMIT %(limit)s
-), candidates AS MATERIALIZED (
-    SELECT k.id, k.rate_key, k.rate_reserved,
-           row_number() OVER (ORDER BY k.turn, k.priority DESC, k.run_at, k.id) AS ord
-    FROM (
-        SELECT l.id, l.priority, l.run_at, l.rate_key, l.rate_reserved,
-               row_number() OVER (PARTITION BY l.queue
-                                  ORDER BY l.priority DESC, l.run_at, l.id) AS turn
-        FROM (SELECT r.queue, r.task, count(*) AS n FROM ranked r GROUP BY r.queue, r.task) AS s
-        CROSS JOIN LATERAL (
-            SELECT j.id, j.queue, j.priority, j.run_at, j.rate_key, j.rate_reserved
-            FROM notifyq.jobs j
-            WHERE j.status = 'queued' AND j.queue = s.queue AND j.task = s.task
-              AND j.run_at <= now()
-            ORDER BY j.priority DESC, j.run_at, j.id
-            LIMIT s.n
-            FOR UPDATE SKIP LOCKED
-        ) AS l
-    ) AS k
-), deferrals AS MATERIALIZED (
-    SELECT a.id, a.slot
-    FROM notifyq.rate_admit(
-        ARRAY(SELECT c.id FROM candidates c
-              WHERE c.rate_key IS NOT NULL AND NOT c.rate_reserved ORDER BY c.ord),
-        ARRAY(SELECT c.rate_key FROM candidates c
-              WHERE c.rate_key IS NOT NULL AND NOT c.rate_reserved ORDER BY c.ord)) AS a
-    WHERE EXISTS (SELECT FROM candidates c WHERE c.rate_key IS NOT NULL AND NOT c.rate_reserved)
-), deferred AS (
-    UPDATE notifyq.jobs j
-    SET run_at = d.slot, rate_reserved = true
-    FROM deferrals d
-    WHERE j.id = d.id
-    RETURNING j.id
-), claimed AS (
-    UPDATE notifyq.jobs j
-    SET status = 'running',
-        attempts = j.attempts + 1,
-        started_at = now(),
-        claimed_by = %(claimant)s,
-        lease_expires_at = now() + make_interval(secs => %(lease)s),
-        rate_reserved = false,
-        max_attempts = coalesce(
-            j.max_attempts,
-            (SELECT t.max_attempts
-             FROM unnest(%(task_names)s::text[], %(task_max_attempts)s::int[])
-                  AS t(name, max_attempts)
-             WHERE t.name = j.task),
-            %(default_max_attempts)s)
-    WHERE j.id = ANY(ARRAY(SELECT c.id FROM candidates c
-                           WHERE NOT EXISTS (SELECT FROM deferrals d WHERE d.id = c.id)))
-    RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint
-)
-SELECT id, queue, task, payload, attempts, max_attempts, NULL::float8 AS next_in, checkpoint,
-       NULL::text[] AS full_queues, NULL::bigint AS deferred
-FROM claimed
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL,
-       (SELECT extract(epoch FROM least(
-                   (SELECT min(d.slot) FROM deferrals d),
-                   (SELECT min(s.run_at)
-                    FROM unnest(%(queues)s::text[]) AS q(name)
-                    CROSS JOIN unnest(%(task_names)s::text[]) AS t(name)
-                    CROSS JOIN LATERAL (
-                        SELECT j.run_at
-                        FROM notifyq.jobs j
-                        WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
-                          AND j.run_at > now()
-                        ORDER BY j.run_at
-                        LIMIT 1) AS s)) - clock_timestamp())::float8),
-       NULL,
-       (SELECT array_agg(r.name) FROM rooms r
-        WHERE r.room < %(limit)s
-          AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name)),
-       (SELECT count(*) FROM deferred);
+-- %(task_names)s (the tasks we have handlers for): notifyq.claim_jobs, the claim
+-- every SQL worker shares (schema.sql says how it reads and locks).  A job of
+-- any other task is never read, let alone claimed: it waits for a dispatcher
+-- that can run it (see unserved_jobs).  The jobs claimed, then a row with id
+-- NULL: the seconds until the next scheduled job or rate slot, the served queues
+-- at their concurrency cap, and how many candidates a rate limit deferred.
+SELECT c.id, c.queue, c.task, c.payload, c.attempt, c.max_attempts, c.next_in, c.checkpoint,
+       c.full_queues, c.deferred
+FROM notifyq.claim_jobs(%(claimant)s, %(queues)s::text[], %(task_names)s::text[], %(limit)s,
+                        make_interval(secs => %(lease)s)) AS c;
 
 -- name: complete
--- Write a batch of outcomes at once.  Fenced: a row changes only while it is
--- still running under our claim and the same attempt, so a late completion of
--- an attempt whose lease expired (and was rescued) cannot overwrite the newer one.
--- SKIP LOCKED: a row another transaction holds locked (a producer's COMMIT
--- checking the jobs its new jobs depend on, an operator's UPDATE) is left out
--- rather than waited for, so no lock holds up the batch; `still_held` tells those
--- rows from the ones no longer ours, and their outcomes are written again later.
--- By id, through the primary key: `status = 'running' COLLATE "C"` (the same test,
--- bytewise) cannot match the predicate of jobs_lease_idx, so the planner never
--- picks that partial index here.  When its statistics say few jobs run (they lag
--- during a drain, while thousands are claimed), the planner would scan all of it
--- once per id: quadratic, seconds per batch at concurrency 200.
-WITH mine AS MATERIALIZED (
-    SELECT j.id, j.attempts
-    FROM notifyq.jobs j
-    JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt) ON j.id = o.id
-    WHERE j.status = 'running' COLLATE "C"
-      AND j.claimed_by = %(claimant)s
-      AND j.attempts = o.attempt
-    FOR NO KEY UPDATE OF j SKIP LOCKED
-)
-UPDATE notifyq.jobs j
-SET status = o.status,
-    finished_at = CASE WHEN o.status = 'queued' THEN NULL ELSE now() END,
-    run_at = CASE WHEN o.status = 'queued'
-                  THEN now() + make_interval(secs => o.delay) ELSE j.run_at END,
-    last_error = coalesce(o.error, j.last_error),
-    result = CASE WHEN o.status = 'succeeded' THEN o.result::pg_catalog.jsonb ELSE j.result END,
-    -- The attempt's last progress report, which a separate write would be too late for.
-    progress = coalesce(o.progress, j.progress),
-    progress_message = CASE WHEN o.progress IS NULL THEN j.progress_message
-                            ELSE o.progress_message END,
-    claimed_by = NULL,
-    lease_expires_at = NULL
-FROM mine m
-JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[],
-            %(delays)s::float8[], %(errors)s::text[], %(results)s::text[],
-            %(progresses)s::real[], %(progress_messages)s::text[])
-     AS o(id, attempt, status, delay, error, result, progress, progress_message)
-     ON o.id = m.id AND o.attempt = m.attempts
-WHERE j.id = m.id
-RETURNING j.id;
-
--- name: complete_succeeded
--- `complete` for a batch of successes that returned nothing (the common case),
--- fenced and skipping locked rows the same way.
--- By id through the primary key, never jobs_lease_idx: see `complete`.
-WITH mine AS MATERIALIZED (
-    SELECT j.id
-    FROM notifyq.jobs j
-    JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt) ON j.id = o.id
-    WHERE j.status = 'running' COLLATE "C"
-      AND j.claimed_by = %(claimant)s
-      AND j.attempts = o.attempt
-    FOR NO KEY UPDATE OF j SKIP LOCKED
-)
-UPDATE notifyq.jobs j
-SET status = 'succeeded',
-    finished_at = now(),
-    claimed_by = NULL,
-    lease_expires_at = NULL
-FROM mine m
-WHERE j.id = m.id
-RETURNING j.id;
+-- Write a batch of outcomes (succeeded, failed, dead) with notifyq.finish_jobs,
+-- the write every SQL worker shares: fenced by our claim and the attempt, the
+-- task's retry policy applied (notifyq.tasks), rows another transaction holds
+-- locked skipped and returned 'busy' (their outcomes are written again later).
+-- NULL arrays (the common batch of bare successes) send nothing per job.
+SELECT f.id, f.attempt, f.status, f.run_at, f.holder
+FROM notifyq.finish_jobs(%(claimant)s, %(ids)s::bigint[], %(attempts)s::int[],
+                         %(outcomes)s::text[], %(results)s::text[]::pg_catalog.jsonb[],
+                         %(errors)s::text[], NULL, %(progresses)s::real[],
+                         %(progress_messages)s::text[]) AS f;
 
 -- name: renew_leases
 -- Heartbeat: extend the lease of every job we are still running.  SKIP LOCKED:
@@ -347,46 +168,30 @@ SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
 
 -- name: hand_back
 -- Graceful shutdown: return unfinished jobs to the queue, ready now, without
--- charging the attempt that was interrupted.  Fenced, and skipping locked rows
--- (told apart by `still_held`), like `complete`.
--- By id through the primary key, never jobs_lease_idx: see `complete`.
-WITH mine AS MATERIALIZED (
-    SELECT j.id
-    FROM notifyq.jobs j
-    JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS h(id, attempt) ON j.id = h.id
-    WHERE j.status = 'running' COLLATE "C"
-      AND j.claimed_by = %(claimant)s
-      AND j.attempts = h.attempt
-    FOR NO KEY UPDATE OF j SKIP LOCKED
-)
-UPDATE notifyq.jobs j
-SET status = 'queued',
-    attempts = j.attempts - 1,
-    started_at = NULL,
-    claimed_by = NULL,
-    lease_expires_at = NULL
-FROM mine m
-WHERE j.id = m.id
-RETURNING j.id;
+-- charging the attempt that was interrupted (notifyq.hand_back_jobs).  Fenced,
+-- and skipping locked rows (returned 'busy'), like `complete`.
+SELECT h.id, h.attempt, h.status, h.run_at, h.holder
+FROM notifyq.hand_back_jobs(%(claimant)s, %(ids)s::bigint[], %(attempts)s::int[]) AS h;
 
--- name: still_held
--- Which of these attempts still run under our claim though `complete` or
--- `hand_back` left them out: another transaction held their rows locked, and the
--- write is tried again.  A plain read, no lock.  `holder`: who holds the row, when
--- PostgreSQL can tell (xmax is the locker's transaction while one transaction holds
--- the row; the pid and application name are visible to every role).
--- By id through the primary key, never jobs_lease_idx: see `complete`.
-SELECT j.id,
-       j.xmax::text AS xid,
-       (SELECT format('pid %%s, application %%L', a.pid, a.application_name)
-        FROM pg_catalog.pg_stat_activity a
-        WHERE a.backend_xid = j.xmax
-        LIMIT 1) AS holder
-FROM notifyq.jobs j
-JOIN unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS o(id, attempt) ON j.id = o.id
-WHERE j.status = 'running' COLLATE "C"
-  AND j.claimed_by = %(claimant)s
-  AND j.attempts = o.attempt;
+-- name: sync_tasks
+-- At start-up: our @app.task settings into notifyq.tasks, where every worker's
+-- claims and failures read them.  A row already equal is left alone (no write).
+INSERT INTO notifyq.tasks AS t (task, max_attempts, backoff_base, backoff_factor, backoff_max,
+                                timeout)
+SELECT s.task, s.max_attempts, make_interval(secs => s.base), s.factor,
+       make_interval(secs => s.max_delay), make_interval(secs => s.timeout)
+FROM unnest(%(tasks)s::text[], %(max_attempts)s::int[], %(bases)s::float8[],
+            %(factors)s::float8[], %(max_delays)s::float8[], %(timeouts)s::float8[])
+     AS s(task, max_attempts, base, factor, max_delay, timeout)
+ORDER BY s.task
+ON CONFLICT (task) DO UPDATE
+SET max_attempts = excluded.max_attempts, backoff_base = excluded.backoff_base,
+    backoff_factor = excluded.backoff_factor, backoff_max = excluded.backoff_max,
+    timeout = excluded.timeout, updated_at = now()
+WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeout)
+      IS DISTINCT FROM (excluded.max_attempts, excluded.backoff_base, excluded.backoff_factor,
+                        excluded.backoff_max, excluded.timeout)
+RETURNING t.task;
 
 -- name: release_orphans
 -- After a claim whose reply was lost (the connection broke after the commit):
@@ -626,10 +431,12 @@ ORDER BY started_at
 LIMIT %(limit)s;
 
 -- name: watch_dispatchers
--- notifyq watch: the dispatcher registry with each one's state (running, stopped, lost).
+-- notifyq watch: the dispatcher registry with each one's state (running, stopped, lost),
+-- `notifyq serve` processes and SQL workers alike (kind).
 SELECT claimant, host, pid, queues, concurrency, running, state,
        extract(epoch FROM now() - started_at)::float8 AS up,
-       extract(epoch FROM now() - heartbeat_at)::float8 AS silent
+       extract(epoch FROM now() - heartbeat_at)::float8 AS silent,
+       kind
 FROM notifyq.dispatcher_status
 ORDER BY state <> 'running', started_at;
 
@@ -762,12 +569,21 @@ WITH RECURSIVE pairs AS (
                       WHERE p.queue = ANY(d.queues)
                         AND (d.tasks IS NULL OR p.task = ANY(d.tasks)))
 )
-SELECT u.queue, u.task, c.jobs, c.oldest, u.served
+SELECT u.queue, u.task, least(c.jobs, 10000) AS jobs, c.oldest, u.served, c.jobs > 10000 AS more
 FROM unserved u
 CROSS JOIN LATERAL (
-    SELECT count(*) AS jobs, extract(epoch FROM now() - min(j.run_at))::float8 AS oldest
-    FROM notifyq.jobs j
-    WHERE j.status = 'queued' AND j.queue = u.queue AND j.task = u.task AND j.run_at <= now()
+    -- Counted up to 10,000 (more says there are more): a million unserved jobs must not
+    -- cost every watch refresh, health check and scrape a scan of them.
+    SELECT (SELECT count(*) FROM (SELECT FROM notifyq.jobs j
+                                  WHERE j.status = 'queued' AND j.queue = u.queue
+                                    AND j.task = u.task AND j.run_at <= now()
+                                  LIMIT 10001) AS k) AS jobs,
+           (SELECT extract(epoch FROM now() - j.run_at)::float8
+            FROM notifyq.jobs j
+            WHERE j.status = 'queued' AND j.queue = u.queue AND j.task = u.task
+              AND j.run_at <= now()
+            ORDER BY j.run_at
+            LIMIT 1) AS oldest
 ) AS c
 WHERE c.jobs > 0
 ORDER BY u.queue, u.task;

@@ -80,4 +80,23 @@ GRANT EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean,
 GRANT SELECT, INSERT, UPDATE ON notifyq.periodic TO {worker};
 GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status
     TO {worker};
+-- The SQL worker protocol (notifyq.claim, heartbeat, complete, fail, ...), which
+-- `notifyq serve` runs too, and the per-task settings it reads and its app keeps.
+GRANT SELECT, INSERT, UPDATE ON notifyq.tasks TO {worker};
+GRANT EXECUTE ON FUNCTION
+    notifyq.backoff_delay(integer, float8, float8, float8),
+    notifyq.claim_jobs(text, text[], text[], integer, interval),
+    notifyq.finish_jobs(text, bigint[], integer[], text[], jsonb[], text[], float8[], real[],
+                        text[], boolean),
+    notifyq.hand_back_jobs(text, bigint[], integer[], boolean),
+    notifyq.worker_seen(text, text[], text[], integer, interval, integer),
+    notifyq.claim(text, text[], integer, interval, text[]),
+    notifyq.heartbeat(text, bigint[], interval),
+    notifyq.complete(bigint, text, jsonb, integer),
+    notifyq.fail(bigint, text, text, boolean, interval, integer),
+    notifyq.progress(bigint, text, real, text, jsonb, integer),
+    notifyq.hold_session(text),
+    notifyq.hand_back(text, bigint[]),
+    notifyq.stop_worker(text)
+    TO {worker};
 GRANT {producer} TO {worker};
