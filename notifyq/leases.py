@@ -107,10 +107,10 @@ class LeaseKeeper:
         self.failure: BaseException | None = None  # why the thread died, for the main loop
         # time.monotonic() until which rescue sweeps run every FAST_SWEEP seconds.
         self._watch_until = 0.0
-        # anyio clock before which free liveness locks are not trusted (see RESTART_GRACE);
-        # set when the thread starts: a dispatcher starting during a failover must not
-        # take every other one's free lock for a death.
-        self._trust_sessions_at = math.inf
+        # anyio clock before which free liveness locks are not trusted (see RESTART_GRACE).
+        # Trusted from the start: a dispatcher started beside one that dies at once must
+        # rescue within seconds (the server's own restart is covered in SQL).
+        self._trust_sessions_at = 0.0
 
     def poke(self) -> None:
         """Jobs changed status somewhere: sweep often for a while, in case their
@@ -153,7 +153,6 @@ class LeaseKeeper:
         next_rescue = clock()  # at start-up: the jobs of a dispatcher that died before us
         next_beat = clock()  # the first heartbeat registers this dispatcher at once
         next_alive = clock()
-        self._trust_sessions_at = clock() + RESTART_GRACE
         failures = 0
         while True:
             # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier

@@ -131,11 +131,11 @@ def test_a_keeper_that_fails_reports_it_at_once(dsn: str) -> None:
     assert isinstance(keeper.failure, BaseExceptionGroup | RuntimeError)
 
 
-def test_free_liveness_locks_are_not_trusted_at_start_or_after_a_reconnect(
+def test_free_liveness_locks_are_not_trusted_after_a_reconnect(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failover frees every dispatcher's lock and stops every beat for a moment: the
-    sweeps right after this keeper (re)connected must rescue by lease only."""
+    sweeps right after this keeper reconnected must rescue by lease only."""
     sweeps: list[tuple[float, bool]] = []
     real = Store.rescue
 
@@ -149,9 +149,7 @@ def test_free_liveness_locks_are_not_trusted_at_start_or_after_a_reconnect(
     keeper = keeper_for(dsn)
     keeper.start()
     try:
-        wait_until(lambda: sweeps, message="the first sweep")
-        assert sweeps[0][1] is False
-        wait_until(lambda: sweeps[-1][1], timeout=20, message="sessions trusted again")
+        wait_until(lambda: sweeps and sweeps[-1][1], timeout=20, message="a trusting sweep")
         query(
             dsn,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -162,4 +160,4 @@ def test_free_liveness_locks_are_not_trusted_at_start_or_after_a_reconnect(
     finally:
         keeper.stop()
     # The first sweep on the new connection did not trust sessions.
-    assert [trust for at, trust in sweeps if at > cut][0] is False
+    assert next(trust for at, trust in sweeps if at > cut) is False
