@@ -21,7 +21,9 @@ const CLAIM = `
   FROM notifyq.claim($1, $2::text[], $3, make_interval(secs => $4), $5::text[])`;
 const HEARTBEAT = `
   SELECT id FROM notifyq.heartbeat($1, $2::bigint[], make_interval(secs => $3)) AS id`;
-const COMPLETE = "SELECT notifyq.complete($1, $2, $3::jsonb, $4) AS ok";
+const COMPLETE = `
+  SELECT c.id, notifyq.complete(c.id, $1, c.result, c.attempt) AS ok
+  FROM unnest($2::bigint[], $3::jsonb[], $4::int[]) AS c(id, result, attempt)`;
 const FAIL = "SELECT notifyq.fail($1, $2, $3, $4, make_interval(secs => $5), $6) AS status";
 const PROGRESS = "SELECT notifyq.progress($1, $2, $3, $4, $5::jsonb, $6) AS ok";
 // The protocol has no rescue call of its own: this is the sweep `notifyq serve` runs, so
@@ -71,6 +73,9 @@ export async function runWorker(handlers, config = configFromEnv()) {
     connectionString: config.dsn,
     max: config.poolSize,
     application_name: "notifyq-node",
+    // Plan the protocol's statements once per connection, as `notifyq serve` does: custom
+    // plans cost notifyq.complete more time in planning than in running.
+    options: "-c plan_cache_mode=force_generic_plan",
   });
   // After a failover every session lock is free for a moment: the rescue trusts sessions
   // again only 5 s after our own connections last failed, as `notifyq serve` does.
@@ -176,10 +181,42 @@ export async function runWorker(handlers, config = configFromEnv()) {
   async function write(sql, params) {
     for (let attempt = 1; ; attempt++) {
       try {
-        return (await pool.query(sql, params)).rows[0];
+        return (await pool.query(sql, params)).rows;
       } catch (err) {
         if (sqlError(err) || stopped || attempt >= 10) throw err;
         await sleep(1000);
+      }
+    }
+  }
+
+  // Successes are written in batches: one statement, and one commit, for all the jobs
+  // that finished while the previous batch was being written.
+  const successes = []; // { job, json, resolve, reject }
+  let flushing = false;
+  function complete(job, json) {
+    const written = new Promise((resolve, reject) => {
+      successes.push({ job, json, resolve, reject });
+    });
+    if (!flushing) flush();
+    return written;
+  }
+  async function flush() {
+    flushing = true;
+    while (successes.length > 0) await completeBatch(successes.splice(0, 500));
+    flushing = false;
+  }
+  async function completeBatch(batch) {
+    batch.sort((a, b) => (BigInt(a.job.id) < BigInt(b.job.id) ? -1 : 1)); // rows lock in id order
+    const columns = [batch.map((s) => s.job.id), batch.map((s) => s.json)];
+    try {
+      const rows = await write(COMPLETE, [name, ...columns, batch.map((s) => s.job.attempt)]);
+      const ok = new Set(rows.filter((r) => r.ok).map((r) => r.id));
+      for (const s of batch) s.resolve(ok.has(s.job.id));
+    } catch (err) {
+      if (batch.length > 1 && sqlError(err)) {
+        for (const s of batch) await completeBatch([s]); // one result refused: find it
+      } else {
+        for (const s of batch) s.reject(err);
       }
     }
   }
@@ -221,7 +258,7 @@ export async function runWorker(handlers, config = configFromEnv()) {
     if (failure === undefined) {
       try {
         const json = result === undefined ? null : JSON.stringify(result);
-        const { ok } = await write(COMPLETE, [job.id, name, json, job.attempt]);
+        const ok = await complete(job, json);
         log(ok ? "debug" : "warn", `job ${job.id} succeeded${ok ? "" : " too late: not ours now"}`);
         return;
       } catch (err) {
@@ -234,7 +271,7 @@ export async function runWorker(handlers, config = configFromEnv()) {
     const error = String(failure.stack ?? failure);
     try {
       const params = [job.id, name, error, retryable, retryIn, job.attempt];
-      const { status } = await write(FAIL, params);
+      const [{ status }] = await write(FAIL, params);
       const what = status ?? "too late: not ours now";
       log(status ? "info" : "warn", `job ${job.id} attempt ${job.attempt} failed: ${what}`);
     } catch (err) {
