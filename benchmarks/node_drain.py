@@ -73,8 +73,7 @@ def drain(system: str, dsn: str, jobs: int, args: argparse.Namespace, log: Path)
             deadline = time.monotonic() + 600
             with psycopg.connect(dsn, autocommit=True) as conn:
                 while conn.execute(
-                    "SELECT EXISTS (SELECT FROM notifyq.jobs"
-                    " WHERE status IN ('queued', 'running'))"
+                    "SELECT EXISTS (SELECT FROM notifyq.jobs WHERE status IN ('queued', 'running'))"
                 ).fetchone() != (False,):
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit(f"{system} did not drain: {log.read_text()[-2000:]}")
