@@ -428,6 +428,10 @@ func serve(cfg config) int {
 		log.Fatal(err)
 	}
 	poolConfig.MaxConns = int32(cfg.poolSize)
+	// As `notifyq serve`'s connections: no JIT for the claim (its estimated cost grows with
+	// the backlog), and generic plans (custom ones cost more to plan than to run).
+	poolConfig.ConnConfig.RuntimeParams["jit"] = "off"
+	poolConfig.ConnConfig.RuntimeParams["plan_cache_mode"] = "force_generic_plan"
 	if w.pool, err = pgxpool.ConnectConfig(context.Background(), poolConfig); err != nil {
 		log.Fatal(err)
 	}

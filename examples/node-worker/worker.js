@@ -73,9 +73,10 @@ export async function runWorker(handlers, config = configFromEnv()) {
     connectionString: config.dsn,
     max: config.poolSize,
     application_name: "notifyq-node",
-    // Plan the protocol's statements once per connection, as `notifyq serve` does: custom
-    // plans cost notifyq.complete more time in planning than in running.
-    options: "-c plan_cache_mode=force_generic_plan",
+    // As `notifyq serve`'s connections: the claim's estimated cost grows with the backlog,
+    // and past jit_above_cost every claim would be compiled (tens of ms, for a few index
+    // probes); custom plans cost notifyq.complete more in planning than in running.
+    options: "-c jit=off -c plan_cache_mode=force_generic_plan",
   });
   // After a failover every session lock is free for a moment: the rescue trusts sessions
   // again only 5 s after our own connections last failed, as `notifyq serve` does.
