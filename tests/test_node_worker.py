@@ -3,8 +3,9 @@
 Each test runs `node tasks.js` as a real process, most of them with a `notifyq serve`
 process of tests/apps/node_peer.py (the same task names) on the same queue: drains that run
 every job exactly once, a concurrency cap and a rate limit that hold across both workers,
-kill -9 rescued through the worker's session lock, fenced late outcomes, and the hand-back
-on SIGTERM.  They skip, saying why, without `node` and `npm`; the `node` fixture runs
+kill -9 rescued through the worker's session lock, fenced late outcomes, a job taken away
+(cancelled) aborted at the next heartbeat, failures and timeouts through notifyq.fail, and
+the hand-back on SIGTERM.  They skip, saying why, without `node` and `npm`; the `node` fixture runs
 `npm ci` in examples/node-worker once when its node_modules is missing.
 """
 
@@ -26,6 +27,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from notifyq import admin
 from tests.conftest import REPO, query, serve_process, statuses, wait_until
 
 NODE_DIR = REPO / "examples" / "node-worker"
@@ -321,6 +323,26 @@ def test_late_outcomes_after_a_rescue_change_nothing(node: str, dsn: str, tmp_pa
             after = [query(dsn, sql) for sql in snapshot]
     assert late == [(False, False, False, None, None)]
     assert after == before
+
+
+def test_a_job_taken_away_is_aborted_at_the_next_heartbeat(
+    node: str, dsn: str, tmp_path: Path
+) -> None:
+    with NodeWorker(node, dsn, tmp_path / "node.log", concurrency=1) as worker:
+        name = worker.name()
+        [cancelled] = insert(dsn, 1, "example.sleep", {"ms": 60_000})
+        wait_until(lambda: running_under(dsn, name) == 1, message="the worker to hold the job")
+        [waiting] = insert(dsn, 1, "example.noop", {})
+        admin.cancel_job(dsn, cancelled)
+        # The heartbeat does not return the job: its signal aborts the sleep, which frees
+        # the only slot; the failure it reports is fenced out.
+        wait_until(
+            lambda: statuses(dsn) == {"cancelled": 1, "succeeded": 1},
+            message="the slot freed for the next job",
+        )
+        wait_until(lambda: "too late" in worker.output(), message="the fenced failure logged")
+    assert f"job {cancelled} (attempt 1) is no longer ours" in worker.output()
+    assert query(dsn, "SELECT status FROM notifyq.jobs WHERE id = %s", waiting) == [("succeeded",)]
 
 
 def test_sigterm_hands_back_running_jobs_and_marks_the_worker_stopped(
