@@ -159,16 +159,8 @@ def running_under(dsn: str, claimant: str) -> int:
     return int(rows[0][0])
 
 
-@pytest.mark.parametrize(
-    "jobs",
-    [
-        pytest.param(1_000, id="1k"),
-        pytest.param(10_000, id="10k", marks=[pytest.mark.faults, pytest.mark.timeout(300)]),
-    ],
-)
-def test_node_and_serve_drain_one_queue_exactly_once(
-    node: str, dsn: str, tmp_path: Path, jobs: int
-) -> None:
+def test_node_and_serve_drain_one_queue_exactly_once(node: str, dsn: str, tmp_path: Path) -> None:
+    jobs = 10_000  # 3.5 s on an idle 2-core machine, 45 s on a very busy one
     with (
         serving(dsn, tmp_path / "serve.log", "-c", "50"),
         NodeWorker(node, dsn, tmp_path / "node.log", concurrency=50, batch=50) as worker,
@@ -177,7 +169,7 @@ def test_node_and_serve_drain_one_queue_exactly_once(
         insert(dsn, jobs, "example.noop", {})
         wait_until(
             lambda: statuses(dsn) == {"succeeded": jobs},
-            timeout=120,
+            timeout=90,
             interval=0.1,
             message=f"{jobs} jobs to succeed",
         )
