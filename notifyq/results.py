@@ -113,6 +113,8 @@ class Waiters:
                 await asyncio.gather(reader, return_exceptions=True)
 
     def _forget(self, job_id: int, future: asyncio.Future[Row | None]) -> None:
+        if future.done() and not future.cancelled():
+            future.exception()  # seen: the wait raised its own error (or timed out) first
         futures = self._futures.get(job_id, [])
         if future in futures:
             futures.remove(future)
