@@ -12,7 +12,10 @@ rounds that alternate the three states so drift on a shared machine hits them al
 - `on`: events on for the queue (`notifyq.set_events('default', true)`).
 
 Each round measures, per state: one producer's autocommit single-row INSERTs
-(`--singles` of them, jobs/s); bulk `INSERT ... SELECT generate_series` of `--bulk`
+(`--singles` of them, jobs/s); five times as many single-row INSERTs, then as many
+single-row UPDATEs of `progress`, in a loop inside the server (a DO block timed by
+clock_timestamp: the statements' own cost, triggers included, without round trips
+or commits; microseconds each); bulk `INSERT ... SELECT generate_series` of `--bulk`
 rows (`--bulk-rounds` statements, rows/s); and a drain of `--jobs` no-op jobs by one
 in-process dispatcher at `--concurrency` (jobs/s, from its start until all are
 written).  A connection LISTENs on notifyq_events throughout and consumes what
@@ -51,17 +54,51 @@ def set_state(dsn: str, state: str) -> None:
 
 def reset(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE notifyq.jobs, notifyq.job_history")
+        conn.execute("TRUNCATE notifyq.jobs, notifyq.job_history RESTART IDENTITY")
         conn.execute("VACUUM ANALYZE notifyq.jobs")
 
 
 def singles(dsn: str, count: int) -> float:
+    """Single-row INSERTs, each committed: a producer's usual path."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('bench.noop')")  # warm up
         start = time.perf_counter()
         for _ in range(count):
             conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('bench.noop')")
         return count / (time.perf_counter() - start)
+
+
+SERVER_LOOP = """
+DO $$
+DECLARE
+    started timestamptz;
+BEGIN
+    FOR i IN 1..{count} LOOP
+        INSERT INTO notifyq.jobs (task) VALUES ('bench.noop');
+    END LOOP;
+    started := clock_timestamp();
+    FOR i IN 1..{count} LOOP
+        {statement};
+    END LOOP;
+    RAISE NOTICE '%', extract(epoch FROM clock_timestamp() - started);
+END
+$$"""
+STATEMENTS = {
+    "INSERT": "INSERT INTO notifyq.jobs (task) VALUES ('bench.noop')",
+    # A progress report's write, one job per statement (as notifyq.progress does).
+    "UPDATE": "UPDATE notifyq.jobs SET progress = i % 100 WHERE id = i",
+}
+
+
+def server_loop(dsn: str, count: int, kind: str) -> float:
+    """Microseconds per single-row statement, run in a loop inside the server: the
+    statement's own cost, triggers included, without round trips or commits."""
+    notices: list[float] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: notices.append(float(diag.message_primary or 0)))
+        loop = SERVER_LOOP.format(count=count, statement=STATEMENTS[kind])
+        conn.execute(loop.encode())
+    return notices[-1] / count * 1e6
 
 
 def bulk(dsn: str, rows: int, statements: int) -> float:
@@ -129,7 +166,9 @@ class Follower:
 
 
 def describe(values: list[float]) -> str:
-    return f"{statistics.median(values):>9,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+    digits = 1 if statistics.median(values) < 1000 else 0
+    low, high = min(values), max(values)
+    return f"{statistics.median(values):>9,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
 
 
 def main() -> None:
@@ -152,13 +191,20 @@ def main() -> None:
         migrate.migrate(dsn)
         follower = Follower(dsn)
         for round_ in range(1, args.rounds + 1):
-            single = "enqueue, single-row INSERTs (jobs/s)"
+            single = "enqueue, single-row INSERTs, each committed (jobs/s)"
+            looped = {
+                kind: f"server-side loop of {args.singles * 5:,} single-row {kind}s (µs each)"
+                for kind in STATEMENTS
+            }
             many = f"enqueue, {args.bulk:,}-row INSERTs (rows/s)"
             drained = f"drain, {args.jobs:,} jobs at c={args.concurrency} (jobs/s)"
             for state in STATES if round_ % 2 else reversed(STATES):
                 set_state(dsn, state)
                 reset(dsn)
                 figures[single, state].append(singles(dsn, args.singles))
+                for kind, measure in looped.items():
+                    reset(dsn)
+                    figures[measure, state].append(server_loop(dsn, args.singles * 5, kind))
                 reset(dsn)
                 figures[many, state].append(bulk(dsn, args.bulk, args.bulk_rounds))
                 reset(dsn)
@@ -171,9 +217,16 @@ def main() -> None:
             for state in STATES:
                 print(f"  {state:5} {describe(figures[measure, state])}")
             med = {state: statistics.median(figures[measure, state]) for state in STATES}
-            print(
-                f"  off/none {med['off'] / med['none']:.3f}   on/off {med['on'] / med['off']:.3f}"
-            )
+            if "µs" in measure:  # a cost: the difference says what each state adds
+                print(
+                    f"  off-none {med['off'] - med['none']:+.1f} µs   on-off "
+                    f"{med['on'] - med['off']:+.1f} µs"
+                )
+            else:  # a rate: the ratio says what each state keeps
+                print(
+                    f"  off/none {med['off'] / med['none']:.3f}   on/off "
+                    f"{med['on'] / med['off']:.3f}"
+                )
     finally:
         if follower is not None:
             follower.close()
