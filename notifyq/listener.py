@@ -62,12 +62,12 @@ LEFT_RUNNING = frozenset({"succeeded", "dead", "cancelled", "queued"})  # status
 def status_change(payload: str) -> tuple[str, str]:
     """(queue, status) of a notifyq_status payload; ("", "") if it is not one."""
     try:
-        change = codec.loads(payload)
+        note = codec.loads(payload)
     except ValueError:
         return "", ""
-    if not isinstance(change, dict):
+    if not isinstance(note, dict):
         return "", ""
-    return str(change.get("queue", "")), str(change.get("status", ""))
+    return str(note.get("queue", "")), str(note.get("status", ""))
 
 
 async def listen(
