@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     rate_key         text,
     rate_reserved    boolean     NOT NULL DEFAULT false,
     -- Whoever holds a job's token may read it through notifyq.job_status (see
-    -- "Following a job" below); nobody is granted SELECT on it.
+    -- "Following a job" below); the producer role may not read it.
     token            uuid        DEFAULT pg_catalog.gen_random_uuid(),
 
     CONSTRAINT jobs_queue_format CHECK (queue ~ '^[a-z0-9_][a-z0-9_-]{0,62}$'),

@@ -5,8 +5,8 @@
 -- schema.sql holds the same objects for new databases.
 
 -- A job's token: whoever knows it may read the job's state through
--- notifyq.job_status, and no one is given the right to read it from the table
--- (a column grant on it would show every job's token).  The enqueuer makes one
+-- notifyq.job_status, and producers are not given the right to read it from the
+-- table (a column grant on it would show them every job's token).  The enqueuer makes one
 -- (a random UUID) and keeps it; jobs that name none get one all the same, so no
 -- job can be read with a NULL token.  Jobs inserted before this version have
 -- none: adding the column with a default for new rows only rewrites nothing.
