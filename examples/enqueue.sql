@@ -18,6 +18,15 @@ BEGIN;
 INSERT INTO notifyq.jobs (task, payload) VALUES ('hello.shout', '{"name": "Linus"}');
 COMMIT;
 
+-- A job to follow: the database makes its token and the statement returns it with the id
+-- (a producer role may not read tokens back from the table).  With the two, and nothing
+-- more than the producer role, a later statement reads the job (status, progress, result,
+-- error):  SELECT * FROM notifyq.job_status(<id>, '<token>');
+WITH t AS (SELECT gen_random_uuid() AS token),
+     j AS (INSERT INTO notifyq.jobs (task, payload, token)
+           SELECT 'hello.greet', '{"name": "Mae"}', t.token FROM t RETURNING id)
+SELECT j.id, t.token FROM j, t;
+
 -- What is going on, per queue.
 SELECT * FROM notifyq.queue_stats;
 

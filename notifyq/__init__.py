@@ -19,7 +19,7 @@ from .errors import (
     ResultError,
     SchemaMissing,
 )
-from .job import JobContext, JobState
+from .job import JobContext, JobId, JobState, JobStatus
 from .retry import Backoff
 from .worker import Settings, Worker
 
@@ -35,7 +35,9 @@ __all__ = [
     "JobContext",
     "JobFailed",
     "JobFailure",
+    "JobId",
     "JobState",
+    "JobStatus",
     "LockTimeout",
     "NotifyqError",
     "OperationRefused",

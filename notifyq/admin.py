@@ -69,6 +69,16 @@ def history_enabled(dsn: str) -> bool:
     return bool(_one(dsn, "history_enabled", {}))
 
 
+def set_events(dsn: str, queue: str, enabled: bool) -> bool:
+    """Switch the per-job events on notifyq_events on or off for `queue`."""
+    return bool(_one(dsn, "set_events", {"queue": queue, "enabled": enabled}))
+
+
+def queue_events(dsn: str) -> list[dict[str, Any]]:
+    """The queues whose jobs announce their changes on notifyq_events."""
+    return _dicts(dsn, "queue_events", {})
+
+
 def job_history(dsn: str, job_id: int) -> list[dict[str, Any]]:
     return _dicts(dsn, "job_history", {"id": job_id})
 

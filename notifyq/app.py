@@ -11,8 +11,9 @@ import atexit
 import logging
 import os
 import threading
+import uuid
 import weakref
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar, overload
 
@@ -21,6 +22,7 @@ import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store
 from .errors import ConfigurationError
+from .job import JobId, JobStatus
 from .registry import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_QUEUE,
@@ -48,6 +50,15 @@ def resolve_dsn(explicit: str | None = None) -> str:
             "or start the private server with `notifyq serve`"
         )
     return dsn
+
+
+def _token(job_id: int, token: uuid.UUID | None) -> uuid.UUID | None:
+    """The token to read a job with: the one given, else its JobId's."""
+    if token is not None:
+        if not isinstance(token, uuid.UUID):
+            token = uuid.UUID(str(token))  # a token kept as text; ValueError if it is none
+        return token
+    return job_id.token if isinstance(job_id, JobId) else None
 
 
 class App:
@@ -220,8 +231,10 @@ class App:
         depends_on: Iterable[int] | None = None,
         on_dependency_failure: str = "cancel",
         conn: psycopg.AsyncConnection[Any] | None = None,
-    ) -> int:
-        """Insert a job and return its id.
+    ) -> JobId:
+        """Insert a job and return its id: a `JobId`, an int that also carries the
+        job's token (`.token`), with which `wait` and `status` read this job even
+        as a role that may not read the table.
 
         With `conn`, the INSERT joins that connection's open transaction: the
         job exists only if it commits.  Without, it commits on its own.
@@ -230,7 +243,7 @@ class App:
 
         With `dedupe_key`, while a job with the same key is unfinished (queued,
         running or waiting for a retry) nothing is inserted and that job's id is
-        returned instead.
+        returned instead (without a token: it is another enqueue's).
 
         With `depends_on` (ids of existing jobs), the job waits until all of
         them succeeded; if one ends dead or cancelled, it is cancelled too, or
@@ -269,7 +282,7 @@ class App:
         depends_on: Iterable[int] | None = None,
         on_dependency_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
-    ) -> int:
+    ) -> JobId:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
         job = enqueue.build(
             self.registry,
@@ -303,8 +316,9 @@ class App:
         on_dependency_failure: str = "cancel",
         rate_key: str | None = None,
         conn: psycopg.AsyncConnection[Any] | None = None,
-    ) -> list[int]:
-        """Insert one job of `task` per payload, all in one transaction; their ids, in order.
+    ) -> list[JobId]:
+        """Insert one job of `task` per payload, all in one transaction; their ids (each
+        with its token, see `enqueue`), in order.
 
         Each queue gets one notification however many jobs.  Every payload is
         checked before anything is sent, so a bad one refuses the whole batch.
@@ -330,7 +344,7 @@ class App:
         on_dependency_failure: str = "cancel",
         rate_key: str | None = None,
         conn: psycopg.Connection[Any] | None = None,
-    ) -> list[int]:
+    ) -> list[JobId]:
         """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
         options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
         job, encoded = self._many(task, payloads, *options, rate_key)
@@ -392,14 +406,24 @@ class App:
 
     # --- results
 
-    # timeout= is the documented API (a job outliving it is not an error of the caller's scope).
-    async def wait(self, job_id: int, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+    async def wait(
+        self,
+        job_id: int,
+        # The documented API: a job outliving it is not an error of the caller's scope.
+        timeout: float | None = None,  # noqa: ASYNC109
+        *,
+        token: uuid.UUID | None = None,
+    ) -> Any:
         """Wait until job `job_id` finishes; return what its handler returned (None if
         nothing), or raise JobFailed if it ended dead or cancelled.
 
         Driven by the status notifications (one LISTEN connection per event loop
         serves every wait on it), not by polling.  TimeoutError after `timeout`
         seconds; the job itself is not touched.  OperationRefused for an unknown id.
+
+        The job is read with its token (`token`, else the one a JobId from
+        `enqueue` carries) through notifyq.job_status, which the producer role may
+        call; without a token, from the table (the worker role's right).
         """
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or at least 0 seconds, got {timeout}")
@@ -407,23 +431,43 @@ class App:
         waiters = self._waiters.get(loop)
         if waiters is None:
 
-            async def read(ids: Collection[int]) -> list[results.Row]:
-                return await store.wait_outcomes(await self._async_connection(), ids)
+            async def read(jobs: dict[int, uuid.UUID | None]) -> list[results.Row]:
+                return await store.wait_outcomes(await self._async_connection(), jobs)
 
             waiters = self._waiters[loop] = results.Waiters(resolve_dsn(self.dsn), read)
-        return await waiters.wait(job_id, timeout)
+        return await waiters.wait(int(job_id), timeout, _token(job_id, token))
 
-    def wait_sync(self, job_id: int, timeout: float | None = None) -> Any:
+    def wait_sync(
+        self, job_id: int, timeout: float | None = None, *, token: uuid.UUID | None = None
+    ) -> Any:
         """`wait` for synchronous code: runs it on an event loop of its own (with
         connections of its own, closed when it returns)."""
 
         async def once() -> Any:
             try:
-                return await self.wait(job_id, timeout)
+                return await self.wait(job_id, timeout, token=token)
             finally:
                 await self.aclose(sync_too=False)
 
         return asyncio.run(once())
+
+    async def status(self, job_id: int, *, token: uuid.UUID | None = None) -> JobStatus | None:
+        """Where job `job_id` stands now: status, progress, result, error, times.  None if
+        there is no such job (or the token is not its).
+
+        With a token (`token`, else the one a JobId from `enqueue` carries) it reads
+        through notifyq.job_status, which the producer role may call; without, from
+        the table (the worker role's right).
+        """
+        conn = await self._async_connection()
+        return await store.job_status(conn, int(job_id), _token(job_id, token))
+
+    def status_sync(self, job_id: int, *, token: uuid.UUID | None = None) -> JobStatus | None:
+        """`status` for synchronous code (thread-safe)."""
+        key = _token(job_id, token)
+        return self._on_own_sync_connection(
+            lambda own: store.job_status_sync(own, int(job_id), key)
+        )
 
     async def aclose(self, *, sync_too: bool = True) -> None:
         """Close the connections enqueue and wait opened (this event loop's, and the

@@ -672,6 +672,32 @@ def history_command(state: str | None, dsn: str | None) -> None:
     click.echo(f"history is {'on' if on else 'off'}")
 
 
+@main.command(name="events")
+@click.argument("state", type=click.Choice(["on", "off"]), required=False)
+@click.argument("queue", required=False)
+@dsn_option
+def events_command(state: str | None, queue: str | None, dsn: str | None) -> None:
+    """Show the queues with per-job events, or switch QUEUE's on or off.
+
+    With events on, every status change and progress report of the queue's jobs
+    is announced on the notifyq_events channel (JSON, one object per change), for
+    programs that follow single jobs.  Off by default: a queue without them pays
+    nothing for them."""
+    from . import admin
+
+    dsn = database(dsn)
+    if state is not None:
+        if queue is None:
+            fail(f"name the queue: notifyq events {state} QUEUE")
+        check_queue_name(queue)
+        admin.set_events(dsn, queue, state == "on")
+    enabled = admin.queue_events(dsn)
+    if not enabled:
+        click.echo("no queue has events on")
+    for row in enabled:
+        click.echo(f"{row['queue']}: events on since {row['enabled_at']:%Y-%m-%d %H:%M:%S%z}")
+
+
 @main.command(name="limit")
 @click.argument("queue", required=False)
 @click.argument("max_running", metavar="[N|none]", required=False)

@@ -18,7 +18,9 @@ The states of a job (column `status`) and who moves it between them:
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -32,6 +34,55 @@ class JobState(StrEnum):
     DEAD = "dead"
     CANCELLED = "cancelled"
     WAITING = "waiting"
+
+
+FINISHED = frozenset({JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED})
+
+
+class JobId(int):
+    """A job's id, as `App.enqueue` returns it: an int, carrying the job's token.
+
+    The token (a random UUID the enqueue gave the job) lets whoever holds it read
+    that job, and no other, through `notifyq.job_status` (`App.status`,
+    `App.wait`), without any right on the table.  Keep it as you would a
+    session id; `str()` and `repr()` show the id only.  `token` is None for a job
+    the call did not insert (one found by its dedupe_key).
+    """
+
+    token: uuid.UUID | None
+
+    def __new__(cls, value: int, token: uuid.UUID | None = None) -> JobId:
+        self = super().__new__(cls, value)
+        self.token = token
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (JobId, (int(self), self.token))
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """Where a job stands (`App.status`): the columns `notifyq.job_status` returns."""
+
+    id: int
+    queue: str
+    task: str
+    status: JobState
+    attempts: int
+    max_attempts: int | None
+    progress: float | None
+    progress_message: str | None
+    result: Any
+    last_error: str | None
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        """Succeeded, dead or cancelled: the status will not change on its own."""
+        return self.status in FINISHED
 
 
 @dataclass(frozen=True, slots=True)

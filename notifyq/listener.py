@@ -21,6 +21,10 @@ for it: rescuers take a dispatcher for dead only when both have failed.
 Reconnects back off to at most RECONNECT_CAP seconds, and a lock still held
 by an old session is tried again every LIVENESS_RETRY seconds.
 
+The dispatchers' own messages (cap changes, the probe below) travel on
+notifyq_internal, which the listener LISTENs to as well, so the public
+channels carry only what the schema documents for them.
+
 After every LISTEN it also checks that notifications really arrive: another
 connection sends a probe, which must come back within PROBE_TIMEOUT.  Behind
 a pooler in transaction mode (PgBouncer) the LISTEN stays on a server
@@ -45,8 +49,9 @@ log = logging.getLogger("notifyq.listener")
 
 CHANNEL = "notifyq_jobs"
 STATUS_CHANNEL = "notifyq_status"
-PROBE_PREFIX = "notifyq-probe:"  # ':' keeps it from ever naming a queue
-LIMIT_PREFIX = "limit:"  # notifyq.queue_limits changed for the queue that follows
+INTERNAL_CHANNEL = "notifyq_internal"  # only dispatchers listen; not part of the contract
+PROBE_PREFIX = "notifyq-probe:"  # on the internal channel
+LIMIT_PREFIX = "limit:"  # internal: notifyq.queue_limits changed for the queue that follows
 PROBE_TIMEOUT = 5.0
 RECONNECT_CAP = 2.0  # seconds: well inside the rescuers' grace for a lost session
 LIVENESS_RETRY = 1.0  # seconds between tries while the lock is not ours yet
@@ -87,11 +92,13 @@ async def listen(
     `on_room(queues)` once per batch of status notifications saying jobs of served
     queues left `running`, or of cap changes (room under a concurrency cap);
     `on_status()` once per batch of status notifications (jobs changed status
-    somewhere); `send_probe(payload)` must NOTIFY the channel from another connection;
+    somewhere); `send_probe(payload)` must NOTIFY INTERNAL_CHANNEL from another connection;
     `liveness`: the claimant whose liveness lock this connection holds.
     """
     served = frozenset(queues)
-    channels = (CHANNEL,) if on_cancelled is None else (CHANNEL, STATUS_CHANNEL)
+    channels = [CHANNEL, INTERNAL_CHANNEL]
+    if on_cancelled is not None:
+        channels.append(STATUS_CHANNEL)
     listener = Listener(dsn, *channels, liveness=liveness)
     failures = 0
     connects = 0
@@ -117,15 +124,16 @@ async def listen(
                         wait = min(wait, LIVENESS_RETRY)
                     if probe_deadline is not None:
                         wait = max(0.0, probe_deadline - anyio.current_time())
-                    payloads = await listener.wait(wait)
+                    notes = await listener.wait(wait)
                     if (
                         liveness is not None
                         and not listener.holds_liveness
                         and await listener.take_liveness()
                     ):
                         log.info("took this dispatcher's liveness lock")
+                    internal = [n.payload for n in notes if n.channel == INTERNAL_CHANNEL]
                     if probe_deadline is not None:
-                        if probe in payloads:
+                        if probe in internal:
                             probe_deadline = None
                             log.debug("listener verified: its probe notification arrived")
                         elif anyio.current_time() >= probe_deadline:
@@ -138,18 +146,19 @@ async def listen(
                                 "still found by the fallback poll.",
                                 PROBE_TIMEOUT,
                             )
-                    named = {p for p in payloads if p in served}
+                    named = {n.payload for n in notes if n.channel == CHANNEL} & served
                     if named:
                         on_notify(named)
-                    # Status payloads are JSON objects; no queue name starts with '{'.
-                    changes = [status_change(p) for p in payloads if p.startswith("{")]
+                    changes = [
+                        status_change(n.payload) for n in notes if n.channel == STATUS_CHANNEL
+                    ]
                     if on_cancelled is not None and any(s == "cancelled" for _, s in changes):
                         on_cancelled()
                     if on_status is not None and changes:
                         on_status()
                     freed = {q for q, s in changes if s in LEFT_RUNNING}
                     freed |= {
-                        p.removeprefix(LIMIT_PREFIX) for p in payloads if p.startswith(LIMIT_PREFIX)
+                        p.removeprefix(LIMIT_PREFIX) for p in internal if p.startswith(LIMIT_PREFIX)
                     }
                     freed &= served
                     if on_room is not None and freed:

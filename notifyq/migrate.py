@@ -15,7 +15,7 @@ from .errors import SchemaMissing
 
 log = logging.getLogger("notifyq.migrate")
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 """The schema version this code needs (the newest it knows how to apply)."""
 
 

@@ -13,13 +13,18 @@ Each wait reads its job once after the LISTEN is in place, so a job that
 finished before the wait began, or between the wait's start and the LISTEN,
 is seen by that read; anything later sends a notification.  After a
 reconnect every awaited job is read again.
+
+A job awaited with its token (the JobId enqueue returned carries it) is read
+through notifyq.job_status, which a producer role may call; one without, from
+the table, which takes the worker's right to read jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -27,7 +32,7 @@ import anyio
 from . import codec
 from .errors import DatabaseUnavailable, JobFailed, OperationRefused
 from .retry import reconnect_delay
-from .store import Listener
+from .store import Listener, Note
 
 log = logging.getLogger("notifyq.results")
 
@@ -36,14 +41,15 @@ FINAL = frozenset({"succeeded", "dead", "cancelled"})
 QUIET_PING = 30.0  # seconds between pings of an otherwise silent listener
 
 Row = tuple[int, str, str, Any, str | None]  # id, queue, status, result, last_error
-Read = Callable[[Collection[int]], Awaitable[list[Row]]]
+Read = Callable[[dict[int, uuid.UUID | None]], Awaitable[list[Row]]]  # job id -> its token
 
 
-def outcome(job_id: int, row: Row | None) -> Any:
+def outcome(job_id: int, row: Row | None, token: uuid.UUID | None = None) -> Any:
     """The result of a finished job, or the error its end means."""
     if row is None:
         raise OperationRefused(
-            f"no job with id {job_id} (never enqueued, or purged since it finished)"
+            f"no job with id {job_id} (never enqueued, or purged since it finished"
+            + (", or the token is not this job's)" if token is not None else ")")
         )
     _, _, status, result, error = row
     if status == "succeeded":
@@ -51,16 +57,16 @@ def outcome(job_id: int, row: Row | None) -> Any:
     raise JobFailed(job_id, status, error)
 
 
-def finished_queues(payloads: list[str]) -> set[str]:
+def finished_queues(notes: list[Note]) -> set[str]:
     """Queues named by status notifications that announce a final status."""
     queues = set()
-    for payload in payloads:
+    for note in notes:
         try:
-            note = codec.loads(payload)
+            change = codec.loads(note.payload)
         except ValueError:
-            continue  # a probe or someone else's message on the channel
-        if isinstance(note, dict) and note.get("status") in FINAL:
-            queues.add(str(note.get("queue")))
+            continue  # someone else's message on the channel (any role may NOTIFY)
+        if isinstance(change, dict) and change.get("status") in FINAL:
+            queues.add(str(change.get("queue")))
     return queues
 
 
@@ -72,12 +78,20 @@ class Waiters:
         self._read = read
         self._futures: dict[int, list[asyncio.Future[Row | None]]] = {}
         self._queues: dict[int, str] = {}  # awaited job -> its queue, once read
+        self._tokens: dict[int, uuid.UUID] = {}  # awaited job -> its token, when known
         self._listening = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
-    async def wait(self, job_id: int, timeout: float | None) -> Any:  # noqa: ASYNC109
+    async def wait(
+        self,
+        job_id: int,
+        timeout: float | None,  # noqa: ASYNC109 - App.wait's documented argument
+        token: uuid.UUID | None = None,
+    ) -> Any:
         future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
         self._futures.setdefault(job_id, []).append(future)
+        if token is not None:
+            self._tokens[job_id] = token
         try:
             async with asyncio.timeout(timeout):
                 if self._reader is None or self._reader.done():
@@ -89,7 +103,7 @@ class Waiters:
             raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
         finally:
             self._forget(job_id, future)
-        return outcome(job_id, row)
+        return outcome(job_id, row, token)
 
     async def close(self) -> None:
         reader, self._reader = self._reader, None
@@ -99,12 +113,15 @@ class Waiters:
                 await asyncio.gather(reader, return_exceptions=True)
 
     def _forget(self, job_id: int, future: asyncio.Future[Row | None]) -> None:
+        if future.done() and not future.cancelled():
+            future.exception()  # seen: the wait raised its own error (or timed out) first
         futures = self._futures.get(job_id, [])
         if future in futures:
             futures.remove(future)
         if not futures:
             self._futures.pop(job_id, None)
             self._queues.pop(job_id, None)
+            self._tokens.pop(job_id, None)
 
     async def _run(self) -> None:
         """Listen until `close`, also between waits (the next one then costs no
@@ -119,8 +136,8 @@ class Waiters:
                     failures = 0
                     await self._settle(list(self._futures))
                     while True:
-                        payloads = await self._listener.wait(QUIET_PING)
-                        queues = finished_queues(payloads)
+                        notes = await self._listener.wait(QUIET_PING)
+                        queues = finished_queues(notes)
                         if queues & set(self._queues.values()) or any(
                             job_id not in self._queues for job_id in self._futures
                         ):
@@ -146,7 +163,8 @@ class Waiters:
         """Read these jobs; resolve the waits of those that finished or do not exist."""
         if not job_ids:
             return
-        rows = {row[0]: row for row in await self._read(job_ids)}
+        jobs = {job_id: self._tokens.get(job_id) for job_id in job_ids}
+        rows = {row[0]: row for row in await self._read(jobs)}
         for job_id in job_ids:
             row = rows.get(job_id)
             if row is not None and row[2] not in FINAL:

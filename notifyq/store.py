@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Any, LiteralString, NamedTuple
@@ -33,7 +34,7 @@ from .errors import (
     redact,
     translate,
 )
-from .job import Job
+from .job import Job, JobId, JobState, JobStatus
 
 log = logging.getLogger("notifyq.store")
 
@@ -151,9 +152,12 @@ class NewJob:
     rate_key: str | None = None
     depends_on: list[int] | None = None
     on_dependency_failure: str = "cancel"
+    # The job's token (see JobId): random, from the operating system's CSPRNG.
+    token: uuid.UUID = field(default_factory=uuid.uuid4)
 
     def params(self) -> dict[str, Any]:
         return {
+            "token": self.token,
             "dedupe_key": self.dedupe_key,
             "rate_key": self.rate_key,
             "task": self.task,
@@ -173,32 +177,37 @@ DEDUPE_TRIES = 5
 row nor a holder saw the holder commit or finish in between, which is rare."""
 
 
-async def enqueue(conn: psycopg.AsyncConnection[Any], job: NewJob) -> int:
+async def enqueue(conn: psycopg.AsyncConnection[Any], job: NewJob) -> JobId:
     with translated():
         if job.dedupe_key is None:
             cur = await conn.execute(QUERIES["enqueue"], job.params())
             row = await cur.fetchone()
             assert row is not None
-            return int(row[0])
+            return JobId(row[0], job.token)
         for _ in range(DEDUPE_TRIES):
             cur = await conn.execute(QUERIES["enqueue_deduped"], job.params())
             row = await cur.fetchone()
             if row is not None:
-                return int(row[0])
+                return _enqueued(job, row)
     raise _dedupe_unsettled(job)
 
 
-def enqueue_sync(conn: psycopg.Connection[Any], job: NewJob) -> int:
+def enqueue_sync(conn: psycopg.Connection[Any], job: NewJob) -> JobId:
     with translated():
         if job.dedupe_key is None:
             row = conn.execute(QUERIES["enqueue"], job.params()).fetchone()
             assert row is not None
-            return int(row[0])
+            return JobId(row[0], job.token)
         for _ in range(DEDUPE_TRIES):
             row = conn.execute(QUERIES["enqueue_deduped"], job.params()).fetchone()
             if row is not None:
-                return int(row[0])
+                return _enqueued(job, row)
     raise _dedupe_unsettled(job)
+
+
+def _enqueued(job: NewJob, row: Any) -> JobId:
+    """(id, created) of enqueue_deduped: our token only if our row went in."""
+    return JobId(row[0], job.token if row[1] else None)
 
 
 def _dedupe_unsettled(job: NewJob) -> OperationRefused:
@@ -212,12 +221,68 @@ def _dedupe_unsettled(job: NewJob) -> OperationRefused:
 
 
 async def wait_outcomes(
-    conn: psycopg.AsyncConnection[Any], ids: Collection[int]
+    conn: psycopg.AsyncConnection[Any], jobs: dict[int, uuid.UUID | None]
 ) -> list[tuple[int, str, str, Any, str | None]]:
-    """id, queue, status, result, last_error of these jobs (App.wait's read)."""
+    """id, queue, status, result, last_error of these jobs (App.wait's read): by token
+    (notifyq.job_status) those whose token is known, the others from the table."""
+    by_token = {job_id: token for job_id, token in jobs.items() if token is not None}
+    by_id = [job_id for job_id, token in jobs.items() if token is None]
+    rows = []
     with translated():
-        cur = await conn.execute(QUERIES["wait_outcomes"], {"ids": list(ids)})
-        return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
+        if by_token:
+            params = {"ids": list(by_token), "tokens": list(by_token.values())}
+            cur = await conn.execute(QUERIES["wait_outcomes_by_token"], params)
+            rows += await cur.fetchall()
+        if by_id:
+            cur = await conn.execute(QUERIES["wait_outcomes"], {"ids": by_id})
+            rows += await cur.fetchall()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+async def job_status(
+    conn: psycopg.AsyncConnection[Any], job_id: int, token: uuid.UUID | None
+) -> JobStatus | None:
+    """App.status: by token through notifyq.job_status, else from the table."""
+    with translated():
+        if token is None:
+            cur = await conn.execute(QUERIES["job_status_by_id"], {"id": job_id})
+        else:
+            cur = await conn.execute(QUERIES["job_status"], {"id": job_id, "token": token})
+        row = await cur.fetchone()
+    return None if row is None else _job_status(row)
+
+
+def job_status_sync(
+    conn: psycopg.Connection[Any], job_id: int, token: uuid.UUID | None
+) -> JobStatus | None:
+    with translated():
+        if token is None:
+            row = conn.execute(QUERIES["job_status_by_id"], {"id": job_id}).fetchone()
+        else:
+            params = {"id": job_id, "token": token}
+            row = conn.execute(QUERIES["job_status"], params).fetchone()
+    return None if row is None else _job_status(row)
+
+
+def _job_status(row: Sequence[Any]) -> JobStatus:
+    (job_id, queue, task, status, attempts, max_attempts, progress, message, result, error,
+     run_at, created_at, started_at, finished_at) = row  # fmt: skip
+    return JobStatus(
+        id=job_id,
+        queue=queue,
+        task=task,
+        status=JobState(status),
+        attempts=attempts,
+        max_attempts=max_attempts,
+        progress=progress,
+        progress_message=message,
+        result=result,
+        last_error=error,
+        run_at=run_at,
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+    )
 
 
 ENQUEUE_CHUNK = 5_000
@@ -227,35 +292,42 @@ notification per queue (it folds identical notifications of a transaction)."""
 
 
 def _chunks(job: NewJob, payloads: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The parameters of each INSERT, with a new token per payload."""
     common = job.params()
-    del common["payload"]
+    del common["payload"], common["token"]
     for start in range(0, len(payloads), ENQUEUE_CHUNK):
-        yield {**common, "payloads": list(payloads[start : start + ENQUEUE_CHUNK])}
+        chunk = list(payloads[start : start + ENQUEUE_CHUNK])
+        yield {**common, "payloads": chunk, "tokens": [uuid.uuid4() for _ in chunk]}
+
+
+def _ids(params: dict[str, Any], rows: list[Any]) -> list[JobId]:
+    """Identity values are drawn in the payloads' order: sorted, they pair with the tokens."""
+    ids = sorted(int(row[0]) for row in rows)
+    return [JobId(i, token) for i, token in zip(ids, params["tokens"], strict=True)]
 
 
 async def enqueue_many(
     conn: psycopg.AsyncConnection[Any], job: NewJob, payloads: Sequence[str]
-) -> list[int]:
+) -> list[JobId]:
     """Insert one job per payload (JSON text) with `job`'s other columns; ids in order."""
-    ids: list[int] = []
+    ids: list[JobId] = []
     with translated():
         # An autocommit connection gets a transaction of its own (all or nothing, one
         # notification); any other joins the caller's, which commits it or not.
         async with conn.transaction() if conn.autocommit else nullcontext():
             for params in _chunks(job, payloads):
                 cur = await conn.execute(QUERIES["enqueue_many"], params)
-                ids += sorted(int(row[0]) for row in await cur.fetchall())
+                ids += _ids(params, await cur.fetchall())
     return ids
 
 
 def enqueue_many_sync(
     conn: psycopg.Connection[Any], job: NewJob, payloads: Sequence[str]
-) -> list[int]:
-    ids: list[int] = []
+) -> list[JobId]:
+    ids: list[JobId] = []
     with translated(), conn.transaction() if conn.autocommit else nullcontext():
         for params in _chunks(job, payloads):
-            rows = conn.execute(QUERIES["enqueue_many"], params).fetchall()
-            ids += sorted(int(row[0]) for row in rows)
+            ids += _ids(params, conn.execute(QUERIES["enqueue_many"], params).fetchall())
     return ids
 
 
@@ -730,6 +802,13 @@ class Store:
         return await self._run(name, params)
 
 
+class Note(NamedTuple):
+    """One notification: the channel it came on and its payload."""
+
+    channel: str
+    payload: str
+
+
 class Listener:
     """The one LISTEN connection: autocommit, never inside a transaction."""
 
@@ -769,17 +848,17 @@ class Listener:
         self.holds_liveness = bool(row and row[0])
         return self.holds_liveness
 
-    async def wait(self, ping_after: float) -> list[str]:
-        """Payloads that arrived within `ping_after` seconds; [] after a successful ping."""
+    async def wait(self, ping_after: float) -> list[Note]:
+        """Notifications that arrived within `ping_after` seconds; [] after a successful ping."""
         conn = self._conn
         if conn is None:
             raise DatabaseUnavailable("the listener is not connected")
-        payloads: list[str] = []
+        notes: list[Note] = []
         try:
             with translated():
                 async for note in conn.notifies(timeout=ping_after, stop_after=1):
-                    payloads.append(note.payload)
-                if not payloads:
+                    notes.append(Note(note.channel, note.payload))
+                if not notes:
                     # Quiet for a whole interval: make sure the socket is still alive.  A
                     # path that swallows packets must not hang us: the answer has as long.
                     with anyio.fail_after(max(ping_after, 1.0)):
@@ -790,7 +869,7 @@ class Listener:
         except DatabaseUnavailable:
             await self.close()
             raise
-        return payloads
+        return notes
 
     async def drain(self) -> int:
         """Consume the notifications already received; returns how many."""

@@ -412,7 +412,7 @@ class Worker:
 
     async def _send_probe(self, payload: str) -> None:
         try:
-            await self._stores[0].notify(listener.CHANNEL, payload)
+            await self._stores[0].notify(listener.INTERNAL_CHANNEL, payload)
         except DatabaseUnavailable as exc:
             log.warning("could not send the listener's probe notification (%s)", exc)
 

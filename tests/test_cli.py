@@ -209,7 +209,7 @@ def test_zero_setup_private_server_is_shared_with_a_second_terminal(tmp_path: Pa
 def test_sql_example_runs_as_written(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute((REPO / "examples" / "enqueue.sql").read_bytes())
-    assert statuses(dsn) == {"queued": 103}
+    assert statuses(dsn) == {"queued": 104}
 
 
 def test_python_enqueue_example_runs_as_written(dsn: str) -> None:

@@ -291,13 +291,22 @@ def test_writes_use_their_index(
     query_name = "complete" if name == "complete_succeeded" else name
     if query_name in ("complete", "hand_back"):  # notifyq.finish_jobs, hand_back_jobs
         plans = nested_plans(big_dsn, query_name, params, generic=generic)
-        found = scans([node for plan in plans for node in plan if node.get("Relation Name")])
+        nodes = [node for plan in plans for node in plan if node.get("Relation Name")]
     else:
-        found = scans(prepared_plan(big_dsn, query_name, params, generic=generic))
+        nodes = prepared_plan(big_dsn, query_name, params, generic=generic)
+    found = scans(nodes)
     assert any(idx in indexes for _, idx in found), found
     if "jobs_lease_idx" not in indexes:
         assert not any(idx == "jobs_lease_idx" for _, idx in found), found
-    assert not any(kind == "Seq Scan" for kind, _ in found), found
+    # No sequential scan.  The events trigger's probe of notifyq.queue_events
+    # (a row per queue with events on; empty by default) is one, by design: the cheapest
+    # read of a table that small.
+    seq_scans = [
+        n
+        for n in nodes
+        if n["Node Type"] == "Seq Scan" and n.get("Relation Name") != "queue_events"
+    ]
+    assert not seq_scans, found
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])

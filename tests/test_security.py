@@ -21,10 +21,17 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import notifyq
-from notifyq import cli, codec, enqueue
-from notifyq.errors import ConfigurationError, InvalidJob, dsn_secrets, redact
+from notifyq import cli, codec, enqueue, migrate, store
+from notifyq.errors import (
+    ConfigurationError,
+    InvalidJob,
+    OperationRefused,
+    dsn_secrets,
+    redact,
+)
 from tests.conftest import query, serve_process, statuses, wait_until
 from tests.test_cli import notifyq as notifyq_process
+from tests.test_schema import V1_SCHEMA
 
 SECRET = "s3cret-XYZ"
 
@@ -102,6 +109,7 @@ PUBLIC_COLUMNS = [
     "depends_on",
     "on_dependency_failure",
     "dedupe_key",
+    "token",
 ]
 PRIVATE_COLUMNS = [
     "id",
@@ -203,8 +211,15 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
         assert not column(p, name, "INSERT"), name
     for name in ("id", "dedupe_key", "status"):
         assert column(p, name, "SELECT"), name
-    for name in ("payload", "result", "checkpoint", "last_error"):
+    for name in ("payload", "result", "checkpoint", "last_error", "token"):
         assert not column(p, name, "SELECT"), name
+    # ... but a job's token reads that job through notifyq.job_status, for both roles.
+    for role in (p, w):
+        assert query(
+            dsn,
+            "SELECT has_function_privilege(%s, 'notifyq.job_status(bigint, uuid)', 'EXECUTE')",
+            role,
+        )[0][0]
     for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "TRIGGER"):
         assert not table(p, privilege), privilege
     assert not table(p, "SELECT", "notifyq.dispatchers")
@@ -289,7 +304,9 @@ def test_producer_dedupes_and_worker_runs_retention_under_their_logins(
 ) -> None:
     producer = notifyq.App(as_user(dsn, roles.producer_login))
     first = producer.enqueue_sync("secure.leaf", dedupe_key="once")
-    assert producer.enqueue_sync("secure.leaf", dedupe_key="once") == first
+    again = producer.enqueue_sync("secure.leaf", dedupe_key="once")
+    assert again == first and first.token is not None
+    assert again.token is None  # the job holding the key is another enqueue's
     producer.close()
     query(
         dsn,
@@ -308,6 +325,118 @@ def test_producer_dedupes_and_worker_runs_retention_under_their_logins(
             worker,
             "INSERT INTO notifyq.job_history (job_id, to_status, attempt) VALUES (1, 'x', 0)",
         )
+
+
+# --- 1b. following one job: its token
+
+
+def test_producer_reads_its_own_job_by_token_and_no_other(
+    dsn: str, roles: Roles, tmp_path: Path
+) -> None:
+    producer_dsn = as_user(dsn, roles.producer_login)
+    token = uuid.uuid4()
+    with psycopg.connect(producer_dsn, autocommit=True) as conn:
+        [(job_id,)] = conn.execute(
+            "INSERT INTO notifyq.jobs (task, payload, token) "
+            "VALUES ('secure.double', '{\"n\": 21}', %s) RETURNING id",
+            [token],
+        ).fetchall()
+        # The same in one statement with a token the database makes: the producer gets it
+        # back from the CTE, never from the table.
+        other = conn.execute(
+            "WITH t AS (SELECT gen_random_uuid() AS token), "
+            "j AS (INSERT INTO notifyq.jobs (task, token) SELECT 'secure.leaf', t.token FROM t "
+            "RETURNING id) SELECT j.id, t.token FROM j, t"
+        ).fetchone()
+        assert other is not None
+
+        def status(job: int, key: uuid.UUID) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT id, task, status, attempts, result FROM notifyq.job_status(%s, %s)",
+                [job, key],
+            ).fetchall()
+
+        assert status(job_id, token) == [(job_id, "secure.double", "queued", 0, None)]
+        assert status(other[0], other[1]) == [(other[0], "secure.leaf", "queued", 0, None)]
+        assert status(job_id, other[1]) == []  # another job's token
+        assert status(job_id, uuid.uuid4()) == []
+        assert status(10**12, token) == []
+        for statement in (
+            "SELECT token FROM notifyq.jobs",
+            "SELECT id FROM notifyq.jobs WHERE token IS NOT NULL",
+            "INSERT INTO notifyq.jobs (task) VALUES ('secure.leaf') RETURNING token",
+            "SELECT * FROM notifyq.jobs",
+            "UPDATE notifyq.jobs SET token = gen_random_uuid()",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement.encode())
+
+    app = notifyq.App(producer_dsn)
+    try:
+        job = app.enqueue_sync("secure.double", {"n": 4})
+        assert isinstance(job, notifyq.JobId) and job.token is not None
+        assert str(job) == repr(job) == str(int(job))  # the token stays out of logs
+        batch = app.enqueue_many_sync("secure.leaf", [{}, {}])
+        assert len({j.token for j in batch}) == 2
+        assert [app.status_sync(j).status for j in batch] == ["queued", "queued"]  # type: ignore[union-attr]
+        found = app.status_sync(job)
+        assert found is not None and (found.id, found.status, found.finished) == (
+            job,
+            "queued",
+            False,
+        )
+        assert app.status_sync(job_id, token=str(token)) is not None  # type: ignore[arg-type]
+        assert app.status_sync(job_id, token=other[1]) is None
+        with pytest.raises(ConfigurationError, match="permission denied"):
+            app.status_sync(int(job))  # no token: the table, which a producer may not read
+        log = tmp_path / "serve.log"
+        worker_dsn = as_user(dsn, roles.worker_login)
+        with serve_process(worker_dsn, app="tests.apps.secure:app", log=log) as proc:
+            assert app.wait_sync(job, timeout=30) == 8
+            assert app.wait_sync(job_id, timeout=30, token=token) == 42
+            assert proc.poll() is None, log.read_text()
+        done = app.status_sync(job)
+        assert done is not None and done.finished
+        assert (done.status, done.result, done.attempts) == ("succeeded", 8, 1)
+        assert (done.progress, done.progress_message) == (50.0, "half way")
+        assert done.started_at is not None and done.finished_at is not None
+        with pytest.raises(OperationRefused, match="token is not this job's"):
+            app.wait_sync(job_id, timeout=10, token=uuid.uuid4())
+        with pytest.raises(ConfigurationError, match="permission denied"):
+            app.wait_sync(int(job), timeout=10)
+    finally:
+        app.close()
+
+
+def test_migration_lets_existing_producers_give_and_use_tokens(empty_dsn: str) -> None:
+    """A producer role that `notifyq roles` made before version 11 may insert a token
+    (which Python now always sends) and call job_status once the database is migrated."""
+    with psycopg.connect(empty_dsn) as conn:
+        conn.execute(V1_SCHEMA.read_bytes())
+        for version, script in store.migration_scripts():
+            if version <= 10:
+                store.apply_script(conn, version, script)
+    role = f"nq_old_producer_{uuid.uuid4().hex[:10]}"
+    try:
+        for statement in (
+            "CREATE ROLE {} NOLOGIN",
+            "GRANT USAGE ON SCHEMA notifyq TO {}",
+            "GRANT INSERT (queue, task, payload) ON notifyq.jobs TO {}",
+            "GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {}",
+        ):
+            query(empty_dsn, sql.SQL(statement).format(sql.Identifier(role)).as_string(None))
+        assert migrate.migrate(empty_dsn) == (10, migrate.SCHEMA_VERSION)
+        assert query(
+            empty_dsn,
+            "SELECT has_column_privilege(%s, 'notifyq.jobs', 'token', 'INSERT'), "
+            "has_column_privilege(%s, 'notifyq.jobs', 'token', 'SELECT'), "
+            "has_function_privilege(%s, 'notifyq.job_status(bigint, uuid)', 'EXECUTE')",
+            role,
+            role,
+            role,
+        ) == [(True, False, True)]
+    finally:
+        _drop_roles(empty_dsn, [role])
 
 
 # --- 2. functions
@@ -354,6 +483,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "hand_back_jobs",
         "heartbeat",
         "hold_session",
+        "job_status",
         "lock_job",
         "progress",
         "purge",
@@ -362,6 +492,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "rescue_jobs",
         "retry_dead",
         "retry_job",
+        "set_events",
         "set_history",
         "stop_worker",
         "worker_seen",
@@ -437,6 +568,32 @@ def test_functions_on_the_search_path_cannot_capture_trigger_or_admin_calls(dsn:
     assert got == [
         ("notifyq_jobs", "shadowed"),
         ("notifyq_status", '{"queue" : "shadowed", "status" : "cancelled"}'),
+    ]
+
+
+def test_nothing_on_the_search_path_captures_the_events_trigger(dsn: str) -> None:
+    query(dsn, "CREATE SCHEMA evil")
+    query(
+        dsn,
+        "CREATE FUNCTION evil.pg_notify(a text, b text) RETURNS void LANGUAGE plpgsql "
+        "AS $$ BEGIN RAISE EXCEPTION 'captured as %', current_user; END $$",
+    )
+    query(dsn, "SELECT notifyq.set_events('shadowed', true)")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in SHADOWS:
+            conn.execute(statement.encode())
+        conn.execute("CREATE TEMP TABLE queue_events (queue text)")
+        conn.execute("SET search_path = evil, public, pg_catalog")
+        conn.execute("LISTEN notifyq_events")
+        conn.execute("INSERT INTO notifyq.jobs (task, queue) VALUES ('secure.leaf', 'shadowed')")
+        conn.execute(
+            "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = pg_catalog.now() "
+            "WHERE queue = 'shadowed'"
+        )
+        got = [n.payload for n in conn.notifies(timeout=5, stop_after=2)]
+    assert [[(e["status"], e["previous"]) for e in codec.loads(p)] for p in got] == [
+        [("queued", None)],
+        [("cancelled", "queued")],
     ]
 
 

@@ -5,11 +5,13 @@
 -- name: enqueue
 -- Insert one job; NULL arguments fall back to the column defaults.  With
 -- depends_on, the schema's trigger sets the status (waiting, queued, cancelled).
+-- The token is ours (the caller made it): a producer may not read it back.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key)
+                          on_dependency_failure, rate_key, token)
 VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
-        %(depends_on)s::bigint[], %(on_dependency_failure)s, %(rate_key)s::text)
+        %(depends_on)s::bigint[], %(on_dependency_failure)s, %(rate_key)s::text,
+        %(token)s::uuid)
 RETURNING id;
 
 -- name: enqueue_deduped
@@ -18,11 +20,11 @@ RETURNING id;
 -- means the holder committed after this statement's snapshot: run it again.
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                              on_dependency_failure, dedupe_key, rate_key)
+                              on_dependency_failure, dedupe_key, rate_key, token)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
             %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
-            %(rate_key)s::text)
+            %(rate_key)s::text, %(token)s::uuid)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
@@ -37,15 +39,17 @@ WHERE NOT EXISTS (SELECT FROM inserted)
 -- Insert many jobs of one task in one statement: the statement-level trigger
 -- sends one notification per queue however many rows.  Identity values are
 -- drawn in ORDINALITY order, so the caller sorts the returned ids into the
--- payloads' order.  Casts are explicit: a NULL parameter has no type here.
+-- payloads' order (and so their tokens').  Casts are explicit: a NULL parameter
+-- has no type here.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key)
+                          on_dependency_failure, rate_key, token)
 SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
        coalesce(%(run_at)s::timestamptz,
                 now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
        %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text,
-       %(rate_key)s::text
-FROM pg_catalog.unnest(%(payloads)s::text[]) WITH ORDINALITY AS p (payload, n)
+       %(rate_key)s::text, p.token
+FROM ROWS FROM (pg_catalog.unnest(%(payloads)s::text[]), pg_catalog.unnest(%(tokens)s::uuid[]))
+     WITH ORDINALITY AS p (payload, token, n)
 ORDER BY p.n
 RETURNING id;
 
@@ -441,8 +445,30 @@ FROM notifyq.dispatcher_status
 ORDER BY state <> 'running', started_at;
 
 -- name: wait_outcomes
--- App.wait: where the awaited jobs stand, by primary key.
+-- App.wait: where the awaited jobs stand, by primary key (needs SELECT on jobs).
 SELECT id, queue, status, result, last_error FROM notifyq.jobs WHERE id = ANY(%(ids)s::bigint[]);
+
+-- name: wait_outcomes_by_token
+-- App.wait of jobs whose tokens we hold: the same, through notifyq.job_status
+-- (a producer role may; a wrong token reads as no job).
+SELECT s.id, s.queue, s.status, s.result, s.last_error
+FROM ROWS FROM (pg_catalog.unnest(%(ids)s::bigint[]), pg_catalog.unnest(%(tokens)s::uuid[]))
+     AS w (id, token)
+CROSS JOIN LATERAL notifyq.job_status(w.id, w.token) AS s;
+
+-- name: job_status
+-- App.status with the job's token: notifyq.job_status.
+SELECT s.id, s.queue, s.task, s.status, s.attempts, s.max_attempts, s.progress,
+       s.progress_message, s.result, s.last_error, s.run_at, s.created_at, s.started_at,
+       s.finished_at
+FROM notifyq.job_status(%(id)s, %(token)s::uuid) AS s;
+
+-- name: job_status_by_id
+-- App.status without a token: the same columns, read from the table (needs SELECT).
+SELECT j.id, j.queue, j.task, j.status, j.attempts, j.max_attempts, j.progress,
+       j.progress_message, j.result, j.last_error, j.run_at, j.created_at, j.started_at,
+       j.finished_at
+FROM notifyq.jobs j WHERE j.id = %(id)s;
 
 -- name: jobs_list
 -- notifyq jobs list: the newest jobs, optionally of one queue, task and status.
@@ -518,6 +544,14 @@ RETURNING queue;
 -- name: clear_queue_limit
 -- notifyq limit QUEUE none: lift a queue's cap.
 DELETE FROM notifyq.queue_limits WHERE queue = %(queue)s RETURNING queue;
+
+-- name: set_events
+-- notifyq events on|off QUEUE: the SQL function.
+SELECT notifyq.set_events(%(queue)s, %(enabled)s);
+
+-- name: queue_events
+-- notifyq events: the queues whose jobs announce their changes on notifyq_events.
+SELECT queue, enabled_at FROM notifyq.queue_events ORDER BY queue;
 
 -- name: metrics_depth
 -- Prometheus scrape: queued jobs per queue, ready and scheduled (jobs_claim_idx only).

@@ -47,14 +47,17 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- The producer enqueues: INSERT of the public columns only, and SELECT of id for
 -- `RETURNING id` (with dedupe_key and status, to find the job holding a key).
 -- It cannot set status, attempts, claimed_by, lease_expires_at, last_error,
--- result or the timestamps, nor read payloads or results.  The identity column
--- needs no grant on its sequence.  The notification triggers fire for it
--- without EXECUTE on their functions; the history trigger runs as the owner.
--- Awaiting results (App.wait) reads them: that is the worker role's right.
+-- result or the timestamps, nor read payloads, results or tokens.  The identity
+-- column needs no grant on its sequence.  The notification triggers fire for it
+-- without EXECUTE on their functions; the history and events triggers run as the
+-- owner.  It may give a job its token (a random UUID it keeps) and read that job,
+-- and only that job, through notifyq.job_status with it (App.status, App.wait):
+-- SELECT on the token column would show it every job's token, so it has none.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
 GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, depends_on,
-    on_dependency_failure, rate_key) ON notifyq.jobs TO {producer};
+    on_dependency_failure, rate_key, token) ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
+GRANT EXECUTE ON FUNCTION notifyq.job_status(bigint, uuid) TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
 -- UPDATE on jobs), its row in the dispatcher registry, the periodic schedules

@@ -26,3 +26,9 @@ def leaf(payload: dict[str, Any]) -> None:
 @app.task(name="secure.echo", max_attempts=5)
 def echo(payload: Any) -> None:
     repr(payload)
+
+
+@app.task(name="secure.double")
+def double(payload: dict[str, Any], ctx: notifyq.JobContext) -> int:
+    ctx.progress(50, "half way")
+    return int(payload["n"]) * 2
