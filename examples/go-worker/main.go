@@ -80,8 +80,7 @@ const (
 	completeSQL  = `SELECT notifyq.complete($1, $2, $3::jsonb, $4)`
 	failSQL      = `SELECT notifyq.fail($1, $2, $3, $4, NULL, $5)`
 	// The protocol has no rescue call of its own: this is the sweep `notifyq serve` runs.
-	rescueSQL = `SELECT count(*) FROM notifyq.rescue_jobs($1, interval '2 seconds',
-	                 interval '5 seconds', $2, 1000) WHERE id IS NOT NULL`
+	rescueSQL = `SELECT notifyq.rescue($1, $2)`
 )
 
 type config struct {

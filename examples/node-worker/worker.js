@@ -26,12 +26,9 @@ const COMPLETE = `
   FROM unnest($2::bigint[], $3::jsonb[], $4::int[]) AS c(id, result, attempt)`;
 const FAIL = "SELECT notifyq.fail($1, $2, $3, $4, make_interval(secs => $5), $6) AS status";
 const PROGRESS = "SELECT notifyq.progress($1, $2, $3, $4, $5::jsonb, $6) AS ok";
-// The protocol has no rescue call of its own: this is the sweep `notifyq serve` runs, so
-// a deployment of SQL workers alone still gets a dead worker's jobs back.
-const RESCUE = `
-  SELECT count(*)::int AS rescued
-  FROM notifyq.rescue_jobs($1, interval '2 seconds', interval '5 seconds', $2, 1000)
-  WHERE id IS NOT NULL`;
+// The sweep `notifyq serve` runs, so a deployment of SQL workers alone still gets a dead
+// worker's jobs back.
+const RESCUE = "SELECT notifyq.rescue($1, $2) AS rescued";
 
 // An error PostgreSQL raised for the statement, not one of the connection's.
 const sqlError = (err) => /^[0-9A-Z]{5}$/.test(err.code ?? "") && !/^(08|57P)/.test(err.code);

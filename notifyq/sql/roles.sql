@@ -99,6 +99,7 @@ GRANT EXECUTE ON FUNCTION
     notifyq.fail(bigint, text, text, boolean, interval, integer),
     notifyq.progress(bigint, text, real, text, jsonb, integer),
     notifyq.hold_session(text),
+    notifyq.rescue(text, boolean),
     notifyq.hand_back(text, bigint[]),
     notifyq.stop_worker(text)
     TO {worker};
