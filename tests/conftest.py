@@ -9,6 +9,7 @@ fresh `CREATE DATABASE ... TEMPLATE` copy, dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -56,7 +57,17 @@ class EmbeddedServer:
         )
 
     def stop(self) -> None:
-        self.server.cleanup()
+        # After restart() the postmaster is one the wheel did not start: stop it by its data
+        # directory first, or the cleanup below deletes files it is still writing.
+        with contextlib.suppress(Exception):
+            self._pg_ctl(
+                ["-w", "-m", "immediate", "stop"],
+                pgdata=self.server.pgdata,
+                user=self.server.system_user,
+                timeout=60,
+            )
+        with contextlib.suppress(OSError):
+            self.server.cleanup()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
