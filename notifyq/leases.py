@@ -153,6 +153,9 @@ class LeaseKeeper:
         next_rescue = clock()  # at start-up: the jobs of a dispatcher that died before us
         next_beat = clock()  # the first heartbeat registers this dispatcher at once
         next_alive = clock()
+        # Sweep often for a lease after start: a dispatcher that died just before (or holds
+        # jobs but has not beaten yet) is not watched by the first sweep.
+        self.poke()
         failures = 0
         while True:
             # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier
@@ -160,22 +163,26 @@ class LeaseKeeper:
             await anyio.sleep(max(0.0, min(next_rescue, next_beat, clock() + FAST_SWEEP) - clock()))
             if time.monotonic() < self._watch_until:
                 next_rescue = min(next_rescue, clock() + FAST_SWEEP)
+            talked = False  # whether this pass reached the database at all
             try:
                 if clock() >= next_beat:
                     await self.renew()
                     next_beat = clock() + self._heartbeat
+                    talked = True
                 if clock() >= next_alive and self._ledger and self._loop_alive(warn=False):
                     await self._store.alive(self._claimant)
                     next_alive = clock() + ALIVE_BEAT
+                    talked = True
                 if clock() >= next_rescue:
                     watched = await self.rescue(trust_sessions=clock() >= self._trust_sessions_at)
                     interval = FAST_SWEEP if watched else self._rescue_interval
                     # Jitter spreads many dispatchers' rescues apart.
                     next_rescue = clock() + interval * random.uniform(0.8, 1.2)
-                if failures:
+                    talked = True
+                if failures and talked:
                     # Back after an outage others may have had too: give them time.
                     self._trust_sessions_at = clock() + RESTART_GRACE
-                failures = 0
+                    failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
                 # Until the connection is back (and RESTART_GRACE after): other
