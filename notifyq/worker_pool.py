@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from . import codec, failpoints
-from .errors import ConfigurationError, PayloadError, ResultError
+from .errors import PayloadError, ResultError
 from .job import Job, JobContext, Reporter
 from .ledger import Attempt
 from .registry import Registry, Task
@@ -63,8 +63,7 @@ class WorkerPool:
         on_finished: Callable[[Finished], None],
         reporter: Reporter | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
+        # `concurrency` comes from Settings, which checked it (settings.py).
         self._registry = registry
         self._concurrency = concurrency
         self._on_finished = on_finished
