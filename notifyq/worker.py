@@ -181,6 +181,13 @@ class Worker:
 
     async def run(self, *, handle_signals: bool = False) -> None:
         s = self.settings
+        exporter = None
+        if self.metrics is not None:
+            from .metrics import Exporter
+
+            # Before "serving" is logged: a port already taken fails the start, not later.
+            exporter = Exporter(self.metrics, s.metrics_port or 0, s.metrics_host)
+            exporter.start()
         log.info(
             "serving queues=%s concurrency=%d claimant=%s poll=%ss lease=%ss listen=%s",
             ",".join(self.queues),
@@ -190,12 +197,6 @@ class Worker:
             s.lease,
             s.listen,
         )
-        exporter = None
-        if self.metrics is not None:
-            from .metrics import Exporter
-
-            exporter = Exporter(self.metrics, self.settings.metrics_port or 0)
-            exporter.start()
         self.leases.start()
         try:
             async with anyio.create_task_group() as background:
