@@ -187,7 +187,7 @@ class Worker:
             complete_store,
             self.claimant,
             self.held,
-            self._written,
+            self.dispatcher.outcomes_written,
             last_report=self.reports.take,
         )
         # Shares the claim connection: a read per instant (or per minute) and a write per
@@ -237,9 +237,6 @@ class Worker:
     def _finished(self, finished: Finished) -> None:
         self.dispatcher.slot_freed()
         self.completer.submit(finished)
-
-    def _written(self) -> None:
-        self.dispatcher.outcomes_written()
 
     async def run(self, *, handle_signals: bool = False) -> None:
         s = self.settings
