@@ -63,7 +63,7 @@ class Figures:
     fenced: int  # outcomes dropped: the job was no longer ours
     rescued: int  # jobs this process rescued from dead dispatchers
     lock_waits: int  # statements that gave up on a lock, outcomes found locked
-    running: int  # attempts in a worker slot now
+    running: int  # attempts handed to the worker pool whose handler is not done
     heartbeat: float  # seconds between two lease renewals
     beat_age: float | None  # seconds since the last heartbeat was written (None: none yet)
     listening: bool  # the listener is connected, or the dispatcher is not to listen

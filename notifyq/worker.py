@@ -301,7 +301,7 @@ class Worker:
             fenced=self.completer.fenced,
             rescued=self.leases.rescued,
             lock_waits=self.lock_waits,
-            running=self.pool.running,
+            running=self.held.running,
             heartbeat=self.leases.heartbeat,
             beat_age=None if beat is None else time.monotonic() - beat,
             listening=self.listening.is_set() or not self.settings.listen,

@@ -87,7 +87,7 @@ class WorkerPool:
         # Attempts in a slot now, by (job id, attempt): a job rescued from under a stalled
         # attempt can be claimed again by this pool while that attempt still runs.
         # Each maps to its session's scope, and a sync handler's event: what `cancel`
-        # needs (the ledger counts them; this is no count).
+        # needs to reach them (the ledger is what counts them).
         self._running: dict[Attempt, tuple[anyio.CancelScope, threading.Event | None]] = {}
         self._cancelled: set[Attempt] = set()  # attempts of jobs cancelled while they ran
         self._idle = anyio.Event()
@@ -95,9 +95,9 @@ class WorkerPool:
 
     @property
     def running(self) -> int:
-        """Attempts in a slot now (the ledger's `running` also counts those submitted and
-        not started yet, a moment while a slot takes them)."""
-        return len(self._running)
+        """Attempts submitted and not reported yet (the ledger's count): in a slot, or for
+        a moment waiting for one, as the dispatcher claims no more than the free slots."""
+        return self._ledger.running
 
     def submit(self, job: Job) -> None:
         """Queue a claimed job; the dispatcher never claims more than there are free slots.
