@@ -31,7 +31,6 @@ from notifyq.errors import (
 )
 from tests.conftest import query, serve_process, statuses, wait_until
 from tests.test_cli import notifyq as notifyq_process
-from tests.test_schema import V1_SCHEMA
 
 SECRET = "s3cret-XYZ"
 
@@ -412,7 +411,6 @@ def test_migration_lets_existing_producers_give_and_use_tokens(empty_dsn: str) -
     """A producer role that `notifyq roles` made before version 11 may insert a token
     (which Python now always sends) and call job_status once the database is migrated."""
     with psycopg.connect(empty_dsn) as conn:
-        conn.execute(V1_SCHEMA.read_bytes())
         for version, script in store.migration_scripts():
             if version <= 10:
                 store.apply_script(conn, version, script)
