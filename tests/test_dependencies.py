@@ -18,7 +18,7 @@ from notifyq.completion import Completer
 from notifyq.ledger import Ledger
 from notifyq.worker_pool import Finished
 from tests.conftest import query, statuses, wait_until
-from tests.test_dispatch import eventually, serving
+from tests.helpers import eventually, serving
 
 
 def insert(dsn: str, task: str = "t", depends_on: list[int] | None = None, **columns: Any) -> int:

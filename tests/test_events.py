@@ -18,8 +18,8 @@ import pytest
 import notifyq
 from notifyq import JobContext
 from tests.conftest import query, serve_process, statuses, wait_until
+from tests.helpers import eventually, serving
 from tests.test_cli import notifyq as notifyq_cli
-from tests.test_dispatch import eventually, serving
 
 EVENTS = "notifyq_events"
 PUBLIC = ("notifyq_jobs", "notifyq_status", "notifyq_progress", EVENTS)

@@ -16,7 +16,7 @@ from notifyq import JobContext, OperationRefused, watch
 from notifyq.progress import Reports
 from notifyq.store import Store
 from tests.conftest import query, statuses
-from tests.test_dispatch import eventually, serving
+from tests.helpers import eventually, serving
 
 pytestmark = pytest.mark.anyio
 
