@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import psycopg
+from psycopg import sql
 
 import notifyq
 from notifyq import Settings
@@ -43,3 +45,9 @@ async def eventually(condition: Any, within: float = 20.0) -> Any:
             if value:
                 return value
             await anyio.sleep(0.02)
+
+
+def listen_on(conn: psycopg.Connection[Any], *names: str) -> None:
+    """LISTEN on each channel (named by notifyq.channels) on the caller's connection."""
+    for name in names:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))

@@ -13,7 +13,16 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import Backoff, DoNotRetry, JobContext, LockTimeout, PayloadError, Settings, store
+from notifyq import (
+    Backoff,
+    DoNotRetry,
+    JobContext,
+    LockTimeout,
+    PayloadError,
+    Settings,
+    channels,
+    store,
+)
 from tests.conftest import query, statuses
 from tests.helpers import eventually, serving
 
@@ -964,7 +973,7 @@ async def test_a_flood_of_forged_notifications_causes_a_bounded_claim_rate(dsn: 
         nonlocal sent
         with psycopg.connect(dsn, autocommit=True) as conn:
             while not stop.is_set():
-                conn.execute("SELECT pg_notify('notifyq_jobs', 'default')")
+                conn.execute("SELECT pg_notify(%s, 'default')", (channels.JOBS,))
                 sent += 1
 
     async with serving(app, dsn, poll_interval=3600) as worker:

@@ -11,8 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from notifyq import SchemaMissing, migrate, store
+from notifyq import SchemaMissing, channels, migrate, store
 from tests.conftest import REPO, query
+from tests.helpers import listen_on
 
 
 def insert(dsn: str, columns: str, values: str) -> None:
@@ -101,7 +102,7 @@ def test_largest_allowed_payload_and_edge_values_are_accepted(dsn: str) -> None:
 
 def listen(dsn: str, channel: str) -> psycopg.Connection[Any]:
     conn = psycopg.connect(dsn, autocommit=True)
-    conn.execute(f"LISTEN {channel}".encode())
+    listen_on(conn, channel)
     return conn
 
 
@@ -116,8 +117,19 @@ def drain(conn: psycopg.Connection[Any], expect: int = 0) -> list[str]:
     return got
 
 
+def test_channel_names_are_the_documented_contract() -> None:
+    """The one place tests spell the channels: other languages LISTEN on these names."""
+    assert (channels.JOBS, channels.STATUS, channels.PROGRESS, channels.EVENTS) == (
+        "notifyq_jobs",
+        "notifyq_status",
+        "notifyq_progress",
+        "notifyq_events",
+    )
+    assert channels.INTERNAL == "notifyq_internal"
+
+
 def test_insert_trigger_notifies_once_per_statement_per_queue(dsn: str) -> None:
-    with listen(dsn, "notifyq_jobs") as listener:
+    with listen(dsn, channels.JOBS) as listener:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO notifyq.jobs (task, queue)"
@@ -129,7 +141,7 @@ def test_insert_trigger_notifies_once_per_statement_per_queue(dsn: str) -> None:
 
 def test_status_change_notifies_and_requeue_wakes_dispatchers(dsn: str) -> None:
     insert(dsn, "task, queue, status, finished_at", "'t', 'q', 'dead', now()")
-    with listen(dsn, "notifyq_status") as status, listen(dsn, "notifyq_jobs") as jobs:
+    with listen(dsn, channels.STATUS) as status, listen(dsn, channels.JOBS) as jobs:
         query(dsn, "UPDATE notifyq.jobs SET status = 'queued', finished_at = NULL")
         assert drain(status, expect=1) == ['{"queue" : "q", "status" : "queued"}']
         assert drain(jobs, expect=1) == ["q"]
@@ -140,7 +152,7 @@ def test_status_change_notifies_and_requeue_wakes_dispatchers(dsn: str) -> None:
 
 
 def test_no_notification_for_a_rolled_back_insert(dsn: str) -> None:
-    with listen(dsn, "notifyq_jobs") as listener:
+    with listen(dsn, channels.JOBS) as listener:
         with psycopg.connect(dsn) as conn:
             conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('t')")
             conn.rollback()
@@ -231,7 +243,7 @@ def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
 
 def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: str) -> None:
     insert(dsn, "task, queue, run_at", "'t', 'a', now() + interval '1 hour'")
-    with listen(dsn, "notifyq_jobs") as jobs:
+    with listen(dsn, channels.JOBS) as jobs:
         query(dsn, "UPDATE notifyq.jobs SET run_at = now()")
         assert drain(jobs, expect=1) == ["a"]
         query(dsn, "UPDATE notifyq.jobs SET queue = 'b'")
