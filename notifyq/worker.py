@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from . import embedded, failpoints, listener, retention, store
+from . import channels, embedded, failpoints, listener, retention, store
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import ConfigurationError, DatabaseUnavailable
@@ -423,7 +423,7 @@ class Worker:
 
     async def _send_probe(self, payload: str) -> None:
         try:
-            await self._stores[0].notify(listener.INTERNAL_CHANNEL, payload)
+            await self._stores[0].notify(channels.INTERNAL, payload)
         except DatabaseUnavailable as exc:
             log.warning("could not send the listener's probe notification (%s)", exc)
 
