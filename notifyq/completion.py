@@ -153,7 +153,7 @@ class Completer:
         self.written = 0
         self.fenced = 0
         self.lock_waits = 0  # outcomes whose rows were found locked (each counted once)
-        self.decided: Counter[str] = Counter()  # outcomes settled, by status: the summaries
+        self.decided: Counter[str] = Counter()  # settled (or cancelled), by status: summaries
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Tell `subscriber` of every outcome from now on (see Subscriber)."""
