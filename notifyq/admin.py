@@ -18,9 +18,11 @@ import psycopg
 
 from . import store
 from .errors import ConfigurationError
+from .job import JobState
 
-FINISHED = ("succeeded", "dead", "cancelled")
-STATUSES = ("waiting", "queued", "running", *FINISHED)
+# Plain strings, not the members: click.Choice offers an Enum's name (SUCCEEDED), not its value.
+FINISHED = (JobState.SUCCEEDED.value, JobState.DEAD.value, JobState.CANCELLED.value)
+STATUSES = (JobState.WAITING.value, JobState.QUEUED.value, JobState.RUNNING.value, *FINISHED)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -57,7 +59,11 @@ def cancel_job(dsn: str, job_id: int) -> str:
     return str(_one(dsn, "cancel_job", {"id": job_id}))
 
 
-def purge(dsn: str, older_than: float, statuses: Sequence[str] = ("succeeded", "cancelled")) -> int:
+def purge(
+    dsn: str,
+    older_than: float,
+    statuses: Sequence[str] = (JobState.SUCCEEDED, JobState.CANCELLED),
+) -> int:
     return int(_one(dsn, "purge", {"seconds": older_than, "statuses": list(statuses)}))
 
 

@@ -506,7 +506,10 @@ class App:
         return migrate.migrate(resolve_dsn(self.dsn))[1]
 
     def worker(self, settings: Settings | None = None, *, dsn: str | None = None) -> Worker:
-        return Worker(self, settings or Settings(), resolve_dsn(dsn or self.dsn))
+        """The dispatcher that serves this app's tasks and schedules (`serve` runs one)."""
+        return Worker(
+            self.registry, self.schedules, settings or Settings(), resolve_dsn(dsn or self.dsn)
+        )
 
     def serve(self, settings: Settings | None = None, *, dsn: str | None = None) -> int:
         """Run a dispatcher in this thread until SIGTERM/SIGINT, or until a one-shot

@@ -29,14 +29,13 @@ from typing import Any
 
 import anyio
 
-from . import codec
+from . import channels, codec
 from .errors import DatabaseUnavailable, JobFailed, OperationRefused
 from .retry import reconnect_delay
 from .store import Listener, Note
 
 log = logging.getLogger("notifyq.results")
 
-STATUS_CHANNEL = "notifyq_status"
 FINAL = frozenset({"succeeded", "dead", "cancelled"})
 QUIET_PING = 30.0  # seconds between pings of an otherwise silent listener
 
@@ -74,7 +73,7 @@ class Waiters:
     """Every `App.wait` of one event loop, served by one LISTEN connection."""
 
     def __init__(self, dsn: str, read: Read) -> None:
-        self._listener = Listener(dsn, STATUS_CHANNEL)
+        self._listener = Listener(dsn, channels.STATUS)
         self._read = read
         self._futures: dict[int, list[asyncio.Future[Row | None]]] = {}
         self._queues: dict[int, str] = {}  # awaited job -> its queue, once read

@@ -62,11 +62,6 @@ def _load_queries() -> dict[str, LiteralString]:
 QUERIES = _load_queries()
 
 
-def schema_sql() -> LiteralString:
-    """The canonical schema (the repository's schema.sql, shipped in the package)."""
-    return resources.files("notifyq").joinpath("sql/schema.sql").read_text()
-
-
 def roles_script(producer: str, worker: str) -> sql.Composed:
     """sql/roles.sql with the role names filled in, quoted by psycopg."""
     text: LiteralString = resources.files("notifyq").joinpath("sql/roles.sql").read_text()
@@ -85,7 +80,7 @@ def apply_roles(conn: psycopg.Connection[Any], script: sql.Composed) -> None:
 
 
 def migration_scripts() -> list[tuple[int, LiteralString]]:
-    """Numbered migrations after version 1, in order: (version, script)."""
+    """Every numbered migration, from 0001_initial.sql on, in order: (version, script)."""
     folder = resources.files("notifyq").joinpath("sql/migrations")
     found = []
     for entry in folder.iterdir():

@@ -40,12 +40,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from . import store
+from . import channels, store
 from .errors import DatabaseUnavailable
 from .retry import reconnect_delay
 
-CHANNEL = "notifyq_status"
-PROGRESS_CHANNEL = "notifyq_progress"  # handlers' progress reports (ctx.progress)
 MAX_REFRESHES = 3.0  # per second, however many notifications arrive
 HISTORY = 300.0  # seconds of throughput and backlog samples kept
 SPARK_BUCKETS = 10  # the sparkline: 10 buckets of 30 s, the last 5 minutes
@@ -445,7 +443,7 @@ async def follow(
 ) -> None:
     """Refresh on notifications (coalesced) and every `interval`; never returns."""
     st = store.Store(dsn, "watch")
-    listener = store.Listener(dsn, CHANNEL, PROGRESS_CHANNEL)
+    listener = store.Listener(dsn, channels.STATUS, channels.PROGRESS)
     model = Model(st, queues, max_age=max_age)
     failures = 0
     clock = anyio.current_time
