@@ -170,9 +170,9 @@ class Metrics:
             with self._conn_lock:
                 if self._conn is None or self._conn.closed:
                     self._conn = store.connect_sync(self._dsn)
-                depth = store.rows(self._conn, "metrics_depth", {})
-                unserved = store.records(self._conn, "unserved_jobs", {"queues": None})
-                waits = store.rows(self._conn, "metrics_waits", {"ids": ids}) if ids else []
+                depth = store.monitoring.queue_depth(self._conn)
+                unserved = store.monitoring.unserved_jobs(self._conn)
+                waits = store.monitoring.start_waits(self._conn, ids)
         except NotifyqError as exc:
             log.warning("metrics: could not query the database (%s)", exc)
             self.close()
@@ -180,14 +180,14 @@ class Metrics:
             return
         self._up.set(1)
         self._depth.clear()
-        for queue, ready, scheduled in depth:
-            self._depth.labels(queue, "ready").set(ready)
-            self._depth.labels(queue, "scheduled").set(scheduled)
+        for d in depth:
+            self._depth.labels(d.queue, "ready").set(d.ready)
+            self._depth.labels(d.queue, "scheduled").set(d.scheduled)
         self._unserved.clear()
-        for row in unserved:
-            self._unserved.labels(row["queue"], row["task"]).set(row["jobs"])
-        for queue, task, wait in waits:
-            self._wait.labels(queue, task).observe(wait)
+        for u in unserved:
+            self._unserved.labels(u.queue, u.task).set(u.jobs)
+        for w in waits:
+            self._wait.labels(w.queue, w.task).observe(w.wait)
 
     def close(self) -> None:
         with self._conn_lock:

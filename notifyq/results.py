@@ -31,15 +31,16 @@ import anyio
 
 from . import channels, codec
 from .errors import DatabaseUnavailable, JobFailed, OperationRefused
+from .job import FINISHED, JobState
 from .retry import reconnect_delay
-from .store import Listener, Note
+from .store import JobOutcome, Listener, Note
 
 log = logging.getLogger("notifyq.results")
 
-FINAL = frozenset({"succeeded", "dead", "cancelled"})
+FINAL = FINISHED
 QUIET_PING = 30.0  # seconds between pings of an otherwise silent listener
 
-Row = tuple[int, str, str, Any, str | None]  # id, queue, status, result, last_error
+Row = JobOutcome  # where an awaited job stands, by column name
 Read = Callable[[dict[int, uuid.UUID | None]], Awaitable[list[Row]]]  # job id -> its token
 
 
@@ -50,10 +51,9 @@ def outcome(job_id: int, row: Row | None, token: uuid.UUID | None = None) -> Any
             f"no job with id {job_id} (never enqueued, or purged since it finished"
             + (", or the token is not this job's)" if token is not None else ")")
         )
-    _, _, status, result, error = row
-    if status == "succeeded":
-        return result
-    raise JobFailed(job_id, status, error)
+    if row.status == JobState.SUCCEEDED:
+        return row.result
+    raise JobFailed(job_id, row.status, row.last_error)
 
 
 def finished_queues(notes: list[Note]) -> set[str]:
@@ -163,11 +163,11 @@ class Waiters:
         if not job_ids:
             return
         jobs = {job_id: self._tokens.get(job_id) for job_id in job_ids}
-        rows = {row[0]: row for row in await self._read(jobs)}
+        rows = {row.id: row for row in await self._read(jobs)}
         for job_id in job_ids:
             row = rows.get(job_id)
-            if row is not None and row[2] not in FINAL:
-                self._queues[job_id] = row[1]
+            if row is not None and row.status not in FINAL:
+                self._queues[job_id] = row.queue
                 continue
             for future in self._futures.get(job_id, []):
                 if not future.done():
