@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import click
@@ -83,10 +82,13 @@ def cap(queue: str | None, max_running: int | str | None, dsn: str | None) -> No
 
 
 # The older name, kept working for scripts (public contract); `cap` is the documented one.
-limit = copy.copy(cap)
-limit.name = "limit"
-limit.help = "Same as `notifyq cap` (its older name).\n\n" + (cap.help or "")
-limit.short_help = "Same as `notifyq cap` (its older name)."
+limit = NegativeNumbersAreArguments(
+    name="limit",
+    callback=cap.callback,
+    params=cap.params,
+    help="Same as `notifyq cap` (its older name).\n\n" + (cap.help or ""),
+    short_help="Same as `notifyq cap` (its older name).",
+)
 
 
 @click.command(name="events")
