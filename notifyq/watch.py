@@ -131,6 +131,30 @@ class RunningRow:
 
 @dataclass(slots=True)
 class Snapshot:
+    """One refresh, as `watch --json` prints it (an object per line; `stats --json` prints
+    its `queues` and `unserved`).  Every table heading on screen is the key of the value
+    it shows.  Times are seconds; `null` where there is nothing to measure.
+
+    - at (Unix time), connected, problem (why the database is unreachable), refreshes,
+      queries_per_second (this watch's, since it started)
+    - queues: queue, ready (queued and due), scheduled (queued for later), running,
+      succeeded_1m, failed_1m (jobs whose last attempt failed in the last minute: waiting
+      for a retry, or dead), dead, rate (jobs finished per second over the last 10 s; the
+      table adds "/s"), p50 and p95 (enqueue-to-start wait of the last minute's starts),
+      oldest_ready (how long the oldest ready job has waited), trend (the highest rate in
+      each 30 s of the last 5 minutes, oldest first, null before watch started), alerts
+      (any of dead, oldest, failed, growing)
+    - dispatchers: claimant (its name on screen and in jobs.claimed_by), host, pid, queues,
+      concurrency, running (its jobs running now, from the jobs table; the table shows
+      running/concurrency), state (running, stopped, lost), up (since it started), silent
+      (since its last heartbeat), kind (serve, or sql for a SQL worker)
+    - running (longest first): id, queue, task, attempt, claimant, running_for, progress
+      (percent, as the handler last reported), message
+    - failures (newest first): id, queue, task, attempt, status (queued: waiting for a
+      retry; dead), error (its first line), age (since that attempt started)
+    - unserved: queue, task, jobs, oldest, queue_served, more (see UnservedRow)
+    """
+
     at: float
     connected: bool = True
     problem: str | None = None  # why the database is unreachable
@@ -384,8 +408,11 @@ def _layout(columns: Sequence[Column[Any]], cells: list[list[Text]], width: int)
     return widths
 
 
-def _table(columns: Sequence[Column[R]], rows: Sequence[R], width: int) -> Table:
+def _table(columns: Sequence[Column[R]], rows: Sequence[R], width: int, empty: str = "") -> Table:
+    """`rows` as a table at most `width` wide; `empty`: what its one row says without rows."""
     cells = [[c.cell(row) for c in columns] for row in rows]
+    if not rows and empty:
+        cells = [[Text(empty, style="dim")] + [Text("") for _ in columns[1:]]]
     widths = _layout(columns, cells, width)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False)
     for c, w in zip(columns, widths, strict=True):
@@ -397,22 +424,12 @@ def _table(columns: Sequence[Column[R]], rows: Sequence[R], width: int) -> Table
     return table
 
 
-def _placeholder(table: Table, text: str) -> None:
-    table.add_row(Text(text, style="dim"), *([""] * (len(table.columns) - 1)))
-
-
 def queue_table(snap: Snapshot, width: int, limit: int | None = None) -> Table:
-    table = _table(QUEUE_COLUMNS, snap.queues[:limit], width)
-    if not snap.queues:
-        _placeholder(table, "no jobs yet")
-    return table
+    return _table(QUEUE_COLUMNS, snap.queues[:limit], width, "no jobs yet")
 
 
 def dispatcher_table(snap: Snapshot, width: int, limit: int | None = None) -> Table:
-    table = _table(DISPATCHER_COLUMNS, snap.dispatchers[:limit], width)
-    if not snap.dispatchers:
-        _placeholder(table, "none registered")
-    return table
+    return _table(DISPATCHER_COLUMNS, snap.dispatchers[:limit], width, "none registered")
 
 
 def failure_table(snap: Snapshot, width: int, limit: int | None = None) -> Table:
@@ -498,10 +515,10 @@ class _Section:
 
 def _allot(sections: list[_Section], height: int | None) -> None:
     """How many rows of each section fit in `height` lines.  `sections` come most
-    important first.  A section cut short costs a line saying how many rows are not
-    shown; sections left out share one line that names them.  Each section first gets
-    one row, in order (the first always); then the first two (the queues and the notes
-    below them) take what they need, and the rest share what is left, a row each in turn."""
+    important first: the queue table (always shown) and the alerts below it take what
+    they need; then each other section gets a row, in order, and they share what is left,
+    a row each in turn.  A section cut short costs a line saying how many rows are not
+    shown; the sections left out share one line that names them."""
     if height is None:
         for s in sections:
             s.shown = s.rows
@@ -518,17 +535,13 @@ def _allot(sections: list[_Section], height: int | None) -> None:
             return False
         return True
 
-    for i, s in enumerate(sections):
-        if s.rows and not grow(s) and i == 0:
-            s.shown = 1  # the queue table shows, whatever the terminal's size
-    # The line naming the left-out sections was not counted while the ones above it fit.
-    for s in reversed(sections[1:]):
-        if lines() <= height:
-            break
-        s.shown = 0
+    sections[0].shown = 1  # the queue table, whatever the terminal's size
     for s in sections[:2]:
-        while 0 < s.shown < s.rows and grow(s):
+        while s.shown < s.rows and grow(s):
             pass
+    for s in sections[2:]:
+        if s.rows:
+            grow(s)
     grew = True
     while grew:
         grew = False
@@ -600,7 +613,7 @@ def render(
     left_out = [s.name for s in sections if s.rows and not s.shown]
     if left_out:
         parts.append(
-            _line(f"left out, the terminal is too small: {', '.join(left_out)}", MORE_STYLE)
+            _line(f"not shown: {', '.join(left_out)}", MORE_STYLE)
         )
     return Group(*parts)
 
