@@ -612,9 +612,7 @@ def render(
             )
     left_out = [s.name for s in sections if s.rows and not s.shown]
     if left_out:
-        parts.append(
-            _line(f"not shown: {', '.join(left_out)}", MORE_STYLE)
-        )
+        parts.append(_line(f"not shown: {', '.join(left_out)}", MORE_STYLE))
     return Group(*parts)
 
 
