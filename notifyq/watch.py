@@ -640,7 +640,9 @@ class LiveView:
         if self._size is not None and self._size != (width, height):
             self._console.clear()  # Live's next cursor moves start from the top: a no-op
         self._size = (width, height)
-        self._live.update(render(snap, width, height), refresh=True)
+        # The last line stays free: with a frame as tall as the terminal, whatever the
+        # terminal echoes after it (the ^C that ends watch) scrolls the screen by a line.
+        self._live.update(render(snap, width, height - 1), refresh=True)
 
     def redraw(self) -> None:
         """The last snapshot again, at the terminal's current size (on SIGWINCH)."""
