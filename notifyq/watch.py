@@ -491,10 +491,7 @@ def empty_queue_lines(snap: Snapshot) -> list[Text]:
     rather than a row of silent zeros."""
     served = {q for d in snap.dispatchers if d.state == "running" for q in d.queues}
     return [
-        _line(
-            f"queue {q.queue!r} has no jobs and no dispatcher serving it (a misspelt --queue?)",
-            "yellow",
-        )
+        Text(f"queue {q.queue!r} has no jobs and no dispatcher serving it", style="yellow")
         for q in snap.queues
         if q.queue not in served
         and not (q.ready or q.scheduled or q.running or q.succeeded_1m or q.failed_1m or q.dead)
