@@ -22,8 +22,14 @@ View: rich renderables; red for trouble (dead jobs appeared since watch
 started, the oldest ready job older than `max_age`, a lost dispatcher, ready
 jobs no dispatcher would claim), yellow for a backlog growing over the last
 30 s and failures in the last minute.
-Columns are dropped, least useful first, when the terminal is narrower than
-they need.
+Every heading is the `--json` key of what its column shows (see Snapshot).  A
+table is laid out here, not by rich: when the terminal is narrower than it needs,
+the columns that may shrink (the error, the task, the progress) are cut with "…"
+first, then the least useful columns are dropped; the job id and the attempt are
+never squeezed.  A dispatcher has one name, its claimant, in every table.  In the
+live view the frame fits the terminal's height: rows are cut from the lower
+sections first and the screen says how many rows, or which sections, it left out;
+a resize clears the screen and draws the last snapshot again at once.
 """
 
 from __future__ import annotations
