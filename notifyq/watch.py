@@ -302,6 +302,7 @@ class Column(Generic[R]):
     keep: int  # higher stays longer when the terminal is narrow
     right: bool = False  # right-justified (numbers)
     shrink: int = 0  # 0: never narrower than its content; else it may shrink to this, cut "…"
+    extra: bool = False  # dropped before any column is cut
 
 
 def _num(value: int, style: str = "") -> Text:
@@ -373,10 +374,11 @@ FAILURE_COLUMNS: list[Column[FailureRow]] = [
         "status",
         lambda f: Text(f.status, style="red" if f.status == JobState.DEAD else "yellow"),
         50,
+        extra=True,  # its colour says it too
     ),
     Column("task", lambda f: Text(f.task), 80, shrink=8),
     Column("attempt", lambda f: Text(str(f.attempt)), 95, True),
-    Column("age", lambda f: Text(duration(f.age)), 40, True),
+    Column("age", lambda f: Text(duration(f.age)), 40, True, extra=True),
     Column(
         "error",
         lambda f: Text(f.error, style="red" if f.status == JobState.DEAD else "yellow"),
@@ -387,9 +389,10 @@ FAILURE_COLUMNS: list[Column[FailureRow]] = [
 
 
 def _layout(columns: Sequence[Column[Any]], cells: list[list[Text]], width: int) -> list[int]:
-    """The width of each column, 0 for a dropped one.  Columns that may shrink give up
-    their cells first, the widest first, down to their `shrink`; then the least useful
-    columns are dropped until the rest fit.  The result never exceeds `width`, so rich
+    """The width of each column, 0 for a dropped one.  The extra columns go first, the
+    least useful first; then the columns that may shrink give up cells, the widest
+    first, down to their `shrink`; then the least useful columns are dropped until the
+    rest fit.  The result never exceeds `width`, so rich
     never squeezes a column on its own (it would take cells from the job id)."""
     natural = [
         max([len(c.header)] + [row[i].cell_len for row in cells]) for i, c in enumerate(columns)
@@ -403,6 +406,8 @@ def _layout(columns: Sequence[Column[Any]], cells: list[list[Text]], width: int)
     def need(widths: list[int]) -> int:
         return sum(widths[i] for i in shown) + GAP * (len(shown) - 1)
 
+    while need(natural) > width and any(columns[i].extra for i in shown):
+        shown.remove(min((i for i in shown if columns[i].extra), key=lambda i: columns[i].keep))
     while len(shown) > 1 and need(least) > width:
         shown.remove(min(shown, key=lambda i: columns[i].keep))
     widths = [natural[i] if i in shown else 0 for i in range(len(columns))]
