@@ -389,11 +389,11 @@ FAILURE_COLUMNS: list[Column[FailureRow]] = [
 
 
 def _layout(columns: Sequence[Column[Any]], cells: list[list[Text]], width: int) -> list[int]:
-    """The width of each column, 0 for a dropped one.  The extra columns go first, the
-    least useful first; then the columns that may shrink give up cells, the widest
-    first, down to their `shrink`; then the least useful columns are dropped until the
-    rest fit.  The result never exceeds `width`, so rich
-    never squeezes a column on its own (it would take cells from the job id)."""
+    """The width of each column, 0 for a dropped one.  While the table is too wide, the
+    extra columns go, the least useful first; then the least useful columns go until the
+    rest fit with the shrinkable ones at their `shrink`; then the shrinkable columns give
+    up cells, the widest first.  The result fits `width` (unless one column alone does
+    not), so rich never squeezes a column itself: it would take cells from the job id."""
     natural = [
         max([len(c.header)] + [row[i].cell_len for row in cells]) for i, c in enumerate(columns)
     ]
