@@ -1,12 +1,13 @@
--- notifyq schema, version 11.
+-- notifyq schema: the newest version, whole, to read.
 --
--- This file is the one canonical schema. `notifyq migrate` applies it (in one
--- transaction, under an advisory lock, recording the version); by hand it is
+-- `notifyq migrate` builds exactly this from the numbered migrations in
+-- notifyq/sql/migrations/ (0001_initial.sql, then each later one in order,
+-- in one transaction under an advisory lock, recording each version); a test
+-- proves the two equal.  By hand, this file does the same in one go:
 --
 --     psql -1 -v ON_ERROR_STOP=1 -f schema.sql "$DSN"
 --
 -- Every statement is idempotent, so applying it twice changes nothing.
--- Later schema changes are numbered migrations in notifyq/sql/migrations/.
 --
 -- The public contract (what other languages may rely on) is: the table
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,

@@ -34,10 +34,11 @@ from typing import Any
 
 import anyio
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import notifyq
-from notifyq import Settings, migrate
+from notifyq import Settings, channels, migrate
 
 NAME = "notifyq_events_cost"
 STATES = ("none", "off", "on")
@@ -150,7 +151,7 @@ class Follower:
         self.events = 0
         self._stop = threading.Event()
         self._conn = psycopg.connect(dsn, autocommit=True)
-        self._conn.execute("LISTEN notifyq_events")
+        self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channels.EVENTS)))
         self._thread = threading.Thread(target=self._consume, daemon=True)
         self._thread.start()
 

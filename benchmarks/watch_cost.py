@@ -19,6 +19,8 @@ import time
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from notifyq import channels
+
 NAME = "notifyq_watch_cost"
 WINDOW = 20.0
 
@@ -46,7 +48,7 @@ def window(admin: str, dsn: str, rate: float) -> tuple[float, int, int]:
     with psycopg.connect(dsn, autocommit=True) as stream:
         while (elapsed := time.monotonic() - start) < WINDOW:
             if rate:
-                stream.execute("SELECT pg_notify('notifyq_status', 'benchmark')")
+                stream.execute("SELECT pg_notify(%s, 'benchmark')", (channels.STATUS,))
                 sent += 1
                 time.sleep(max(0.0, sent / rate - elapsed))
             else:

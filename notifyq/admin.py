@@ -2,25 +2,33 @@
 
 Each admin action is a SQL function in schema.sql (notifyq.retry_job,
 retry_dead, cancel_job, purge), so any language can do the same; this module
-only calls them, through the named queries in sql/queries.sql.  A refusal
-(unknown id, wrong state) arrives as OperationRefused with the function's
-message and hint.
+opens a connection and calls them through the store (store/operations.py).  A
+refusal (unknown id, wrong state) arrives as OperationRefused with the
+function's message and hint.
+
+Listings come back as dicts by column name, in the query's column order (what
+the CLI prints and dumps as JSON); the store's typed rows say what each holds.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any, TypeVar
 
 import psycopg
 
 from . import store
 from .errors import ConfigurationError
+from .job import JobState
 
-FINISHED = ("succeeded", "dead", "cancelled")
-STATUSES = ("waiting", "queued", "running", *FINISHED)
+# Plain strings, not the members: click.Choice offers an Enum's name (SUCCEEDED), not its value.
+FINISHED = (JobState.SUCCEEDED.value, JobState.DEAD.value, JobState.CANCELLED.value)
+STATUSES = (JobState.WAITING.value, JobState.QUEUED.value, JobState.RUNNING.value, *FINISHED)
+
+T = TypeVar("T")
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -32,68 +40,67 @@ def parse_age(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-@contextmanager
-def _connection(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+def _on(dsn: str, call: Callable[[psycopg.Connection[Any]], T]) -> T:
+    """`call` on a connection of its own, closed after."""
     with store.connect_sync(dsn) as conn:
-        yield conn
-
-
-def _one(dsn: str, name: str, params: dict[str, Any]) -> Any:
-    with _connection(dsn) as conn:
-        return store.rows(conn, name, params)[0][0]
+        return call(conn)
 
 
 def retry_job(dsn: str, job_id: int) -> str:
     """Run the job again now; returns the status it had."""
-    return str(_one(dsn, "retry_job", {"id": job_id}))
+    return _on(dsn, lambda conn: store.operations.retry_job(conn, job_id))
 
 
 def retry_dead(dsn: str, queue: str | None = None, task: str | None = None) -> int:
-    return int(_one(dsn, "retry_dead", {"queue": queue, "task": task}))
+    return _on(dsn, lambda conn: store.operations.retry_dead(conn, queue, task))
 
 
 def cancel_job(dsn: str, job_id: int) -> str:
     """Cancel a queued or running job; returns the status it had."""
-    return str(_one(dsn, "cancel_job", {"id": job_id}))
+    return _on(dsn, lambda conn: store.operations.cancel_job(conn, job_id))
 
 
-def purge(dsn: str, older_than: float, statuses: Sequence[str] = ("succeeded", "cancelled")) -> int:
-    return int(_one(dsn, "purge", {"seconds": older_than, "statuses": list(statuses)}))
+def purge(
+    dsn: str,
+    older_than: float,
+    statuses: Sequence[str] = (JobState.SUCCEEDED, JobState.CANCELLED),
+) -> int:
+    return _on(dsn, lambda conn: store.operations.purge(conn, older_than, statuses))
 
 
 def set_history(dsn: str, enabled: bool) -> bool:
-    return bool(_one(dsn, "set_history", {"enabled": enabled}))
+    return _on(dsn, lambda conn: store.operations.set_history(conn, enabled))
 
 
 def history_enabled(dsn: str) -> bool:
-    return bool(_one(dsn, "history_enabled", {}))
+    return _on(dsn, store.operations.history_enabled)
 
 
 def set_events(dsn: str, queue: str, enabled: bool) -> bool:
     """Switch the per-job events on notifyq_events on or off for `queue`."""
-    return bool(_one(dsn, "set_events", {"queue": queue, "enabled": enabled}))
+    return _on(dsn, lambda conn: store.operations.set_events(conn, queue, enabled))
 
 
 def queue_events(dsn: str) -> list[dict[str, Any]]:
     """The queues whose jobs announce their changes on notifyq_events."""
-    return _dicts(dsn, "queue_events", {})
+    return [asdict(row) for row in _on(dsn, store.operations.queue_events)]
 
 
 def job_history(dsn: str, job_id: int) -> list[dict[str, Any]]:
-    return _dicts(dsn, "job_history", {"id": job_id})
+    found = _on(dsn, lambda conn: store.operations.job_history(conn, job_id))
+    return [asdict(row) for row in found]
 
 
 def queue_limits(dsn: str) -> list[dict[str, Any]]:
-    return _dicts(dsn, "queue_limits", {})
+    return [asdict(row) for row in _on(dsn, store.operations.queue_limits)]
 
 
 def set_queue_limit(dsn: str, queue: str, max_running: int | None) -> None:
     """Cap `queue` at `max_running` jobs running at once, cluster-wide (None: no cap)."""
-    with _connection(dsn) as conn:
-        if max_running is None:
-            store.rows(conn, "clear_queue_limit", {"queue": queue})
-        else:
-            store.rows(conn, "set_queue_limit", {"queue": queue, "max_running": max_running})
+    if max_running is None:
+        _on(dsn, lambda conn: store.operations.clear_queue_limit(conn, queue))
+    else:
+        _on(dsn, lambda conn: store.operations.set_queue_limit(conn, queue, max_running))
 
 
 def list_jobs(
@@ -104,15 +111,15 @@ def list_jobs(
     status: str | None = None,
     limit: int = 20,
 ) -> list[dict[str, Any]]:
-    params = {"queue": queue, "task": task, "status": status, "limit": limit}
-    return _dicts(dsn, "jobs_list", params)
+    found = _on(
+        dsn,
+        lambda conn: store.operations.list_jobs(
+            conn, queue=queue, task=task, status=status, limit=limit
+        ),
+    )
+    return [asdict(row) for row in found]
 
 
 def show_job(dsn: str, job_id: int) -> dict[str, Any] | None:
-    found = _dicts(dsn, "job_show", {"id": job_id})
-    return found[0] if found else None
-
-
-def _dicts(dsn: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    with _connection(dsn) as conn:
-        return store.records(conn, name, params)
+    found = _on(dsn, lambda conn: store.operations.show_job(conn, job_id))
+    return None if found is None else asdict(found)

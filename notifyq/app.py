@@ -14,13 +14,13 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from datetime import datetime
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store
+from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
 from .job import JobId, JobStatus
 from .registry import (
@@ -221,16 +221,8 @@ class App:
         task: str | Callable[..., Any],
         payload: Any = None,
         *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        dedupe_key: str | None = None,
-        rate_key: str | None = None,
-        depends_on: Iterable[int] | None = None,
-        on_dependency_failure: str = "cancel",
         conn: psycopg.AsyncConnection[Any] | None = None,
+        **options: Unpack[EnqueueOptions],
     ) -> JobId:
         """Insert a job and return its id: a `JobId`, an int that also carries the
         job's token (`.token`), with which `wait` and `status` read this job even
@@ -238,6 +230,9 @@ class App:
 
         With `conn`, the INSERT joins that connection's open transaction: the
         job exists only if it commits.  Without, it commits on its own.
+
+        Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
+        run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure.
 
         With `rate_key`, the job shares the rate limit of that key (notifyq.rate_limits).
 
@@ -249,55 +244,19 @@ class App:
         them succeeded; if one ends dead or cancelled, it is cancelled too, or
         with `on_dependency_failure="run"` runs once all of them finished.
         """
-        job = enqueue.build(
-            self.registry,
-            task,
-            payload,
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            dedupe_key=dedupe_key,
-            rate_key=rate_key,
-            depends_on=depends_on,
-            on_dependency_failure=on_dependency_failure,
-        )
-        if conn is not None:
-            return await store.enqueue(conn, job)
-        return await store.enqueue(await self._async_connection(), job)
+        job = enqueue.build(self.registry, task, payload, options)
+        return await store.enqueue(conn or await self._async_connection(), job)
 
     def enqueue_sync(
         self,
         task: str | Callable[..., Any],
         payload: Any = None,
         *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        dedupe_key: str | None = None,
-        rate_key: str | None = None,
-        depends_on: Iterable[int] | None = None,
-        on_dependency_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
+        **options: Unpack[EnqueueOptions],
     ) -> JobId:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
-        job = enqueue.build(
-            self.registry,
-            task,
-            payload,
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            dedupe_key=dedupe_key,
-            rate_key=rate_key,
-            depends_on=depends_on,
-            on_dependency_failure=on_dependency_failure,
-        )
+        job = enqueue.build(self.registry, task, payload, options, caller="enqueue_sync")
         if conn is not None:
             return store.enqueue_sync(conn, job)
         return self._on_own_sync_connection(lambda own: store.enqueue_sync(own, job))
@@ -307,25 +266,18 @@ class App:
         task: str | Callable[..., Any],
         payloads: Iterable[Any],
         *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        depends_on: Iterable[int] | None = None,
-        on_dependency_failure: str = "cancel",
-        rate_key: str | None = None,
         conn: psycopg.AsyncConnection[Any] | None = None,
+        **options: Unpack[ManyOptions],
     ) -> list[JobId]:
         """Insert one job of `task` per payload, all in one transaction; their ids (each
-        with its token, see `enqueue`), in order.
+        with its token, see `enqueue`), in order.  The options are `enqueue`'s but
+        dedupe_key (see `enqueue.ManyOptions`).
 
         Each queue gets one notification however many jobs.  Every payload is
         checked before anything is sent, so a bad one refuses the whole batch.
         With `conn`, the jobs join that connection's open transaction.
         """
-        options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
-        job, encoded = self._many(task, payloads, *options, rate_key)
+        job, encoded = self._many(task, payloads, options, "enqueue_many")
         if not encoded:
             return []
         return await store.enqueue_many(conn or await self._async_connection(), job, encoded)
@@ -335,19 +287,11 @@ class App:
         task: str | Callable[..., Any],
         payloads: Iterable[Any],
         *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        depends_on: Iterable[int] | None = None,
-        on_dependency_failure: str = "cancel",
-        rate_key: str | None = None,
         conn: psycopg.Connection[Any] | None = None,
+        **options: Unpack[ManyOptions],
     ) -> list[JobId]:
         """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
-        options = (queue, priority, delay, run_at, max_attempts, depends_on, on_dependency_failure)
-        job, encoded = self._many(task, payloads, *options, rate_key)
+        job, encoded = self._many(task, payloads, options, "enqueue_many_sync")
         if not encoded:
             return []
         if conn is not None:
@@ -365,27 +309,13 @@ class App:
         self,
         task: str | Callable[..., Any],
         payloads: Iterable[Any],
-        queue: str | None,
-        priority: int | None,
-        delay: float | None,
-        run_at: datetime | None,
-        max_attempts: int | None,
-        depends_on: Iterable[int] | None,
-        on_dependency_failure: str,
-        rate_key: str | None,
+        options: ManyOptions,
+        caller: str,
     ) -> tuple[store.NewJob, list[str]]:
+        # ManyOptions is EnqueueOptions without dedupe_key, which `accepts` refuses.
+        every = cast(EnqueueOptions, options)
         job = enqueue.build(
-            self.registry,
-            task,
-            None,
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            depends_on=depends_on,
-            on_dependency_failure=on_dependency_failure,
-            rate_key=rate_key,
+            self.registry, task, None, every, accepts=enqueue.MANY_OPTIONS, caller=caller
         )
         return job, enqueue.encode_all(payloads)
 
@@ -506,7 +436,10 @@ class App:
         return migrate.migrate(resolve_dsn(self.dsn))[1]
 
     def worker(self, settings: Settings | None = None, *, dsn: str | None = None) -> Worker:
-        return Worker(self, settings or Settings(), resolve_dsn(dsn or self.dsn))
+        """The dispatcher that serves this app's tasks and schedules (`serve` runs one)."""
+        return Worker(
+            self.registry, self.schedules, settings or Settings(), resolve_dsn(dsn or self.dsn)
+        )
 
     def serve(self, settings: Settings | None = None, *, dsn: str | None = None) -> int:
         """Run a dispatcher in this thread until SIGTERM/SIGINT, or until a one-shot

@@ -23,6 +23,14 @@ waiting on one it finishes) until the connection's lock_timeout; then the batch 
 split in halves, tried again at once, until the outcome that waits is alone, and
 that one is retried like a busy one.  Busy outcomes stay `writing` in the ledger,
 so their leases are renewed and no lost lease is reported for them.
+
+The ledger (ledger.py) is the count of what is unwritten: the pool moved each
+attempt there to `pending`, and the completer drops it once its outcome is
+written, handed back, or given up to the rescuer; `on_written` then wakes the
+dispatcher.  Subscribers (`subscribe`) hear of every outcome twice, on the event
+loop: `decided` when the completer takes it, with the status it asks for, and
+`settled` once written, with the status the database gave (its retry policy).
+Metrics count from these; nobody else re-derives what an outcome was.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import replace
+from typing import Protocol
 
 import anyio
 
@@ -50,6 +59,19 @@ RETRY_MAX = 2.0  # ... doubling while rows stay locked, up to this
 Report = tuple[float, str | None]  # a progress report: percent, message
 _ERROR_LIMIT = 64 * 1024  # bytes of error text kept per attempt
 _LEASE_KEEPER = "application 'notifyq:leases'"  # how a lease keeper holding a row is named
+
+
+class Subscriber(Protocol):
+    """Hears of every outcome, on the event loop: keep it to a few dict operations."""
+
+    def decided(self, finished: Finished, status: str) -> None:
+        """The completer took this attempt's end: `status` is what it asks the database
+        for (succeeded | failed | dead), or interrupted (to hand back) or cancelled
+        (nothing to write)."""
+
+    def settled(self, job: Job, status: str) -> None:
+        """An outcome was written: `status` is what the row became (succeeded | queued,
+        to run again | dead).  Not called for outcomes the fence dropped."""
 
 
 def decide(finished: Finished) -> Outcome:
@@ -105,15 +127,15 @@ class Completer:
         ledger: Ledger,
         on_written: Callable[[], None],
         last_report: Callable[[int, int], Report | None] = lambda job_id, attempt: None,
-        on_settled: Callable[[Job, str], None] = lambda job, status: None,
     ) -> None:
         self._store = store
         self._claimant = claimant
         self._ledger = ledger  # attempts leave it once their outcome is written
         self._on_written = on_written
         self._last_report = last_report  # (job id, attempt) -> its report not yet written
-        self._on_settled = on_settled  # (job, succeeded | queued | dead) once written
-        self._jobs: dict[Attempt, Job] = {}  # attempts whose outcome is not written yet
+        self._subscribers: list[Subscriber] = []
+        # The job of each outcome still to write, for the log and the subscribers.
+        self._jobs: dict[Attempt, Job] = {}
         self._outcomes: list[Outcome] = []
         # Batches to write before new outcomes, in order: the halves of one that gave up
         # waiting for a lock, and busy outcomes whose time to try again came.
@@ -125,30 +147,36 @@ class Completer:
         self._waiting_since: dict[Attempt, float] = {}  # busy attempts, since when
         self._retry_at = math.inf
         self._retry_delay = RETRY_FIRST
-        self._in_flight = 0  # outcomes and hand-backs of the write under way
         self._wake = anyio.Event()
         self._closing = False
         self._give_up_at = float("inf")
         self.written = 0
         self.fenced = 0
         self.lock_waits = 0  # outcomes whose rows were found locked (each counted once)
-        self.decided: Counter[str] = Counter()  # outcomes by status, for the summaries
+        self.decided: Counter[str] = Counter()  # settled (or cancelled), by status: summaries
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Tell `subscriber` of every outcome from now on (see Subscriber)."""
+        self._subscribers.append(subscriber)
 
     def submit(self, finished: Finished) -> None:
+        """Take an attempt's end, one the ledger holds as pending: write it (soon, batched)."""
+        job = finished.job
         if finished.cancelled:
             # The row already says cancelled: nothing to write, whatever the handler did.
-            job = finished.job
             log.info(
                 "cancelled job=%s task=%s attempt=%s: interrupted", job.id, job.task, job.attempt
             )
             self.decided["cancelled"] += 1
+            self._publish(finished, "cancelled")
             self._release({(job.id, job.attempt)})
             return
         if finished.interrupted:
-            self._handed.append((finished.job.id, finished.job.attempt))
+            self._publish(finished, "interrupted")
+            self._handed.append((job.id, job.attempt))
         else:
             outcome = decide(finished)
-            job = finished.job
+            self._publish(finished, outcome.status)
             # Succeeded, retried or dead: the attempt's last report lands with it.
             if (report := self._last_report(job.id, job.attempt)) is not None:
                 outcome = replace(outcome, progress=report[0], progress_message=report[1])
@@ -156,17 +184,14 @@ class Completer:
             self._jobs[(job.id, job.attempt)] = job
         self._wake.set()
 
+    def _publish(self, finished: Finished, status: str) -> None:
+        for subscriber in self._subscribers:
+            subscriber.decided(finished, status)
+
     @property
     def pending(self) -> int:
-        return (
-            self._in_flight
-            + len(self._outcomes)
-            + sum(len(batch) for batch in self._retries)
-            + len(self._busy)
-            + len(self._stuck)
-            + len(self._handed)
-            + len(self._busy_handed)
-        )
+        """Outcomes not written yet (the ledger's count)."""
+        return self._ledger.pending
 
     def close(self, give_up_after: float) -> None:
         """Write what is pending, then let `run` return; stop retrying after the deadline."""
@@ -230,13 +255,12 @@ class Completer:
     async def _write(self, batch: list[Outcome]) -> None:
         pairs = {(o.job_id, o.attempt) for o in batch}
         self._ledger.writing(pairs)
-        self._in_flight = len(batch)
         try:
             written = await self._store.complete(batch, self._claimant)
         except LockTimeout as exc:
             self._split(batch, exc)
         except DatabaseUnavailable:
-            self._ledger.unwritten(pairs)
+            self._ledger.write_failed(pairs)
             self._retries.appendleft(batch)
             raise
         except NotifyqError as exc:
@@ -246,8 +270,6 @@ class Completer:
             self._settle(batch, written)
             self._account(pairs, written, "completion")
             self._wait(busy, written.busy)
-        finally:
-            self._in_flight = 0
 
     def _split(self, batch: list[Outcome], exc: LockTimeout) -> None:
         """A write gave up waiting for a lock: find the outcomes that wait, by halves."""
@@ -287,7 +309,8 @@ class Completer:
                 continue
             self.decided[settled.status] += 1
             _log_outcome(job, outcome, settled)
-            self._on_settled(job, settled.status)
+            for subscriber in self._subscribers:
+                subscriber.settled(job, settled.status)
 
     def _wait(self, busy: list[Outcome], holders: dict[Attempt, str]) -> None:
         """Outcomes whose rows were locked: tried again later, still being written."""
@@ -332,7 +355,6 @@ class Completer:
         handed = self._handed[:MAX_BATCH]
         del self._handed[:MAX_BATCH]
         self._ledger.writing(handed)
-        self._in_flight = len(handed)
         try:
             written = await self._store.hand_back(handed, self._claimant)
         except LockTimeout as exc:
@@ -340,7 +362,7 @@ class Completer:
             self._busy_handed.extend(handed)
             self._schedule_retry()
         except DatabaseUnavailable:
-            self._ledger.unwritten(handed)
+            self._ledger.write_failed(handed)
             self._handed[:0] = handed
             raise
         except NotifyqError as exc:
@@ -357,8 +379,6 @@ class Completer:
                 )
                 self._busy_handed.extend(busy)
                 self._schedule_retry()
-        finally:
-            self._in_flight = 0
 
     def _release(self, pairs: Collection[Attempt]) -> None:
         self._ledger.written(pairs)

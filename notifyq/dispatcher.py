@@ -7,7 +7,11 @@ waiting), or stop.  Then it claims at most `min(free slots, batch_size)` in
 one statement.  A claim that came back full is followed by another as soon
 as there is room; a short one means the ready backlog is drained.
 
-A slot frees when its handler returns, before the outcome is written.  If
+What is held is read from the ledger (ledger.py), never counted here: an
+attempt takes a slot while it is `running` there (from its hand-over to the
+pool until its handler returns), and a row while it is `pending` (until its
+outcome is written).  So a slot frees when its handler returns, before the
+outcome is written; the pool's report calls `slot_freed` to wake the loop.  If
 writes fall behind (a slow or locked database), claims stop once the
 outcomes waiting to be written exceed the concurrency, so the jobs this
 dispatcher holds as `running` stay below twice its concurrency instead of
@@ -57,6 +61,7 @@ import anyio
 
 from .errors import DatabaseUnavailable, LockTimeout
 from .job import Job
+from .ledger import Ledger
 from .retry import reconnect_delay
 from .store import Claim, Store, TaskSettings
 
@@ -103,8 +108,7 @@ class Dispatcher:
         lease: float,
         tasks: Sequence[TaskSettings],
         submit: Callable[[Job], None],
-        held_ids: Callable[[], Collection[int]],
-        unwritten: Callable[[], int] = lambda: 0,
+        ledger: Ledger,
         max_jobs: int | None = None,
         until_empty: bool = False,
     ) -> None:
@@ -120,9 +124,8 @@ class Dispatcher:
         self._tasks = list(tasks)
         self._task_names = sorted(t.task for t in tasks)
         self._tasks_synced = False
-        self._submit = submit
-        self._held_ids = held_ids
-        self._unwritten = unwritten  # outcomes finished but not yet written
+        self._submit = submit  # hands a job to the pool, which enters it in the ledger
+        self._ledger = ledger
         self._max_jobs = max_jobs
         self._until_empty = until_empty
         self._idle_recheck = False  # until_empty: the last outcome was written; claim again
@@ -133,7 +136,6 @@ class Dispatcher:
         self._notified = True  # the first pass claims at once
         self.full: frozenset[str] = frozenset()  # served queues at their cap, per the last claim
         self._stopping = False
-        self.running = 0  # claimed and handed to the pool, not finished
         self.claims = 0
         self.claimed = 0
         self.deferred = 0  # candidates a rate limit moved to a later slot
@@ -143,6 +145,11 @@ class Dispatcher:
         self._heard: set[str] | None = None
         self.empty_notified_claims = 0  # a flood of forged notifications would show here
         self.passes = 0  # loop iterations: a busy loop would show here
+
+    @property
+    def running(self) -> int:
+        """Claimed and handed to the pool, handler not done (the ledger's count)."""
+        return self._ledger.running
 
     # Called from the listener, the pool and the app; all on the event loop.
 
@@ -166,7 +173,7 @@ class Dispatcher:
         self.wake()
 
     def slot_freed(self) -> None:
-        self.running -= 1
+        """A handler returned (the ledger already counts its slot free): claim if waiting."""
         self._signal.set()
 
     def outcomes_written(self) -> None:
@@ -175,7 +182,7 @@ class Dispatcher:
         self._signal.set()  # room again, if unwritten outcomes were holding claims back
 
     def _idle(self) -> bool:
-        return self.running == 0 and self._unwritten() == 0
+        return self._ledger.running == 0 and self._ledger.pending == 0
 
     def _finish(self, reason: str) -> None:
         log.info("stopping: %s", "nothing left to claim" if reason == "until-empty" else reason)
@@ -210,8 +217,8 @@ class Dispatcher:
             if self._notified or timers or self._idle_recheck:
                 more_waiting = True
                 self._notified = self._idle_recheck = False
-            backlog = self._unwritten() - self._concurrency
-            free = self._concurrency - self.running - max(backlog, 0)
+            backlog = self._ledger.pending - self._concurrency
+            free = self._concurrency - self._ledger.running - max(backlog, 0)
             if more_waiting and free > 0:
                 if more_waiting_full and free < self._refill_at:
                     # Draining a backlog: let a few more slots free up (briefly) so one
@@ -258,7 +265,6 @@ class Dispatcher:
                         self.polls_with_work += 1
                         log.info("fallback poll found %d jobs", unannounced)
                 for job in jobs:
-                    self.running += 1
                     self._submit(job)
                 if self._max_jobs is not None and self.claimed >= self._max_jobs:
                     self._finish("max-jobs")
@@ -285,7 +291,7 @@ class Dispatcher:
             if changed:
                 log.info("task settings written to notifyq.tasks: %s", ", ".join(changed))
         if self._orphans_possible:
-            released = await self._store.release_orphans(self._claimant, self._held_ids())
+            released = await self._store.release_orphans(self._claimant, self._ledger.ids())
             self._orphans_possible = False
             if released:
                 log.warning("returned %d jobs whose claim reply was lost", len(released))

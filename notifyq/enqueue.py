@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 from numbers import Integral
-from typing import Any
+from typing import Any, TypedDict
 
 from . import codec, store
 from .errors import InvalidJob
@@ -26,22 +26,52 @@ what a real payload needs; the dispatcher itself decodes up to 1024 levels (a ro
 inserted by SQL that is deeper goes dead after one attempt, see codec.py)."""
 
 
+class ManyOptions(TypedDict, total=False):
+    """The keyword arguments of `App.enqueue_many(_sync)`, each optional: the one
+    place they are written (App's methods take them as `**options`)."""
+
+    queue: str | None  # default: the task's queue, else "default"
+    priority: int | None  # default 0; higher runs first
+    delay: float | None  # seconds from now (not with run_at)
+    run_at: datetime | None  # timezone-aware
+    max_attempts: int | None  # default: the task's
+    rate_key: str | None  # shares the rate limit of that key (notifyq.rate_limits)
+    depends_on: Iterable[int] | None  # ids of jobs that must succeed first
+    on_dependency_failure: str  # "cancel" (default) or "run"
+
+
+class EnqueueOptions(ManyOptions, total=False):
+    """The keyword arguments of `App.enqueue(_sync)`: those of enqueue_many, and
+    a dedupe_key (one job per key while unfinished)."""
+
+    dedupe_key: str | None
+
+
+MANY_OPTIONS = frozenset(ManyOptions.__annotations__)
+ENQUEUE_OPTIONS = frozenset(EnqueueOptions.__annotations__)  # a TypedDict's include its bases'
+
+
 def build(
     registry: Registry,
     task: str | Handler,
     payload: Any,
+    options: EnqueueOptions,
     *,
-    queue: str | None,
-    priority: int | None,
-    delay: float | None,
-    run_at: datetime | None,
-    max_attempts: int | None,
-    dedupe_key: str | None = None,
-    rate_key: str | None = None,
-    depends_on: Iterable[int] | None = None,
-    on_dependency_failure: str = "cancel",
+    accepts: frozenset[str] = ENQUEUE_OPTIONS,
+    caller: str = "enqueue",
 ) -> store.NewJob:
-    """Validate in Python what can be checked without a round trip."""
+    """Validate in Python what can be checked without a round trip.  `accepts`: the
+    options `caller` takes (a keyword it does not is a TypeError, as Python's own)."""
+    for key in options:
+        if key not in accepts:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
+    queue = options.get("queue")
+    priority = options.get("priority")
+    delay = options.get("delay")
+    run_at = options.get("run_at")
+    max_attempts = options.get("max_attempts")
+    dedupe_key = options.get("dedupe_key")
+    rate_key = options.get("rate_key")
     if isinstance(task, str):
         name = check_task_name(task)
         known = registry.get(name)
@@ -81,8 +111,8 @@ def build(
         else (known.max_attempts if known is not None else None),
         dedupe_key=dedupe_key,
         rate_key=rate_key,
-        depends_on=dependencies(depends_on),
-        on_dependency_failure=failure_policy(on_dependency_failure),
+        depends_on=dependencies(options.get("depends_on")),
+        on_dependency_failure=failure_policy(options.get("on_dependency_failure", "cancel")),
     )
 
 

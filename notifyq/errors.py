@@ -14,12 +14,12 @@
             ├── PayloadError    the payload cannot be used by this task
             └── ResultError     the handler returned what cannot be stored as JSON
 
-Driver errors are translated at one seam (store.py) with `translate()`; no
+Driver errors are translated at one seam (notifyq/store/) with `translate()`; no
 other module looks at psycopg exceptions.
 
 A DSN's password must never reach a message or a log line: `redact()` is the
 one place that removes it (libpq echoes a malformed connection string in its
-error, password and all), used by store.py's seam and the command line.
+error, password and all), used by the store's seam and the command line.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psycopg
+
 from . import migrate, store
 from .errors import NotifyqError
 
@@ -86,19 +88,14 @@ def check(dsn: str, *, max_transaction_age: float = 300.0) -> Report:
     return report
 
 
-def _one(conn: Any, name: str, params: dict[str, Any] | None = None) -> Any:
-    found = store.rows(conn, name, params or {})
-    return found[0] if found else None
-
-
-def _run(conn: Any, report: Report, max_age: float) -> None:
-    version, database = _one(conn, "health_server")
+def _run(conn: psycopg.Connection[Any], report: Report, max_age: float) -> None:
+    server = store.monitoring.server_info(conn)
     report.checks.append(
         Check(
             "reachable",
             OK,
-            f"database {database!r} on PostgreSQL {version}",
-            {"database": database, "server_version": version},
+            f"database {server.database!r} on PostgreSQL {server.version}",
+            {"database": server.database, "server_version": server.version},
         )
     )
     schema = _schema(conn)
@@ -106,25 +103,25 @@ def _run(conn: Any, report: Report, max_age: float) -> None:
     report.checks.append(_transactions(conn, max_age))
     if schema.status == FAILED:
         return
-    jobs, oldest = _one(conn, "health_expired_leases", {"grace": LEASE_GRACE})
-    if jobs:
+    expired = store.monitoring.expired_leases(conn, LEASE_GRACE)
+    if expired.jobs:
         report.checks.append(
             Check(
                 "leases",
                 WARNING,
-                f"{jobs} running jobs' leases expired more than {LEASE_GRACE:.0f}s ago "
-                f"(the oldest {oldest:.0f}s ago): no dispatcher is rescuing them; "
+                f"{expired.jobs} running jobs' leases expired more than {LEASE_GRACE:.0f}s ago "
+                f"(the oldest {expired.oldest:.0f}s ago): no dispatcher is rescuing them; "
                 "is any `notifyq serve` alive?",
-                {"jobs": jobs, "oldest_expired_seconds": round(oldest, 1)},
+                {"jobs": expired.jobs, "oldest_expired_seconds": round(expired.oldest, 1)},
             )
         )
     else:
         report.checks.append(Check("leases", OK, "no expired lease left unrescued"))
     report.checks.append(_dispatchers(conn))
     report.checks.append(_unserved(conn))
-    row = _one(conn, "health_jobs_table")
-    if row is not None:
-        live, dead = row
+    tuples = store.monitoring.jobs_table(conn)
+    if tuples is not None:
+        live, dead = tuples.n_live_tup, tuples.n_dead_tup
         report.checks.append(
             Check(
                 "jobs table",
@@ -135,7 +132,7 @@ def _run(conn: Any, report: Report, max_age: float) -> None:
         )
 
 
-def _schema(conn: Any) -> Check:
+def _schema(conn: psycopg.Connection[Any]) -> Check:
     have, need = store.schema_version(conn), migrate.latest_version()
     details = {"version": have, "expected": need}
     if have is None:
@@ -160,11 +157,11 @@ def _schema(conn: Any) -> Check:
     return Check("schema", OK, f"version {have}", details)
 
 
-def _transactions(conn: Any, max_age: float) -> Check:
-    row = _one(conn, "health_oldest_transaction")
-    if row is None:
+def _transactions(conn: psycopg.Connection[Any], max_age: float) -> Check:
+    oldest = store.monitoring.oldest_transaction(conn)
+    if oldest is None:
         return Check("transactions", OK, "no other transaction open", {"oldest": None})
-    pid, age, app, state = row
+    pid, age, app, state = oldest.pid, oldest.age, oldest.application_name, oldest.state
     details = {"pid": pid, "age_seconds": round(age, 1), "application_name": app, "state": state}
     if age <= max_age:
         return Check(
@@ -180,8 +177,9 @@ def _transactions(conn: Any, max_age: float) -> Check:
     )
 
 
-def _dispatchers(conn: Any) -> Check:
-    lost, which = _one(conn, "health_lost_dispatchers")
+def _dispatchers(conn: psycopg.Connection[Any]) -> Check:
+    found = store.monitoring.lost_dispatchers(conn)
+    lost, which = found.lost, found.which
     if not lost:
         return Check("dispatchers", OK, "no lost dispatcher", {"lost": 0})
     return Check(
@@ -197,17 +195,17 @@ def _dispatchers(conn: Any) -> Check:
 UNSERVED_NAMED = 5  # (queue, task) pairs the message names; details list them all
 
 
-def _unserved(conn: Any) -> Check:
-    found = store.records(conn, "unserved_jobs", {"queues": None})
+def _unserved(conn: psycopg.Connection[Any]) -> Check:
+    found = store.monitoring.unserved_jobs(conn)
     if not found:
         return Check("unserved", OK, "every ready job has a dispatcher that runs it", {"jobs": 0})
-    total = sum(r["jobs"] for r in found)
-    plus = "+" if any(r["more"] for r in found) else ""
+    total = sum(r.jobs for r in found)
+    plus = "+" if any(r.more for r in found) else ""
     parts = [
-        f"{r['jobs']}{'+' if r['more'] else ''} of task {r['task']!r} in queue {r['queue']!r} ("
+        f"{r.jobs}{'+' if r.more else ''} of task {r.task!r} in queue {r.queue!r} ("
         + (
             "no live dispatcher has a handler for the task"
-            if r["served"]
+            if r.served
             else "no live dispatcher serves the queue"
         )
         + ")"
@@ -225,12 +223,12 @@ def _unserved(conn: Any) -> Check:
             "jobs": total,
             "unserved": [
                 {
-                    "queue": r["queue"],
-                    "task": r["task"],
-                    "jobs": r["jobs"],
-                    "more": r["more"],  # more than the 10,000 counted
-                    "oldest_seconds": round(r["oldest"], 1),
-                    "queue_served": r["served"],
+                    "queue": r.queue,
+                    "task": r.task,
+                    "jobs": r.jobs,
+                    "more": r.more,  # more than the 10,000 counted
+                    "oldest_seconds": round(r.oldest, 1),
+                    "queue_served": r.served,
                 }
                 for r in found
             ],

@@ -1,8 +1,10 @@
 """Keep our leases alive; rescue the jobs of dispatchers that died.
 
 A running job carries `lease_expires_at`, set by the claim.  While we hold a
-job (from claim until its outcome is written) this dispatcher renews the
-lease every `heartbeat` seconds in one statement for all of them.
+job (from claim until its outcome is written: the ledger's attempts) this
+dispatcher renews the lease every `heartbeat` seconds in one statement for all
+of them; the heartbeat is a third of the lease (`heartbeat_for`), so two renewals
+can fail before a lease runs out.
 
 Rescue (notifyq.rescue_jobs) finds lost jobs two ways.  A dispatcher that
 listens holds a liveness lock on its listening connection, which PostgreSQL
@@ -68,9 +70,17 @@ jobs; none while it holds nothing, so an idle dispatcher writes nothing for it."
 RESTART_GRACE = 5.0
 """Seconds after the server (re)started, or this keeper's connection came back, during
 which no free liveness lock counts: every dispatcher is reconnecting then."""
+HEARTBEATS_PER_LEASE = 3
+"""Renewals within one lease: two may fail (a slow statement, a reconnect) before it lapses."""
 FAST_SWEEP = 0.5
 """Seconds between two rescue sweeps while other dispatchers' sessions are watched: with
 SESSION_GRACE, a dead dispatcher's jobs are queued again about 3 s after it died."""
+
+
+def heartbeat_for(lease: float) -> float:
+    """Seconds between two renewals of a `lease` of that many seconds: the one place this
+    is worked out (the keeper, the registry row, the readiness probe all read it)."""
+    return lease / HEARTBEATS_PER_LEASE
 
 
 class LeaseKeeper:
@@ -80,7 +90,7 @@ class LeaseKeeper:
         claimant: str,
         *,
         lease: float,
-        heartbeat: float,
+        heartbeat: float | None = None,  # None: `heartbeat_for(lease)`; tests shorten it
         rescue_interval: float,
         ledger: Ledger,
         loop_beat: Callable[[], float],
@@ -90,14 +100,16 @@ class LeaseKeeper:
         self._store = store
         self._claimant = claimant
         self._lease = lease
-        self._heartbeat = heartbeat
+        self.heartbeat = heartbeat_for(lease) if heartbeat is None else heartbeat
         self._rescue_interval = rescue_interval
         self._ledger = ledger  # thread-safe: the main loop changes it meanwhile
         self._loop_beat = loop_beat  # time.monotonic() of the main loop's last tick
         self._max_stall = max_stall
         # The registry row's fixed columns (claimant, host, pid, queues, tasks, concurrency,
-        # heartbeat, liveness_lock).
-        self._registration = registration
+        # liveness_lock), and the heartbeat this keeper keeps.
+        self._registration = (
+            None if registration is None else {**registration, "heartbeat": self.heartbeat}
+        )
         self.beat_at: float | None = None  # time.monotonic() of the last heartbeat written
         self._stall_warned = False
         self._register_warned = False
@@ -167,7 +179,7 @@ class LeaseKeeper:
             try:
                 if clock() >= next_beat:
                     await self.renew()
-                    next_beat = clock() + self._heartbeat
+                    next_beat = clock() + self.heartbeat
                     talked = True
                 if clock() >= next_alive and self._ledger and self._loop_alive(warn=False):
                     await self._store.alive(self._claimant)
@@ -189,7 +201,7 @@ class LeaseKeeper:
                 # dispatchers may have lost theirs too.
                 self._trust_sessions_at = math.inf
                 # Capped below the heartbeat, so a short outage costs no lease.
-                delay = reconnect_delay(failures, first=0.2, cap=self._heartbeat)
+                delay = reconnect_delay(failures, first=0.2, cap=self.heartbeat)
                 log.warning("lease upkeep failed (%s); retrying in %.1fs", exc, delay)
                 next_beat = next_rescue = clock() + delay
 
@@ -197,7 +209,7 @@ class LeaseKeeper:
         stalled = time.monotonic() - self._loop_beat()
         if not warn:
             return stalled <= self._max_stall
-        if stalled > self._heartbeat:
+        if stalled > self.heartbeat:
             if not self._stall_warned:
                 self._stall_warned = True
                 log.warning(

@@ -1,21 +1,37 @@
-"""The attempts a dispatcher holds: claimed, and whose outcome is not yet written.
+"""The attempts a dispatcher holds: the one count of its jobs that everything reads.
 
 An attempt is a (job id, attempt) pair, never a job id alone: once a lease
 is lost, the job can be rescued and claimed again by this very process while
 the old attempt still runs, and both must be told apart until each is gone.
 
-    claimed ──> held ──(completer sends the outcome)──> writing ──> gone
-                  └──────────(write failed: kept, retried)<──┘
+    pool.submit          pool reports it          completer               written
+    ──claimed──> running ──finished──> pending ──writing──> being written ──> gone
+                                          ^                      │
+                                          └───write_failed───────┘
 
-An outcome whose row another transaction holds locked stays `writing` while
-the completer tries it again: its lease is renewed when the lock allows, and
-its absence from a renewal is no loss.
+Who moves an attempt, and who reads what:
 
-The lease keeper renews every held attempt (writing ones too: a write may
-fail and be retried) from its own thread, hence the lock.  It warns of a
-lost lease only for attempts that are held and not being written: an
-outcome that committed removes the row from `running` before the completer
-has dropped the attempt from the ledger, and that is no loss.
+    worker_pool.py   claimed (a job handed to a slot), finished (its handler is done)
+    completion.py    writing, write_failed, written (its outcome written, or given up)
+    dispatcher.py    reads `running` and `pending`: free slots, and the back-pressure of
+                     unwritten outcomes; `ids()` for the orphans of a lost claim reply
+    leases.py        reads `attempts()` and `still_expected()`, from its own thread
+    worker.py        reads `ids()` for cancellations, and `len()` for the summaries
+
+`running` and `pending` are kept apart because they mean different things to
+the dispatcher: a running attempt holds a slot, a pending one only a row.
+Both hold a lease, so the lease keeper renews all of them (being written too:
+a write may fail and be retried).
+
+An outcome whose row another transaction holds locked stays being written
+while the completer tries it again: its lease is renewed when the lock allows,
+and its absence from a renewal is no loss.  The lease keeper warns of a lost
+lease only for attempts held and not being written: an outcome that committed
+removes the row from `running` before the completer has dropped the attempt
+from the ledger, and that is no loss.
+
+Every method takes the lock: the lease keeper reads from its own thread while
+the event loop changes the ledger.  Changes happen on the event loop only.
 """
 
 from __future__ import annotations
@@ -30,23 +46,46 @@ Attempt = tuple[int, int]
 class Ledger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: set[Attempt] = set()
-        self._writing: set[Attempt] = set()
+        self._running: set[Attempt] = set()  # handed to the pool, handler not done
+        self._pending: set[Attempt] = set()  # handler done, outcome not written
+        self._writing: set[Attempt] = set()  # of the pending: being written now
 
     def __len__(self) -> int:
+        """Attempts held: running, or whose outcome is not written yet."""
         with self._lock:
-            return len(self._held)
+            return len(self._running) + len(self._pending)
+
+    @property
+    def running(self) -> int:
+        """Attempts handed to the pool whose handler is not done: the slots they take."""
+        with self._lock:
+            return len(self._running)
+
+    @property
+    def pending(self) -> int:
+        """Attempts whose handler is done and whose outcome is not written yet."""
+        with self._lock:
+            return len(self._pending)
+
+    # --- changes, on the event loop
 
     def claimed(self, attempt: Attempt) -> None:
+        """The attempt is ours and handed to the pool."""
         with self._lock:
-            self._held.add(attempt)
+            self._running.add(attempt)
+
+    def finished(self, attempt: Attempt) -> None:
+        """Its handler is done (or it was interrupted): the outcome waits to be written."""
+        with self._lock:
+            self._running.discard(attempt)
+            self._pending.add(attempt)
 
     def writing(self, attempts: Collection[Attempt]) -> None:
         """The completer is sending these outcomes: a row gone from `running` is no loss."""
         with self._lock:
             self._writing.update(attempts)
 
-    def unwritten(self, attempts: Collection[Attempt]) -> None:
+    def write_failed(self, attempts: Collection[Attempt]) -> None:
         """The write failed and will be retried: these are plainly held again."""
         with self._lock:
             self._writing.difference_update(attempts)
@@ -54,19 +93,25 @@ class Ledger:
     def written(self, attempts: Collection[Attempt]) -> None:
         """Outcomes written (or given up to the rescuer): no longer ours to keep."""
         with self._lock:
-            self._held.difference_update(attempts)
+            self._pending.difference_update(attempts)
             self._writing.difference_update(attempts)
+
+    # --- reads, from any thread
 
     def attempts(self) -> set[Attempt]:
         with self._lock:
-            return set(self._held)
+            return self._running | self._pending
 
     def ids(self) -> set[int]:
         with self._lock:
-            return {job_id for job_id, _ in self._held}
+            return {job_id for job_id, _ in self._running | self._pending}
 
     def still_expected(self, attempts: Collection[Attempt]) -> set[Attempt]:
         """Those of `attempts` still held and not being written: if their rows left
         `running` under our claim, someone else took them (a rescue, a cancellation)."""
         with self._lock:
-            return {a for a in attempts if a in self._held and a not in self._writing}
+            return {
+                a
+                for a in attempts
+                if (a in self._running or a in self._pending) and a not in self._writing
+            }

@@ -40,23 +40,21 @@ from collections.abc import Awaitable, Callable, Collection
 
 import anyio
 
-from . import codec, failpoints
+from . import channels, codec, failpoints
 from .errors import DatabaseUnavailable
+from .job import FINISHED, JobState
 from .retry import reconnect_delay
 from .store import Listener
 
 log = logging.getLogger("notifyq.listener")
 
-CHANNEL = "notifyq_jobs"
-STATUS_CHANNEL = "notifyq_status"
-INTERNAL_CHANNEL = "notifyq_internal"  # only dispatchers listen; not part of the contract
 PROBE_PREFIX = "notifyq-probe:"  # on the internal channel
 LIMIT_PREFIX = "limit:"  # internal: notifyq.queue_limits changed for the queue that follows
 PROBE_TIMEOUT = 5.0
 RECONNECT_CAP = 2.0  # seconds: well inside the rescuers' grace for a lost session
 LIVENESS_RETRY = 1.0  # seconds between tries while the lock is not ours yet
 LIVENESS_TRIES = 20  # a rescuer holds the lock for one statement; the old session may linger
-LEFT_RUNNING = frozenset({"succeeded", "dead", "cancelled", "queued"})  # statuses after running
+LEFT_RUNNING = frozenset({*FINISHED, JobState.QUEUED})  # statuses after running
 
 
 def status_change(payload: str) -> tuple[str, str]:
@@ -92,14 +90,14 @@ async def listen(
     `on_room(queues)` once per batch of status notifications saying jobs of served
     queues left `running`, or of cap changes (room under a concurrency cap);
     `on_status()` once per batch of status notifications (jobs changed status
-    somewhere); `send_probe(payload)` must NOTIFY INTERNAL_CHANNEL from another connection;
+    somewhere); `send_probe(payload)` must NOTIFY channels.INTERNAL from another connection;
     `liveness`: the claimant whose liveness lock this connection holds.
     """
     served = frozenset(queues)
-    channels = [CHANNEL, INTERNAL_CHANNEL]
+    names = [channels.JOBS, channels.INTERNAL]
     if on_cancelled is not None:
-        channels.append(STATUS_CHANNEL)
-    listener = Listener(dsn, *channels, liveness=liveness)
+        names.append(channels.STATUS)
+    listener = Listener(dsn, *names, liveness=liveness)
     failures = 0
     connects = 0
     try:
@@ -131,7 +129,7 @@ async def listen(
                         and await listener.take_liveness()
                     ):
                         log.info("took this dispatcher's liveness lock")
-                    internal = [n.payload for n in notes if n.channel == INTERNAL_CHANNEL]
+                    internal = [n.payload for n in notes if n.channel == channels.INTERNAL]
                     if probe_deadline is not None:
                         if probe in internal:
                             probe_deadline = None
@@ -146,13 +144,15 @@ async def listen(
                                 "still found by the fallback poll.",
                                 PROBE_TIMEOUT,
                             )
-                    named = {n.payload for n in notes if n.channel == CHANNEL} & served
+                    named = {n.payload for n in notes if n.channel == channels.JOBS} & served
                     if named:
                         on_notify(named)
                     changes = [
-                        status_change(n.payload) for n in notes if n.channel == STATUS_CHANNEL
+                        status_change(n.payload) for n in notes if n.channel == channels.STATUS
                     ]
-                    if on_cancelled is not None and any(s == "cancelled" for _, s in changes):
+                    if on_cancelled is not None and any(
+                        s == JobState.CANCELLED for _, s in changes
+                    ):
                         on_cancelled()
                     if on_status is not None and changes:
                         on_status()

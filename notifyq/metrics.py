@@ -1,8 +1,11 @@
 """`notifyq serve --metrics-port N`: Prometheus metrics, /healthz and /readyz.
 
-The hot path pays one method call per claimed job and one per finished
-attempt (a label lookup and a counter increment); everything else is read at
-scrape time: the dispatcher's own counters, and from the database the queue
+The hot path pays one method call per claimed job and one per outcome (a
+label lookup and a counter increment): `Metrics` subscribes to the completer
+(completion.Subscriber), so what an attempt came to is the completer's word,
+not worked out again here.  Everything else is read at scrape time: the
+dispatcher's own counters, through `Figures`, a snapshot of the few it needs
+(metrics know nothing else of the dispatcher), and from the database the queue
 depth (jobs_claim_idx only), the ready jobs no live dispatcher would claim (no
 dispatcher serves their queue, or none has a handler for their task: they wait
 for one), and the enqueue-to-start wait of the attempts this process started
@@ -20,19 +23,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import store
 from .errors import ConfigurationError, NotifyqError
 from .job import Job
 from .worker_pool import Finished
-
-if TYPE_CHECKING:
-    from .worker import Worker
 
 log = logging.getLogger("notifyq.metrics")
 
@@ -52,13 +52,32 @@ def require_prometheus() -> Any:
     return prometheus_client
 
 
-class Metrics:
-    """The dispatcher's Prometheus registry and its hooks."""
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What the dispatcher counts, as the scrape reads it: totals since start, and the
+    state the readiness probe judges."""
 
-    def __init__(self, worker: Worker) -> None:
+    notifications: int  # wake-ups by a notification naming a served queue
+    polls_with_work: int  # fallback polls that found jobs no notification announced
+    claims: int  # claim statements run
+    fenced: int  # outcomes dropped: the job was no longer ours
+    rescued: int  # jobs this process rescued from dead dispatchers
+    lock_waits: int  # statements that gave up on a lock, outcomes found locked
+    running: int  # attempts handed to the worker pool whose handler is not done
+    heartbeat: float  # seconds between two lease renewals
+    beat_age: float | None  # seconds since the last heartbeat was written (None: none yet)
+    listening: bool  # the listener is connected, or the dispatcher is not to listen
+
+
+class Metrics:
+    """The dispatcher's Prometheus registry and its hooks: `started` for each job claimed,
+    and the completer's outcomes (`decided`, `settled`: a completion.Subscriber)."""
+
+    def __init__(self, dsn: str, figures: Callable[[], Figures]) -> None:
         prom = require_prometheus()
         self._prom = prom
-        self._worker = worker
+        self._dsn = dsn
+        self._figures = figures  # called on the HTTP server's threads
         self.registry = prom.CollectorRegistry(auto_describe=True)
         r = self.registry
         self._started = prom.Counter(
@@ -103,7 +122,6 @@ class Metrics:
         self._up = prom.Gauge(
             "notifyq_database_up", "1 if the scrape's queries reached the database.", registry=r
         )
-        self._starts: dict[tuple[int, int], float] = {}
         self._waits: deque[int] = deque(maxlen=MAX_PENDING_WAITS)
         self._conn: Any = None
         self._conn_lock = threading.Lock()
@@ -112,36 +130,37 @@ class Metrics:
     # --- hooks: called on the dispatcher's event loop, so kept to a few dict operations
 
     def started(self, job: Job) -> None:
-        self._starts[(job.id, job.attempt)] = time.monotonic()
         self._waits.append(job.id)
         self._started.labels(job.queue, job.task).inc()
 
-    def finished(self, finished: Finished) -> None:
-        job = finished.job
-        began = self._starts.pop((job.id, job.attempt), None)
-        if finished.interrupted or finished.cancelled:
+    def decided(self, finished: Finished, status: str) -> None:
+        """The completer took an attempt's end (completion.Subscriber)."""
+        if status not in ("succeeded", "failed", "dead"):
             return  # handed back at shutdown, or cancelled: neither success nor failure
+        job = finished.job
         labels = (job.queue, job.task)
-        if began is not None:
-            self._run.labels(*labels).observe(time.monotonic() - began)
-        if finished.error is None:
+        if finished.runtime is not None:
+            self._run.labels(*labels).observe(finished.runtime)
+        if status == "succeeded":
             self._succeeded.labels(*labels).inc()
-            return
-        self._failed.labels(*labels).inc()
+        else:
+            self._failed.labels(*labels).inc()
 
     def settled(self, job: Job, status: str) -> None:
-        """An outcome written: the database applied the retry policy."""
+        """An outcome written: the database applied the retry policy (completion.Subscriber)."""
         if status == "dead":
             self._dead.labels(job.queue, job.task).inc()
 
     # --- scrape time, on the HTTP server's threads
 
+    def figures(self) -> Figures:
+        return self._figures()
+
     def ready(self) -> bool:
-        w = self._worker
-        beat = w.leases.beat_at
-        heartbeat = w.settings.lease / 3
-        connected = beat is not None and time.monotonic() - beat < 3 * heartbeat + 1
-        return connected and (w.listening.is_set() or not w.settings.listen)
+        """Connected (a heartbeat written within three heartbeats) and listening."""
+        f = self._figures()
+        connected = f.beat_age is not None and f.beat_age < 3 * f.heartbeat + 1
+        return connected and f.listening
 
     def refresh(self) -> None:
         """Before each scrape: queue depth, unserved jobs, and the waits of attempts started
@@ -150,10 +169,10 @@ class Metrics:
         try:
             with self._conn_lock:
                 if self._conn is None or self._conn.closed:
-                    self._conn = store.connect_sync(self._worker.dsn)
-                depth = store.rows(self._conn, "metrics_depth", {})
-                unserved = store.records(self._conn, "unserved_jobs", {"queues": None})
-                waits = store.rows(self._conn, "metrics_waits", {"ids": ids}) if ids else []
+                    self._conn = store.connect_sync(self._dsn)
+                depth = store.monitoring.queue_depth(self._conn)
+                unserved = store.monitoring.unserved_jobs(self._conn)
+                waits = store.monitoring.start_waits(self._conn, ids)
         except NotifyqError as exc:
             log.warning("metrics: could not query the database (%s)", exc)
             self.close()
@@ -161,14 +180,14 @@ class Metrics:
             return
         self._up.set(1)
         self._depth.clear()
-        for queue, ready, scheduled in depth:
-            self._depth.labels(queue, "ready").set(ready)
-            self._depth.labels(queue, "scheduled").set(scheduled)
+        for d in depth:
+            self._depth.labels(d.queue, "ready").set(d.ready)
+            self._depth.labels(d.queue, "scheduled").set(d.scheduled)
         self._unserved.clear()
-        for row in unserved:
-            self._unserved.labels(row["queue"], row["task"]).set(row["jobs"])
-        for queue, task, wait in waits:
-            self._wait.labels(queue, task).observe(wait)
+        for u in unserved:
+            self._unserved.labels(u.queue, u.task).set(u.jobs)
+        for w in waits:
+            self._wait.labels(w.queue, w.task).observe(w.wait)
 
     def close(self) -> None:
         with self._conn_lock:
@@ -189,22 +208,22 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        w = self._m._worker
+        w = self._m.figures()
         counters = {
             "notifyq_notifications": ("Notifications naming a served queue.", w.notifications),
             "notifyq_polls_with_work": (
                 "Fallback polls that found jobs no notification had announced "
                 "(notifications that went missing).",
-                w.dispatcher.polls_with_work,
+                w.polls_with_work,
             ),
-            "notifyq_claims": ("Claim statements run.", w.dispatcher.claims),
+            "notifyq_claims": ("Claim statements run.", w.claims),
             "notifyq_completions_fenced": (
                 "Outcomes dropped because the job was no longer ours (rescued or cancelled).",
-                w.completer.fenced,
+                w.fenced,
             ),
             "notifyq_rescued": (
                 "Jobs this process rescued from dead dispatchers (session ended, lease expired).",
-                w.leases.rescued,
+                w.rescued,
             ),
             "notifyq_lock_waits": (
                 "Times this process met a lock another transaction held: a statement that "
@@ -215,7 +234,7 @@ class _Collector:
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily(
-            "notifyq_running_jobs", "Jobs running in this process.", value=w.pool.running
+            "notifyq_running_jobs", "Jobs running in this process.", value=w.running
         )
 
 

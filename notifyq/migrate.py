@@ -1,27 +1,35 @@
 """Bring a database's notifyq schema up to date.
 
-A database with no schema gets schema.sql whole (it records its own
-version); one with an older version gets each numbered migration after it,
-in order.  Everything runs in one transaction under an advisory lock, so two
-processes migrating at once serialise and the second finds nothing to do.
+The numbered scripts in sql/migrations/ build the schema from nothing:
+0001_initial.sql is the first released schema, frozen, and each later file
+changes the one before.  A database gets every script numbered above the
+version it records, in order, each recorded in the same transaction, so a
+database built by any older release (they recorded version 1 from the schema
+they applied, or every version up to theirs) upgrades from where it stands.
+
+Everything runs in one transaction under an advisory lock, so two processes
+migrating at once serialise and the second finds nothing to do.  The version
+this code needs is the newest file's number: nothing else writes it down.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from . import store
 from .errors import SchemaMissing
 
 log = logging.getLogger("notifyq.migrate")
 
-SCHEMA_VERSION = 11
-"""The schema version this code needs (the newest it knows how to apply)."""
-
 
 def latest_version() -> int:
-    scripts = store.migration_scripts()
-    return scripts[-1][0] if scripts else SCHEMA_VERSION
+    """The schema version this code needs: the number of its newest migration."""
+    return SCHEMA_VERSION
+
+
+SCHEMA_VERSION: Final = store.migration_scripts()[-1][0]
+"""The schema version this code needs, read from the migrations' file names."""
 
 
 def migrate(dsn: str) -> tuple[int | None, int]:
@@ -30,11 +38,7 @@ def migrate(dsn: str) -> tuple[int | None, int]:
         with conn.transaction():
             store.lock_migrations(conn)
             before = store.schema_version(conn)
-            if before is None:
-                store.apply_script(conn, SCHEMA_VERSION, store.schema_sql())
-                current = SCHEMA_VERSION
-            else:
-                current = before
+            current = before or 0
             for version, script in store.migration_scripts():
                 if version > current:
                     store.apply_script(conn, version, script)
@@ -52,9 +56,9 @@ def check(dsn: str) -> int:
         raise SchemaMissing(
             "the notifyq schema is not installed in this database: run `notifyq migrate`"
         )
-    if version < latest_version():
+    if version < SCHEMA_VERSION:
         raise SchemaMissing(
             f"the notifyq schema is at version {version} but this notifyq needs "
-            f"{latest_version()}: run `notifyq migrate`"
+            f"{SCHEMA_VERSION}: run `notifyq migrate`"
         )
     return version

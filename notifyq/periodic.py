@@ -195,7 +195,8 @@ class Scheduler:
         now, schedules = await self._store.periodic_schedules()
         read_at = anyio.current_time()
         wait = MAX_SLEEP
-        for name, schedule, timezone, since in schedules:
+        for row in schedules:
+            name, schedule, timezone = row.name, row.schedule, row.timezone
             try:
                 zone = parse_zone(timezone)
                 due = latest_at(schedule, zone, now)
@@ -203,7 +204,7 @@ class Scheduler:
             except ConfigurationError as exc:
                 self._unusable_row(name, schedule, timezone, exc)
                 continue
-            if due is not None and due > since:
+            if due is not None and due > row.since:
                 await self._fire(name, schedule, timezone, due, now)
             if upcoming is not None:
                 wait = min(wait, (upcoming - now).total_seconds())
@@ -223,10 +224,9 @@ class Scheduler:
             return
         if result is None:
             return  # another dispatcher dealt with it, or the row changed meanwhile
-        enqueued, job_id = result
-        if enqueued:
+        if result.enqueue:
             self.enqueued += 1
-            log.debug("periodic %s: enqueued job=%s for instant %s", name, job_id, instant)
+            log.debug("periodic %s: enqueued job=%s for instant %s", name, result.job_id, instant)
         else:
             self.skipped += 1
             log.warning(

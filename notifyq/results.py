@@ -29,18 +29,18 @@ from typing import Any
 
 import anyio
 
-from . import codec
+from . import channels, codec
 from .errors import DatabaseUnavailable, JobFailed, OperationRefused
+from .job import FINISHED, JobState
 from .retry import reconnect_delay
-from .store import Listener, Note
+from .store import JobOutcome, Listener, Note
 
 log = logging.getLogger("notifyq.results")
 
-STATUS_CHANNEL = "notifyq_status"
-FINAL = frozenset({"succeeded", "dead", "cancelled"})
+FINAL = FINISHED
 QUIET_PING = 30.0  # seconds between pings of an otherwise silent listener
 
-Row = tuple[int, str, str, Any, str | None]  # id, queue, status, result, last_error
+Row = JobOutcome  # where an awaited job stands, by column name
 Read = Callable[[dict[int, uuid.UUID | None]], Awaitable[list[Row]]]  # job id -> its token
 
 
@@ -51,10 +51,9 @@ def outcome(job_id: int, row: Row | None, token: uuid.UUID | None = None) -> Any
             f"no job with id {job_id} (never enqueued, or purged since it finished"
             + (", or the token is not this job's)" if token is not None else ")")
         )
-    _, _, status, result, error = row
-    if status == "succeeded":
-        return result
-    raise JobFailed(job_id, status, error)
+    if row.status == JobState.SUCCEEDED:
+        return row.result
+    raise JobFailed(job_id, row.status, row.last_error)
 
 
 def finished_queues(notes: list[Note]) -> set[str]:
@@ -74,7 +73,7 @@ class Waiters:
     """Every `App.wait` of one event loop, served by one LISTEN connection."""
 
     def __init__(self, dsn: str, read: Read) -> None:
-        self._listener = Listener(dsn, STATUS_CHANNEL)
+        self._listener = Listener(dsn, channels.STATUS)
         self._read = read
         self._futures: dict[int, list[asyncio.Future[Row | None]]] = {}
         self._queues: dict[int, str] = {}  # awaited job -> its queue, once read
@@ -164,11 +163,11 @@ class Waiters:
         if not job_ids:
             return
         jobs = {job_id: self._tokens.get(job_id) for job_id in job_ids}
-        rows = {row[0]: row for row in await self._read(jobs)}
+        rows = {row.id: row for row in await self._read(jobs)}
         for job_id in job_ids:
             row = rows.get(job_id)
-            if row is not None and row[2] not in FINAL:
-                self._queues[job_id] = row[1]
+            if row is not None and row.status not in FINAL:
+                self._queues[job_id] = row.queue
                 continue
             for future in self._futures.get(job_id, []):
                 if not future.done():

@@ -18,15 +18,16 @@ import anyio
 import anyio.lowlevel
 
 from .errors import DatabaseUnavailable, NotifyqError
+from .job import JobState
 from .store import Store
 
 log = logging.getLogger("notifyq.retention")
 
 DAY = 86400.0
 DEFAULTS: Mapping[str, float | None] = {
-    "succeeded": 7 * DAY,
-    "cancelled": 7 * DAY,
-    "dead": 30 * DAY,  # the dead-letter queue is kept longer: someone should look at it
+    JobState.SUCCEEDED: 7 * DAY,
+    JobState.CANCELLED: 7 * DAY,
+    JobState.DEAD: 30 * DAY,  # the dead-letter queue is kept longer: someone should look at it
 }
 BATCH = 1000  # rows per transaction
 INTERVAL = 600.0  # seconds between sweeps

@@ -1,7 +1,7 @@
 """`notifyq roles`: the producer and worker group roles, with least privilege.
 
 The SQL is sql/roles.sql (what each role may do is written there); this
-module checks the names and runs or renders it through store.py.
+module checks the names and runs or renders it through the store.
 """
 
 from __future__ import annotations

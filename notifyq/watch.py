@@ -49,14 +49,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import store
+from . import channels, store
 from .errors import DatabaseUnavailable
 from .job import JobState
 from .registry import check_queue_name
 from .retry import reconnect_delay
 
-CHANNEL = "notifyq_status"
-PROGRESS_CHANNEL = "notifyq_progress"  # handlers' progress reports (ctx.progress)
 MAX_REFRESHES = 3.0  # per second, however many notifications arrive
 HISTORY = 300.0  # seconds of throughput and backlog samples kept
 SPARK_BUCKETS = 10  # the sparkline: 10 buckets of 30 s, the last 5 minutes
@@ -193,26 +191,26 @@ class Model:
         self.last: Snapshot | None = None
 
     async def snapshot(self) -> Snapshot:
-        params = {"queues": self._queues}
-        queue_rows = await self._store.fetch("watch_queues", params)
-        failures = await self._store.fetch("watch_failures", {**params, "limit": FAILURES_SHOWN})
-        running = await self._store.fetch("watch_running", {**params, "limit": RUNNING_SHOWN})
-        dispatchers = await self._store.fetch("watch_dispatchers", {})
-        unserved = await self._store.fetch("unserved_jobs", params)
+        reads = store.monitoring
+        queue_rows = await reads.queue_stats(self._store, self._queues)
+        failures = await reads.recent_failures(self._store, self._queues, FAILURES_SHOWN)
+        running = await reads.longest_running(self._store, self._queues, RUNNING_SHOWN)
+        dispatchers = await reads.dispatchers(self._store)
+        unserved = await reads.unserved(self._store, self._queues)
         self.queries += QUERIES_PER_REFRESH
         self.refreshes += 1
         now = time.monotonic()
         snap = Snapshot(at=time.time(), refreshes=self.refreshes)
         snap.queries_per_second = self.queries / max(now - self._started, 1.0)
-        snap.queues = [self._queue(now, *row) for row in queue_rows]
+        snap.queues = [self._queue(now, row) for row in queue_rows]
         if self._dead_at_start is None:
             self._dead_at_start = {q.queue: q.dead for q in snap.queues}
         for q in snap.queues:
             self._judge(now, q)
-        snap.failures = [FailureRow(*row) for row in failures]
-        snap.running = [RunningRow(*row) for row in running]
-        snap.dispatchers = [DispatcherRow(*row) for row in dispatchers]
-        snap.unserved = [UnservedRow(*row) for row in unserved]
+        snap.failures = [_failure(f) for f in failures]
+        snap.running = [_running(r) for r in running]
+        snap.dispatchers = [_dispatcher(d) for d in dispatchers]
+        snap.unserved = [_unserved(u) for u in unserved]
         self.last = snap
         return snap
 
@@ -226,14 +224,25 @@ class Model:
         snap.connected, snap.problem = False, problem
         return snap
 
-    def _queue(self, now: float, queue: str, *values: Any) -> QueueRow:
-        ready, scheduled, running, ok, failed, dead, done_10s, p50, p95, oldest = values
-        rate = done_10s / 10.0
-        samples = self._samples.setdefault(queue, deque())
-        samples.append((now, rate, ready))
+    def _queue(self, now: float, stats: store.rows.QueueStats) -> QueueRow:
+        rate = stats.done_10s / 10.0
+        samples = self._samples.setdefault(stats.queue, deque())
+        samples.append((now, rate, stats.ready))
         while samples and samples[0][0] < now - HISTORY:
             samples.popleft()
-        row = QueueRow(queue, ready, scheduled, running, ok, failed, dead, rate, p50, p95, oldest)
+        row = QueueRow(
+            queue=stats.queue,
+            ready=stats.ready,
+            scheduled=stats.scheduled,
+            running=stats.running,
+            succeeded_1m=stats.succeeded_1m,
+            failed_1m=stats.failed_1m,
+            dead=stats.dead,
+            rate=rate,
+            p50=stats.p50,
+            p95=stats.p95,
+            oldest_ready=stats.oldest_ready,
+        )
         row.trend = _buckets(samples, now)
         return row
 
@@ -247,6 +256,57 @@ class Model:
         before = [ready for t, _, ready in self._samples[q.queue] if t <= now - GROWTH_WINDOW]
         if before and q.ready > before[-1]:
             q.alerts.append("growing")
+
+
+def _failure(f: store.rows.FailedJob) -> FailureRow:
+    return FailureRow(
+        id=f.id,
+        queue=f.queue,
+        task=f.task,
+        attempt=f.attempts,
+        status=f.status,
+        error=f.error,
+        age=f.age,
+    )
+
+
+def _running(r: store.rows.RunningJob) -> RunningRow:
+    return RunningRow(
+        id=r.id,
+        queue=r.queue,
+        task=r.task,
+        attempt=r.attempts,
+        claimant=r.claimed_by,
+        running_for=r.running_for,
+        progress=r.progress,
+        message=r.progress_message,
+    )
+
+
+def _dispatcher(d: store.rows.DispatcherState) -> DispatcherRow:
+    return DispatcherRow(
+        claimant=d.claimant,
+        host=d.host,
+        pid=d.pid,
+        queues=d.queues,
+        concurrency=d.concurrency,
+        running=d.running,
+        state=d.state,
+        up=d.up,
+        silent=d.silent,
+        kind=d.kind,
+    )
+
+
+def _unserved(u: store.rows.UnservedJobs) -> UnservedRow:
+    return UnservedRow(
+        queue=u.queue,
+        task=u.task,
+        jobs=u.jobs,
+        oldest=u.oldest,
+        queue_served=u.served,
+        more=u.more,
+    )
 
 
 def _buckets(samples: deque[tuple[float, float, int]], now: float) -> list[float | None]:
@@ -695,7 +755,7 @@ async def _follow(
     max_age: float,
 ) -> None:
     st = store.Store(dsn, "watch")
-    listener = store.Listener(dsn, CHANNEL, PROGRESS_CHANNEL)
+    listener = store.Listener(dsn, channels.STATUS, channels.PROGRESS)
     model = Model(st, queues, max_age=max_age)
     failures = 0
     clock = anyio.current_time

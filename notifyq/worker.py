@@ -9,6 +9,13 @@
 Each piece knows only the callbacks it is given; `Worker.run` owns them all
 in one task group and shuts them down in order: stop claiming, let running
 jobs finish (or interrupt them), write every outcome, then stop the rest.
+
+What this process holds is kept in one place, the ledger (ledger.py): the
+pool enters each claimed attempt and marks it finished, the completer drops
+it once written; the dispatcher counts its free slots there, the lease keeper
+renews what is there, and the cancellation check asks about those ids.
+Metrics subscribe to the completer's outcomes and read `figures()`, a
+snapshot of the few counts they show; they see nothing else of the Worker.
 """
 
 from __future__ import annotations
@@ -19,27 +26,24 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import anyio
 
-from . import embedded, failpoints, listener, retention, store
+from . import channels, embedded, failpoints, listener, retention, store
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import ConfigurationError, DatabaseUnavailable
 from .job import Job
-from .leases import LeaseKeeper
+from .leases import LeaseKeeper, heartbeat_for
 from .ledger import Ledger
-from .periodic import Scheduler
+from .metrics import Exporter, Figures, Metrics
+from .periodic import Periodic, Scheduler
 from .progress import Reports
-from .registry import check_queue_name
+from .registry import Registry, check_queue_name
 from .store import TaskSettings
 from .worker_pool import Finished, WorkerPool
-
-if TYPE_CHECKING:
-    from .app import App
-    from .metrics import Metrics
 
 log = logging.getLogger("notifyq")
 
@@ -108,18 +112,24 @@ class Settings:
 
 
 class Worker:
-    """One dispatcher process's machinery; `run()` until `stop()` or a signal."""
+    """One dispatcher process's machinery; `run()` until `stop()` or a signal.
 
-    def __init__(self, app: App, settings: Settings, dsn: str) -> None:
+    It serves the tasks of `registry` and enqueues the instants of `schedules`
+    (an App's `registry` and `schedules`: `App.worker()` builds it)."""
+
+    def __init__(
+        self, registry: Registry, schedules: Sequence[Periodic], settings: Settings, dsn: str
+    ) -> None:
         failpoints.check()
-        if not len(app.registry):
+        if not len(registry):
             log.warning("the app registers no tasks: this dispatcher will claim no job")
-        self.app = app
+        self.registry = registry
         self.settings = settings
         self.dsn = dsn
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.queues = list(settings.queues or app.registry.queues())
-        # Attempts claimed and whose outcome is not yet written: leases to keep.
+        self.queues = list(settings.queues or registry.queues())
+        # Attempts claimed and whose outcome is not yet written: slots taken, leases to
+        # keep.  The one count of what this process holds; every piece below shares it.
         self.held = Ledger()
         self._loop_beat = time.monotonic()
         self.ready = anyio.Event()
@@ -146,7 +156,9 @@ class Worker:
         self.retention = retention.Retention(
             complete_store, settings.retention_ages(), settings.retention_interval
         )
-        self.pool = WorkerPool(app.registry, settings.concurrency, self._finished, self.reports)
+        self.pool = WorkerPool(
+            registry, settings.concurrency, self.held, self._finished, self.reports
+        )
         self.dispatcher = Dispatcher(
             claim_store,
             self.claimant,
@@ -164,11 +176,10 @@ class Worker:
                     t.backoff.max_delay,
                     t.timeout,
                 )
-                for t in app.registry
+                for t in registry
             ],
             submit=self._submit,
-            held_ids=self.held.ids,
-            unwritten=lambda: self.completer.pending,
+            ledger=self.held,
             max_jobs=settings.max_jobs,
             until_empty=settings.until_empty,
         )
@@ -176,23 +187,20 @@ class Worker:
             complete_store,
             self.claimant,
             self.held,
-            self._written,
+            self.dispatcher.outcomes_written,
             last_report=self.reports.take,
-            on_settled=self._settled,
         )
         # Shares the claim connection: a read per instant (or per minute) and a write per
         # instant due; not worth a connection of its own.
-        self.scheduler = Scheduler(claim_store, app.schedules)
+        self.scheduler = Scheduler(claim_store, schedules)
         self.metrics: Metrics | None = None
         if settings.metrics_port is not None:
-            from .metrics import Metrics  # optional dependency: imported only when asked for
-
-            self.metrics = Metrics(self)
+            self.metrics = Metrics(dsn, self.figures)  # needs prometheus-client, optional
+            self.completer.subscribe(self.metrics)
         self.leases = LeaseKeeper(
             self._lease_store,
             self.claimant,
             lease=settings.lease,
-            heartbeat=settings.lease / 3,
             rescue_interval=min(settings.poll_interval, settings.lease / 2),
             ledger=self.held,
             loop_beat=lambda: self._loop_beat,
@@ -202,9 +210,8 @@ class Worker:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "queues": self.queues,
-                "tasks": sorted(t.name for t in app.registry),
+                "tasks": sorted(t.name for t in registry),
                 "concurrency": settings.concurrency,
-                "heartbeat": settings.lease / 3,
                 # Only the listening connection holds the liveness lock (listener.py).
                 "liveness_lock": settings.listen,
             },
@@ -223,23 +230,13 @@ class Worker:
         return 3 if self.settings.until_empty and limited else 0
 
     def _submit(self, job: Job) -> None:
-        self.held.claimed((job.id, job.attempt))
         if self.metrics is not None:
             self.metrics.started(job)
         self.pool.submit(job)
 
     def _finished(self, finished: Finished) -> None:
         self.dispatcher.slot_freed()
-        if self.metrics is not None:
-            self.metrics.finished(finished)
         self.completer.submit(finished)
-
-    def _settled(self, job: Job, status: str) -> None:
-        if self.metrics is not None:
-            self.metrics.settled(job, status)
-
-    def _written(self) -> None:
-        self.dispatcher.outcomes_written()
 
     async def run(self, *, handle_signals: bool = False) -> None:
         s = self.settings
@@ -254,8 +251,6 @@ class Worker:
         )
         exporter = None
         if self.metrics is not None:
-            from .metrics import Exporter
-
             exporter = Exporter(self.metrics, self.settings.metrics_port or 0)
             exporter.start()
         self.leases.start()
@@ -296,6 +291,22 @@ class Worker:
         stores = [*self._stores, self._lease_store]
         return sum(st.lock_waits for st in stores) + self.completer.lock_waits
 
+    def figures(self) -> Figures:
+        """The counts metrics show, as one snapshot (read on the HTTP server's threads)."""
+        beat = self.leases.beat_at
+        return Figures(
+            notifications=self.notifications,
+            polls_with_work=self.dispatcher.polls_with_work,
+            claims=self.dispatcher.claims,
+            fenced=self.completer.fenced,
+            rescued=self.leases.rescued,
+            lock_waits=self.lock_waits,
+            running=self.held.running,
+            heartbeat=self.leases.heartbeat,
+            beat_age=None if beat is None else time.monotonic() - beat,
+            listening=self.listening.is_set() or not self.settings.listen,
+        )
+
     def _totals(self) -> dict[str, int]:
         decided = self.completer.decided
         return {
@@ -330,7 +341,7 @@ class Worker:
 
     async def _beat(self) -> None:
         """Show the lease keeper that this loop runs; surface the keeper's failure."""
-        interval = min(1.0, self.settings.lease / 12)
+        interval = min(1.0, heartbeat_for(self.settings.lease) / 4)
         while True:
             self._loop_beat = time.monotonic()
             if self.leases.failure is not None:
@@ -412,7 +423,7 @@ class Worker:
 
     async def _send_probe(self, payload: str) -> None:
         try:
-            await self._stores[0].notify(listener.INTERNAL_CHANNEL, payload)
+            await self._stores[0].notify(channels.INTERNAL, payload)
         except DatabaseUnavailable as exc:
             log.warning("could not send the listener's probe notification (%s)", exc)
 

@@ -9,6 +9,11 @@ scope is cancelled; a sync handler's thread cannot be, so its context's
 `cancelled` event is set and the attempt ends when the handler returns.  What happened is
 reported as a `Finished` through the `on_finished` callback; turning that
 into a state write is completion.py's job.
+
+The pool keeps no count of its own: `submit` enters the attempt in the
+ledger as running, and its report moves it to pending (ledger.py) before
+`on_finished` is called, so whoever that callback wakes (the dispatcher,
+counting free slots) already sees the slot free.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import inspect
 import logging
 import math
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,7 +34,7 @@ from anyio.abc import TaskStatus
 from . import codec, failpoints
 from .errors import ConfigurationError, PayloadError, ResultError
 from .job import Job, JobContext, Reporter
-from .ledger import Attempt
+from .ledger import Attempt, Ledger
 from .registry import Registry, Task
 
 log = logging.getLogger("notifyq.worker")
@@ -50,6 +56,7 @@ class Finished:
     interrupted: bool = False
     cancelled: bool = False
     result: str | None = None  # what the handler returned, as JSON text (None: nothing)
+    runtime: float | None = None  # seconds the handler ran (None: it never started)
 
 
 _NEVER = threading.Event()  # the `cancelled` of async handlers: they get CancelledError
@@ -60,6 +67,7 @@ class WorkerPool:
         self,
         registry: Registry,
         concurrency: int,
+        ledger: Ledger,
         on_finished: Callable[[Finished], None],
         reporter: Reporter | None = None,
     ) -> None:
@@ -67,19 +75,19 @@ class WorkerPool:
             raise ConfigurationError("concurrency must be at least 1")
         self._registry = registry
         self._concurrency = concurrency
+        self._ledger = ledger  # submitted attempts run there until their report
         self._on_finished = on_finished
         self._reporter = reporter
         self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
         self._scopes: set[anyio.CancelScope] = set()  # each slot's current session
-        self._active = 0  # attempts running now
         self._threads = anyio.CapacityLimiter(concurrency)
-        self._pending = 0  # submitted and not yet finished
         self._interrupting = False
         self._stopping = threading.Event()  # shared by every JobContext of this pool
         self.abandoned = 0  # sync handlers interrupted at shutdown: their threads live on
-        # Attempts running now, by (job id, attempt): a job rescued from under a stalled
+        # Attempts in a slot now, by (job id, attempt): a job rescued from under a stalled
         # attempt can be claimed again by this pool while that attempt still runs.
-        # Each maps to its session's scope, and a sync handler's event.
+        # Each maps to its session's scope, and a sync handler's event: what `cancel`
+        # needs to reach them (the ledger is what counts them).
         self._running: dict[Attempt, tuple[anyio.CancelScope, threading.Event | None]] = {}
         self._cancelled: set[Attempt] = set()  # attempts of jobs cancelled while they ran
         self._idle = anyio.Event()
@@ -87,13 +95,16 @@ class WorkerPool:
 
     @property
     def running(self) -> int:
-        return self._active
+        """Attempts submitted and not reported yet (the ledger's count): in a slot, or for
+        a moment waiting for one, as the dispatcher claims no more than the free slots."""
+        return self._ledger.running
 
     def submit(self, job: Job) -> None:
-        """Queue a claimed job; the dispatcher never claims more than there are free slots."""
-        if self._pending == 0:
+        """Queue a claimed job; the dispatcher never claims more than there are free slots.
+        The attempt is running in the ledger from now until it is reported."""
+        self._ledger.claimed((job.id, job.attempt))
+        if self._idle.is_set():
             self._idle = anyio.Event()
-        self._pending += 1
         self._send.send_nowait(job)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -150,11 +161,7 @@ class WorkerPool:
             try:
                 async for job in receive:
                     current = job
-                    self._active += 1
-                    try:
-                        finished = await self._attempt(job, scope)
-                    finally:
-                        self._active -= 1
+                    finished = await self._attempt(job, scope)
                     current = None
                     self._report(finished)
                 return True
@@ -172,8 +179,8 @@ class WorkerPool:
         if self._cancelled and attempt in self._cancelled:
             self._cancelled.discard(attempt)
             finished = replace(finished, cancelled=True)
-        self._pending -= 1
-        if self._pending == 0:
+        self._ledger.finished(attempt)
+        if not self._ledger.running:
             self._idle.set()
         if failpoints.ACTIVE and not finished.interrupted:
             failpoints.hit("handler-after")
@@ -197,6 +204,7 @@ class WorkerPool:
         )
         attempt = (job.id, job.attempt)
         self._running[attempt] = (scope, cancelled)
+        began = time.monotonic()
         try:
             if task is None:
                 raise UnknownTask(
@@ -204,9 +212,12 @@ class WorkerPool:
                     f"in the app serving queue {job.queue!r}"
                 )
             value = await self._call(task, job, context)
-            return Finished(job, task, result=encode_result(task.name, value))
+            result = encode_result(task.name, value)
+            return Finished(job, task, result=result, runtime=time.monotonic() - began)
         except Exception as exc:
-            return Finished(job, task, exc, traceback.format_exc())
+            return Finished(
+                job, task, exc, traceback.format_exc(), runtime=time.monotonic() - began
+            )
         except anyio.get_cancelled_exc_class():
             if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
                 raise  # a real cancellation: ours (shutdown) or an enclosing one
@@ -216,10 +227,13 @@ class WorkerPool:
                 task,
                 RuntimeError("the handler raised CancelledError"),
                 traceback.format_exc(),
+                runtime=time.monotonic() - began,
             )
         except BaseException as exc:  # SystemExit, KeyboardInterrupt from a handler
             # A handler cannot stop the dispatcher: it only fails its own attempt.
-            return Finished(job, task, exc, traceback.format_exc())
+            return Finished(
+                job, task, exc, traceback.format_exc(), runtime=time.monotonic() - began
+            )
         finally:
             del self._running[attempt]
 

@@ -80,3 +80,50 @@ def test_settings_reject_nonsense() -> None:
         notifyq.Settings(queues=("ok", "Not;OK"))
     with pytest.raises(notifyq.ConfigurationError, match="lease"):
         notifyq.Settings(lease=0.5)
+
+
+def test_the_enqueue_methods_take_the_documented_keywords_and_refuse_others() -> None:
+    """The keywords are written once (enqueue.EnqueueOptions, ManyOptions); each method
+    still takes every documented one, and an unknown keyword is a TypeError up front,
+    before any connection is opened."""
+    from notifyq import enqueue
+
+    every, many = enqueue.ENQUEUE_OPTIONS, enqueue.MANY_OPTIONS
+    assert every == {
+        "queue",
+        "priority",
+        "delay",
+        "run_at",
+        "max_attempts",
+        "dedupe_key",
+        "rate_key",
+        "depends_on",
+        "on_dependency_failure",
+    }
+    assert every - many == {"dedupe_key"}
+    # Nothing listens there: only a call that got past the keywords would try to connect.
+    app = notifyq.App("postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(
+        TypeError, match=r"enqueue_sync\(\) got an unexpected keyword argument 'prio'"
+    ):
+        app.enqueue_sync("t", prio=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"enqueue_many_sync\(\) .* 'dedupe_key'"):
+        app.enqueue_many_sync("t", [{}], dedupe_key="k")  # type: ignore[call-arg]
+    job = enqueue.build(
+        app.registry,
+        "t",
+        {"a": 1},
+        {"queue": "q", "priority": 2, "delay": 5.0, "max_attempts": 3, "dedupe_key": "k",
+         "rate_key": "r", "depends_on": [7], "on_dependency_failure": "run"},
+    )  # fmt: skip
+    assert (job.queue, job.priority, job.delay, job.max_attempts) == ("q", 2, 5.0, 3)
+    assert (job.dedupe_key, job.rate_key, job.depends_on) == ("k", "r", [7])
+    assert job.on_dependency_failure == "run" and job.payload_json == '{"a":1}'
+    defaults = enqueue.build(app.registry, "t", None, {})
+    assert (defaults.queue, defaults.priority, defaults.delay, defaults.run_at) == (
+        "default",
+        0,
+        0.0,
+        None,
+    )
+    assert defaults.on_dependency_failure == "cancel" and defaults.depends_on is None

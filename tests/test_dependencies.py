@@ -13,12 +13,12 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import InvalidJob, JobContext, store
+from notifyq import InvalidJob, JobContext, channels, store
 from notifyq.completion import Completer
 from notifyq.ledger import Ledger
 from notifyq.worker_pool import Finished
 from tests.conftest import query, statuses, wait_until
-from tests.test_dispatch import eventually, serving
+from tests.helpers import eventually, listen_on, serving
 
 
 def insert(dsn: str, task: str = "t", depends_on: list[int] | None = None, **columns: Any) -> int:
@@ -112,7 +112,7 @@ def test_plain_sql_enqueue_waits_for_every_dependency(dsn: str) -> None:
         b,
     )[0]
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("LISTEN notifyq_jobs")
+        listen_on(listener, channels.JOBS)
         finish(dsn, a, "succeeded")
         assert status(dsn, c) == "waiting"
         finish(dsn, b, "succeeded")
@@ -475,6 +475,7 @@ async def test_a_write_that_waits_for_a_lock_is_split_until_the_waiting_outcome_
         assert sorted(j.id for j in jobs) == ids
         for job in jobs:
             ledger.claimed((job.id, job.attempt))
+            ledger.finished((job.id, job.attempt))  # as the pool reports it
         completer = Completer(writes, claimant, ledger, on_written=lambda: None)
         with psycopg.connect(dsn) as blocker:
             blocker.execute("SELECT 1 FROM notifyq.jobs WHERE id = %s FOR UPDATE", (waiting,))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -15,39 +13,20 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import Backoff, DoNotRetry, JobContext, LockTimeout, PayloadError, Settings, store
+from notifyq import (
+    Backoff,
+    DoNotRetry,
+    JobContext,
+    LockTimeout,
+    PayloadError,
+    Settings,
+    channels,
+    store,
+)
 from tests.conftest import query, statuses
+from tests.helpers import eventually, serving
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def serving(app: notifyq.App, dsn: str, **settings: Any) -> AsyncIterator[notifyq.Worker]:
-    """Run a Worker in the background; stop it gracefully on exit."""
-    worker = app.worker(Settings(**settings), dsn=dsn)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        with anyio.fail_after(10):
-            await worker.ready.wait()
-            if worker.settings.listen:
-                await worker.listening.wait()
-            # Let the start-up claim finish, so tests see the steady state.
-            while worker.dispatcher.claims == 0:  # noqa: ASYNC110 - a counter, not an event
-                await anyio.sleep(0.005)
-        try:
-            yield worker
-        finally:
-            worker.stop()
-
-
-async def eventually(condition: Any, within: float = 20.0) -> Any:
-    """Poll a (blocking) condition off the event loop until it holds; fail after `within` s."""
-    with anyio.fail_after(within):
-        while True:
-            value = await anyio.to_thread.run_sync(condition)
-            if value:
-                return value
-            await anyio.sleep(0.02)
 
 
 def sql_insert(dsn: str, values: str, columns: str = "task, payload") -> None:
@@ -994,7 +973,7 @@ async def test_a_flood_of_forged_notifications_causes_a_bounded_claim_rate(dsn: 
         nonlocal sent
         with psycopg.connect(dsn, autocommit=True) as conn:
             while not stop.is_set():
-                conn.execute("SELECT pg_notify('notifyq_jobs', 'default')")
+                conn.execute("SELECT pg_notify(%s, 'default')", (channels.JOBS,))
                 sent += 1
 
     async with serving(app, dsn, poll_interval=3600) as worker:

@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import ConfigurationError, InvalidJob, enqueue
+from notifyq import ConfigurationError, InvalidJob, channels, enqueue
 from tests.conftest import query
+from tests.helpers import listen_on
 
 
 def make_app(dsn: str) -> notifyq.App:
@@ -206,7 +207,7 @@ def test_task_registration_rejects_bad_settings() -> None:
 def notifications_until_sentinel(listener: psycopg.Connection[Any], dsn: str) -> list[str]:
     """Everything `listener` received on notifyq_jobs before a sentinel sent now: a NOTIFY
     is delivered in commit order, so the sentinel arriving means nothing else is on its way."""
-    query(dsn, "SELECT pg_notify('notifyq_jobs', 'sentinel')")
+    query(dsn, "SELECT pg_notify(%s, 'sentinel')", channels.JOBS)
     got: list[str] = []
     for note in listener.notifies(timeout=20):
         if note.payload == "sentinel":
@@ -220,7 +221,7 @@ async def test_enqueue_many_inserts_in_order_with_one_notification_per_queue(dsn
     app = make_app(dsn)
     count = notifyq.store.ENQUEUE_CHUNK * 2 + 17  # three statements, one transaction
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("LISTEN notifyq_jobs")
+        listen_on(listener, channels.JOBS)
         try:
             ids = await app.enqueue_many("mail.send", ({"i": i} for i in range(count)), priority=2)
             other = await app.enqueue_many("report.build", [[1], [2]], queue="reports")

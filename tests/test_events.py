@@ -16,22 +16,21 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import JobContext
+from notifyq import JobContext, channels
 from tests.conftest import query, serve_process, statuses, wait_until
+from tests.helpers import eventually, listen_on, serving
 from tests.test_cli import notifyq as notifyq_cli
-from tests.test_dispatch import eventually, serving
 
-EVENTS = "notifyq_events"
-PUBLIC = ("notifyq_jobs", "notifyq_status", "notifyq_progress", EVENTS)
+EVENTS = channels.EVENTS
+PUBLIC = (channels.JOBS, channels.STATUS, channels.PROGRESS, EVENTS)
 LIMIT = 8000  # PostgreSQL refuses a payload of this many bytes or more
 SENTINEL = "sentinel"
 
 
 @contextmanager
-def listening(dsn: str, *channels: str) -> Iterator[psycopg.Connection[Any]]:
+def listening(dsn: str, *names: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for channel in channels:
-            conn.execute(f"LISTEN {channel}".encode())
+        listen_on(conn, *names)
         yield conn
 
 
@@ -244,7 +243,7 @@ def test_public_channels_carry_only_documented_payloads(dsn: str, tmp_path: Any)
     the contract documents."""
     query(dsn, "SELECT notifyq.set_events('default', true)")
     log = tmp_path / "serve.log"
-    with listening(dsn, *PUBLIC, "notifyq_internal") as listener:
+    with listening(dsn, *PUBLIC, channels.INTERNAL) as listener:
         with serve_process(dsn, app="tests.apps.secure:app", log=log) as proc:
             wait_until(lambda: "listener verified" in log.read_text(), message="the probe")
             query(
@@ -259,16 +258,16 @@ def test_public_channels_carry_only_documented_payloads(dsn: str, tmp_path: Any)
             wait_until(lambda: statuses(dsn) == {"succeeded": 2}, message="the jobs to run")
             assert proc.poll() is None, log.read_text()
         got = received(listener, dsn)
-    internal = [p for c, p in got if c == "notifyq_internal"]
+    internal = [p for c, p in got if c == channels.INTERNAL]
     assert [p for p in internal if p.startswith("limit:")] == ["limit:default"] * 3
     probes = [p for p in internal if p.startswith("notifyq-probe:")]
     assert probes and len(probes) + 3 == len(internal)
-    public = [(c, p) for c, p in got if c != "notifyq_internal"]
-    assert {c for c, _ in public} == {"notifyq_jobs", "notifyq_status", EVENTS}
+    public = [(c, p) for c, p in got if c != channels.INTERNAL]
+    assert {c for c, _ in public} == {channels.JOBS, channels.STATUS, EVENTS}
     for channel, payload in public:
-        if channel == "notifyq_jobs":
+        if channel == channels.JOBS:
             assert re.fullmatch(r"[a-z0-9_][a-z0-9_-]{0,62}", payload), payload
-        elif channel == "notifyq_status":
+        elif channel == channels.STATUS:
             assert set(json.loads(payload)) == {"queue", "status"}, payload
         else:
             for event in json.loads(payload):

@@ -12,7 +12,7 @@ import pytest
 import notifyq
 from notifyq import DoNotRetry, admin
 from tests.conftest import REPO, query, statuses
-from tests.test_dispatch import serving
+from tests.helpers import serving
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ import pytest
 import notifyq
 from notifyq import admin
 from tests.conftest import REPO, query, statuses
-from tests.test_dispatch import eventually, serving
+from tests.helpers import eventually, serving
 
 pytestmark = pytest.mark.anyio
 

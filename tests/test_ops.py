@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from notifyq import channels
 from tests.apps.ledger import LEDGER_DDL
 from tests.conftest import REPO, query, serve_process, wait_until
 
@@ -212,7 +213,7 @@ def test_cancel_through_the_cli(ledger_dsn: str, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with serve_process(dsn, log=log):
         (held,) = insert(dsn, QUEUED.replace("'x.y'", "'ledger.hold'"))
-        query(dsn, "NOTIFY notifyq_jobs, 'default'")
+        query(dsn, "SELECT pg_notify(%s, 'default')", channels.JOBS)
         wait_until(lambda: ran(dsn, held), message="the held job to start")
         done = notifyq(dsn, "cancel", str(held))
         assert done.stdout.strip() == (

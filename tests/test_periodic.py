@@ -182,7 +182,7 @@ async def test_racing_dispatchers_enqueue_an_instant_once(dsn: str) -> None:
         for st in stores:
             await st.close()
     winners = [r for r in results if r is not None]
-    assert len(winners) == 1 and winners[0][0] is True
+    assert len(winners) == 1 and winners[0].enqueue is True
     assert [(task, payload) for task, payload, _ in jobs(dsn)] == [
         ("race", {"instant": instant.isoformat()})
     ]

@@ -12,11 +12,11 @@ import psycopg
 import pytest
 
 import notifyq
-from notifyq import JobContext, OperationRefused, watch
+from notifyq import JobContext, OperationRefused, channels, watch
 from notifyq.progress import Reports
 from notifyq.store import Store
 from tests.conftest import query, statuses
-from tests.test_dispatch import eventually, serving
+from tests.helpers import eventually, listen_on, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +38,7 @@ async def test_progress_is_written_announced_and_shown_by_watch(dsn: str) -> Non
         await release.wait()
 
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("LISTEN notifyq_progress")
+        listen_on(listener, channels.PROGRESS)
         async with serving(app, dsn) as worker:
             job = await app.enqueue(long)
             await reported.wait()

@@ -12,7 +12,7 @@ import pytest
 import notifyq
 from notifyq import InvalidJob
 from tests.conftest import query, statuses
-from tests.test_dispatch import eventually, serving
+from tests.helpers import eventually, serving
 from tests.test_limits import dispatchers
 
 pytestmark = pytest.mark.anyio

@@ -12,7 +12,7 @@ import pytest
 import notifyq
 from notifyq import DoNotRetry, InvalidJob, JobFailed, OperationRefused
 from tests.conftest import query, statuses
-from tests.test_dispatch import eventually, serving
+from tests.helpers import eventually, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
+from importlib import resources
 from typing import Any
 
 import psycopg
 import pytest
 
-from notifyq import SchemaMissing, migrate, store
+from notifyq import SchemaMissing, channels, migrate, store
 from tests.conftest import REPO, query
+from tests.helpers import listen_on
 
 
 def insert(dsn: str, columns: str, values: str) -> None:
@@ -100,7 +102,7 @@ def test_largest_allowed_payload_and_edge_values_are_accepted(dsn: str) -> None:
 
 def listen(dsn: str, channel: str) -> psycopg.Connection[Any]:
     conn = psycopg.connect(dsn, autocommit=True)
-    conn.execute(f"LISTEN {channel}".encode())
+    listen_on(conn, channel)
     return conn
 
 
@@ -115,8 +117,19 @@ def drain(conn: psycopg.Connection[Any], expect: int = 0) -> list[str]:
     return got
 
 
+def test_channel_names_are_the_documented_contract() -> None:
+    """The one place tests spell the channels: other languages LISTEN on these names."""
+    assert (channels.JOBS, channels.STATUS, channels.PROGRESS, channels.EVENTS) == (
+        "notifyq_jobs",
+        "notifyq_status",
+        "notifyq_progress",
+        "notifyq_events",
+    )
+    assert channels.INTERNAL == "notifyq_internal"
+
+
 def test_insert_trigger_notifies_once_per_statement_per_queue(dsn: str) -> None:
-    with listen(dsn, "notifyq_jobs") as listener:
+    with listen(dsn, channels.JOBS) as listener:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO notifyq.jobs (task, queue)"
@@ -128,7 +141,7 @@ def test_insert_trigger_notifies_once_per_statement_per_queue(dsn: str) -> None:
 
 def test_status_change_notifies_and_requeue_wakes_dispatchers(dsn: str) -> None:
     insert(dsn, "task, queue, status, finished_at", "'t', 'q', 'dead', now()")
-    with listen(dsn, "notifyq_status") as status, listen(dsn, "notifyq_jobs") as jobs:
+    with listen(dsn, channels.STATUS) as status, listen(dsn, channels.JOBS) as jobs:
         query(dsn, "UPDATE notifyq.jobs SET status = 'queued', finished_at = NULL")
         assert drain(status, expect=1) == ['{"queue" : "q", "status" : "queued"}']
         assert drain(jobs, expect=1) == ["q"]
@@ -139,7 +152,7 @@ def test_status_change_notifies_and_requeue_wakes_dispatchers(dsn: str) -> None:
 
 
 def test_no_notification_for_a_rolled_back_insert(dsn: str) -> None:
-    with listen(dsn, "notifyq_jobs") as listener:
+    with listen(dsn, channels.JOBS) as listener:
         with psycopg.connect(dsn) as conn:
             conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('t')")
             conn.rollback()
@@ -171,7 +184,21 @@ def test_queue_stats_counts_by_status_and_oldest_ready_age(dsn: str) -> None:
 
 
 def test_schema_file_is_the_packaged_schema() -> None:
-    assert store.schema_sql() == (REPO / "schema.sql").read_text()
+    """The wheel ships the readable schema too (a symlink in the repository)."""
+    packaged = resources.files("notifyq").joinpath("sql/schema.sql").read_text()
+    assert packaged == (REPO / "schema.sql").read_text()
+
+
+def test_migrations_are_numbered_from_1_without_gaps() -> None:
+    """The newest file's number is the version this code needs: a gap or a duplicate
+    number (two branches adding the same one) would skip or shadow a migration."""
+    folder = resources.files("notifyq").joinpath("sql/migrations")
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".sql"))
+    versions = [version for version, _ in store.migration_scripts()]
+    assert len(versions) == len(names)
+    assert versions == list(range(1, len(names) + 1))
+    assert names[0] == "0001_initial.sql"
+    assert migrate.SCHEMA_VERSION == migrate.latest_version() == versions[-1]
 
 
 def test_schema_file_applies_twice_as_psql_would(empty_dsn: str) -> None:
@@ -180,7 +207,9 @@ def test_schema_file_applies_twice_as_psql_would(empty_dsn: str) -> None:
         with psycopg.connect(empty_dsn) as conn:
             conn.execute(script)
     versions = query(empty_dsn, "SELECT version FROM notifyq.schema_version ORDER BY 1")
-    assert versions == [(v,) for v in range(1, migrate.SCHEMA_VERSION + 1)]
+    assert versions == [(v,) for v, _ in store.migration_scripts()]
+    # A database built by hand from schema.sql has nothing left to migrate.
+    assert migrate.migrate(empty_dsn) == (migrate.SCHEMA_VERSION, migrate.SCHEMA_VERSION)
 
 
 def test_migrate_is_idempotent_and_records_the_version(empty_dsn: str) -> None:
@@ -214,17 +243,13 @@ def test_concurrent_migrations_serialise(empty_dsn: str) -> None:
 
 def test_moving_a_queued_job_earlier_or_to_another_queue_wakes_dispatchers(dsn: str) -> None:
     insert(dsn, "task, queue, run_at", "'t', 'a', now() + interval '1 hour'")
-    with listen(dsn, "notifyq_jobs") as jobs:
+    with listen(dsn, channels.JOBS) as jobs:
         query(dsn, "UPDATE notifyq.jobs SET run_at = now()")
         assert drain(jobs, expect=1) == ["a"]
         query(dsn, "UPDATE notifyq.jobs SET queue = 'b'")
         assert drain(jobs, expect=1) == ["b"]
         query(dsn, "UPDATE notifyq.jobs SET run_at = run_at + interval '1 hour'")
         assert drain(jobs) == []  # later is nothing to wake for
-
-
-V1_SCHEMA = REPO / "tests" / "data" / "schema_v1.sql"
-"""schema.sql as it was at version 1, before any numbered migration (commit 4b87306)."""
 
 
 def catalog(dsn: str) -> list[tuple[Any, ...]]:
@@ -256,10 +281,33 @@ def catalog(dsn: str) -> list[tuple[Any, ...]]:
     )
 
 
-def test_schema_file_equals_version_1_and_the_migrations_in_order(dsn: str, empty_dsn: str) -> None:
-    """Every numbered migration, applied to the first released schema, must arrive at
-    exactly what schema.sql installs (which new databases get)."""
+def test_migrations_from_empty_build_exactly_schema_sql(dsn: str, empty_dsn: str) -> None:
+    """`dsn` was built by `notifyq migrate` from an empty database (0001 and every later
+    migration in order); schema.sql, applied by hand, must build exactly the same."""
     with psycopg.connect(empty_dsn) as conn:
-        conn.execute(V1_SCHEMA.read_bytes())
-    assert migrate.migrate(empty_dsn) == (1, migrate.latest_version())
+        conn.execute((REPO / "schema.sql").read_bytes())
+    assert catalog(empty_dsn) == catalog(dsn)
+
+
+def test_a_database_built_by_an_older_release_upgrades(dsn: str, empty_dsn: str) -> None:
+    """Older releases built a new database from the version-1 schema (as a script of its
+    own, recording version 1) and applied the numbered migrations from 0002 on: such a
+    database must migrate from version 1 to exactly what a new one gets."""
+    initial = dict(store.migration_scripts())[1]
+    with psycopg.connect(empty_dsn) as conn:
+        conn.execute(initial)
+        conn.execute("INSERT INTO notifyq.schema_version (version) VALUES (1)")
+    with pytest.raises(SchemaMissing, match="at version 1 "):
+        migrate.check(empty_dsn)
+    assert migrate.migrate(empty_dsn) == (1, migrate.SCHEMA_VERSION)
+    assert catalog(empty_dsn) == catalog(dsn)
+
+
+def test_a_database_part_way_upgrades_from_where_it_stands(dsn: str, empty_dsn: str) -> None:
+    """A database at an intermediate version gets only the migrations above it."""
+    with psycopg.connect(empty_dsn) as conn:
+        for version, script in store.migration_scripts():
+            if version <= 6:
+                store.apply_script(conn, version, script)
+    assert migrate.migrate(empty_dsn) == (6, migrate.SCHEMA_VERSION)
     assert catalog(empty_dsn) == catalog(dsn)

@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import notifyq
-from notifyq import cli, codec, enqueue, migrate, store
+from notifyq import channels, cli, codec, enqueue, migrate, store
 from notifyq.errors import (
     ConfigurationError,
     InvalidJob,
@@ -30,8 +30,8 @@ from notifyq.errors import (
     redact,
 )
 from tests.conftest import query, serve_process, statuses, wait_until
+from tests.helpers import listen_on
 from tests.test_cli import notifyq as notifyq_process
-from tests.test_schema import V1_SCHEMA
 
 SECRET = "s3cret-XYZ"
 
@@ -412,7 +412,6 @@ def test_migration_lets_existing_producers_give_and_use_tokens(empty_dsn: str) -
     """A producer role that `notifyq roles` made before version 11 may insert a token
     (which Python now always sends) and call job_status once the database is migrated."""
     with psycopg.connect(empty_dsn) as conn:
-        conn.execute(V1_SCHEMA.read_bytes())
         for version, script in store.migration_scripts():
             if version <= 10:
                 store.apply_script(conn, version, script)
@@ -520,8 +519,7 @@ SHADOWS = [
 
 
 def _insert_update_and_listen(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
-    conn.execute("LISTEN notifyq_jobs")
-    conn.execute("LISTEN notifyq_status")
+    listen_on(conn, channels.JOBS, channels.STATUS)
     conn.execute("INSERT INTO notifyq.jobs (task, queue) VALUES ('secure.leaf', 'shadowed')")
     conn.execute(
         "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = pg_catalog.now() "
@@ -538,8 +536,8 @@ def test_temp_objects_cannot_shadow_what_triggers_use(dsn: str) -> None:
         job_id = notifyq.App().enqueue_sync("secure.leaf", queue="shadowed2", conn=conn)
         assert conn.execute("SELECT count(*) FROM pg_temp.jobs").fetchone() == (0,)
     assert got == [
-        ("notifyq_jobs", "shadowed"),
-        ("notifyq_status", '{"queue" : "shadowed", "status" : "cancelled"}'),
+        (channels.JOBS, "shadowed"),
+        (channels.STATUS, '{"queue" : "shadowed", "status" : "cancelled"}'),
     ]
     assert query(dsn, "SELECT queue, status FROM notifyq.jobs ORDER BY id") == [
         ("shadowed", "cancelled"),
@@ -569,8 +567,8 @@ def test_functions_on_the_search_path_cannot_capture_trigger_or_admin_calls(dsn:
         got = _insert_update_and_listen(conn)
         assert conn.execute("SELECT notifyq.purge(interval '0')").fetchone() == (1,)
     assert got == [
-        ("notifyq_jobs", "shadowed"),
-        ("notifyq_status", '{"queue" : "shadowed", "status" : "cancelled"}'),
+        (channels.JOBS, "shadowed"),
+        (channels.STATUS, '{"queue" : "shadowed", "status" : "cancelled"}'),
     ]
 
 
@@ -587,7 +585,7 @@ def test_nothing_on_the_search_path_captures_the_events_trigger(dsn: str) -> Non
             conn.execute(statement.encode())
         conn.execute("CREATE TEMP TABLE queue_events (queue text)")
         conn.execute("SET search_path = evil, public, pg_catalog")
-        conn.execute("LISTEN notifyq_events")
+        listen_on(conn, channels.EVENTS)
         conn.execute("INSERT INTO notifyq.jobs (task, queue) VALUES ('secure.leaf', 'shadowed')")
         conn.execute(
             "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = pg_catalog.now() "

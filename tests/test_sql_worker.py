@@ -13,8 +13,9 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 import notifyq
-from notifyq import Backoff, Settings
+from notifyq import Backoff, Settings, channels
 from tests.conftest import query, wait_until
+from tests.helpers import listen_on
 from tests.test_security import Roles, roles  # noqa: F401 - the fixture
 
 CLAIM = "SELECT id, queue, task, payload, attempt, max_attempts FROM notifyq.claim(%s, {})"
@@ -153,7 +154,7 @@ def test_progress_is_written_announced_and_checkpoints_reach_the_next_attempt(ds
     (j,) = insert(dsn, "('t')")
     claim(dsn, "w")
     with psycopg.connect(dsn, autocommit=True) as listener:
-        listener.execute("LISTEN notifyq_progress")
+        listen_on(listener, channels.PROGRESS)
         assert query(
             dsn, "SELECT notifyq.progress(%s, 'w', 40, 'reading', '{\"page\": 7}')", j
         ) == [(True,)]

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 
@@ -30,9 +29,9 @@ def notifyq(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def unserved(dsn: str) -> list[dict[str, Any]]:
+def unserved(dsn: str) -> list[store.rows.UnservedJobs]:
     with store.connect_sync(dsn) as conn:
-        return store.records(conn, "unserved_jobs", {"queues": None})
+        return store.monitoring.unserved_jobs(conn)
 
 
 def claims(port: int) -> float:
@@ -105,7 +104,7 @@ def test_a_second_app_leaves_the_first_apps_jobs_queued_and_reports_them(dsn: st
             wait_until(
                 lambda: statuses(dsn) == {"queued": 1, "succeeded": 4}, message="hello.greet"
             )
-            left = [(u["queue"], u["task"]) for u in unserved(dsn)]
+            left = [(u.queue, u.task) for u in unserved(dsn)]
             assert left == [("reports", "ledger.record")]
         metrics = get(port, "/metrics")[1]
         assert sample(metrics, "notifyq_unserved_jobs", queue="default", task="hello.greet") is None
@@ -143,8 +142,8 @@ def test_only_a_live_dispatcher_with_the_task_serves_a_job(
         tasks,
     )
     found = unserved(dsn)
-    assert [(u["queue"], u["task"], u["served"]) for u in found] == reported
-    assert all(u["jobs"] == 2 for u in found)
+    assert [(u.queue, u.task, u.served) for u in found] == reported
+    assert all(u.jobs == 2 for u in found)
 
 
 def test_a_huge_unserved_backlog_is_counted_up_to_ten_thousand(dsn: str) -> None:
@@ -153,7 +152,7 @@ def test_a_huge_unserved_backlog_is_counted_up_to_ten_thousand(dsn: str) -> None
         dsn, "INSERT INTO notifyq.jobs (task) SELECT 'nobody.runs' FROM generate_series(1, 10050)"
     )
     (row,) = unserved(dsn)
-    assert (row["task"], row["jobs"], row["more"]) == ("nobody.runs", 10_000, True)
+    assert (row.task, row.jobs, row.more) == ("nobody.runs", 10_000, True)
     result = notifyq(dsn, "health", "--json")
     (check,) = [c for c in json.loads(result.stdout)["checks"] if c["name"] == "unserved"]
     assert check["message"].startswith("10000+ ready jobs wait")

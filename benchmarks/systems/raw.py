@@ -14,6 +14,9 @@ import contextlib
 import signal
 
 import psycopg
+from psycopg import sql
+
+from notifyq import channels
 
 from .base import QUEUE_SCENARIOS, Stamper, WorkerOptions
 from .notifyq import Notifyq
@@ -54,7 +57,7 @@ class Raw(Notifyq):
             loop.add_signal_handler(sig, stop.set)
         conn = await psycopg.AsyncConnection.connect(options.dsn, autocommit=True)
         listener = await psycopg.AsyncConnection.connect(options.dsn, autocommit=True)
-        await listener.execute("LISTEN notifyq_jobs")
+        await listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channels.JOBS)))
 
         async def listen() -> None:
             async for _ in listener.notifies():

@@ -19,10 +19,12 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
+from psycopg import sql
+
+from notifyq import channels
 
 log = logging.getLogger("examples.sse")
 
-CHANNEL = "notifyq_events"
 RESYNC: dict[str, Any] = {"kind": "resync"}  # "read the job again": events may have been lost
 
 
@@ -52,7 +54,7 @@ class Hub:
                 async with await psycopg.AsyncConnection.connect(
                     self._dsn, autocommit=True, application_name="sse-example:listen"
                 ) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channels.EVENTS)))
                     if failures:
                         self._broadcast(RESYNC)
                     failures = 0

@@ -1,6 +1,8 @@
--- Every query notifyq runs at run time, one named block each.  store.py loads
--- this file once; a block starts with "-- name: NAME" and the next comment
--- line says what it is for.  Parameters are psycopg's %(name)s placeholders.
+-- Every query notifyq runs at run time, one named block each.  notifyq/store/
+-- loads this file once and runs each block through a typed function that
+-- returns named rows (a column of a block is a field of its row type, by name).
+-- A block starts with "-- name: NAME" and the next comment line says what it is
+-- for.  Parameters are psycopg's %(name)s placeholders.
 
 -- name: enqueue
 -- Insert one job; NULL arguments fall back to the column defaults.  With

@@ -19,9 +19,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from notifyq import channels
 from tests.conftest import statuses, wait_until
 from tests.faults import harness
 from tests.faults.harness import Dispatcher, RssSampler
+from tests.helpers import listen_on
 
 RSS_BOUND_KIB = 400 * 1024  # generous: the dispatcher holds at most --concurrency jobs
 PROMPT = 2.0  # seconds from the second queue's insert to its start
@@ -41,7 +43,7 @@ def big_insert(dsn: str, logs: Path, *, rows: int, timeout: float) -> None:
             notes.append(note.payload)
 
         listener.add_notify_handler(on_note)
-        listener.execute("LISTEN notifyq_jobs")
+        listen_on(listener, channels.JOBS)
         wait_until(lambda: len(harness.listen_pids(dsn)) == 1, message="the dispatcher")
         idle_kib = rss.peak_kib
         t0 = time.monotonic()

@@ -1,14 +1,10 @@
--- notifyq schema, version 1.
+-- Schema version 1: the first released schema (schema.sql at commit 4b87306),
+-- frozen.  Never edit it: databases built by older releases got exactly this,
+-- recorded as version 1, and the numbered migrations after it start from there.
+-- `notifyq migrate` applies it to an empty database, then every later file in
+-- order; each statement is idempotent, as it was when it was the whole schema.
 --
--- This file is the one canonical schema. `notifyq migrate` applies it (in one
--- transaction, under an advisory lock, recording the version); by hand it is
---
---     psql -1 -v ON_ERROR_STOP=1 -f schema.sql "$DSN"
---
--- Every statement is idempotent, so applying it twice changes nothing.
--- Later schema changes are numbered migrations in notifyq/sql/migrations/.
---
--- The public contract (what other languages may rely on) is: the table
+-- The public contract at version 1 (what other languages could rely on): the table
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,
 -- status, attempts, max_attempts, last_error, created_at, started_at,
 -- finished_at; the status values; the view notifyq.queue_stats; and the
@@ -367,5 +363,3 @@ REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.cancel_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.purge(interval, text[]) FROM PUBLIC;
-
-INSERT INTO notifyq.schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;

@@ -1,0 +1,94 @@
+"""The only package that executes SQL; every row it returns has a name.
+
+Split by role, each module a seam of its own:
+
+    connection.py   connections, the named queries of sql/queries.sql, driver errors
+                    translated to errors.py (`translated`)
+    rows.py         one named, typed row per query result: no caller knows a column's
+                    position
+    producing.py    enqueue, App.wait's and App.status's reads (the caller's connection)
+    dispatching.py  `Store`: one connection per dispatcher role, a typed method per
+                    statement; `Listener`, the LISTEN connection
+    operations.py   the operator's statements (admin.py, `notifyq jobs/retry/...`)
+    monitoring.py   health checks, metrics and `notifyq watch`'s reads
+    migrations.py   the schema, its numbered migrations, the roles script
+
+Every query runs through a typed function here; nothing outside this package
+names a query or reads a row by position (tests/test_store_seam.py checks).
+"""
+
+from . import monitoring, operations, rows
+from .connection import CONNECT_OPTIONS, QUERIES, connect, connect_sync, translated
+from .dispatching import (
+    Claim,
+    Listener,
+    Note,
+    Outcome,
+    Rescue,
+    Rescued,
+    Settled,
+    Store,
+    TaskSettings,
+    Written,
+)
+from .migrations import (
+    apply_roles,
+    apply_script,
+    lock_migrations,
+    migration_scripts,
+    roles_script,
+    schema_version,
+)
+from .producing import (
+    DEDUPE_TRIES,
+    ENQUEUE_CHUNK,
+    NewJob,
+    enqueue,
+    enqueue_many,
+    enqueue_many_sync,
+    enqueue_sync,
+    job_status,
+    job_status_sync,
+    wait_outcomes,
+)
+from .rows import Fired, JobOutcome, Schedule
+
+__all__ = [
+    "CONNECT_OPTIONS",
+    "DEDUPE_TRIES",
+    "ENQUEUE_CHUNK",
+    "QUERIES",
+    "Claim",
+    "Fired",
+    "JobOutcome",
+    "Listener",
+    "NewJob",
+    "Note",
+    "Outcome",
+    "Rescue",
+    "Rescued",
+    "Schedule",
+    "Settled",
+    "Store",
+    "TaskSettings",
+    "Written",
+    "apply_roles",
+    "apply_script",
+    "connect",
+    "connect_sync",
+    "enqueue",
+    "enqueue_many",
+    "enqueue_many_sync",
+    "enqueue_sync",
+    "job_status",
+    "job_status_sync",
+    "lock_migrations",
+    "migration_scripts",
+    "monitoring",
+    "operations",
+    "roles_script",
+    "rows",
+    "schema_version",
+    "translated",
+    "wait_outcomes",
+]

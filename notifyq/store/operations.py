@@ -1,0 +1,86 @@
+"""The operator's statements behind `notifyq jobs/retry/cancel/purge/history/events/limit`
+(admin.py), sync, on the caller's connection.
+
+The admin actions are SQL functions in schema.sql (notifyq.retry_job, retry_dead,
+cancel_job, purge, set_history, set_events), so any language can do the same; a
+refusal (unknown id, wrong state) arrives as OperationRefused with the function's
+message and hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+
+from .connection import fetch_all, fetch_one, fetch_value
+from .rows import HistoryEntry, JobRecord, JobSummary, QueueEvents, QueueLimit
+
+Conn = psycopg.Connection[Any]
+
+
+def retry_job(conn: Conn, job_id: int) -> str:
+    """Run the job again now; the status it had."""
+    return str(fetch_value(conn, "retry_job", {"id": job_id}))
+
+
+def retry_dead(conn: Conn, queue: str | None, task: str | None) -> int:
+    """Re-queue the dead jobs (of a queue, a task); how many."""
+    return int(fetch_value(conn, "retry_dead", {"queue": queue, "task": task}))
+
+
+def cancel_job(conn: Conn, job_id: int) -> str:
+    """Cancel a queued or running job; the status it had."""
+    return str(fetch_value(conn, "cancel_job", {"id": job_id}))
+
+
+def purge(conn: Conn, older_than: float, statuses: Sequence[str]) -> int:
+    """Delete the jobs of `statuses` finished over `older_than` seconds ago; how many."""
+    params = {"seconds": older_than, "statuses": list(statuses)}
+    return int(fetch_value(conn, "purge", params))
+
+
+def set_history(conn: Conn, enabled: bool) -> bool:
+    return bool(fetch_value(conn, "set_history", {"enabled": enabled}))
+
+
+def history_enabled(conn: Conn) -> bool:
+    return bool(fetch_value(conn, "history_enabled", {}))
+
+
+def set_events(conn: Conn, queue: str, enabled: bool) -> bool:
+    return bool(fetch_value(conn, "set_events", {"queue": queue, "enabled": enabled}))
+
+
+def queue_events(conn: Conn) -> list[QueueEvents]:
+    return fetch_all(conn, "queue_events", {}, class_row(QueueEvents))
+
+
+def job_history(conn: Conn, job_id: int) -> list[HistoryEntry]:
+    return fetch_all(conn, "job_history", {"id": job_id}, class_row(HistoryEntry))
+
+
+def queue_limits(conn: Conn) -> list[QueueLimit]:
+    return fetch_all(conn, "queue_limits", {}, class_row(QueueLimit))
+
+
+def set_queue_limit(conn: Conn, queue: str, max_running: int) -> None:
+    fetch_value(conn, "set_queue_limit", {"queue": queue, "max_running": max_running})
+
+
+def clear_queue_limit(conn: Conn, queue: str) -> None:
+    fetch_value(conn, "clear_queue_limit", {"queue": queue})
+
+
+def list_jobs(
+    conn: Conn, *, queue: str | None, task: str | None, status: str | None, limit: int
+) -> list[JobSummary]:
+    """The newest jobs, optionally of one queue, task and status."""
+    params = {"queue": queue, "task": task, "status": status, "limit": limit}
+    return fetch_all(conn, "jobs_list", params, class_row(JobSummary))
+
+
+def show_job(conn: Conn, job_id: int) -> JobRecord | None:
+    return fetch_one(conn, "job_show", {"id": job_id}, class_row(JobRecord))
