@@ -22,26 +22,37 @@ View: rich renderables; red for trouble (dead jobs appeared since watch
 started, the oldest ready job older than `max_age`, a lost dispatcher, ready
 jobs no dispatcher would claim), yellow for a backlog growing over the last
 30 s and failures in the last minute.
-Columns are dropped, least useful first, when the terminal is narrower than
-they need.
+Every heading is the `--json` key of what its column shows (see Snapshot).  A
+table is laid out here, not by rich: when the terminal is narrower than it needs,
+the columns that may shrink (the error, the task, the progress) are cut with "…"
+first, then the least useful columns are dropped; the job id and the attempt are
+never squeezed.  A dispatcher has one name, its claimant, in every table.  In the
+live view the frame fits the terminal's height: rows are cut from the lower
+sections first and the screen says how many rows, or which sections, it left out;
+a resize clears the screen and draws the last snapshot again at once.
 """
 
 from __future__ import annotations
 
+import io
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, JustifyMethod, RenderableType
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from . import channels, store
 from .errors import DatabaseUnavailable
+from .job import JobState
+from .registry import check_queue_name
 from .retry import reconnect_delay
 
 MAX_REFRESHES = 3.0  # per second, however many notifications arrive
@@ -53,6 +64,7 @@ RUNNING_SHOWN = 5
 QUERIES_PER_REFRESH = 5
 UNSERVED_SHOWN = 5  # lines about jobs no dispatcher would claim; the rest are counted
 _SPARKS = "▁▂▃▄▅▆▇█"
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -123,6 +135,30 @@ class RunningRow:
 
 @dataclass(slots=True)
 class Snapshot:
+    """One refresh, as `watch --json` prints it (an object per line; `stats --json` prints
+    its `queues` and `unserved`).  Every table heading on screen is the key of the value
+    it shows.  Times are seconds; `null` where there is nothing to measure.
+
+    - at (Unix time), connected, problem (why the database is unreachable), refreshes,
+      queries_per_second (this watch's, since it started)
+    - queues: queue, ready (queued and due), scheduled (queued for later), running,
+      succeeded_1m, failed_1m (jobs whose last attempt failed in the last minute: waiting
+      for a retry, or dead), dead, rate (jobs finished per second over the last 10 s; the
+      table adds "/s"), p50 and p95 (enqueue-to-start wait of the last minute's starts),
+      oldest_ready (how long the oldest ready job has waited), trend (the highest rate in
+      each 30 s of the last 5 minutes, oldest first, null before watch started), alerts
+      (any of dead, oldest, failed, growing)
+    - dispatchers: claimant (its name on screen and in jobs.claimed_by), host, pid, queues,
+      concurrency, running (its jobs running now, from the jobs table; the table shows
+      running/concurrency), state (running, stopped, lost), up (since it started), silent
+      (since its last heartbeat), kind (serve, or sql for a SQL worker)
+    - running (longest first): id, queue, task, attempt, claimant, running_for, progress
+      (percent, as the handler last reported), message
+    - failures (newest first): id, queue, task, attempt, status (queued: waiting for a
+      retry; dead), error (its first line), age (since that attempt started)
+    - unserved: queue, task, jobs, oldest, queue_served, more (see UnservedRow)
+    """
+
     at: float
     connected: bool = True
     problem: str | None = None  # why the database is unreachable
@@ -287,6 +323,9 @@ def _buckets(samples: deque[tuple[float, float, int]], now: float) -> list[float
 
 # --- the view
 
+GAP = 2  # cells between two columns: a column's right padding and the (blank) divider
+MORE_STYLE = "dim"
+
 
 def sparkline(values: Sequence[float | None]) -> str:
     top = max((v for v in values if v is not None), default=0.0)
@@ -314,10 +353,16 @@ def duration(seconds: float | None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Column:
+class Column(Generic[R]):
+    """One column of a table.  The header is the JSON key of what the column shows (a
+    script reading `--json` finds what it saw on screen under the same name)."""
+
     header: str
-    cell: Callable[[QueueRow], Text]
+    cell: Callable[[R], Text]
     keep: int  # higher stays longer when the terminal is narrow
+    right: bool = False  # right-justified (numbers)
+    shrink: int = 0  # 0: never narrower than its content; else it may shrink to this, cut "…"
+    extra: bool = False  # dropped before any column is cut
 
 
 def _num(value: int, style: str = "") -> Text:
@@ -328,106 +373,142 @@ def _alert(q: QueueRow, name: str, style: str) -> str:
     return style if name in q.alerts else ""
 
 
-QUEUE_COLUMNS = [
-    Column("queue", lambda q: Text(q.queue, style="bold"), 100),
-    Column("ready", lambda q: _num(q.ready, _alert(q, "growing", "yellow")), 90),
-    Column("sched", lambda q: _num(q.scheduled), 75),
-    Column("run", lambda q: _num(q.running), 80),
-    Column("ok/1m", lambda q: _num(q.succeeded_1m, "green" if q.succeeded_1m else ""), 50),
-    Column("err/1m", lambda q: _num(q.failed_1m, _alert(q, "failed", "yellow")), 60),
-    Column("dead", lambda q: _num(q.dead, _alert(q, "dead", "bold red")), 95),
-    Column("jobs/s", lambda q: Text(f"{q.rate:.1f}"), 70),
-    Column("trend", lambda q: Text(sparkline(q.trend), style="cyan"), 55),
-    Column("p50", lambda q: Text(duration(q.p50)), 30),
-    Column("p95", lambda q: Text(duration(q.p95)), 20),
-    Column("oldest", lambda q: Text(duration(q.oldest_ready), _alert(q, "oldest", "bold red")), 85),
+QUEUE_COLUMNS: list[Column[QueueRow]] = [
+    Column("queue", lambda q: Text(q.queue, style="bold"), 100, shrink=8),
+    Column("ready", lambda q: _num(q.ready, _alert(q, "growing", "yellow")), 90, True),
+    Column("scheduled", lambda q: _num(q.scheduled), 75, True),
+    Column("running", lambda q: _num(q.running), 80, True),
+    Column(
+        "succeeded_1m",
+        lambda q: _num(q.succeeded_1m, "green" if q.succeeded_1m else ""),
+        50,
+        True,
+    ),
+    Column("failed_1m", lambda q: _num(q.failed_1m, _alert(q, "failed", "yellow")), 60, True),
+    Column("dead", lambda q: _num(q.dead, _alert(q, "dead", "bold red")), 95, True),
+    Column("rate", lambda q: Text(f"{q.rate:.1f}/s"), 70, True),
+    Column("trend", lambda q: Text(sparkline(q.trend), style="cyan"), 55, True),
+    Column("p50", lambda q: Text(duration(q.p50)), 30, True),
+    Column("p95", lambda q: Text(duration(q.p95)), 20, True),
+    Column(
+        "oldest_ready",
+        lambda q: Text(duration(q.oldest_ready), _alert(q, "oldest", "bold red")),
+        85,
+        True,
+    ),
 ]
 
 
-def _fit(columns: list[Column], cells: list[list[Text]], width: int) -> list[int]:
-    """Indexes of the columns to show: drop the least useful until the table fits."""
+def _dispatcher_name(d: DispatcherRow) -> Text:
+    # The claimant, as jobs.claimed_by, the running table and serve's log line have it;
+    # a SQL worker's host and pid are its database session's, so only its kind is added.
+    name = Text(d.claimant)
+    if d.kind == "sql":
+        name.append(" (sql)", style="dim")
+    return name
+
+
+_STATE_COLOURS = {"running": "green", "stopped": "dim", "lost": "bold red"}
+
+DISPATCHER_COLUMNS: list[Column[DispatcherRow]] = [
+    Column("claimant", _dispatcher_name, 100),  # never cut: it is the name in every table
+    Column("state", lambda d: Text(d.state, style=_STATE_COLOURS.get(d.state, "")), 90),
+    Column("running", lambda d: Text(f"{d.running}/{d.concurrency}"), 80, True),
+    Column("up", lambda d: Text(duration(d.up)), 50, True),
+    Column("silent", lambda d: Text(duration(d.silent)), 60, True),
+    Column("queues", lambda d: Text(",".join(d.queues)), 40, shrink=6),
+]
+
+RUNNING_COLUMNS: list[Column[RunningRow]] = [
+    Column("id", lambda r: Text(str(r.id)), 100, True),
+    Column("task", lambda r: Text(r.task), 90, shrink=8),
+    Column("attempt", lambda r: Text(str(r.attempt)), 80, True),
+    Column("running_for", lambda r: Text(duration(r.running_for)), 85, True),
+    Column("progress", lambda r: Text(_progress(r)), 60, shrink=8),
+    Column("claimant", lambda r: Text(r.claimant), 70),  # whole, or not at all
+]
+
+FAILURE_COLUMNS: list[Column[FailureRow]] = [
+    Column("id", lambda f: Text(str(f.id)), 100, True),
+    Column(
+        "status",
+        lambda f: Text(f.status, style="red" if f.status == JobState.DEAD else "yellow"),
+        50,
+        extra=True,  # its colour says it too
+    ),
+    Column("task", lambda f: Text(f.task), 80, shrink=8),
+    Column("attempt", lambda f: Text(str(f.attempt)), 95, True),
+    Column("age", lambda f: Text(duration(f.age)), 40, True, extra=True),
+    Column(
+        "error",
+        lambda f: Text(f.error, style="red" if f.status == JobState.DEAD else "yellow"),
+        90,
+        shrink=20,
+    ),
+]
+
+
+def _layout(columns: Sequence[Column[Any]], cells: list[list[Text]], width: int) -> list[int]:
+    """The width of each column, 0 for a dropped one.  While the table is too wide, the
+    extra columns go, the least useful first; then the least useful columns go until the
+    rest fit with the shrinkable ones at their `shrink`; then the shrinkable columns give
+    up cells, the widest first.  The result fits `width` (unless one column alone does
+    not), so rich never squeezes a column itself: it would take cells from the job id."""
+    natural = [
+        max([len(c.header)] + [row[i].cell_len for row in cells]) for i, c in enumerate(columns)
+    ]
+    least = [
+        min(n, max(c.shrink, len(c.header))) if c.shrink else n
+        for n, c in zip(natural, columns, strict=True)
+    ]
     shown = list(range(len(columns)))
 
-    def need() -> int:
-        widths = [max([len(columns[i].header)] + [row[i].cell_len for row in cells]) for i in shown]
-        return sum(widths) + 3 * (len(shown) - 1)  # padding 1 + divider + padding 1
+    def need(widths: list[int]) -> int:
+        return sum(widths[i] for i in shown) + GAP * (len(shown) - 1)
 
-    while len(shown) > 1 and need() > width:
+    while need(natural) > width and any(columns[i].extra for i in shown):
+        shown.remove(min((i for i in shown if columns[i].extra), key=lambda i: columns[i].keep))
+    while len(shown) > 1 and need(least) > width:
         shown.remove(min(shown, key=lambda i: columns[i].keep))
-    return shown
+    widths = [natural[i] if i in shown else 0 for i in range(len(columns))]
+    for _ in range(need(widths) - width):
+        shrinkable = [i for i in shown if widths[i] > least[i]]
+        if not shrinkable:
+            break
+        widths[max(shrinkable, key=lambda i: widths[i])] -= 1
+    return widths
 
 
-def queue_table(snap: Snapshot, width: int) -> Table:
-    cells = [[c.cell(q) for c in QUEUE_COLUMNS] for q in snap.queues]
-    shown = _fit(QUEUE_COLUMNS, cells, width)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
-    for i in shown:
-        table.add_column(QUEUE_COLUMNS[i].header, justify="left" if i == 0 else "right")
-    for row in cells:
-        table.add_row(*(row[i] for i in shown))
-    if not snap.queues:
-        table.add_row(Text("no jobs yet", style="dim"), *([""] * (len(shown) - 1)))
+def _table(columns: Sequence[Column[R]], rows: Sequence[R], width: int, empty: str = "") -> Table:
+    """`rows` as a table at most `width` wide; `empty`: what its one row says without rows."""
+    cells = [[c.cell(row) for c in columns] for row in rows]
+    if not rows and empty:
+        cells = [[Text(empty, style="dim")] + [Text("") for _ in columns[1:]]]
+    widths = _layout(columns, cells, width)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False)
+    for c, w in zip(columns, widths, strict=True):
+        if w:
+            justify: JustifyMethod = "right" if c.right else "left"
+            table.add_column(c.header, justify=justify, width=w, no_wrap=True, overflow="ellipsis")
+    for row_cells in cells:
+        table.add_row(*(cell for cell, w in zip(row_cells, widths, strict=True) if w))
     return table
 
 
-def dispatcher_table(snap: Snapshot, width: int) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
-    wide = width >= 70
-    table.add_column("dispatcher")
-    table.add_column("state")
-    table.add_column("jobs", justify="right")
-    table.add_column("up", justify="right")
-    if wide:
-        table.add_column("heartbeat", justify="right")
-        table.add_column("queues", overflow="ellipsis", no_wrap=True)
-    colour = {"running": "green", "stopped": "dim", "lost": "bold red"}
-    for d in snap.dispatchers:
-        cells: list[RenderableType] = [
-            # A SQL worker's host and pid are its database session's: its name says more.
-            f"{d.claimant} (sql)" if d.kind == "sql" else f"{d.host}:{d.pid}",
-            Text(d.state, style=colour.get(d.state, "")),
-            f"{d.running}/{d.concurrency}",
-            duration(d.up),
-        ]
-        if wide:
-            cells += [duration(d.silent) + " ago", ",".join(d.queues)]
-        table.add_row(*cells)
-    if not snap.dispatchers:
-        table.add_row(Text("none registered", style="dim"), "", "", "")
-    return table
+def queue_table(snap: Snapshot, width: int, limit: int | None = None) -> Table:
+    return _table(QUEUE_COLUMNS, snap.queues[:limit], width, "no jobs yet")
 
 
-def failure_table(snap: Snapshot, width: int) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
-    table.add_column("job", justify="right")
-    table.add_column("task", overflow="ellipsis", no_wrap=True, max_width=max(10, width // 4))
-    table.add_column("try", justify="right")
-    table.add_column("last error", overflow="ellipsis", no_wrap=True, ratio=1)
-    for f in snap.failures:
-        table.add_row(
-            str(f.id),
-            f.task,
-            str(f.attempt),
-            Text(f.error, style="red" if f.status == "dead" else "yellow"),
-        )
-    return table
+def dispatcher_table(snap: Snapshot, width: int, limit: int | None = None) -> Table:
+    return _table(DISPATCHER_COLUMNS, snap.dispatchers[:limit], width, "none registered")
 
 
-def running_table(snap: Snapshot, width: int) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
-    table.add_column("job", justify="right")
-    table.add_column("task", overflow="ellipsis", no_wrap=True, max_width=max(10, width // 3))
-    table.add_column("try", justify="right")
-    table.add_column("for", justify="right")
-    table.add_column("done", overflow="ellipsis", no_wrap=True, max_width=max(5, width // 4))
-    if width >= 70:
-        table.add_column("on", overflow="ellipsis", no_wrap=True, ratio=1)
-    for r in snap.running:
-        cells = [str(r.id), r.task, str(r.attempt), duration(r.running_for), _progress(r)]
-        if width >= 70:
-            cells.append(r.claimant)
-        table.add_row(*cells)
-    return table
+def failure_table(snap: Snapshot, width: int, limit: int | None = None) -> Table:
+    return _table(FAILURE_COLUMNS, snap.failures[:limit], width)
+
+
+def running_table(snap: Snapshot, width: int, limit: int | None = None) -> Table:
+    return _table(RUNNING_COLUMNS, snap.running[:limit], width)
 
 
 def _progress(r: RunningRow) -> str:
@@ -435,6 +516,11 @@ def _progress(r: RunningRow) -> str:
         return "-"
     text = f"{r.progress:.0f}%"
     return f"{text} {r.message}" if r.message else text
+
+
+def _line(text: str, style: str = "") -> Text:
+    """One screen line: cut with "…" rather than wrapped (the layout counts lines)."""
+    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
 
 
 def unserved_lines(snap: Snapshot) -> list[Text]:
@@ -470,26 +556,166 @@ def unserved_lines(snap: Snapshot) -> list[Text]:
     return lines
 
 
-def render(snap: Snapshot, width: int, *, title: str = "notifyq watch") -> RenderableType:
+def empty_queue_lines(snap: Snapshot) -> list[Text]:
+    """A line per queue shown with nothing in it and no live dispatcher serving it: a
+    queue named with --queue that nothing uses (a typo, or a queue not started yet),
+    rather than a row of silent zeros."""
+    served = {q for d in snap.dispatchers if d.state == "running" for q in d.queues}
+    return [
+        Text(f"queue {q.queue!r} has no jobs and no dispatcher serving it", style="yellow")
+        for q in snap.queues
+        if q.queue not in served
+        and not (q.ready or q.scheduled or q.running or q.succeeded_1m or q.failed_1m or q.dead)
+    ]
+
+
+@dataclass(slots=True)
+class _Section:
+    """A part of the screen that can be cut: a title line, a table's header and rule (the
+    overhead) and rows, of which the first `shown` appear."""
+
+    name: str
+    rows: int
+    overhead: int
+    body: Callable[[int], list[RenderableType]]
+    shown: int = 0
+
+
+def _allot(sections: list[_Section], height: int | None) -> None:
+    """How many rows of each section fit in `height` lines.  `sections` come most
+    important first: the queue table (always shown) and the alerts below it take what
+    they need; then each other section gets a row, in order, and they share what is left,
+    a row each in turn.  A section cut short costs a line saying how many rows are not
+    shown; the sections left out share one line that names them."""
+    if height is None:
+        for s in sections:
+            s.shown = s.rows
+        return
+
+    def lines() -> int:
+        used = sum(s.overhead + s.shown + (s.shown < s.rows) for s in sections if s.shown)
+        return used + any(s.rows and not s.shown for s in sections)
+
+    def grow(s: _Section) -> bool:
+        s.shown += 1
+        if lines() > height:
+            s.shown -= 1
+            return False
+        return True
+
+    sections[0].shown = 1  # the queue table, whatever the terminal's size
+    for s in sections[:2]:
+        while s.shown < s.rows and grow(s):
+            pass
+    for s in sections[2:]:
+        if s.rows:
+            grow(s)
+    grew = True
+    while grew:
+        grew = False
+        for s in sections[2:]:
+            if 0 < s.shown < s.rows:
+                grew = grow(s) or grew
+
+
+def render(
+    snap: Snapshot, width: int, height: int | None = None, *, title: str = "notifyq watch"
+) -> RenderableType:
+    """The screen: the header line, the queues (with a note per queue no dispatcher would
+    drain), the dispatchers, the jobs running longest and the latest failures.  With a
+    `height`, the frame fits it: rows are cut from the lower sections first, and the
+    screen says how many rows, or which sections, it left out."""
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.at))
-    head = Text(f"{title}  {stamp}", style="bold")
+    head = Text(f"{title}  {stamp}", style="bold", no_wrap=True, overflow="ellipsis")
     if snap.connected:
         head.append(f"  refresh #{snap.refreshes}", style="dim")
         if width >= 60 and snap.refreshes > 1:  # a rate means nothing after one refresh
             head.append(f"  ~{snap.queries_per_second:.1f} queries/s", style="dim")
     else:
         head.append(f"  reconnecting… ({snap.problem})", style="bold red")
-    parts: list[RenderableType] = [head, queue_table(snap, width), *unserved_lines(snap)]
+    measure = Console(width=width, file=io.StringIO())
+    # Screen lines, so that the layout can count them: a long note wraps.
+    notes = [
+        line
+        for note in (*empty_queue_lines(snap), *unserved_lines(snap))
+        for line in note.wrap(measure, width)
+    ]
     lost = [d for d in snap.dispatchers if d.state == "lost"]
-    summary = Text(f"dispatchers: {sum(d.state == 'running' for d in snap.dispatchers)} running")
+    summary = _line(f"dispatchers: {sum(d.state == 'running' for d in snap.dispatchers)} running")
     if lost:
         summary.append(f", {len(lost)} lost", style="bold red")
-    parts += [summary, dispatcher_table(snap, width)]
-    if snap.running:
-        parts += [Text("running longest"), running_table(snap, width)]
-    if snap.failures:
-        parts += [Text("latest failures"), failure_table(snap, width)]
+    queues = _Section(
+        "queues", max(1, len(snap.queues)), 2, lambda n: [queue_table(snap, width, n)]
+    )
+    notes_ = _Section("alerts", len(notes), 0, lambda n: list(notes[:n]))
+    dispatchers = _Section(
+        "dispatchers",
+        max(1, len(snap.dispatchers)),
+        3,
+        lambda n: [summary, dispatcher_table(snap, width, n)],
+    )
+    running = _Section(
+        "running longest",
+        len(snap.running),
+        3,
+        lambda n: [_line("running longest"), running_table(snap, width, n)],
+    )
+    failures = _Section(
+        "latest failures",
+        len(snap.failures),
+        3,
+        lambda n: [_line("latest failures"), failure_table(snap, width, n)],
+    )
+    # The failures before the running jobs: their ids are what a user looks up next.
+    _allot([queues, notes_, dispatchers, failures, running], None if height is None else height - 1)
+    sections = [queues, notes_, dispatchers, running, failures]  # as they appear
+    parts: list[RenderableType] = [head]
+    for s in sections:
+        if s.shown:
+            parts += s.body(s.shown)
+        if 0 < s.shown < s.rows:
+            rest = s.rows - s.shown
+            parts.append(
+                _line(f"… {rest} more {'row' if rest == 1 else 'rows'} not shown", MORE_STYLE)
+            )
+    left_out = [s.name for s in sections if s.rows and not s.shown]
+    if left_out:
+        parts.append(_line(f"not shown: {', '.join(left_out)}", MORE_STYLE))
     return Group(*parts)
+
+
+class LiveView:
+    """Draws snapshots in the terminal with rich's Live, each frame the terminal's size.
+    After a resize the whole screen is cleared and drawn again: Live moves the cursor up
+    by the last frame's height, which the terminal has rewrapped meanwhile, and would
+    leave part of the old frame on screen."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._live = Live(console=console, auto_refresh=False, redirect_stderr=False)
+        self._last: Snapshot | None = None
+        self._size: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        self._live.start()
+
+    def stop(self) -> None:
+        self._live.stop()
+
+    def show(self, snap: Snapshot) -> None:
+        self._last = snap
+        width, height = self._console.size
+        if self._size is not None and self._size != (width, height):
+            self._console.clear()  # Live's next cursor moves start from the top: a no-op
+        self._size = (width, height)
+        # The last line stays free: with a frame as tall as the terminal, whatever the
+        # terminal echoes after it (the ^C that ends watch) scrolls the screen by a line.
+        self._live.update(render(snap, width, height - 1), refresh=True)
+
+    def redraw(self) -> None:
+        """The last snapshot again, at the terminal's current size (on SIGWINCH)."""
+        if self._last is not None:
+            self.show(self._last)
 
 
 # --- the loop
@@ -502,8 +728,32 @@ async def follow(
     queues: Sequence[str] | None = None,
     interval: float = 2.0,
     max_age: float = 60.0,
+    on_resize: Callable[[], None] | None = None,
 ) -> None:
-    """Refresh on notifications (coalesced) and every `interval`; never returns."""
+    """Refresh on notifications (coalesced) and every `interval`; never returns.
+    `on_resize` is called when the terminal's size changes (SIGWINCH), to draw the last
+    snapshot again at once rather than at the next refresh."""
+    if on_resize is None or not hasattr(signal, "SIGWINCH"):  # Windows has no SIGWINCH
+        await _follow(dsn, show, queues, interval, max_age)
+        return
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_call_on_resize, on_resize)
+        await _follow(dsn, show, queues, interval, max_age)
+
+
+async def _call_on_resize(callback: Callable[[], None]) -> None:
+    with anyio.open_signal_receiver(signal.SIGWINCH) as signals:
+        async for _ in signals:
+            callback()
+
+
+async def _follow(
+    dsn: str,
+    show: Callable[[Snapshot], None],
+    queues: Sequence[str] | None,
+    interval: float,
+    max_age: float,
+) -> None:
     st = store.Store(dsn, "watch")
     listener = store.Listener(dsn, channels.STATUS, channels.PROGRESS)
     model = Model(st, queues, max_age=max_age)
@@ -530,6 +780,12 @@ async def follow(
         with anyio.CancelScope(shield=True):
             await listener.close()
             await st.close()
+
+
+def check_queues(queues: Sequence[str]) -> list[str] | None:
+    """The queues given with --queue, each checked against the rule every queue name
+    follows (ConfigurationError says it); None when none was given: every queue."""
+    return [check_queue_name(q) for q in queues] or None
 
 
 async def once(dsn: str, queues: Sequence[str] | None = None, max_age: float = 60.0) -> Snapshot:

@@ -17,6 +17,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -53,9 +54,9 @@ def add_dead(dsn: str, queue: str = "mail") -> None:
     )
 
 
-def screen(snap: watch.Snapshot, width: int, **console: Any) -> str:
+def screen(snap: watch.Snapshot, width: int, height: int | None = None, **console: Any) -> str:
     out = Console(record=True, width=width, **console)
-    out.print(watch.render(snap, width))
+    out.print(watch.render(snap, width, height))
     return out.export_text(styles=bool(console))
 
 
@@ -83,9 +84,9 @@ def test_screen_shows_the_numbers_of_each_queue(dsn: str) -> None:
     text = screen(snapshot(dsn), 80)
     assert max(len(line) for line in text.splitlines()) <= 80
     mail = cells(text, "mail")
-    assert (mail["ready"], mail["sched"], mail["run"], mail["dead"]) == ("3", "2", "0", "1")
-    assert mail["err/1m"] == "1"  # the dead job's last attempt failed this minute
-    assert mail["oldest"] == "3m"
+    assert (mail["ready"], mail["scheduled"], mail["running"], mail["dead"]) == ("3", "2", "0", "1")
+    assert mail["failed_1m"] == "1"  # the dead job's last attempt failed this minute
+    assert mail["oldest_ready"] == "3m"
     assert cells(text, "default")["ready"] == "1"
     assert "SMTPError: relay refused" in text  # the latest failures, first line only
     assert "Traceback" not in text
@@ -134,8 +135,9 @@ def test_running_jobs_longest_first_with_attempt_and_dispatcher(dsn: str) -> Non
     lines = screen(snap, 80).splitlines()
     at = lines.index(next(line for line in lines if line.startswith("running longest")))
     slow = next(line for line in lines[at:] if "mail.slow" in line).split()
-    assert slow[2:] == ["2", "90s", "-", "hosta:42:y"]  # job, task, try, for, done, on
-    assert cells(screen(snap, 80), "mail")["run"] == "2"
+    assert slow[2:] == ["2", "90s", "-", "hosta:42:y"]  # id, task, attempt, running_for,
+    # progress, claimant
+    assert cells(screen(snap, 80), "mail")["running"] == "2"
 
 
 def test_narrow_terminal_drops_columns_but_keeps_the_essentials(dsn: str) -> None:
@@ -143,9 +145,9 @@ def test_narrow_terminal_drops_columns_but_keeps_the_essentials(dsn: str) -> Non
     text = screen(snapshot(dsn), 50)
     assert max(len(line) for line in text.splitlines()) <= 50
     mail = cells(text, "mail")
-    assert mail["ready"] == "3" and mail["dead"] == "1" and mail["run"] == "0"
-    assert mail["sched"] == "2"
-    for dropped in ("jobs/s", "p95", "trend", "ok/1m"):
+    assert mail["ready"] == "3" and mail["dead"] == "1" and mail["running"] == "0"
+    assert mail["oldest_ready"] == "3m"
+    for dropped in ("rate", "p95", "trend", "succeeded_1m"):
         assert dropped not in mail
 
 
@@ -316,3 +318,215 @@ def test_sql_workers_appear_beside_dispatchers(dsn: str) -> None:
     (worker,) = snap.dispatchers
     assert (worker.claimant, worker.kind, worker.state) == ("report-worker-1", "sql", "running")
     assert "report-worker-1 (sql)" in screen(snap, 100)
+
+
+LONG_ERROR = "RuntimeError: upstream https://api.example.com/v2/" + "very/long/path/" * 10 + " 503"
+
+
+def add_failures(dsn: str, n: int, error: str = LONG_ERROR) -> list[int]:
+    rows = query(
+        dsn,
+        "INSERT INTO notifyq.jobs (queue, task, status, attempts, started_at, finished_at,"
+        " last_error) SELECT 'mail', 'mail.send', 'dead', 3, now(), now(), %s"
+        " FROM generate_series(1, %s) RETURNING id",
+        error,
+        n,
+    )
+    return [r[0] for r in rows]
+
+
+def failure_rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    at = lines.index("latest failures")
+    header = lines[at + 1].split()
+    assert header[0] == "id" and "attempt" in header, header
+    return [line.split() for line in lines[at + 3 :] if line.strip()]
+
+
+def test_a_long_error_is_cut_and_the_job_id_and_attempt_stay(dsn: str) -> None:
+    ids = add_failures(dsn, 2)
+    query(dsn, "UPDATE notifyq.jobs SET last_error = 'short' WHERE id = %s", ids[0])
+    snap = snapshot(dsn)
+    for width in (120, 80, 70, 50):
+        text = screen(snap, width)
+        assert max(len(line) for line in text.splitlines()) <= width, width
+        rows = failure_rows(text[text.index("latest failures") :])
+        # Each row starts with the whole job id and has the attempt.
+        assert sorted(int(r[0]) for r in rows) == ids, (width, rows)
+        long_row = next(r for r in rows if int(r[0]) == ids[1])
+        assert "3" in long_row[1:4], (width, long_row)
+        assert long_row[-1].endswith("…"), (width, long_row)  # the error, cut
+        assert "RuntimeError:" in " ".join(long_row), width
+
+
+def test_the_frame_fits_the_terminal_and_says_what_it_left_out(dsn: str) -> None:
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (queue, task)"
+        " SELECT 'q' || g, 'x.y' FROM generate_series(1, 3) AS g",
+    )
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (queue, task, status, attempts, started_at, claimed_by,"
+        " lease_expires_at) SELECT 'mail', 'mail.slow', 'running', 1, now(), 'h:1:x',"
+        " now() + interval '1 hour' FROM generate_series(1, 5)",
+    )
+    add_failures(dsn, 5)
+    snap = snapshot(dsn)
+    text = screen(snap, 70, height=40)
+    assert "not shown" not in text and "left out" not in text  # room for everything
+    assert len(failure_rows(text)) == 5
+
+    lines = screen(snap, 70, height=20).splitlines()
+    assert len(lines) <= 20
+    assert max(len(line) for line in lines) <= 70
+    # The failures come before the jobs running longest; what did not fit is named.
+    assert "latest failures" in lines
+    assert lines[-1] == "not shown: running longest", lines
+    shown = len(failure_rows("\n".join(lines[:-2])))
+    assert lines[-2] == f"… {5 - shown} more rows not shown", lines
+    assert 1 <= shown < 5
+
+    lines = screen(snap, 70, height=12).splitlines()
+    assert len(lines) <= 12
+    assert lines[-1] == "not shown: dispatchers, running longest, latest failures", lines
+    assert cells("\n".join(lines), "q3")["ready"] == "1"  # every queue still shows
+
+
+def test_a_dispatcher_has_one_name_and_counts_its_running_jobs_from_the_jobs_table(
+    dsn: str,
+) -> None:
+    claimant = "vm:22156:d3feb4ff"
+    # The registry says 0 running (its last heartbeat's count); the jobs table says 2.
+    query(
+        dsn,
+        "INSERT INTO notifyq.dispatchers (claimant, host, pid, queues, concurrency, running,"
+        " heartbeat) VALUES (%s, 'vm', 22156, '{mail}', 10, 0, 3600)",
+        claimant,
+    )
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (queue, task, status, attempts, started_at, claimed_by,"
+        " lease_expires_at) SELECT 'mail', 'mail.slow', 'running', 1, now(), %s,"
+        " now() + interval '1 hour' FROM generate_series(1, 2)",
+        claimant,
+    )
+    snap = snapshot(dsn)
+    (d,) = snap.dispatchers
+    assert (d.claimant, d.running) == (claimant, 2)
+    text = screen(snap, 100)
+    lines = text.splitlines()
+    row = next(line for line in lines if line.startswith(claimant))
+    assert row.split()[:3] == [claimant, "running", "2/10"]
+    running = [line for line in lines if "mail.slow" in line]
+    assert len(running) == 2 and all(line.split()[-1] == claimant for line in running)
+    assert "vm:22156 " not in text  # no second, shorter name
+
+
+def test_queue_option_rejects_an_invalid_name_and_notes_an_unknown_queue(dsn: str) -> None:
+    done = notifyq("watch", "--once", "--dsn", dsn, "--queue", "Mail Queue")
+    assert done.returncode == 2, done
+    assert "--queue" in done.stderr and "a-z, 0-9, '_' and '-'" in done.stderr, done.stderr
+    fill(dsn)
+    done = notifyq("watch", "--once", "--dsn", dsn, "--queue", "mial", "--queue", "mail")
+    assert done.returncode == 0, done.stderr
+    assert "queue 'mial' has no jobs and no dispatcher serving it" in done.stdout
+    assert "queue 'mail'" not in done.stdout  # it has jobs: its numbers say enough
+    # A served queue with nothing in it is just idle.
+    query(
+        dsn,
+        "INSERT INTO notifyq.dispatchers (claimant, host, pid, queues, concurrency, heartbeat)"
+        " VALUES ('h:1:x', 'h', 1, '{idle}', 1, 3600)",
+    )
+    done = notifyq("watch", "--once", "--dsn", dsn, "--queue", "idle")
+    assert done.returncode == 0, done.stderr
+    assert "has no jobs" not in done.stdout
+    assert cells(done.stdout, "idle")["ready"] == "0"
+
+
+def test_table_headings_are_the_json_keys(dsn: str) -> None:
+    fill(dsn)
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (queue, task, status, attempts, started_at, claimed_by,"
+        " lease_expires_at) VALUES ('mail', 'mail.slow', 'running', 1, now(), 'h:1:x',"
+        " now() + interval '1 hour')",
+    )
+    query(
+        dsn,
+        "INSERT INTO notifyq.dispatchers (claimant, host, pid, queues, concurrency, heartbeat)"
+        " VALUES ('h:1:x', 'h', 1, '{mail}', 1, 3600)",
+    )
+    done = notifyq("watch", "--once", "--json", "--dsn", dsn)
+    assert done.returncode == 0, done.stderr
+    snap = json.loads(done.stdout)
+    tables: dict[str, Sequence[watch.Column[Any]]] = {
+        "queues": watch.QUEUE_COLUMNS,
+        "dispatchers": watch.DISPATCHER_COLUMNS,
+        "running": watch.RUNNING_COLUMNS,
+        "failures": watch.FAILURE_COLUMNS,
+    }
+    for key, columns in tables.items():
+        assert snap[key], key
+        headings = {c.header for c in columns}
+        assert headings <= set(snap[key][0]), (key, headings - set(snap[key][0]))
+    wide = [" ".join(line.split()) for line in screen(snapshot(dsn), 200).splitlines()]
+    for columns in tables.values():  # at 200 columns, every column shows
+        assert " ".join(c.header for c in columns) in wide
+    # The keys scripts read before the headings changed are all still there.
+    assert {"rate", "failed_1m", "succeeded_1m", "oldest_ready"} <= set(snap["queues"][0])
+    assert {"claimant", "running", "concurrency", "silent"} <= set(snap["dispatchers"][0])
+
+
+def read_raw_until(fd: int, needle: str, seen: list[str], timeout: float = 20) -> str:
+    """Read the pty until its raw output (escape sequences kept) contains `needle`."""
+    deadline = time.monotonic() + timeout
+    while needle not in "".join(seen) and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            seen.append(os.read(fd, 65536).decode(errors="replace"))
+    if needle in "".join(seen):
+        return "".join(seen)
+    raise AssertionError(f"timed out waiting for {needle!r}; last output: {''.join(seen)[-800:]}")
+
+
+def test_a_resize_redraws_the_whole_screen_at_the_new_size(dsn: str) -> None:
+    fill(dsn)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        # No refresh for 30 s and no change to notify: only the resize can redraw.
+        [sys.executable, "-m", "notifyq", "watch", "--dsn", dsn, "--interval", "30"],
+        cwd=REPO,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**env, "TERM": "xterm-256color"},
+        preexec_fn=_own_terminal,
+    )
+    os.close(slave)
+    seen: list[str] = []
+    clear = "\x1b[2J"
+    try:
+        first = read_raw_until(master, "SMTPError", seen)
+        assert "succeeded_1m" in ANSI.sub("", first)  # 120 columns: every column
+        assert clear not in first
+        # The kernel sends SIGWINCH to the terminal's foreground process group.
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 60, 0, 0))
+        raw = read_raw_until(master, clear, seen)
+        redrawn = raw[raw.rindex(clear) :]
+        redrawn = read_raw_until(master, "SMTPError", [redrawn])
+        lines = [ANSI.sub("", line) for line in redrawn.split("\n")]
+        assert "refresh #1" in lines[0]  # the same snapshot, drawn again, not a refresh
+        assert "succeeded_1m" not in redrawn  # laid out for 60 columns
+        assert all(len(line.rstrip()) <= 60 for line in lines), lines
+        assert cells("\n".join(lines), "mail")["ready"] == "3"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(master)

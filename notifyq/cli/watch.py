@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import codec
+from ..errors import ConfigurationError
 from .common import database, dsn_option
 from .queues import queues_option
 
@@ -41,10 +42,13 @@ def watch_command(
     """Live view of queues, dispatchers and failures (Ctrl-C to quit)."""
     import anyio
     from rich.console import Console
-    from rich.live import Live
 
     from .. import watch
 
+    try:
+        watch.check_queues(queues)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--queue'") from exc
     dsn = database(dsn)
     console = Console()
     if once:
@@ -54,20 +58,25 @@ def watch_command(
         else:
             console.print(watch.render(snap, console.width))
         return
-    live = None if as_json else Live(console=console, auto_refresh=False, redirect_stderr=False)
+    live = None if as_json else watch.LiveView(console)
 
     def show(snap: watch.Snapshot) -> None:
         if live is None:
             click.echo(codec.dumps(snap.as_dict()))
         else:
-            live.update(watch.render(snap, console.width), refresh=True)
+            live.show(snap)
 
     try:
         if live is not None:
             live.start()
         anyio.run(
             lambda: watch.follow(
-                dsn, show, queues=queues or None, interval=interval, max_age=max_age
+                dsn,
+                show,
+                queues=queues or None,
+                interval=interval,
+                max_age=max_age,
+                on_resize=None if live is None else live.redraw,
             )
         )
     except KeyboardInterrupt:

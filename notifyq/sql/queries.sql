@@ -438,13 +438,24 @@ LIMIT %(limit)s;
 
 -- name: watch_dispatchers
 -- notifyq watch: the dispatcher registry with each one's state (running, stopped, lost),
--- `notifyq serve` processes and SQL workers alike (kind).
-SELECT claimant, host, pid, queues, concurrency, running, state,
-       extract(epoch FROM now() - started_at)::float8 AS up,
-       extract(epoch FROM now() - heartbeat_at)::float8 AS silent,
-       kind
-FROM notifyq.dispatcher_status
-ORDER BY state <> 'running', started_at;
+-- `notifyq serve` processes and SQL workers alike (kind).  running: its jobs running now,
+-- counted in the jobs table along jobs_lease_idx (running rows only), as the queues'
+-- running and the running jobs are; the registry's own count is as old as the last
+-- heartbeat and contradicted them.
+WITH running AS (
+    SELECT claimed_by, count(*)::int AS running
+    FROM notifyq.jobs
+    WHERE status = 'running'
+    GROUP BY claimed_by
+)
+SELECT d.claimant, d.host, d.pid, d.queues, d.concurrency, coalesce(r.running, 0) AS running,
+       d.state,
+       extract(epoch FROM now() - d.started_at)::float8 AS up,
+       extract(epoch FROM now() - d.heartbeat_at)::float8 AS silent,
+       d.kind
+FROM notifyq.dispatcher_status d
+LEFT JOIN running r ON r.claimed_by = d.claimant
+ORDER BY d.state <> 'running', d.started_at;
 
 -- name: wait_outcomes
 -- App.wait: where the awaited jobs stand, by primary key (needs SELECT on jobs).

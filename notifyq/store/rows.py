@@ -331,7 +331,7 @@ class DispatcherState:
     pid: int
     queues: list[str]
     concurrency: int
-    running: int
+    running: int  # its jobs running now, counted in the jobs table (not its heartbeat's)
     state: str  # running | stopped | lost
     up: float  # seconds since it started
     silent: float  # seconds since its last heartbeat
