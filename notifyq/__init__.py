@@ -21,7 +21,8 @@ from .errors import (
 )
 from .job import JobContext, JobId, JobState, JobStatus
 from .retry import Backoff
-from .worker import Settings, Worker
+from .settings import Settings
+from .worker import Worker
 
 __version__ = "0.1.0"
 

@@ -33,7 +33,8 @@ from .registry import (
     describe_handler,
 )
 from .retry import Backoff
-from .worker import Settings, Worker
+from .settings import Settings
+from .worker import Worker
 
 log = logging.getLogger("notifyq")
 

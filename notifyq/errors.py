@@ -2,6 +2,7 @@
 
     NotifyqError
     ├── ConfigurationError      bad settings: no DSN and no embedded server, bad --app, ...
+    │   └── InvalidSetting      one Settings field out of its range (names the field)
     ├── DatabaseUnavailable     cannot reach PostgreSQL (retryable: the dispatcher reconnects)
     │   ├── PoolerInTheWay      prepared statements vanish: a pooler in transaction mode
     │   └── LockTimeout         a statement waited longer than lock_timeout for a row lock
@@ -39,6 +40,16 @@ class NotifyqError(Exception):
 
 class ConfigurationError(NotifyqError):
     """The settings do not describe something notifyq can run."""
+
+
+class InvalidSetting(ConfigurationError):
+    """One `Settings` field is out of its range.  `setting` names the field (the command
+    line maps it to its flag), `reason` says what the field must be."""
+
+    def __init__(self, setting: str, reason: str, message: str | None = None) -> None:
+        self.setting = setting
+        self.reason = reason
+        super().__init__(message or f"{setting.replace('_', ' ')} {reason}")
 
 
 class DatabaseUnavailable(NotifyqError):

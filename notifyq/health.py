@@ -7,8 +7,8 @@ Checks, in order; a failed one stops the rest that depend on it:
                      (newer than we know: WARNING, this notifyq is older)
     transactions     no transaction in the database has been open longer
                      than --max-transaction-age (default 300 s)           else WARNING:
-                     it holds back vacuum of notifyq.jobs, whose dead rows
-                     (one per finished attempt) then pile up and slow claims
+                     it holds back vacuum of notifyq.jobs, whose dead tuples
+                     (old row versions, not dead jobs) then pile up and slow claims
     leases           no running job's lease expired over a minute ago      else WARNING:
                      nobody is rescuing them (no dispatcher alive)
     dispatchers      no registered dispatcher is lost (heartbeat silent    else WARNING
@@ -126,7 +126,8 @@ def _run(conn: psycopg.Connection[Any], report: Report, max_age: float) -> None:
             Check(
                 "jobs table",
                 OK,
-                f"notifyq.jobs has about {live} live and {dead} dead rows",
+                f"notifyq.jobs has about {live} live and {dead} dead tuples (old row versions "
+                "VACUUM reclaims, not dead jobs)",
                 {"live_tuples": live, "dead_tuples": dead},
             )
         )
@@ -172,7 +173,7 @@ def _transactions(conn: psycopg.Connection[Any], max_age: float) -> Check:
         WARNING,
         f"pid {pid} (application_name {app!r}, state {state!r}) has had a transaction open "
         f"for {age:.0f}s (limit {max_age:.0f}s): it holds back vacuum of notifyq.jobs, "
-        "whose dead rows pile up until it ends",
+        "whose dead tuples (old row versions) pile up until it ends",
         details,
     )
 

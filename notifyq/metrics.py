@@ -17,11 +17,14 @@ since the last scrape (by primary key).
                written within three heartbeats) and listening; else 503
 
 `prometheus-client` is an optional dependency: `pip install 'notifyq[metrics]'`.
+The endpoint listens on 127.0.0.1 unless `--metrics-host` says otherwise.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,7 +50,8 @@ def require_prometheus() -> Any:
         import prometheus_client
     except ImportError as exc:
         raise ConfigurationError(
-            "--metrics-port needs prometheus-client: pip install 'notifyq[metrics]'"
+            "--metrics-port needs prometheus-client, which is not installed: "
+            "pip install 'notifyq[metrics]' (the extra), in the environment notifyq runs from"
         ) from exc
     return prometheus_client
 
@@ -238,10 +242,15 @@ class _Collector:
         )
 
 
-class Exporter:
-    """The HTTP endpoint, on a thread of its own."""
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
-    def __init__(self, metrics: Metrics, port: int, host: str = "") -> None:
+
+class Exporter:
+    """The HTTP endpoint, on a thread of its own; on 127.0.0.1 unless told otherwise
+    (the endpoints have no authentication)."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str = "127.0.0.1") -> None:
         self._metrics = metrics
         prom = metrics._prom
         exporter = self
@@ -271,12 +280,19 @@ class Exporter:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s %s", exporter.address, format % args)
 
+        server = _IPv6Server if ":" in host else ThreadingHTTPServer
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = server((host, port), Handler)
         except OSError as exc:
-            raise ConfigurationError(f"cannot serve metrics on port {port}: {exc}") from exc
+            taken = exc.errno == errno.EADDRINUSE
+            why = "the port is taken by another process" if taken else exc.strerror or str(exc)
+            raise ConfigurationError(
+                f"cannot serve metrics on {shown} (--metrics-port {port}, --metrics-host "
+                f"{host}): {why}"
+            ) from exc
         self._server.daemon_threads = True
-        self.address = f"{host or '0.0.0.0'}:{self._server.server_address[1]}"
+        self.address = shown.rsplit(":", 1)[0] + f":{self._server.server_address[1]}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="notifyq-metrics", daemon=True
         )

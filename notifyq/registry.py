@@ -24,10 +24,22 @@ Handler = Callable[..., Any]
 
 def check_queue_name(queue: str) -> str:
     if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
-        raise ConfigurationError(
-            f"invalid queue name {queue!r}: use 1-63 characters of a-z, 0-9, '_' and '-'"
-        )
+        raise ConfigurationError(f"invalid queue name {queue!r}: {_queue_rule_broken(queue)}")
     return queue
+
+
+def _queue_rule_broken(queue: object) -> str:
+    """Which rule of QUEUE_NAME a name breaks, first found, so the message says what to fix."""
+    rules = "use 1-63 characters of a-z, 0-9, '_' and '-', not starting with '-'"
+    if not isinstance(queue, str) or not queue:
+        return f"it is empty; {rules}"
+    if len(queue) > 63:
+        return f"it is {len(queue)} characters long, over the 63 allowed"
+    bad = sorted({c for c in queue if not QUEUE_NAME.fullmatch("a" + c)})
+    if bad:
+        upper = " (lower case only)" if any(c.isupper() for c in bad) else ""
+        return f"{', '.join(repr(c) for c in bad)} not allowed{upper}; {rules}"
+    return "it starts with '-': a queue name starts with a-z, 0-9 or '_'"
 
 
 def check_task_name(name: str) -> str:

@@ -27,88 +27,27 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import anyio
 
 from . import channels, embedded, failpoints, listener, retention, store
 from .completion import Completer
 from .dispatcher import Dispatcher
-from .errors import ConfigurationError, DatabaseUnavailable
+from .errors import DatabaseUnavailable
 from .job import Job
 from .leases import LeaseKeeper, heartbeat_for
 from .ledger import Ledger
 from .metrics import Exporter, Figures, Metrics
 from .periodic import Periodic, Scheduler
 from .progress import Reports
-from .registry import Registry, check_queue_name
+from .registry import Registry
+from .settings import Settings
 from .store import TaskSettings
 from .worker_pool import Finished, WorkerPool
 
 log = logging.getLogger("notifyq")
 
 CANCEL_CHECK_GAP = 0.05  # seconds between two checks for cancelled jobs, at least
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """How a dispatcher runs; `notifyq serve --help` documents each one."""
-
-    concurrency: int = 10
-    queues: tuple[str, ...] | None = None  # None: 'default' and the queues of the app's tasks
-    batch_size: int | None = None  # None: up to `concurrency` per claim
-    poll_interval: float = 5.0
-    lease: float = 30.0
-    shutdown_timeout: float = 30.0
-    listen: bool = True
-    metrics_port: int | None = None  # serve Prometheus metrics, /healthz and /readyz there
-    # Seconds after finishing that a job is deleted (None: kept forever); retention.py.
-    retain_succeeded: float | None = retention.DEFAULTS["succeeded"]
-    retain_cancelled: float | None = retention.DEFAULTS["cancelled"]
-    retain_dead: float | None = retention.DEFAULTS["dead"]
-    retention_interval: float = retention.INTERVAL
-    # One-shot runs (cron, CI, Cloud Run jobs): stop by themselves; see Worker.exit_code.
-    until_empty: bool = False  # stop once nothing in the served queues is to start now
-    max_jobs: int | None = None  # stop claiming after this many jobs, let them finish
-    max_runtime: float | None = None  # seconds; then as on SIGTERM
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigurationError("batch size must be at least 1")
-        if self.poll_interval <= 0:
-            raise ConfigurationError("poll interval must be positive")
-        if self.lease < 1:
-            raise ConfigurationError("lease must be at least 1 second")
-        if self.shutdown_timeout < 0:
-            raise ConfigurationError("shutdown timeout cannot be negative")
-        for queue in self.queues or ():
-            check_queue_name(queue)
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigurationError("metrics port must be from 0 to 65535")
-        for status, age in self.retention_ages().items():
-            if age is not None and not age >= 0:
-                raise ConfigurationError(f"retention of {status} jobs cannot be negative")
-        if not self.retention_interval > 0:
-            raise ConfigurationError("retention interval must be positive")
-        if self.max_jobs is not None and self.max_jobs < 1:
-            raise ConfigurationError("max jobs must be at least 1")
-        if self.max_runtime is not None and not self.max_runtime > 0:
-            raise ConfigurationError("max runtime must be positive")
-
-    @property
-    def lock_timeout(self) -> float:
-        """Seconds any dispatcher statement may wait for a lock another transaction holds:
-        short of a heartbeat (lease / 3) with room to try again, and never over 5 s."""
-        return min(5.0, self.lease / 6)
-
-    def retention_ages(self) -> dict[str, float | None]:
-        return {
-            "succeeded": self.retain_succeeded,
-            "cancelled": self.retain_cancelled,
-            "dead": self.retain_dead,
-        }
 
 
 class Worker:
@@ -240,6 +179,11 @@ class Worker:
 
     async def run(self, *, handle_signals: bool = False) -> None:
         s = self.settings
+        exporter = None
+        if self.metrics is not None:
+            # Before "serving" is logged: a port already taken fails the start, not later.
+            exporter = Exporter(self.metrics, s.metrics_port or 0, s.metrics_host)
+            exporter.start()
         log.info(
             "serving queues=%s concurrency=%d claimant=%s poll=%ss lease=%ss listen=%s",
             ",".join(self.queues),
@@ -249,10 +193,6 @@ class Worker:
             s.lease,
             s.listen,
         )
-        exporter = None
-        if self.metrics is not None:
-            exporter = Exporter(self.metrics, self.settings.metrics_port or 0)
-            exporter.start()
         self.leases.start()
         try:
             async with anyio.create_task_group() as background:

@@ -32,7 +32,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from . import codec, failpoints
-from .errors import ConfigurationError, PayloadError, ResultError
+from .errors import PayloadError, ResultError
 from .job import Job, JobContext, Reporter
 from .ledger import Attempt, Ledger
 from .registry import Registry, Task
@@ -71,8 +71,7 @@ class WorkerPool:
         on_finished: Callable[[Finished], None],
         reporter: Reporter | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError("concurrency must be at least 1")
+        # `concurrency` comes from Settings, which checked it (settings.py).
         self._registry = registry
         self._concurrency = concurrency
         self._ledger = ledger  # submitted attempts run there until their report

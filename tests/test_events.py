@@ -102,7 +102,7 @@ def test_events_are_off_by_default_and_switched_per_queue_from_the_cli(dsn: str)
         (["events", "on", "Bad;Queue"], "invalid queue name"),
     ):
         bad = notifyq_cli(*args, env=env)
-        assert bad.returncode == 1 and message in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr  # usage errors
     # From SQL, the same switch.
     assert query(dsn, "SELECT notifyq.set_events('b', true)") == [(True,)]
     assert query(dsn, "SELECT queue FROM notifyq.queue_events") == [("b",)]

@@ -93,7 +93,7 @@ async def test_a_paused_queue_runs_when_its_cap_is_lifted_without_a_poll(dsn: st
         done = await anyio.run_process(
             [sys.executable, "-m", "notifyq", "limit", "paused", "none", "--dsn", dsn], cwd=REPO
         )
-        assert done.stdout.decode() == "no queue has a cap\n"
+        assert done.stdout.decode() == "paused: no cap\n"
         # Only the cap's notification can have woken it: the poll is an hour away.
         await eventually(lambda: statuses(dsn) == {"succeeded": 2})
     await app.aclose()
@@ -144,9 +144,11 @@ def test_limit_command_sets_lists_and_refuses_bad_input(dsn: str) -> None:
     assert cli("pdf", "5").stdout == "pdf: at most 5 running (0 now)\n"
     assert query(dsn, "SELECT queue, max_running FROM notifyq.queue_limits") == [("pdf", 5)]
     bad = cli("pdf", "lots")
-    assert bad.returncode == 1 and "whole number of jobs or 'none'" in bad.stderr
-    assert cli("pdf", "--", "-1").returncode != 0
+    assert (
+        bad.returncode == 2 and "whole number of jobs (0 pauses the queue) or 'none'" in bad.stderr
+    )
+    assert cli("pdf", "--", "-1").returncode == 2
     bad = cli("Bad Queue", "1")
-    assert bad.returncode != 0 and "queue" in bad.stderr
-    assert cli("pdf").returncode != 0
+    assert bad.returncode == 2 and "queue" in bad.stderr
+    assert cli("pdf").stdout == "pdf: at most 5 running (0 now)\n"  # one queue's cap
     assert query(dsn, "SELECT queue, max_running FROM notifyq.queue_limits") == [("pdf", 5)]

@@ -118,5 +118,6 @@ def test_a_missing_prometheus_client_is_one_clear_line() -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "notifyq: error: --metrics-port needs prometheus-client: pip install 'notifyq[metrics]'"
+        "notifyq: error: --metrics-port needs prometheus-client, which is not installed: "
+        "pip install 'notifyq[metrics]' (the extra), in the environment notifyq runs from"
     )

@@ -149,8 +149,8 @@ def test_bad_one_shot_options_are_refused_before_connecting(tmp_path: Path) -> N
         )
 
     bad_runtime = serve("--max-runtime", "soon")
-    assert bad_runtime.returncode == 1
-    assert "not a duration: 'soon'" in bad_runtime.stderr
+    assert bad_runtime.returncode == 2
+    assert "Invalid value for '--max-runtime': not a duration: 'soon'" in bad_runtime.stderr
     bad_jobs = serve("--max-jobs", "0")
     assert bad_jobs.returncode == 2
     assert "--max-jobs" in bad_jobs.stderr

@@ -257,7 +257,7 @@ def test_jobs_list_show_and_purge_through_the_cli(dsn: str) -> None:
     done = notifyq(dsn, "purge", "--older-than", "2d", "--status", "dead")
     assert done.stdout.strip() == "purged 1 jobs (dead) finished over 2d ago"
     done = notifyq(dsn, "purge", "--older-than", "soon")
-    assert done.returncode == 1 and "not a duration" in done.stderr
+    assert done.returncode == 2 and "not a duration" in done.stderr  # a usage error
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(2,)]
     done = notifyq(dsn, "stats", "--json")
     assert json.loads(done.stdout)["queues"][0]["ready"] == 2

@@ -1,0 +1,60 @@
+"""The `notifyq` command: parse, call, print.
+
+One module per command group; this one only assembles them under `main`:
+
+    common.py   the DSN and log options, error handling, --app loading, argument checks
+    serve.py    serve (its flags build one notifyq.Settings)
+    jobs.py     enqueue, jobs list/show, retry, cancel, purge (payload.py: PAYLOAD's shape)
+    queues.py   stats, cap (and its older name limit), events
+    watch.py    watch
+    schema.py   migrate, roles, dsn, health, history
+
+A bad argument is a usage error (exit 2) found before anything connects; an
+error from the database or the app is one line on stderr (exit 1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from . import jobs, queues, schema, serve, watch
+from .common import Group, log_option, remember_environment, set_log_level
+
+
+@click.group(cls=Group)
+@log_option
+@click.version_option(package_name="notifyq")
+def main() -> None:
+    """notifyq: a PostgreSQL job dispatcher.
+
+    Enqueue from anywhere with plain SQL:
+    INSERT INTO notifyq.jobs (task, payload) VALUES ('hello.greet', '{"name": "Ada"}');
+    """
+    remember_environment()
+    if not logging.getLogger().handlers:
+        set_log_level(click.get_current_context(), None, "info")
+
+
+for command in (
+    serve.serve,
+    schema.migrate_command,
+    schema.roles_command,
+    jobs.enqueue,
+    schema.dsn_command,
+    schema.health_command,
+    watch.watch_command,
+    queues.stats,
+    jobs.jobs,
+    schema.history_command,
+    queues.events,
+    queues.cap,
+    queues.limit,
+    jobs.retry,
+    jobs.cancel,
+    jobs.purge,
+):
+    main.add_command(command)
+
+__all__ = ["main"]
