@@ -69,10 +69,14 @@ class Ledger:
 
     # --- changes, on the event loop
 
-    def claimed(self, attempt: Attempt) -> None:
-        """The attempt is ours and handed to the pool."""
+    def claimed(self, attempt: Attempt) -> bool:
+        """The attempt is ours and handed to the pool.  False, and nothing changed, if
+        the same attempt is running already: it is counted once (WorkerPool.submit)."""
         with self._lock:
+            if attempt in self._running:
+                return False
             self._running.add(attempt)
+            return True
 
     def finished(self, attempt: Attempt) -> None:
         """Its handler is done (or it was interrupted): the outcome waits to be written."""

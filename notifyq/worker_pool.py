@@ -24,6 +24,7 @@ import math
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -89,6 +90,10 @@ class WorkerPool:
         # needs to reach them (the ledger is what counts them).
         self._running: dict[Attempt, tuple[anyio.CancelScope, threading.Event | None]] = {}
         self._cancelled: set[Attempt] = set()  # attempts of jobs cancelled while they ran
+        # Jobs claimed again under an attempt that is still in a slot here: each starts
+        # once the one before it is reported (see submit).
+        self._next_turn: dict[Attempt, deque[Job]] = {}
+        self._closed = False
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -101,7 +106,15 @@ class WorkerPool:
     def submit(self, job: Job) -> None:
         """Queue a claimed job; the dispatcher never claims more than there are free slots.
         The attempt is running in the ledger from now until it is reported."""
-        self._ledger.claimed((job.id, job.attempt))
+        attempt = (job.id, job.attempt)
+        if not self._ledger.claimed(attempt):
+            # The same (job id, attempt) is still in a slot: its job was cancelled while
+            # it ran (a sync handler that never looks at `cancelled`), then retried, which
+            # starts the attempts over, and this pool claimed it again.  Nothing tells the
+            # two apart (the ledger, `cancel`, the database's fence), so this one waits,
+            # in no slot, until that one is reported; the ledger's entry is that one's.
+            self._next_turn.setdefault(attempt, deque()).append(job)
+            return
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._send.send_nowait(job)
@@ -116,6 +129,7 @@ class WorkerPool:
 
     def close(self) -> None:
         """Accept no more jobs; slots exit once they have run what was submitted."""
+        self._closed = True
         self._send.close()
 
     def interrupt_all(self) -> None:
@@ -179,11 +193,30 @@ class WorkerPool:
             self._cancelled.discard(attempt)
             finished = replace(finished, cancelled=True)
         self._ledger.finished(attempt)
+        follower = self._turn_of(attempt)
+        if follower is not None:
+            # Its turn came: in the ledger before the report below wakes anyone, so the
+            # slot it takes is never counted free.
+            self._ledger.claimed(attempt)
+            if not self._closed:
+                self._send.send_nowait(follower)
         if not self._ledger.running:
             self._idle.set()
         if failpoints.ACTIVE and not finished.interrupted:
             failpoints.hit("handler-after")
         self._on_finished(finished)
+        if follower is not None and self._closed:  # shutdown: it never starts
+            self._report(Finished(follower, self._registry.get(follower.task), interrupted=True))
+
+    def _turn_of(self, attempt: Attempt) -> Job | None:
+        """The job claimed again under `attempt` that waited for it, if any (see submit)."""
+        waiting = self._next_turn.get(attempt)
+        if not waiting:
+            return None
+        follower = waiting.popleft()
+        if not waiting:
+            del self._next_turn[attempt]
+        return follower
 
     async def _attempt(self, job: Job, scope: anyio.CancelScope) -> Finished:
         task = self._registry.get(job.task)

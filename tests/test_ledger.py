@@ -34,6 +34,19 @@ def test_attempts_of_one_job_are_told_apart() -> None:
     assert ledger.ids() == {7}
 
 
+def test_an_attempt_already_running_is_not_counted_twice() -> None:
+    """A retried job starts its attempts over: claimed again while the same attempt still
+    runs, it is refused (the pool makes it wait its turn), never counted as a second slot
+    that the first one's end would then free."""
+    ledger = Ledger()
+    assert ledger.claimed((5, 1))
+    assert not ledger.claimed((5, 1))
+    assert ledger.running == 1
+    ledger.finished((5, 1))
+    assert ledger.claimed((5, 1))  # its outcome waits to be written: no slot of its own
+    assert (ledger.running, ledger.pending) == (1, 1)
+
+
 def test_only_attempts_held_and_not_being_written_are_still_expected() -> None:
     ledger = Ledger()
     for attempt in [(1, 1), (2, 1), (3, 1)]:
