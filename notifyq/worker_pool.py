@@ -114,6 +114,12 @@ class WorkerPool:
             # two apart (the ledger, `cancel`, the database's fence), so this one waits,
             # in no slot, until that one is reported; the ledger's entry is that one's.
             self._next_turn.setdefault(attempt, deque()).append(job)
+            log.warning(
+                "job=%s attempt=%s claimed again while that attempt still runs here (a sync "
+                "handler that does not check ctx.cancelled?): it starts once that one returns",
+                job.id,
+                job.attempt,
+            )
             return
         if self._idle.is_set():
             self._idle = anyio.Event()
