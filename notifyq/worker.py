@@ -41,7 +41,7 @@ from .metrics import Exporter, Figures, Metrics
 from .periodic import Periodic, Scheduler
 from .progress import Reports
 from .registry import Registry
-from .settings import Settings
+from .settings import MAX_BATCH, Settings
 from .store import TaskSettings
 from .worker_pool import Finished, WorkerPool
 
@@ -103,7 +103,7 @@ class Worker:
             self.claimant,
             queues=self.queues,
             concurrency=settings.concurrency,
-            batch_size=min(settings.batch_size or settings.concurrency, 1000),
+            batch_size=min(settings.batch_size or settings.concurrency, MAX_BATCH),
             poll_interval=settings.poll_interval,
             lease=settings.lease,
             tasks=[
