@@ -13,7 +13,9 @@ into a state write is completion.py's job.
 The pool keeps no count of its own: `submit` enters the attempt in the
 ledger as running, and its report moves it to pending (ledger.py) before
 `on_finished` is called, so whoever that callback wakes (the dispatcher,
-counting free slots) already sees the slot free.
+counting free slots) already sees the slot free.  A job claimed again under
+an attempt still in a slot here (cancelled, retried, claimed back) waits
+outside the ledger until that attempt is reported, then takes its slot.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class WorkerPool:
     @property
     def running(self) -> int:
         """Attempts submitted and not reported yet (the ledger's count): in a slot, or for
-        a moment waiting for one, as the dispatcher claims no more than the free slots."""
+        a moment waiting for one, as the dispatcher claims no more than the free slots.
+        Jobs waiting for their attempt's turn (see submit) are not counted."""
         return self._ledger.running
 
     def submit(self, job: Job) -> None:
