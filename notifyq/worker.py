@@ -295,7 +295,7 @@ class Worker:
         self.stop()
 
     async def _drain(self) -> None:
-        # Claimed jobs, started or still waiting for a slot (pool.running counts started ones).
+        # Claimed jobs, started or still waiting for a slot (the ledger's `running`).
         if not self._hurry.is_set() and self.dispatcher.running:
             # A one-shot run that reached its end (max-jobs): the jobs it took are its
             # work, so they finish however long they take, unless a signal or
