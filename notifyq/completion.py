@@ -62,7 +62,8 @@ _LEASE_KEEPER = "application 'notifyq:leases'"  # how a lease keeper holding a r
 
 
 class Subscriber(Protocol):
-    """Hears of every outcome, on the event loop: keep it to a few dict operations."""
+    """Hears of every outcome, on the event loop: keep it to a few dict operations.
+    What it raises is logged and dropped: a subscriber never stops an outcome's write."""
 
     def decided(self, finished: Finished, status: str) -> None:
         """The completer took this attempt's end: `status` is what it asks the database
@@ -134,6 +135,7 @@ class Completer:
         self._on_written = on_written
         self._last_report = last_report  # (job id, attempt) -> its report not yet written
         self._subscribers: list[Subscriber] = []
+        self._subscriber_failed: set[int] = set()  # id() of those whose failure was logged
         # The job of each outcome still to write, for the log and the subscribers.
         self._jobs: dict[Attempt, Job] = {}
         self._outcomes: list[Outcome] = []
@@ -186,7 +188,26 @@ class Completer:
 
     def _publish(self, finished: Finished, status: str) -> None:
         for subscriber in self._subscribers:
-            subscriber.decided(finished, status)
+            try:
+                subscriber.decided(finished, status)
+            except Exception:
+                self._subscriber_error(subscriber, finished.job)
+
+    def _subscriber_error(self, subscriber: Subscriber, job: Job) -> None:
+        # Raised from inside submit() (the pool's report) or a write's settling, it would
+        # end the dispatcher with the attempt neither written nor released from the
+        # ledger.  Logged in full once per subscriber: it fails the same way every time.
+        if id(subscriber) in self._subscriber_failed:
+            log.debug("subscriber %r failed again (job=%s)", subscriber, job.id, exc_info=True)
+            return
+        self._subscriber_failed.add(id(subscriber))
+        log.exception(
+            "subscriber %r failed on the outcome of job=%s attempt=%s; the outcome is "
+            "written all the same (further failures of it are logged at debug level)",
+            subscriber,
+            job.id,
+            job.attempt,
+        )
 
     @property
     def pending(self) -> int:
@@ -310,7 +331,10 @@ class Completer:
             self.decided[settled.status] += 1
             _log_outcome(job, outcome, settled)
             for subscriber in self._subscribers:
-                subscriber.settled(job, settled.status)
+                try:
+                    subscriber.settled(job, settled.status)
+                except Exception:
+                    self._subscriber_error(subscriber, job)
 
     def _wait(self, busy: list[Outcome], holders: dict[Attempt, str]) -> None:
         """Outcomes whose rows were locked: tried again later, still being written."""

@@ -15,8 +15,9 @@ Who moves an attempt, and who reads what:
     completion.py    writing, write_failed, written (its outcome written, or given up)
     dispatcher.py    reads `running` and `pending`: free slots, and the back-pressure of
                      unwritten outcomes; `ids()` for the orphans of a lost claim reply
-    leases.py        reads `attempts()` and `still_expected()`, from its own thread
-    worker.py        reads `ids()` for cancellations, and `len()` for the summaries
+    leases.py        reads `attempts()`, `still_expected()` and `len()` (whether it holds
+                     any), from its own thread
+    worker.py        reads `ids()` for cancellations, and `running` for the metrics
 
 `running` and `pending` are kept apart because they mean different things to
 the dispatcher: a running attempt holds a slot, a pending one only a row.
@@ -69,10 +70,14 @@ class Ledger:
 
     # --- changes, on the event loop
 
-    def claimed(self, attempt: Attempt) -> None:
-        """The attempt is ours and handed to the pool."""
+    def claimed(self, attempt: Attempt) -> bool:
+        """The attempt is ours and handed to the pool.  False, and nothing changed, if
+        the same attempt is running already: it is counted once (WorkerPool.submit)."""
         with self._lock:
+            if attempt in self._running:
+                return False
             self._running.add(attempt)
+            return True
 
     def finished(self, attempt: Attempt) -> None:
         """Its handler is done (or it was interrupted): the outcome waits to be written."""

@@ -1,4 +1,5 @@
-"""When to run a failed job again: exponential backoff with full jitter. Pure."""
+"""When to run a failed job again: exponential backoff, jittered in its upper half; and
+how long to wait for a lost database (reconnect_delay).  Pure."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from .metrics import Exporter, Figures, Metrics
 from .periodic import Periodic, Scheduler
 from .progress import Reports
 from .registry import Registry
-from .settings import Settings
+from .settings import MAX_BATCH, Settings
 from .store import TaskSettings
 from .worker_pool import Finished, WorkerPool
 
@@ -103,7 +103,7 @@ class Worker:
             self.claimant,
             queues=self.queues,
             concurrency=settings.concurrency,
-            batch_size=min(settings.batch_size or settings.concurrency, 1000),
+            batch_size=min(settings.batch_size or settings.concurrency, MAX_BATCH),
             poll_interval=settings.poll_interval,
             lease=settings.lease,
             tasks=[
@@ -295,7 +295,7 @@ class Worker:
         self.stop()
 
     async def _drain(self) -> None:
-        # Claimed jobs, started or still waiting for a slot (pool.running counts started ones).
+        # Claimed jobs, started or still waiting for a slot (the ledger's `running`).
         if not self._hurry.is_set() and self.dispatcher.running:
             # A one-shot run that reached its end (max-jobs): the jobs it took are its
             # work, so they finish however long they take, unless a signal or

@@ -13,7 +13,9 @@ into a state write is completion.py's job.
 The pool keeps no count of its own: `submit` enters the attempt in the
 ledger as running, and its report moves it to pending (ledger.py) before
 `on_finished` is called, so whoever that callback wakes (the dispatcher,
-counting free slots) already sees the slot free.
+counting free slots) already sees the slot free.  A job claimed again under
+an attempt still in a slot here (cancelled, retried, claimed back) waits
+outside the ledger until that attempt is reported, then takes its slot.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -89,19 +92,38 @@ class WorkerPool:
         # needs to reach them (the ledger is what counts them).
         self._running: dict[Attempt, tuple[anyio.CancelScope, threading.Event | None]] = {}
         self._cancelled: set[Attempt] = set()  # attempts of jobs cancelled while they ran
+        # Jobs claimed again under an attempt that is still in a slot here: each starts
+        # once the one before it is reported (see submit).
+        self._next_turn: dict[Attempt, deque[Job]] = {}
+        self._closed = False
         self._idle = anyio.Event()
         self._idle.set()
 
     @property
     def running(self) -> int:
         """Attempts submitted and not reported yet (the ledger's count): in a slot, or for
-        a moment waiting for one, as the dispatcher claims no more than the free slots."""
+        a moment waiting for one, as the dispatcher claims no more than the free slots.
+        Jobs waiting for their attempt's turn (see submit) are not counted."""
         return self._ledger.running
 
     def submit(self, job: Job) -> None:
         """Queue a claimed job; the dispatcher never claims more than there are free slots.
         The attempt is running in the ledger from now until it is reported."""
-        self._ledger.claimed((job.id, job.attempt))
+        attempt = (job.id, job.attempt)
+        if not self._ledger.claimed(attempt):
+            # The same (job id, attempt) is still in a slot: its job was cancelled while
+            # it ran (a sync handler that never looks at `cancelled`), then retried, which
+            # starts the attempts over, and this pool claimed it again.  Nothing tells the
+            # two apart (the ledger, `cancel`, the database's fence), so this one waits,
+            # in no slot, until that one is reported; the ledger's entry is that one's.
+            self._next_turn.setdefault(attempt, deque()).append(job)
+            log.warning(
+                "job=%s attempt=%s claimed again while that attempt still runs here (a sync "
+                "handler that does not check ctx.cancelled?): it starts once that one returns",
+                job.id,
+                job.attempt,
+            )
+            return
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._send.send_nowait(job)
@@ -116,6 +138,7 @@ class WorkerPool:
 
     def close(self) -> None:
         """Accept no more jobs; slots exit once they have run what was submitted."""
+        self._closed = True
         self._send.close()
 
     def interrupt_all(self) -> None:
@@ -179,11 +202,30 @@ class WorkerPool:
             self._cancelled.discard(attempt)
             finished = replace(finished, cancelled=True)
         self._ledger.finished(attempt)
+        follower = self._turn_of(attempt)
+        if follower is not None:
+            # Its turn came: in the ledger before the report below wakes anyone, so the
+            # slot it takes is never counted free.
+            self._ledger.claimed(attempt)
+            if not self._closed:
+                self._send.send_nowait(follower)
         if not self._ledger.running:
             self._idle.set()
         if failpoints.ACTIVE and not finished.interrupted:
             failpoints.hit("handler-after")
         self._on_finished(finished)
+        if follower is not None and self._closed:  # shutdown: it never starts
+            self._report(Finished(follower, self._registry.get(follower.task), interrupted=True))
+
+    def _turn_of(self, attempt: Attempt) -> Job | None:
+        """The job claimed again under `attempt` that waited for it, if any (see submit)."""
+        waiting = self._next_turn.get(attempt)
+        if not waiting:
+            return None
+        follower = waiting.popleft()
+        if not waiting:
+            del self._next_turn[attempt]
+        return follower
 
     async def _attempt(self, job: Job, scope: anyio.CancelScope) -> Finished:
         task = self._registry.get(job.task)

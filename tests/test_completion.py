@@ -50,6 +50,13 @@ def row(dsn: str, job_id: int) -> tuple[Any, ...]:
     return query(dsn, "SELECT status, attempts FROM notifyq.jobs WHERE id = %s", job_id)[0]
 
 
+async def until_written(ledger: Ledger) -> None:
+    """Until every attempt left the ledger (its outcome written), within 20 s."""
+    with anyio.fail_after(20):
+        while len(ledger):  # noqa: ASYNC110 - the ledger has no event
+            await anyio.sleep(0.02)
+
+
 def test_decide_asks_for_a_retry_unless_the_error_says_not_to() -> None:
     job = Job(1, "default", "t", None, 1, 3)
     assert decide(Finished(job, None)).status == "succeeded"
@@ -113,9 +120,7 @@ async def test_every_end_is_written_once_fenced_and_published(dsn: str) -> None:
             for end in ends:
                 completer.submit(end)
             assert completer.pending == 6  # the cancelled one had nothing to write
-            with anyio.fail_after(20):
-                while len(ledger):  # noqa: ASYNC110 - the ledger has no event
-                    await anyio.sleep(0.02)
+            await until_written(ledger)
             completer.close(give_up_after=5)
     finally:
         await claims.close()
@@ -179,3 +184,52 @@ async def test_a_write_that_cannot_reach_the_database_is_kept_and_held(
         await writes.close()
     assert len(ledger) == 1  # never written: left to the rescuer once its lease expires
     assert row(dsn, job_id) == ("running", 1)
+
+
+class Broken:
+    """A subscriber that raises on everything it hears."""
+
+    def decided(self, finished: Finished, status: str) -> None:
+        raise RuntimeError("decided broke")
+
+    def settled(self, job: Job, status: str) -> None:
+        raise RuntimeError("settled broke")
+
+
+async def test_a_subscriber_that_raises_stops_no_write(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its error is logged once; every outcome is still written and released from the
+    ledger, and the subscribers after it still hear of each."""
+    caplog.set_level(logging.ERROR, logger="notifyq.completion")
+    ok, failed = insert(dsn), insert(dsn)
+    claims = store.Store(dsn, "claims")
+    writes = store.Store(dsn, "complete")
+    ledger = Ledger()
+    heard = Heard()
+    try:
+        jobs, *_ = await claims.claim(
+            queues=["default"], limit=10, claimant=CLAIMANT, lease=30, tasks=["t"]
+        )
+        by_id = {j.id: j for j in jobs}
+        for j in jobs:
+            ledger.claimed((j.id, j.attempt))
+            ledger.finished((j.id, j.attempt))
+        completer = Completer(writes, CLAIMANT, ledger, lambda: None)
+        completer.subscribe(Broken())
+        completer.subscribe(heard)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(completer.run)
+            completer.submit(Finished(by_id[ok], None))
+            completer.submit(Finished(by_id[failed], None, ValueError("again")))
+            await until_written(ledger)
+            completer.close(give_up_after=5)
+    finally:
+        await claims.close()
+        await writes.close()
+    assert heard.decisions == {ok: "succeeded", failed: "failed"}
+    assert heard.settlements == {ok: "succeeded", failed: "queued"}
+    assert row(dsn, ok) == ("succeeded", 1)
+    assert row(dsn, failed) == ("queued", 1)
+    logged = [r for r in caplog.records if "subscriber" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None

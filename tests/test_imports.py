@@ -38,6 +38,15 @@ def imported(tree: ast.AST, name: str, is_package: bool, modules: set[str]) -> s
                 # import App` (or `from . import App`) the module that defines the name.
                 submodule = f"{origin}.{alias.name}"
                 found.add(submodule if submodule in modules else origin)
+    # Importing notifyq.store.rows runs notifyq/store/__init__.py first: an edge to it too.
+    # Not to the root package (its __init__ is the public surface, importing every stage),
+    # nor to the importer's own packages (Python is running them already).
+    for module in list(found):
+        parts = module.split(".")
+        for end in range(2, len(parts)):
+            parent = ".".join(parts[:end])
+            if not (name == parent or name.startswith(parent + ".")):
+                found.add(parent)
     return {m for m in found if m in modules and m != name}
 
 
@@ -76,7 +85,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_is_read_from_every_kind_of_import() -> None:
     """The checker sees imports under TYPE_CHECKING and inside functions (the ones that
-    hid the app -> worker -> metrics -> worker circle)."""
+    hid the app -> worker -> metrics -> worker circle), and the packages a submodule's
+    import runs first."""
     source = (
         "from typing import TYPE_CHECKING\n"
         "from . import store\n"
@@ -92,6 +102,17 @@ def test_the_graph_is_read_from_every_kind_of_import() -> None:
         "notifyq.app",
         "notifyq.metrics",
         "notifyq.codec",
+    }
+    # A submodule's package runs before it; one's own package is no edge.
+    nested = {"notifyq", "notifyq.store", "notifyq.store.rows", "notifyq.store.dispatching"}
+    source = "from .store.rows import Row\n"
+    assert imported(ast.parse(source), "notifyq.worker", False, nested) == {
+        "notifyq.store",
+        "notifyq.store.rows",
+    }
+    source = "from .rows import Row\n"
+    assert imported(ast.parse(source), "notifyq.store.dispatching", False, nested) == {
+        "notifyq.store.rows"
     }
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

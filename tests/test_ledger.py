@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 from notifyq.ledger import Ledger
@@ -34,6 +35,19 @@ def test_attempts_of_one_job_are_told_apart() -> None:
     assert ledger.ids() == {7}
 
 
+def test_an_attempt_already_running_is_not_counted_twice() -> None:
+    """A retried job starts its attempts over: claimed again while the same attempt still
+    runs, it is refused (the pool makes it wait its turn), never counted as a second slot
+    that the first one's end would then free."""
+    ledger = Ledger()
+    assert ledger.claimed((5, 1))
+    assert not ledger.claimed((5, 1))
+    assert ledger.running == 1
+    ledger.finished((5, 1))
+    assert ledger.claimed((5, 1))  # its outcome waits to be written: no slot of its own
+    assert (ledger.running, ledger.pending) == (1, 1)
+
+
 def test_only_attempts_held_and_not_being_written_are_still_expected() -> None:
     ledger = Ledger()
     for attempt in [(1, 1), (2, 1), (3, 1)]:
@@ -53,29 +67,36 @@ def test_only_attempts_held_and_not_being_written_are_still_expected() -> None:
 
 
 def test_the_lease_keeper_reads_while_the_loop_writes() -> None:
-    """Reads from another thread see a consistent ledger: never a set changing in hand."""
+    """Reads from another thread see each change whole: an attempt moving from running to
+    pending is held all along, never caught between the two (which would report its lease
+    lost), and no set changes size in a reader's hands."""
     ledger = Ledger()
     stop = threading.Event()
     errors: list[BaseException] = []
+    current: list[tuple[int, int]] = []  # the attempt last claimed (and never written)
 
     def read() -> None:
         try:
             while not stop.is_set():
+                if current:
+                    attempt = current[-1]
+                    assert ledger.still_expected({attempt}) == {attempt}, attempt
                 ledger.attempts()
-                ledger.still_expected({(1, 1), (2, 2)})
-        except BaseException as exc:  # a "set changed size during iteration" would show here
+        except BaseException as exc:
             errors.append(exc)
 
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over often: between any two statements
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for n in range(20_000):
+        for n in range(200_000):
             ledger.claimed((n, 1))
+            current.append((n, 1))
             ledger.finished((n, 1))
-            ledger.writing({(n, 1)})
-            ledger.written({(n, 1)})
     finally:
         stop.set()
         reader.join()
+        sys.setswitchinterval(switch)
     assert errors == []
-    assert len(ledger) == 0
+    assert (ledger.running, ledger.pending) == (0, 200_000)

@@ -66,9 +66,16 @@ def test_metrics_count_the_jobs_run_and_probes_answer(dsn: str) -> None:
             lambda: statuses(dsn) == {"succeeded": 4, "dead": 1, "queued": 1},
             message="the jobs to finish",
         )
-        text = get(port, "/metrics")[1]
         ok = {"queue": "default", "task": "ok.record"}
         bad = {"queue": "default", "task": "bad.raise"}
+
+        # A dead job is counted once the completer has the database's reply, a moment
+        # after the row changed.
+        def counted_dead() -> str | None:
+            text = get(port, "/metrics")[1]
+            return text if sample(text, "notifyq_jobs_dead_total", **bad) == 1 else None
+
+        text = wait_until(counted_dead, message="the dead job counted")
         assert sample(text, "notifyq_jobs_started_total", **ok) == 4
         assert sample(text, "notifyq_jobs_succeeded_total", **ok) == 4
         assert sample(text, "notifyq_jobs_started_total", **bad) == 2  # max_attempts=2

@@ -39,18 +39,19 @@ def test_every_module_that_waits_out_a_lost_database_asks_retry_py() -> None:
     delay from reconnect_delay; no module but retry.py raises anything to a power (the
     tell of a backoff written out again)."""
     own_backoff: list[str] = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):  # the store and cli packages too
         if path.name == "retry.py":
             continue
         tree = ast.parse(path.read_text())
+        where = path.relative_to(PACKAGE)
         for node in ast.walk(tree):
             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-                own_backoff.append(f"{path.name}:{node.lineno}: a power")
+                own_backoff.append(f"{where}:{node.lineno}: a power")
             if not isinstance(node, ast.ExceptHandler) or "DatabaseUnavailable" not in ast.unparse(
                 node.type or ast.Constant(None)
             ):
                 continue
             body = "\n".join(ast.unparse(statement) for statement in node.body)
             if "sleep(" in body and "reconnect_delay(" not in body:
-                own_backoff.append(f"{path.name}:{node.lineno}: sleeps without reconnect_delay")
+                own_backoff.append(f"{where}:{node.lineno}: sleeps without reconnect_delay")
     assert own_backoff == []

@@ -220,3 +220,70 @@ async def test_wait_idle_returns_once_every_submitted_attempt_is_reported() -> N
                 await anyio.sleep(0.01)
         p.pool.close()
     assert idle
+
+
+async def test_an_attempt_claimed_again_while_it_runs_waits_for_its_turn() -> None:
+    """A cancelled job whose sync handler runs on, retried (attempts start over) and
+    claimed again by this pool, comes back as the same (job id, attempt): the new one takes
+    no slot and no ledger entry of its own until the old one is reported, and the old
+    one's cancellation stays its own."""
+    gates = {"old": threading.Event(), "new": threading.Event()}
+    started: list[str] = []
+
+    def deaf(payload: str) -> str:  # never looks at ctx.cancelled
+        started.append(payload)
+        assert gates[payload].wait(10)
+        return payload
+
+    p = Pool(registry(deaf=deaf))
+    async with anyio.create_task_group() as tg:
+        await tg.start(p.pool.run)
+        p.pool.submit(job(5, "deaf", payload="old"))
+        with anyio.fail_after(10):
+            while not started:  # noqa: ASYNC110 - a thread's list, polled
+                await anyio.sleep(0.01)
+        assert p.pool.cancel({5}) == {5}
+        p.pool.submit(job(5, "deaf", payload="new"))
+        assert p.ledger.running == 1  # the old one's slot; the new one waits in none
+        gates["new"].set()  # were the new one running, it would end first
+        gates["old"].set()
+        await p.wait_reports(2)
+        await p.pool.wait_idle()
+        p.pool.close()
+    assert started == ["old", "new"]
+    assert [(f.job.payload, f.cancelled, f.error) for f in p.reports] == [
+        ("old", True, None),
+        ("new", False, None),
+    ]
+    # The new one entered the ledger as the old one left its slot: never counted free.
+    assert p.seen == [(1, 1), (0, 1)]
+
+
+async def test_an_attempt_waiting_for_its_turn_at_shutdown_is_handed_back() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def deaf(payload: str) -> None:
+        started.set()
+        release.wait(10)
+
+    p = Pool(registry(deaf=deaf))
+    async with anyio.create_task_group() as tg:
+        await tg.start(p.pool.run)
+        p.pool.submit(job(5, "deaf", payload="old"))
+        with anyio.fail_after(10):
+            while not started.is_set():  # noqa: ASYNC110 - a thread's event, polled
+                await anyio.sleep(0.01)
+        p.pool.cancel({5})
+        p.pool.submit(job(5, "deaf", payload="new"))
+        p.pool.interrupt_all()
+        p.pool.close()
+        await p.wait_reports(2)
+        with anyio.fail_after(10):
+            await p.pool.wait_idle()
+        release.set()
+    assert [(f.job.payload, f.cancelled, f.interrupted) for f in p.reports] == [
+        ("old", True, True),
+        ("new", False, True),
+    ]
+    assert (p.ledger.running, p.ledger.pending) == (0, 1)
