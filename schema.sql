@@ -3,11 +3,16 @@
 -- `notifyq migrate` builds exactly this from the numbered migrations in
 -- notifyq/sql/migrations/ (0001_initial.sql, then each later one in order,
 -- in one transaction under an advisory lock, recording each version); a test
--- proves the two equal.  By hand, this file does the same in one go:
+-- proves the two equal.  By hand, this file does the same in one go, on a
+-- database without the notifyq schema:
 --
 --     psql -1 -v ON_ERROR_STOP=1 -f schema.sql "$DSN"
 --
--- Every statement is idempotent, so applying it twice changes nothing.
+-- Every statement is idempotent, so applying it twice changes nothing.  It is
+-- no upgrade: on a database built by an older release it skips the tables
+-- that exist (and so their new columns), then fails on a statement that needs
+-- one, or records versions whose changes it did not make.  Upgrade with
+-- `notifyq migrate`, which applies what is missing.
 --
 -- The public contract (what other languages may rely on) is: the table
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,

@@ -35,7 +35,9 @@ SCHEMA_VERSION: Final = store.migration_scripts()[-1][0]
 def migrate(dsn: str) -> tuple[int | None, int]:
     """Apply what is missing; returns (version before, version after)."""
     with store.connect_sync(dsn, autocommit=False) as conn:
-        with conn.transaction():
+        # translated() around the transaction too: its COMMIT (deferred checks, a lost
+        # connection) is a statement of its own, outside the store's functions.
+        with store.translated(), conn.transaction():
             store.lock_migrations(conn)
             before = store.schema_version(conn)
             current = before or 0

@@ -127,3 +127,14 @@ def test_the_enqueue_methods_take_the_documented_keywords_and_refuse_others() ->
         None,
     )
     assert defaults.on_dependency_failure == "cancel" and defaults.depends_on is None
+
+
+@pytest.mark.anyio
+async def test_the_async_enqueue_methods_refuse_unknown_keywords_before_connecting() -> None:
+    """As their sync twins do: the TypeError names the method, and nothing connects (the
+    DSN points at a closed port, so a call that got past the keywords would fail otherwise)."""
+    app = notifyq.App("postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(TypeError, match=r"^enqueue\(\) got an unexpected keyword argument 'prio'"):
+        await app.enqueue("t", prio=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"^enqueue_many\(\) .* 'dedupe_key'"):
+        await app.enqueue_many("t", [{}], dedupe_key="k")  # type: ignore[call-arg]

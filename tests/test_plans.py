@@ -19,6 +19,7 @@ import anyio
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.rows import dict_row
 
 import notifyq
 from notifyq import Settings, store
@@ -444,3 +445,40 @@ async def test_the_claim_connection_plans_once_unless_it_prepares_nothing(
         assert await cur.fetchone() == ("off",)
     finally:
         await claim_store.close()
+
+
+def test_watch_dispatchers_counts_running_jobs_along_their_index(finished_dsn: str) -> None:
+    """notifyq watch's dispatcher table counts each dispatcher's running jobs in the jobs
+    table on every refresh: along jobs_lease_idx (running rows only), so 10,000 running
+    jobs cost 10,000 index entries however many finished rows the table holds (2,000,000
+    here).  In a rolled-back transaction: the module's table stays as it was."""
+    running, claimants = 10_000, 40
+    with psycopg.connect(finished_dsn) as conn, conn.transaction(force_rollback=True):
+        conn.execute(
+            "INSERT INTO notifyq.dispatchers (claimant, host, pid, queues, concurrency,"
+            " heartbeat) SELECT 'd' || g, 'h', g, '{default}', 500, 10"
+            " FROM generate_series(1, %s) AS g",
+            (claimants,),
+        )
+        conn.execute(
+            "INSERT INTO notifyq.jobs (task, status, attempts, started_at, claimed_by,"
+            " lease_expires_at) SELECT 't', 'running', 1, now(), 'd' || (g %% %s + 1),"
+            " now() + interval '1 minute' FROM generate_series(1, %s) AS g",
+            (claimants, running),
+        )
+        conn.execute("ANALYZE notifyq.jobs")  # transactional: rolled back with the rows
+        row = conn.execute(
+            b"EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["watch_dispatchers"].encode()
+        ).fetchone()
+        assert row is not None
+        listed = conn.cursor(row_factory=dict_row).execute(QUERIES["watch_dispatchers"])
+        counted = sum(d["running"] for d in listed.fetchall())
+    nodes = list(plan_nodes(row[0][0]["Plan"]))
+    on_jobs = {
+        (n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "jobs"
+    }
+    assert on_jobs, nodes
+    assert all(kind != "Seq Scan" for kind, _ in on_jobs), on_jobs
+    assert any(n.get("Index Name") == "jobs_lease_idx" for n in nodes), on_jobs
+    assert rows_read(nodes) <= running, rows_read(nodes)
+    assert counted == running

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from notifyq import SchemaMissing, channels, migrate, store
+from notifyq import NotifyqError, SchemaMissing, channels, migrate, store
 from tests.conftest import REPO, query
 from tests.helpers import listen_on
 
@@ -311,3 +311,21 @@ def test_a_database_part_way_upgrades_from_where_it_stands(dsn: str, empty_dsn: 
                 store.apply_script(conn, version, script)
     assert migrate.migrate(empty_dsn) == (6, migrate.SCHEMA_VERSION)
     assert catalog(empty_dsn) == catalog(dsn)
+
+
+def test_a_migration_that_fails_at_commit_is_a_notifyq_error(empty_dsn: str) -> None:
+    """The COMMIT is where deferred checks run (and where a lost connection shows): its
+    failure is translated like any statement's, and nothing of the migration stays."""
+    with psycopg.connect(empty_dsn) as conn:
+        for version, script in store.migration_scripts()[:-1]:
+            store.apply_script(conn, version, script)
+        conn.execute(
+            "CREATE FUNCTION notifyq.refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$;"
+            " CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON notifyq.schema_version"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION notifyq.refuse()"
+        )
+    before = migrate.SCHEMA_VERSION - 1
+    with pytest.raises(NotifyqError, match="refused at commit"):
+        migrate.migrate(empty_dsn)
+    assert query(empty_dsn, "SELECT max(version) FROM notifyq.schema_version") == [(before,)]
