@@ -51,6 +51,15 @@ SERVE = ["serve", "--app", "examples.hello:app"]
         (["retry", "7", "--queue", "q"], "--queue and --task go with --dead"),
         (["limit", "slow", "-1"], "the cap must be a whole number of jobs"),
         (["cap", "slow", "lots"], "not 'lots'"),
+        (["cap", "slow", "1000001"], "from 0 (pauses the queue) to 1,000,000, or 'none'"),
+        (["cap", "slow", "\u00b2"], "not '\u00b2'"),  # isdigit() says yes, int() no
+        (["cap", "slow", "--", "--1"], "not '--1'"),
+        (["stats", "--queue", "Pdf"], "Invalid value for '--queue': invalid queue name 'Pdf'"),
+        (["watch", "--queue", "ok", "--queue=-x"], "invalid queue name '-x': it starts"),
+        (["jobs", "list", "--task", "a b"], "Invalid value for '--task': invalid task name"),
+        (["retry", "--dead", "--task", "a b"], "Invalid value for '--task': invalid task name"),
+        (["enqueue", "t", "--app", "examples.hello"], "Invalid value for '--app': must look"),
+        (["serve", "--app", "examples.hello:"], "Invalid value for '--app': must look like"),
         (["events", "on"], "name the queue: notifyq events on QUEUE"),
         (["purge", "--older-than", "soon"], "Invalid value for '--older-than': not a duration"),
         (
@@ -180,6 +189,13 @@ def test_cap_shows_one_queue_and_limit_is_its_older_name(dsn: str) -> None:
     listed = notifyq_cli("--help").stdout
     assert "cap      Show the concurrency caps" in listed
     assert "limit    Same as `notifyq cap` (its older name)." in listed
+    # limit's help is cap's, paragraphs and all, not cap's docstring with its indentation.
+    assert notifyq_cli("limit", "--help").stdout.split("Options:")[0] == (
+        notifyq_cli("cap", "--help")
+        .stdout.split("Options:")[0]
+        .replace("notifyq cap", "notifyq limit")
+        .replace("\n\n", "\n\n  Same as `notifyq cap` (its older name).\n\n", 1)
+    )
 
 
 def free_port() -> int:

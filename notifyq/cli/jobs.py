@@ -11,6 +11,7 @@ from ..app import App
 from . import payload as payloads
 from .common import (
     Group,
+    app_shape,
     database,
     dsn_option,
     duration,
@@ -51,6 +52,7 @@ MAX_ATTEMPTS = click.IntRange(1, 1000)
     "app_target",
     default=None,
     metavar="MODULE:ATTR",
+    callback=app_shape,
     help="Check PAYLOAD against the task's handler in this notifyq.App: a payload its "
     "annotation rules out (an array for a dict) is refused. Without it, a payload that is "
     "not a JSON object is enqueued with a warning.",
@@ -94,7 +96,7 @@ def jobs() -> None:
 @jobs.command(name="list")
 @dsn_option
 @click.option("--queue", default=None, callback=queue_name, help="Only this queue.")
-@click.option("--task", default=None, help="Only this task.")
+@click.option("--task", default=None, callback=task_name, help="Only this task.")
 @click.option(
     "--status",
     type=click.Choice(["waiting", "queued", "running", "succeeded", "dead", "cancelled"]),
@@ -177,7 +179,7 @@ def attempt_errors(history: list[dict[str, Any]]) -> list[str | None]:
 @dsn_option
 @click.option("--dead", "all_dead", is_flag=True, help="Re-queue every dead job instead of one.")
 @click.option("--queue", default=None, callback=queue_name, help="With --dead: only this queue.")
-@click.option("--task", default=None, help="With --dead: only this task.")
+@click.option("--task", default=None, callback=task_name, help="With --dead: only this task.")
 def retry(
     job_id: int | None, dsn: str | None, all_dead: bool, queue: str | None, task: str | None
 ) -> None:

@@ -17,7 +17,16 @@ import click
 from .. import migrate
 from ..errors import InvalidSetting
 from ..settings import Settings
-from .common import F, database, dsn_option, duration, format_age, load_app, log_option
+from .common import (
+    F,
+    app_shape,
+    database,
+    dsn_option,
+    duration,
+    format_age,
+    load_app,
+    log_option,
+)
 
 
 def _setting(*decls: str, age: bool = False, **kwargs: Any) -> Callable[[F], F]:
@@ -41,6 +50,7 @@ def _queue_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     envvar="NOTIFYQ_APP",
     required=True,
     metavar="MODULE:ATTR",
+    callback=app_shape,
     help="The notifyq.App whose tasks to run, e.g. examples.hello:app (also NOTIFYQ_APP).",
 )
 @dsn_option
