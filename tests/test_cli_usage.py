@@ -139,6 +139,26 @@ def test_a_payload_that_is_no_object_is_warned_about_or_refused(dsn: str) -> Non
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(2,)]
 
 
+def test_enqueue_with_app_takes_the_tasks_queue_and_max_attempts(dsn: str, tmp_path: Path) -> None:
+    (tmp_path / "reportsapp.py").write_text(
+        "import notifyq\n"
+        "app = notifyq.App()\n"
+        "@app.task(name='report.build', queue='reports', max_attempts=2)\n"
+        "def build(payload: dict[str, int]) -> None: ...\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    app = ("--app", "reportsapp:app", "--dsn", dsn)
+    assert notifyq_cli("enqueue", "report.build", *app, env=env).returncode == 0
+    given = ("--queue", "urgent", "--max-attempts", "9")
+    assert notifyq_cli("enqueue", "report.build", *given, *app, env=env).returncode == 0
+    assert notifyq_cli("enqueue", "report.build", "--dsn", dsn).returncode == 0  # no --app
+    assert query(dsn, "SELECT queue, max_attempts FROM notifyq.jobs ORDER BY id") == [
+        ("reports", 2),
+        ("urgent", 9),
+        ("default", None),
+    ]
+
+
 class Greeting(TypedDict):
     name: str
 
