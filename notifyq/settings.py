@@ -23,7 +23,8 @@ MAX_BATCH = 1000  # jobs claimed per statement
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """How a dispatcher runs; `notifyq serve --help` documents each one."""
+    """How a dispatcher runs; `notifyq serve --help` documents each field but
+    retention_interval, which has no flag (docs/python.md lists them all)."""
 
     concurrency: int = 10
     queues: tuple[str, ...] | None = None  # None: 'default' and the queues of the app's tasks
