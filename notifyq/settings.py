@@ -54,6 +54,10 @@ class Settings:
         _at_least("lease", self.lease, 1, unit=" second")
         _at_least("shutdown_timeout", self.shutdown_timeout, 0, unit=" seconds")
         if self.queues is not None:
+            if isinstance(self.queues, str):  # would be served as one queue per character
+                raise InvalidSetting(
+                    "queues", f"must be a tuple of queue names, not the string {self.queues!r}"
+                )
             if not self.queues:
                 raise InvalidSetting("queues", "must name at least one queue")
             for queue in self.queues:

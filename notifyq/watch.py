@@ -52,7 +52,6 @@ from rich.text import Text
 from . import channels, store
 from .errors import DatabaseUnavailable
 from .job import JobState
-from .registry import check_queue_name
 from .retry import reconnect_delay
 
 MAX_REFRESHES = 3.0  # per second, however many notifications arrive
@@ -780,12 +779,6 @@ async def _follow(
         with anyio.CancelScope(shield=True):
             await listener.close()
             await st.close()
-
-
-def check_queues(queues: Sequence[str]) -> list[str] | None:
-    """The queues given with --queue, each checked against the rule every queue name
-    follows (ConfigurationError says it); None when none was given: every queue."""
-    return [check_queue_name(q) for q in queues] or None
 
 
 async def once(dsn: str, queues: Sequence[str] | None = None, max_age: float = 60.0) -> Snapshot:

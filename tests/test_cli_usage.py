@@ -51,6 +51,15 @@ SERVE = ["serve", "--app", "examples.hello:app"]
         (["retry", "7", "--queue", "q"], "--queue and --task go with --dead"),
         (["limit", "slow", "-1"], "the cap must be a whole number of jobs"),
         (["cap", "slow", "lots"], "not 'lots'"),
+        (["cap", "slow", "1000001"], "from 0 (pauses the queue) to 1,000,000, or 'none'"),
+        (["cap", "slow", "\u00b2"], "not '\u00b2'"),  # isdigit() says yes, int() no
+        (["cap", "slow", "--", "--1"], "not '--1'"),
+        (["stats", "--queue", "Pdf"], "Invalid value for '--queue': invalid queue name 'Pdf'"),
+        (["watch", "--queue", "ok", "--queue=-x"], "invalid queue name '-x': it starts"),
+        (["jobs", "list", "--task", "a b"], "Invalid value for '--task': invalid task name"),
+        (["retry", "--dead", "--task", "a b"], "Invalid value for '--task': invalid task name"),
+        (["enqueue", "t", "--app", "examples.hello"], "Invalid value for '--app': must look"),
+        (["serve", "--app", "examples.hello:"], "Invalid value for '--app': must look like"),
         (["events", "on"], "name the queue: notifyq events on QUEUE"),
         (["purge", "--older-than", "soon"], "Invalid value for '--older-than': not a duration"),
         (
@@ -130,6 +139,26 @@ def test_a_payload_that_is_no_object_is_warned_about_or_refused(dsn: str) -> Non
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(2,)]
 
 
+def test_enqueue_with_app_takes_the_tasks_queue_and_max_attempts(dsn: str, tmp_path: Path) -> None:
+    (tmp_path / "reportsapp.py").write_text(
+        "import notifyq\n"
+        "app = notifyq.App()\n"
+        "@app.task(name='report.build', queue='reports', max_attempts=2)\n"
+        "def build(payload: dict[str, int]) -> None: ...\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    app = ("--app", "reportsapp:app", "--dsn", dsn)
+    assert notifyq_cli("enqueue", "report.build", *app, env=env).returncode == 0
+    given = ("--queue", "urgent", "--max-attempts", "9")
+    assert notifyq_cli("enqueue", "report.build", *given, *app, env=env).returncode == 0
+    assert notifyq_cli("enqueue", "report.build", "--dsn", dsn).returncode == 0  # no --app
+    assert query(dsn, "SELECT queue, max_attempts FROM notifyq.jobs ORDER BY id") == [
+        ("reports", 2),
+        ("urgent", 9),
+        ("default", None),
+    ]
+
+
 class Greeting(TypedDict):
     name: str
 
@@ -180,6 +209,13 @@ def test_cap_shows_one_queue_and_limit_is_its_older_name(dsn: str) -> None:
     listed = notifyq_cli("--help").stdout
     assert "cap      Show the concurrency caps" in listed
     assert "limit    Same as `notifyq cap` (its older name)." in listed
+    # limit's help is cap's, paragraphs and all, not cap's docstring with its indentation.
+    assert notifyq_cli("limit", "--help").stdout.split("Options:")[0] == (
+        notifyq_cli("cap", "--help")
+        .stdout.split("Options:")[0]
+        .replace("notifyq cap", "notifyq limit")
+        .replace("\n\n", "\n\n  Same as `notifyq cap` (its older name).\n\n", 1)
+    )
 
 
 def free_port() -> int:

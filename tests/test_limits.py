@@ -144,10 +144,14 @@ def test_limit_command_sets_lists_and_refuses_bad_input(dsn: str) -> None:
     assert cli("pdf", "5").stdout == "pdf: at most 5 running (0 now)\n"
     assert query(dsn, "SELECT queue, max_running FROM notifyq.queue_limits") == [("pdf", 5)]
     bad = cli("pdf", "lots")
-    assert (
-        bad.returncode == 2 and "whole number of jobs (0 pauses the queue) or 'none'" in bad.stderr
-    )
+    assert bad.returncode == 2
+    assert "whole number of jobs from 0 (pauses the queue) to 1,000,000, or 'none'" in bad.stderr
     assert cli("pdf", "--", "-1").returncode == 2
+    # Over the schema's CHECK: a usage error, not the database's refusal (exit 1).
+    bad = cli("pdf", "1000001")
+    assert bad.returncode == 2 and "to 1,000,000, or 'none', not '1000001'" in bad.stderr
+    assert cli("pdf", "1000000").stdout == "pdf: at most 1000000 running (0 now)\n"
+    assert cli("pdf", "5").stdout == "pdf: at most 5 running (0 now)\n"
     bad = cli("Bad Queue", "1")
     assert bad.returncode == 2 and "queue" in bad.stderr
     assert cli("pdf").stdout == "pdf: at most 5 running (0 now)\n"  # one queue's cap

@@ -432,6 +432,13 @@ def test_queue_option_rejects_an_invalid_name_and_notes_an_unknown_queue(dsn: st
     assert done.returncode == 0, done.stderr
     assert "queue 'mial' has no jobs and no dispatcher serving it" in done.stdout
     assert "queue 'mail'" not in done.stdout  # it has jobs: its numbers say enough
+    # stats takes the same --queue: checked the same way, noted the same way.
+    done = notifyq("stats", "--dsn", dsn, "--queue", "Mail Queue")
+    assert done.returncode == 2 and "a-z, 0-9, '_' and '-'" in done.stderr, done
+    done = notifyq("stats", "--dsn", dsn, "--queue", "mial", "--queue", "mail")
+    assert done.returncode == 0, done.stderr
+    assert "queue 'mial' has no jobs and no dispatcher serving it" in done.stdout
+    assert "queue 'mail'" not in done.stdout
     # A served queue with nothing in it is just idle.
     query(
         dsn,

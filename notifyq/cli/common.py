@@ -174,6 +174,26 @@ queue_name = _name_rule(check_queue_name)  # for a --queue or a QUEUE
 task_name = _name_rule(check_task_name)
 
 
+def queue_names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    """For a repeatable --queue: each name checked as `queue_name` checks one."""
+    for queue in value:
+        queue_name(ctx, param, queue)
+    return value
+
+
+def app_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--app's shape, MODULE:ATTR, as a usage error; importing it is load_app's job."""
+    if value is not None:
+        module_name, _, attr = value.partition(":")
+        if not module_name or not attr:
+            raise click.BadParameter(
+                f"must look like module:attribute (e.g. examples.hello:app), not {value!r}",
+                ctx=ctx,
+                param=param,
+            )
+    return value
+
+
 def json_document(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     try:
         return codec.loads(value)

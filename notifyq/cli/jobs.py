@@ -11,6 +11,7 @@ from ..app import App
 from . import payload as payloads
 from .common import (
     Group,
+    app_shape,
     database,
     dsn_option,
     duration,
@@ -32,7 +33,13 @@ MAX_ATTEMPTS = click.IntRange(1, 1000)
 @click.argument("task", callback=task_name)
 @click.argument("payload", required=False, default="{}", callback=json_document)
 @dsn_option
-@click.option("--queue", default=None, callback=queue_name, help="Queue name (default: 'default').")
+@click.option(
+    "--queue",
+    default=None,
+    metavar="Q",
+    callback=queue_name,
+    help="Queue name (default: the task's queue in --app, else 'default').",
+)
 @click.option("--priority", type=PRIORITY, default=None, help="-1000..1000; higher runs first.")
 @click.option(
     "--delay",
@@ -51,9 +58,11 @@ MAX_ATTEMPTS = click.IntRange(1, 1000)
     "app_target",
     default=None,
     metavar="MODULE:ATTR",
-    help="Check PAYLOAD against the task's handler in this notifyq.App: a payload its "
-    "annotation rules out (an array for a dict) is refused. Without it, a payload that is "
-    "not a JSON object is enqueued with a warning.",
+    callback=app_shape,
+    help="Enqueue as this notifyq.App would: the task's queue and max attempts unless given, "
+    "and PAYLOAD checked against the task's handler (a payload its annotation rules out, an "
+    "array for a dict, is refused). Without it, a payload that is not a JSON object is "
+    "enqueued with a warning.",
 )
 @click.pass_context
 def enqueue(
@@ -76,6 +85,12 @@ def enqueue(
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     if warning:
         warn(warning)
+    # With --app, the job gets the task's queue and max attempts, as app.enqueue would
+    # give it: a task on queue 'reports' enqueued to 'default' waits for the wrong dispatcher.
+    known = app.registry.get(task) if app else None
+    if known is not None:
+        queue = known.queue if queue is None else queue
+        max_attempts = known.max_attempts if max_attempts is None else max_attempts
     client = App(database(dsn or (app.dsn if app else None)))
     try:
         job_id = client.enqueue_sync(
@@ -93,13 +108,20 @@ def jobs() -> None:
 
 @jobs.command(name="list")
 @dsn_option
-@click.option("--queue", default=None, callback=queue_name, help="Only this queue.")
-@click.option("--task", default=None, help="Only this task.")
+@click.option("--queue", default=None, metavar="Q", callback=queue_name, help="Only this queue.")
+@click.option("--task", default=None, metavar="TASK", callback=task_name, help="Only this task.")
 @click.option(
     "--status",
     type=click.Choice(["waiting", "queued", "running", "succeeded", "dead", "cancelled"]),
 )
-@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    metavar="N",
+    help="Show at most N jobs, the newest first (a queue's concurrency cap is `notifyq cap`).",
+)
 def jobs_list(
     dsn: str | None, queue: str | None, task: str | None, status: str | None, limit: int
 ) -> None:
@@ -176,8 +198,12 @@ def attempt_errors(history: list[dict[str, Any]]) -> list[str | None]:
 @click.argument("job_id", metavar="[ID]", type=int, required=False)
 @dsn_option
 @click.option("--dead", "all_dead", is_flag=True, help="Re-queue every dead job instead of one.")
-@click.option("--queue", default=None, callback=queue_name, help="With --dead: only this queue.")
-@click.option("--task", default=None, help="With --dead: only this task.")
+@click.option(
+    "--queue", default=None, metavar="Q", callback=queue_name, help="With --dead: only this queue."
+)
+@click.option(
+    "--task", default=None, metavar="TASK", callback=task_name, help="With --dead: only this task."
+)
 def retry(
     job_id: int | None, dsn: str | None, all_dead: bool, queue: str | None, task: str | None
 ) -> None:

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 import click
 
 from .. import codec
-from .common import F, NegativeNumbersAreArguments, database, dsn_option, queue_name
+from .common import F, NegativeNumbersAreArguments, database, dsn_option, queue_name, queue_names
+
+# Mirrors the schema's CHECK queue_limits_max_running_range, so a cap out of range is a
+# usage error before anything connects (not the database's refusal, exit 1).
+MAX_CAP = 1_000_000
 
 
 def queues_option(fn: F) -> F:
+    """--queue Q, repeatable, each name checked: a usage error before anything connects."""
     return click.option(
-        "--queue", "queues", multiple=True, metavar="Q", help="Only this queue (repeatable)."
+        "--queue",
+        "queues",
+        multiple=True,
+        metavar="Q",
+        callback=queue_names,
+        help="Only this queue (repeatable).",
     )(fn)
 
 
@@ -36,7 +48,7 @@ def stats(dsn: str | None, queues: tuple[str, ...], as_json: bool) -> None:
 
     console = Console()
     console.print(watch.queue_table(snap, console.width))
-    for line in watch.unserved_lines(snap):
+    for line in (*watch.empty_queue_lines(snap), *watch.unserved_lines(snap)):
         console.print(line)
 
 
@@ -47,9 +59,11 @@ def cap_value(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     text = value.strip().lower()
     if text == "none":
         return "none"
-    if not text.lstrip("-").isdigit() or int(text) < 0:
+    # ASCII digits only: str.isdigit() also takes '²', which int() then refuses.
+    if not re.fullmatch(r"-?[0-9]+", text) or not 0 <= int(text) <= MAX_CAP:
         raise click.BadParameter(
-            f"the cap must be a whole number of jobs (0 pauses the queue) or 'none', not {value!r}",
+            f"the cap must be a whole number of jobs from 0 (pauses the queue) to {MAX_CAP:,}, "
+            f"or 'none', not {value!r}",
             ctx=ctx,
             param=param,
         )
@@ -86,7 +100,8 @@ limit = NegativeNumbersAreArguments(
     name="limit",
     callback=cap.callback,
     params=cap.params,
-    help="Same as `notifyq cap` (its older name).\n\n" + (cap.help or ""),
+    # cleandoc: cap.help is the docstring as written, its later lines indented.
+    help="Same as `notifyq cap` (its older name).\n\n" + inspect.cleandoc(cap.help or ""),
     short_help="Same as `notifyq cap` (its older name).",
 )
 

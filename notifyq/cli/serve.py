@@ -16,8 +16,17 @@ import click
 
 from .. import migrate
 from ..errors import InvalidSetting
-from ..settings import Settings
-from .common import F, database, dsn_option, duration, format_age, load_app, log_option
+from ..settings import MAX_BATCH, MAX_CONCURRENCY, Settings
+from .common import (
+    F,
+    app_shape,
+    database,
+    dsn_option,
+    duration,
+    format_age,
+    load_app,
+    log_option,
+)
 
 
 def _setting(*decls: str, age: bool = False, **kwargs: Any) -> Callable[[F], F]:
@@ -41,6 +50,7 @@ def _queue_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     envvar="NOTIFYQ_APP",
     required=True,
     metavar="MODULE:ATTR",
+    callback=app_shape,
     help="The notifyq.App whose tasks to run, e.g. examples.hello:app (also NOTIFYQ_APP).",
 )
 @dsn_option
@@ -48,7 +58,8 @@ def _queue_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     "--concurrency",
     "-c",
     type=int,
-    help="Jobs run at once by this process (async handlers as tasks, sync ones in threads).",
+    help=f"Jobs run at once by this process, 1 to {MAX_CONCURRENCY:,} (async handlers as "
+    "tasks, sync ones in threads).",
 )
 @click.option(
     "--queues",
@@ -60,7 +71,9 @@ def _queue_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     "the app's tasks name.",
 )
 @_setting(
-    "--batch-size", type=int, help="Most jobs claimed per statement. Default: the concurrency."
+    "--batch-size",
+    type=int,
+    help=f"Most jobs claimed per statement, 1 to {MAX_BATCH:,}. Default: the concurrency.",
 )
 @_setting(
     "--poll-interval",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from .. import codec
-from ..errors import ConfigurationError
 from .common import database, dsn_option
 from .queues import queues_option
 
@@ -45,10 +44,6 @@ def watch_command(
 
     from .. import watch
 
-    try:
-        watch.check_queues(queues)
-    except ConfigurationError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--queue'") from exc
     dsn = database(dsn)
     console = Console()
     if once:
