@@ -49,7 +49,7 @@ class InvalidSetting(ConfigurationError):
     def __init__(self, setting: str, reason: str, message: str | None = None) -> None:
         self.setting = setting
         self.reason = reason
-        super().__init__(message or f"{setting.replace('_', ' ')} {reason}")
+        super().__init__(message or f"Settings.{setting} {reason}")
 
 
 class DatabaseUnavailable(NotifyqError):
