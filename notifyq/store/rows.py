@@ -5,9 +5,11 @@ Each is a frozen dataclass that psycopg builds by column name
 SELECT list (sql/queries.sql), so adding, dropping or reordering a column never
 shifts a value into the wrong field.  psycopg matches names only when a row is
 fetched, so tests/test_store_seam.py has the server describe every query and
-compares its columns with its row type's fields (names, order, types).  Dataclasses rather than NamedTuples on purpose: a NamedTuple can
-still be indexed and unpacked (`r[7]`, `a, b = r`), which is exactly the
-knowledge of column positions this module exists to keep out of callers.
+compares its columns with its row type's fields (names, order, types).
+
+Dataclasses rather than NamedTuples on purpose: a NamedTuple can still be
+indexed and unpacked (`r[7]`, `a, b = r`), which is exactly the knowledge of
+column positions this module exists to keep out of callers.
 
 A status column is a `JobState` value (a str: compare it with JobState).
 """
