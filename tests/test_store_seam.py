@@ -182,7 +182,11 @@ def test_the_table_names_every_row_type_the_store_builds() -> None:
                 a.value for a in args if isinstance(a, ast.Constant) and a.value in store.QUERIES
             ]
             paired.update((name, cls) for name in names for cls in classes)
-    assert built == {cls.__name__ for cls in ROW_OF_QUERY.values()} - {"JobStatus"}
+    # JobStatus is built by hand (store/producing.py); the claim's and the completion's
+    # rows by position (_claim_rows, _written_rows in store/dispatching.py), which the
+    # column-order check below makes safe.
+    by_position = {"JobStatus", "ClaimRow", "WrittenRow"}
+    assert built == {cls.__name__ for cls in ROW_OF_QUERY.values()} - by_position
     assert {(name, ROW_OF_QUERY[name].__name__) for name, _ in paired} == paired
 
 
