@@ -79,11 +79,13 @@ class Ledger:
             self._running.add(attempt)
             return True
 
-    def finished(self, attempt: Attempt) -> None:
-        """Its handler is done (or it was interrupted): the outcome waits to be written."""
+    def finished(self, attempt: Attempt) -> int:
+        """Its handler is done (or it was interrupted): the outcome waits to be written.
+        Returns how many attempts are still running (one lock taken per job, not two)."""
         with self._lock:
             self._running.discard(attempt)
             self._pending.add(attempt)
+            return len(self._running)
 
     def writing(self, attempts: Collection[Attempt]) -> None:
         """The completer is sending these outcomes: a row gone from `running` is no loss."""

@@ -201,15 +201,16 @@ class WorkerPool:
         if self._cancelled and attempt in self._cancelled:
             self._cancelled.discard(attempt)
             finished = replace(finished, cancelled=True)
-        self._ledger.finished(attempt)
-        follower = self._turn_of(attempt)
+        still_running = self._ledger.finished(attempt)
+        follower = self._turn_of(attempt) if self._next_turn else None
         if follower is not None:
             # Its turn came: in the ledger before the report below wakes anyone, so the
             # slot it takes is never counted free.
             self._ledger.claimed(attempt)
+            still_running += 1
             if not self._closed:
                 self._send.send_nowait(follower)
-        if not self._ledger.running:
+        if not still_running:
             self._idle.set()
         if failpoints.ACTIVE and not finished.interrupted:
             failpoints.hit("handler-after")
