@@ -45,7 +45,7 @@ from typing import Protocol
 import anyio
 
 from .errors import DatabaseUnavailable, DoNotRetry, LockTimeout, NotifyqError
-from .job import Job
+from .job import Job, JobState
 from .ledger import Attempt, Ledger
 from .retry import reconnect_delay
 from .store import Outcome, Settled, Store, Written
@@ -79,10 +79,10 @@ def decide(finished: Finished) -> Outcome:
     """succeeded, failed (the database applies the task's retry policy), or dead."""
     job = finished.job
     if finished.error is None:
-        return Outcome(job.id, job.attempt, "succeeded", result=finished.result)
+        return Outcome(job.id, job.attempt, JobState.SUCCEEDED, result=finished.result)
     error = _describe(finished.error, finished.trace)
     final = isinstance(finished.error, DoNotRetry | UnknownTask)
-    return Outcome(job.id, job.attempt, "dead" if final else "failed", error=error)
+    return Outcome(job.id, job.attempt, JobState.DEAD if final else "failed", error=error)
 
 
 def _describe(error: BaseException, trace: str | None) -> str:
@@ -95,11 +95,11 @@ def _describe(error: BaseException, trace: str | None) -> str:
 
 
 def _log_outcome(job: Job, outcome: Outcome, settled: Settled) -> None:
-    if settled.status == "succeeded":
+    if settled.status == JobState.SUCCEEDED:
         log.debug("succeeded job=%s task=%s attempt=%s", job.id, job.task, job.attempt)
         return
     first_line = (outcome.error or "").split("\n", 1)[0]
-    if settled.status == "queued":
+    if settled.status == JobState.QUEUED:
         log.info(
             "failed job=%s task=%s attempt=%s/%s: %s; retry at %s",
             job.id,
@@ -169,8 +169,8 @@ class Completer:
             log.info(
                 "cancelled job=%s task=%s attempt=%s: interrupted", job.id, job.task, job.attempt
             )
-            self.decided["cancelled"] += 1
-            self._publish(finished, "cancelled")
+            self.decided[JobState.CANCELLED] += 1
+            self._publish(finished, JobState.CANCELLED)
             self._release({(job.id, job.attempt)})
             return
         if finished.interrupted:

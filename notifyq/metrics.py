@@ -34,7 +34,7 @@ from typing import Any
 
 from . import store
 from .errors import ConfigurationError, NotifyqError
-from .job import Job
+from .job import Job, JobState
 from .worker_pool import Finished
 
 log = logging.getLogger("notifyq.metrics")
@@ -139,20 +139,20 @@ class Metrics:
 
     def decided(self, finished: Finished, status: str) -> None:
         """The completer took an attempt's end (completion.Subscriber)."""
-        if status not in ("succeeded", "failed", "dead"):
+        if status not in (JobState.SUCCEEDED, "failed", JobState.DEAD):
             return  # handed back at shutdown, or cancelled: neither success nor failure
         job = finished.job
         labels = (job.queue, job.task)
         if finished.runtime is not None:
             self._run.labels(*labels).observe(finished.runtime)
-        if status == "succeeded":
+        if status == JobState.SUCCEEDED:
             self._succeeded.labels(*labels).inc()
         else:
             self._failed.labels(*labels).inc()
 
     def settled(self, job: Job, status: str) -> None:
         """An outcome written: the database applied the retry policy (completion.Subscriber)."""
-        if status == "dead":
+        if status == JobState.DEAD:
             self._dead.labels(job.queue, job.task).inc()
 
     # --- scrape time, on the HTTP server's threads

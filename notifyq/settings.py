@@ -15,6 +15,7 @@ from typing import Any
 
 from . import retention
 from .errors import ConfigurationError, InvalidSetting
+from .job import JobState
 from .registry import check_queue_name
 
 MAX_CONCURRENCY = 10_000  # slots in one process; beyond this, run more processes
@@ -37,9 +38,9 @@ class Settings:
     # This machine only unless told otherwise: the endpoints have no authentication.
     metrics_host: str = "127.0.0.1"
     # Seconds after finishing that a job is deleted (None: kept forever); retention.py.
-    retain_succeeded: float | None = retention.DEFAULTS["succeeded"]
-    retain_cancelled: float | None = retention.DEFAULTS["cancelled"]
-    retain_dead: float | None = retention.DEFAULTS["dead"]
+    retain_succeeded: float | None = retention.DEFAULTS[JobState.SUCCEEDED]
+    retain_cancelled: float | None = retention.DEFAULTS[JobState.CANCELLED]
+    retain_dead: float | None = retention.DEFAULTS[JobState.DEAD]
     retention_interval: float = retention.INTERVAL
     # One-shot runs (cron, CI, Cloud Run jobs): stop by themselves; see Worker.exit_code.
     until_empty: bool = False  # stop once nothing in the served queues is to start now
@@ -91,9 +92,9 @@ class Settings:
 
     def retention_ages(self) -> dict[str, float | None]:
         return {
-            "succeeded": self.retain_succeeded,
-            "cancelled": self.retain_cancelled,
-            "dead": self.retain_dead,
+            JobState.SUCCEEDED: self.retain_succeeded,
+            JobState.CANCELLED: self.retain_cancelled,
+            JobState.DEAD: self.retain_dead,
         }
 
 

@@ -34,7 +34,7 @@ from . import channels, embedded, failpoints, listener, retention, store
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import DatabaseUnavailable
-from .job import Job
+from .job import Job, JobState
 from .leases import LeaseKeeper, heartbeat_for
 from .ledger import Ledger
 from .metrics import Exporter, Figures, Metrics
@@ -251,9 +251,9 @@ class Worker:
         decided = self.completer.decided
         return {
             "claimed": self.dispatcher.claimed,
-            "succeeded": decided["succeeded"],
-            "retried": decided["queued"],
-            "dead": decided["dead"],
+            "succeeded": decided[JobState.SUCCEEDED],
+            "retried": decided[JobState.QUEUED],
+            "dead": decided[JobState.DEAD],
             "fenced": self.completer.fenced,
             "rescued": self.leases.rescued,
             "polls_with_work": self.dispatcher.polls_with_work,

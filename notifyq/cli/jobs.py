@@ -7,7 +7,9 @@ from typing import Any
 import click
 
 from .. import codec
+from ..admin import FINISHED, STATUSES
 from ..app import App
+from ..job import JobState
 from . import payload as payloads
 from .common import (
     Group,
@@ -112,7 +114,7 @@ def jobs() -> None:
 @click.option("--task", default=None, metavar="TASK", callback=task_name, help="Only this task.")
 @click.option(
     "--status",
-    type=click.Choice(["waiting", "queued", "running", "succeeded", "dead", "cancelled"]),
+    type=click.Choice(STATUSES),
 )
 @click.option(
     "--limit",
@@ -179,11 +181,11 @@ def attempt_errors(history: list[dict[str, Any]]) -> list[str | None]:
     claimed_attempt: int | None = None
     for h in history:
         error = h["error"]
-        if h["to_status"] == "running":
+        if h["to_status"] == JobState.RUNNING:
             claimed_attempt = h["attempt"]
         failed = (
-            h["from_status"] == "running"
-            and h["to_status"] in ("queued", "dead")
+            h["from_status"] == JobState.RUNNING
+            and h["to_status"] in (JobState.QUEUED, JobState.DEAD)
             and h["attempt"] == claimed_attempt
         )
         if error is None and failed:
@@ -231,7 +233,7 @@ def cancel(job_id: int, dsn: str | None) -> None:
     from .. import admin
 
     was = admin.cancel_job(database(dsn), job_id)
-    note = " (the dispatcher running it interrupts its handler)" if was == "running" else ""
+    note = " (the dispatcher running it interrupts its handler)" if was == JobState.RUNNING else ""
     click.echo(f"job {job_id}: {was} -> cancelled{note}")
 
 
@@ -254,7 +256,7 @@ def _checked_age(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "--status",
     "statuses",
     multiple=True,
-    type=click.Choice(["succeeded", "dead", "cancelled"]),
+    type=click.Choice(FINISHED),
     help="Statuses to delete (repeatable). Default: succeeded and cancelled.",
 )
 def purge(dsn: str | None, older_than: str, statuses: tuple[str, ...]) -> None:
@@ -262,6 +264,6 @@ def purge(dsn: str | None, older_than: str, statuses: tuple[str, ...]) -> None:
     from .. import admin
 
     seconds = admin.parse_age(older_than)
-    chosen = statuses or ("succeeded", "cancelled")
+    chosen = statuses or (JobState.SUCCEEDED.value, JobState.CANCELLED.value)
     count = admin.purge(database(dsn), seconds, chosen)
     click.echo(f"purged {count} jobs ({', '.join(chosen)}) finished over {older_than} ago")
