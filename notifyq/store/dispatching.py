@@ -45,6 +45,7 @@ class Outcome:
     # The attempt's last progress report, if it may not be written yet (None: keep the row's).
     progress: float | None = None
     progress_message: str | None = None
+    retry_in: float | None = None  # failed: seconds before the next attempt (None: backoff)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +322,7 @@ class Store:
                 "results": None if bare else [o.result for o in outcomes],
                 "progresses": None if bare else [o.progress for o in outcomes],
                 "progress_messages": None if bare else [o.progress_message for o in outcomes],
+                "retry_in": None if bare else [o.retry_in for o in outcomes],
             },
             _written_rows,
             failpoint="completion-commit",
