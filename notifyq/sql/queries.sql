@@ -201,6 +201,13 @@ WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeou
                         excluded.backoff_max, excluded.timeout)
 RETURNING t.task;
 
+-- name: endpoints
+-- The HTTP endpoints (notifyq.endpoints) a dispatcher serves: read before its first
+-- claim and again when a change is announced on notifyq_internal.
+SELECT e.task, e.url, e.timeout, e.max_concurrency, e.headers, e.secret
+FROM notifyq.endpoints e
+ORDER BY e.task;
+
 -- name: release_orphans
 -- After a claim whose reply was lost (the connection broke after the commit):
 -- jobs running under our name that we never received go back, uncharged.  A row

@@ -25,7 +25,16 @@ from .. import failpoints
 from ..errors import DatabaseUnavailable, LockTimeout, PoolerInTheWay
 from ..job import Job, JobState
 from .connection import QUERIES, connect, translated
-from .rows import ClaimRow, Fired, HeldAttempt, RescueRow, Schedule, ScheduleRow, WrittenRow
+from .rows import (
+    ClaimRow,
+    EndpointRow,
+    Fired,
+    HeldAttempt,
+    RescueRow,
+    Schedule,
+    ScheduleRow,
+    WrittenRow,
+)
 
 log = logging.getLogger("notifyq.store")
 
@@ -417,6 +426,10 @@ class Store:
             },
             scalar_row,
         )
+
+    async def endpoints(self) -> list[EndpointRow]:
+        """The rows of notifyq.endpoints (HTTP tasks declared in SQL)."""
+        return await self._run("endpoints", {}, class_row(EndpointRow))
 
     async def release_orphans(self, claimant: str, held: Collection[int]) -> set[int]:
         params = {"claimant": claimant, "held": list(held)}

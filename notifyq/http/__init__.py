@@ -1,0 +1,5 @@
+"""HTTP handlers: `notifyq serve` POSTs jobs to web endpoints (issue 16)."""
+
+from notifyq.http.signing import SIGNATURE_HEADER, SignatureError, sign, verify
+
+__all__ = ["SIGNATURE_HEADER", "SignatureError", "sign", "verify"]
