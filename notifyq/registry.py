@@ -135,7 +135,7 @@ class Registry:
         if task is not None:
             self._by_handler.pop(task.handler, None)
 
-    def copy(self) -> Registry:
+    def clone(self) -> Registry:
         twin = Registry()
         twin._tasks = dict(self._tasks)
         twin._by_handler = dict(self._by_handler)

@@ -68,7 +68,7 @@ class Worker:
                 "tasks in notifyq.endpoints, if any"
             )
         # Our own copy: HTTP endpoints read from notifyq.endpoints come and go in it.
-        registry = registry.copy()
+        registry = registry.clone()
         self.registry = registry
         secrets = Secrets(settings.secrets_file)
         check_secrets(registry, secrets)  # a secret not set: fail before anything is built

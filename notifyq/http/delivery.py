@@ -179,14 +179,18 @@ class Session:
         began = time.monotonic()
         try:
             with anyio.fail_after(endpoint.timeout):
-                async with self.client.stream(
+                request = self.client.build_request(
                     "POST", endpoint.url, content=body, headers=headers, timeout=endpoint.timeout
-                ) as response:
+                )
+                response = await self.client.send(request, stream=True)
+                try:
                     code = str(response.status_code)
                     ok = 200 <= response.status_code < 300
                     # A success's body is the result, up to the result cap; a failure's is
                     # only previewed in last_error.
                     data, cut = await _read(response, MAX_RESULT if ok else PREVIEW * 4)
+                finally:
+                    await response.aclose()  # a body cut short: the connection is dropped
         except TimeoutError:
             code = "timeout"
             raise DeliveryFailed(f"{where}: no response within {endpoint.timeout:g}s") from None
