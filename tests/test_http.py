@@ -494,3 +494,60 @@ async def test_the_table_only_changes_announce_on_the_internal_channel(dsn: str)
         )
         notes = [n.payload for n in conn.notifies(timeout=1.0, stop_after=2)]
     assert notes == ["endpoints"]  # one per statement
+
+
+async def test_a_body_that_is_not_json_is_kept_as_text(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    app.http_task("plain", url=web.on("/plain", (200, {"content-type": "text/plain"}, b"done")))
+    async with serving(app, dsn):
+        job = await app.enqueue("plain")
+        assert await app.wait(job, timeout=20) == "done"
+
+
+async def test_a_capped_endpoint_is_not_claimed_past_its_cap(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    in_flight = [0, 0]  # now, most ever
+
+    async def held(request: Received, receive: Any) -> Reply:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        await asyncio.to_thread(web.release.wait, 30)
+        in_flight[0] -= 1
+        return ok()
+
+    web.routes["/one"] = held
+    app.http_task("one.at.a.time", url=web.url("/one"), max_concurrency=1)
+    async with serving(app, dsn, concurrency=10) as worker:
+        first = await app.enqueue("one.at.a.time", {"n": 0})
+        await eventually(lambda: len(web.at("/one")) == 1)
+        claims = worker.dispatcher.claims
+        rest = [await app.enqueue("one.at.a.time", {"n": n}) for n in (1, 2)]
+        await eventually(lambda: worker.dispatcher.claims > claims)
+        # Nine slots are free, but the claim leaves the task out while its endpoint is full.
+        assert status_of(dsn, rest[0]) == status_of(dsn, rest[1]) == "queued"
+        web.release.set()
+        for job in [first, *rest]:
+            await app.wait(job, timeout=20)
+    assert len(web.at("/one")) == 3
+    assert in_flight[1] == 1
+
+
+async def test_http_requests_are_counted_in_the_metrics(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    app.http_task(
+        "counted",
+        url=web.on("/counted", (503, {}, b""), ok({"ok": 1})),
+        backoff=notifyq.Backoff(base=0.05, max_delay=0.05),
+    )
+    async with serving(app, dsn, metrics_port=0) as worker:
+        job = await app.enqueue("counted")
+        await app.wait(job, timeout=20)
+        assert worker.metrics is not None
+        text = prometheus_client.generate_latest(worker.metrics.registry).decode()
+    assert 'notifyq_http_requests_total{code="503",task="counted"} 1.0' in text
+    assert 'notifyq_http_requests_total{code="200",task="counted"} 1.0' in text
+    assert 'notifyq_http_request_seconds_count{task="counted"} 2.0' in text
