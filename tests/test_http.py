@@ -22,7 +22,7 @@ from notifyq import ConfigurationError, Retry, channels
 from notifyq.http import verify
 from notifyq.http.delivery import retry_after, shown
 from notifyq.http.endpoints import Secrets, endpoint
-from tests.conftest import query, wait_until
+from tests.conftest import query, serve_process, wait_until
 from tests.helpers import eventually, serving
 
 uvicorn = pytest.importorskip("uvicorn", reason="pip install -e '.[test]' (uvicorn)")
@@ -551,3 +551,32 @@ async def test_http_requests_are_counted_in_the_metrics(
     assert 'notifyq_http_requests_total{code="503",task="counted"} 1.0' in text
     assert 'notifyq_http_requests_total{code="200",task="counted"} 1.0' in text
     assert 'notifyq_http_request_seconds_count{task="counted"} 2.0' in text
+
+
+def test_kill_9_mid_request_then_rescue_delivers_it_again(dsn: str, web: Endpoints) -> None:
+    """A real `notifyq serve` killed while its request is in flight: the job is rescued
+    (its session ended) and a second dispatcher delivers it again, with the same
+    Idempotency-Key and the next attempt number (at least once)."""
+    arrived = threading.Event()
+
+    async def first_hangs(request: Received, receive: Any) -> Reply:
+        if request.headers["notifyq-attempt"] == "1":
+            arrived.set()
+            await asyncio.to_thread(web.release.wait, 60)
+        return ok({"attempt": request.headers["notifyq-attempt"]})
+
+    web.routes["/crash"] = first_hangs
+    query(dsn, "INSERT INTO notifyq.endpoints (task, url) VALUES ('crash', %s)", web.url("/crash"))
+    (job,) = query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('crash') RETURNING id")[0]
+    args = ("--lease", "2", "--poll-interval", "0.5")
+    with serve_process(dsn, *args, app="tests.apps.idle:app") as victim:
+        assert arrived.wait(30), "the first dispatcher never delivered the job"
+        victim.kill()  # SIGKILL: no hand-back, no outcome
+        victim.wait(30)
+    assert status_of(dsn, job) == "running"
+    with serve_process(dsn, *args, app="tests.apps.idle:app"):
+        wait_until(lambda: status_of(dsn, job) == "succeeded", timeout=30, message="the rescue")
+    first, second = web.at("/crash")
+    assert (first.headers["notifyq-attempt"], second.headers["notifyq-attempt"]) == ("1", "2")
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+    assert job_row(dsn, job)[2] == {"attempt": "2"}
