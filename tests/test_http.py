@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 import notifyq
-from notifyq import ConfigurationError, Retry, channels
+from notifyq import ConfigurationError, Retry, channels, watch
 from notifyq.http import verify
 from notifyq.http.delivery import retry_after, shown
 from notifyq.http.endpoints import Secrets, endpoint
@@ -202,6 +202,36 @@ async def test_what_the_endpoint_receives(app: notifyq.App, dsn: str, web: Endpo
     verify(SECRET, h, request.body)  # raises if the signature does not match
 
 
+async def test_the_endpoint_reports_progress_through_sql(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    answers: list[bool] = []
+
+    async def reporting(request: Received, receive: Any) -> Reply:
+        job = request.json
+        (accepted,) = await asyncio.to_thread(
+            lambda: query(
+                dsn,
+                "SELECT notifyq.progress(%s, %s, 50, 'half way', '{\"page\": 7}', %s)",
+                job["id"],
+                job["worker"],
+                job["attempt"],
+            )[0]
+        )
+        answers.append(accepted)
+        return ok()
+
+    web.routes["/report"] = reporting
+    app.http_task("reporting", url=web.url("/report"))
+    async with serving(app, dsn):
+        job = await app.enqueue("reporting")
+        await app.wait(job, timeout=20)
+    assert answers == [True]
+    assert query(
+        dsn, "SELECT progress, progress_message, checkpoint FROM notifyq.jobs WHERE id = %s", job
+    ) == [(50.0, "half way", {"page": 7})]
+
+
 async def test_a_500_is_retried_then_succeeds(app: notifyq.App, dsn: str, web: Endpoints) -> None:
     url = web.on("/flaky", (500, {}, b"database is down"), ok({"done": True}))
     app.http_task("flaky", url=url, backoff=notifyq.Backoff(base=0.05, max_delay=0.05))
@@ -357,6 +387,8 @@ async def test_a_slow_endpoint_outlives_its_lease(
             )[0][0]
         )
         assert worker.leases.rescued == 0 and status_of(dsn, job) == "running"
+        snap = await watch.once(dsn)  # an HTTP task shows in `notifyq watch` like any task
+        assert [(r.id, r.task) for r in snap.running] == [(job, "slow")]
         web.release.set()
         assert await app.wait(job, timeout=20) == {"slow": True}
     assert len(web.at("/slow")) == 1

@@ -105,6 +105,11 @@ class Session:
     ) -> None:
         from .. import __version__  # here: notifyq/__init__ imports the app, which imports us
 
+        # httpx logs every request at INFO, URL and all: notifyq logs each outcome itself,
+        # so unless the user set a level for it, httpx says only what goes wrong.
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:
+            httpx_log.setLevel(logging.WARNING)
         self.claimant = claimant
         self._secrets = secrets
         self._observe = observe
