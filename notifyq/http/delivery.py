@@ -57,6 +57,7 @@ from .signing import SIGNATURE_HEADER, sign
 
 log = logging.getLogger("notifyq.http")
 
+CONNECTIONS_PER_CLIENT = 8  # see Session.__init__
 PREVIEW = 500  # characters of a failed response's body kept in last_error
 MAX_RETRY_AFTER = 86400.0  # seconds: a Retry-After beyond a day is read as a day
 RETRYABLE = frozenset({408, 425, 429})  # and every 5xx
@@ -114,16 +115,33 @@ class Session:
         self._secrets = secrets
         self._observe = observe
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
-        self.client = httpx.AsyncClient(
-            follow_redirects=False,
-            verify=True,
-            headers={"User-Agent": f"notifyq/{__version__}"},
-            # As many connections as slots: more could never be used, fewer would queue.
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        )
+        # httpcore's pool scans every connection it holds for each request it starts and
+        # ends (a readability poll each): its CPU per request grows with the pool, and at
+        # 50 connections it dominates a delivery.  So the connections are split across
+        # clients of at most CONNECTIONS_PER_CLIENT each, taken in turn: as many
+        # connections as slots in all, each scan short.
+        shards = max(1, math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
+        per_client = min(concurrency, CONNECTIONS_PER_CLIENT)
+        self._clients = [
+            httpx.AsyncClient(
+                follow_redirects=False,
+                verify=True,
+                headers={"User-Agent": f"notifyq/{__version__}"},
+                limits=httpx.Limits(
+                    max_connections=per_client, max_keepalive_connections=per_client
+                ),
+            )
+            for _ in range(shards)
+        ]
+        self._turn = 0
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self._clients:
+            await client.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        self._turn = (self._turn + 1) % len(self._clients)
+        return self._clients[self._turn]
 
     def keys_for(self, endpoint: Endpoint) -> list[str]:
         """The endpoint's signing secrets; ConfigurationError naming the variable if unset."""
@@ -184,10 +202,11 @@ class Session:
         began = time.monotonic()
         try:
             with anyio.fail_after(endpoint.timeout):
-                request = self.client.build_request(
+                client = self._client()
+                request = client.build_request(
                     "POST", endpoint.url, content=body, headers=headers, timeout=endpoint.timeout
                 )
-                response = await self.client.send(request, stream=True)
+                response = await client.send(request, stream=True)
                 try:
                     code = str(response.status_code)
                     ok = 200 <= response.status_code < 300
