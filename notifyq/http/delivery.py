@@ -37,6 +37,7 @@ streams response bodies, so a body over the cap is cut without being read whole.
 from __future__ import annotations
 
 import email.utils
+import importlib.metadata
 import logging
 import math
 import time
@@ -58,6 +59,12 @@ from .signing import SIGNATURE_HEADER, sign
 log = logging.getLogger("notifyq.http")
 
 CONNECTIONS_PER_CLIENT = 8  # see Session.__init__
+# From the installed package's metadata: importing notifyq for its __version__ would be a
+# cycle (notifyq imports the app, which imports this module).
+try:
+    USER_AGENT = f"notifyq/{importlib.metadata.version('notifyq')}"
+except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+    USER_AGENT = "notifyq"
 PREVIEW = 500  # characters of a failed response's body kept in last_error
 MAX_RETRY_AFTER = 86400.0  # seconds: a Retry-After beyond a day is read as a day
 RETRYABLE = frozenset({408, 425, 429})  # and every 5xx
@@ -104,8 +111,6 @@ class Session:
         concurrency: int,
         observe: Observer | None = None,
     ) -> None:
-        from .. import __version__  # here: notifyq/__init__ imports the app, which imports us
-
         # httpx logs every request at INFO, URL and all: notifyq logs each outcome itself,
         # so unless the user set a level for it, httpx says only what goes wrong.
         httpx_log = logging.getLogger("httpx")
@@ -126,7 +131,7 @@ class Session:
             httpx.AsyncClient(
                 follow_redirects=False,
                 verify=True,
-                headers={"User-Agent": f"notifyq/{__version__}"},
+                headers={"User-Agent": USER_AGENT},
                 limits=httpx.Limits(
                     max_connections=per_client, max_keepalive_connections=per_client
                 ),
@@ -214,7 +219,10 @@ class Session:
                     # only previewed in last_error.
                     data, cut = await _read(response, MAX_RESULT if ok else PREVIEW * 4)
                 finally:
-                    await response.aclose()  # a body cut short: the connection is dropped
+                    # A body cut short, or a cancel: the connection is dropped, not reused.
+                    # Shielded: under a cancel an unshielded close would not run.
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
         except TimeoutError:
             code = "timeout"
             raise DeliveryFailed(f"{where}: no response within {endpoint.timeout:g}s") from None
