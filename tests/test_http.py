@@ -486,6 +486,23 @@ def test_secrets_come_from_the_environment_and_the_file(tmp_path: Any) -> None:
     assert "s3cret" not in str(refused.value)
 
 
+def test_a_secrets_file_others_can_read_is_warned_of(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "secrets"
+    path.write_text("HOOK=value\n")
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="notifyq.http"):
+        Secrets(path)
+    assert f"chmod 600 {path}" in caplog.text and "value" not in caplog.text
+
+
+def test_an_http_task_without_httpx_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("notifyq.http.serving.httpx_installed", lambda: False)
+    with pytest.raises(ConfigurationError, match=r"pip install 'notifyq\[http\]'"):
+        notifyq.App().http_task("t", url="http://example.com/")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
