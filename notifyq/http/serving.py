@@ -139,8 +139,11 @@ class HttpServing:
         self._table_readable = True
         wanted: dict[str, Endpoint] = {}
         for row in rows:
-            if row.task in self._declared:
-                self._refuse(row.task, "declared in the app (App.http_task): the app's wins")
+            if row.task in self._declared or (
+                self.registry.get(row.task) is not None and row.task not in self._from_table
+            ):
+                # The app's declaration (App.http_task or @app.task) wins over the row.
+                self._refuse(row.task, "the app declares this task: the app's wins")
                 continue
             try:
                 ep = endpoint(
@@ -153,8 +156,6 @@ class HttpServing:
                 )
                 if not httpx_installed():
                     raise ConfigurationError(HTTPX_MISSING)
-                if self.registry.get(row.task) is not None and row.task not in self._from_table:
-                    raise ConfigurationError("the app registers a Python handler for it")
                 if ep.secret is not None:
                     self._secrets.keys(ep.secret)  # names the variable to set
             except ConfigurationError as exc:
