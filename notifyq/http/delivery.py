@@ -124,7 +124,8 @@ class Session:
         # ends (a readability poll each): its CPU per request grows with the pool, and at
         # 50 connections it dominates a delivery.  So the connections are split across
         # clients of at most CONNECTIONS_PER_CLIENT each, taken in turn: as many
-        # connections as slots in all, each scan short.
+        # connections as slots in all, each scan short.  A request goes to the client with
+        # the fewest in flight, which always has a connection free (slots <= connections).
         shards = max(1, math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
         per_client = min(concurrency, CONNECTIONS_PER_CLIENT)
         self._clients = [
@@ -138,15 +139,11 @@ class Session:
             )
             for _ in range(shards)
         ]
-        self._turn = 0
+        self._in_flight = [0] * shards
 
     async def aclose(self) -> None:
         for client in self._clients:
             await client.aclose()
-
-    def _client(self) -> httpx.AsyncClient:
-        self._turn = (self._turn + 1) % len(self._clients)
-        return self._clients[self._turn]
 
     def keys_for(self, endpoint: Endpoint) -> list[str]:
         """The endpoint's signing secrets; ConfigurationError naming the variable if unset."""
@@ -207,22 +204,27 @@ class Session:
         began = time.monotonic()
         try:
             with anyio.fail_after(endpoint.timeout):
-                client = self._client()
+                shard = self._in_flight.index(min(self._in_flight))
+                client = self._clients[shard]
                 request = client.build_request(
                     "POST", endpoint.url, content=body, headers=headers, timeout=endpoint.timeout
                 )
-                response = await client.send(request, stream=True)
+                self._in_flight[shard] += 1
                 try:
-                    code = str(response.status_code)
-                    ok = 200 <= response.status_code < 300
-                    # A success's body is the result, up to the result cap; a failure's is
-                    # only previewed in last_error.
-                    data, cut = await _read(response, MAX_RESULT if ok else PREVIEW * 4)
+                    response = await client.send(request, stream=True)
+                    try:
+                        code = str(response.status_code)
+                        ok = 200 <= response.status_code < 300
+                        # A success's body is the result, up to the result cap; a failure's
+                        # is only previewed in last_error.
+                        data, cut = await _read(response, MAX_RESULT if ok else PREVIEW * 4)
+                    finally:
+                        # A body cut short, or a cancel: the connection is dropped, not
+                        # reused.  Shielded: under a cancel an unshielded close would not run.
+                        with anyio.CancelScope(shield=True):
+                            await response.aclose()
                 finally:
-                    # A body cut short, or a cancel: the connection is dropped, not reused.
-                    # Shielded: under a cancel an unshielded close would not run.
-                    with anyio.CancelScope(shield=True):
-                        await response.aclose()
+                    self._in_flight[shard] -= 1
         except TimeoutError:
             code = "timeout"
             raise DeliveryFailed(f"{where}: no response within {endpoint.timeout:g}s") from None
