@@ -1,23 +1,22 @@
-"""`notifyq watch`: the live terminal view.  A model that queries, a view that renders.
+"""`notifyq watch`: the live terminal view.  A model that queries, a view that renders;
+they meet at a Snapshot, plain data.  One job per module.  An arrow is an import, none
+points back, and only the left side reaches the store (tests/test_imports.py checks):
 
-One job per module; the arrows are imports, and none points back:
-
-    loop.py      once / follow: LISTEN, coalesced refreshes, reconnect with backoff
-      |
+    loop.py    once, follow: LISTEN,        live.py    LiveView: rich's Live at the
+      |        coalesced refreshes,           |        terminal's size, redrawn on a
+      |        reconnect with backoff         |        resize
+      v                                       v
+    model.py   Model: five reads through    view.py    render(): the whole screen, with
+      |        store.monitoring a refresh;    |        a note per queue nothing drains
+      |        history, alerts                v
+      |                                     tables.py  the four tables: columns, cells,
+      |                                       |        colours
+      |                                       v
+      |                                     layout.py  how much fits: column widths for
+      |                                                a width, rows for a height
       v
-    model.py     Model: five reads through store.monitoring per refresh; history, alerts
-      |
-      v
-    snapshot.py  Snapshot and its rows: what a refresh found (`--json` prints it)
-      ^
-      |
-    tables.py    the four tables: columns, cells, colours  --> layout.py: how much fits
-      ^                                                         (widths, rows per height)
-      |
-    view.py      render(): the whole screen, notes included  --> layout.py
-      ^
-      |
-    live.py      LiveView: rich's Live at the terminal's size, redrawn on a resize
+    snapshot.py  Snapshot and its rows: what a refresh found, what `--json` prints
+                 (the right side draws it)
 
 `notifyq watch` (cli/watch.py) runs `follow` and hands each Snapshot to a LiveView, or
 prints it as JSON; `notifyq stats` (cli/queues.py) takes `once` and prints the queue
