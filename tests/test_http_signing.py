@@ -12,6 +12,7 @@ import subprocess
 
 import httpx
 import pytest
+import starlette.datastructures
 
 import notifyq.http
 from notifyq.errors import NotifyqError
@@ -144,6 +145,9 @@ def test_header_name_in_any_case(name: str) -> None:
     header = sign(SECRET, BODY, timestamp=T)
     verify(SECRET, {"Accept": "*/*", name: header}, BODY, now=T)
     verify(SECRET, httpx.Headers({name: header}), BODY, now=T)
+    # What Starlette and FastAPI hand over: lowercased raw ASGI header pairs.
+    raw = [(name.lower().encode(), header.encode())]
+    verify(SECRET, starlette.datastructures.Headers(raw=raw), BODY, now=T)
 
 
 def test_body_must_be_bytes() -> None:

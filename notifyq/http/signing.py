@@ -67,7 +67,9 @@ def verify(
     """Check that `body` was signed with `secret` less than `tolerance` seconds from `now`.
 
     Returns None when the request is authentic; raises `SignatureError` saying which
-    check failed otherwise (answer 401 and do not run the job: the dispatcher retries).
+    check failed otherwise: answer 401 and do not run the job.  (`notifyq serve` does not
+    retry a 401: the job goes to `dead`, where `notifyq retry` finds it once the
+    secrets agree again.)
     `headers` is any mapping of the request's headers (a dict, or Starlette, Werkzeug
     or httpx headers); the name is matched whatever its case.  `body` is the raw request
     body as bytes, exactly as received.
