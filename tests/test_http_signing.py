@@ -170,3 +170,5 @@ def test_bad_arguments() -> None:
         verify("", signed(sign(SECRET, BODY)), BODY)
     with pytest.raises(ValueError, match="tolerance must be >= 0"):
         verify(SECRET, signed(sign(SECRET, BODY)), BODY, tolerance=-1)
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        verify(SECRET, signed(sign(SECRET, BODY)), BODY, tolerance=float("nan"))

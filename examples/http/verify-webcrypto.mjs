@@ -27,6 +27,7 @@ export async function verify(secret, headers, rawBody, { tolerance = 300, now } 
   if (!(rawBody instanceof Uint8Array)) {
     throw new TypeError("rawBody must be the raw request bytes (Uint8Array/ArrayBuffer), not a string or parsed JSON");
   }
+  if (!(tolerance >= 0)) throw new TypeError(`tolerance must be >= 0 seconds, not ${tolerance}`);
   const value = header(headers);
   if (value == null) throw new SignatureError(`no ${SIGNATURE_HEADER} header: the request was not signed`);
   const { timestamp, candidates } = parse(value);

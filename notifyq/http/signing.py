@@ -80,7 +80,7 @@ def verify(
     """
     if not isinstance(secret, str) or not secret:
         raise ValueError("verify() needs the endpoint's secret as a non-empty string")
-    if tolerance < 0:
+    if not tolerance >= 0:  # NaN too: it would compare false and accept any timestamp
         raise ValueError(f"tolerance must be >= 0 seconds, not {tolerance!r}")
     data = _raw(body)
     value = _header(headers)
