@@ -10,6 +10,7 @@
     ├── InvalidJob              PostgreSQL rejected a job at INSERT (names the rule it broke)
     ├── OperationRefused        an admin function refused (unknown job id, wrong state, ...)
     ├── JobFailed               App.wait(): the job ended dead or cancelled
+    ├── SignatureError          notifyq.http.verify(): a request's signature does not hold
     └── JobFailure              raised *by handlers* to steer what happens to the job
         ├── Retry               fail this attempt; run again no earlier than `after` seconds
         └── DoNotRetry          fail this attempt and send the job to `dead` at once
@@ -119,6 +120,12 @@ class JobFailed(NotifyqError):
         self.error = error
         first = (error or "").split("\n", 1)[0]
         super().__init__(f"job {job_id} is {status}" + (f": {first}" if first else ""))
+
+
+class SignatureError(NotifyqError):
+    """`notifyq.http.verify` refused a request: the Notifyq-Signature header is missing
+    or malformed, no signature in it matches the body and secret, or its timestamp is
+    outside the tolerance.  The message says which; answer 401."""
 
 
 class PayloadError(DoNotRetry):

@@ -131,6 +131,6 @@ def test_purge_batch_refuses_what_is_not_finished(dsn: str) -> None:
     with pytest.raises(notifyq.OperationRefused, match="finished jobs only"):
         admin.purge(dsn, 0, ["queued"])
     with pytest.raises(
-        notifyq.ConfigurationError, match=r"Settings.retain_dead must be at least 0 seconds"
+        notifyq.ConfigurationError, match=r"Settings\.retain_dead must be at least 0 seconds"
     ):
         notifyq.Settings(retain_dead=-1)

@@ -123,3 +123,27 @@ def test_notifyq_modules_import_each_other_without_a_cycle() -> None:
     assert "notifyq.worker" in graph and "notifyq.store" in graph["notifyq.worker"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module that importing `start` imports, directly or not."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_watch_view_renders_and_never_queries() -> None:
+    """notifyq.watch: a model that queries, a view that renders.  Only the model and the
+    loop that drives it reach the store; what draws a Snapshot imports plain data."""
+    graph = import_graph()
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+    assert "notifyq.store" in reachable(graph, "notifyq.watch.model")
+    drawing = ["snapshot", "layout", "tables", "view", "live"]
+    reaches_store = [
+        m for m in drawing if "notifyq.store" in reachable(graph, f"notifyq.watch.{m}")
+    ]
+    assert reaches_store == []

@@ -157,7 +157,7 @@ def test_bad_one_shot_options_are_refused_before_connecting(tmp_path: Path) -> N
 
 
 def test_settings_refuse_bad_one_shot_limits() -> None:
-    with pytest.raises(ConfigurationError, match="max jobs must be at least 1"):
+    with pytest.raises(ConfigurationError, match=r"Settings\.max_jobs must be at least 1"):
         Settings(max_jobs=0)
-    with pytest.raises(ConfigurationError, match="max runtime must be positive"):
+    with pytest.raises(ConfigurationError, match=r"Settings\.max_runtime must be positive"):
         Settings(max_runtime=0)

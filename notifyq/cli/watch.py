@@ -1,4 +1,4 @@
-"""`notifyq watch`: the live terminal view (watch.py draws it)."""
+"""`notifyq watch`: the live terminal view (the notifyq.watch package draws it)."""
 
 from __future__ import annotations
 
