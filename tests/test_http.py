@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +25,7 @@ from notifyq.http.delivery import retry_after, shown
 from notifyq.http.endpoints import Secrets, endpoint
 from tests.conftest import query, serve_process, wait_until
 from tests.helpers import eventually, serving
+from tests.test_http_examples import endpoint as node_endpoint
 
 uvicorn = pytest.importorskip("uvicorn", reason="pip install -e '.[test]' (uvicorn)")
 
@@ -629,3 +631,27 @@ def test_kill_9_mid_request_then_rescue_delivers_it_again(dsn: str, web: Endpoin
     assert (first.headers["notifyq-attempt"], second.headers["notifyq-attempt"]) == ("1", "2")
     assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
     assert job_row(dsn, job)[2] == {"attempt": "2"}
+
+
+async def test_the_node_endpoint_verifies_real_deliveries(
+    app: notifyq.App, dsn: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/http/endpoint-node.mjs (verify-node.mjs inside) against a dispatcher's
+    own requests: signed with its secret they succeed, with another one they are refused
+    (401, so dead at once)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("examples/http needs node (>= 20) on PATH (Debian: nodejs)")
+    monkeypatch.setenv("NOTIFYQ_SECRET_NODE", SECRET)
+    monkeypatch.setenv("NOTIFYQ_SECRET_WRONG", "not-the-endpoints-secret")
+    with node_endpoint(node, tmp_path / "node.log", secret=SECRET) as server:
+        app.http_task("node.signed", url=server.url, secret="NODE")
+        app.http_task("node.forged", url=server.url, secret="WRONG")
+        async with serving(app, dsn):
+            good = await app.enqueue("node.signed", {"n": "é"})
+            bad = await app.enqueue("node.forged")
+            assert await app.wait(good, timeout=20) == {"ok": True, "id": good}
+            await eventually(lambda: status_of(dsn, bad) == "dead")
+        lines = server.lines()
+    assert "HTTP 401 Unauthorized" in job_row(dsn, bad)[3]
+    assert sorted(line.split()[2] for line in lines) == ["200", "401"]
