@@ -17,6 +17,7 @@ from .errors import (
     OperationRefused,
     PayloadError,
     ResultError,
+    Retry,
     SchemaMissing,
 )
 from .job import JobContext, JobId, JobState, JobStatus
@@ -44,6 +45,7 @@ __all__ = [
     "OperationRefused",
     "PayloadError",
     "ResultError",
+    "Retry",
     "SchemaMissing",
     "Settings",
     "Worker",

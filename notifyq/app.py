@@ -158,6 +158,58 @@ class App:
 
         return register(handler) if handler is not None else register
 
+    def http_task(
+        self,
+        name: str,
+        /,
+        *,
+        url: str,
+        queue: str = DEFAULT_QUEUE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: Backoff | None = None,
+        timeout: float = 30.0,
+        max_concurrency: int | None = None,
+        headers: dict[str, str] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        """Register a task whose handler is a web endpoint: `notifyq serve` POSTs each job
+        to `url` (docs/http.md: the body, the headers, what each response means).
+
+        `timeout` bounds each request (seconds); `max_concurrency` caps the requests one
+        dispatcher sends at once; `headers` are extra, non-secret headers; `secret` is the
+        NAME of the signing secret, read by the dispatcher from NOTIFYQ_SECRET_<NAME>
+        (or `serve --secrets-file`).  Retries, backoff and dead letters are the task's,
+        as for `@app.task`.  Needs httpx: pip install 'notifyq[http]'.
+        """
+        from .http.endpoints import endpoint
+        from .http.serving import HTTPX_MISSING, httpx_installed
+
+        if not httpx_installed():
+            raise ConfigurationError(HTTPX_MISSING)
+        from .http.delivery import Delivery
+
+        declared = endpoint(
+            check_task_name(name),
+            url,
+            timeout=timeout,
+            max_concurrency=max_concurrency,
+            headers=headers,
+            secret=secret,
+        )
+        if not 1 <= max_attempts <= 1000:
+            raise ConfigurationError("max_attempts must be from 1 to 1000")
+        self.registry.add(
+            Task(
+                name=declared.task,
+                handler=Delivery(declared),
+                queue=check_queue_name(queue),
+                max_attempts=max_attempts,
+                backoff=backoff or Backoff(),
+                is_async=True,
+                wants_context=True,
+            )
+        )
+
     def periodic(
         self,
         schedule: str,

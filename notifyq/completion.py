@@ -44,7 +44,7 @@ from typing import Protocol
 
 import anyio
 
-from .errors import DatabaseUnavailable, DoNotRetry, LockTimeout, NotifyqError
+from .errors import DatabaseUnavailable, DoNotRetry, LockTimeout, NotifyqError, Retry
 from .job import Job, JobState
 from .ledger import Attempt, Ledger
 from .retry import reconnect_delay
@@ -82,7 +82,11 @@ def decide(finished: Finished) -> Outcome:
         return Outcome(job.id, job.attempt, JobState.SUCCEEDED, result=finished.result)
     error = _describe(finished.error, finished.trace)
     final = isinstance(finished.error, DoNotRetry | UnknownTask)
-    return Outcome(job.id, job.attempt, JobState.DEAD if final else "failed", error=error)
+    # Retry(after=...): no earlier than the handler asked; the attempt still counts.
+    retry_in = finished.error.after if isinstance(finished.error, Retry) else None
+    return Outcome(
+        job.id, job.attempt, JobState.DEAD if final else "failed", error=error, retry_in=retry_in
+    )
 
 
 def _describe(error: BaseException, trace: str | None) -> str:

@@ -111,6 +111,7 @@ class Dispatcher:
         ledger: Ledger,
         max_jobs: int | None = None,
         until_empty: bool = False,
+        excluded: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -124,6 +125,7 @@ class Dispatcher:
         self._tasks = list(tasks)
         self._task_names = sorted(t.task for t in tasks)
         self._tasks_synced = False
+        self._excluded = excluded  # tasks not to claim now (HTTP endpoints at their cap)
         self._submit = submit  # hands a job to the pool, which enters it in the ledger
         self._ledger = ledger
         self._max_jobs = max_jobs
@@ -170,6 +172,12 @@ class Dispatcher:
         if self.full.isdisjoint(queues):
             return
         self.full = self.full.difference(queues)
+        self.wake()
+
+    def serve_tasks(self, names: Collection[str]) -> None:
+        """Claim jobs of these tasks from now on (HTTP endpoints came or went); the
+        settings synced to notifyq.tasks stay those given at start."""
+        self._task_names = sorted(names)
         self.wake()
 
     def slot_freed(self) -> None:
@@ -304,12 +312,15 @@ class Dispatcher:
             raise
 
     async def _claim_once(self, limit: int) -> Claim:
+        tasks = self._task_names
+        if excluded := self._excluded():
+            tasks = [t for t in tasks if t not in excluded]
         claim = await self._store.claim(
             queues=self._queues,
             limit=limit,
             claimant=self._claimant,
             lease=self._lease,
-            tasks=self._task_names,
+            tasks=tasks,
         )
         self.claims += 1
         self.claimed += len(claim.jobs)

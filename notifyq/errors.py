@@ -12,6 +12,7 @@
     ├── JobFailed               App.wait(): the job ended dead or cancelled
     ├── SignatureError          notifyq.http.verify(): a request's signature does not hold
     └── JobFailure              raised *by handlers* to steer what happens to the job
+        ├── Retry               fail this attempt; run again no earlier than `after` seconds
         └── DoNotRetry          fail this attempt and send the job to `dead` at once
             ├── PayloadError    the payload cannot be used by this task
             └── ResultError     the handler returned what cannot be stored as JSON
@@ -84,6 +85,20 @@ class OperationRefused(NotifyqError):
 
 class JobFailure(NotifyqError):
     """Base for the exceptions a handler raises on purpose."""
+
+
+class Retry(JobFailure):
+    """Raise from a handler: this attempt failed, and the job runs again no earlier than
+    `after` seconds from now (instead of the task's backoff).  The attempt still counts:
+    with none left, the job goes to `dead` as with any failure."""
+
+    def __init__(self, message: str = "", *, after: float) -> None:
+        if not (isinstance(after, int | float) and 0 <= after < float("inf")):
+            raise ValueError(
+                f"Retry(after=...) takes a finite number of seconds >= 0, got {after!r}"
+            )
+        self.after = float(after)
+        super().__init__(message or f"retry in {self.after:g}s")
 
 
 class DoNotRetry(JobFailure):

@@ -124,6 +124,12 @@ class LeaseKeeper:
         # rescue within seconds (the server's own restart is covered in SQL).
         self._trust_sessions_at = 0.0
 
+    def serve_tasks(self, tasks: list[str]) -> None:
+        """The tasks this dispatcher claims changed (HTTP endpoints): registered from the
+        next heartbeat on.  One reference swapped: the keeper's thread reads it whole."""
+        if self._registration is not None:
+            self._registration = {**self._registration, "tasks": sorted(tasks)}
+
     def poke(self) -> None:
         """Jobs changed status somewhere: sweep often for a while, in case their
         dispatcher dies.  Called from the main loop; a float store, safe across threads."""

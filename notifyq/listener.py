@@ -50,6 +50,7 @@ log = logging.getLogger("notifyq.listener")
 
 PROBE_PREFIX = "notifyq-probe:"  # on the internal channel
 LIMIT_PREFIX = "limit:"  # internal: notifyq.queue_limits changed for the queue that follows
+ENDPOINTS = "endpoints"  # internal: notifyq.endpoints changed (HTTP tasks)
 PROBE_TIMEOUT = 5.0
 RECONNECT_CAP = 2.0  # seconds: well inside the rescuers' grace for a lost session
 LIVENESS_RETRY = 1.0  # seconds between tries while the lock is not ours yet
@@ -80,6 +81,7 @@ async def listen(
     on_cancelled: Callable[[], None] | None = None,
     on_room: Callable[[set[str]], None] | None = None,
     on_status: Callable[[], None] | None = None,
+    on_endpoints: Callable[[], None] | None = None,
     liveness: str | None = None,
 ) -> None:
     """Run until cancelled, reconnecting with capped, jittered backoff.
@@ -90,7 +92,8 @@ async def listen(
     `on_room(queues)` once per batch of status notifications saying jobs of served
     queues left `running`, or of cap changes (room under a concurrency cap);
     `on_status()` once per batch of status notifications (jobs changed status
-    somewhere); `send_probe(payload)` must NOTIFY channels.INTERNAL from another connection;
+    somewhere); `on_endpoints()` once per batch saying notifyq.endpoints changed;
+    `send_probe(payload)` must NOTIFY channels.INTERNAL from another connection;
     `liveness`: the claimant whose liveness lock this connection holds.
     """
     served = frozenset(queues)
@@ -161,6 +164,8 @@ async def listen(
                         p.removeprefix(LIMIT_PREFIX) for p in internal if p.startswith(LIMIT_PREFIX)
                     }
                     freed &= served
+                    if on_endpoints is not None and ENDPOINTS in internal:
+                        on_endpoints()
                     if on_room is not None and freed:
                         on_room(freed)
             except DatabaseUnavailable as exc:

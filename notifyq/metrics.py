@@ -123,6 +123,20 @@ class Metrics:
             LABELS,
             registry=r,
         )
+        self._http_requests = prom.Counter(
+            "notifyq_http_requests",
+            "Requests to HTTP tasks' endpoints, by status code ('timeout': no response in "
+            "time; 'error': no connection or a broken one; 'cancelled': the job was).",
+            ["task", "code"],
+            registry=r,
+        )
+        self._http_seconds = prom.Histogram(
+            "notifyq_http_request_seconds",
+            "Time from sending a job to an HTTP task's endpoint to the end of its response.",
+            ["task"],
+            buckets=BUCKETS,
+            registry=r,
+        )
         self._up = prom.Gauge(
             "notifyq_database_up", "1 if the scrape's queries reached the database.", registry=r
         )
@@ -149,6 +163,11 @@ class Metrics:
             self._succeeded.labels(*labels).inc()
         else:
             self._failed.labels(*labels).inc()
+
+    def http_request(self, task: str, code: str, seconds: float) -> None:
+        """One request to an HTTP task's endpoint ended (notifyq.http.delivery)."""
+        self._http_requests.labels(task, code).inc()
+        self._http_seconds.labels(task).observe(seconds)
 
     def settled(self, job: Job, status: str) -> None:
         """An outcome written: the database applied the retry policy (completion.Subscriber)."""

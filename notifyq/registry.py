@@ -122,6 +122,25 @@ class Registry:
         self._tasks[task.name] = task
         self._by_handler[task.handler] = task
 
+    def put(self, task: Task) -> None:
+        """Add or replace `task` (a dispatcher's own copy, serving HTTP endpoints)."""
+        old = self._tasks.get(task.name)
+        if old is not None:
+            self._by_handler.pop(old.handler, None)
+        self._tasks[task.name] = task
+        self._by_handler[task.handler] = task
+
+    def remove(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            self._by_handler.pop(task.handler, None)
+
+    def clone(self) -> Registry:
+        twin = Registry()
+        twin._tasks = dict(self._tasks)
+        twin._by_handler = dict(self._by_handler)
+        return twin
+
     def get(self, name: str) -> Task | None:
         return self._tasks.get(name)
 

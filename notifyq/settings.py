@@ -46,6 +46,9 @@ class Settings:
     until_empty: bool = False  # stop once nothing in the served queues is to start now
     max_jobs: int | None = None  # stop claiming after this many jobs, let them finish
     max_runtime: float | None = None  # seconds; then as on SIGTERM
+    # HTTP tasks' signing secrets, NAME=VALUE lines (notifyq/http/endpoints.py); the
+    # environment's NOTIFYQ_SECRET_<NAME> override it.
+    secrets_file: str | None = None
 
     def __post_init__(self) -> None:
         _at_least("concurrency", self.concurrency, 1, MAX_CONCURRENCY)
@@ -78,6 +81,8 @@ class Settings:
             _at_least("max_jobs", self.max_jobs, 1)
         if self.max_runtime is not None:
             _positive("max_runtime", self.max_runtime)
+        if self.secrets_file is not None and not str(self.secrets_file).strip():
+            raise InvalidSetting("secrets_file", "cannot be empty")
 
     @classmethod
     def default(cls, field: str) -> Any:

@@ -34,6 +34,8 @@ from . import channels, embedded, failpoints, listener, retention, store
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import DatabaseUnavailable
+from .http.endpoints import Secrets
+from .http.serving import HttpServing, check_secrets
 from .job import Job, JobState
 from .leases import LeaseKeeper, heartbeat_for
 from .ledger import Ledger
@@ -61,8 +63,15 @@ class Worker:
     ) -> None:
         failpoints.check()
         if not len(registry):
-            log.warning("the app registers no tasks: this dispatcher will claim no job")
+            log.warning(
+                "the app registers no tasks: this dispatcher claims only the jobs of HTTP "
+                "tasks in notifyq.endpoints, if any"
+            )
+        # Our own copy: HTTP endpoints read from notifyq.endpoints come and go in it.
+        registry = registry.clone()
         self.registry = registry
+        secrets = Secrets(settings.secrets_file)
+        check_secrets(registry, secrets)  # a secret not set: fail before anything is built
         self.settings = settings
         self.dsn = dsn
         self.claimant = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -121,6 +130,7 @@ class Worker:
             ledger=self.held,
             max_jobs=settings.max_jobs,
             until_empty=settings.until_empty,
+            excluded=lambda: self.http.full(),
         )
         self.completer = Completer(
             complete_store,
@@ -136,6 +146,17 @@ class Worker:
         if settings.metrics_port is not None:
             self.metrics = Metrics(dsn, self.figures)  # needs prometheus-client, optional
             self.completer.subscribe(self.metrics)
+        # HTTP tasks: the app's and notifyq.endpoints' (read before the first claim).
+        self.http = HttpServing(
+            registry,
+            claim_store,
+            self.claimant,
+            secrets,
+            settings.concurrency,
+            on_tasks=self._serve_tasks,
+            on_room=self.dispatcher.wake,
+            observe=None if self.metrics is None else self.metrics.http_request,
+        )
         self.leases = LeaseKeeper(
             self._lease_store,
             self.claimant,
@@ -168,12 +189,18 @@ class Worker:
         limited = self.runtime_exceeded or self.dispatcher.stopped_by == "max-jobs"
         return 3 if self.settings.until_empty and limited else 0
 
+    def _serve_tasks(self, tasks: list[str]) -> None:
+        self.dispatcher.serve_tasks(tasks)
+        self.leases.serve_tasks(tasks)
+
     def _submit(self, job: Job) -> None:
         if self.metrics is not None:
             self.metrics.started(job)
+        self.http.claimed(job.task)
         self.pool.submit(job)
 
     def _finished(self, finished: Finished) -> None:
+        self.http.released(finished.job.task)
         self.dispatcher.slot_freed()
         self.completer.submit(finished)
 
@@ -195,6 +222,8 @@ class Worker:
         )
         self.leases.start()
         try:
+            # Before the first claim: the endpoints' tasks are in the claim's list.
+            await self.http.start()
             async with anyio.create_task_group() as background:
                 if handle_signals:
                     background.start_soon(self._signals)
@@ -206,6 +235,7 @@ class Worker:
                 background.start_soon(self._summaries)
                 background.start_soon(self.reports.run)
                 background.start_soon(self.retention.run)
+                background.start_soon(self.http.watch)
                 if s.max_runtime is not None:
                     background.start_soon(self._runtime_limit, s.max_runtime)
                 async with anyio.create_task_group() as work:
@@ -220,6 +250,7 @@ class Worker:
                 await anyio.to_thread.run_sync(self.leases.stop)
                 if exporter is not None:
                     await anyio.to_thread.run_sync(exporter.stop)
+                await self.http.aclose()
                 for st in self._stores:
                     await st.close()
         log.info("stopped; since start: %s", self._totals_text(self._totals()))
@@ -335,6 +366,7 @@ class Worker:
             on_cancelled=self._cancel_requested,
             on_room=self.dispatcher.room_freed,
             on_status=self.leases.poke,
+            on_endpoints=self.http.changed,
             liveness=self.claimant,
         )
 
@@ -373,6 +405,7 @@ class Worker:
 
     def _connected(self) -> None:
         self.listening.set()
+        self.http.changed()  # a change announced while nobody listened
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 
     async def _signals(self) -> None:

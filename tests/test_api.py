@@ -27,6 +27,7 @@ PUBLIC = {
     "OperationRefused",
     "PayloadError",
     "ResultError",
+    "Retry",
     "SchemaMissing",
     "Settings",
     "Worker",
@@ -51,6 +52,7 @@ def test_every_error_has_one_root() -> None:
         "JobFailure",
         "PayloadError",
         "ResultError",
+        "Retry",
         "SchemaMissing",
     ):
         assert issubclass(getattr(notifyq, name), notifyq.NotifyqError)

@@ -896,3 +896,39 @@ def test_dsn_without_password_on_the_command_line_gets_no_warning(dsn: str) -> N
     result = run_cli("enqueue", "--dsn", dsn, "secure.leaf")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
+
+
+# --- HTTP endpoints (notifyq.endpoints): a role that could write the table could point
+# every dispatcher at any address its network reaches (server-side request forgery).
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO notifyq.endpoints (task, url) VALUES ('ssrf', 'http://169.254.169.254/')",
+        "UPDATE notifyq.endpoints SET url = 'http://169.254.169.254/'",
+        "DELETE FROM notifyq.endpoints",
+        "TRUNCATE notifyq.endpoints",
+    ],
+)
+def test_neither_producer_nor_worker_may_write_the_endpoints(
+    dsn: str, roles: Roles, statement: str
+) -> None:
+    query(dsn, "INSERT INTO notifyq.endpoints (task, url) VALUES ('hook', 'https://example.com/')")
+    for login in (roles.producer_login, roles.worker_login):
+        with (
+            psycopg.connect(as_user(dsn, login), autocommit=True) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute(statement)
+    assert query(dsn, "SELECT task, url FROM notifyq.endpoints") == [
+        ("hook", "https://example.com/")
+    ]
+    # The worker reads the table (it serves the rows); the producer does not.
+    with psycopg.connect(as_user(dsn, roles.worker_login), autocommit=True) as conn:
+        assert conn.execute("SELECT task FROM notifyq.endpoints").fetchall() == [("hook",)]
+    with (
+        psycopg.connect(as_user(dsn, roles.producer_login), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute("SELECT task FROM notifyq.endpoints")

@@ -122,6 +122,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "job_status_by_id": JobStatus,
     "claim": rows.ClaimRow,
     "complete": rows.WrittenRow,
+    "endpoints": rows.EndpointRow,
     "hand_back": rows.WrittenRow,
     "renew_leases": rows.HeldAttempt,
     "still_claimed": rows.HeldAttempt,

@@ -153,6 +153,13 @@ def _queue_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     "jobs get --shutdown-timeout to finish, then are handed back. With --until-empty, "
     "reaching this or --max-jobs first exits 3.",
 )
+@_setting(
+    "--secrets-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Signing secrets of HTTP tasks, NAME=VALUE lines (chmod 600); the environment's "
+    "NOTIFYQ_SECRET_<NAME> wins over the file. See docs/http.md.",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,

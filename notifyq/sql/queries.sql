@@ -73,11 +73,13 @@ FROM notifyq.claim_jobs(%(claimant)s, %(queues)s::text[], %(task_names)s::text[]
 -- the write every SQL worker shares: fenced by our claim and the attempt, the
 -- task's retry policy applied (notifyq.tasks), rows another transaction holds
 -- locked skipped and returned 'busy' (their outcomes are written again later).
+-- retry_in: seconds before a failed job runs again (a handler's Retry(after=...)),
+-- NULL where the task's backoff decides.
 -- NULL arrays (the common batch of bare successes) send nothing per job.
 SELECT f.id, f.attempt, f.status, f.run_at, f.holder
 FROM notifyq.finish_jobs(%(claimant)s, %(ids)s::bigint[], %(attempts)s::int[],
                          %(outcomes)s::text[], %(results)s::text[]::pg_catalog.jsonb[],
-                         %(errors)s::text[], NULL, %(progresses)s::real[],
+                         %(errors)s::text[], %(retry_in)s::float8[], %(progresses)s::real[],
                          %(progress_messages)s::text[]) AS f;
 
 -- name: renew_leases
@@ -198,6 +200,13 @@ WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeou
       IS DISTINCT FROM (excluded.max_attempts, excluded.backoff_base, excluded.backoff_factor,
                         excluded.backoff_max, excluded.timeout)
 RETURNING t.task;
+
+-- name: endpoints
+-- The HTTP endpoints (notifyq.endpoints) a dispatcher serves: read before its first
+-- claim and again when a change is announced on notifyq_internal.
+SELECT e.task, e.url, e.timeout, e.max_concurrency, e.headers, e.secret
+FROM notifyq.endpoints e
+ORDER BY e.task;
 
 -- name: release_orphans
 -- After a claim whose reply was lost (the connection broke after the commit):

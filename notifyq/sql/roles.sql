@@ -103,4 +103,9 @@ GRANT EXECUTE ON FUNCTION
     notifyq.hand_back(text, bigint[]),
     notifyq.stop_worker(text)
     TO {worker};
+-- HTTP endpoints (notifyq.endpoints): read, never written.  Whoever writes that table
+-- chooses the addresses dispatchers POST to (server-side request forgery), so only the
+-- owner does, or an admin role it names:
+--     GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.endpoints TO notifyq_admin;
+GRANT SELECT ON notifyq.endpoints TO {worker};
 GRANT {producer} TO {worker};

@@ -25,7 +25,16 @@ from .. import failpoints
 from ..errors import DatabaseUnavailable, LockTimeout, PoolerInTheWay
 from ..job import Job, JobState
 from .connection import QUERIES, connect, translated
-from .rows import ClaimRow, Fired, HeldAttempt, RescueRow, Schedule, ScheduleRow, WrittenRow
+from .rows import (
+    ClaimRow,
+    EndpointRow,
+    Fired,
+    HeldAttempt,
+    RescueRow,
+    Schedule,
+    ScheduleRow,
+    WrittenRow,
+)
 
 log = logging.getLogger("notifyq.store")
 
@@ -45,6 +54,7 @@ class Outcome:
     # The attempt's last progress report, if it may not be written yet (None: keep the row's).
     progress: float | None = None
     progress_message: str | None = None
+    retry_in: float | None = None  # failed: seconds before the next attempt (None: backoff)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +331,7 @@ class Store:
                 "results": None if bare else [o.result for o in outcomes],
                 "progresses": None if bare else [o.progress for o in outcomes],
                 "progress_messages": None if bare else [o.progress_message for o in outcomes],
+                "retry_in": None if bare else [o.retry_in for o in outcomes],
             },
             _written_rows,
             failpoint="completion-commit",
@@ -415,6 +426,10 @@ class Store:
             },
             scalar_row,
         )
+
+    async def endpoints(self) -> list[EndpointRow]:
+        """The rows of notifyq.endpoints (HTTP tasks declared in SQL)."""
+        return await self._run("endpoints", {}, class_row(EndpointRow))
 
     async def release_orphans(self, claimant: str, held: Collection[int]) -> set[int]:
         params = {"claimant": claimant, "held": list(held)}

@@ -70,6 +70,18 @@ class ClaimRow:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointRow:
+    """endpoints: a row of notifyq.endpoints (an HTTP task declared in SQL)."""
+
+    task: str
+    url: str
+    timeout: float
+    max_concurrency: int | None
+    headers: Any  # decoded JSON: an object of header names to values, checked by notifyq.http
+    secret: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class WrittenRow:
     """complete, hand_back: what a fenced write did to one attempt ('busy': skipped)."""
 
