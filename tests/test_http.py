@@ -585,6 +585,39 @@ async def test_a_capped_endpoint_is_not_claimed_past_its_cap(
     assert in_flight[1] == 1
 
 
+async def test_one_claim_takes_no_more_than_a_capped_endpoints_room(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    """A backlog of a capped endpoint's jobs, older than a Python task's: the claim takes
+    only the endpoint's room of them, so the other slots run the Python jobs instead of
+    holding jobs that wait for the endpoint."""
+
+    async def held(request: Received, receive: Any) -> Reply:
+        await asyncio.to_thread(web.release.wait, 30)
+        return ok()
+
+    web.routes["/two"] = held
+    app.http_task("two.at.a.time", url=web.url("/two"), max_concurrency=2)
+
+    @app.task(name="quick")
+    async def quick(payload: Any) -> None:
+        pass
+
+    capped = [await app.enqueue("two.at.a.time", {"n": n}) for n in range(10)]
+    others = [await app.enqueue("quick") for _ in range(3)]
+    async with serving(app, dsn, concurrency=10) as worker:
+        for job in others:  # while the endpoint still holds its two requests
+            await app.wait(job, timeout=20)
+        await eventually(lambda: len(web.at("/two")) == 2)
+        statuses = [status_of(dsn, job) for job in capped]
+        assert statuses.count("running") == 2 and statuses.count("queued") == 8
+        assert worker.held.running == 2
+        web.release.set()
+        for job in capped:
+            await app.wait(job, timeout=20)
+    assert len(web.at("/two")) == 10
+
+
 async def test_http_requests_are_counted_in_the_metrics(
     app: notifyq.App, dsn: str, web: Endpoints
 ) -> None:

@@ -167,8 +167,8 @@ class Session:
         limiter = self._limiters.get(endpoint.task)
         if limiter is None:
             return await self._post(endpoint, keys, payload, ctx)
-        # The dispatcher claims no job of a task whose endpoint is full (serving.py); one
-        # claim can still take more than the room left, and those wait here.
+        # The dispatcher claims no more of a task than its endpoint's room (serving.py);
+        # only jobs claimed before a reload lowered the cap wait here.
         async with limiter:
             return await self._post(endpoint, keys, payload, ctx)
 

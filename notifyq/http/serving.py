@@ -13,8 +13,8 @@ The served registry is the dispatcher's own copy of the app's: rows come and go
 there, never in the app's.  Each change hands the new list of task names to
 `on_tasks` (the claim's list and the dispatcher's registration).
 
-Per-endpoint caps (`max_concurrency`) are per dispatcher: `full()` names the tasks
-whose endpoint has as many attempts claimed as its cap, which the claim leaves out;
+Per-endpoint caps (`max_concurrency`) are per dispatcher: `rooms()` tells how many more
+attempts each capped endpoint may take, which bounds the claim (a full one is left out);
 a queue cap (`notifyq cap`) is the one that holds across dispatchers.
 """
 
@@ -222,8 +222,12 @@ class HttpServing:
         if cap is not None and self._held[task] == cap - 1:
             self._on_room()  # it was full: its jobs may be claimed again
 
-    def full(self) -> frozenset[str]:
-        return frozenset(t for t, n in self._held.items() if n >= self._caps.get(t, n + 1))
+    def rooms(self) -> dict[str, int]:
+        """Capped tasks -> attempts their endpoint may still take (0: full); the claim
+        takes no more than that of each."""
+        if not self._caps:
+            return {}
+        return {t: max(cap - self._held[t], 0) for t, cap in self._caps.items()}
 
 
 def _url(ep: Endpoint) -> str:
