@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import shutil
 import socket
 import threading
@@ -275,6 +276,28 @@ async def test_a_python_handler_can_raise_retry_after(app: notifyq.App, dsn: str
         await eventually(lambda: status_of(dsn, job) == "queued" and job_row(dsn, job)[1] == 1)
     (delay,) = query(dsn, "SELECT run_at - now() FROM notifyq.jobs WHERE id = %s", job)[0]
     assert timedelta(seconds=250) < delay <= timedelta(seconds=300)
+
+
+@pytest.mark.parametrize("after", [-1, math.nan, math.inf, Retry.MAX_AFTER + 1, True, "5"])
+def test_retry_refuses_an_after_the_database_cannot_add(after: Any) -> None:
+    with pytest.raises(ValueError, match=r"Retry\(after=\.\.\.\) takes a number of seconds"):
+        Retry(after=after)
+
+
+async def test_the_longest_retry_after_is_written(app: notifyq.App, dsn: str) -> None:
+    """Ten years (Retry.MAX_AFTER) is a wait PostgreSQL adds to now(); 1e13 s was refused
+    by the outcome's write ("interval out of range"), leaving the job to the rescuer."""
+
+    @app.task(name="much.later")
+    async def much_later(payload: Any) -> None:
+        raise Retry(after=Retry.MAX_AFTER)
+
+    assert Retry(after=0).after == 0.0
+    async with serving(app, dsn):
+        job = await app.enqueue("much.later")
+        await eventually(lambda: status_of(dsn, job) == "queued" and job_row(dsn, job)[1] == 1)
+    (delay,) = query(dsn, "SELECT run_at - now() FROM notifyq.jobs WHERE id = %s", job)[0]
+    assert timedelta(days=3649) < delay <= timedelta(days=3650)
 
 
 async def test_a_400_is_dead_after_one_attempt(app: notifyq.App, dsn: str, web: Endpoints) -> None:
