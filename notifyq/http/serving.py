@@ -9,9 +9,11 @@ declares in Python is ignored (the declaration wins, and a warning says so); a r
 that cannot be served (a secret not set, a reserved header, httpx missing) is
 logged as an error and its jobs wait, while every other task is served.
 
-The served registry is the dispatcher's own copy of the app's: rows come and go
-there, never in the app's.  Each change hands the new list of task names to
-`on_tasks` (the claim's list and the dispatcher's registration).
+The served registry is the dispatcher's own copy of the app's: rows come there, never
+in the app's.  A row that goes is no longer claimed, but its handler stays, for a job
+a claim sent before the reload took (it would be dead as an unknown task otherwise).
+Each change hands the new list of task names to `on_tasks` (the claim's list and the
+dispatcher's registration).
 
 Per-endpoint caps (`max_concurrency`) are per dispatcher: `rooms()` tells how many more
 attempts each capped endpoint may take, which bounds the claim (a full one is left out);
@@ -90,6 +92,9 @@ class HttpServing:
         self._observe = observe
         self._declared = declared(registry)
         self._from_table: dict[str, Endpoint] = {}
+        # Rows gone from the table: no longer claimed, but their handlers stay, so a job
+        # claimed just before the reload is still delivered (not dead as an unknown task).
+        self._retired: set[str] = set()
         self._rows_refused: dict[str, str] = {}  # task -> why, logged once per reason
         self._caps: dict[str, int] = {}  # task -> its endpoint's max_concurrency
         self._held: Counter[str] = Counter()  # attempts claimed per capped task, not finished
@@ -99,7 +104,7 @@ class HttpServing:
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(t.name for t in self.registry)
+        return sorted(t.name for t in self.registry if t.name not in self._retired)
 
     async def start(self) -> None:
         """Bind the declared endpoints and read the table, before the first claim."""
@@ -140,7 +145,9 @@ class HttpServing:
         wanted: dict[str, Endpoint] = {}
         for row in rows:
             if row.task in self._declared or (
-                self.registry.get(row.task) is not None and row.task not in self._from_table
+                self.registry.get(row.task) is not None
+                and row.task not in self._from_table
+                and row.task not in self._retired
             ):
                 # The app's declaration (App.http_task or @app.task) wins over the row.
                 self._refuse(row.task, "the app declares this task: the app's wins")
@@ -167,13 +174,13 @@ class HttpServing:
             return
         session = self._open() if wanted else None
         for task in set(self._from_table) - set(wanted):
-            self.registry.remove(task)
-            self._caps.pop(task, None)
+            self._retired.add(task)
             log.info("HTTP task %s: no longer in notifyq.endpoints, not served", task)
         for ep in wanted.values():
             if self._from_table.get(ep.task) != ep:
                 assert session is not None
                 self._put(ep, session)
+                self._retired.discard(ep.task)
                 log.info("HTTP task %s: serving from notifyq.endpoints (%s)", ep.task, _url(ep))
         self._from_table = wanted
         self._on_tasks(self.tasks)
