@@ -550,6 +550,23 @@ def test_an_endpoint_is_checked(kwargs: dict[str, Any], message: str) -> None:
         endpoint("t", **kwargs)
 
 
+async def test_a_sessions_clients_share_one_verifying_tls_context() -> None:
+    """Concurrency 200 is 25 clients: one TLS context for all (each its own loaded the CA
+    bundle again, blocking the loop for seconds), with verification on."""
+    import ssl
+
+    from notifyq.http.delivery import Session
+
+    session = Session("claimant", Secrets(env={}), 200)
+    try:
+        contexts = {id(c._transport._pool._ssl_context) for c in session._clients}
+        tls = session._clients[0]._transport._pool._ssl_context
+    finally:
+        await session.aclose()
+    assert len(session._clients) == 25 and len(contexts) == 1
+    assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
+
+
 def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after("120") == 120.0
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 - 30) == 30.0
