@@ -385,6 +385,34 @@ async def test_cancel_mid_request_aborts_it(app: notifyq.App, dsn: str, web: End
     assert status_of(dsn, job) == "cancelled"
 
 
+async def test_shutdown_aborts_a_request_after_its_grace_and_hands_the_job_back(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    """A graceful stop lets the request run for shutdown_timeout, then aborts it (the
+    endpoint sees the client leave) and hands the job back uncharged; the session's
+    connections are closed."""
+    started = threading.Event()
+
+    async def hang(request: Received, receive: Any) -> Reply:
+        started.set()
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            web.disconnected.set()
+        return ok()
+
+    web.routes["/hang"] = hang
+    app.http_task("hang.on", url=web.url("/hang"))
+    async with serving(app, dsn, shutdown_timeout=0.5) as worker:
+        job = await app.enqueue("hang.on")
+        await anyio.to_thread.run_sync(started.wait, 20)
+        session = worker.http._session
+        assert session is not None
+    # Leaving `serving` stopped the worker gracefully and waited for it.
+    assert web.disconnected.is_set()
+    assert job_row(dsn, job)[:2] == ("queued", 0)  # handed back, the attempt not counted
+    assert all(c.is_closed for c in session._clients)
+
+
 async def test_a_slow_endpoint_outlives_its_lease(
     app: notifyq.App, dsn: str, web: Endpoints
 ) -> None:
