@@ -692,6 +692,31 @@ async def test_one_claim_takes_no_more_than_a_capped_endpoints_room(
     assert len(web.at("/two")) == 10
 
 
+async def test_a_cap_added_by_a_reload_counts_the_requests_in_flight(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    async def held(request: Received, receive: Any) -> Reply:
+        await asyncio.to_thread(web.release.wait, 30)
+        return ok()
+
+    web.routes["/grow"] = held
+    query(dsn, "INSERT INTO notifyq.endpoints (task, url) VALUES ('grow', %s)", web.url("/grow"))
+    async with serving(app, dsn, concurrency=10) as worker:
+        jobs = [await app.enqueue("grow") for _ in range(2)]
+        await eventually(lambda: len(web.at("/grow")) == 2)
+        query(dsn, "UPDATE notifyq.endpoints SET max_concurrency = 1 WHERE task = 'grow'")
+        await eventually(lambda: "grow" in worker.http.rooms())
+        assert worker.http.rooms() == {"grow": 0}  # two in flight: over the new cap of one
+        claims = worker.dispatcher.claims
+        jobs.append(await app.enqueue("grow"))
+        await eventually(lambda: worker.dispatcher.claims > claims)
+        assert status_of(dsn, jobs[2]) == "queued"
+        web.release.set()
+        for job in jobs:
+            await app.wait(job, timeout=20)
+    assert len(web.at("/grow")) == 3
+
+
 async def test_http_requests_are_counted_in_the_metrics(
     app: notifyq.App, dsn: str, web: Endpoints
 ) -> None:

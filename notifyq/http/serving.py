@@ -97,7 +97,10 @@ class HttpServing:
         self._retired: set[str] = set()
         self._rows_refused: dict[str, str] = {}  # task -> why, logged once per reason
         self._caps: dict[str, int] = {}  # task -> its endpoint's max_concurrency
-        self._held: Counter[str] = Counter()  # attempts claimed per capped task, not finished
+        # Attempts claimed and not finished, per HTTP task (capped or not: a cap a reload
+        # adds counts the requests already in flight).
+        self._http: set[str] = set()
+        self._held: Counter[str] = Counter()
         self._changed = anyio.Event()
         self._table_readable = True
         self._session: Session | None = None
@@ -208,6 +211,7 @@ class HttpServing:
             self.registry.put(Task(ep.task, handler, is_async=True, wants_context=True))
         else:  # declared in the app: its settings, bound to this dispatcher's session
             self.registry.put(replace(old, handler=handler))
+        self._http.add(ep.task)
         if ep.max_concurrency is None:
             self._caps.pop(ep.task, None)
         else:
@@ -216,7 +220,7 @@ class HttpServing:
     # --- per-endpoint caps: the dispatcher's claim leaves full endpoints' tasks out
 
     def claimed(self, task: str) -> None:
-        if task in self._caps:
+        if task in self._http:
             self._held[task] += 1
 
     def released(self, task: str) -> None:
