@@ -23,6 +23,10 @@ until a status notification says a job of such a queue finished (or the next
 poll), notifications naming only full queues wake nothing: a flood of inserts
 into a capped queue does not turn into a flood of empty claims.
 
+A task with a per-dispatcher cap (an HTTP endpoint's max_concurrency) is claimed
+for no more than its room: in a claim of its own when that room is below the
+claim's limit, left out when it is full (`rooms`, from notifyq/http/serving.py).
+
 A candidate whose rate_key is over its rate limit (notifyq.rate_limits) is not
 started but given its slot as run_at; the claim's timer (next_in) includes the
 earliest slot, so nothing polls for it.
@@ -55,7 +59,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import anyio
 
@@ -111,7 +115,7 @@ class Dispatcher:
         ledger: Ledger,
         max_jobs: int | None = None,
         until_empty: bool = False,
-        excluded: Callable[[], Collection[str]] = frozenset,
+        rooms: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -125,7 +129,8 @@ class Dispatcher:
         self._tasks = list(tasks)
         self._task_names = sorted(t.task for t in tasks)
         self._tasks_synced = False
-        self._excluded = excluded  # tasks not to claim now (HTTP endpoints at their cap)
+        # Capped tasks (HTTP endpoints' max_concurrency) -> attempts they may still start.
+        self._rooms = rooms
         self._submit = submit  # hands a job to the pool, which enters it in the ledger
         self._ledger = ledger
         self._max_jobs = max_jobs
@@ -312,9 +317,41 @@ class Dispatcher:
             raise
 
     async def _claim_once(self, limit: int) -> Claim:
-        tasks = self._task_names
-        if excluded := self._excluded():
-            tasks = [t for t in tasks if t not in excluded]
+        rooms = self._rooms()
+        if not rooms:
+            return await self._claim_tasks(self._task_names, limit)
+        # A capped task with less room than the limit gets a claim of its own, bounded by
+        # its room: in the shared one it could take every free slot, and its surplus would
+        # wait for the endpoint holding slots (and leases) other tasks could use.  Claimed
+        # first, so a backlog of other tasks cannot starve it; a full one is left out.
+        small = {t: n for t, n in rooms.items() if n < limit}
+        parts: list[Claim] = []
+        left = limit
+        try:
+            for task in self._task_names:
+                room = small.get(task)
+                if room is not None and room > 0 and left > 0:
+                    part = await self._claim_tasks([task], min(room, left))
+                    parts.append(part)
+                    left -= len(part.jobs) + part.deferred
+            rest = [t for t in self._task_names if t not in small]
+            if left > 0 and (rest or not parts):
+                parts.append(await self._claim_tasks(rest, left))
+        except (DatabaseUnavailable, LockTimeout):
+            if not parts:
+                raise
+            # Jobs already claimed are handed over; what the failed claim may have
+            # committed unseen is released before the next one.
+            self._orphans_possible = True
+        nexts = [p.next_in for p in parts if p.next_in is not None]
+        return Claim(
+            [job for p in parts for job in p.jobs],
+            min(nexts) if nexts else None,
+            frozenset().union(*(p.full for p in parts)),
+            sum(p.deferred for p in parts),
+        )
+
+    async def _claim_tasks(self, tasks: Sequence[str], limit: int) -> Claim:
         claim = await self._store.claim(
             queues=self._queues,
             limit=limit,

@@ -92,10 +92,17 @@ class Retry(JobFailure):
     `after` seconds from now (instead of the task's backoff).  The attempt still counts:
     with none left, the job goes to `dead` as with any failure."""
 
+    # Ten years: far past any sensible wait, and well inside what PostgreSQL can add to
+    # now() (a larger `after` made the outcome unwritable: "interval out of range").
+    MAX_AFTER = 10 * 365 * 86400.0
+
     def __init__(self, message: str = "", *, after: float) -> None:
-        if not (isinstance(after, int | float) and 0 <= after < float("inf")):
+        if isinstance(after, bool) or not (
+            isinstance(after, int | float) and 0 <= after <= Retry.MAX_AFTER
+        ):
             raise ValueError(
-                f"Retry(after=...) takes a finite number of seconds >= 0, got {after!r}"
+                f"Retry(after=...) takes a number of seconds from 0 to {Retry.MAX_AFTER:g} "
+                f"(ten years), got {after!r}"
             )
         self.after = float(after)
         super().__init__(message or f"retry in {self.after:g}s")

@@ -130,11 +130,6 @@ class Registry:
         self._tasks[task.name] = task
         self._by_handler[task.handler] = task
 
-    def remove(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            self._by_handler.pop(task.handler, None)
-
     def clone(self) -> Registry:
         twin = Registry()
         twin._tasks = dict(self._tasks)

@@ -130,7 +130,7 @@ class Worker:
             ledger=self.held,
             max_jobs=settings.max_jobs,
             until_empty=settings.until_empty,
-            excluded=lambda: self.http.full(),
+            rooms=lambda: self.http.rooms(),
         )
         self.completer = Completer(
             complete_store,

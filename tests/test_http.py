@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import shutil
 import socket
 import threading
@@ -277,6 +278,28 @@ async def test_a_python_handler_can_raise_retry_after(app: notifyq.App, dsn: str
     assert timedelta(seconds=250) < delay <= timedelta(seconds=300)
 
 
+@pytest.mark.parametrize("after", [-1, math.nan, math.inf, Retry.MAX_AFTER + 1, True, "5"])
+def test_retry_refuses_an_after_the_database_cannot_add(after: Any) -> None:
+    with pytest.raises(ValueError, match=r"Retry\(after=\.\.\.\) takes a number of seconds"):
+        Retry(after=after)
+
+
+async def test_the_longest_retry_after_is_written(app: notifyq.App, dsn: str) -> None:
+    """Ten years (Retry.MAX_AFTER) is a wait PostgreSQL adds to now(); 1e13 s was refused
+    by the outcome's write ("interval out of range"), leaving the job to the rescuer."""
+
+    @app.task(name="much.later")
+    async def much_later(payload: Any) -> None:
+        raise Retry(after=Retry.MAX_AFTER)
+
+    assert Retry(after=0).after == 0.0
+    async with serving(app, dsn):
+        job = await app.enqueue("much.later")
+        await eventually(lambda: status_of(dsn, job) == "queued" and job_row(dsn, job)[1] == 1)
+    (delay,) = query(dsn, "SELECT run_at - now() FROM notifyq.jobs WHERE id = %s", job)[0]
+    assert timedelta(days=3649) < delay <= timedelta(days=3650)
+
+
 async def test_a_400_is_dead_after_one_attempt(app: notifyq.App, dsn: str, web: Endpoints) -> None:
     app.http_task("strict", url=web.on("/strict", (400, {}, b'{"error": "no such user"}')))
     async with serving(app, dsn):
@@ -362,6 +385,34 @@ async def test_cancel_mid_request_aborts_it(app: notifyq.App, dsn: str, web: End
     assert status_of(dsn, job) == "cancelled"
 
 
+async def test_shutdown_aborts_a_request_after_its_grace_and_hands_the_job_back(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    """A graceful stop lets the request run for shutdown_timeout, then aborts it (the
+    endpoint sees the client leave) and hands the job back uncharged; the session's
+    connections are closed."""
+    started = threading.Event()
+
+    async def hang(request: Received, receive: Any) -> Reply:
+        started.set()
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            web.disconnected.set()
+        return ok()
+
+    web.routes["/hang"] = hang
+    app.http_task("hang.on", url=web.url("/hang"))
+    async with serving(app, dsn, shutdown_timeout=0.5) as worker:
+        job = await app.enqueue("hang.on")
+        await anyio.to_thread.run_sync(started.wait, 20)
+        session = worker.http._session
+        assert session is not None
+    # Leaving `serving` stopped the worker gracefully and waited for it.
+    assert web.disconnected.is_set()
+    assert job_row(dsn, job)[:2] == ("queued", 0)  # handed back, the attempt not counted
+    assert all(c.is_closed for c in session._clients)
+
+
 async def test_a_slow_endpoint_outlives_its_lease(
     app: notifyq.App, dsn: str, web: Endpoints
 ) -> None:
@@ -421,8 +472,14 @@ async def test_endpoints_from_the_table_are_served_and_reloaded(
         claims = worker.dispatcher.claims
         third = await app.enqueue("sql.task", {"n": 3})
         await eventually(lambda: worker.dispatcher.claims > claims)  # a claim ran, without it
-    assert status_of(dsn, third) == "queued"
-    assert [r.json["payload"] for r in web.received] == [{"n": 1}, {"n": 2}]
+        assert status_of(dsn, third) == "queued"
+        # Not claimed, but still delivered if a claim sent before the reload took a job.
+        assert worker.registry.get("sql.task") is not None
+        query(
+            dsn, "INSERT INTO notifyq.endpoints (task, url) VALUES ('sql.task', %s)", web.url("/v1")
+        )
+        assert await app.wait(third, timeout=20) == {"version": 1}  # back: not the app's task
+    assert [r.json["payload"] for r in web.received] == [{"n": 1}, {"n": 2}, {"n": 3}]
 
 
 async def test_a_declared_task_wins_over_its_row(
@@ -521,6 +578,23 @@ def test_an_endpoint_is_checked(kwargs: dict[str, Any], message: str) -> None:
         endpoint("t", **kwargs)
 
 
+async def test_a_sessions_clients_share_one_verifying_tls_context() -> None:
+    """Concurrency 200 is 25 clients: one TLS context for all (each its own loaded the CA
+    bundle again, blocking the loop for seconds), with verification on."""
+    import ssl
+
+    from notifyq.http.delivery import Session
+
+    session = Session("claimant", Secrets(env={}), 200)
+    try:
+        contexts = {id(c._transport._pool._ssl_context) for c in session._clients}
+        tls = session._clients[0]._transport._pool._ssl_context
+    finally:
+        await session.aclose()
+    assert len(session._clients) == 25 and len(contexts) == 1
+    assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
+
+
 def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after("120") == 120.0
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 - 30) == 30.0
@@ -583,6 +657,64 @@ async def test_a_capped_endpoint_is_not_claimed_past_its_cap(
             await app.wait(job, timeout=20)
     assert len(web.at("/one")) == 3
     assert in_flight[1] == 1
+
+
+async def test_one_claim_takes_no_more_than_a_capped_endpoints_room(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    """A backlog of a capped endpoint's jobs, older than a Python task's: the claim takes
+    only the endpoint's room of them, so the other slots run the Python jobs instead of
+    holding jobs that wait for the endpoint."""
+
+    async def held(request: Received, receive: Any) -> Reply:
+        await asyncio.to_thread(web.release.wait, 30)
+        return ok()
+
+    web.routes["/two"] = held
+    app.http_task("two.at.a.time", url=web.url("/two"), max_concurrency=2)
+
+    @app.task(name="quick")
+    async def quick(payload: Any) -> None:
+        pass
+
+    capped = [await app.enqueue("two.at.a.time", {"n": n}) for n in range(10)]
+    others = [await app.enqueue("quick") for _ in range(3)]
+    async with serving(app, dsn, concurrency=10) as worker:
+        for job in others:  # while the endpoint still holds its two requests
+            await app.wait(job, timeout=20)
+        await eventually(lambda: len(web.at("/two")) == 2)
+        statuses = [status_of(dsn, job) for job in capped]
+        assert statuses.count("running") == 2 and statuses.count("queued") == 8
+        assert worker.held.running == 2
+        web.release.set()
+        for job in capped:
+            await app.wait(job, timeout=20)
+    assert len(web.at("/two")) == 10
+
+
+async def test_a_cap_added_by_a_reload_counts_the_requests_in_flight(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    async def held(request: Received, receive: Any) -> Reply:
+        await asyncio.to_thread(web.release.wait, 30)
+        return ok()
+
+    web.routes["/grow"] = held
+    query(dsn, "INSERT INTO notifyq.endpoints (task, url) VALUES ('grow', %s)", web.url("/grow"))
+    async with serving(app, dsn, concurrency=10) as worker:
+        jobs = [await app.enqueue("grow") for _ in range(2)]
+        await eventually(lambda: len(web.at("/grow")) == 2)
+        query(dsn, "UPDATE notifyq.endpoints SET max_concurrency = 1 WHERE task = 'grow'")
+        await eventually(lambda: "grow" in worker.http.rooms())
+        assert worker.http.rooms() == {"grow": 0}  # two in flight: over the new cap of one
+        claims = worker.dispatcher.claims
+        jobs.append(await app.enqueue("grow"))
+        await eventually(lambda: worker.dispatcher.claims > claims)
+        assert status_of(dsn, jobs[2]) == "queued"
+        web.release.set()
+        for job in jobs:
+            await app.wait(job, timeout=20)
+    assert len(web.at("/grow")) == 3
 
 
 async def test_http_requests_are_counted_in_the_metrics(

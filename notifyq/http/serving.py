@@ -9,12 +9,14 @@ declares in Python is ignored (the declaration wins, and a warning says so); a r
 that cannot be served (a secret not set, a reserved header, httpx missing) is
 logged as an error and its jobs wait, while every other task is served.
 
-The served registry is the dispatcher's own copy of the app's: rows come and go
-there, never in the app's.  Each change hands the new list of task names to
-`on_tasks` (the claim's list and the dispatcher's registration).
+The served registry is the dispatcher's own copy of the app's: rows come there, never
+in the app's.  A row that goes is no longer claimed, but its handler stays, for a job
+a claim sent before the reload took (it would be dead as an unknown task otherwise).
+Each change hands the new list of task names to `on_tasks` (the claim's list and the
+dispatcher's registration).
 
-Per-endpoint caps (`max_concurrency`) are per dispatcher: `full()` names the tasks
-whose endpoint has as many attempts claimed as its cap, which the claim leaves out;
+Per-endpoint caps (`max_concurrency`) are per dispatcher: `rooms()` tells how many more
+attempts each capped endpoint may take, which bounds the claim (a full one is left out);
 a queue cap (`notifyq cap`) is the one that holds across dispatchers.
 """
 
@@ -90,16 +92,22 @@ class HttpServing:
         self._observe = observe
         self._declared = declared(registry)
         self._from_table: dict[str, Endpoint] = {}
+        # Rows gone from the table: no longer claimed, but their handlers stay, so a job
+        # claimed just before the reload is still delivered (not dead as an unknown task).
+        self._retired: set[str] = set()
         self._rows_refused: dict[str, str] = {}  # task -> why, logged once per reason
         self._caps: dict[str, int] = {}  # task -> its endpoint's max_concurrency
-        self._held: Counter[str] = Counter()  # attempts claimed per capped task, not finished
+        # Attempts claimed and not finished, per HTTP task (capped or not: a cap a reload
+        # adds counts the requests already in flight).
+        self._http: set[str] = set()
+        self._held: Counter[str] = Counter()
         self._changed = anyio.Event()
         self._table_readable = True
         self._session: Session | None = None
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(t.name for t in self.registry)
+        return sorted(t.name for t in self.registry if t.name not in self._retired)
 
     async def start(self) -> None:
         """Bind the declared endpoints and read the table, before the first claim."""
@@ -140,7 +148,9 @@ class HttpServing:
         wanted: dict[str, Endpoint] = {}
         for row in rows:
             if row.task in self._declared or (
-                self.registry.get(row.task) is not None and row.task not in self._from_table
+                self.registry.get(row.task) is not None
+                and row.task not in self._from_table
+                and row.task not in self._retired
             ):
                 # The app's declaration (App.http_task or @app.task) wins over the row.
                 self._refuse(row.task, "the app declares this task: the app's wins")
@@ -167,13 +177,13 @@ class HttpServing:
             return
         session = self._open() if wanted else None
         for task in set(self._from_table) - set(wanted):
-            self.registry.remove(task)
-            self._caps.pop(task, None)
+            self._retired.add(task)
             log.info("HTTP task %s: no longer in notifyq.endpoints, not served", task)
         for ep in wanted.values():
             if self._from_table.get(ep.task) != ep:
                 assert session is not None
                 self._put(ep, session)
+                self._retired.discard(ep.task)
                 log.info("HTTP task %s: serving from notifyq.endpoints (%s)", ep.task, _url(ep))
         self._from_table = wanted
         self._on_tasks(self.tasks)
@@ -201,6 +211,7 @@ class HttpServing:
             self.registry.put(Task(ep.task, handler, is_async=True, wants_context=True))
         else:  # declared in the app: its settings, bound to this dispatcher's session
             self.registry.put(replace(old, handler=handler))
+        self._http.add(ep.task)
         if ep.max_concurrency is None:
             self._caps.pop(ep.task, None)
         else:
@@ -209,7 +220,7 @@ class HttpServing:
     # --- per-endpoint caps: the dispatcher's claim leaves full endpoints' tasks out
 
     def claimed(self, task: str) -> None:
-        if task in self._caps:
+        if task in self._http:
             self._held[task] += 1
 
     def released(self, task: str) -> None:
@@ -222,8 +233,12 @@ class HttpServing:
         if cap is not None and self._held[task] == cap - 1:
             self._on_room()  # it was full: its jobs may be claimed again
 
-    def full(self) -> frozenset[str]:
-        return frozenset(t for t, n in self._held.items() if n >= self._caps.get(t, n + 1))
+    def rooms(self) -> dict[str, int]:
+        """Capped tasks -> attempts their endpoint may still take (0: full); the claim
+        takes no more than that of each."""
+        if not self._caps:
+            return {}
+        return {t: max(cap - self._held[t], 0) for t, cap in self._caps.items()}
 
 
 def _url(ep: Endpoint) -> str:
