@@ -293,7 +293,9 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isdigit() alone takes "²" or "٣" (a header decoded as Latin-1 can hold them), which
+    # float() refuses or reads as another number: delta-seconds are ASCII digits.
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -312,10 +314,11 @@ def shown(url: str) -> str:
     """A URL as messages show it: no user:password, no query (either may hold a token)."""
     try:
         parts = urlsplit(url)
+        port = parts.port  # raises ValueError too: out of range, or not a number
     except ValueError:
         return "<unreadable URL>"
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     query = "?..." if parts.query else ""
     return f"{parts.scheme}://{host}{parts.path}{query}" if parts.scheme else parts.path + query
