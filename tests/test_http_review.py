@@ -184,3 +184,18 @@ async def test_a_body_that_never_ends_is_cut_while_streaming(
     assert (attempts, result) == (1, None)
     assert "over 1048576 bytes" in last_error
     await eventually(body.disconnected.is_set)  # the connection was dropped, not drained
+
+
+async def test_responses_are_asked_for_uncompressed(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    app.http_task("plain", url=web.on("/plain", ok("plain")))
+    async with serving(app, dsn):
+        job = await app.enqueue("plain")
+        assert await app.wait(job, timeout=20) == "plain"
+    assert [r.headers["accept-encoding"] for r in web.at("/plain")] == ["identity"]
+
+
+def test_accept_encoding_cannot_be_configured() -> None:
+    with pytest.raises(ConfigurationError, match="cannot be configured"):
+        endpoint("t", "http://host/x", headers={"Accept-Encoding": "gzip"})

@@ -132,7 +132,11 @@ class Session:
             httpx.AsyncClient(
                 follow_redirects=False,
                 verify=True,
-                headers={"User-Agent": USER_AGENT},
+                # identity: a body is capped as it is decoded, and httpx decodes a whole
+                # received chunk at once, so a compressed 64 KiB chunk could become
+                # ~64 MiB in memory before the cap sees it.  A server that compresses
+                # anyway still can; one that honours this header cannot.
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 limits=httpx.Limits(
                     max_connections=per_client, max_keepalive_connections=per_client
                 ),

@@ -46,6 +46,7 @@ HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")  # an RFC 9110 to
 # an Authorization or a Cookie does not belong there (sign requests with a secret).
 RESERVED_HEADERS = frozenset(
     {
+        "accept-encoding",
         "authorization",
         "connection",
         "content-length",
