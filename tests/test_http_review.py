@@ -17,6 +17,7 @@ import notifyq
 from notifyq import ConfigurationError
 from notifyq.http.delivery import retry_after, shown
 from notifyq.http.endpoints import endpoint
+from notifyq.worker_pool import encode_result
 from tests.conftest import query, wait_until
 from tests.helpers import eventually, serving
 from tests.test_http import Endpoints, app, free_port, job_row, ok, status_of, web
@@ -199,3 +200,22 @@ async def test_responses_are_asked_for_uncompressed(
 def test_accept_encoding_cannot_be_configured() -> None:
     with pytest.raises(ConfigurationError, match="cannot be configured"):
         endpoint("t", "http://host/x", headers={"Accept-Encoding": "gzip"})
+
+
+async def test_a_result_postgresql_cannot_store_fails_the_job_once(
+    app: notifyq.App, dsn: str, web: Endpoints
+) -> None:
+    # jsonb refuses \u0000: before the review the completion's write failed, and the
+    # rescuer ran the job again each time its lease expired.
+    app.http_task("nul", url=web.on("/nul", (200, {}, b'"a\\u0000b"')))
+    async with serving(app, dsn):
+        job = await app.enqueue("nul")
+        await eventually(lambda: status_of(dsn, job) == "dead")
+    _, attempts, result, last_error, _ = job_row(dsn, job)
+    assert (attempts, result) == (1, None)
+    assert "ResultError" in last_error and "NUL character" in last_error
+    assert len(web.at("/nul")) == 1
+
+
+def test_a_literal_backslash_u0000_is_a_storable_result() -> None:
+    assert encode_result("t", "a\\u0000b") == '"a\\\\u0000b"'
