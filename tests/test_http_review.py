@@ -5,6 +5,7 @@ ends.  Endpoints are real servers on 127.0.0.1 (tests/test_http.py has the fixtu
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -219,3 +220,65 @@ async def test_a_result_postgresql_cannot_store_fails_the_job_once(
 
 def test_a_literal_backslash_u0000_is_a_storable_result() -> None:
     assert encode_result("t", "a\\u0000b") == '"a\\\\u0000b"'
+
+
+@pytest.fixture
+def raw_server() -> Iterator[tuple[list[bytes], str]]:
+    """A plain socket server that answers every request with `replies[0]`, as raw bytes:
+    for status lines uvicorn would not send."""
+    replies: list[bytes] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    )
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(replies[0])
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield replies, f"http://127.0.0.1:{listener.getsockname()[1]}/raw"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(10)
+
+
+async def test_the_reason_phrase_is_capped_and_cleaned_in_last_error(
+    app: notifyq.App, dsn: str, raw_server: tuple[list[bytes], str], monkeypatch: Any
+) -> None:
+    replies, url = raw_server
+    secret = "reason-secret-value"
+    monkeypatch.setenv("NOTIFYQ_SECRET_RAW", secret)
+    reason = (secret + " " + "r" * 5000).encode()
+    replies.append(
+        b"HTTP/1.1 400 " + reason + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"
+    )
+    app.http_task("raw", url=url, secret="RAW")
+    async with serving(app, dsn):
+        job = await app.enqueue("raw")
+        await eventually(lambda: status_of(dsn, job) == "dead")
+    last_error = job_row(dsn, job)[3]
+    assert "HTTP 400 ***" in last_error and "rrr" in last_error
+    assert secret not in last_error
+    assert "r" * 200 not in last_error

@@ -66,6 +66,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # a source tree never installed
     USER_AGENT = "notifyq"
 PREVIEW = 500  # characters of a failed response's body kept in last_error
+REASON = 100  # characters of a status line's reason phrase kept in last_error
 MAX_RETRY_AFTER = 86400.0  # seconds: a Retry-After beyond a day is read as a day
 RETRYABLE = frozenset({408, 425, 429})  # and every 5xx
 # What an observer hears per request: task, code (the status, "timeout" or "error"), seconds.
@@ -262,7 +263,10 @@ def _outcome(
     where: str, response: httpx.Response, data: bytes, cut: bool, secrets: list[str]
 ) -> Any:
     status = response.status_code
-    line = f"HTTP {status} {response.reason_phrase}".rstrip()
+    # The reason phrase is the server's text (up to h11's 16 KiB line): capped like the
+    # body's preview and cleaned of secrets like it.
+    reason = redact(response.reason_phrase[:REASON], [s for s in secrets if s])
+    line = f"HTTP {status} {reason}".rstrip()
     if 200 <= status < 300:
         if cut:
             raise ResultError(
