@@ -19,9 +19,9 @@ from notifyq import ConfigurationError
 from notifyq.http.delivery import retry_after, shown
 from notifyq.http.endpoints import endpoint
 from notifyq.worker_pool import encode_result
-from tests.conftest import query, wait_until
+from tests.conftest import query
 from tests.helpers import eventually, serving
-from tests.test_http import Endpoints, app, free_port, job_row, ok, status_of, web
+from tests.test_http import Endpoints, app, asgi_server, job_row, ok, status_of, web
 
 uvicorn = pytest.importorskip("uvicorn", reason="pip install -e '.[test]' (uvicorn)")
 
@@ -157,20 +157,8 @@ class EndlessBody:
 @pytest.fixture
 def endless() -> Iterator[tuple[EndlessBody, str]]:
     body = EndlessBody()
-    port = free_port()
-    config = uvicorn.Config(
-        body, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), message="uvicorn to start")
-        assert server.started, "uvicorn did not start"
-        yield body, f"http://127.0.0.1:{port}/endless"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with asgi_server(body) as base:
+        yield body, f"{base}/endless"
 
 
 async def test_a_body_that_never_ends_is_cut_while_streaming(
