@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 import threading
 import time
 import traceback
@@ -316,6 +317,8 @@ class WorkerPool:
 
 MAX_RESULT = 1024 * 1024
 """Bytes of JSON a handler may return (the column has no CHECK: see schema.sql)."""
+# \u0000 in JSON text, not preceded by an escaped backslash (a literal "\\u0000").
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def encode_result(task: str, value: Any) -> str | None:
@@ -328,6 +331,13 @@ def encode_result(task: str, value: Any) -> str | None:
         raise ResultError(
             f"task {task!r} returned a value that cannot be stored as JSON: {exc.__cause__ or exc}"
         ) from None
+    if _JSON_NUL.search(text):
+        # jsonb refuses it: the completion's write would fail, and the rescuer would run
+        # the job again and again (an HTTP endpoint answering "\u0000" included).
+        raise ResultError(
+            f"task {task!r} returned a string with a NUL character (\\u0000), which "
+            "PostgreSQL cannot store: remove it or encode the value (base64)"
+        )
     if len(text.encode()) > MAX_RESULT:
         raise ResultError(
             f"task {task!r} returned {len(text.encode())} bytes of JSON; results are limited "

@@ -5,6 +5,7 @@ a thread; each test scripts what it answers and reads what it received."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -105,12 +106,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def web() -> Iterator[Endpoints]:
-    endpoints = Endpoints()
+@contextlib.contextmanager
+def asgi_server(app: Any) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a thread on 127.0.0.1; yields its base URL."""
     port = free_port()
     config = uvicorn.Config(
-        endpoints.app,
+        app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -125,12 +126,21 @@ def web() -> Iterator[Endpoints]:
     try:
         wait_until(lambda: server.started or not thread.is_alive(), message="uvicorn to start")
         assert server.started, "uvicorn did not start"
-        endpoints.base = f"http://127.0.0.1:{port}"
-        yield endpoints
+        yield f"http://127.0.0.1:{port}"
     finally:
-        endpoints.release.set()
         server.should_exit = True
         thread.join(30)
+
+
+@pytest.fixture
+def web() -> Iterator[Endpoints]:
+    endpoints = Endpoints()
+    with asgi_server(endpoints.app) as base:
+        endpoints.base = base
+        try:
+            yield endpoints
+        finally:
+            endpoints.release.set()  # slow routes end before the server is asked to stop
 
 
 @pytest.fixture

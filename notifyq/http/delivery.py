@@ -66,6 +66,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # a source tree never installed
     USER_AGENT = "notifyq"
 PREVIEW = 500  # characters of a failed response's body kept in last_error
+REASON = 100  # characters of a status line's reason phrase kept in last_error
 MAX_RETRY_AFTER = 86400.0  # seconds: a Retry-After beyond a day is read as a day
 RETRYABLE = frozenset({408, 425, 429})  # and every 5xx
 # What an observer hears per request: task, code (the status, "timeout" or "error"), seconds.
@@ -136,7 +137,11 @@ class Session:
             httpx.AsyncClient(
                 follow_redirects=False,
                 verify=tls,
-                headers={"User-Agent": USER_AGENT},
+                # identity: a body is capped as it is decoded, and httpx decodes a whole
+                # received chunk at once, so a compressed 64 KiB chunk could become
+                # ~64 MiB in memory before the cap sees it.  A server that compresses
+                # anyway still can; one that honours this header cannot.
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 limits=httpx.Limits(
                     max_connections=per_client, max_keepalive_connections=per_client
                 ),
@@ -262,7 +267,10 @@ def _outcome(
     where: str, response: httpx.Response, data: bytes, cut: bool, secrets: list[str]
 ) -> Any:
     status = response.status_code
-    line = f"HTTP {status} {response.reason_phrase}".rstrip()
+    # The reason phrase is the server's text (up to h11's 16 KiB line): capped like the
+    # body's preview and cleaned of secrets like it.
+    reason = redact(response.reason_phrase[:REASON], [s for s in secrets if s])
+    line = f"HTTP {status} {reason}".rstrip()
     if 200 <= status < 300:
         if cut:
             raise ResultError(
@@ -297,7 +305,9 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # isdigit() alone takes "²" or "٣" (a header decoded as Latin-1 can hold them), which
+    # float() refuses or reads as another number: delta-seconds are ASCII digits.
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -316,10 +326,11 @@ def shown(url: str) -> str:
     """A URL as messages show it: no user:password, no query (either may hold a token)."""
     try:
         parts = urlsplit(url)
+        port = parts.port  # raises ValueError too: out of range, or not a number
     except ValueError:
         return "<unreadable URL>"
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     query = "?..." if parts.query else ""
     return f"{parts.scheme}://{host}{parts.path}{query}" if parts.scheme else parts.path + query

@@ -27,8 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, redact
 from ..registry import check_task_name
 
 log = logging.getLogger("notifyq.http")
@@ -45,6 +46,7 @@ HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")  # an RFC 9110 to
 # an Authorization or a Cookie does not belong there (sign requests with a secret).
 RESERVED_HEADERS = frozenset(
     {
+        "accept-encoding",
         "authorization",
         "connection",
         "content-length",
@@ -83,10 +85,7 @@ def endpoint(
     """An `Endpoint`, checked: ConfigurationError naming what is wrong."""
     where = f"HTTP task {task!r}"
     check_task_name(task)
-    if not isinstance(url, str) or not re.match(r"(?i)https?://[^/?#]+", url):
-        raise ConfigurationError(f"{where}: url must be an http:// or https:// URL, not {url!r}")
-    if len(url) > MAX_URL:
-        raise ConfigurationError(f"{where}: url is over {MAX_URL} characters")
+    _check_url(where, url)
     if isinstance(timeout, bool) or not (
         isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT
     ):
@@ -117,6 +116,35 @@ def endpoint(
     )
 
 
+def _check_url(where: str, url: object) -> None:
+    """What the table's CHECK lets through but no request can use.  A row reaches every
+    dispatcher: a URL that only fails at request time would fail each of its jobs, and
+    one that fails to parse would break the reload that reads it."""
+    if not isinstance(url, str) or not re.match(r"(?i)https?://[^/?#]+", url):
+        # Quoted without any password it carries: the message is logged.
+        shown = redact(repr(url)) if isinstance(url, str) else repr(url)
+        raise ConfigurationError(f"{where}: url must be an http:// or https:// URL, not {shown}")
+    if len(url) > MAX_URL:
+        raise ConfigurationError(f"{where}: url is over {MAX_URL} characters")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigurationError(
+            f"{where}: url has a space or a control character (percent-encode it: %20)"
+        )
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port out of range, or not a number, raises ValueError
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: url cannot be parsed: {exc}") from None
+    if not parts.hostname:
+        raise ConfigurationError(f"{where}: url has no host")
+    if parts.username is not None or parts.password is not None:
+        # Sent as an Authorization header, and readable by every role that reads the table.
+        raise ConfigurationError(
+            f"{where}: url carries a user or password (user:password@host), a credential "
+            "the workers can read: sign requests with a secret instead (docs/http.md)"
+        )
+
+
 def _checked_headers(where: str, headers: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     if not isinstance(headers, Mapping):
         raise ConfigurationError(f"{where}: headers must be an object of names to strings")
@@ -130,9 +158,12 @@ def _checked_headers(where: str, headers: Mapping[str, Any]) -> tuple[tuple[str,
                 f"{where}: header {name!r} is set by the delivery or is a credential, and "
                 "cannot be configured (sign requests with a secret instead: docs/http.md)"
             )
-        if not isinstance(value, str) or any(c in value for c in "\r\n\x00"):
+        # Printable ASCII (and tabs): httpx encodes header values as ASCII, so any other
+        # character would fail every request, not the declaration.
+        if not isinstance(value, str) or not all(c == "\t" or " " <= c <= "~" for c in value):
             raise ConfigurationError(
-                f"{where}: header {name!r} must be a string without line breaks"
+                f"{where}: header {name!r} must be a string of printable ASCII characters "
+                "(no line breaks)"
             )
         checked.append((name, value))
     return tuple(sorted(checked))
