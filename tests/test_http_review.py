@@ -218,14 +218,20 @@ def raw_server() -> Iterator[tuple[list[bytes], str]]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
+    # accept() wakes every 0.1 s to look at `stop`: closing a listening socket does not
+    # wake a thread blocked in accept() on Linux, and the teardown would wait its join out.
+    listener.settimeout(0.1)
     stop = threading.Event()
 
     def answer() -> None:
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            conn.settimeout(None)
             with conn:
                 data = b""
                 while b"\r\n\r\n" not in data:
