@@ -90,7 +90,7 @@ def test_the_lease_keeper_reads_while_the_loop_writes() -> None:
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for n in range(200_000):
+        for n in range(40_000):
             ledger.claimed((n, 1))
             current.append((n, 1))
             ledger.finished((n, 1))
@@ -99,4 +99,4 @@ def test_the_lease_keeper_reads_while_the_loop_writes() -> None:
         reader.join()
         sys.setswitchinterval(switch)
     assert errors == []
-    assert (ledger.running, ledger.pending) == (0, 200_000)
+    assert (ledger.running, ledger.pending) == (0, 40_000)
