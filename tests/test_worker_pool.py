@@ -4,6 +4,7 @@ report) so that whoever its report wakes sees the slot free."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from notifyq.errors import ResultError
 from notifyq.job import Job, JobContext
 from notifyq.ledger import Ledger
 from notifyq.registry import Registry, Task, describe_handler
-from notifyq.worker_pool import Finished, UnknownTask, WorkerPool
+from notifyq.worker_pool import Finished, UnknownTask, WorkerPool, _Handoff
 
 pytestmark = pytest.mark.anyio
 
@@ -170,6 +171,27 @@ async def test_interrupt_all_hands_back_running_and_waiting_attempts() -> None:
     assert (p.ledger.running, p.ledger.pending) == (0, 2)
 
 
+async def test_a_job_handed_to_a_slot_as_shutdown_cancels_it_is_handed_back() -> None:
+    """`submit` gives the job to an idle slot and `interrupt_all` comes in the same tick,
+    before that slot wakes: the job must be reported as handed back, not lost."""
+
+    async def ok(payload: Any) -> None:
+        return None
+
+    p = Pool(registry(ok=ok), concurrency=2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(p.pool.run)
+        await anyio.wait_all_tasks_blocked()  # both slots wait for a job
+        p.pool.submit(job(1, "ok"))
+        p.pool.interrupt_all()  # in the same tick: the chosen slot has not run yet
+        p.pool.close()
+        await p.wait_reports(1)
+        with anyio.fail_after(10):
+            await p.pool.wait_idle()
+    assert [(f.job.id, f.interrupted) for f in p.reports] == [(1, True)]
+    assert (p.ledger.running, p.ledger.pending) == (0, 1)
+
+
 async def test_two_attempts_of_one_job_are_held_apart() -> None:
     """A job rescued from under a stalled attempt can come back to the same pool: the
     old attempt's end must not free the new one's slot."""
@@ -287,3 +309,22 @@ async def test_an_attempt_waiting_for_its_turn_at_shutdown_is_handed_back() -> N
         ("new", False, True),
     ]
     assert (p.ledger.running, p.ledger.pending) == (0, 1)
+
+
+async def test_a_slot_cancelled_after_a_job_was_given_to_it_puts_the_job_back() -> None:
+    """anyio does not cancel a task whose wait already completed, but a plain asyncio
+    cancellation can land there: the job must go back to the front of the hand-off."""
+    handoff = _Handoff()
+    waiter = asyncio.get_running_loop().create_task(handoff.get())
+    await anyio.wait_all_tasks_blocked()  # it waits for a job
+    handoff.put(job(1, "ok"))
+    handoff.put(job(2, "ok"))
+    waiter.cancel()  # before it woke with job 1
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    handoff.close()
+    assert [(await handoff.get()), (await handoff.get()), (await handoff.get())] == [
+        job(1, "ok"),
+        job(2, "ok"),
+        None,
+    ]
