@@ -50,6 +50,27 @@ def migrate(dsn: str) -> tuple[int | None, int]:
         return before, current
 
 
+def script(after: int = 0) -> str:
+    """The SQL that `migrate` would run on a database at schema version `after` (0: no
+    schema yet), for teams that apply schema changes with their own migration tool.
+    Apply it in one transaction; it records each version it installs, so `migrate`,
+    `check` and `notifyq health` see the result as they see their own."""
+    if after < 0:
+        raise ValueError(f"schema version {after}: versions start at 1 (0: no schema yet)")
+    if after > SCHEMA_VERSION:
+        raise ValueError(
+            f"schema version {after} is newer than this notifyq knows ({SCHEMA_VERSION}): "
+            "upgrade notifyq to get its migrations"
+        )
+    return store.migration_sql(after)
+
+
+def installed(dsn: str) -> int:
+    """The schema version a database records (0: no notifyq schema)."""
+    with store.connect_sync(dsn) as conn:
+        return store.schema_version(conn) or 0
+
+
 def check(dsn: str) -> int:
     """Raise SchemaMissing unless the database has the schema this code needs."""
     with store.connect_sync(dsn) as conn:

@@ -10,8 +10,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
-from notifyq import NotifyqError, SchemaMissing, channels, migrate, store
+from notifyq import NotifyqError, SchemaMissing, channels, cli, migrate, store
 from tests.conftest import REPO, query
 from tests.helpers import listen_on
 
@@ -311,6 +312,47 @@ def test_a_database_part_way_upgrades_from_where_it_stands(dsn: str, empty_dsn: 
                 store.apply_script(conn, version, script)
     assert migrate.migrate(empty_dsn) == (6, migrate.SCHEMA_VERSION)
     assert catalog(empty_dsn) == catalog(dsn)
+
+
+def schema_sql(*args: str) -> str:
+    result = CliRunner().invoke(cli.main, ["schema", "sql", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_schema_sql_builds_what_migrate_builds_in_one_transaction(dsn: str, empty_dsn: str) -> None:
+    """`notifyq schema sql`, applied by another tool as one transaction, builds exactly
+    what `notifyq migrate` builds, versions recorded, so migrate finds nothing to do."""
+    with psycopg.connect(empty_dsn) as conn:
+        conn.execute(schema_sql().encode())
+    assert catalog(empty_dsn) == catalog(dsn)
+    now = migrate.SCHEMA_VERSION
+    assert migrate.migrate(empty_dsn) == (now, now)
+    assert "nothing to apply" in schema_sql("--from", str(now))
+
+
+def test_schema_sql_from_a_version_gives_only_the_migrations_above_it(
+    dsn: str, empty_dsn: str
+) -> None:
+    with psycopg.connect(empty_dsn) as conn:
+        for version, script in store.migration_scripts():
+            if version <= 6:
+                store.apply_script(conn, version, script)
+    text = schema_sql("--from", "6")
+    assert "-- notifyq migration 6\n" not in text
+    assert "-- notifyq migration 7\n" in text
+    with psycopg.connect(empty_dsn) as conn:
+        conn.execute(text.encode())
+    assert catalog(empty_dsn) == catalog(dsn)
+
+
+def test_schema_sql_refuses_a_version_this_notifyq_does_not_know() -> None:
+    newer = str(migrate.SCHEMA_VERSION + 1)
+    result = CliRunner().invoke(cli.main, ["schema", "sql", "--from", newer])
+    assert result.exit_code == 2
+    assert "newer than the schema this notifyq knows" in result.output
+    result = CliRunner().invoke(cli.main, ["schema", "sql", "--from", "-1"])
+    assert result.exit_code == 2
 
 
 def test_a_migration_that_fails_at_commit_is_a_notifyq_error(empty_dsn: str) -> None:

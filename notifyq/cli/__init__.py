@@ -7,7 +7,7 @@ One module per command group; this one only assembles them under `main`:
     jobs.py     enqueue, jobs list/show, retry, cancel, purge (payload.py: PAYLOAD's shape)
     queues.py   stats, cap (and its older name limit), events
     watch.py    watch
-    schema.py   migrate, roles, dsn, health, history
+    schema.py   migrate, schema sql, roles, dsn, health, history
 
 A bad argument is a usage error (exit 2) found before anything connects; an
 error from the database or the app is one line on stderr (exit 1).
@@ -40,6 +40,7 @@ def main() -> None:
 for command in (
     serve.serve,
     schema.migrate_command,
+    schema.schema_group,
     schema.roles_command,
     jobs.enqueue,
     schema.dsn_command,

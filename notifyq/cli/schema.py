@@ -1,4 +1,4 @@
-"""The database: `migrate`, `roles`, `dsn`, `health`, `history`."""
+"""The database: `migrate`, `schema sql`, `roles`, `dsn`, `health`, `history`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,49 @@ def migrate_command(dsn: str | None) -> None:
         click.echo(f"schema already at version {after}")
     else:
         click.echo(f"schema migrated from version {before or 'none'} to {after}")
+
+
+@click.group(name="schema")
+def schema_group() -> None:
+    """The notifyq schema as SQL, for teams that apply migrations with their own tool."""
+
+
+def _known_version(version: int) -> int:
+    if version > migrate.SCHEMA_VERSION:
+        raise click.BadParameter(
+            f"{version} is newer than the schema this notifyq knows "
+            f"({migrate.SCHEMA_VERSION}): upgrade notifyq to get its migrations"
+        )
+    return version
+
+
+@schema_group.command(name="sql")
+@click.option(
+    "--from",
+    "after",
+    type=click.IntRange(min=0),
+    callback=lambda _ctx, _param, value: _known_version(value),
+    default=0,
+    show_default=True,
+    metavar="VERSION",
+    help="The schema version the database is at (SELECT max(version) FROM "
+    "notifyq.schema_version); 0: no schema yet.",
+)
+def schema_sql(after: int) -> None:
+    """Print the SQL that brings a database from VERSION to this notifyq's schema.
+
+    It is what `notifyq migrate` runs, migration by migration, each followed by the
+    INSERT recording its version: apply it in one transaction (Alembic, Django
+    migrations, Flyway, sqitch, psql -1).  Connects to nothing.
+    """
+    if after == migrate.SCHEMA_VERSION:
+        click.echo(f"-- the schema is at version {after}, this notifyq's: nothing to apply")
+        return
+    click.echo(
+        f"-- notifyq schema from version {after or 'none'} to {migrate.SCHEMA_VERSION}: "
+        "apply in one transaction"
+    )
+    click.echo(migrate.script(after), nl=False)
 
 
 @click.command(name="roles")

@@ -36,6 +36,7 @@ from .migrations import (
     apply_script,
     lock_migrations,
     migration_scripts,
+    migration_sql,
     roles_script,
     schema_version,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "job_status_sync",
     "lock_migrations",
     "migration_scripts",
+    "migration_sql",
     "monitoring",
     "operations",
     "roles_script",

@@ -41,6 +41,19 @@ def migration_scripts() -> list[tuple[int, LiteralString]]:
     return sorted(found)
 
 
+def migration_sql(after: int) -> str:
+    """What `notifyq migrate` runs on a database at version `after` (0: no schema), as one
+    script for a migration tool: the advisory lock `migrate` takes (so the two never run
+    at once), then each migration above `after`, each followed by the row recording it."""
+    record = QUERIES["record_version"]
+    parts = [QUERIES["migrate_lock"]]
+    for version, script in migration_scripts():
+        if version > after:
+            parts.append(f"-- notifyq migration {version}\n{script.rstrip()}")
+            parts.append(record.replace("%(version)s", str(version)))
+    return "\n\n".join(parts) + "\n"
+
+
 def schema_version(conn: psycopg.Connection[Any]) -> int | None:
     with translated():
         row = conn.execute(QUERIES["schema_present"]).fetchone()
