@@ -47,6 +47,7 @@ import anyio
 from .errors import DatabaseUnavailable, DoNotRetry, LockTimeout, NotifyqError, Retry
 from .job import Job, JobState
 from .ledger import Attempt, Ledger
+from .logs import job_fields
 from .retry import reconnect_delay
 from .store import Outcome, Settled, Store, Written
 from .worker_pool import Finished, UnknownTask
@@ -98,9 +99,12 @@ def _describe(error: BaseException, trace: str | None) -> str:
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _log_outcome(job: Job, outcome: Outcome, settled: Settled) -> None:
+def _log_outcome(finished: Finished, outcome: Outcome, settled: Settled) -> None:
+    job = finished.job
+    runtime = None if finished.runtime is None else round(finished.runtime, 6)
     if settled.status == JobState.SUCCEEDED:
-        log.debug("succeeded job=%s task=%s attempt=%s", job.id, job.task, job.attempt)
+        extra = job_fields(job, "job.succeeded", outcome="succeeded", duration=runtime)
+        log.debug("succeeded job=%s task=%s attempt=%s", job.id, job.task, job.attempt, extra=extra)
         return
     first_line = (outcome.error or "").split("\n", 1)[0]
     if settled.status == JobState.QUEUED:
@@ -112,6 +116,7 @@ def _log_outcome(job: Job, outcome: Outcome, settled: Settled) -> None:
             job.max_attempts,
             first_line,
             settled.run_at.isoformat(timespec="milliseconds"),
+            extra=job_fields(job, "job.retried", outcome="retried", duration=runtime),
         )
     else:
         log.warning(
@@ -121,6 +126,7 @@ def _log_outcome(job: Job, outcome: Outcome, settled: Settled) -> None:
             job.attempt,
             job.max_attempts,
             first_line,
+            extra=job_fields(job, "job.dead", outcome="dead", duration=runtime),
         )
 
 
@@ -141,7 +147,7 @@ class Completer:
         self._subscribers: list[Subscriber] = []
         self._subscriber_failed: set[int] = set()  # id() of those whose failure was logged
         # The job of each outcome still to write, for the log and the subscribers.
-        self._jobs: dict[Attempt, Job] = {}
+        self._jobs: dict[Attempt, Finished] = {}  # outcomes not written yet
         self._outcomes: list[Outcome] = []
         # Batches to write before new outcomes, in order: the halves of one that gave up
         # waiting for a lock, and busy outcomes whose time to try again came.
@@ -171,7 +177,11 @@ class Completer:
         if finished.cancelled:
             # The row already says cancelled: nothing to write, whatever the handler did.
             log.info(
-                "cancelled job=%s task=%s attempt=%s: interrupted", job.id, job.task, job.attempt
+                "cancelled job=%s task=%s attempt=%s: interrupted",
+                job.id,
+                job.task,
+                job.attempt,
+                extra=job_fields(job, "job.cancelled", outcome="cancelled"),
             )
             self.decided[JobState.CANCELLED] += 1
             self._publish(finished, JobState.CANCELLED)
@@ -187,7 +197,7 @@ class Completer:
             if (report := self._last_report(job.id, job.attempt)) is not None:
                 outcome = replace(outcome, progress=report[0], progress_message=report[1])
             self._outcomes.append(outcome)
-            self._jobs[(job.id, job.attempt)] = job
+            self._jobs[(job.id, job.attempt)] = finished
         self._wake.set()
 
     def _publish(self, finished: Finished, status: str) -> None:
@@ -328,12 +338,13 @@ class Completer:
             key = (outcome.job_id, outcome.attempt)
             if key in written.busy:
                 continue
-            job = self._jobs.pop(key, None)
+            finished = self._jobs.pop(key, None)
             settled = written.applied.get(key)
-            if settled is None or job is None:
+            if settled is None or finished is None:
                 continue
+            job = finished.job
             self.decided[settled.status] += 1
-            _log_outcome(job, outcome, settled)
+            _log_outcome(finished, outcome, settled)
             for subscriber in self._subscribers:
                 try:
                     subscriber.settled(job, settled.status)

@@ -66,6 +66,7 @@ import anyio
 from .errors import DatabaseUnavailable, LockTimeout
 from .job import Job
 from .ledger import Ledger
+from .logs import job_fields
 from .retry import reconnect_delay
 from .store import Claim, Store, TaskSettings
 
@@ -371,6 +372,7 @@ class Dispatcher:
                     job.queue,
                     job.attempt,
                     job.max_attempts,
+                    extra=job_fields(job, "job.claimed"),
                 )
         return claim
 

@@ -115,7 +115,7 @@ def start(directory: Path | None = None) -> str:
         # get_server hands back this process's earlier handle as it was: after a stop, start.
         server.ensure_postgres_running()
         dsn = str(server.get_uri())
-    log.info("private PostgreSQL at %s", directory)
+    log.debug("private PostgreSQL at %s", directory)
     return dsn
 
 

@@ -15,12 +15,10 @@ error from the database or the app is one line on stderr (exit 1).
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 from . import jobs, queues, schema, serve, watch
-from .common import Group, log_option, remember_environment, set_log_level
+from .common import Group, default_log_level, log_option, remember_environment
 
 
 @click.group(cls=Group)
@@ -33,8 +31,7 @@ def main() -> None:
     INSERT INTO notifyq.jobs (task, payload) VALUES ('hello.greet', '{"name": "Ada"}');
     """
     remember_environment()
-    if not logging.getLogger().handlers:
-        set_log_level(click.get_current_context(), None, "info")
+    default_log_level(click.get_current_context())
 
 
 for command in (

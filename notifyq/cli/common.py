@@ -25,6 +25,7 @@ from click.core import ParameterSource
 from .. import codec, embedded, migrate
 from ..app import App
 from ..errors import ConfigurationError, NotifyqError, dsn_secrets, redact
+from ..logs import JsonFormatter
 from ..registry import check_queue_name, check_task_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -123,15 +124,35 @@ def database(dsn: str | None) -> str:
     return dsn
 
 
+_TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_level_chosen = False  # --log-level or NOTIFYQ_LOG_LEVEL was given
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler the command line adds; a program that configured logging keeps its own."""
+
+
+def _handler() -> logging.Handler | None:
+    """Our stderr handler, added to the root logger the first time; None when the
+    program running the command had configured logging itself (tests, an embedding)."""
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _Stderr)]
+    if ours:
+        return ours[0]
+    if root.handlers:
+        return None
+    handler = _Stderr(sys.stderr)
+    handler.setFormatter(_RedactingFormatter(_TEXT_FORMAT))
+    root.addHandler(handler)
+    return handler
+
+
 def set_log_level(ctx: click.Context, param: click.Parameter | None, value: str | None) -> None:
+    global _level_chosen
     if value is None:
         return
-    if not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            _RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-        )
-        logging.getLogger().addHandler(handler)
+    _level_chosen = param is not None
+    _handler()
     level = logging.getLevelName(value.upper())
     logging.getLogger().setLevel(level)
     # Libraries' chatter (the embedded server's start-up, asyncio) only when debugging.
@@ -140,8 +161,34 @@ def set_log_level(ctx: click.Context, param: click.Parameter | None, value: str 
         logging.getLogger(name).setLevel(chatter)
 
 
+def default_log_level(ctx: click.Context) -> None:
+    """info, unless a level was chosen or the program's own logging is in charge."""
+    if not _level_chosen and _handler() is not None:
+        set_log_level(ctx, None, "info")
+
+
+def set_log_format(ctx: click.Context, param: click.Parameter | None, value: str | None) -> None:
+    handler = _handler() if value is not None else None
+    if handler is None:
+        return
+    if value == "json":
+        handler.setFormatter(JsonFormatter(clean=lambda text: redact(text, _secrets)))
+    else:
+        handler.setFormatter(_RedactingFormatter(_TEXT_FORMAT))
+
+
 def log_option(fn: F) -> F:
-    """--log-level, accepted before or after the command name."""
+    """--log-level and --log-format, accepted before or after the command name."""
+    fn = click.option(
+        "--log-format",
+        envvar="NOTIFYQ_LOG_FORMAT",
+        type=click.Choice(["text", "json"], case_sensitive=False),
+        expose_value=False,
+        is_eager=True,
+        callback=set_log_format,
+        help="json: one JSON object per line (time, level, event, job_id, task, queue, "
+        "attempt, outcome, duration); text (the default): one readable line.",
+    )(fn)
     return click.option(
         "--log-level",
         envvar="NOTIFYQ_LOG_LEVEL",

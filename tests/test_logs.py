@@ -1,0 +1,90 @@
+"""Logs for machines: `notifyq serve --log-format json` writes one JSON object per line,
+and the lines about a job carry its fields (logs.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from notifyq.errors import redact
+from notifyq.job import Job
+from notifyq.logs import JsonFormatter, job_fields
+from tests.apps.ledger import LEDGER_DDL
+from tests.conftest import query, serve_process
+
+EXIT_TIMEOUT = 60
+
+
+def record(message: str, *args: Any, exc_info: Any = None, **extra: Any) -> logging.LogRecord:
+    return logging.getLogger("notifyq.test").makeRecord(
+        "notifyq.test", logging.INFO, __file__, 1, message, args, exc_info, extra=extra
+    )
+
+
+def test_serve_logs_each_outcome_as_json_with_the_jobs_fields(dsn: str, tmp_path: Path) -> None:
+    query(dsn, LEDGER_DDL)
+    (ok,) = query(dsn, "INSERT INTO notifyq.jobs (task) VALUES ('ok.record') RETURNING id")[0]
+    (retried,) = query(
+        dsn, "INSERT INTO notifyq.jobs (task, queue) VALUES ('bad.raise', 'other') RETURNING id"
+    )[0]
+    (dead,) = query(
+        dsn, "INSERT INTO notifyq.jobs (task, max_attempts) VALUES ('bad.raise', 1) RETURNING id"
+    )[0]
+    log = tmp_path / "serve.log"
+    args = ("--log-format", "json", "--until-empty", "--queues", "default,other")
+    with serve_process(dsn, *args, app="tests.apps.misbehaving:app", log=log) as proc:
+        try:
+            assert proc.wait(timeout=EXIT_TIMEOUT) == 0, log.read_text()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"serve did not exit:\n{log.read_text()}") from None
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
+    assert all({"time", "level", "logger", "event", "message"} <= line.keys() for line in lines)
+    by_event = {(line["event"], line.get("job_id")): line for line in lines}
+    succeeded = by_event[("job.succeeded", ok)]
+    assert succeeded["task"] == "ok.record" and succeeded["queue"] == "default"
+    assert succeeded["attempt"] == 1 and succeeded["outcome"] == "succeeded"
+    assert isinstance(succeeded["duration"], float) and succeeded["duration"] >= 0
+    assert succeeded["level"] == "debug"  # serve_process asks for debug
+    assert by_event[("job.claimed", ok)]["task"] == "ok.record"
+    again = by_event[("job.retried", retried)]
+    assert (again["queue"], again["outcome"], again["level"]) == ("other", "retried", "info")
+    assert "the handler failed on purpose" in again["message"]
+    gone = by_event[("job.dead", dead)]
+    assert (gone["outcome"], gone["level"], gone["attempt"]) == ("dead", "warning", 1)
+    # Lines about no job name their message template, which stays the same run to run.
+    assert any(line["event"].startswith("stopping: ") for line in lines if "job_id" not in line)
+
+
+def test_the_json_formatter_redacts_passwords_before_encoding() -> None:
+    formatter = JsonFormatter(clean=lambda text: redact(text, {'se"cret'}))
+    line = json.loads(
+        formatter.format(record("connecting to %s", 'postgresql://u:se"cret@host/db'))
+    )
+    assert 'se"cret' not in json.dumps(line)
+    assert line["message"] == "connecting to postgresql://u:***@host/db"
+    assert line["event"] == "connecting to %s"
+
+
+def test_the_json_formatter_keeps_a_traceback_and_survives_odd_fields() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = record("failed", exc_info=sys.exc_info(), task=object())
+    line = json.loads(JsonFormatter().format(rec))
+    assert "ValueError: boom" in line["error"] and "Traceback" in line["error"]
+    assert line["task"].startswith("<object object")
+
+
+def test_job_fields_name_the_attempt() -> None:
+    job = Job(7, "mail", "mail.send", {}, 2, 5)
+    assert job_fields(job, "job.claimed") == {
+        "event": "job.claimed",
+        "job_id": 7,
+        "task": "mail.send",
+        "queue": "mail",
+        "attempt": 2,
+    }
