@@ -19,7 +19,7 @@ from typing import Any, TypeVar, Unpack, cast, overload
 import anyio
 import psycopg
 
-from . import admin, embedded, enqueue, migrate, periodic, results, store
+from . import admin, embedded, enqueue, migrate, periodic, results, store, typed_payloads
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
 from .job import JobId, JobStatus
@@ -128,8 +128,10 @@ class App:
         positional parameter, `handler(payload, ctx)` with a `JobContext`.
         `async def` handlers run on the event loop; plain `def` handlers in
         worker threads.  `decode`, if given, turns the JSON payload into what
-        the handler takes (a dataclass, say); if it raises, the job is dead
-        with a PayloadError.
+        the handler takes; if it raises, the job is dead with a PayloadError.
+        Without it, a handler whose payload parameter is annotated with a
+        dataclass or a pydantic model receives an instance, validated
+        (typed_payloads.py), and enqueue accepts an instance or checks an object.
         """
 
         def register(fn: F) -> F:
@@ -138,6 +140,7 @@ class App:
             if timeout is not None and timeout <= 0:
                 raise ConfigurationError("timeout must be positive")
             is_async, wants_context = describe_handler(fn)
+            model = typed_payloads.model_of(fn) if decode is None else None
             task_name = check_task_name(
                 f"{fn.__module__}.{fn.__qualname__}" if name is None else name
             )
@@ -149,7 +152,8 @@ class App:
                     max_attempts=max_attempts,
                     backoff=backoff or Backoff(),
                     timeout=timeout,
-                    decode=decode,
+                    decode=decode if model is None else typed_payloads.decoder(model),
+                    model=model,
                     is_async=is_async,
                     wants_context=wants_context,
                 )
@@ -368,9 +372,15 @@ class App:
         # ManyOptions is EnqueueOptions without dedupe_key, which `accepts` refuses.
         every = cast(EnqueueOptions, options)
         job = enqueue.build(
-            self.registry, task, None, every, accepts=enqueue.MANY_OPTIONS, caller=caller
+            self.registry,
+            task,
+            None,
+            every,
+            accepts=enqueue.MANY_OPTIONS,
+            caller=caller,
+            with_payload=False,
         )
-        return job, enqueue.encode_all(payloads)
+        return job, enqueue.encode_all(payloads, self.registry.get(job.task))
 
     async def _async_connection(self) -> psycopg.AsyncConnection[Any]:
         loop = asyncio.get_running_loop()

@@ -12,9 +12,16 @@ from datetime import datetime
 from numbers import Integral
 from typing import Any, TypedDict
 
-from . import codec, store
+from . import codec, store, typed_payloads
 from .errors import InvalidJob
-from .registry import DEFAULT_QUEUE, Handler, Registry, check_queue_name, check_task_name
+from .registry import (
+    DEFAULT_QUEUE,
+    Handler,
+    Registry,
+    Task,
+    check_queue_name,
+    check_task_name,
+)
 
 MAX_DELAY = 10 * 365 * 24 * 3600.0
 MAX_DEDUPE_KEY = 255  # characters, as the schema's jobs_dedupe_key_length says
@@ -59,9 +66,11 @@ def build(
     *,
     accepts: frozenset[str] = ENQUEUE_OPTIONS,
     caller: str = "enqueue",
+    with_payload: bool = True,
 ) -> store.NewJob:
     """Validate in Python what can be checked without a round trip.  `accepts`: the
-    options `caller` takes (a keyword it does not is a TypeError, as Python's own)."""
+    options `caller` takes (a keyword it does not is a TypeError, as Python's own);
+    `with_payload` False: the payloads come apart (enqueue_many: `encode_all`)."""
     for key in options:
         if key not in accepts:
             raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
@@ -100,7 +109,7 @@ def build(
         )
     return store.NewJob(
         task=name,
-        payload_json=encode(payload),
+        payload_json=encode(payload, task=known) if with_payload else "{}",
         # Explicit values, as the INSERT names every column (the schema's defaults agree).
         queue=queue if queue is not None else DEFAULT_QUEUE,
         priority=priority if priority is not None else 0,
@@ -139,8 +148,24 @@ def failure_policy(on_dependency_failure: str) -> str:
     return on_dependency_failure
 
 
-def encode(payload: Any, where: str = "") -> str:
-    """The payload as JSON text, or InvalidJob saying why not (`where`: which one)."""
+def encode(payload: Any, where: str = "", *, task: Task | None = None) -> str:
+    """The payload as JSON text, or InvalidJob saying why not (`where`: which one).
+    A dataclass or pydantic instance is sent as what it dumps to; for a `task` whose
+    handler takes a model, anything else must validate against it (typed_payloads.py)."""
+    model = task.model if task is not None else None
+    try:
+        payload = typed_payloads.to_payload(
+            payload, model, task.decode if task is not None else None
+        )
+    except Exception as exc:  # the model's own validation error, whatever its type
+        what = (
+            f"{model.__name__}, which the handler of {task.name} takes"
+            if task and model
+            else "JSON"
+        )
+        raise InvalidJob(
+            f"job rejected{where}: the payload does not fit {what}: {type(exc).__name__}: {exc}"
+        ) from exc
     if isinstance(payload, codec.Undecodable):
         raise InvalidJob(f"job rejected{where}: {payload}")
     try:
@@ -155,11 +180,10 @@ def encode(payload: Any, where: str = "") -> str:
     return payload_json
 
 
-def encode_all(payloads: Iterable[Any]) -> list[str]:
+def encode_all(batch: Iterable[Any], task: Task | None = None) -> list[str]:
     """Every payload encoded before anything is sent: one bad payload refuses the batch."""
-    if isinstance(payloads, (str, bytes, dict)):
+    if isinstance(batch, (str, bytes, dict)):
         raise InvalidJob(
-            "payloads must be an iterable of payloads (a list, say), "
-            f"not a {type(payloads).__name__}"
+            f"payloads must be an iterable of payloads (a list, say), not a {type(batch).__name__}"
         )
-    return [encode(payload, f" (payload #{i})") for i, payload in enumerate(payloads)]
+    return [encode(payload, f" (payload #{i})", task=task) for i, payload in enumerate(batch)]

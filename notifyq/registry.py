@@ -62,6 +62,9 @@ class Task:
     backoff: Backoff = field(default_factory=Backoff)
     timeout: float | None = None
     decode: Callable[[Any], Any] | None = None
+    # The dataclass or pydantic model the handler takes (typed_payloads.py), which `decode`
+    # builds and enqueue checks payloads against; None: the payload as JSON decodes.
+    model: type | None = None
     is_async: bool = False
     wants_context: bool = False
 

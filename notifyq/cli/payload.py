@@ -11,7 +11,9 @@ so what it can say depends on `--app`:
   `dict`, a TypedDict or a Mapping; an object for a `list`, ...) is refused as
   a usage error; a kind it names passes silently; no annotation, `Any`, or a
   class of the app's own (which a task's `decode=` builds) means "unknown",
-  and a non-object payload is warned about as without --app.
+  and a non-object payload is warned about as without --app;
+- a dataclass or pydantic model (typed_payloads.py) validates PAYLOAD itself:
+  a payload it refuses is a usage error naming the model's complaint.
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def check(task: str, payload: Any, app: App | None) -> str | None:
             f"the app registers no task {task!r}: its dispatchers will not run this job "
             "(another app's may)"
         )
+    if registered.model is not None and registered.decode is not None:
+        try:
+            registered.decode(payload)
+        except Exception as exc:  # the model's own validation error, whatever its type
+            raise ValueError(
+                f"the handler of {task} takes {registered.model.__name__}, which PAYLOAD "
+                f"does not fit: {type(exc).__name__}: {exc}"
+            ) from None
+        return None
     accepted = _accepted_kinds(registered.handler)
     if accepted is None:
         if have == "object":
