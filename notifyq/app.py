@@ -14,12 +14,13 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, Unpack, cast, overload
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, cast, overload
 
 import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store, typed_payloads
+from .contrib.sqlalchemy import async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
 from .job import JobId, JobStatus
@@ -35,6 +36,17 @@ from .registry import (
 from .retry import Backoff
 from .settings import Settings
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection as SAConnection
+    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
+# What conn= takes: a psycopg connection, or a SQLAlchemy one whose driver is psycopg
+# (contrib/sqlalchemy.py); the job joins its open transaction.
+SyncConn: TypeAlias = "psycopg.Connection[Any] | Session | SAConnection"
+AsyncConn: TypeAlias = "psycopg.AsyncConnection[Any] | AsyncSession | SAAsyncConnection"
 
 log = logging.getLogger("notifyq")
 
@@ -278,7 +290,7 @@ class App:
         task: str | Callable[..., Any],
         payload: Any = None,
         *,
-        conn: psycopg.AsyncConnection[Any] | None = None,
+        conn: AsyncConn | None = None,
         **options: Unpack[EnqueueOptions],
     ) -> JobId:
         """Insert a job and return its id: a `JobId`, an int that also carries the
@@ -302,20 +314,20 @@ class App:
         with `on_dependency_failure="run"` runs once all of them finished.
         """
         job = enqueue.build(self.registry, task, payload, options)
-        return await store.enqueue(conn or await self._async_connection(), job)
+        return await store.enqueue(await self._given_or_own(conn), job)
 
     def enqueue_sync(
         self,
         task: str | Callable[..., Any],
         payload: Any = None,
         *,
-        conn: psycopg.Connection[Any] | None = None,
+        conn: SyncConn | None = None,
         **options: Unpack[EnqueueOptions],
     ) -> JobId:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
         job = enqueue.build(self.registry, task, payload, options, caller="enqueue_sync")
         if conn is not None:
-            return store.enqueue_sync(conn, job)
+            return store.enqueue_sync(sync_connection(conn), job)
         return self._on_own_sync_connection(lambda own: store.enqueue_sync(own, job))
 
     async def enqueue_many(
@@ -323,7 +335,7 @@ class App:
         task: str | Callable[..., Any],
         payloads: Iterable[Any],
         *,
-        conn: psycopg.AsyncConnection[Any] | None = None,
+        conn: AsyncConn | None = None,
         **options: Unpack[ManyOptions],
     ) -> list[JobId]:
         """Insert one job of `task` per payload, all in one transaction; their ids (each
@@ -337,14 +349,14 @@ class App:
         job, encoded = self._many(task, payloads, options, "enqueue_many")
         if not encoded:
             return []
-        return await store.enqueue_many(conn or await self._async_connection(), job, encoded)
+        return await store.enqueue_many(await self._given_or_own(conn), job, encoded)
 
     def enqueue_many_sync(
         self,
         task: str | Callable[..., Any],
         payloads: Iterable[Any],
         *,
-        conn: psycopg.Connection[Any] | None = None,
+        conn: SyncConn | None = None,
         **options: Unpack[ManyOptions],
     ) -> list[JobId]:
         """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
@@ -352,7 +364,7 @@ class App:
         if not encoded:
             return []
         if conn is not None:
-            return store.enqueue_many_sync(conn, job, encoded)
+            return store.enqueue_many_sync(sync_connection(conn), job, encoded)
         return self._on_own_sync_connection(lambda own: store.enqueue_many_sync(own, job, encoded))
 
     def _on_own_sync_connection(self, call: Callable[[psycopg.Connection[Any]], R]) -> R:
@@ -381,6 +393,11 @@ class App:
             with_payload=False,
         )
         return job, enqueue.encode_all(payloads, self.registry.get(job.task))
+
+    async def _given_or_own(self, conn: AsyncConn | None) -> psycopg.AsyncConnection[Any]:
+        if conn is None:
+            return await self._async_connection()
+        return await async_connection(conn)
 
     async def _async_connection(self) -> psycopg.AsyncConnection[Any]:
         loop = asyncio.get_running_loop()
