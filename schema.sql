@@ -78,8 +78,12 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- "Following a job" below); the producer role may not read it.
     token            uuid        DEFAULT pg_catalog.gen_random_uuid(),
 
-    CONSTRAINT jobs_queue_format CHECK (queue ~ '^[a-z0-9_][a-z0-9_-]{0,62}$'),
-    CONSTRAINT jobs_task_format CHECK (task ~ '^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$'),
+    -- Unbounded patterns and a length test: a bounded repetition ({0,199}) costs
+    -- every INSERT and UPDATE of a job tens of microseconds (migration 0013).
+    CONSTRAINT jobs_queue_format
+        CHECK (queue ~ '^[a-z0-9_][a-z0-9_-]*$' AND char_length(queue) <= 63),
+    CONSTRAINT jobs_task_format
+        CHECK (task ~ '^[A-Za-z_][A-Za-z0-9_.:-]*$' AND char_length(task) <= 200),
     CONSTRAINT jobs_priority_range CHECK (priority BETWEEN -1000 AND 1000),
     CONSTRAINT jobs_max_attempts_range CHECK (max_attempts BETWEEN 1 AND 1000),
     CONSTRAINT jobs_attempts_nonnegative CHECK (attempts >= 0),
@@ -2193,5 +2197,5 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_endpoints_changed() FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
-    (11), (12)
+    (11), (12), (13)
 ON CONFLICT (version) DO NOTHING;

@@ -101,6 +101,52 @@ def test_largest_allowed_payload_and_edge_values_are_accepted(dsn: str) -> None:
     assert query(dsn, "SELECT count(*) FROM notifyq.jobs") == [(3,)]
 
 
+# The name rules as the checks of schema versions 1 to 12 wrote them (bounded repetitions).
+FORMER_RULES = {
+    "queue": "^[a-z0-9_][a-z0-9_-]{0,62}$",
+    "task": "^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$",
+}
+NAMES = [
+    *["a", "_", "0", "-a", "a-", "a_b-c", "Upper", "a.b", "a:b", ".a", "9a", "a;b", "a'b"],
+    *["é", "aé", "", "a b", " a", "a\n", "\na", "a\x01"],
+    *["q" * 62, "q" * 63, "q" * 64, "a" + "-" * 62, "a" + "-" * 63],
+    *["t" * 199, "t" * 200, "t" * 201, "_" + "x.y:z-" * 33, "_" + "x.y:z-" * 34],
+]
+
+
+@pytest.mark.parametrize("column", sorted(FORMER_RULES))
+def test_name_checks_accept_exactly_what_the_former_patterns_did(dsn: str, column: str) -> None:
+    """The checks test the length apart from the pattern (a bounded repetition is slow in
+    PostgreSQL's regular expressions): the same names pass and fail as before."""
+    other = {"queue": "task, queue", "task": "queue, task"}[column]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in NAMES:
+            former = conn.execute("SELECT %s::text ~ %s", (name, FORMER_RULES[column]))
+            try:
+                conn.execute(
+                    f"INSERT INTO notifyq.jobs ({other}) VALUES ('ok', %s)".encode(), (name,)
+                )
+                accepted = True
+            except psycopg.errors.CheckViolation as exc:
+                assert exc.diag.constraint_name == f"jobs_{column}_format"
+                accepted = False
+            assert accepted == (former.fetchone() == (True,)), repr(name)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "constraint"),
+    [("queue", "Bad", "jobs_queue_format"), ("task", "has space", "jobs_task_format")],
+)
+def test_an_update_that_sets_a_bad_name_is_refused_naming_the_rule(
+    dsn: str, column: str, value: str, constraint: str
+) -> None:
+    insert(dsn, "task, queue", "'t', 'q'")
+    with pytest.raises(psycopg.errors.CheckViolation) as caught:
+        query(dsn, f"UPDATE notifyq.jobs SET {column} = %s", value)
+    assert caught.value.diag.constraint_name == constraint
+    assert query(dsn, "SELECT queue, task FROM notifyq.jobs") == [("q", "t")]
+
+
 def listen(dsn: str, channel: str) -> psycopg.Connection[Any]:
     conn = psycopg.connect(dsn, autocommit=True)
     listen_on(conn, channel)
