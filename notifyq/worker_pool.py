@@ -174,9 +174,9 @@ class WorkerPool:
             pass  # interrupted: a new session reports what is still queued as handed back
 
     async def _session(self) -> bool:
-        """Run jobs under one cancel scope until the stream ends (True) or `interrupt_all`
-        cancels the scope (False).  One scope per slot, not per attempt: creating a scope
-        costs more than a no-op job, and only shutdown ever cancels it."""
+        """Run jobs under one cancel scope until the hand-off is closed and empty (True) or
+        `interrupt_all` cancels the scope (False).  One scope per slot, not per attempt:
+        creating a scope costs more than a no-op job, and only shutdown ever cancels it."""
         current: Job | None = None
         with anyio.CancelScope() as scope:
             self._scopes.add(scope)

@@ -16,7 +16,8 @@ development and small deployments; `notifyq serve` in its own process is the usu
 
 To enqueue inside the request's transaction, pass that transaction's connection or
 session as `conn=` (a psycopg connection, or a SQLAlchemy session: contrib/sqlalchemy.py);
-examples/fastapi_app.py shows both.  Nothing here imports a web framework.
+examples/fastapi/app.py does it with a psycopg connection.  Nothing here imports a web
+framework.
 """
 
 from __future__ import annotations
