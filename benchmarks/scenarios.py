@@ -329,12 +329,13 @@ def steady(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
 def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -> Result:
     """Statements an idle worker sends (pg_stat_statements, else committed transactions)
     and the WAL written meanwhile (the whole server's, see meters.py)."""
-    with connect(dsn) as conn:
+    # Both connect before tracking is switched on, so the harness's statements stay out.
+    with connect(dsn) as conn, connect(dsn) as probe:
         if statements:
             meters.track_statements(conn)
         # Autovacuum would otherwise find the fresh schema's catalog rows in the window.
         conn.execute("VACUUM ANALYZE")
-        with procs.worker(system.name, dsn, work) as w, connect(dsn) as probe:
+        with procs.worker(system.name, dsn, work) as w:
             _warm_up(system, w, conn)
             time.sleep(1.0)
             if statements:  # so the statement list below covers the idle window only
