@@ -201,28 +201,34 @@ def run(
                 cell.status = NOT_INSTALLED
             elif not applies(system, kind):
                 cell.status = "n/a"
-    for i in range(runs):
-        for label, (kind, _, fn) in steps.items():
-            for name in names:
-                cell = cells[label, name]
-                if cell.status is not None:
-                    continue
-                print(f"[run {i + 1}/{runs}] {label}: {name}", file=sys.stderr, flush=True)
-                system = SYSTEMS[name]
-                try:
-                    with server.fresh_database(pg.dsn) as dsn:
-                        system.install(dsn)
-                        extra = {"fresh": partial(server.fresh_database, pg.dsn)}
-                        result = fn(
-                            system, dsn, work, **(extra if kind in ("scale", "crowd") else {})
-                        )
-                    cell.runs.append(result)
-                    print(f"    {result}", file=sys.stderr, flush=True)
-                except (procs.RunFailed, Exception) as exc:
-                    if not isinstance(exc, procs.RunFailed):
-                        traceback.print_exc(file=sys.stderr)
-                    cell.failures.append(str(exc).splitlines()[0][:160])
-                    print(f"    FAILED: {exc}", file=sys.stderr, flush=True)
+    templates = server.Templates(pg.dsn)
+    try:
+        for i in range(runs):
+            for label, (kind, _, fn) in steps.items():
+                for name in names:
+                    cell = cells[label, name]
+                    if cell.status is not None:
+                        continue
+                    print(f"[run {i + 1}/{runs}] {label}: {name}", file=sys.stderr, flush=True)
+                    system = SYSTEMS[name]
+                    try:
+                        with server.fresh_database(pg.dsn) as dsn:
+                            system.install(dsn)
+                            extra: dict[str, object] = {}
+                            if kind == "crowd":
+                                extra["fresh"] = partial(server.fresh_database, pg.dsn)
+                            if kind == "scale":
+                                extra["templates"] = templates
+                            result = fn(system, dsn, work, **extra)
+                        cell.runs.append(result)
+                        print(f"    {result}", file=sys.stderr, flush=True)
+                    except (procs.RunFailed, Exception) as exc:
+                        if not isinstance(exc, procs.RunFailed):
+                            traceback.print_exc(file=sys.stderr)
+                        cell.failures.append(str(exc).splitlines()[0][:160])
+                        print(f"    FAILED: {exc}", file=sys.stderr, flush=True)
+    finally:
+        templates.close()
     titles = {label: title for label, (_, title, _) in steps.items()}
     notes = [f"{k}: {v}" for k, v in scenarios.NOTES.items()]
     return titles, cells, names, notes
