@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -29,8 +30,17 @@ from . import procs
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
+def untrack(conn: Conn) -> None:
+    """Keep this (harness) session's statements out of pg_stat_statements, in case
+    the server tracks every session (a --dsn server may)."""
+    # Not superuser: the session keeps the server's setting.
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("SET pg_stat_statements.track = 'none'")
+
+
 def track_statements(conn: Conn) -> None:
-    """pg_stat_statements on for sessions that connect to this database from now on."""
+    """pg_stat_statements on for sessions that connect to this database from now on
+    (not for `conn`, nor for any session already connected)."""
     conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     name = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
     conn.execute(
@@ -46,7 +56,7 @@ def statement_count(conn: Conn, statements: bool) -> float:
         query = (
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s"
             " JOIN pg_database d ON d.oid = s.dbid"
-            " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
+            " WHERE d.datname = current_database()"
         )
     else:
         conn.execute("SELECT pg_stat_force_next_flush()")
@@ -84,6 +94,7 @@ class RunMeter:
         self.conn = conn
         self.statements = statements
         if statements:
+            untrack(conn)
             track_statements(conn)
         self._harness = 0
         self._backends: dict[int, float] | None = None
