@@ -8,7 +8,9 @@ runs in a process of its own (`python -m benchmarks.worker SYSTEM ...`).
 Every worker runs the same handler: it appends "job_id unix_time" to the
 stamps file (one write, no database round trip) and then either returns at
 once ("noop") or sleeps 5 ms ("sleep").  The harness measures latency from
-the producer's commit to that stamp.
+the producer's commit to that stamp.  The first call also writes the
+process's CPU time to a file beside the stamps, where the drain's CPU per
+job starts counting.
 """
 
 from __future__ import annotations
