@@ -343,12 +343,14 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
             time.sleep(1.0)
             if statements:  # so the statement list below covers the idle window only
                 probe.execute("SELECT pg_stat_statements_reset()")
-            before = meters.statement_count(probe, statements)
             lsn = meters.wal_lsn(probe)
+            before = meters.statement_count(probe, statements)
             t0 = time.monotonic()
             time.sleep(sizes.idle_seconds)
             w.check()
             count = meters.statement_count(probe, statements) - before
+            if not statements:  # the probe's own: the read of `before`, the forced flush
+                count -= 2
             wal = meters.wal_since(probe, lsn)
             elapsed = time.monotonic() - t0
             if statements:
