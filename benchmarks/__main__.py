@@ -1,6 +1,7 @@
 """notifyq benchmarks: notifyq beside a raw-SQL ceiling and its Python peers.
 
-    python -m benchmarks [--dsn DSN] [--runs 3] [--quick] [--systems a,b] [SCENARIO ...]
+    python -m benchmarks [--dsn DSN] [--runs 3] [--quick] [--jobs N] [--systems a,b]
+                         [--concurrency 10,50,200] [SCENARIO ...]
 
 Starts a private PostgreSQL (embedded, default settings, fsync on) unless
 --dsn is given, creates a fresh database for every run, runs every scenario
@@ -9,14 +10,16 @@ prints medians with min-max.  benchmarks/README.md describes each scenario
 and how each system is configured.
 
 Scenarios: drain enqueue contended latency steady idle scale crowd
-Systems:   notifyq raw pgqueuer-asyncpg pgqueuer-psycopg procrastinate
+Systems:   notifyq raw minimal pgqueuer-asyncpg pgqueuer-psycopg procrastinate
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -44,8 +47,16 @@ def plan(sizes: Sizes, chosen: list[str], statements: bool) -> dict[str, tuple[s
         for c in sizes.drain_concurrency:
             out[f"drain c={c}"] = (
                 "drain",
-                f"{n} no-op jobs pre-loaded, one worker at concurrency {c}; jobs/s",
-                partial(scenarios.drain, sizes=sizes, concurrency=c, label=f"drain c={c}"),
+                f"{n} no-op jobs pre-loaded, one worker at concurrency {c}; jobs/s, and per"
+                f" job: WAL bytes, {'statements' if statements else 'transactions'}, CPU µs of"
+                " the worker process and of its PostgreSQL backends",
+                partial(
+                    scenarios.drain,
+                    sizes=sizes,
+                    concurrency=c,
+                    label=f"drain c={c}",
+                    statements=statements,
+                ),
             )
     if "enqueue" in chosen:
         out["enqueue"] = (
@@ -84,14 +95,16 @@ def plan(sizes: Sizes, chosen: list[str], statements: bool) -> dict[str, tuple[s
         method = "pg_stat_statements calls" if statements else "pg_stat_database xact_commit"
         out["idle"] = (
             "idle",
-            f"statements an idle worker sends in {sizes.idle_seconds:.0f} s ({method})",
+            f"statements an idle worker sends in {sizes.idle_seconds:.0f} s ({method}),"
+            " and WAL the server writes meanwhile",
             partial(scenarios.idle, sizes=sizes, statements=statements),
         )
     if "scale" in chosen:
         out["scale"] = (
             "scale",
             f"drain of {n} jobs at concurrency {sizes.scale_concurrency}, empty table vs"
-            f" {sizes.scale_rows:,} future-queued + {sizes.scale_rows:,} succeeded rows",
+            f" {sizes.scale_queued:,} queued (due in ten years) + {sizes.scale_finished:,}"
+            " succeeded rows",
             partial(scenarios.scale, sizes=sizes),
         )
     if "crowd" in chosen:
@@ -130,6 +143,9 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", help="comma-separated drain concurrency settings (default 10,50,200)"
     )
+    parser.add_argument(
+        "--jobs", type=int, help="jobs per drain (drain, scale, crowd; default 20,000)"
+    )
     parser.add_argument("scenarios", nargs="*", help="from: " + " ".join(ALL) + " (default: all)")
     args = parser.parse_args()
     chosen = args.scenarios or ALL
@@ -143,7 +159,9 @@ def main() -> None:
     sizes = QUICK if args.quick else Sizes()
     if args.concurrency:
         conc = tuple(int(x) for x in args.concurrency.split(","))
-        sizes = Sizes(**{**sizes.__dict__, "drain_concurrency": conc})
+        sizes = dataclasses.replace(sizes, drain_concurrency=conc)
+    if args.jobs:
+        sizes = dataclasses.replace(sizes, drain_jobs=args.jobs)
 
     pg = server.start(args.dsn)
     work = Path(tempfile.mkdtemp(prefix="notifyq-bench-work-"))
@@ -153,15 +171,16 @@ def main() -> None:
     finally:
         pg.close()
         shutil.rmtree(work, ignore_errors=True)
+    command = shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]])
     header = [
-        f"python -m benchmarks {' '.join(sys.argv[1:])}".rstrip(),
+        command,
         f"{started:%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs ({platform.machine()},"
         f" {platform.system()} {platform.release()}); Python {platform.python_version()};"
         f" PostgreSQL {pg.version}"
         + (" (embedded, default settings, fsync on)" if args.dsn is None else ""),
         f"median (min-max) of {runs} runs per cell; systems alternate within each round",
     ]
-    print(render(header, *table), flush=True)
+    print(render(header, command, *table), flush=True)
 
 
 def run(
@@ -182,28 +201,34 @@ def run(
                 cell.status = NOT_INSTALLED
             elif not applies(system, kind):
                 cell.status = "n/a"
-    for i in range(runs):
-        for label, (kind, _, fn) in steps.items():
-            for name in names:
-                cell = cells[label, name]
-                if cell.status is not None:
-                    continue
-                print(f"[run {i + 1}/{runs}] {label}: {name}", file=sys.stderr, flush=True)
-                system = SYSTEMS[name]
-                try:
-                    with server.fresh_database(pg.dsn) as dsn:
-                        system.install(dsn)
-                        extra = {"fresh": partial(server.fresh_database, pg.dsn)}
-                        result = fn(
-                            system, dsn, work, **(extra if kind in ("scale", "crowd") else {})
-                        )
-                    cell.runs.append(result)
-                    print(f"    {result}", file=sys.stderr, flush=True)
-                except (procs.RunFailed, Exception) as exc:
-                    if not isinstance(exc, procs.RunFailed):
-                        traceback.print_exc(file=sys.stderr)
-                    cell.failures.append(str(exc).splitlines()[0][:160])
-                    print(f"    FAILED: {exc}", file=sys.stderr, flush=True)
+    templates = server.Templates(pg.dsn)
+    try:
+        for i in range(runs):
+            for label, (kind, _, fn) in steps.items():
+                for name in names:
+                    cell = cells[label, name]
+                    if cell.status is not None:
+                        continue
+                    print(f"[run {i + 1}/{runs}] {label}: {name}", file=sys.stderr, flush=True)
+                    system = SYSTEMS[name]
+                    try:
+                        with server.fresh_database(pg.dsn) as dsn:
+                            system.install(dsn)
+                            extra: dict[str, object] = {}
+                            if kind == "crowd":
+                                extra["fresh"] = partial(server.fresh_database, pg.dsn)
+                            if kind == "scale":
+                                extra["templates"] = templates
+                            result = fn(system, dsn, work, **extra)
+                        cell.runs.append(result)
+                        print(f"    {result}", file=sys.stderr, flush=True)
+                    except (procs.RunFailed, Exception) as exc:
+                        if not isinstance(exc, procs.RunFailed):
+                            traceback.print_exc(file=sys.stderr)
+                        cell.failures.append(str(exc).splitlines()[0][:160])
+                        print(f"    FAILED: {exc}", file=sys.stderr, flush=True)
+    finally:
+        templates.close()
     titles = {label: title for label, (_, title, _) in steps.items()}
     notes = [f"{k}: {v}" for k, v in scenarios.NOTES.items()]
     return titles, cells, names, notes

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from .systems.base import cpu_file
+
 REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE = 15.0
 
@@ -29,6 +31,8 @@ class Worker:
         self.system = system
         self.stamps = workdir / f"{system}.stamps"
         self.stamps.write_bytes(b"")
+        self._cpu_file = Path(cpu_file(str(self.stamps)))
+        self._cpu_file.unlink(missing_ok=True)
         self.log = workdir / f"{system}.log"
         self._log = self.log.open("wb")
         cmd = [sys.executable, "-m", "benchmarks.worker", system, "--dsn", dsn]
@@ -56,6 +60,22 @@ class Worker:
             job, at = line.split()
             out.setdefault(int(job), float(at))
         return out
+
+    def cpu(self) -> float | None:
+        """CPU seconds (user + system) the worker, and any process it started, used
+        since its first handler started; None before that, or if it is gone."""
+        import psutil
+
+        try:
+            first = float(self._cpu_file.read_text())
+            root = psutil.Process(self.proc.pid)
+            total = 0.0
+            for p in [root, *root.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        except (FileNotFoundError, ValueError, psutil.Error):
+            return None
+        return total - first
 
     def count(self) -> int:
         return self.stamps.read_bytes().count(b"\n")

@@ -31,6 +31,7 @@ def summary(values: Sequence[float]) -> str:
 
 def render(
     header: list[str],
+    command: str,
     scenarios: dict[str, str],
     cells: dict[tuple[str, str], Cell],
     systems: list[str],
@@ -39,7 +40,8 @@ def render(
     lines = [f"# {h}" for h in header]
     width = max(len(s) for s in systems) + 2
     for scenario, title in scenarios.items():
-        lines += ["", f"{scenario}: {title}"]
+        # Each table names the command that produced it, so it can be quoted alone.
+        lines += ["", f"{scenario}: {title}", f"  $ {command}"]
         metrics: list[str] = []
         for system in systems:
             for run in cells[scenario, system].runs:

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from . import procs
+from . import meters, procs, server
 from .systems import System
 
 
@@ -38,7 +38,8 @@ class Sizes:
     steady_seconds: float = 20.0
     steady_concurrency: int = 50
     idle_seconds: float = 30.0
-    scale_rows: int = 1_000_000  # of each: future queued, succeeded
+    scale_queued: int = 1_000_000  # filler: queued, due in ten years
+    scale_finished: int = 2_000_000  # filler: succeeded a day ago
     scale_concurrency: int = 50
     crowd_rows: int = 1_000_000  # other queued jobs, due now: half another queue's, half ours
     cap: float = 60.0  # seconds a drain (or steady's backlog) may take before it is cut short
@@ -55,7 +56,8 @@ QUICK = Sizes(
     latency_seconds=2.0,
     steady_seconds=3.0,
     idle_seconds=6.0,
-    scale_rows=50_000,
+    scale_queued=50_000,
+    scale_finished=100_000,
     crowd_rows=50_000,
     cap=15.0,
 )
@@ -88,32 +90,78 @@ def _warm_up(system: System, w: procs.Worker, conn: psycopg.Connection[tuple[obj
 
 
 def drain(
-    system: System, dsn: str, work: Path, sizes: Sizes, concurrency: int, label: str = "drain"
+    system: System,
+    dsn: str,
+    work: Path,
+    sizes: Sizes,
+    concurrency: int,
+    label: str = "drain",
+    statements: bool | None = None,
 ) -> Result:
     """Jobs pre-loaded, then one worker: first handler start to the last job finished.
 
     A drain still running after `sizes.cap` seconds is cut short: the rate is then
-    the jobs started by that time, and a note says so.
+    the jobs started by that time, and a note says so.  With `statements` not None,
+    also what each job cost (meters.py): WAL bytes, statements (pg_stat_statements
+    when `statements`, else transactions) and CPU of the worker and its backends.
     """
     jobs = sizes.drain_jobs
+    costs: dict[str, float] = {}
     with connect(dsn) as conn:
+        # The checkpoint first, so the next one falls after the drain: WAL per job is
+        # then the records the system writes, not full-page images of a fresh checkpoint.
+        _checkpoint(conn)
         conn.execute(system.insert_bulk, {"n": jobs})
-        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(_table(system)))
+        # The whole database: autovacuum would otherwise find the fresh schema's catalog
+        # rows during the drain, and its WAL and transactions would count as the system's.
+        conn.execute("VACUUM ANALYZE")
+        meter = meters.RunMeter(conn, statements) if statements is not None else None
+
+        def all_done() -> bool:
+            return _done(system, conn)
+
+        pending = all_done
+        if meter is not None:
+            meter.begin()
+            pending = meter.counted(all_done)
         with procs.worker(system.name, dsn, work, "--concurrency", str(concurrency)) as w:
-            procs.wait(lambda: w.count() > 0, "the first job to start", 120, w)
-            finished = procs.reached(lambda: _done(system, conn), sizes.cap, w)
+            procs.wait(lambda: w.count() > 0, "the first job to start", 120, w, interval=0.005)
+            if meter is not None:
+                meter.first_start()
+            finished = procs.reached(pending, sizes.cap, w)
             end = time.time()
+            if meter is not None:
+                costs = meter.end(w)
+            # A system that deletes a job as it claims it is done before the handler ran.
+            if finished:
+                procs.reached(lambda: w.count() >= jobs, 10, w)
             starts = w.starts()
+        if meter is not None:
+            costs |= meter.after_stop()
     first = min(starts.values())
+    end = max(end, *starts.values())
     if not finished:
         _note(
             f"{label} {system.name}",
             f"cut at {sizes.cap:.0f} s, {len(starts):,} of {jobs:,} started",
         )
-        return {"jobs/s": len(starts) / (end - first)}
-    if len(starts) < jobs:
+        done = len(starts)
+    elif len(starts) < jobs:
         raise procs.RunFailed(f"only {len(starts)} of {jobs} jobs started")
-    return {"jobs/s": jobs / (end - first)}
+    else:
+        done = jobs
+    out = {"jobs/s": done / (end - first)}
+    if "wal" in costs:
+        out["WAL B/job"] = costs["wal"] / done
+    if "statements" in costs:
+        out["statements/job"] = costs["statements"] / done
+    if "xacts" in costs:
+        out["xacts/job"] = costs["xacts"] / done
+    if "cpu" in costs:
+        out["worker CPU us/job"] = costs["cpu"] / done * 1e6
+    if "server cpu" in costs:
+        out["server CPU us/job"] = costs["server cpu"] / done * 1e6
+    return out
 
 
 def _note(key: str, text: str) -> None:
@@ -259,6 +307,8 @@ def steady(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
         committed = _offer(system, dsn, sizes.steady_rate, sizes.steady_seconds, producers=4)
         offered = len(committed) / (time.monotonic() - t0)
         finished = procs.reached(lambda: _done(system, conn), sizes.cap, w)
+        if finished:  # a system that deletes a job as it claims it: the handler may follow
+            procs.reached(lambda: len(committed.keys() - w.starts().keys()) == 0, 10, w)
         starts = w.starts()
         done = sum(1 for i in committed if i in starts) if not finished else len(committed)
         completed = done / (time.monotonic() - t0)
@@ -279,70 +329,58 @@ def steady(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
 
 
 def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -> Result:
-    """Statements an idle worker sends: pg_stat_statements, else committed transactions."""
-    with connect(dsn) as conn:
+    """Statements an idle worker sends (pg_stat_statements, else committed transactions)
+    and the WAL written meanwhile (the whole server's, see meters.py)."""
+    # Both connect before tracking is switched on, so the harness's statements stay out.
+    with connect(dsn) as conn, connect(dsn) as probe:
         if statements:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            name = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} SET pg_stat_statements.track = 'top'").format(
-                    sql.Identifier(str(name))
-                )
-            )
-        with procs.worker(system.name, dsn, work) as w, connect(dsn) as probe:
+            meters.untrack(probe)
+            meters.track_statements(conn)
+        # Autovacuum would otherwise find the fresh schema's catalog rows in the window.
+        conn.execute("VACUUM ANALYZE")
+        with procs.worker(system.name, dsn, work) as w:
             _warm_up(system, w, conn)
             time.sleep(1.0)
             if statements:  # so the statement list below covers the idle window only
                 probe.execute("SELECT pg_stat_statements_reset()")
-            before = _counter(probe, statements)
+            lsn = meters.wal_lsn(probe)
+            before = meters.statement_count(probe, statements)
             t0 = time.monotonic()
             time.sleep(sizes.idle_seconds)
             w.check()
-            count = _counter(probe, statements) - before
+            count = meters.statement_count(probe, statements) - before
+            if not statements:  # the probe's own: the read of `before`, the forced flush
+                count -= 2
+            wal = meters.wal_since(probe, lsn)
             elapsed = time.monotonic() - t0
             if statements:
-                NOTES["idle"] = _top_statements(probe)
-    return {"queries/s": count / elapsed, "per 5 s poll": count / elapsed * 5}
-
-
-def _counter(conn: psycopg.Connection[tuple[object, ...]], statements: bool) -> float:
-    if statements:
-        query = (
-            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s"
-            " JOIN pg_database d ON d.oid = s.dbid"
-            " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
-        )
-    else:
-        conn.execute("SELECT pg_stat_force_next_flush()")
-        query = (
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
-            " WHERE datname = current_database()"
-        )
-    row = conn.execute(query).fetchone()
-    assert row is not None
-    return float(row[0])  # type: ignore[arg-type]
+                NOTES[f"idle {system.name}"] = _top_statements(probe)
+    return {
+        "statements/s": count / elapsed,
+        "per 5 s poll": count / elapsed * 5,
+        "WAL B/min": wal / elapsed * 60,
+    }
 
 
 def _top_statements(conn: psycopg.Connection[tuple[object, ...]]) -> str:
     rows = conn.execute(
         "SELECT calls, regexp_replace(left(query, 70), '\\s+', ' ', 'g') FROM pg_stat_statements s"
         " JOIN pg_database d ON d.oid = s.dbid"
-        " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
-        " ORDER BY calls DESC LIMIT 5"
+        " WHERE d.datname = current_database() ORDER BY calls DESC LIMIT 5"
     ).fetchall()
     return "; ".join(f"{calls}x {query}" for calls, query in rows)
 
 
-FILLER = """
+# Two statements, so that neither evaluates a CASE per row; both fire the table's
+# triggers as any producer's INSERT would (one history row per job).
+FILLER_QUEUED = """
+INSERT INTO notifyq.jobs (task, run_at)
+SELECT 'bench.filler', now() + interval '10 years' FROM generate_series(1, %(n)s)
+"""
+FILLER_FINISHED = """
 INSERT INTO notifyq.jobs (task, status, run_at, attempts, max_attempts, started_at, finished_at)
-SELECT 'bench.filler',
-       CASE WHEN g %% 2 = 0 THEN 'succeeded' ELSE 'queued' END,
-       CASE WHEN g %% 2 = 0 THEN now() - interval '1 day' ELSE now() + interval '10 years' END,
-       CASE WHEN g %% 2 = 0 THEN 1 ELSE 0 END,
-       5,
-       CASE WHEN g %% 2 = 0 THEN now() - interval '1 day' END,
-       CASE WHEN g %% 2 = 0 THEN now() - interval '1 day' END
-FROM generate_series(1, 2 * %(n)s) AS g
+SELECT 'bench.filler', 'succeeded', t, 1, 5, t, t
+FROM generate_series(1, %(n)s), (SELECT now() - interval '1 day' AS t) AS day
 """
 
 
@@ -351,21 +389,39 @@ def scale(
     dsn: str,
     work: Path,
     sizes: Sizes,
-    fresh: Callable[[], object],
+    templates: server.Templates,
 ) -> Result:
-    """Drain rate with n future-queued and n succeeded rows present, against an empty table."""
+    """Drain rate with a backlog of future-queued and succeeded rows, against an empty table.
+
+    The backlog is written once per suite run into a template database (with the
+    system's schema, its triggers on, then VACUUM ANALYZE); every run drains in a
+    fresh file copy of it.
+    """
     c = sizes.scale_concurrency
     empty = drain(system, dsn, work, sizes, c, "scale")["jobs/s"]
-    with fresh() as loaded:  # type: ignore[attr-defined]
-        system.install(loaded)
-        with connect(loaded) as conn:
+    timings: dict[str, float] = {}
+
+    def fill(template: str) -> None:
+        system.install(template)
+        with connect(template) as conn:
             t0 = time.monotonic()
-            conn.execute(FILLER, {"n": sizes.scale_rows})
-            conn.execute("VACUUM ANALYZE notifyq.jobs")
+            conn.execute(FILLER_QUEUED, {"n": sizes.scale_queued})
+            conn.execute(FILLER_FINISHED, {"n": sizes.scale_finished})
+            t1 = time.monotonic()
+            conn.execute("VACUUM ANALYZE notifyq.jobs, notifyq.job_history")
+            timings["insert"], timings["vacuum"] = t1 - t0, time.monotonic() - t1
+
+    key = f"scale {system.name} {sizes.scale_queued} {sizes.scale_finished}"
+    t0 = time.monotonic()
+    with templates.copy(key, fill) as loaded:
+        copied = time.monotonic() - t0 - templates.fill_seconds[key] * bool(timings)
+        if timings:
             NOTES["scale"] = (
-                f"{2 * sizes.scale_rows:,} filler rows by one INSERT ... SELECT generate_series"
-                f" and VACUUM ANALYZE in {time.monotonic() - t0:.0f} s"
+                f"{sizes.scale_queued:,} queued + {sizes.scale_finished:,} succeeded filler"
+                f" rows by INSERT ... SELECT generate_series in {timings['insert']:.0f} s,"
+                f" VACUUM ANALYZE (with the history) in {timings['vacuum']:.0f} s, once"
             )
+        _note("scale", f"a run's copy (CREATE DATABASE ... TEMPLATE) in {copied:.1f} s")
         full = drain(system, loaded, work, sizes, c, "scale")["jobs/s"]
     return {"empty jobs/s": empty, "loaded jobs/s": full, "loaded/empty %": 100 * full / empty}
 

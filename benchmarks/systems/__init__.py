@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 from .base import System, WorkerOptions
+from .minimal import Minimal
 from .notifyq import Notifyq
 from .pgqueuer import PgQueuer
 from .procrastinate import Procrastinate
@@ -15,6 +16,7 @@ SYSTEMS: dict[str, System] = {
     for s in (
         Notifyq(),
         Raw(),
+        Minimal(),
         PgQueuer("asyncpg"),
         PgQueuer("psycopg"),
         Procrastinate(),

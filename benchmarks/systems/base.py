@@ -8,7 +8,9 @@ runs in a process of its own (`python -m benchmarks.worker SYSTEM ...`).
 Every worker runs the same handler: it appends "job_id unix_time" to the
 stamps file (one write, no database round trip) and then either returns at
 once ("noop") or sleeps 5 ms ("sleep").  The harness measures latency from
-the producer's commit to that stamp.
+the producer's commit to that stamp.  The first call also writes the
+process's CPU time to a file beside the stamps, where the drain's CPU per
+job starts counting.
 """
 
 from __future__ import annotations
@@ -32,15 +34,28 @@ class WorkerOptions:
     listen: bool = True
 
 
+def cpu_file(stamps: str) -> str:
+    """Where a worker writes its process CPU seconds when its first handler starts."""
+    return f"{stamps}.cpu"
+
+
 class Stamper:
     """The handler body every system runs."""
 
     def __init__(self, options: WorkerOptions) -> None:
         self._fd = os.open(options.stamps, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self._sleep = options.handler == "sleep"
+        self._cpu: str | None = cpu_file(options.stamps)
 
     async def __call__(self, job_id: int) -> None:
         os.write(self._fd, f"{job_id} {time.time()}\n".encode())
+        if self._cpu is not None:
+            # CPU used before the first job (start-up, imports, connecting) is left out
+            # of the per-job figure, as the first start begins the rate's clock.
+            fd = os.open(self._cpu, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.write(fd, f"{time.process_time()}\n".encode())
+            os.close(fd)
+            self._cpu = None
         if self._sleep:
             await asyncio.sleep(0.005)
 
