@@ -80,10 +80,8 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
 
     -- Unbounded patterns and a length test: a bounded repetition ({0,199}) costs
     -- every INSERT and UPDATE of a job tens of microseconds (migration 0013).
-    CONSTRAINT jobs_queue_format
-        CHECK (queue ~ '^[a-z0-9_][a-z0-9_-]*$' AND char_length(queue) <= 63),
-    CONSTRAINT jobs_task_format
-        CHECK (task ~ '^[A-Za-z_][A-Za-z0-9_.:-]*$' AND char_length(task) <= 200),
+    CONSTRAINT jobs_queue_format CHECK (queue ~ '^[a-z0-9_][a-z0-9_-]*$' AND char_length(queue) <= 63),
+    CONSTRAINT jobs_task_format CHECK (task ~ '^[A-Za-z_][A-Za-z0-9_.:-]*$' AND char_length(task) <= 200),
     CONSTRAINT jobs_priority_range CHECK (priority BETWEEN -1000 AND 1000),
     CONSTRAINT jobs_max_attempts_range CHECK (max_attempts BETWEEN 1 AND 1000),
     CONSTRAINT jobs_attempts_nonnegative CHECK (attempts >= 0),
