@@ -739,8 +739,9 @@ ORDER BY id;
 -- name: testing_reset
 -- notifyq.testing: the clean state of a test, every notifyq table but schema_version
 -- emptied and identities from 1 again.  Found in the catalog, so a table a later
--- migration adds is emptied too.  DELETE, not TRUNCATE: on a test's few rows it is
--- several times faster (TRUNCATE makes new files for every table and its indexes).
+-- migration adds is emptied too.  DELETE, not TRUNCATE: on a test's few rows it is over
+-- ten times faster (TRUNCATE makes new files for every table and its indexes), and a
+-- database per test slower still (benchmarks/test_isolation.py).
 DO $reset$
 DECLARE
     t record;
