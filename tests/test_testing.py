@@ -190,14 +190,28 @@ def test_assertions_list_what_was_enqueued(notifyq_dsn: str) -> None:
         app.close()
 
 
+NOTIFYQ_TABLES = """
+SELECT c.oid::regclass::text FROM pg_class c
+WHERE c.relnamespace = 'notifyq'::regnamespace AND c.relkind = 'r'
+  AND c.relname <> 'schema_version'
+"""
+
+
 @pytest.mark.parametrize("run", [1, 2])
 def test_every_test_starts_from_a_clean_database(notifyq_dsn: str, run: int) -> None:
-    """Whichever runs second sees nothing of the first: no job, ids from 1."""
+    """Whichever runs second sees nothing of the first: no row in any notifyq table but
+    the schema's version, ids from 1."""
+    tables = [name for (name,) in query(notifyq_dsn, NOTIFYQ_TABLES)]
+    assert len(tables) > 5
+    counts = {name: query(notifyq_dsn, f"SELECT count(*) FROM {name}")[0][0] for name in tables}
+    assert counts == dict.fromkeys(tables, 0)
+    assert query(notifyq_dsn, "SELECT count(*) FROM notifyq.schema_version")[0][0] > 0
     app, _ = flaky_app()
-    queue = TestQueue(app)
     try:
-        assert queue.jobs() == []
-        assert app.enqueue_sync("t.ok", {"run": run}) == 1
+        assert app.enqueue_sync("t.ok", {"run": run}) == 1  # and its history row
+        query(notifyq_dsn, "INSERT INTO notifyq.rate_limits VALUES ('k', 1)")
+        query(notifyq_dsn, "INSERT INTO notifyq.queue_limits (queue, max_running) VALUES ('q', 1)")
+        TestQueue(app).drain_sync()  # a dispatcher's row, the tasks' settings
     finally:
         app.close()
 
