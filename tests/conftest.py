@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ from psycopg.conninfo import make_conninfo
 from notifyq import migrate
 
 REPO = Path(__file__).resolve().parents[1]
+
+# notifyq's own plugin (notifyq/pytest_plugin.py) comes in by its entry point; an install
+# made before the entry point existed does not declare it, so it is loaded here then.
+if not any(ep.value == "notifyq.pytest_plugin" for ep in entry_points(group="pytest11")):
+    pytest_plugins = ["notifyq.pytest_plugin"]
 
 
 @pytest.fixture
@@ -106,6 +112,12 @@ def embedded_server() -> Iterator[EmbeddedServer]:
     server = EmbeddedServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def notifyq_server_dsn(embedded_server: EmbeddedServer) -> str:
+    """The plugin's fixtures (tests/test_testing.py) on the server started already."""
+    return embedded_server.dsn
 
 
 _servers: dict[str, Server] = {}

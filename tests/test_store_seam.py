@@ -131,6 +131,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "periodic_fire": rows.Fired,
     "jobs_list": rows.JobSummary,
     "job_show": rows.JobRecord,
+    "testing_jobs": rows.JobRecord,
     "job_history": rows.HistoryEntry,
     "queue_limits": rows.QueueLimit,
     "queue_events": rows.QueueEvents,

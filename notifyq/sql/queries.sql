@@ -725,3 +725,80 @@ WITH fired AS (
 )
 SELECT f.enqueue, (SELECT id FROM job) AS job_id
 FROM fired f;
+
+-- name: testing_jobs
+-- notifyq.testing: every job, or those of %(ids)s, in enqueue order (job_show's columns).
+SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
+       created_at, started_at, finished_at, claimed_by, lease_expires_at, depends_on,
+       on_dependency_failure, rate_key, rate_reserved, progress, progress_message, payload,
+       checkpoint, result, last_error
+FROM notifyq.jobs
+WHERE %(ids)s::bigint[] IS NULL OR id = ANY (%(ids)s::bigint[])
+ORDER BY id;
+
+-- name: testing_reset
+-- notifyq.testing: the clean state of a test, every notifyq table but schema_version
+-- emptied and identities from 1 again.  Found in the catalog, so a table a later
+-- migration adds is emptied too.  DELETE, not TRUNCATE: on a test's few rows it is over
+-- ten times faster (TRUNCATE makes new files for every table and its indexes), and a
+-- database per test slower still (benchmarks/test_isolation.py).
+DO $reset$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN
+        SELECT c.oid::regclass AS name FROM pg_catalog.pg_class c
+        WHERE c.relnamespace = 'notifyq'::regnamespace AND c.relkind IN ('r', 'p')
+          AND c.relname <> 'schema_version'
+    LOOP
+        EXECUTE 'DELETE FROM ' || t.name::text;
+    END LOOP;
+    FOR t IN
+        SELECT a.attrelid::regclass::text AS tab, a.attname::text AS col
+        FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+        WHERE c.relnamespace = 'notifyq'::regnamespace AND a.attidentity <> ''
+    LOOP
+        PERFORM pg_catalog.setval(pg_catalog.pg_get_serial_sequence(t.tab, t.col), 1, false);
+    END LOOP;
+END
+$reset$;
+
+-- name: testing_advance
+-- notifyq.testing's clock: %(seconds)s pass for what the database keeps time of.  Every
+-- timestamp of the jobs that are not running moves back by that much (run_at included:
+-- delayed jobs and retries come due), so do the rate limits' slots and the history;
+-- leases, dispatchers and periodic schedules keep the real clock.  How many jobs moved.
+WITH shift AS (
+    SELECT pg_catalog.make_interval(secs => %(seconds)s) AS by
+), jobs AS (
+    UPDATE notifyq.jobs j
+    SET run_at = j.run_at - s.by, created_at = j.created_at - s.by,
+        started_at = j.started_at - s.by, finished_at = j.finished_at - s.by
+    FROM shift s
+    WHERE j.status <> 'running'
+    RETURNING j.id
+), rates AS (
+    UPDATE notifyq.rate_state r SET tat = r.tat - s.by FROM shift s RETURNING r.rate_key
+), history AS (
+    UPDATE notifyq.job_history h SET at = h.at - s.by FROM shift s RETURNING h.id
+)
+-- Every data-modifying CTE runs once, whether or not the query reads it.
+SELECT count(*) FROM jobs;
+
+-- name: testing_retries_due
+-- notifyq.testing's drain: the jobs of %(tasks)s in %(queues)s that wait out a retry's
+-- backoff (attempted before, queued for later) are due now.  Jobs never attempted keep
+-- their run_at (a delay is the clock's business), and so do a rate limit's slots.
+UPDATE notifyq.jobs
+SET run_at = now()
+WHERE status = 'queued' AND attempts > 0 AND run_at > now() AND NOT rate_reserved
+  AND queue = ANY (%(queues)s::text[]) AND task = ANY (%(tasks)s::text[])
+RETURNING id;
+
+-- name: testing_busy
+-- notifyq.testing's drain: is a job of %(tasks)s in %(queues)s due now, or running?
+-- A rate limit's slot counts once it is due, not before (a drain does not wait for it).
+SELECT EXISTS (
+    SELECT FROM notifyq.jobs j
+    WHERE j.queue = ANY (%(queues)s::text[]) AND j.task = ANY (%(tasks)s::text[])
+      AND (j.status = 'running' OR (j.status = 'queued' AND j.run_at <= now())));

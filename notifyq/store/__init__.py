@@ -12,12 +12,13 @@ Split by role, each module a seam of its own:
     operations.py   the operator's statements (admin.py, `notifyq jobs/retry/...`)
     monitoring.py   health checks, metrics and `notifyq watch`'s reads
     migrations.py   the schema, its numbered migrations, the roles script
+    testing.py      notifyq.testing's: a test's clean state, its jobs, its clock
 
 Every query runs through a typed function here; nothing outside this package
 names a query or reads a row by position (tests/test_store_seam.py checks).
 """
 
-from . import monitoring, operations, rows
+from . import monitoring, operations, rows, testing
 from .connection import CONNECT_OPTIONS, QUERIES, connect, connect_sync, translated
 from .dispatching import (
     Claim,
@@ -91,6 +92,7 @@ __all__ = [
     "roles_script",
     "rows",
     "schema_version",
+    "testing",
     "translated",
     "wait_outcomes",
 ]
