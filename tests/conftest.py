@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,6 @@ from psycopg.conninfo import make_conninfo
 from notifyq import migrate
 
 REPO = Path(__file__).resolve().parents[1]
-
-# notifyq's own plugin (notifyq/pytest_plugin.py) comes in by its entry point; an install
-# made before the entry point existed does not declare it, so it is loaded here then.
-if not any(ep.value == "notifyq.pytest_plugin" for ep in entry_points(group="pytest11")):
-    pytest_plugins = ["notifyq.pytest_plugin"]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the clean state per test, and the plugin as another project's test run uses it."
 from __future__ import annotations
 
 import textwrap
-from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
@@ -265,9 +264,8 @@ def test_the_plugin_in_a_project_of_its_own(pytester: pytest.Pytester) -> None:
             """
         )
     )
-    installed = any(ep.value == "notifyq.pytest_plugin" for ep in entry_points(group="pytest11"))
-    plugin = [] if installed else ["-p", "notifyq.pytest_plugin"]
-    result = pytester.runpytest_subprocess(*plugin, "-p", "no:cacheprovider", "-W", "error")
+    # No -p: the installed package's pytest11 entry point loads the plugin, as for a user.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
     result.assert_outcomes(passed=3)
 
 
