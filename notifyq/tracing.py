@@ -27,6 +27,7 @@ an enqueue or an attempt.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
@@ -90,11 +91,18 @@ def tracer() -> Tracer | None:
     if isinstance(provider, api.unset):
         return None
     if provider is not api.provider:  # set (or replaced) since the last call
-        from . import __version__
-
-        api.tracer = provider.get_tracer("notifyq", __version__)
+        api.tracer = provider.get_tracer("notifyq", _version())
         api.provider = provider
     return api.tracer
+
+
+def _version() -> str | None:
+    """notifyq's version, for the instrumentation scope (the package is not imported
+    from here: it imports this module)."""
+    try:
+        return importlib.metadata.version("notifyq")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return None
 
 
 class Sending:
