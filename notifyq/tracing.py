@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -68,6 +69,13 @@ class _Api:
         self.unset = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
         self.provider: object = None
         self.tracer: Tracer | None = None
+        # While no provider is set, get_tracer_provider() looks the environment up for
+        # OTEL_PYTHON_TRACER_PROVIDER on every call: about 1 µs, most of what an
+        # untraced attempt would pay here.  The module global that set_tracer_provider
+        # writes answers the same question for a few nanoseconds; without it (a future
+        # API), or with that variable set, the public function is asked.
+        self.env_provider = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+        self.has_global = hasattr(trace, "_TRACER_PROVIDER")
 
 
 _api: _Api | None = None
@@ -87,6 +95,8 @@ def tracer() -> Tracer | None:
         except ImportError:
             _absent = True
             return None
+    if api.has_global and not api.env_provider and api.trace._TRACER_PROVIDER is None:
+        return None
     provider = api.trace.get_tracer_provider()
     if isinstance(provider, api.unset):
         return None
