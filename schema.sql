@@ -18,7 +18,7 @@
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,
 -- status, attempts, max_attempts, last_error, created_at, started_at,
 -- finished_at, dedupe_key, result, progress, progress_message, checkpoint,
--- depends_on, on_dependency_failure, rate_key, token; the status values; the
+-- depends_on, on_dependency_failure, rate_key, token, trace_context; the status values; the
 -- view notifyq.queue_stats; the tables notifyq.job_history, notifyq.queue_limits,
 -- notifyq.rate_limits, notifyq.periodic, notifyq.tasks and notifyq.queue_events;
 -- the SQL worker protocol (notifyq.claim with its row type notifyq.claimed_job,
@@ -77,6 +77,11 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- Whoever holds a job's token may read it through notifyq.job_status (see
     -- "Following a job" below); the producer role may not read it.
     token            uuid        DEFAULT pg_catalog.gen_random_uuid(),
+    -- The enqueuing trace's propagation fields, as an OpenTelemetry propagator injects
+    -- them into a map ({"traceparent": ..., "tracestate": ...}): any producer may set
+    -- it, from any language, and each attempt's span links to it (docs/tracing.md).
+    -- The CHECK keeps it small, as every claim returns it; NULL costs nothing.
+    trace_context    jsonb,
 
     -- Unbounded patterns and a length test: a bounded repetition ({0,199}) costs
     -- every INSERT and UPDATE of a job tens of microseconds (migration 0013).
@@ -98,7 +103,11 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     CONSTRAINT jobs_depends_on_valid CHECK (
         cardinality(depends_on) <= 1000
         AND array_position(depends_on, NULL) IS NULL),
-    CONSTRAINT jobs_rate_key_length CHECK (char_length(rate_key) BETWEEN 1 AND 200)
+    CONSTRAINT jobs_rate_key_length CHECK (char_length(rate_key) BETWEEN 1 AND 200),
+    CONSTRAINT jobs_trace_context_valid CHECK (
+        pg_catalog.jsonb_typeof(trace_context) = 'object'
+        AND pg_catalog.pg_column_size(trace_context) <= 4096
+        AND NOT pg_catalog.jsonb_path_exists(trace_context, '$.* ? (@.type() != "string")'))
 );
 
 COMMENT ON TABLE notifyq.jobs IS
@@ -132,6 +141,11 @@ COMMENT ON CONSTRAINT jobs_depends_on_valid ON notifyq.jobs IS
     'depends_on: NULL or up to 1000 job ids, none of them NULL';
 COMMENT ON CONSTRAINT jobs_rate_key_length ON notifyq.jobs IS
     'rate_key: NULL or 1-200 characters';
+COMMENT ON CONSTRAINT jobs_trace_context_valid ON notifyq.jobs IS
+    'trace_context: NULL or a JSON object of string values, at most 4096 bytes as jsonb';
+COMMENT ON COLUMN notifyq.jobs.trace_context IS
+    'The enqueuing trace''s propagation fields ({"traceparent": ..., "tracestate": ...}, '
+    'as an OpenTelemetry propagator injects them into a map); each attempt''s span links to it.';
 
 -- Claimable rows, in claim order per (queue, task): the claim probes one
 -- (queue, task) pair at a time, so jobs of tasks it cannot run (and of other
@@ -1406,7 +1420,8 @@ BEGIN
         max_attempts     integer,
         checkpoint       jsonb,        -- saved by an earlier attempt, or NULL
         lease_expires_at timestamptz,  -- renew it with notifyq.heartbeat before then
-        timeout          interval      -- notifyq.tasks.timeout, or NULL
+        timeout          interval,     -- notifyq.tasks.timeout, or NULL
+        trace_context    jsonb         -- the job's (see notifyq.jobs), or NULL
     );
 EXCEPTION WHEN duplicate_object THEN
     NULL;
@@ -1448,12 +1463,13 @@ $$;
 -- (only when there are any: the one-time filter keeps the call off the common
 -- path); those it defers get their slot as run_at instead of starting.
 -- A job with no max_attempts of its own gets its task's (notifyq.tasks, else 5).
+-- trace_context: the job's, as its producer set it (NULL on the closing row).
 CREATE OR REPLACE FUNCTION notifyq.claim_jobs(
     worker text, queues text[], tasks text[], max_jobs integer, lease interval
 ) RETURNS TABLE (
     id bigint, queue text, task text, payload jsonb, attempt integer, max_attempts integer,
     checkpoint jsonb, lease_expires_at timestamptz, next_in float8, full_queues text[],
-    deferred bigint
+    deferred bigint, trace_context jsonb
 )
 LANGUAGE plpgsql
 VOLATILE
@@ -1544,11 +1560,11 @@ BEGIN
         WHERE j.id = ANY(ARRAY(SELECT c.id FROM candidates c
                                WHERE NOT EXISTS (SELECT FROM deferrals d WHERE d.id = c.id)))
         RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint,
-                  j.lease_expires_at
+                  j.lease_expires_at, j.trace_context
     )
     -- In claim order (an Append keeps its branches' order), the info row last.
     (SELECT c.id, c.queue, c.task, c.payload, c.attempts, c.max_attempts, c.checkpoint,
-            c.lease_expires_at, NULL::float8, NULL::text[], NULL::bigint
+            c.lease_expires_at, NULL::float8, NULL::text[], NULL::bigint, c.trace_context
      FROM claimed c
      JOIN candidates k ON k.id = c.id
      ORDER BY k.ord)
@@ -1569,7 +1585,8 @@ BEGIN
            (SELECT array_agg(r.name) FROM rooms r
             WHERE r.room < claim_jobs.max_jobs
               AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name)),
-           (SELECT count(*) FROM deferred);
+           (SELECT count(*) FROM deferred),
+           NULL;
 END
 $$;
 COMMENT ON FUNCTION notifyq.claim_jobs(text, text[], text[], integer, interval) IS
@@ -1817,6 +1834,8 @@ $$;
 -- `lease`: renew it with notifyq.heartbeat, or it is rescued when it expires.
 -- An empty result means nothing is ready: LISTEN notifyq_jobs and claim again
 -- when a notification comes (or after a timeout, as a fallback).
+-- Each job comes with its trace_context (NULL when its producer set none): the
+-- worker's span for the attempt links to it (docs/tracing.md).
 CREATE OR REPLACE FUNCTION notifyq.claim(
     worker text,
     queues text[] DEFAULT NULL,
@@ -1872,7 +1891,7 @@ BEGIN
     PERFORM notifyq.worker_seen(worker, served, claim.tasks, max_jobs, lease);
     RETURN QUERY
     SELECT c.id, c.queue, c.task, c.payload, c.attempt, c.max_attempts, c.checkpoint,
-           c.lease_expires_at, t.timeout
+           c.lease_expires_at, t.timeout, c.trace_context
     FROM notifyq.claim_jobs(worker, served, runs, max_jobs, lease) AS c
     LEFT JOIN notifyq.tasks t ON t.task = c.task
     WHERE c.id IS NOT NULL;
@@ -2195,5 +2214,5 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_endpoints_changed() FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
-    (11), (12), (13)
+    (11), (12), (13), (14)
 ON CONFLICT (version) DO NOTHING;

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, cast, overloa
 import anyio
 import psycopg
 
-from . import admin, embedded, enqueue, migrate, periodic, results, store, typed_payloads
+from . import admin, embedded, enqueue, migrate, periodic, results, store, tracing, typed_payloads
 from .contrib.sqlalchemy import async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
@@ -314,7 +314,10 @@ class App:
         with `on_dependency_failure="run"` runs once all of them finished.
         """
         job = enqueue.build(self.registry, task, payload, options)
-        return await store.enqueue(await self._given_or_own(conn), job)
+        with tracing.sending(job.queue, job.task) as send:
+            job_id = await store.enqueue(await self._given_or_own(conn), send.traced(job))
+            send.sent([job_id])
+        return job_id
 
     def enqueue_sync(
         self,
@@ -325,10 +328,15 @@ class App:
         **options: Unpack[EnqueueOptions],
     ) -> JobId:
         """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
-        job = enqueue.build(self.registry, task, payload, options, caller="enqueue_sync")
-        if conn is not None:
-            return store.enqueue_sync(sync_connection(conn), job)
-        return self._on_own_sync_connection(lambda own: store.enqueue_sync(own, job))
+        built = enqueue.build(self.registry, task, payload, options, caller="enqueue_sync")
+        with tracing.sending(built.queue, built.task) as send:
+            job = send.traced(built)
+            if conn is not None:
+                job_id = store.enqueue_sync(sync_connection(conn), job)
+            else:
+                job_id = self._on_own_sync_connection(lambda own: store.enqueue_sync(own, job))
+            send.sent([job_id])
+        return job_id
 
     async def enqueue_many(
         self,
@@ -349,7 +357,11 @@ class App:
         job, encoded = self._many(task, payloads, options, "enqueue_many")
         if not encoded:
             return []
-        return await store.enqueue_many(await self._given_or_own(conn), job, encoded)
+        with tracing.sending(job.queue, job.task, len(encoded)) as send:
+            own = await self._given_or_own(conn)
+            ids = await store.enqueue_many(own, send.traced(job), encoded)
+            send.sent(ids)
+        return ids
 
     def enqueue_many_sync(
         self,
@@ -360,12 +372,19 @@ class App:
         **options: Unpack[ManyOptions],
     ) -> list[JobId]:
         """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
-        job, encoded = self._many(task, payloads, options, "enqueue_many_sync")
+        built, encoded = self._many(task, payloads, options, "enqueue_many_sync")
         if not encoded:
             return []
-        if conn is not None:
-            return store.enqueue_many_sync(sync_connection(conn), job, encoded)
-        return self._on_own_sync_connection(lambda own: store.enqueue_many_sync(own, job, encoded))
+        with tracing.sending(built.queue, built.task, len(encoded)) as send:
+            job = send.traced(built)
+            if conn is not None:
+                ids = store.enqueue_many_sync(sync_connection(conn), job, encoded)
+            else:
+                ids = self._on_own_sync_connection(
+                    lambda own: store.enqueue_many_sync(own, job, encoded)
+                )
+            send.sent(ids)
+        return ids
 
     def _on_own_sync_connection(self, call: Callable[[psycopg.Connection[Any]], R]) -> R:
         """Run `call` on the app's one sync connection, one thread at a time."""

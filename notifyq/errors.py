@@ -154,6 +154,8 @@ _CONSTRAINTS = {
     "jobs_running_has_lease": "a running job needs claimed_by and lease_expires_at",
     "jobs_on_dependency_failure_valid": "on_dependency_failure must be 'cancel' or 'run'",
     "jobs_depends_on_valid": "depends_on must hold at most 1000 job ids, none of them NULL",
+    "jobs_trace_context_valid": "trace_context must be a JSON object of strings, at most "
+    "4096 bytes as jsonb",
 }
 
 

@@ -96,6 +96,9 @@ class Job:
     attempt: int
     max_attempts: int
     checkpoint: Any = None  # what an earlier attempt saved, decoded
+    # The producer's trace context (notifyq.jobs.trace_context): what the attempt's span
+    # links to (tracing.py).  Set by whoever inserted the job, in any language: untrusted.
+    trace_context: Any = None
 
 
 class Reporter(Protocol):

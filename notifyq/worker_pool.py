@@ -36,7 +36,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from . import codec, failpoints
+from . import codec, failpoints, tracing
 from .errors import PayloadError, ResultError
 from .job import Job, JobContext, Reporter
 from .ledger import Attempt, Ledger
@@ -246,15 +246,13 @@ class WorkerPool:
         )
         attempt = (job.id, job.attempt)
         self._running[attempt] = (scope, cancelled)
+        tracer = tracing.tracer()  # None unless an OpenTelemetry provider is configured
         began = time.monotonic()
         try:
-            if task is None:
-                raise UnknownTask(
-                    f"unknown task {job.task!r}: no handler is registered under this name "
-                    f"in the app serving queue {job.queue!r}"
-                )
-            value = await self._call(task, job, context)
-            result = encode_result(task.name, value)
+            if tracer is None:
+                result = await self._handle(task, job, context)
+            else:
+                result = await tracing.processing(tracer, job, self._handle(task, job, context))
             return Finished(job, task, result=result, runtime=time.monotonic() - began)
         except Exception as exc:
             return Finished(
@@ -278,6 +276,15 @@ class WorkerPool:
             )
         finally:
             del self._running[attempt]
+
+    async def _handle(self, task: Task | None, job: Job, context: JobContext) -> str | None:
+        """Run the handler; what it returned, as JSON text."""
+        if task is None:
+            raise UnknownTask(
+                f"unknown task {job.task!r}: no handler is registered under this name "
+                f"in the app serving queue {job.queue!r}"
+            )
+        return encode_result(task.name, await self._call(task, job, context))
 
     async def _call(self, task: Task, job: Job, context: JobContext) -> Any:
         payload = job.payload

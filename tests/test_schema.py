@@ -61,6 +61,15 @@ BAD_ROWS = [
         " FROM generate_series(1, 40000) i))",
         "jobs_payload_size",
     ),
+    ("task, trace_context", "'t', '[\"00-ab-cd-01\"]'", "jobs_trace_context_valid"),
+    ("task, trace_context", "'t', '\"traceparent\"'", "jobs_trace_context_valid"),
+    ("task, trace_context", "'t', '{\"traceparent\": 1}'", "jobs_trace_context_valid"),
+    ("task, trace_context", '\'t\', \'{"tracestate": {"a": "b"}}\'', "jobs_trace_context_valid"),
+    (
+        "task, trace_context",
+        "'t', jsonb_build_object('baggage', repeat('b', 4100))",
+        "jobs_trace_context_valid",
+    ),
 ]
 
 
@@ -82,7 +91,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 14
+    assert len(comments) == 15
     for name, comment in comments.items():
         assert comment, name
 

@@ -110,6 +110,7 @@ PUBLIC_COLUMNS = [
     "on_dependency_failure",
     "dedupe_key",
     "token",
+    "trace_context",
 ]
 PRIVATE_COLUMNS = [
     "id",

@@ -153,7 +153,9 @@ def jobs_show(job_id: int, dsn: str | None) -> None:
     if job is None:
         fail(f"no job with id {job_id}")
     error = job.pop("last_error")
-    documents = {name: job.pop(name) for name in ("payload", "checkpoint", "result")}
+    documents = {
+        name: job.pop(name) for name in ("payload", "checkpoint", "result", "trace_context")
+    }
     for name, value in job.items():
         click.echo(f"{name + ':':<{max(18, len(name) + 2)}}{'' if value is None else value}")
     for name, value in documents.items():

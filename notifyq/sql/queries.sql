@@ -8,12 +8,13 @@
 -- Insert one job; NULL arguments fall back to the column defaults.  With
 -- depends_on, the schema's trigger sets the status (waiting, queued, cancelled).
 -- The token is ours (the caller made it): a producer may not read it back.
+-- trace_context: the enqueuing span's propagation fields (tracing.py), or NULL.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token)
+                          on_dependency_failure, rate_key, token, trace_context)
 VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
         %(depends_on)s::bigint[], %(on_dependency_failure)s, %(rate_key)s::text,
-        %(token)s::uuid)
+        %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb)
 RETURNING id;
 
 -- name: enqueue_deduped
@@ -22,11 +23,11 @@ RETURNING id;
 -- means the holder committed after this statement's snapshot: run it again.
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                              on_dependency_failure, dedupe_key, rate_key, token)
+                              on_dependency_failure, dedupe_key, rate_key, token, trace_context)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
             %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
-            %(rate_key)s::text, %(token)s::uuid)
+            %(rate_key)s::text, %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
@@ -42,14 +43,14 @@ WHERE NOT EXISTS (SELECT FROM inserted)
 -- sends one notification per queue however many rows.  Identity values are
 -- drawn in ORDINALITY order, so the caller sorts the returned ids into the
 -- payloads' order (and so their tokens').  Casts are explicit: a NULL parameter
--- has no type here.
+-- has no type here.  The batch shares one trace_context: its enqueuing span's.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token)
+                          on_dependency_failure, rate_key, token, trace_context)
 SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
        coalesce(%(run_at)s::timestamptz,
                 now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
        %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text,
-       %(rate_key)s::text, p.token
+       %(rate_key)s::text, p.token, %(trace_context)s::pg_catalog.jsonb
 FROM ROWS FROM (pg_catalog.unnest(%(payloads)s::text[]), pg_catalog.unnest(%(tokens)s::uuid[]))
      WITH ORDINALITY AS p (payload, token, n)
 ORDER BY p.n
@@ -63,8 +64,9 @@ RETURNING id;
 -- that can run it (see unserved_jobs).  The jobs claimed, then a row with id
 -- NULL: the seconds until the next scheduled job or rate slot, the served queues
 -- at their concurrency cap, and how many candidates a rate limit deferred.
+-- trace_context: what the job's producer set, for the attempt's span (tracing.py).
 SELECT c.id, c.queue, c.task, c.payload, c.attempt, c.max_attempts, c.next_in, c.checkpoint,
-       c.full_queues, c.deferred
+       c.full_queues, c.deferred, c.trace_context
 FROM notifyq.claim_jobs(%(claimant)s, %(queues)s::text[], %(task_names)s::text[], %(limit)s,
                         make_interval(secs => %(lease)s)) AS c;
 
@@ -508,7 +510,7 @@ LIMIT %(limit)s;
 SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
        created_at, started_at, finished_at, claimed_by, lease_expires_at, depends_on,
        on_dependency_failure, rate_key, rate_reserved, progress, progress_message, payload,
-       checkpoint, result, last_error
+       checkpoint, result, last_error, trace_context
 FROM notifyq.jobs
 WHERE id = %(id)s;
 

@@ -55,7 +55,7 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- SELECT on the token column would show it every job's token, so it has none.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
 GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, depends_on,
-    on_dependency_failure, rate_key, token) ON notifyq.jobs TO {producer};
+    on_dependency_failure, rate_key, token, trace_context) ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 GRANT EXECUTE ON FUNCTION notifyq.job_status(bigint, uuid) TO {producer};
 

@@ -34,6 +34,8 @@ class NewJob:
     rate_key: str | None = None
     depends_on: list[int] | None = None
     on_dependency_failure: str = "cancel"
+    # The enqueuing span's propagation fields, JSON text (tracing.py); None: not traced.
+    trace_context: str | None = None
     # The job's token (see JobId): random, from the operating system's CSPRNG.
     token: uuid.UUID = field(default_factory=uuid.uuid4)
 
@@ -51,6 +53,7 @@ class NewJob:
             "max_attempts": self.max_attempts,
             "depends_on": self.depends_on,
             "on_dependency_failure": self.on_dependency_failure,
+            "trace_context": self.trace_context,
         }
 
 

@@ -67,6 +67,7 @@ class ClaimRow:
     checkpoint: Any
     full_queues: list[str] | None
     deferred: int | None
+    trace_context: Any  # decoded JSON, as its producer set it (unchecked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,7 @@ class JobRecord:
     checkpoint: Any
     result: Any
     last_error: str | None
+    trace_context: Any
 
 
 @dataclass(frozen=True, slots=True)
