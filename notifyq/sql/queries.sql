@@ -733,7 +733,7 @@ FROM fired f;
 SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
        created_at, started_at, finished_at, claimed_by, lease_expires_at, depends_on,
        on_dependency_failure, rate_key, rate_reserved, progress, progress_message, payload,
-       checkpoint, result, last_error
+       checkpoint, result, last_error, trace_context
 FROM notifyq.jobs
 WHERE %(ids)s::bigint[] IS NULL OR id = ANY (%(ids)s::bigint[])
 ORDER BY id;
