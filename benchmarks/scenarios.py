@@ -291,18 +291,48 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
             )
         with procs.worker(system.name, dsn, work) as w, connect(dsn) as probe:
             _warm_up(system, w, conn)
+            # So that autovacuum has no reason to write in the window: WAL is the server's.
+            conn.execute("VACUUM ANALYZE")
             time.sleep(1.0)
             if statements:  # so the statement list below covers the idle window only
                 probe.execute("SELECT pg_stat_statements_reset()")
             before = _counter(probe, statements)
+            wal_before = _wal_lsn(probe)
             t0 = time.monotonic()
             time.sleep(sizes.idle_seconds)
             w.check()
             count = _counter(probe, statements) - before
+            wal = _wal_lsn(probe) - wal_before
             elapsed = time.monotonic() - t0
             if statements:
                 NOTES["idle"] = _top_statements(probe)
-    return {"queries/s": count / elapsed, "per 5 s poll": count / elapsed * 5}
+    return {
+        "queries/s": count / elapsed,
+        "per 5 s poll": count / elapsed * 5,
+        "WAL bytes/30 s": wal / elapsed * 30,
+    }
+
+
+def _wal_lsn(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    """WAL the worker's sessions wrote so far, in bytes: summed over the other backends
+    of this database (PostgreSQL 18's per-backend WAL statistics; autovacuum and other
+    databases write WAL too, which the server-wide position would count).  Before 18,
+    the server-wide insert position."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    per_backend = conn.execute(
+        "SELECT to_regproc('pg_stat_get_backend_wal') IS NOT NULL"
+    ).fetchone()
+    if per_backend is not None and per_backend[0]:
+        query = (
+            "SELECT coalesce(sum((pg_stat_get_backend_wal(a.pid)).wal_bytes), 0)"
+            " FROM pg_stat_activity a"
+            " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
+        )
+    else:
+        query = "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])  # type: ignore[call-overload]
 
 
 def _counter(conn: psycopg.Connection[tuple[object, ...]], statements: bool) -> float:
@@ -311,6 +341,8 @@ def _counter(conn: psycopg.Connection[tuple[object, ...]], statements: bool) -> 
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s"
             " JOIN pg_database d ON d.oid = s.dbid"
             " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
+            " AND s.query NOT LIKE '%pg_current_wal%'"
+            " AND s.query NOT LIKE '%to_regproc%'"
         )
     else:
         conn.execute("SELECT pg_stat_force_next_flush()")
@@ -328,7 +360,9 @@ def _top_statements(conn: psycopg.Connection[tuple[object, ...]]) -> str:
         "SELECT calls, regexp_replace(left(query, 70), '\\s+', ' ', 'g') FROM pg_stat_statements s"
         " JOIN pg_database d ON d.oid = s.dbid"
         " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
-        " ORDER BY calls DESC LIMIT 5"
+        " AND s.query NOT LIKE '%pg_current_wal%'"
+        " AND s.query NOT LIKE '%to_regproc%'"
+        " ORDER BY calls DESC LIMIT 12"
     ).fetchall()
     return "; ".join(f"{calls}x {query}" for calls, query in rows)
 

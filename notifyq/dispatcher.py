@@ -38,6 +38,11 @@ no scheduled job came due.  A job whose notification came while every slot was
 busy waited for a slot, not for the poll, even if the claim that finally took
 it ran after the poll timer fell due; it is not counted.
 
+While the listening connection vouches for this dispatcher (`cover_polls`), it
+runs the fallback poll instead, as a cheap "is anything ready?" (listener.py),
+and the loop's own poll timer is off: `poll_found_work` makes the next claim
+count as a poll.  An idle dispatcher then claims nothing until there is work.
+
 One-shot runs stop the loop themselves.  With `max_jobs`, claims ask for no more
 than the jobs left to that total, and the loop stops once it is reached.  With
 `until_empty`, the loop stops when a claim found nothing while no job of ours is
@@ -141,6 +146,8 @@ class Dispatcher:
         self._refill_at = max(1, min(batch_size, concurrency) // 2)
         self._signal = anyio.Event()
         self._notified = True  # the first pass claims at once
+        self._covered = False  # the listener's upkeep polls for us (cover_polls)
+        self._poll_due = False  # the upkeep found a ready job: claim as a poll would
         self.full: frozenset[str] = frozenset()  # served queues at their cap, per the last claim
         self._stopping = False
         self.claims = 0
@@ -170,6 +177,22 @@ class Dispatcher:
         if queues is not None and self.full.issuperset(queues):
             return  # only queues at their cap: a claim would find no room
         self._notified = True
+        self._signal.set()
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks claimed right now (the app's, and HTTP endpoints')."""
+        return self._task_names
+
+    def cover_polls(self, covered: bool) -> None:
+        """Whether the listener's upkeep runs the fallback poll for us (no poll timer)."""
+        if covered != self._covered:
+            self._covered = covered
+            self._signal.set()  # uncovered: the poll timer is back
+
+    def poll_found_work(self) -> None:
+        """The upkeep saw a ready job: claim now, counted as a poll (polls_with_work)."""
+        self._poll_due = True
         self._signal.set()
 
     def room_freed(self, queues: Collection[str]) -> None:
@@ -221,7 +244,7 @@ class Dispatcher:
         while not self._stopping:
             self.passes += 1
             now = clock()
-            polled = now >= next_poll
+            polled = self._poll_due or (not self._covered and now >= next_poll)
             timers = polled or now >= next_due
             notified_only = self._notified and not timers and not more_waiting
             if notified_only and (hold := budget.wait(now)) > 0:
@@ -229,7 +252,7 @@ class Dispatcher:
                 continue
             if self._notified or timers or self._idle_recheck:
                 more_waiting = True
-                self._notified = self._idle_recheck = False
+                self._notified = self._idle_recheck = self._poll_due = False
             backlog = self._ledger.pending - self._concurrency
             free = self._concurrency - self._ledger.running - max(backlog, 0)
             if more_waiting and free > 0:
@@ -295,7 +318,7 @@ class Dispatcher:
                 # until a slot frees (which signals); sleeping on them would spin.
                 await self._sleep(math.inf)
             else:
-                await self._sleep(min(next_poll, next_due) - now)
+                await self._sleep(min(math.inf if self._covered else next_poll, next_due) - now)
 
     async def _claim(self, limit: int) -> Claim:
         if not self._tasks_synced:

@@ -13,8 +13,9 @@ since the last scrape (by primary key).
 
     /metrics   Prometheus text format
     /healthz   200 while the process serves HTTP at all (liveness)
-    /readyz    200 when the dispatcher is connected (its last heartbeat was
-               written within three heartbeats) and listening; else 503
+    /readyz    200 when the dispatcher is connected (it last heard from the
+               database, lease keeper or listener's upkeep, within three of
+               its longest regular gaps) and listening; else 503
 
 `prometheus-client` is an optional dependency: `pip install 'notifyq[metrics]'`.
 The endpoint listens on 127.0.0.1 unless `--metrics-host` says otherwise.
@@ -68,8 +69,8 @@ class Figures:
     rescued: int  # jobs this process rescued from dead dispatchers
     lock_waits: int  # statements that gave up on a lock, outcomes found locked
     running: int  # attempts handed to the worker pool whose handler is not done
-    heartbeat: float  # seconds between two lease renewals
-    beat_age: float | None  # seconds since the last heartbeat was written (None: none yet)
+    contact_every: float  # the longest regular gap between two statements' replies
+    contact_age: float | None  # seconds since the database last answered (None: never)
     listening: bool  # the listener is connected, or the dispatcher is not to listen
 
 
@@ -180,9 +181,9 @@ class Metrics:
         return self._figures()
 
     def ready(self) -> bool:
-        """Connected (a heartbeat written within three heartbeats) and listening."""
+        """Connected (the database answered within three regular gaps) and listening."""
         f = self._figures()
-        connected = f.beat_age is not None and f.beat_age < 3 * f.heartbeat + 1
+        connected = f.contact_age is not None and f.contact_age < 3 * f.contact_every + 1
         return connected and f.listening
 
     def refresh(self) -> None:
