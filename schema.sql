@@ -727,7 +727,6 @@ COMMENT ON FUNCTION notifyq.liveness_held(text) IS
 -- added to the table later would be missing from the view of a migrated database.
 -- A dispatcher is running while its heartbeat is fresh, or, listening, while
 -- its liveness lock is held: an idle one that listens never beats.
-CREATE OR REPLACE VIEW).
 CREATE OR REPLACE VIEW notifyq.dispatcher_status AS
 SELECT d.claimant, d.host, d.pid, d.queues, d.concurrency, d.running, d.heartbeat,
        d.started_at, d.heartbeat_at, d.stopped_at,
