@@ -2244,6 +2244,27 @@ CREATE OR REPLACE TRIGGER endpoints_changed
 REVOKE ALL ON notifyq.endpoints FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_endpoints_changed() FROM PUBLIC;
 
+-- Any change of a schedule (not the progress the dispatchers write, last_instant)
+-- tells the dispatchers to read notifyq.periodic again, on notifyq_internal,
+-- payload "periodic": while they listen, they read it only when an instant is
+-- due or a change is announced, not every minute.
+CREATE OR REPLACE FUNCTION notifyq.notify_periodic_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('notifyq_internal', 'periodic');
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER periodic_changed
+    AFTER INSERT OR DELETE OR TRUNCATE
+       OR UPDATE OF name, task, schedule, timezone, missed, queue, payload, priority,
+                    max_attempts, paused, defined_at
+    ON notifyq.periodic
+    FOR EACH STATEMENT EXECUTE FUNCTION notifyq.notify_periodic_changed();
+
+REVOKE EXECUTE ON FUNCTION notifyq.notify_periodic_changed() FROM PUBLIC;
+
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
     (11), (12), (13)

@@ -136,6 +136,7 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rescued = 0
+        self.sweeps = 0
         self.failure: BaseException | None = None  # why the thread died, for the main loop
         # time.monotonic() until which rescue sweeps run every FAST_SWEEP seconds.
         self._watch_until = 0.0
@@ -329,6 +330,7 @@ class LeaseKeeper:
 
     async def rescue(self, *, trust_sessions: bool = True) -> int:
         """One sweep; returns how many other dispatchers' sessions it watches."""
+        self.sweeps += 1
         rescue = await self._store.rescue(
             self._claimant,
             session_grace=SESSION_GRACE,

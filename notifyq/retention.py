@@ -62,10 +62,15 @@ class Retention:
         await anyio.sleep(random.uniform(0.0, min(self._interval, 60.0)))
         while True:
             await self.sweep()
-            wait = self._interval * random.uniform(0.9, 1.1)
-            if self._next_in is not None:
-                wait = max(wait, min(self._next_in, DAY))
-            await anyio.sleep(wait)
+            await anyio.sleep(self.next_wait())
+
+    def next_wait(self) -> float:
+        """Seconds from the last sweep to the next: the interval, or longer while nothing
+        can be old enough (at most a day: a row written by hand with an old finish)."""
+        wait = self._interval * random.uniform(0.9, 1.1)
+        if self._next_in is not None:
+            wait = max(wait, min(self._next_in, DAY))
+        return wait
 
     async def sweep(self) -> int:
         """Delete what is old enough, batch by batch; returns how many jobs went."""

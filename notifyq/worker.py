@@ -374,6 +374,7 @@ class Worker:
             on_room=self.dispatcher.room_freed,
             on_status=self.leases.poke,
             on_endpoints=self.http.changed,
+            on_periodic=self.scheduler.changed,
             liveness=self.claimant,
             upkeep=listener.Upkeeping(
                 every=self.upkeep_every,
@@ -391,6 +392,7 @@ class Worker:
         self.leases.cover(2.2 * self.upkeep_every + 1.0 if vouch else 0.0)
         self.dispatcher.cover_polls(vouch)
         self.http.heard(vouch)
+        self.scheduler.heard(vouch)
         if found is None:
             return
         if found.ready:
@@ -434,6 +436,7 @@ class Worker:
     def _connected(self) -> None:
         self.listening.set()
         self.http.changed()  # a change announced while nobody listened
+        self.scheduler.changed()
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 
     async def _signals(self) -> None:

@@ -178,6 +178,7 @@ class Store:
         # Whether this connection's statements set lock_timeout themselves (see above).
         self._timeout_per_statement = False
         self.lock_waits = 0  # statements that gave up waiting for a lock
+        self.statements = 0  # statements sent (an idle dispatcher should send none)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -231,6 +232,7 @@ class Store:
         """Run one named query; its rows built by `row`.  Under NOTIFYQ_FAILPOINT,
         `failpoint` strikes before the COMMIT once a row satisfies `wrote`."""
         conn = await self._connection()
+        self.statements += 1
         try:
             with translated():
                 async with self._one_at_a_time:
