@@ -154,9 +154,7 @@ async def test_an_idle_dispatcher_rescues_a_dead_ones_jobs_within_seconds(dsn: s
         with anyio.fail_after(15):  # SESSION_GRACE and RESTART_GRACE are seconds, not a lease
             while worker.leases.rescued < 3:  # noqa: ASYNC110 - a counter, not an event
                 await anyio.sleep(0.05)
-    assert query(dsn, "SELECT DISTINCT status FROM notifyq.jobs WHERE task = 't'") == [
-        ("queued",)
-    ]
+    assert query(dsn, "SELECT DISTINCT status FROM notifyq.jobs WHERE task = 't'") == [("queued",)]
 
 
 @contextmanager
