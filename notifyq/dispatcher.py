@@ -154,6 +154,8 @@ class Dispatcher:
         self.claimed = 0
         self.deferred = 0  # candidates a rate limit moved to a later slot
         self.polls_with_work = 0  # polls that found jobs no notification announced
+        self.polls = 0  # claims the poll timer (or the upkeep's finding) caused
+        self._waiting_for_slot = False  # work is known to wait: a freed slot claims it
         # Queues that wake-ups named since the last claim began; None: every queue (a
         # wake-up without names, or work known to be left waiting).
         self._heard: set[str] | None = None
@@ -192,6 +194,8 @@ class Dispatcher:
 
     def poll_found_work(self) -> None:
         """The upkeep saw a ready job: claim now, counted as a poll (polls_with_work)."""
+        if self._waiting_for_slot:
+            return  # we know, and every slot is busy: a freed one claims it
         self._poll_due = True
         self._signal.set()
 
@@ -271,6 +275,7 @@ class Dispatcher:
                 # Work known to be waiting: left behind by a full claim, or scheduled and due.
                 known = more_waiting_full or now >= due_from
                 sent = clock()
+                self.polls += polled
                 heard, self._heard = (None if known else self._heard), set()
                 try:
                     jobs, next_in, self.full, deferred = await self._claim(limit)
@@ -316,7 +321,11 @@ class Dispatcher:
             if more_waiting:
                 # Work is known and every slot is busy: the timers have nothing to add
                 # until a slot frees (which signals); sleeping on them would spin.
-                await self._sleep(math.inf)
+                self._waiting_for_slot = True
+                try:
+                    await self._sleep(math.inf)
+                finally:
+                    self._waiting_for_slot = False
             else:
                 await self._sleep(min(math.inf if self._covered else next_poll, next_due) - now)
 

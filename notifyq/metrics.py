@@ -65,6 +65,7 @@ class Figures:
     notifications: int  # wake-ups by a notification naming a served queue
     polls_with_work: int  # fallback polls that found jobs no notification announced
     claims: int  # claim statements run
+    polls: int  # fallback polls run: claims the poll timer caused, and the listener's upkeeps
     fenced: int  # outcomes dropped: the job was no longer ours
     rescued: int  # jobs this process rescued from dead dispatchers
     lock_waits: int  # statements that gave up on a lock, outcomes found locked
@@ -241,6 +242,11 @@ class _Collector:
                 w.polls_with_work,
             ),
             "notifyq_claims": ("Claim statements run.", w.claims),
+            "notifyq_polls": (
+                "Fallback polls run: by the LISTEN connection (one statement, no claim unless "
+                "a job is ready), or by the dispatcher's claim when it does not listen.",
+                w.polls,
+            ),
             "notifyq_completions_fenced": (
                 "Outcomes dropped because the job was no longer ours (rescued or cancelled).",
                 w.fenced,

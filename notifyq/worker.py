@@ -275,6 +275,7 @@ class Worker:
             notifications=self.notifications,
             polls_with_work=self.dispatcher.polls_with_work,
             claims=self.dispatcher.claims,
+            polls=self.dispatcher.polls + self.upkeeps,
             fenced=self.completer.fenced,
             rescued=self.leases.rescued,
             lock_waits=self.lock_waits,
