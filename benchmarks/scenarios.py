@@ -297,12 +297,12 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
             if statements:  # so the statement list below covers the idle window only
                 probe.execute("SELECT pg_stat_statements_reset()")
             before = _counter(probe, statements)
-            wal_before = _wal_lsn(probe)
+            wal_before = _wal_bytes(probe, statements)
             t0 = time.monotonic()
             time.sleep(sizes.idle_seconds)
             w.check()
             count = _counter(probe, statements) - before
-            wal = _wal_lsn(probe) - wal_before
+            wal = _wal_bytes(probe, statements) - wal_before
             elapsed = time.monotonic() - t0
             if statements:
                 NOTES["idle"] = _top_statements(probe)
@@ -313,20 +313,15 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
     }
 
 
-def _wal_lsn(conn: psycopg.Connection[tuple[object, ...]]) -> int:
-    """WAL the worker's sessions wrote so far, in bytes: summed over the other backends
-    of this database (PostgreSQL 18's per-backend WAL statistics; autovacuum and other
-    databases write WAL too, which the server-wide position would count).  Before 18,
-    the server-wide insert position."""
-    conn.execute("SELECT pg_stat_force_next_flush()")
-    per_backend = conn.execute(
-        "SELECT to_regproc('pg_stat_get_backend_wal') IS NOT NULL"
-    ).fetchone()
-    if per_backend is not None and per_backend[0]:
+def _wal_bytes(conn: psycopg.Connection[tuple[object, ...]], statements: bool) -> int:
+    """WAL written so far: with pg_stat_statements, by the statements of this database
+    (their wal_bytes: what the worker's statements wrote, not autovacuum or other
+    databases); else the server-wide insert position."""
+    if statements:
         query = (
-            "SELECT coalesce(sum((pg_stat_get_backend_wal(a.pid)).wal_bytes), 0)"
-            " FROM pg_stat_activity a"
-            " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()"
+            "SELECT coalesce(sum(wal_bytes), 0) FROM pg_stat_statements s"
+            " JOIN pg_database d ON d.oid = s.dbid"
+            " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
         )
     else:
         query = "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"
@@ -342,7 +337,6 @@ def _counter(conn: psycopg.Connection[tuple[object, ...]], statements: bool) -> 
             " JOIN pg_database d ON d.oid = s.dbid"
             " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
             " AND s.query NOT LIKE '%pg_current_wal%'"
-            " AND s.query NOT LIKE '%to_regproc%'"
         )
     else:
         conn.execute("SELECT pg_stat_force_next_flush()")
@@ -361,7 +355,6 @@ def _top_statements(conn: psycopg.Connection[tuple[object, ...]]) -> str:
         " JOIN pg_database d ON d.oid = s.dbid"
         " WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat%'"
         " AND s.query NOT LIKE '%pg_current_wal%'"
-        " AND s.query NOT LIKE '%to_regproc%'"
         " ORDER BY calls DESC LIMIT 12"
     ).fetchall()
     return "; ".join(f"{calls}x {query}" for calls, query in rows)
