@@ -1397,6 +1397,8 @@ REVOKE EXECUTE ON FUNCTION notifyq.claim_room(text, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rate_admit(bigint[], text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.liveness_held(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.rescue_due(text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Workers in any language

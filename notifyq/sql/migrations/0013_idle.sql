@@ -205,3 +205,25 @@ CREATE OR REPLACE TRIGGER periodic_changed
     FOR EACH STATEMENT EXECUTE FUNCTION notifyq.notify_periodic_changed();
 
 REVOKE EXECUTE ON FUNCTION notifyq.notify_periodic_changed() FROM PUBLIC;
+
+REVOKE EXECUTE ON FUNCTION notifyq.liveness_held(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.rescue_due(text) FROM PUBLIC;
+
+-- Roles that `notifyq roles` made workers before this version read
+-- notifyq.dispatcher_status and run the listener's upkeep without running
+-- `notifyq roles` again: they are those that may execute notifyq.rescue_jobs.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole AS role
+        FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) AS a
+        WHERE p.oid = 'notifyq.rescue_jobs(text, interval, interval, boolean, integer)'::regprocedure
+          AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION notifyq.liveness_held(text), '
+                       'notifyq.rescue_due(text) TO %s', r.role);
+    END LOOP;
+END
+$$;
