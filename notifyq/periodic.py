@@ -171,9 +171,7 @@ class Scheduler:
         failures = 0
         while True:
             try:
-                wait = await self.tick()
-                if not self._listening:
-                    wait = min(wait, MAX_SLEEP)
+                due_at = anyio.current_time() + await self.tick()
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
@@ -181,8 +179,15 @@ class Scheduler:
                 log.warning(
                     "periodic scheduler lost the database (%s); retrying in %.1fs", exc, wait
                 )
-            with anyio.move_on_after(wait):
-                await self._changed.wait()
+                due_at = anyio.current_time() + wait
+            while True:
+                # Not listening, changes go unheard: read again within MAX_SLEEP.  A sleep
+                # capped so, which ends once the listener vouches, goes on uncapped.
+                cap = math.inf if self._listening else MAX_SLEEP
+                with anyio.move_on_after(min(due_at - anyio.current_time(), cap)):
+                    await self._changed.wait()
+                if self._changed.is_set() or anyio.current_time() >= due_at or not self._listening:
+                    break
             self._changed = anyio.Event()
 
     def changed(self) -> None:
