@@ -1,4 +1,4 @@
--- Schema version 13: an idle dispatcher writes nothing.  A dispatcher that
+-- Schema version 15: an idle dispatcher writes nothing.  A dispatcher that
 -- listens holds its liveness lock (28274, hashtext(claimant)) on its listening
 -- connection for as long as it lives, so the lock, not a fresh heartbeat_at,
 -- tells that it is alive: it writes its registry row only when something in
