@@ -718,19 +718,69 @@ CREATE TABLE IF NOT EXISTS notifyq.dispatchers (
 COMMENT ON TABLE notifyq.dispatchers IS
     'One row per notifyq serve process, kept by the dispatchers themselves: read it, do not write it.';
 
+-- Whether the session-level liveness lock of `claimant` is held right now, by
+-- any session of this database (pg_locks: the lock table, no table read).  A
+-- rescuer trying the lock holds it for one statement too; that instant aside,
+-- held means the dispatcher's listening connection is open.
+CREATE OR REPLACE FUNCTION notifyq.liveness_held(claimant text) RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+        SELECT FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted
+          AND l.database = (SELECT db.oid FROM pg_database db
+                            WHERE db.datname = current_database())
+          AND l.classid = 28274
+          AND l.objid = hashtext(liveness_held.claimant)::oid
+          AND l.objsubid = 2)
+$$;
+COMMENT ON FUNCTION notifyq.liveness_held(text) IS
+    'Whether the liveness lock of this dispatcher (or SQL worker) is held: its session is open.';
+
 -- The columns are named: a view's `*` is expanded when it is created, so a column
 -- added to the table later would be missing from the view of a migrated database.
+-- A dispatcher is running while its heartbeat is fresh, or, listening, while
+-- its liveness lock is held: an idle one that listens never beats.
 CREATE OR REPLACE VIEW notifyq.dispatcher_status AS
 SELECT d.claimant, d.host, d.pid, d.queues, d.concurrency, d.running, d.heartbeat,
        d.started_at, d.heartbeat_at, d.stopped_at,
        CASE WHEN d.stopped_at IS NOT NULL THEN 'stopped'
-            WHEN d.heartbeat_at < now() - make_interval(secs => 3 * d.heartbeat) THEN 'lost'
-            ELSE 'running' END AS state,
+            WHEN greatest(d.heartbeat_at, d.alive_at)
+                 >= now() - make_interval(secs => 3 * d.heartbeat) THEN 'running'
+            WHEN d.liveness_lock AND notifyq.liveness_held(d.claimant) THEN 'running'
+            ELSE 'lost' END AS state,
        d.tasks, d.kind
 FROM notifyq.dispatchers d;
 COMMENT ON VIEW notifyq.dispatcher_status IS
     'notifyq.dispatchers with a state: running, stopped (graceful exit) or lost '
-    '(no heartbeat for three intervals: killed, hung or cut off from the database).';
+    '(no heartbeat for three intervals and no liveness lock held: killed, hung or cut off '
+    'from the database).';
+
+-- Whether a rescue sweep has anything to look at: a running job whose lease
+-- expired, or a suspect of notifyq.rescue_jobs (a claimant other than `me`
+-- with a liveness lock, a sign of life within a day and running jobs) whose
+-- lock is free.  The listening connection of an idle dispatcher asks this at
+-- every fallback poll instead of sweeping; it sweeps when the answer is yes.
+CREATE OR REPLACE FUNCTION notifyq.rescue_due(me text) RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM notifyq.jobs j
+                   WHERE j.status = 'running' AND j.lease_expires_at < now())
+        OR EXISTS (SELECT FROM notifyq.dispatchers r
+                   WHERE r.liveness_lock AND r.claimant <> rescue_due.me
+                     AND r.stopped_at IS NULL
+                     AND greatest(r.heartbeat_at, r.alive_at) >= now() - interval '1 day'
+                     AND EXISTS (SELECT FROM notifyq.jobs j
+                                 WHERE j.status = 'running' AND j.claimed_by = r.claimant)
+                     AND NOT notifyq.liveness_held(r.claimant))
+$$;
+COMMENT ON FUNCTION notifyq.rescue_due(text) IS
+    'Whether notifyq.rescue_jobs would find something to look at: an expired lease, or a '
+    'dispatcher with running jobs whose liveness lock is free.';
 
 -- The rescue every dispatcher runs, as one statement.  Two ways a running job
 -- is found lost:
@@ -750,12 +800,13 @@ COMMENT ON VIEW notifyq.dispatcher_status IS
 -- run_at is kept (the job goes back to its old place).  Rows are locked with
 -- SKIP LOCKED, and the liveness lock is only tried: rescuers never wait for
 -- each other or for a completion, and keep no state between sweeps.
--- The suspects come from the registry alone: no beat for session_grace, and
--- not yet lost (three heartbeats missed: about a lease, after which their
--- leases have expired and the lease sweep takes their jobs).  A live one holds
--- its lock, which costs one try; only a dead one's running jobs are read.  So a
--- sweep costs next to nothing however many jobs run, and every dispatcher can
--- sweep twice a second.
+-- The suspects come from the registry: no beat for session_grace, a sign of
+-- life (heartbeat or beat) within a day (an idle listening dispatcher writes
+-- neither; it holds nothing to rescue), and running jobs (one probe of the
+-- running rows each; a dead one's row, left for a day, costs only that).  A
+-- live one holds its lock, which costs one try; only a dead one's running jobs
+-- are read.  So a sweep costs next to nothing however many jobs run, and
+-- every dispatcher can sweep twice a second.
 -- Returns the rescued jobs, then one row with id NULL whose `watched` is how many
 -- other claimants the caller should sweep for again soon: those with a liveness
 -- lock that beat lately (they hold jobs), and the dead ones whose jobs were kept
@@ -787,7 +838,9 @@ BEGIN
         WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me
           AND r.stopped_at IS NULL
           AND coalesce(r.alive_at, '-infinity') < now() - session_grace
-          AND r.heartbeat_at >= now() - make_interval(secs => 3 * r.heartbeat)
+          AND greatest(r.heartbeat_at, r.alive_at) >= now() - interval '1 day'
+          AND EXISTS (SELECT FROM notifyq.jobs j
+                      WHERE j.status = 'running' AND j.claimed_by = r.claimant)
         ORDER BY r.claimant
     LOOP
         -- Held until this statement's transaction ends: the dispatcher, were it
@@ -1360,6 +1413,8 @@ REVOKE EXECUTE ON FUNCTION notifyq.claim_room(text, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rate_admit(bigint[], text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.liveness_held(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.rescue_due(text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Workers in any language
@@ -2212,7 +2267,28 @@ CREATE OR REPLACE TRIGGER endpoints_changed
 REVOKE ALL ON notifyq.endpoints FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.notify_endpoints_changed() FROM PUBLIC;
 
+-- Any change of a schedule (not the progress the dispatchers write, last_instant)
+-- tells the dispatchers to read notifyq.periodic again, on notifyq_internal,
+-- payload "periodic": while they listen, they read it only when an instant is
+-- due or a change is announced, not every minute.
+CREATE OR REPLACE FUNCTION notifyq.notify_periodic_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('notifyq_internal', 'periodic');
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER periodic_changed
+    AFTER INSERT OR DELETE OR TRUNCATE
+       OR UPDATE OF name, task, schedule, timezone, missed, queue, payload, priority,
+                    max_attempts, paused, defined_at
+    ON notifyq.periodic
+    FOR EACH STATEMENT EXECUTE FUNCTION notifyq.notify_periodic_changed();
+
+REVOKE EXECUTE ON FUNCTION notifyq.notify_periodic_changed() FROM PUBLIC;
+
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
-    (11), (12), (13), (14)
+    (11), (12), (13), (14), (15)
 ON CONFLICT (version) DO NOTHING;

@@ -340,10 +340,13 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
         conn.execute("VACUUM ANALYZE")
         with procs.worker(system.name, dsn, work) as w:
             _warm_up(system, w, conn)
+            # So that autovacuum has no reason to write in the window: WAL is the server's.
+            conn.execute("VACUUM ANALYZE")
             time.sleep(1.0)
             if statements:  # so the statement list below covers the idle window only
                 probe.execute("SELECT pg_stat_statements_reset()")
             lsn = meters.wal_lsn(probe)
+            wal_before = _statement_wal(probe) if statements else 0
             before = meters.statement_count(probe, statements)
             t0 = time.monotonic()
             time.sleep(sizes.idle_seconds)
@@ -351,7 +354,12 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
             count = meters.statement_count(probe, statements) - before
             if not statements:  # the probe's own: the read of `before`, the forced flush
                 count -= 2
-            wal = meters.wal_since(probe, lsn)
+            # The worker's own statements' WAL where pg_stat_statements tells it (autovacuum
+            # and other databases write too); else the whole server's.
+            if statements:
+                wal = _statement_wal(probe) - wal_before
+            else:
+                wal = meters.wal_since(probe, lsn)
             elapsed = time.monotonic() - t0
             if statements:
                 NOTES[f"idle {system.name}"] = _top_statements(probe)
@@ -362,11 +370,21 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
     }
 
 
+def _statement_wal(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    """WAL bytes the tracked statements of this database wrote so far."""
+    row = conn.execute(
+        "SELECT coalesce(sum(wal_bytes), 0) FROM pg_stat_statements s"
+        " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])  # type: ignore[call-overload]
+
+
 def _top_statements(conn: psycopg.Connection[tuple[object, ...]]) -> str:
     rows = conn.execute(
         "SELECT calls, regexp_replace(left(query, 70), '\\s+', ' ', 'g') FROM pg_stat_statements s"
         " JOIN pg_database d ON d.oid = s.dbid"
-        " WHERE d.datname = current_database() ORDER BY calls DESC LIMIT 5"
+        " WHERE d.datname = current_database() ORDER BY calls DESC LIMIT 12"
     ).fetchall()
     return "; ".join(f"{calls}x {query}" for calls, query in rows)
 

@@ -38,6 +38,11 @@ no scheduled job came due.  A job whose notification came while every slot was
 busy waited for a slot, not for the poll, even if the claim that finally took
 it ran after the poll timer fell due; it is not counted.
 
+While the listening connection vouches for this dispatcher (`cover_polls`), it
+runs the fallback poll instead, as a cheap "is anything ready?" (listener.py),
+and the loop's own poll timer is off: `poll_found_work` makes the next claim
+count as a poll.  An idle dispatcher then claims nothing until there is work.
+
 One-shot runs stop the loop themselves.  With `max_jobs`, claims ask for no more
 than the jobs left to that total, and the loop stops once it is reached.  With
 `until_empty`, the loop stops when a claim found nothing while no job of ours is
@@ -142,12 +147,16 @@ class Dispatcher:
         self._refill_at = max(1, min(batch_size, concurrency) // 2)
         self._signal = anyio.Event()
         self._notified = True  # the first pass claims at once
+        self._covered = False  # the listener's upkeep polls for us (cover_polls)
+        self._poll_due = False  # the upkeep found a ready job: claim as a poll would
         self.full: frozenset[str] = frozenset()  # served queues at their cap, per the last claim
         self._stopping = False
         self.claims = 0
         self.claimed = 0
         self.deferred = 0  # candidates a rate limit moved to a later slot
         self.polls_with_work = 0  # polls that found jobs no notification announced
+        self.polls = 0  # claims the poll timer (or the upkeep's finding) caused
+        self._waiting_for_slot = False  # work is known to wait: a freed slot claims it
         # Queues that wake-ups named since the last claim began; None: every queue (a
         # wake-up without names, or work known to be left waiting).
         self._heard: set[str] | None = None
@@ -171,6 +180,24 @@ class Dispatcher:
         if queues is not None and self.full.issuperset(queues):
             return  # only queues at their cap: a claim would find no room
         self._notified = True
+        self._signal.set()
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks claimed right now (the app's, and HTTP endpoints')."""
+        return self._task_names
+
+    def cover_polls(self, covered: bool) -> None:
+        """Whether the listener's upkeep runs the fallback poll for us (no poll timer)."""
+        if covered != self._covered:
+            self._covered = covered
+            self._signal.set()  # uncovered: the poll timer is back
+
+    def poll_found_work(self) -> None:
+        """The upkeep saw a ready job: claim now, counted as a poll (polls_with_work)."""
+        if self._waiting_for_slot:
+            return  # we know, and every slot is busy: a freed one claims it
+        self._poll_due = True
         self._signal.set()
 
     def room_freed(self, queues: Collection[str]) -> None:
@@ -222,7 +249,7 @@ class Dispatcher:
         while not self._stopping:
             self.passes += 1
             now = clock()
-            polled = now >= next_poll
+            polled = self._poll_due or (not self._covered and now >= next_poll)
             timers = polled or now >= next_due
             notified_only = self._notified and not timers and not more_waiting
             if notified_only and (hold := budget.wait(now)) > 0:
@@ -230,7 +257,7 @@ class Dispatcher:
                 continue
             if self._notified or timers or self._idle_recheck:
                 more_waiting = True
-                self._notified = self._idle_recheck = False
+                self._notified = self._idle_recheck = self._poll_due = False
             backlog = self._ledger.pending - self._concurrency
             free = self._concurrency - self._ledger.running - max(backlog, 0)
             if more_waiting and free > 0:
@@ -249,6 +276,7 @@ class Dispatcher:
                 # Work known to be waiting: left behind by a full claim, or scheduled and due.
                 known = more_waiting_full or now >= due_from
                 sent = clock()
+                self.polls += polled
                 heard, self._heard = (None if known else self._heard), set()
                 try:
                     jobs, next_in, self.full, deferred = await self._claim(limit)
@@ -294,9 +322,13 @@ class Dispatcher:
             if more_waiting:
                 # Work is known and every slot is busy: the timers have nothing to add
                 # until a slot frees (which signals); sleeping on them would spin.
-                await self._sleep(math.inf)
+                self._waiting_for_slot = True
+                try:
+                    await self._sleep(math.inf)
+                finally:
+                    self._waiting_for_slot = False
             else:
-                await self._sleep(min(next_poll, next_due) - now)
+                await self._sleep(min(math.inf if self._covered else next_poll, next_due) - now)
 
     async def _claim(self, limit: int) -> Claim:
         if not self._tasks_synced:

@@ -21,9 +21,16 @@ is re-queued.  After this keeper's own connection failed and came back (a
 server restart or failover: every lock was free, every beat stopped), it
 rescues by lease only for RESTART_GRACE, giving live dispatchers time to
 reconnect and beat.
-The sweep runs every `rescue_interval` seconds, and every FAST_SWEEP seconds
-while other dispatchers with a liveness lock run jobs (the last sweep saw
-some, or the status channel announced activity: `poke`).  All times are the
+The sweep runs every FAST_SWEEP seconds while other dispatchers with a
+liveness lock run jobs (the last sweep saw some), and for FAST_WINDOW after
+the status channel announced activity (`poke`: a claim, say, by a dispatcher
+that may die before its first beat).  Otherwise it runs every
+`rescue_interval` seconds, except while the listening connection's upkeep
+(listener.py) vouches (`cover`): that statement, run at every fallback poll,
+asks notifyq.rescue_due whether a sweep would find anything (an expired
+lease, a dispatcher with running jobs whose lock is free), and pokes this
+keeper when it would.  So an idle dispatcher that listens sweeps once at
+start and then only when there is something to rescue.  All times are the
 database's clock (`now()` in SQL), never this host's.
 
 The keeper runs in a thread of its own, with its own event loop and
@@ -36,9 +43,12 @@ rather than held forever.  Rescued
 jobs wake the dispatchers through their status notification (and the
 fallback poll), so the keeper never has to call into the main loop.
 
-Each heartbeat also upserts this dispatcher's row in notifyq.dispatchers (the
-registry `notifyq watch` shows, with the number of jobs held), first at start;
-on a graceful stop the row is marked stopped.
+The registry row of this dispatcher in notifyq.dispatchers (what `notifyq
+watch` shows, with the number of jobs held) is written at start, on a
+heartbeat when what it says changed (jobs held, tasks served), and on every
+heartbeat while the listening connection does not vouch: a listening
+dispatcher's liveness lock tells that it is alive (notifyq.dispatcher_status),
+so an idle one writes nothing.  On a graceful stop the row is marked stopped.
 """
 
 from __future__ import annotations
@@ -75,6 +85,10 @@ HEARTBEATS_PER_LEASE = 3
 FAST_SWEEP = 0.5
 """Seconds between two rescue sweeps while other dispatchers' sessions are watched: with
 SESSION_GRACE, a dead dispatcher's jobs are queued again about 3 s after it died."""
+FAST_WINDOW = 2.0
+"""Seconds of fast sweeps after a poke (a status change heard, or the upkeep saw something
+to rescue): long enough for a sweep to see the claimant beat (ALIVE_BEAT), after which
+it watches that claimant by itself."""
 
 
 def heartbeat_for(lease: float) -> float:
@@ -111,11 +125,18 @@ class LeaseKeeper:
             None if registration is None else {**registration, "heartbeat": self.heartbeat}
         )
         self.beat_at: float | None = None  # time.monotonic() of the last heartbeat written
+        self.contact_at: float | None = None  # time.monotonic() of our last statement's reply
+        # time.monotonic() until which the listening connection's upkeep vouches for this
+        # dispatcher (its lock held, its fallback poll asking notifyq.rescue_due); set
+        # from the main loop, a float store, safe across threads.
+        self._covered_until = 0.0
+        self._registered: tuple[int, tuple[str, ...]] | None = None  # what the row says
         self._stall_warned = False
         self._register_warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rescued = 0
+        self.sweeps = 0
         self.failure: BaseException | None = None  # why the thread died, for the main loop
         # time.monotonic() until which rescue sweeps run every FAST_SWEEP seconds.
         self._watch_until = 0.0
@@ -131,9 +152,19 @@ class LeaseKeeper:
             self._registration = {**self._registration, "tasks": sorted(tasks)}
 
     def poke(self) -> None:
-        """Jobs changed status somewhere: sweep often for a while, in case their
-        dispatcher dies.  Called from the main loop; a float store, safe across threads."""
-        self._watch_until = time.monotonic() + self._lease
+        """Jobs changed status somewhere, or the upkeep saw something to rescue: sweep
+        often for a while.  Called from the main loop; a float store, safe across threads."""
+        self._watch_until = time.monotonic() + FAST_WINDOW
+
+    def cover(self, seconds: float) -> None:
+        """The listening connection's upkeep answered, holding the liveness lock: no
+        registry write without a change and no slow sweep for `seconds` (0: it stopped
+        vouching, the connection dropped).  From the main loop, like `poke`."""
+        self._covered_until = time.monotonic() + seconds if seconds > 0 else 0.0
+
+    @property
+    def covered(self) -> bool:
+        return time.monotonic() < self._covered_until
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="notifyq-leases", daemon=True)
@@ -171,32 +202,44 @@ class LeaseKeeper:
         next_rescue = clock()  # at start-up: the jobs of a dispatcher that died before us
         next_beat = clock()  # the first heartbeat registers this dispatcher at once
         next_alive = clock()
-        # Sweep often for a lease after start: a dispatcher that died just before (or holds
-        # jobs but has not beaten yet) is not watched by the first sweep.
-        self.poke()
+        watched = 0  # other claimants the last sweep watches (fast sweeps while any)
+        was_covered = False
         failures = 0
         while True:
-            # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier
-            # and whether jobs are held (ALIVE_BEAT).
+            # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier,
+            # whether jobs are held (ALIVE_BEAT) and whether the upkeep still vouches.
             await anyio.sleep(max(0.0, min(next_rescue, next_beat, clock() + FAST_SWEEP) - clock()))
-            if time.monotonic() < self._watch_until:
+            fast = watched > 0 or time.monotonic() < self._watch_until
+            if fast:
                 next_rescue = min(next_rescue, clock() + FAST_SWEEP)
+            covered = self.covered
+            if was_covered and not covered:
+                # The listening connection dropped: the lock no longer shows us alive, the
+                # registry row's heartbeat must, from now on.
+                next_beat = clock()
+            was_covered = covered
             talked = False  # whether this pass reached the database at all
             try:
                 if clock() >= next_beat:
-                    await self.renew()
+                    talked = await self.renew()
                     next_beat = clock() + self.heartbeat
-                    talked = True
                 if clock() >= next_alive and self._ledger and self._loop_alive(warn=False):
                     await self._store.alive(self._claimant)
                     next_alive = clock() + ALIVE_BEAT
                     talked = True
                 if clock() >= next_rescue:
-                    watched = await self.rescue(trust_sessions=clock() >= self._trust_sessions_at)
+                    if covered and not fast and failures == 0:
+                        pass  # the upkeep asks notifyq.rescue_due meanwhile, and pokes
+                    else:
+                        watched = await self.rescue(
+                            trust_sessions=clock() >= self._trust_sessions_at
+                        )
+                        talked = True
                     interval = FAST_SWEEP if watched else self._rescue_interval
                     # Jitter spreads many dispatchers' rescues apart.
                     next_rescue = clock() + interval * random.uniform(0.8, 1.2)
-                    talked = True
+                if talked:
+                    self.contact_at = time.monotonic()
                 if failures and talked:
                     # Back after an outage others may have had too: give them time.
                     self._trust_sessions_at = clock() + RESTART_GRACE
@@ -236,13 +279,17 @@ class LeaseKeeper:
             return False
         return True
 
-    async def renew(self) -> None:
+    async def renew(self) -> bool:
+        """Renew the leases held and write the registry row if it is due; whether any
+        statement ran."""
         held = self._ledger.attempts()
         if not self._loop_alive():
-            return  # neither leases nor the registry: a wedged process shows as lost
+            return False  # neither leases nor the registry: a wedged process shows as lost
+        talked = False
         if held:
             ids = {job_id for job_id, _ in held}
             renewed = await self._store.renew_leases(ids, self._claimant, self._lease)
+            talked = True
             # Asked after the renewal: an outcome whose write began before it is no loss,
             # though its row has left `running` (the ledger drops it only once written).
             lost = self._ledger.still_expected(held - renewed)
@@ -256,13 +303,17 @@ class LeaseKeeper:
                     ", ".join(f"{job_id}#{attempt}" for job_id, attempt in sorted(lost)),
                 )
         if self._registration is not None:
-            await self._register(len(held))
+            says = (len(held), tuple(self._registration["tasks"]))
+            if says != self._registered or not self.covered:
+                await self._register(says)
+                talked = True
+        return talked
 
-    async def _register(self, running: int) -> None:
+    async def _register(self, says: tuple[int, tuple[str, ...]]) -> None:
         """The registry is for monitors: a failure there must never cost a lease."""
         assert self._registration is not None
         try:
-            await self._store.register(self._registration, running=running)
+            await self._store.register(self._registration, running=says[0])
         except DatabaseUnavailable:
             raise  # retried with the leases
         except NotifyqError as exc:
@@ -274,10 +325,12 @@ class LeaseKeeper:
                     exc,
                 )
             return
+        self._registered = says
         self.beat_at = time.monotonic()
 
     async def rescue(self, *, trust_sessions: bool = True) -> int:
         """One sweep; returns how many other dispatchers' sessions it watches."""
+        self.sweeps += 1
         rescue = await self._store.rescue(
             self._claimant,
             session_grace=SESSION_GRACE,

@@ -21,6 +21,16 @@ for it: rescuers take a dispatcher for dead only when both have failed.
 Reconnects back off to at most RECONNECT_CAP seconds, and a lock still held
 by an old session is tried again every LIVENESS_RETRY seconds.
 
+With `upkeep`, the connection also runs the dispatcher's fallback poll: one
+statement every `every` seconds (jittered) that asks whether a served job is
+ready and whether a rescue sweep would find anything (notifyq.rescue_due),
+and doubles as the ping.  `on_upkeep` gets the answer, and whether this
+connection vouches for the dispatcher (its probe came back and it holds the
+liveness lock): while it does, the dispatcher skips its own poll and the
+lease keeper its registry beats and slow sweeps, so an idle dispatcher sends
+one statement per poll interval and writes nothing.  `on_upkeep(None, False)`
+says the connection dropped.
+
 The dispatchers' own messages (cap changes, the probe below) travel on
 notifyq_internal, which the listener LISTENs to as well, so the public
 channels carry only what the schema documents for them.
@@ -36,7 +46,9 @@ found by the fallback poll meanwhile.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 
 import anyio
 
@@ -44,18 +56,28 @@ from . import channels, codec, failpoints
 from .errors import DatabaseUnavailable
 from .job import FINISHED, JobState
 from .retry import reconnect_delay
-from .store import Listener
+from .store import Listener, Upkeep
 
 log = logging.getLogger("notifyq.listener")
 
 PROBE_PREFIX = "notifyq-probe:"  # on the internal channel
 LIMIT_PREFIX = "limit:"  # internal: notifyq.queue_limits changed for the queue that follows
 ENDPOINTS = "endpoints"  # internal: notifyq.endpoints changed (HTTP tasks)
+PERIODIC = "periodic"  # internal: notifyq.periodic changed (schedules)
 PROBE_TIMEOUT = 5.0
 RECONNECT_CAP = 2.0  # seconds: well inside the rescuers' grace for a lost session
 LIVENESS_RETRY = 1.0  # seconds between tries while the lock is not ours yet
 LIVENESS_TRIES = 20  # a rescuer holds the lock for one statement; the old session may linger
 LEFT_RUNNING = frozenset({*FINISHED, JobState.QUEUED})  # statuses after running
+
+
+@dataclass(frozen=True, slots=True)
+class Upkeeping:
+    """The fallback poll the listening connection runs (see the module docstring)."""
+
+    every: float  # seconds between two, jittered
+    tasks: Callable[[], Collection[str]]  # the tasks the dispatcher claims right now
+    on_upkeep: Callable[[Upkeep | None, bool], None]
 
 
 def status_change(payload: str) -> tuple[str, str]:
@@ -82,7 +104,9 @@ async def listen(
     on_room: Callable[[set[str]], None] | None = None,
     on_status: Callable[[], None] | None = None,
     on_endpoints: Callable[[], None] | None = None,
+    on_periodic: Callable[[], None] | None = None,
     liveness: str | None = None,
+    upkeep: Upkeeping | None = None,
 ) -> None:
     """Run until cancelled, reconnecting with capped, jittered backoff.
 
@@ -92,9 +116,11 @@ async def listen(
     `on_room(queues)` once per batch of status notifications saying jobs of served
     queues left `running`, or of cap changes (room under a concurrency cap);
     `on_status()` once per batch of status notifications (jobs changed status
-    somewhere); `on_endpoints()` once per batch saying notifyq.endpoints changed;
+    somewhere); `on_endpoints()` once per batch saying notifyq.endpoints changed,
+    `on_periodic()` notifyq.periodic;
     `send_probe(payload)` must NOTIFY channels.INTERNAL from another connection;
-    `liveness`: the claimant whose liveness lock this connection holds.
+    `liveness`: the claimant whose liveness lock this connection holds (and the
+    claimant `upkeep` asks notifyq.rescue_due for).
     """
     served = frozenset(queues)
     names = [channels.JOBS, channels.INTERNAL]
@@ -118,6 +144,8 @@ async def listen(
                 on_connected()
                 probe = f"{PROBE_PREFIX}{probe_id}:{connects}"
                 probe_deadline: float | None = anyio.current_time() + PROBE_TIMEOUT
+                verified = False
+                next_upkeep = anyio.current_time() + PROBE_TIMEOUT  # or once verified
                 await send_probe(probe)
                 while True:
                     wait = ping_interval
@@ -125,7 +153,9 @@ async def listen(
                         wait = min(wait, LIVENESS_RETRY)
                     if probe_deadline is not None:
                         wait = max(0.0, probe_deadline - anyio.current_time())
-                    notes = await listener.wait(wait)
+                    if upkeep is not None:
+                        wait = max(0.0, min(wait, next_upkeep - anyio.current_time()))
+                    notes = await listener.wait(wait, ping=upkeep is None)
                     if (
                         liveness is not None
                         and not listener.holds_liveness
@@ -136,6 +166,8 @@ async def listen(
                     if probe_deadline is not None:
                         if probe in internal:
                             probe_deadline = None
+                            verified = True
+                            next_upkeep = anyio.current_time()  # vouch from now on
                             log.debug("listener verified: its probe notification arrived")
                         elif anyio.current_time() >= probe_deadline:
                             probe_deadline = None
@@ -166,9 +198,23 @@ async def listen(
                     freed &= served
                     if on_endpoints is not None and ENDPOINTS in internal:
                         on_endpoints()
+                    if on_periodic is not None and PERIODIC in internal:
+                        on_periodic()
                     if on_room is not None and freed:
                         on_room(freed)
+                    if upkeep is not None and anyio.current_time() >= next_upkeep:
+                        found = await listener.upkeep(
+                            liveness or probe_id,
+                            sorted(served),
+                            upkeep.tasks(),
+                            answer_within=max(upkeep.every, 2.0),
+                        )
+                        next_upkeep = anyio.current_time() + upkeep.every * random.uniform(0.9, 1.1)
+                        vouch = verified and (liveness is None or listener.holds_liveness)
+                        upkeep.on_upkeep(found, vouch)
             except DatabaseUnavailable as exc:
+                if upkeep is not None:
+                    upkeep.on_upkeep(None, False)
                 failures += 1
                 delay = reconnect_delay(failures, first=0.2, cap=RECONNECT_CAP)
                 log.warning("listener lost the database (%s); reconnecting in %.1fs", exc, delay)

@@ -13,8 +13,9 @@ since the last scrape (by primary key).
 
     /metrics   Prometheus text format
     /healthz   200 while the process serves HTTP at all (liveness)
-    /readyz    200 when the dispatcher is connected (its last heartbeat was
-               written within three heartbeats) and listening; else 503
+    /readyz    200 when the dispatcher is connected (it last heard from the
+               database, lease keeper or listener's upkeep, within three of
+               its longest regular gaps) and listening; else 503
 
 `prometheus-client` is an optional dependency: `pip install 'notifyq[metrics]'`.
 The endpoint listens on 127.0.0.1 unless `--metrics-host` says otherwise.
@@ -64,12 +65,13 @@ class Figures:
     notifications: int  # wake-ups by a notification naming a served queue
     polls_with_work: int  # fallback polls that found jobs no notification announced
     claims: int  # claim statements run
+    polls: int  # fallback polls run: claims the poll timer caused, and the listener's upkeeps
     fenced: int  # outcomes dropped: the job was no longer ours
     rescued: int  # jobs this process rescued from dead dispatchers
     lock_waits: int  # statements that gave up on a lock, outcomes found locked
     running: int  # attempts handed to the worker pool whose handler is not done
-    heartbeat: float  # seconds between two lease renewals
-    beat_age: float | None  # seconds since the last heartbeat was written (None: none yet)
+    contact_every: float  # the longest regular gap between two statements' replies
+    contact_age: float | None  # seconds since the database last answered (None: never)
     listening: bool  # the listener is connected, or the dispatcher is not to listen
 
 
@@ -180,9 +182,9 @@ class Metrics:
         return self._figures()
 
     def ready(self) -> bool:
-        """Connected (a heartbeat written within three heartbeats) and listening."""
+        """Connected (the database answered within three regular gaps) and listening."""
         f = self._figures()
-        connected = f.beat_age is not None and f.beat_age < 3 * f.heartbeat + 1
+        connected = f.contact_age is not None and f.contact_age < 3 * f.contact_every + 1
         return connected and f.listening
 
     def refresh(self) -> None:
@@ -240,6 +242,11 @@ class _Collector:
                 w.polls_with_work,
             ),
             "notifyq_claims": ("Claim statements run.", w.claims),
+            "notifyq_polls": (
+                "Fallback polls run: by the LISTEN connection (one statement, no claim unless "
+                "a job is ready), or by the dispatcher's claim when it does not listen.",
+                w.polls,
+            ),
             "notifyq_completions_fenced": (
                 "Outcomes dropped because the job was no longer ours (rescued or cancelled).",
                 w.fenced,

@@ -24,13 +24,16 @@ Time: the instant decision uses the database clock only.  Instants are computed
 by cronsim in the schedule's zone; around a DST change it follows Debian cron:
 a time skipped by the clock going forward runs at the first valid time after
 it, a time repeated going back runs once.  The local clock only measures how
-long to sleep until the next instant (at most MAX_SLEEP, so rows changed by
-SQL are picked up).
+long to sleep until the next instant: at most MAX_SLEEP, so rows changed by
+SQL are picked up, unless the dispatcher listens (`heard`), since a change of
+notifyq.periodic is announced on notifyq_internal (`changed`): then an idle
+dispatcher whose schedules are far off (or that has none) reads nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -157,6 +160,9 @@ class Scheduler:
         self._grace = grace
         self._defined = not self._definitions
         self._unusable: set[tuple[str, str, str]] = set()
+        self._changed = anyio.Event()
+        self._listening = False  # changes of notifyq.periodic are announced to us
+        self.reads = 0  # times the schedules were read
         self.enqueued = 0
         self.skipped = 0
 
@@ -165,7 +171,7 @@ class Scheduler:
         failures = 0
         while True:
             try:
-                wait = await self.tick()
+                due_at = anyio.current_time() + await self.tick()
                 failures = 0
             except DatabaseUnavailable as exc:
                 failures += 1
@@ -173,7 +179,26 @@ class Scheduler:
                 log.warning(
                     "periodic scheduler lost the database (%s); retrying in %.1fs", exc, wait
                 )
-            await anyio.sleep(wait)
+                due_at = anyio.current_time() + wait
+            while True:
+                # Not listening, changes go unheard: read again within MAX_SLEEP.  A sleep
+                # capped so, which ends once the listener vouches, goes on uncapped.
+                cap = math.inf if self._listening else MAX_SLEEP
+                with anyio.move_on_after(min(due_at - anyio.current_time(), cap)):
+                    await self._changed.wait()
+                if self._changed.is_set() or anyio.current_time() >= due_at or not self._listening:
+                    break
+            self._changed = anyio.Event()
+
+    def changed(self) -> None:
+        """notifyq.periodic changed, or the listener reconnected: read it again."""
+        self._changed.set()
+
+    def heard(self, listening: bool) -> None:
+        """Whether changes of notifyq.periodic are announced to us (the listener is up)."""
+        if self._listening and not listening:
+            self._changed.set()  # back to MAX_SLEEP: the current sleep may be longer
+        self._listening = listening
 
     async def define(self) -> None:
         """Write the app's schedules to notifyq.periodic (unchanged rows stay as they are)."""
@@ -189,12 +214,13 @@ class Scheduler:
         self._defined = True
 
     async def tick(self) -> float:
-        """Enqueue what is due now; returns the seconds until the next instant."""
+        """Enqueue what is due now; returns the seconds until the next instant (inf: none)."""
         if not self._defined:
             await self.define()
         now, schedules = await self._store.periodic_schedules()
+        self.reads += 1
         read_at = anyio.current_time()
-        wait = MAX_SLEEP
+        wait = math.inf
         for row in schedules:
             name, schedule, timezone = row.name, row.schedule, row.timezone
             try:

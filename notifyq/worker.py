@@ -157,11 +157,17 @@ class Worker:
             on_room=self.dispatcher.wake,
             observe=None if self.metrics is None else self.metrics.http_request,
         )
+        rescue_interval = min(settings.poll_interval, settings.lease / 2)
+        # The listener's upkeep is the fallback poll and the rescue check in one (and the
+        # ping, at least every 30 s): as often as either.
+        self.upkeep_every = min(rescue_interval, 30.0)
+        self._upkeep_at: float | None = None  # time.monotonic() of the last upkeep's reply
+        self.upkeeps = 0  # upkeep statements answered
         self.leases = LeaseKeeper(
             self._lease_store,
             self.claimant,
             lease=settings.lease,
-            rescue_interval=min(settings.poll_interval, settings.lease / 2),
+            rescue_interval=rescue_interval,
             ledger=self.held,
             loop_beat=lambda: self._loop_beat,
             max_stall=settings.lease * 10,
@@ -264,17 +270,19 @@ class Worker:
 
     def figures(self) -> Figures:
         """The counts metrics show, as one snapshot (read on the HTTP server's threads)."""
-        beat = self.leases.beat_at
+        contacts = [t for t in (self.leases.contact_at, self._upkeep_at) if t is not None]
         return Figures(
             notifications=self.notifications,
             polls_with_work=self.dispatcher.polls_with_work,
             claims=self.dispatcher.claims,
+            polls=self.dispatcher.polls + self.upkeeps,
             fenced=self.completer.fenced,
             rescued=self.leases.rescued,
             lock_waits=self.lock_waits,
             running=self.held.running,
-            heartbeat=self.leases.heartbeat,
-            beat_age=None if beat is None else time.monotonic() - beat,
+            # Idle and listening, only the upkeep talks; else the keeper at least once a beat.
+            contact_every=max(self.leases.heartbeat, self.upkeep_every * 1.1),
+            contact_age=time.monotonic() - max(contacts) if contacts else None,
             listening=self.listening.is_set() or not self.settings.listen,
         )
 
@@ -367,8 +375,31 @@ class Worker:
             on_room=self.dispatcher.room_freed,
             on_status=self.leases.poke,
             on_endpoints=self.http.changed,
+            on_periodic=self.scheduler.changed,
             liveness=self.claimant,
+            upkeep=listener.Upkeeping(
+                every=self.upkeep_every,
+                tasks=lambda: self.dispatcher.task_names,
+                on_upkeep=self._upkept,
+            ),
         )
+
+    def _upkept(self, found: store.Upkeep | None, vouch: bool) -> None:
+        """The listener's upkeep answered (None: its connection dropped)."""
+        if found is not None:
+            self._upkeep_at = time.monotonic()
+            self.upkeeps += 1
+        # Until the next upkeep is late (jitter, a slow reply): then the others take over.
+        self.leases.cover(2.2 * self.upkeep_every + 1.0 if vouch else 0.0)
+        self.dispatcher.cover_polls(vouch)
+        self.http.heard(vouch)
+        self.scheduler.heard(vouch)
+        if found is None:
+            return
+        if found.ready:
+            self.dispatcher.poll_found_work()
+        if found.rescue:
+            self.leases.poke()
 
     def _cancel_requested(self) -> None:
         self._cancel_check.set()
@@ -406,6 +437,7 @@ class Worker:
     def _connected(self) -> None:
         self.listening.set()
         self.http.changed()  # a change announced while nobody listened
+        self.scheduler.changed()
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 
     async def _signals(self) -> None:

@@ -118,9 +118,9 @@ async def test_a_really_lost_notification_is_found_by_the_poll_and_counted_once(
     caplog.set_level(logging.INFO, logger="notifyq.dispatcher")
     async with serving(app, dsn, poll_interval=0.3) as worker:
         # The claim that catches up after LISTEN may still be to come: let it pass first,
-        # or it would find the job before the poll does.
-        claims = worker.dispatcher.claims
-        await eventually(lambda: worker.dispatcher.claims > claims)
+        # or it would find the job before the poll does.  It is sent on connecting, the
+        # LISTEN connection's poll (upkeep) vouches only after a probe's round trip.
+        await eventually(lambda: worker.leases.covered)
         with psycopg.connect(dsn, autocommit=True) as conn:
             # Triggers do not fire for a session in replica mode: no notification is sent.
             conn.execute("SET session_replication_role = replica")
@@ -427,9 +427,10 @@ async def test_a_task_without_a_handler_is_never_claimed_and_others_keep_flowing
     async with serving(app, dsn, poll_interval=0.05) as worker:
         sql_insert(dsn, "('no.such.task', '{}'), ('known', '{}'), ('no.such.task', '{}')")
         await eventually(lambda: statuses(dsn) == {"queued": 2, "succeeded": 1})
-        # Every claim from now on (the poll's) sees the unknown jobs ready, and takes none.
-        seen = worker.dispatcher.claims
-        await eventually(lambda: worker.dispatcher.claims >= seen + 3)
+        # Every poll from now on sees the unknown jobs ready (none of them ours), and takes
+        # none.
+        seen = worker.figures().polls
+        await eventually(lambda: worker.figures().polls >= seen + 3)
     assert query(
         dsn, "SELECT attempts, started_at, last_error FROM notifyq.jobs WHERE task = 'no.such.task'"
     ) == [(0, None, None), (0, None, None)]

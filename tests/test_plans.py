@@ -484,3 +484,39 @@ def test_watch_dispatchers_counts_running_jobs_along_their_index(finished_dsn: s
     assert any(n.get("Index Name") == "jobs_lease_idx" for n in nodes), on_jobs
     assert rows_read(nodes) <= running, rows_read(nodes)
     assert counted == running
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_the_listeners_upkeep_reads_indexes_only(big_dsn: str, generic: bool) -> None:
+    """upkeep, an idle dispatcher's one statement per poll: "ready?" along jobs_claim_idx at
+    the first ready row; notifyq.rescue_due along jobs_lease_idx (running rows only)."""
+    query(
+        big_dsn,
+        "INSERT INTO notifyq.dispatchers (claimant, host, pid, queues, concurrency, heartbeat,"
+        " liveness_lock, alive_at) VALUES ('x', 'h', 1, '{default}', 1, 10, true, now())",
+    )
+    params = {"claimant": "me", "queues": ["default", "other"], "tasks": ["t", "t2"]}
+    found = scans(prepared_plan(big_dsn, "upkeep", params, generic=generic))
+    assert ("Index Only Scan", "jobs_claim_idx") in found or (
+        "Index Scan",
+        "jobs_claim_idx",
+    ) in found, found
+    assert not any(kind == "Seq Scan" for kind, _ in found), found
+    # The statement itself (logged too), then notifyq.rescue_due's, then notifyq.liveness_held's.
+    inside = [
+        scans(nodes)
+        for nodes in nested_plans(big_dsn, "upkeep", params, generic=generic)
+        if any(n.get("Relation Name") == "jobs" for n in nodes)
+    ]
+    assert any(idx == "jobs_lease_idx" for found in inside for _, idx in found), inside
+    for nested in inside:
+        assert not any(kind == "Seq Scan" for kind, _ in nested), nested
+
+
+def test_retention_asks_when_next_due_along_the_finished_index(big_dsn: str) -> None:
+    """purge_batch's next_in: the first finished row younger than the cutoff, one probe of
+    jobs_finished_idx, never a scan of the finished rows."""
+    params = {"seconds": 3600.0, "statuses": ["succeeded"], "limit": 1000}
+    found = scans(prepared_plan(big_dsn, "purge_batch", params, generic=False))
+    assert any(idx == "jobs_finished_idx" for _, idx in found), found
+    assert not any(kind == "Seq Scan" for kind, _ in found), found

@@ -127,6 +127,8 @@ ROW_OF_QUERY: dict[str, type] = {
     "renew_leases": rows.HeldAttempt,
     "still_claimed": rows.HeldAttempt,
     "rescue": rows.RescueRow,
+    "purge_batch": rows.Purged,
+    "upkeep": rows.Upkeep,
     "periodic_schedules": rows.ScheduleRow,
     "periodic_fire": rows.Fired,
     "jobs_list": rows.JobSummary,

@@ -34,8 +34,8 @@ def unserved(dsn: str) -> list[store.rows.UnservedJobs]:
         return store.monitoring.unserved_jobs(conn)
 
 
-def claims(port: int) -> float:
-    return sample(get(port, "/metrics")[1], "notifyq_claims_total") or 0.0
+def polls(port: int) -> float:
+    return sample(get(port, "/metrics")[1], "notifyq_polls_total") or 0.0
 
 
 def test_a_second_app_leaves_the_first_apps_jobs_queued_and_reports_them(dsn: str) -> None:
@@ -56,10 +56,10 @@ def test_a_second_app_leaves_the_first_apps_jobs_queued_and_reports_them(dsn: st
         wait_until(lambda: statuses(dsn) == {"queued": 4, "succeeded": 1}, message="its own job")
         registered = query(dsn, "SELECT queues, tasks FROM notifyq.dispatchers")
         assert registered == [(["default"], ["ledger.hold", "ledger.record"])]
-        # Every claim from now on (polls, ten a second) sees the first app's jobs ready.
-        wait_until(lambda: claims(port) > 0, message="the metrics")
-        seen = claims(port)
-        wait_until(lambda: claims(port) >= seen + 3, message="three more claims")
+        # Every poll from now on (ten a second) sees the first app's jobs ready, none ours.
+        wait_until(lambda: polls(port) > 0, message="the metrics")
+        seen = polls(port)
+        wait_until(lambda: polls(port) >= seen + 3, message="three more polls")
         assert (
             query(
                 dsn,

@@ -102,6 +102,7 @@ class HttpServing:
         self._http: set[str] = set()
         self._held: Counter[str] = Counter()
         self._changed = anyio.Event()
+        self._listening = False  # changes are announced to us (the listener vouches)
         self._table_readable = True
         self._session: Session | None = None
 
@@ -126,11 +127,18 @@ class HttpServing:
         """notifyq.endpoints changed, or the listener reconnected: read it again."""
         self._changed.set()
 
+    def heard(self, listening: bool) -> None:
+        """Whether changes of notifyq.endpoints are announced to us (the listener is up)."""
+        self._listening = listening
+
     async def watch(self) -> None:
-        """Reload on every change heard, and every RELOAD_EVERY seconds."""
+        """Reload on every change heard, and every RELOAD_EVERY seconds while changes may
+        go unheard (not listening: the table's trigger notifies)."""
         while True:
             with anyio.move_on_after(RELOAD_EVERY):
                 await self._changed.wait()
+            if not self._changed.is_set() and self._listening:
+                continue
             self._changed = anyio.Event()
             await self.reload()
 

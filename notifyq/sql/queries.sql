@@ -254,6 +254,22 @@ UPDATE notifyq.dispatchers SET alive_at = now() WHERE claimant = %(claimant)s;
 -- for whichever client gets it next).
 SELECT set_config('lock_timeout', %(lock_timeout)s, %(local)s);
 
+-- name: upkeep
+-- The listening connection's fallback poll, one statement that is also its ping:
+-- is a job of the served queues and tasks ready (then the dispatcher claims), and
+-- has a rescue sweep anything to look at (notifyq.rescue_due; then the lease
+-- keeper sweeps)?  One probe per (queue, task) pair along jobs_claim_idx, as
+-- work_left; jobs kept by a cap or a rate limit count as ready (the claim says).
+SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
+               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN LATERAL (
+                   SELECT FROM notifyq.jobs j
+                   WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
+                     AND j.run_at <= now()
+                   ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx's order
+                   LIMIT 1) AS ready) AS ready,
+       notifyq.rescue_due(%(claimant)s) AS rescue;
+
 -- name: liveness_lock
 -- The listener's connection takes this dispatcher's liveness lock for as long as
 -- it lives (see notifyq.rescue_jobs): false while another session still holds it.
@@ -315,15 +331,18 @@ FROM pg_stat_user_tables
 WHERE relid = 'notifyq.jobs'::regclass;
 
 -- name: register_dispatcher
--- Lease keeper heartbeat: upsert this dispatcher's registry row with the jobs it
--- holds; the same statement deletes rows of dispatchers stopped or lost a day ago
--- (skipping any row locked right now: the next heartbeat prunes it).
+-- Lease keeper: upsert this dispatcher's registry row with the jobs it holds, at
+-- start, when what it says changed, and on every heartbeat while it does not
+-- listen; the same statement deletes rows of dispatchers stopped or silent for a
+-- day (skipping any row locked right now: the next write prunes it).  A silent
+-- row whose liveness lock is held is an idle dispatcher that listens: kept.
 -- tasks: the tasks it has handlers for, the only ones it claims (see unserved_jobs).
 WITH stale AS MATERIALIZED (
     SELECT claimant
     FROM notifyq.dispatchers
     WHERE claimant <> %(claimant)s
-      AND coalesce(stopped_at, heartbeat_at) < now() - interval '1 day'
+      AND coalesce(stopped_at, greatest(heartbeat_at, alive_at)) < now() - interval '1 day'
+      AND NOT (stopped_at IS NULL AND liveness_lock AND notifyq.liveness_held(claimant))
     FOR UPDATE SKIP LOCKED
 ), pruned AS (
     DELETE FROM notifyq.dispatchers d USING stale s WHERE d.claimant = s.claimant
@@ -332,7 +351,8 @@ INSERT INTO notifyq.dispatchers AS d
     (claimant, host, pid, queues, concurrency, running, heartbeat, liveness_lock, tasks)
 VALUES (%(claimant)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s, %(running)s,
         %(heartbeat)s, %(liveness_lock)s, %(tasks)s::text[])
-ON CONFLICT (claimant) DO UPDATE SET running = excluded.running, heartbeat_at = now();
+ON CONFLICT (claimant) DO UPDATE
+SET running = excluded.running, tasks = excluded.tasks, heartbeat_at = now();
 
 -- name: dispatcher_stopped
 -- Graceful exit: mark this dispatcher's registry row stopped.
@@ -531,8 +551,19 @@ SELECT notifyq.cancel_job(%(id)s);
 SELECT notifyq.purge(make_interval(secs => %(seconds)s), %(statuses)s::text[]);
 
 -- name: purge_batch
--- notifyq serve's retention: one batch of the SQL function, in its own transaction.
-SELECT notifyq.purge_batch(make_interval(secs => %(seconds)s), ARRAY[%(status)s::text], %(limit)s);
+-- notifyq serve's retention: one batch of the SQL function, in its own transaction,
+-- for the statuses kept equally long.  next_in: seconds until a row still here may
+-- be old enough, from the oldest finished row younger than the cutoff, of any
+-- status (one probe of jobs_finished_idx; never later than the truth); NULL: none,
+-- so nothing can be due before a job finishing now would be.
+SELECT notifyq.purge_batch(make_interval(secs => %(seconds)s), %(statuses)s::text[],
+                           %(limit)s) AS deleted,
+       extract(epoch FROM (SELECT j.finished_at FROM notifyq.jobs j
+                           WHERE j.status IN ('succeeded', 'dead', 'cancelled')
+                             AND j.finished_at >= now() - make_interval(secs => %(seconds)s)
+                           ORDER BY j.finished_at
+                           LIMIT 1)
+                          + make_interval(secs => %(seconds)s) - now())::float8 AS next_in;
 
 -- name: set_history
 -- notifyq history on|off: the SQL function.

@@ -79,6 +79,9 @@ GRANT EXECUTE ON FUNCTION notifyq.rate_admit(bigint[], text[]) TO {worker};
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {worker};
 -- Rescue: the jobs of dispatchers whose session ended, or whose leases expired.
 GRANT EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) TO {worker};
+-- Liveness seen in pg_locks: the registry's state (dispatcher_status, pruning) and the
+-- listener's upkeep, which asks whether a sweep would find anything.
+GRANT EXECUTE ON FUNCTION notifyq.liveness_held(text), notifyq.rescue_due(text) TO {worker};
 -- Periodic jobs: each dispatcher defines its app's schedules and advances them.
 GRANT SELECT, INSERT, UPDATE ON notifyq.periodic TO {worker};
 GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status

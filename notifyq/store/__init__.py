@@ -53,7 +53,7 @@ from .producing import (
     job_status_sync,
     wait_outcomes,
 )
-from .rows import Fired, JobOutcome, Schedule
+from .rows import Fired, JobOutcome, Schedule, Upkeep
 
 __all__ = [
     "CONNECT_OPTIONS",
@@ -73,6 +73,7 @@ __all__ = [
     "Settled",
     "Store",
     "TaskSettings",
+    "Upkeep",
     "Written",
     "apply_roles",
     "apply_script",

@@ -30,9 +30,11 @@ from .rows import (
     EndpointRow,
     Fired,
     HeldAttempt,
+    Purged,
     RescueRow,
     Schedule,
     ScheduleRow,
+    Upkeep,
     WrittenRow,
 )
 
@@ -176,6 +178,7 @@ class Store:
         # Whether this connection's statements set lock_timeout themselves (see above).
         self._timeout_per_statement = False
         self.lock_waits = 0  # statements that gave up waiting for a lock
+        self.statements = 0  # statements sent (an idle dispatcher should send none)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
@@ -229,6 +232,7 @@ class Store:
         """Run one named query; its rows built by `row`.  Under NOTIFYQ_FAILPOINT,
         `failpoint` strikes before the COMMIT once a row satisfies `wrote`."""
         conn = await self._connection()
+        self.statements += 1
         try:
             with translated():
                 async with self._one_at_a_time:
@@ -384,11 +388,12 @@ class Store:
         )
         return bool(rows)
 
-    async def purge_batch(self, seconds: float, status: str, limit: int) -> int:
-        """Delete up to `limit` jobs of `status` finished over `seconds` ago; how many."""
-        params = {"seconds": seconds, "status": status, "limit": limit}
-        (deleted,) = await self._run("purge_batch", params, scalar_row)
-        return int(deleted)
+    async def purge_batch(self, seconds: float, statuses: Sequence[str], limit: int) -> Purged:
+        """Delete up to `limit` jobs of `statuses` finished over `seconds` ago: how many,
+        and when a row left may be old enough (see the query)."""
+        params = {"seconds": seconds, "statuses": list(statuses), "limit": limit}
+        (purged,) = await self._run("purge_batch", params, class_row(Purged))
+        return purged
 
     async def cancelled_among(self, ids: Collection[int]) -> set[int]:
         return set(await self._run("cancelled_among", {"ids": list(ids)}, scalar_row))
@@ -546,6 +551,29 @@ class Listener:
         self.holds_liveness = False
         await self.take_liveness()
 
+    async def upkeep(
+        self, claimant: str, queues: Sequence[str], tasks: Collection[str], answer_within: float
+    ) -> Upkeep:
+        """The fallback poll on this connection (see the query), which is also its ping:
+        unanswered within `answer_within` seconds, the connection counts as dead."""
+        conn = self._conn
+        if conn is None:
+            raise DatabaseUnavailable("the listener is not connected")
+        params = {"claimant": claimant, "queues": list(queues), "tasks": list(tasks)}
+        try:
+            with translated(), anyio.fail_after(answer_within):
+                cur = conn.cursor(row_factory=class_row(Upkeep))
+                await cur.execute(QUERIES["upkeep"], params)
+                found = await cur.fetchone()
+        except TimeoutError:
+            await self.close()
+            raise DatabaseUnavailable("the listener's upkeep went unanswered") from None
+        except DatabaseUnavailable:
+            await self.close()
+            raise
+        assert found is not None
+        return found
+
     async def take_liveness(self) -> bool:
         """Take the liveness lock if it is ours to take and not held yet; whether held."""
         conn = self._conn
@@ -557,8 +585,9 @@ class Listener:
             self.holds_liveness = bool(await cur.fetchone())
         return self.holds_liveness
 
-    async def wait(self, ping_after: float) -> list[Note]:
-        """Notifications that arrived within `ping_after` seconds; [] after a successful ping."""
+    async def wait(self, ping_after: float, *, ping: bool = True) -> list[Note]:
+        """Notifications that arrived within `ping_after` seconds; [] after a successful ping
+        (`ping` false: the caller pings otherwise, with `upkeep`)."""
         conn = self._conn
         if conn is None:
             raise DatabaseUnavailable("the listener is not connected")
@@ -567,7 +596,7 @@ class Listener:
             with translated():
                 async for note in conn.notifies(timeout=ping_after, stop_after=1):
                     notes.append(Note(note.channel, note.payload))
-                if not notes:
+                if not notes and ping:
                     # Quiet for a whole interval: make sure the socket is still alive.  A
                     # path that swallows packets must not hang us: the answer has as long.
                     with anyio.fail_after(max(ping_after, 1.0)):

@@ -112,6 +112,22 @@ class RescueRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Purged:
+    """purge_batch: jobs deleted, and seconds until a row left may be old enough."""
+
+    deleted: int
+    next_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Upkeep:
+    """upkeep: a served job is ready; a rescue sweep has something to look at."""
+
+    ready: bool
+    rescue: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduleRow:
     """periodic_schedules: the database clock, and one schedule (name NULL: none)."""
 

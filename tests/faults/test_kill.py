@@ -79,9 +79,10 @@ def kill_and_recover(dsn: str, logs: Path, *, concurrency: int, rounds: int, nam
             )
             if rounds > 1:
                 time.sleep(random.uniform(0, 1.5))  # a random moment of its work (not a wait)
-            affected = held_by(dsn, victim.pid)
             killed_at = harness.kill9(dsn, victim)
-            affected |= held_by(dsn, victim.pid)
+            # Read after the kill only: a job still running under the victim before it was
+            # read may have had its outcome written before the kill, and never runs again.
+            affected = held_by(dsn, victim.pid)
             survivor = Dispatcher(dsn, *args, log=logs / f"d{i + 1}.log")
             procs.append(survivor)
             wait_until(
