@@ -356,10 +356,7 @@ def idle(system: System, dsn: str, work: Path, sizes: Sizes, statements: bool) -
                 count -= 2
             # The worker's own statements' WAL where pg_stat_statements tells it (autovacuum
             # and other databases write too); else the whole server's.
-            if statements:
-                wal = _statement_wal(probe) - wal_before
-            else:
-                wal = meters.wal_since(probe, lsn)
+            wal = _statement_wal(probe) - wal_before if statements else meters.wal_since(probe, lsn)
             elapsed = time.monotonic() - t0
             if statements:
                 NOTES[f"idle {system.name}"] = _top_statements(probe)
