@@ -304,7 +304,7 @@ BEGIN
     INSERT INTO notifyq.queue_appetite AS a (queue, claimant, state, since, expires_at)
     SELECT q, claimant, state, now(), CASE WHEN state = 'draining' THEN now() + ttl END
     FROM unnest(queues) AS q
-    ON CONFLICT (queue, claimant) DO UPDATE
+    ON CONFLICT ON CONSTRAINT queue_appetite_pkey DO UPDATE
     SET state = excluded.state, since = excluded.since, expires_at = excluded.expires_at;
     DELETE FROM notifyq.queue_appetite a
     WHERE a.queue = ANY(queues || '{*}'::text[]) AND a.claimant <> claimant
@@ -2059,7 +2059,7 @@ BEGIN
     SELECT q, worker, 'hungry'
     FROM unnest(coalesce(claim.queues, '{*}'::text[])) AS q
     WHERE q ~ '^[a-z0-9_][a-z0-9_-]{0,62}$' OR q = '*'
-    ON CONFLICT (queue, claimant) DO NOTHING;
+    ON CONFLICT ON CONSTRAINT queue_appetite_pkey DO NOTHING;
     RETURN QUERY
     SELECT c.id, c.queue, c.task, c.payload, c.attempt, c.max_attempts, c.checkpoint,
            c.lease_expires_at, t.timeout
