@@ -202,12 +202,18 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe_idx
 -- D's re-claim takes its snapshot.  So J is claimed by that re-claim, or by an
 -- earlier claim, or left to a claim that comes back full (D stays draining);
 -- or J was not claimable by D (another task, a queue cap, a rate limit, run_at
--- ahead) and the same argument applies to the consumer that serves it, which
--- has a row of its own (a consumer of q without a row never let P skip: with
--- no draining row, P notifies).  A consumer that appears after r marks itself
--- hungry and passes the barrier before its first claim, the same three steps.
+-- ahead) and the same argument applies to the consumer that can claim it.  A
+-- dispatcher with no row yet (it just started, or its rows were dropped) is
+-- covered too: it claims again at once while its claims come back full, and
+-- before it waits it commits a hungry row and passes the barrier, the same
+-- three steps, so whatever P read, J is claimed by a claim after P's commit.  A
+-- SQL worker has a hungry row from its first claim (notifyq.claim writes it in
+-- the claim's transaction): a job committed in the moment before that reaches it
+-- by its next claim or its poll, unless a draining dispatcher claims it first.
 -- A REPEATABLE READ or SERIALIZABLE producer reads the table with its
--- transaction's snapshot, which may predate h: it always notifies.
+-- transaction's snapshot, which may predate h: it always notifies.  Not
+-- covered: a program of its own that LISTENs on notifyq_jobs without a row (a
+-- dispatcher older than this version, a monitor): it hears no skipped insert.
 --
 -- The barrier waits at most a few milliseconds (lock_timeout in the function):
 -- while it waits, new producers of q queue behind it.  A producer transaction
@@ -285,8 +291,8 @@ $$;
 -- or gone (state NULL: a graceful stop).  The same statement forgets the rows
 -- of other consumers of these queues that can no longer claim: stopped, not
 -- seen for a day, or (a serve process) whose liveness lock is free although it
--- registered one (its session ended; a stale hungry row would only cost
--- notifications, a stale draining one expires anyway).  A minute's grace: a
+-- registered one and whose heartbeat is a minute old (its session ended; a stale
+-- hungry row would only cost notifications, a stale draining one expires anyway).  A minute's grace: a
 -- consumer's row may come before its registry row.
 CREATE OR REPLACE FUNCTION notifyq.set_appetite(
     claimant text, queues text[], state text, ttl interval DEFAULT interval '10 seconds'
@@ -313,7 +319,11 @@ BEGIN
           SELECT FROM notifyq.dispatchers d
           WHERE d.claimant = a.claimant AND d.stopped_at IS NULL
             AND d.heartbeat_at > now() - interval '1 day'
+            -- Like the rescue, both signs of life must fail: the session's lock
+            -- (free for a moment while its listener reconnects) and the registry's
+            -- heartbeat.
             AND NOT (d.kind = 'serve' AND d.liveness_lock
+                     AND d.heartbeat_at < now() - interval '1 minute'
                      -- Shared: two dispatchers testing at once do not see each
                      -- other's test as the owner's lock.
                      AND pg_try_advisory_xact_lock_shared(28274, hashtext(d.claimant))));

@@ -111,8 +111,10 @@ def test_rows_of_consumers_whose_session_ended_are_forgotten(dsn: str) -> None:
     )
     set_appetite(dsn, "dead", "q", "hungry")
     set_appetite(dsn, "alive", "q", "hungry")
-    # Past the grace a new consumer's row has before its registry row may exist.
+    # Past the grace a new consumer's row has before its registry row may exist, and
+    # with no heartbeat for as long: only the liveness lock tells the two apart.
     query(dsn, "UPDATE notifyq.queue_appetite SET since = now() - interval '2 minutes'")
+    query(dsn, "UPDATE notifyq.dispatchers SET heartbeat_at = now() - interval '2 minutes'")
     with psycopg.connect(dsn, autocommit=True) as alive:
         alive.execute("SELECT pg_advisory_lock(28274, hashtext('alive'))")
         set_appetite(dsn, "peer", "q", "draining")
