@@ -6,14 +6,16 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from typing import Any
 
 import anyio
 import psycopg
 import pytest
+from psycopg import sql
 
 import notifyq
-from notifyq import channels, store
+from notifyq import channels, migrate, store
 from tests.conftest import query, wait_until
 from tests.helpers import eventually, listen_on, serving
 
@@ -120,6 +122,38 @@ def test_rows_of_consumers_whose_session_ended_are_forgotten(dsn: str) -> None:
         set_appetite(dsn, "peer", "q", "draining")
         rows = query(dsn, "SELECT claimant FROM notifyq.queue_appetite ORDER BY claimant")
     assert rows == [("alive",), ("peer",)]
+
+
+def test_migration_lets_existing_workers_state_their_appetite(empty_dsn: str) -> None:
+    """A worker role that `notifyq roles` made before appetite existed may state it (and
+    read the counts) once the database is migrated, without running `notifyq roles` again."""
+    (appetite,) = [v for v, script in store.migration_scripts() if "queue_appetite (" in script]
+    with psycopg.connect(empty_dsn) as conn:
+        for version, script in store.migration_scripts():
+            if version < appetite:
+                store.apply_script(conn, version, script)
+    role = f"nq_old_worker_{uuid.uuid4().hex[:10]}"
+    try:
+        for statement in (
+            "CREATE ROLE {} NOLOGIN",
+            "GRANT USAGE ON SCHEMA notifyq TO {}",
+            "GRANT EXECUTE ON FUNCTION notifyq.claim_room(text, integer) TO {}",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {}",
+        ):
+            query(empty_dsn, sql.SQL(statement).format(sql.Identifier(role)).as_string(None))
+        migrate.migrate(empty_dsn)
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            conn.execute("SELECT notifyq.set_appetite('w', ARRAY['q'], 'draining')")
+            conn.execute("SELECT notifyq.appetite_barrier(ARRAY['q'])")
+            assert store.monitoring.wakeups(conn) == store.rows.Wakeups(0, 0)
+    finally:
+        query(
+            empty_dsn,
+            sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}")
+            .format(sql.Identifier(role))
+            .as_string(None),
+        )
 
 
 def test_the_barrier_waits_for_a_producer_that_read_the_queue_draining(dsn: str) -> None:

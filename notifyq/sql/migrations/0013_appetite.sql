@@ -182,9 +182,9 @@ REVOKE EXECUTE ON FUNCTION notifyq.set_appetite(text, text[], text, interval) FR
 CREATE OR REPLACE FUNCTION notifyq.appetite_barrier(queues text[]) RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
-SET search_path = pg_catalog, pg_temp
 -- The patience: new producers of the queue queue up behind the waiting barrier.
 SET lock_timeout = '20ms'
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q text;
