@@ -30,7 +30,7 @@
 --
 -- A dispatcher whose claim comes back short, before it waits: (1) commits its
 -- rows as hungry; (2) takes the appetite lock of each of its queues EXCLUSIVE
--- and lets it go at once (notifyq.appetite_barrier), which waits for every
+-- for a moment (notifyq.appetite_barrier), which waits for every
 -- producer transaction holding it SHARED to end; (3) claims again.
 --
 -- Why no job waits for the fallback poll.  Take a job J committed into q by a
@@ -69,8 +69,8 @@
 --
 -- Cost on the producer side: one SHARED advisory lock per statement and queue
 -- (shared locks do not conflict with each other: producers do not serialise on
--- it, they only meet on the lock manager's partition lock for a moment), two
--- probes of this small table, and one nextval() to count the decision.
+-- it, they only meet on the lock manager's partition lock for a moment), one
+-- probe of this small table, and one nextval() to count the decision.
 CREATE TABLE IF NOT EXISTS notifyq.queue_appetite (
     queue      text        NOT NULL,
     claimant   text        NOT NULL,
@@ -106,16 +106,21 @@ DECLARE
     q text;
     -- Another isolation level reads with the transaction's snapshot (see above).
     fresh boolean := current_setting('transaction_isolation') = 'read committed';
+    sated boolean;
 BEGIN
     FOR q IN SELECT DISTINCT i.queue FROM inserted i WHERE i.status = 'queued' LOOP
         IF fresh THEN
-            -- Before the read, and held to the commit: the dispatchers' barrier.
+            -- Before the read (a statement of its own: the read's snapshot must be
+            -- taken after it), and held to the commit: the dispatchers' barrier.
             PERFORM pg_advisory_xact_lock_shared(28275, hashtext(q));
-            IF NOT EXISTS (SELECT FROM notifyq.queue_appetite a
-                           WHERE a.queue IN (q, '*') AND a.state = 'hungry')
-               AND EXISTS (SELECT FROM notifyq.queue_appetite a
-                           WHERE a.queue = q AND a.state = 'draining'
-                             AND a.expires_at > statement_timestamp()) THEN
+            -- One probe of the queue's rows (and the '*' rows of SQL workers).
+            SELECT count(*) FILTER (WHERE a.state = 'hungry') = 0
+                   AND count(*) FILTER (WHERE a.state = 'draining' AND a.queue = q
+                                          AND a.expires_at > statement_timestamp()) > 0
+            INTO sated
+            FROM notifyq.queue_appetite a
+            WHERE a.queue IN (q, '*');
+            IF sated THEN
                 PERFORM nextval('notifyq.wakeups_skipped');
                 CONTINUE;
             END IF;
@@ -176,9 +181,14 @@ REVOKE EXECUTE ON FUNCTION notifyq.set_appetite(text, text[], text, interval) FR
 
 -- The barrier a dispatcher passes after committing its rows hungry and before
 -- claiming again: every producer transaction that may have read them draining
--- has ended.  One queue's lock at a time (session-level, let go at once), so it
--- never holds one while waiting for another.  false: a producer transaction
--- held a lock for longer than 20 ms (the dispatcher tries again later).
+-- has ended.  false: a producer transaction held a lock for longer than 20 ms
+-- (the dispatcher tries again later).  Transaction-level, each in a block of its
+-- own: when the lock is granted in the instant its timeout fires, PostgreSQL
+-- both keeps it and raises the timeout, and only the block's rollback lets go
+-- of it (a session-level lock would stay, and stop every producer of the queue).
+-- The locks taken are held to the end of the caller's statement (autocommit):
+-- with several queues, producers of the first may wait behind it for the
+-- others' 20 ms.
 CREATE OR REPLACE FUNCTION notifyq.appetite_barrier(queues text[]) RETURNS boolean
 LANGUAGE plpgsql
 VOLATILE
@@ -191,11 +201,10 @@ DECLARE
 BEGIN
     FOR q IN SELECT DISTINCT u.q FROM unnest(queues) AS u(q) ORDER BY 1 LOOP
         BEGIN
-            PERFORM pg_advisory_lock(28275, hashtext(q));
+            PERFORM pg_advisory_xact_lock(28275, hashtext(q));
         EXCEPTION WHEN lock_not_available THEN
             RETURN false;
         END;
-        PERFORM pg_advisory_unlock(28275, hashtext(q));
     END LOOP;
     RETURN true;
 END
