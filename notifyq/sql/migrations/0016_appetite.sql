@@ -1,4 +1,4 @@
--- Schema version 13: inserts skip their wake-up while every dispatcher of the
+-- Schema version 16: inserts skip their wake-up while every dispatcher of the
 -- queue is draining (notifyq.queue_appetite).  schema.sql holds the same objects
 -- for new databases.
 
