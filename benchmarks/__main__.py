@@ -9,7 +9,7 @@ Starts a private PostgreSQL (embedded, default settings, fsync on) unless
 prints medians with min-max.  benchmarks/README.md describes each scenario
 and how each system is configured.
 
-Scenarios: drain enqueue contended latency steady idle scale crowd
+Scenarios: drain enqueue contended contended-draining latency steady idle scale crowd
 Systems:   notifyq raw minimal pgqueuer-asyncpg pgqueuer-psycopg procrastinate
 """
 
@@ -34,7 +34,17 @@ from .report import Cell, render
 from .scenarios import QUICK, Sizes
 from .systems import NOT_INSTALLED, SYSTEMS, System, installed
 
-ALL = ["drain", "enqueue", "contended", "latency", "steady", "idle", "scale", "crowd"]
+ALL = [
+    "drain",
+    "enqueue",
+    "contended",
+    "contended-draining",
+    "latency",
+    "steady",
+    "idle",
+    "scale",
+    "crowd",
+]
 
 Scenario = Callable[[System, str, Path], scenarios.Result]
 
@@ -71,6 +81,13 @@ def plan(sizes: Sizes, chosen: list[str], statements: bool) -> dict[str, tuple[s
             f"{sizes.contended_producers} producers, one autocommit INSERT per job each,"
             " notify triggers on/off in alternating slices",
             partial(scenarios.contended, sizes=sizes),
+        )
+    if "contended-draining" in chosen:
+        out["contended-draining"] = (
+            "contended-draining",
+            f"contended, while a worker (concurrency {sizes.draining_concurrency}) drains a"
+            f" backlog of {sizes.draining_backlog:,} jobs; off: the insert notify trigger only",
+            partial(scenarios.contended_draining, sizes=sizes),
         )
     if "latency" in chosen:
         out["latency"] = (

@@ -31,6 +31,8 @@ class Sizes:
     contended_producers: int = 32
     contended_slices: int = 5
     contended_slice: float = 1.0
+    draining_backlog: int = 200_000  # jobs the worker drains while the producers insert
+    draining_concurrency: int = 50
     bulk_rows: int = 10_000
     latency_seconds: float = 10.0
     latency_interval: float = 0.010
@@ -53,6 +55,7 @@ QUICK = Sizes(
     bulk_rows=2_000,
     contended_slices=2,
     contended_slice=0.3,
+    draining_backlog=20_000,
     latency_seconds=2.0,
     steady_seconds=3.0,
     idle_seconds=6.0,
@@ -173,8 +176,14 @@ def _table(system: System) -> sql.Composed:
 
 
 def _triggers(system: System, conn: psycopg.Connection[tuple[object, ...]], on: bool) -> None:
+    _set_triggers(system, conn, system.notify_triggers, on)
+
+
+def _set_triggers(
+    system: System, conn: psycopg.Connection[tuple[object, ...]], names: tuple[str, ...], on: bool
+) -> None:
     verb = sql.SQL("ENABLE" if on else "DISABLE")
-    for name in system.notify_triggers:
+    for name in names:
         trigger = sql.SQL("USER") if name == "USER" else sql.Identifier(name)
         conn.execute(sql.SQL("ALTER TABLE {} {} TRIGGER {}").format(_table(system), verb, trigger))
 
@@ -208,6 +217,52 @@ def enqueue(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
 
 def contended(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
     """Many producers, each its own connection and thread, one autocommit INSERT at a time."""
+    return _contended(system, dsn, sizes, system.notify_triggers)
+
+
+def contended_draining(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
+    """`contended` while a worker drains a backlog: the realistic case in which nobody
+    needs waking.  Off: the insert's notify trigger only (the worker's own triggers keep
+    firing in both halves)."""
+    with connect(dsn) as conn:
+        conn.execute(system.insert_bulk, {"n": sizes.draining_backlog})
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(_table(system)))
+        args = ("--concurrency", str(sizes.draining_concurrency))
+        with procs.worker(system.name, dsn, work, *args) as w:
+            procs.wait(lambda: w.count() > 0, "the first job to start", 120, w)
+            before = _wakeups(conn)
+            result = _contended(system, dsn, sizes, system.insert_notify_triggers, w)
+            after = _wakeups(conn)
+            left = conn.execute(system.pending).fetchone()
+            started = w.count()
+    if not (left and left[0]):
+        _note(f"contended-draining {system.name}", "the backlog ran out during the run")
+    result["drained/s"] = started / result.pop("seconds")
+    if before is not None and after is not None:
+        result["skipped %"] = 100 * (after[1] - before[1]) / max(1, sum(after) - sum(before))
+    return result
+
+
+def _wakeups(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[int, int] | None:
+    """notifyq's counts of inserts that notified and that skipped it (None: none kept)."""
+    row = conn.execute("SELECT to_regclass('notifyq.wakeups_sent') IS NOT NULL").fetchone()
+    if not (row and row[0]):
+        return None
+    row = conn.execute(
+        "SELECT (SELECT last_value FROM notifyq.wakeups_sent),"
+        " (SELECT last_value FROM notifyq.wakeups_skipped)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])  # type: ignore[call-overload]
+
+
+def _contended(
+    system: System,
+    dsn: str,
+    sizes: Sizes,
+    triggers: tuple[str, ...],
+    w: procs.Worker | None = None,
+) -> Result:
     from concurrent.futures import ThreadPoolExecutor
 
     def produce(conn: psycopg.Connection[tuple[object, ...]], until: float) -> int:
@@ -220,21 +275,33 @@ def contended(system: System, dsn: str, work: Path, sizes: Sizes) -> Result:
     k = sizes.contended_producers
     rates: dict[str, list[float]] = {"on": [], "off": []}
     conns = [connect(dsn) for _ in range(k)]
+    began = time.monotonic()
     try:
         with connect(dsn) as admin, ThreadPoolExecutor(k) as pool:
             for _ in range(sizes.contended_slices):
                 for state in ("on", "off"):
-                    _triggers(system, admin, state == "on")
+                    _set_triggers(system, admin, triggers, state == "on")
                     t0 = time.monotonic()
                     until = t0 + sizes.contended_slice
                     total = sum(pool.map(produce, conns, [until] * k))
                     rates[state].append(total / (time.monotonic() - t0))
-            _triggers(system, admin, True)
+                    if w is not None:
+                        w.check()
+            _set_triggers(system, admin, triggers, True)
     finally:
         for c in conns:
             c.close()
     on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-    return {f"{k} on/s": on, f"{k} off/s": off, "on/off %": 100 * on / off}
+    return (
+        {
+            f"{k} on/s": on,
+            f"{k} off/s": off,
+            "on/off %": 100 * on / off,
+            "seconds": time.monotonic() - began,
+        }
+        if w is not None
+        else {f"{k} on/s": on, f"{k} off/s": off, "on/off %": 100 * on / off}
+    )
 
 
 def _offer(

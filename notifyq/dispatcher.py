@@ -52,6 +52,11 @@ rate limit, are waited for; delayed jobs and retries in backoff are not.  Each
 written outcome that leaves us idle asks for that last claim, since the outcome may
 have released a dependent job or queued a retry due at once.
 
+With an `Appetite` (a listening dispatcher), each claim tells it whether it came
+back full, which decides whether inserts notify (appetite.py); a short claim
+that turned the rows hungry is followed by the barrier and one more claim before
+the loop waits.
+
 Any role can NOTIFY any channel, so notifications are never trusted: claims
 that a notification alone caused and that found nothing draw on a token
 bucket (a burst, then a steady rate), which bounds what a flood of forged
@@ -68,6 +73,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 
 import anyio
 
+from .appetite import Appetite
 from .errors import DatabaseUnavailable, LockTimeout
 from .job import Job
 from .ledger import Ledger
@@ -122,6 +128,7 @@ class Dispatcher:
         max_jobs: int | None = None,
         until_empty: bool = False,
         rooms: Callable[[], Mapping[str, int]] = dict,
+        appetite: Appetite | None = None,
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -137,6 +144,7 @@ class Dispatcher:
         self._tasks_synced = False
         # Capped tasks (HTTP endpoints' max_concurrency) -> attempts they may still start.
         self._rooms = rooms
+        self._appetite = appetite
         self._submit = submit  # hands a job to the pool, which enters it in the ledger
         self._ledger = ledger
         self._max_jobs = max_jobs
@@ -249,6 +257,10 @@ class Dispatcher:
         while not self._stopping:
             self.passes += 1
             now = clock()
+            if self._appetite is not None and now >= self._appetite.barrier_at:
+                if await self._barrier():
+                    more_waiting = True  # the claim after the barrier
+                continue
             polled = self._poll_due or (not self._covered and now >= next_poll)
             timers = polled or now >= next_due
             notified_only = self._notified and not timers and not more_waiting
@@ -308,6 +320,8 @@ class Dispatcher:
                         log.info("fallback poll found %d jobs", unannounced)
                 for job in jobs:
                     self._submit(job)
+                if self._appetite is not None:
+                    await self._state_appetite(more_waiting_full)
                 if self._max_jobs is not None and self.claimed >= self._max_jobs:
                     self._finish("max-jobs")
                 elif self._until_empty and not jobs and not deferred and self._idle():
@@ -328,7 +342,33 @@ class Dispatcher:
                 finally:
                     self._waiting_for_slot = False
             else:
-                await self._sleep(min(math.inf if self._covered else next_poll, next_due) - now)
+                barrier_at = math.inf if self._appetite is None else self._appetite.barrier_at
+                poll_at = math.inf if self._covered else next_poll
+                await self._sleep(min(poll_at, next_due, barrier_at) - now)
+        if self._appetite is not None:
+            try:
+                await self._appetite.forget()
+            except DatabaseUnavailable as exc:
+                # A draining row expires on its own; a hungry one only costs notifications.
+                log.warning("could not drop this dispatcher's appetite rows (%s)", exc)
+
+    async def _state_appetite(self, full: bool) -> None:
+        assert self._appetite is not None
+        try:
+            await self._appetite.claimed(full)
+        except DatabaseUnavailable as exc:
+            # Our rows may still say draining: claim again soon, which states them again.
+            log.warning("could not write this dispatcher's appetite (%s)", exc)
+            self._notified = True
+
+    async def _barrier(self) -> bool:
+        assert self._appetite is not None
+        try:
+            return await self._appetite.barrier()
+        except DatabaseUnavailable as exc:
+            log.warning("appetite barrier failed (%s)", exc)
+            self._appetite.missed()
+            return False
 
     async def _claim(self, limit: int) -> Claim:
         if not self._tasks_synced:

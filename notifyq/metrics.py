@@ -8,8 +8,10 @@ dispatcher's own counters, through `Figures`, a snapshot of the few it needs
 (metrics know nothing else of the dispatcher), and from the database the queue
 depth (jobs_claim_idx only), the ready jobs no live dispatcher would claim (no
 dispatcher serves their queue, or none has a handler for their task: they wait
-for one), and the enqueue-to-start wait of the attempts this process started
-since the last scrape (by primary key).
+for one), the enqueue-to-start wait of the attempts this process started
+since the last scrape (by primary key), and how many inserts sent or skipped
+their wake-up (two sequences the insert trigger advances: the producers pay one
+nextval() a statement for it, no row write; see notifyq.queue_appetite).
 
     /metrics   Prometheus text format
     /healthz   200 while the process serves HTTP at all (liveness)
@@ -143,6 +145,7 @@ class Metrics:
             "notifyq_database_up", "1 if the scrape's queries reached the database.", registry=r
         )
         self._waits: deque[int] = deque(maxlen=MAX_PENDING_WAITS)
+        self.wakeups: store.rows.Wakeups | None = None  # the database's, at the last scrape
         self._conn: Any = None
         self._conn_lock = threading.Lock()
         r.register(_Collector(self))
@@ -198,6 +201,7 @@ class Metrics:
                 depth = store.monitoring.queue_depth(self._conn)
                 unserved = store.monitoring.unserved_jobs(self._conn)
                 waits = store.monitoring.start_waits(self._conn, ids)
+                self.wakeups = store.monitoring.wakeups(self._conn)
         except NotifyqError as exc:
             log.warning("metrics: could not query the database (%s)", exc)
             self.close()
@@ -263,6 +267,19 @@ class _Collector:
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        if (wakeups := self._m.wakeups) is not None:
+            yield CounterMetricFamily(
+                "notifyq_wakeups_sent",
+                "Inserts (per statement and queue, in the whole database) that notified "
+                "notifyq_jobs.",
+                value=wakeups.sent,
+            )
+            yield CounterMetricFamily(
+                "notifyq_wakeups_skipped",
+                "Inserts (per statement and queue, in the whole database) that skipped their "
+                "notification: every dispatcher of the queue was draining.",
+                value=wakeups.skipped,
+            )
         yield GaugeMetricFamily(
             "notifyq_running_jobs", "Jobs running in this process.", value=w.running
         )

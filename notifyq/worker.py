@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import anyio
 
 from . import channels, embedded, failpoints, listener, retention, store
+from .appetite import Appetite
 from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import DatabaseUnavailable
@@ -107,6 +108,10 @@ class Worker:
         self.pool = WorkerPool(
             registry, settings.concurrency, self.held, self._finished, self.reports
         )
+        # Only a listening dispatcher needs waking, so only it tells producers when to.
+        self.appetite = (
+            Appetite(claim_store, self.claimant, self.queues) if settings.listen else None
+        )
         self.dispatcher = Dispatcher(
             claim_store,
             self.claimant,
@@ -131,6 +136,7 @@ class Worker:
             max_jobs=settings.max_jobs,
             until_empty=settings.until_empty,
             rooms=lambda: self.http.rooms(),
+            appetite=self.appetite,
         )
         self.completer = Completer(
             complete_store,
@@ -436,6 +442,8 @@ class Worker:
 
     def _connected(self) -> None:
         self.listening.set()
+        if self.appetite is not None:
+            self.appetite.lost()
         self.http.changed()  # a change announced while nobody listened
         self.scheduler.changed()
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened

@@ -87,6 +87,9 @@ def test_metrics_count_the_jobs_run_and_probes_answer(dsn: str) -> None:
         assert sample(text, "notifyq_queue_depth", queue="default", state="ready") == 0
         assert sample(text, "notifyq_database_up") == 1
         assert (sample(text, "notifyq_notifications_total") or 0) >= 1
+        # The three INSERT statements came before any dispatcher stated its appetite.
+        assert sample(text, "notifyq_wakeups_sent_total") == 3
+        assert sample(text, "notifyq_wakeups_skipped_total") == 0
         # Every job was announced: by the start-up catch-up, a retry's notification, a timer.
         assert sample(text, "notifyq_polls_with_work_total") == 0
         assert get(port, "/nothing")[0] == 404

@@ -520,3 +520,29 @@ def test_retention_asks_when_next_due_along_the_finished_index(big_dsn: str) -> 
     found = scans(prepared_plan(big_dsn, "purge_batch", params, generic=False))
     assert any(idx == "jobs_finished_idx" for _, idx in found), found
     assert not any(kind == "Seq Scan" for kind, _ in found), found
+
+
+def test_an_insert_reads_the_appetite_of_its_queue_by_key(queued_dsn: str) -> None:
+    """The insert trigger's appetite probes, and a dispatcher's appetite write, read
+    notifyq.queue_appetite by its primary key however many queues and dispatchers it
+    lists, and never scan notifyq.jobs (1,000,000 queued jobs here)."""
+    counts = (
+        "SELECT relname, seq_scan, idx_scan FROM pg_stat_xact_user_tables"
+        " WHERE schemaname = 'notifyq' AND relname IN ('jobs', 'queue_appetite')"
+    )
+    with psycopg.connect(queued_dsn) as conn:
+        conn.execute(
+            "INSERT INTO notifyq.queue_appetite (queue, claimant, state, expires_at)"
+            " SELECT 'q' || g % 2000, 'd' || g, 'draining', now() + interval '1 hour'"
+            " FROM generate_series(1, 20000) AS g"
+        )
+        conn.execute("ANALYZE notifyq.queue_appetite")
+        before = {r[0]: r[1:] for r in conn.execute(counts)}
+        conn.execute("INSERT INTO notifyq.jobs (task, queue) VALUES ('t', 'q7')")
+        conn.execute("SELECT notifyq.set_appetite('d7', ARRAY['q7', 'q8'], 'hungry')")
+        after = {r[0]: r[1:] for r in conn.execute(counts)}
+        conn.rollback()
+    seq = {t: after[t][0] - before[t][0] for t in after}
+    idx = {t: after[t][1] - before[t][1] for t in after}
+    assert seq == {"jobs": 0, "queue_appetite": 0}
+    assert idx["queue_appetite"] >= 2  # the trigger's probe and the write's cleanup

@@ -230,6 +230,9 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
     assert column(w, "task", "INSERT") and not column(w, "status", "INSERT")
     for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE"):
         assert table(w, privilege, "notifyq.dispatchers"), privilege
+        # Its appetite: the producer's inserts read it through the trigger only.
+        assert table(w, privilege, "notifyq.queue_appetite"), privilege
+        assert not table(p, privilege, "notifyq.queue_appetite"), privilege
     for view in ("notifyq.queue_stats", "notifyq.dispatcher_status", "notifyq.schema_version"):
         assert table(w, "SELECT", view), view
     # Neither has DDL or the admin functions; the owner keeps both.
@@ -470,6 +473,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "AND prorettype <> 'trigger'::regtype ORDER BY proname",
     )
     assert [name for name, _ in admin] == [
+        "appetite_barrier",
         "backoff_delay",
         "cancel_job",
         "claim",
@@ -495,6 +499,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "rescue_jobs",
         "retry_dead",
         "retry_job",
+        "set_appetite",
         "set_events",
         "set_history",
         "stop_worker",
@@ -503,6 +508,8 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
     for name, config in admin:
         # The claims also turn JIT off (see notifyq.claim_jobs).
         extra = ["jit=off"] if name in ("claim", "claim_jobs") else []
+        # The appetite barrier waits 20 ms at most (see notifyq.appetite_barrier).
+        extra = ["lock_timeout=20ms"] if name == "appetite_barrier" else extra
         assert config == [*extra, "search_path=pg_catalog, pg_temp"], name
 
 

@@ -145,6 +145,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "unserved_jobs": rows.UnservedJobs,
     "metrics_depth": rows.QueueDepth,
     "metrics_waits": rows.StartWait,
+    "wakeups": rows.Wakeups,
     "watch_queues": rows.QueueStats,
     "watch_failures": rows.FailedJob,
     "watch_running": rows.RunningJob,

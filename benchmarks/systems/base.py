@@ -66,6 +66,8 @@ class System(Protocol):
     scenarios: frozenset[str]
     table: str  # qualified name of the jobs table
     notify_triggers: tuple[str, ...]  # disabled for the "off" half of enqueue
+    # The one trigger that notifies on INSERT (contended-draining's "off" half).
+    insert_notify_triggers: tuple[str, ...]
     insert_one: LiteralString  # one job, RETURNING id
     insert_bulk: LiteralString  # %(n)s jobs in one statement
     pending: LiteralString  # jobs not finished yet (one integer)

@@ -14,9 +14,10 @@ from .base import QUEUE_SCENARIOS, Stamper, WorkerOptions
 class Notifyq:
     name = "notifyq"
     requires = None
-    scenarios = QUEUE_SCENARIOS | {"idle", "scale", "crowd"}
+    scenarios = QUEUE_SCENARIOS | {"idle", "scale", "crowd", "contended-draining"}
     table = "notifyq.jobs"
     notify_triggers = ("USER",)  # both of notifyq's triggers are notify triggers
+    insert_notify_triggers = ("jobs_notify_inserted",)  # the one an INSERT fires
     insert_one = "INSERT INTO notifyq.jobs (task) VALUES ('bench.job') RETURNING id"
     insert_bulk = (
         "INSERT INTO notifyq.jobs (task) SELECT 'bench.job' FROM generate_series(1, %(n)s)"

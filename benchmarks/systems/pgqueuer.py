@@ -23,6 +23,7 @@ class PgQueuer:
     scenarios = QUEUE_SCENARIOS
     table = "pgqueuer"
     notify_triggers = ("tg_pgqueuer_changed",)
+    insert_notify_triggers = notify_triggers
     insert_one = (
         "INSERT INTO pgqueuer (priority, entrypoint, payload, status)"
         " VALUES (0, 'bench', NULL, 'queued') RETURNING id"

@@ -24,6 +24,7 @@ class Procrastinate:
     scenarios = QUEUE_SCENARIOS
     table = "procrastinate_jobs"
     notify_triggers = ("procrastinate_jobs_notify_queue_job_inserted_v1",)
+    insert_notify_triggers = notify_triggers
     insert_one = (
         "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
         " VALUES ('default', 'bench', '{}') RETURNING id"

@@ -275,6 +275,25 @@ SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
 -- it lives (see notifyq.rescue_jobs): false while another session still holds it.
 SELECT pg_try_advisory_lock(28274, hashtext(%(claimant)s)) AS locked;
 
+-- name: set_appetite
+-- This dispatcher's appetite for its queues (hungry, draining, or NULL: gone);
+-- notifyq.set_appetite (schema.sql) says what inserts make of it.
+SELECT notifyq.set_appetite(%(claimant)s, %(queues)s::text[], %(state)s::text,
+                            make_interval(secs => %(ttl)s));
+
+-- name: appetite_barrier
+-- After turning hungry, before claiming again: wait (20 ms at most) for the
+-- producer transactions that may have read this dispatcher's queues draining.
+SELECT notifyq.appetite_barrier(%(queues)s::text[]) AS passed;
+
+-- name: wakeups
+-- Prometheus scrape: how many inserts notified, and how many skipped their
+-- notification while every dispatcher of their queue was draining (the insert
+-- trigger's counting sequences; the whole database, since the schema was made).
+SELECT (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM notifyq.wakeups_sent) AS sent,
+       (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM notifyq.wakeups_skipped)
+           AS skipped;
+
 -- name: notify
 -- The listener's probe: a notification from another connection than the listener's.
 SELECT pg_notify(%(channel)s, %(payload)s);
@@ -355,7 +374,11 @@ ON CONFLICT (claimant) DO UPDATE
 SET running = excluded.running, tasks = excluded.tasks, heartbeat_at = now();
 
 -- name: dispatcher_stopped
--- Graceful exit: mark this dispatcher's registry row stopped.
+-- Graceful exit: mark this dispatcher's registry row stopped, and forget its
+-- appetite (a draining row would keep inserts from notifying until it expired).
+WITH gone AS (
+    DELETE FROM notifyq.queue_appetite WHERE claimant = %(claimant)s
+)
 UPDATE notifyq.dispatchers SET stopped_at = now(), running = 0 WHERE claimant = %(claimant)s;
 
 -- name: watch_queues

@@ -111,4 +111,10 @@ GRANT EXECUTE ON FUNCTION
 -- owner does, or an admin role it names:
 --     GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.endpoints TO notifyq_admin;
 GRANT SELECT ON notifyq.endpoints TO {worker};
+-- Appetite (notifyq.queue_appetite): each dispatcher states whether it waits for
+-- notifications; its metrics read the insert trigger's counts.
+GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.queue_appetite TO {worker};
+GRANT EXECUTE ON FUNCTION notifyq.set_appetite(text, text[], text, interval),
+    notifyq.appetite_barrier(text[]) TO {worker};
+GRANT SELECT ON SEQUENCE notifyq.wakeups_sent, notifyq.wakeups_skipped TO {worker};
 GRANT {producer} TO {worker};

@@ -440,6 +440,20 @@ class Store:
         params = {"claimant": claimant, "held": list(held)}
         return set(await self._run("release_orphans", params, scalar_row))
 
+    async def set_appetite(
+        self, claimant: str, queues: Sequence[str], state: str | None, ttl: float
+    ) -> None:
+        """State our appetite for these queues: hungry, draining (for `ttl` seconds), or
+        None (forget it)."""
+        params = {"claimant": claimant, "queues": list(queues), "state": state, "ttl": ttl}
+        await self._run("set_appetite", params, scalar_row)
+
+    async def appetite_barrier(self, queues: Sequence[str]) -> bool:
+        """Wait for producers that may have read these queues draining; False: one
+        still holds its transaction open (try again later)."""
+        (passed,) = await self._run("appetite_barrier", {"queues": list(queues)}, scalar_row)
+        return bool(passed)
+
     async def notify(self, channel: str, payload: str) -> None:
         await self._run("notify", {"channel": channel, "payload": payload}, scalar_row)
 

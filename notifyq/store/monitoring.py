@@ -25,6 +25,7 @@ from .rows import (
     StartWait,
     TupleCounts,
     UnservedJobs,
+    Wakeups,
 )
 
 Conn = psycopg.Connection[Any]
@@ -72,6 +73,11 @@ def unserved_jobs(conn: Conn, queues: Sequence[str] | None = None) -> list[Unser
 
 def queue_depth(conn: Conn) -> list[QueueDepth]:
     return fetch_all(conn, "metrics_depth", {}, class_row(QueueDepth))
+
+
+def wakeups(conn: Conn) -> Wakeups:
+    row = fetch_one(conn, "wakeups", {}, class_row(Wakeups))
+    return row if row is not None else Wakeups(0, 0)
 
 
 def start_waits(conn: Conn, ids: Collection[int]) -> list[StartWait]:

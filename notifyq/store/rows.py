@@ -294,6 +294,15 @@ class UnservedJobs:
 
 
 @dataclass(frozen=True, slots=True)
+class Wakeups:
+    """wakeups: inserts that notified, and those that skipped it (every dispatcher of
+    their queue was draining)."""
+
+    sent: int
+    skipped: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueDepth:
     """metrics_depth: queued jobs of one queue."""
 
