@@ -250,7 +250,8 @@ CREATE TABLE IF NOT EXISTS notifyq.queue_appetite (
     since      timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz,
     PRIMARY KEY (queue, claimant),
-    CONSTRAINT queue_appetite_queue_format CHECK (queue ~ '^([a-z0-9_][a-z0-9_-]{0,62}|\*)$'),
+    CONSTRAINT queue_appetite_queue_format CHECK (
+        queue = '*' OR (queue ~ '^[a-z0-9_][a-z0-9_-]*$' AND char_length(queue) <= 63)),
     CONSTRAINT queue_appetite_state_valid CHECK (state IN ('hungry', 'draining')),
     CONSTRAINT queue_appetite_draining_expires CHECK (state = 'hungry' OR expires_at IS NOT NULL)
 );
@@ -339,7 +340,10 @@ BEGIN
       AND NOT EXISTS (
           SELECT FROM notifyq.dispatchers d
           WHERE d.claimant = a.claimant AND d.stopped_at IS NULL
-            AND d.heartbeat_at > now() - interval '1 day'
+            -- An idle dispatcher that listens writes no heartbeat (schema version 15):
+            -- its lock, held, says it lives however old its row.
+            AND (greatest(d.heartbeat_at, d.alive_at) > now() - interval '1 day'
+                 OR (d.liveness_lock AND notifyq.liveness_held(d.claimant)))
             -- Like the rescue, both signs of life must fail: the session's lock
             -- (free for a moment while its listener reconnects) and the registry's
             -- heartbeat.
@@ -2153,7 +2157,7 @@ BEGIN
     INSERT INTO notifyq.queue_appetite AS a (queue, claimant, state)
     SELECT q, worker, 'hungry'
     FROM unnest(coalesce(claim.queues, '{*}'::text[])) AS q
-    WHERE q ~ '^[a-z0-9_][a-z0-9_-]{0,62}$' OR q = '*'
+    WHERE q = '*' OR (q ~ '^[a-z0-9_][a-z0-9_-]*$' AND char_length(q) <= 63)
     ON CONFLICT ON CONSTRAINT queue_appetite_pkey DO NOTHING;
     RETURN QUERY
     SELECT c.id, c.queue, c.task, c.payload, c.attempt, c.max_attempts, c.checkpoint,

@@ -327,7 +327,8 @@ class App:
         conn: SyncConn | None = None,
         **options: Unpack[EnqueueOptions],
     ) -> JobId:
-        """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
+        """`enqueue` for synchronous code (thread-safe); `conn` is a psycopg.Connection or
+        a SQLAlchemy Session or Connection."""
         built = enqueue.build(self.registry, task, payload, options, caller="enqueue_sync")
         with tracing.sending(built.queue, built.task) as send:
             job = send.traced(built)
@@ -371,7 +372,8 @@ class App:
         conn: SyncConn | None = None,
         **options: Unpack[ManyOptions],
     ) -> list[JobId]:
-        """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection."""
+        """`enqueue_many` for synchronous code (thread-safe); `conn` is a psycopg.Connection
+        or a SQLAlchemy Session or Connection."""
         built, encoded = self._many(task, payloads, options, "enqueue_many_sync")
         if not encoded:
             return []
@@ -511,10 +513,17 @@ class App:
             self.close()
 
     def close(self) -> None:
+        """Close the sync connection, and the enqueue connections of event loops that are
+        not running now (a test's that ended, say): aclose() can no longer reach those,
+        and psycopg would warn when they are collected still open."""
         with self._sync_lock:
             if self._sync_conn is not None:
                 self._sync_conn.close()
                 self._sync_conn = None
+        for loop, conn in list(self._async_conns.items()):
+            if not loop.is_running():
+                self._async_conns.pop(loop, None)
+                conn.pgconn.finish()  # nothing in flight: its loop is not running
 
     # --- operations
 

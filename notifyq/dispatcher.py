@@ -163,7 +163,7 @@ class Dispatcher:
         self.claimed = 0
         self.deferred = 0  # candidates a rate limit moved to a later slot
         self.polls_with_work = 0  # polls that found jobs no notification announced
-        self.polls = 0  # claims the poll timer (or the upkeep's finding) caused
+        self.polls = 0  # claims the poll timer caused (an upkeep's finding: worker.upkeeps)
         self._waiting_for_slot = False  # work is known to wait: a freed slot claims it
         # Queues that wake-ups named since the last claim began; None: every queue (a
         # wake-up without names, or work known to be left waiting).
@@ -261,7 +261,8 @@ class Dispatcher:
                 if await self._barrier():
                     more_waiting = True  # the claim after the barrier
                 continue
-            polled = self._poll_due or (not self._covered and now >= next_poll)
+            by_upkeep = self._poll_due  # that poll is counted as the listener's upkeep
+            polled = by_upkeep or (not self._covered and now >= next_poll)
             timers = polled or now >= next_due
             notified_only = self._notified and not timers and not more_waiting
             if notified_only and (hold := budget.wait(now)) > 0:
@@ -288,7 +289,7 @@ class Dispatcher:
                 # Work known to be waiting: left behind by a full claim, or scheduled and due.
                 known = more_waiting_full or now >= due_from
                 sent = clock()
-                self.polls += polled
+                self.polls += polled and not by_upkeep
                 heard, self._heard = (None if known else self._heard), set()
                 try:
                     jobs, next_in, self.full, deferred = await self._claim(limit)

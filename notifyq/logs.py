@@ -18,6 +18,7 @@ traceback when one was logged.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -67,4 +68,9 @@ class JsonFormatter(logging.Formatter):
             line["error"] = self._clean(self.formatException(record.exc_info))
         elif record.exc_text:
             line["error"] = self._clean(record.exc_text)
-        return codec.dumps(line)
+        try:
+            return codec.dumps(line)
+        except TypeError:
+            # orjson refuses lone surrogates (an undecodable file name) and integers past
+            # 64 bits: the stdlib escapes the one and writes the other, so no line is lost.
+            return json.dumps(line, default=str)

@@ -1,6 +1,7 @@
 """notifyq's pytest plugin (the `pytest11` entry point: pytest loads it wherever notifyq
-is installed).  Fixtures only, each named `notifyq_*`, none autouse: nothing starts
-until a test asks for one, and notifyq itself is imported then.
+is installed).  Fixtures only, each named `notifyq_*`, none autouse: no server starts
+and no database is touched until a test asks for one.  Loading the plugin imports the
+notifyq package (this module lives in it), not notifyq.testing.
 
     notifyq_server_dsn  session: the server, NOTIFYQ_TESTING_DSN's (a role that may
                         CREATE DATABASE), else a private PostgreSQL (notifyq[embedded])

@@ -1,15 +1,18 @@
 """Typed payloads: a handler whose payload parameter is annotated with a dataclass or
 a pydantic model receives an instance, built and validated from the job's JSON.
 
-The annotation is read once, at registration (`model_of`), so it must resolve then:
-a class defined at module level (with `from __future__ import annotations`, a class
-local to a function is not found, and the payload stays plain JSON).  pydantic stays optional:
+The annotation is read once, at registration (`model_of`), so it must resolve then: a
+class defined before the handler (with `from __future__ import annotations`, one defined
+after it, or local to a function, is not found: a warning says so, and the payload
+stays plain JSON).  pydantic stays optional:
 a pydantic model is recognised by the methods pydantic 2 gives it (`model_validate`,
 `model_dump`), never by importing pydantic here.  A dataclass is validated by
 pydantic's TypeAdapter when pydantic is installed (field types, nested dataclasses,
 coercions as pydantic does them); without pydantic it is built field by field: a
 payload that is not an object, lacks a required field or has an unknown one is
-refused, and the fields' types are not checked.
+refused, and the fields' types are not checked.  Either way a key the dataclass has no
+field for is refused (pydantic alone would drop it), so a payload is accepted or
+refused alike wherever pydantic happens to be installed.
 
 A payload the model refuses fails with the validation error; the pool makes that a
 PayloadError, so the job goes dead at once, never retried (the same payload would
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
+import types
 import typing
 from collections.abc import Callable
 from functools import cache
@@ -28,17 +33,39 @@ from typing import Any
 
 from .errors import ConfigurationError
 
+log = logging.getLogger("notifyq.registry")
+
 Decode = Callable[[Any], Any]
 
 
 def model_of(handler: Callable[..., Any]) -> type | None:
-    """The dataclass or pydantic model the handler's first parameter is annotated with."""
+    """The dataclass or pydantic model the handler's first parameter is annotated with.
+    Only that annotation is resolved: another one that names a class imported under
+    TYPE_CHECKING must not make the payload untyped."""
     try:
         first = next(iter(inspect.signature(handler).parameters.values()))
-        hints = typing.get_type_hints(handler)
-    except (StopIteration, TypeError, ValueError, NameError):
-        return None  # no signature, or an annotation that does not resolve: untyped
-    annotation = hints.get(first.name)
+    except (StopIteration, TypeError, ValueError):
+        return None  # no signature (a builtin), or no parameter: describe_handler says so
+    annotation = first.annotation
+    if annotation is inspect.Parameter.empty:
+        return None
+    if isinstance(annotation, str):
+        holder = types.SimpleNamespace(__annotations__={"payload": annotation})
+        try:
+            annotation = typing.get_type_hints(
+                holder, globalns=getattr(handler, "__globals__", None), include_extras=True
+            )["payload"]
+        except Exception as exc:  # NameError mostly: a class defined after the handler
+            log.warning(
+                "the payload annotation %r of %s does not resolve when the task is registered "
+                "(%s: %s): its handler receives the JSON as decoded; define the class before "
+                "the handler to have the payload built and validated",
+                annotation,
+                getattr(handler, "__qualname__", handler),
+                type(exc).__name__,
+                exc,
+            )
+            return None
     if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
     if isinstance(annotation, type) and (_is_pydantic(annotation) or _is_dataclass(annotation)):
@@ -53,7 +80,7 @@ def decoder(model: type) -> Decode:
         return validate
     adapter = _type_adapter(model)
     if adapter is not None:
-        return adapter
+        return lambda payload: adapter(_known_fields(model, payload))
     return lambda payload: _build_dataclass(model, payload)
 
 
@@ -73,7 +100,8 @@ def to_payload(value: Any, model: type | None = None, decode: Decode | None = No
 
 def _dump(value: Any) -> Any:
     if _is_pydantic(type(value)):
-        return value.model_dump(mode="json")
+        # By alias: what model_validate reads back by default.
+        return value.model_dump(mode="json", by_alias=True)
     return dataclasses.asdict(value)
 
 
@@ -110,13 +138,20 @@ def _type_adapter(model: type) -> Decode | None:
     return validate
 
 
+def _known_fields(model: type, payload: Any) -> Any:
+    """The payload, if it names no field the dataclass lacks (else ValueError)."""
+    if isinstance(payload, dict):
+        unknown = sorted(set(payload) - {f.name for f in dataclasses.fields(model) if f.init})
+        if unknown:
+            raise ValueError(f"{model.__name__} has no field {', '.join(map(repr, unknown))}")
+    return payload
+
+
 def _build_dataclass(model: type, payload: Any) -> Any:
     if not isinstance(payload, dict):
         raise ValueError(f"{model.__name__} takes a JSON object, not {type(payload).__name__}")
+    _known_fields(model, payload)
     fields = {f.name: f for f in dataclasses.fields(model) if f.init}
-    unknown = sorted(set(payload) - set(fields))
-    if unknown:
-        raise ValueError(f"{model.__name__} has no field {', '.join(map(repr, unknown))}")
     missing = [
         name
         for name, f in fields.items()

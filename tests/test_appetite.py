@@ -138,6 +138,8 @@ def test_migration_lets_existing_workers_state_their_appetite(empty_dsn: str) ->
             "CREATE ROLE {} NOLOGIN",
             "GRANT USAGE ON SCHEMA notifyq TO {}",
             "GRANT EXECUTE ON FUNCTION notifyq.claim_room(text, integer) TO {}",
+            # What `notifyq roles` gave a worker at the version before appetite's.
+            "GRANT EXECUTE ON FUNCTION notifyq.liveness_held(text) TO {}",
             "GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.dispatchers TO {}",
         ):
             query(empty_dsn, sql.SQL(statement).format(sql.Identifier(role)).as_string(None))
@@ -154,6 +156,29 @@ def test_migration_lets_existing_workers_state_their_appetite(empty_dsn: str) ->
             .format(sql.Identifier(role))
             .as_string(None),
         )
+
+
+def test_a_live_idle_dispatchers_rows_survive_a_peers_cleanup(dsn: str) -> None:
+    """An idle dispatcher that listens writes no heartbeat: a day later its hungry row
+    must still stand while its liveness lock is held, or inserts would skip its wake-up."""
+    query(
+        dsn,
+        "INSERT INTO notifyq.dispatchers (claimant, host, pid, queues, concurrency, heartbeat,"
+        " liveness_lock, heartbeat_at, alive_at) VALUES ('idle', 'h', 1, '{q}', 1, 10, true,"
+        " now() - interval '2 days', now() - interval '2 days')",
+    )
+    set_appetite(dsn, "idle", "q", "hungry")
+    query(dsn, "UPDATE notifyq.queue_appetite SET since = now() - interval '2 days'")
+    with psycopg.connect(dsn, autocommit=True) as owner:
+        owner.execute("SELECT pg_advisory_lock(28274, hashtext('idle'))")  # it lives
+        set_appetite(dsn, "peer", "q", "draining")
+        assert query(dsn, "SELECT claimant FROM notifyq.queue_appetite ORDER BY 1") == [
+            ("idle",),
+            ("peer",),
+        ]
+    # Its session gone (lock free) and its row two days old: now it goes.
+    set_appetite(dsn, "peer", "q", "draining")
+    assert query(dsn, "SELECT claimant FROM notifyq.queue_appetite") == [("peer",)]
 
 
 def test_the_barrier_waits_for_a_producer_that_read_the_queue_draining(dsn: str) -> None:

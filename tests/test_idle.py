@@ -117,6 +117,7 @@ async def test_the_upkeep_finds_a_job_whose_notification_was_lost(dsn: str) -> N
 
     async with serving(app, dsn, **IDLE) as worker:
         await covered(worker)
+        heard = worker.notifications
         # A plain INSERT in a transaction that suppresses the notify trigger's effect:
         # the row is there, no notification reaches the listener.
         with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
@@ -124,7 +125,10 @@ async def test_the_upkeep_finds_a_job_whose_notification_was_lost(dsn: str) -> N
             conn.execute("INSERT INTO notifyq.jobs (task) VALUES ('t')")
         with anyio.fail_after(10):
             await done.wait()
-        assert worker.dispatcher.polls_with_work >= 1
+        # Found without a wake-up.  Not asserted through polls_with_work, which missed it
+        # about one run in three since the appetite merge: the claim that takes it need
+        # not be the one the poll counts (the claim after an appetite barrier, say).
+        assert worker.notifications == heard
 
 
 async def test_an_idle_dispatcher_rescues_a_dead_ones_jobs_within_seconds(dsn: str) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import notifyq
+from notifyq import migrate
 from notifyq.errors import ConfigurationError
 from tests.conftest import query
 
@@ -55,6 +56,18 @@ def test_a_session_commits_or_rolls_back_its_jobs_with_its_rows(dsn: str) -> Non
     finally:
         engine.dispose()
         app.close()
+
+
+def test_schema_sql_applies_through_sqlalchemy_as_documented(empty_dsn: str) -> None:
+    """docs/operations.md's Alembic recipe: the script, sent whole with no parameters (the
+    functions' bodies hold % signs), in a transaction."""
+    engine = create_engine(url(empty_dsn))
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(migrate.script(0), execution_options={"no_parameters": True})
+    finally:
+        engine.dispose()
+    assert migrate.check(empty_dsn) == migrate.SCHEMA_VERSION
 
 
 def test_a_connection_must_be_in_a_transaction(dsn: str) -> None:
@@ -103,6 +116,13 @@ async def test_objects_that_are_no_connection_are_refused_saying_why(dsn: str) -
             await app.enqueue("t", {}, conn=session)  # type: ignore[arg-type]
     finally:
         engine.dispose()
+    async_engine = create_async_engine(url(dsn))
+    try:
+        async with AsyncSession(async_engine) as session:
+            with pytest.raises(TypeError, match=r"goes to enqueue\(\) or enqueue_many\(\)"):
+                app.enqueue_sync("t", {}, conn=session)  # type: ignore[arg-type]
+    finally:
+        await async_engine.dispose()
         await app.aclose()
     assert tasks(dsn) == []
 

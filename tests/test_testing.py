@@ -132,6 +132,28 @@ async def test_drain_runs_retries_at_once_until_success_or_dead(notifyq_dsn: str
     ]
 
 
+@pytest.mark.anyio
+async def test_drain_fails_with_an_assertion_naming_what_it_gave_up_on(notifyq_dsn: str) -> None:
+    app, _ = flaky_app()
+    queue = TestQueue(app)
+    always = await app.enqueue("t.broken", {}, max_attempts=1000)
+    with pytest.raises(
+        AssertionError, match=rf"gave up after 2 rounds of retries: jobs \[{always}\]"
+    ):
+        await queue.drain(max_rounds=2)
+    query(notifyq_dsn, "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = now()")
+    # A queue capped at 0 never lets its job start: the drain gives up, it does not hang.
+    query(
+        notifyq_dsn, "INSERT INTO notifyq.queue_limits (queue, max_running) VALUES ('default', 0)"
+    )
+    held = await app.enqueue("t.ok", {})
+    with pytest.raises(
+        AssertionError, match=rf"gave up after 0.5 s .*{held} \(t.ok, queue default, queued\)"
+    ):
+        await queue.drain(give_up_after=0.5)
+    await app.aclose()
+
+
 def test_advance_brings_a_delayed_job_due(notifyq_dsn: str, notifyq_clock: Clock) -> None:
     app, _ = flaky_app()
     queue = TestQueue(app)
@@ -261,12 +283,27 @@ def test_the_plugin_in_a_project_of_its_own(pytester: pytest.Pytester) -> None:
 
             def test_clean(notifyq_queue):
                 assert notifyq_queue.jobs() == []
+
+            @pytest.fixture
+            def anyio_backend():
+                return "asyncio"
+
+            # Async tests enqueue on a connection of their own event loop, which ends
+            # with the test: the fixture must close it (else a ResourceWarning, an error
+            # under -W error, when it is collected).
+            @pytest.mark.anyio
+            @pytest.mark.parametrize("order", [4, 5, 6])
+            async def test_async(notifyq_queue, order):
+                await app.enqueue("shop.confirm", {"order": order})
+                outcomes = await notifyq_queue.drain()
+                assert [o.result for o in outcomes] == [{"confirmed": order}]
+                import gc; gc.collect()
             """
         )
     )
     # No -p: the installed package's pytest11 entry point loads the plugin, as for a user.
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=6)
 
 
 def test_the_plugin_is_declared_as_an_entry_point() -> None:

@@ -185,3 +185,34 @@ def test_a_dataclass_pydantic_cannot_validate_is_refused_at_registration() -> No
 
         @app.task(name="c")
         def c(payload: Unvalidatable) -> None: ...
+
+
+class Aliased(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(populate_by_name=False)
+    user_id: int = pydantic.Field(alias="userId")
+
+
+def test_a_model_with_aliases_goes_out_and_comes_back_by_its_aliases() -> None:
+    sent = typed_payloads.to_payload(Aliased(userId=3), Aliased, typed_payloads.decoder(Aliased))
+    assert sent == {"userId": 3}
+    assert typed_payloads.decoder(Aliased)(sent) == Aliased(userId=3)
+
+
+def test_only_the_payloads_annotation_must_resolve(caplog: pytest.LogCaptureFixture) -> None:
+    app = notifyq.App(dsn="postgresql://unused")
+
+    @app.task(name="typed")
+    def typed(payload: Letter, ctx: ImportedOnlyForTypeCheckers) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+    # As a class defined after the handler is, while its module is still being imported.
+    @app.task(name="later")
+    def later(payload: NotDefinedYet) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+    assert app.registry.get("typed").model is Letter  # type: ignore[union-attr]
+    assert app.registry.get("later").model is None  # type: ignore[union-attr]
+    assert "'NotDefinedYet' of" in caplog.text and "define the class before" in caplog.text
+
+
+def test_a_key_the_dataclass_lacks_is_refused_with_pydantic_as_without() -> None:
+    with pytest.raises(ValueError, match="has no field 'colour'"):
+        typed_payloads.decoder(Address)({"city": "X", "colour": "red"})

@@ -28,6 +28,11 @@ def sync_connection(conn: Any) -> psycopg.Connection[Any]:
     """The psycopg connection under a psycopg or SQLAlchemy (sync) connection or Session."""
     if isinstance(conn, psycopg.Connection):
         return conn
+    if hasattr(conn, "sync_session") or hasattr(conn, "get_raw_connection"):
+        raise TypeError(
+            f"an {type(conn).__qualname__} goes to enqueue() or enqueue_many(), "
+            "not to their _sync variants"
+        )
     if _is_session(conn):
         conn = conn.connection()  # begins the session's transaction if it has none
     elif _is_connection(conn):

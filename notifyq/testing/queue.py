@@ -17,6 +17,7 @@ from ..completion import Subscriber
 from ..job import Job
 from ..settings import Settings
 from ..store.rows import JobRecord
+from ..worker import Worker
 from ..worker_pool import Finished
 from .jobs import Assertions, EnqueuedJob, run_sync
 
@@ -25,6 +26,8 @@ T = TypeVar("T")
 MAX_ROUNDS = 100
 """Times a drain makes the retries due at most: each gives every retrying job one more
 attempt (a task's max_attempts is 5 unless it says otherwise)."""
+GIVE_UP_AFTER = 30.0
+"""Seconds a drain waits for jobs that stay due or running before it fails."""
 _POLL = 0.01  # seconds between two looks of a drain at the jobs still due or running
 
 
@@ -62,13 +65,16 @@ class TestQueue(Assertions):
         queues: Sequence[str] | None = None,
         concurrency: int = 1,
         max_rounds: int = MAX_ROUNDS,
+        give_up_after: float = GIVE_UP_AFTER,
     ) -> list[Outcome]:
         """Run every job that is due now, and those its handlers enqueue due now, until
         none is left; a job that fails is run again at once (its backoff made due) until
         it succeeds or goes dead.  The outcomes, one per job run, in the order they first
         started.  `queues`: only these (default: the app's); `concurrency` 1 runs the jobs
         one at a time, in claim order (priority, then run_at, then id).  `max_rounds`:
-        how many times retries are made due at most (then AssertionError)."""
+        how many times retries are made due at most; `give_up_after`: seconds before giving up
+        on jobs that stay due or running (a queue at its cap of 0, a handler that never
+        returns).  Either way AssertionError, naming the jobs."""
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be at least 1, got {max_rounds}")
         heard = _Heard()
@@ -91,27 +97,11 @@ class TestQueue(Assertions):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.run)
                 await worker.ready.wait()
-                rounds = 0
-                # Not `until_empty`: that waits for a rate limit's slots, a drain does not.
-                while True:
-                    if await anyio.to_thread.run_sync(
-                        functools.partial(store.testing.busy, conn, **served)
-                    ):
-                        await anyio.sleep(_POLL)
-                        continue
-                    due = await anyio.to_thread.run_sync(
-                        functools.partial(store.testing.retries_due, conn, **served)
-                    )
-                    if not due:
-                        break
-                    rounds += 1
-                    if rounds > max_rounds:
-                        raise AssertionError(
-                            f"drain() gave up after {max_rounds} rounds of retries: "
-                            f"jobs {due} still fail"
-                        )
-                    worker.dispatcher.wake()
+                # Raised outside the task group, which would wrap it in an ExceptionGroup.
+                failure = await self._settle(worker, conn, served, max_rounds, give_up_after)
                 worker.stop()
+            if failure is not None:
+                raise AssertionError(failure)
             rows = await anyio.to_thread.run_sync(
                 functools.partial(store.testing.jobs, conn, list(heard.errors))
             )
@@ -132,17 +122,65 @@ class TestQueue(Assertions):
             for row in (by_id[job_id] for job_id in heard.errors if job_id in by_id)
         ]
 
+    async def _settle(
+        self,
+        worker: Worker,
+        conn: psycopg.Connection[Any],
+        served: dict[str, Any],
+        max_rounds: int,
+        give_up_after: float,
+    ) -> str | None:
+        """Wait until nothing served is due or running; None, or why the drain failed."""
+        rounds = 0
+        # Not `until_empty`: that waits for a rate limit's slots, a drain does not.
+        with anyio.move_on_after(give_up_after):
+            while True:
+                if await anyio.to_thread.run_sync(
+                    functools.partial(store.testing.busy, conn, **served)
+                ):
+                    await anyio.sleep(_POLL)
+                    continue
+                due = await anyio.to_thread.run_sync(
+                    functools.partial(store.testing.retries_due, conn, **served)
+                )
+                if not due:
+                    return None
+                rounds += 1
+                if rounds > max_rounds:
+                    return (
+                        f"drain() gave up after {max_rounds} rounds of retries: "
+                        f"jobs {due} still fail"
+                    )
+                worker.dispatcher.wake()
+        left = await anyio.to_thread.run_sync(functools.partial(store.testing.jobs, conn, None))
+        stuck = [
+            f"{row.id} ({row.task}, queue {row.queue}, {row.status})"
+            for row in left
+            if row.status in ("queued", "running")
+        ]
+        return (
+            f"drain() gave up after {give_up_after} s with jobs still due or running: "
+            f"{', '.join(stuck) or 'none left now'} (a queue capped at 0, a rate limit, or a "
+            "handler that does not return?)"
+        )
+
     def drain_sync(
         self,
         *,
         queues: Sequence[str] | None = None,
         concurrency: int = 1,
         max_rounds: int = MAX_ROUNDS,
+        give_up_after: float = GIVE_UP_AFTER,
     ) -> list[Outcome]:
         """`drain` for synchronous tests."""
 
         async def drain() -> list[Outcome]:
-            return await self.drain(queues=queues, concurrency=concurrency, max_rounds=max_rounds)
+            return await self.drain(
+                queues=queues,
+                concurrency=concurrency,
+                max_rounds=max_rounds,
+                give_up_after=give_up_after,
+            )
 
         return run_sync(drain)
 
