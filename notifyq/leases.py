@@ -204,6 +204,10 @@ class LeaseKeeper:
         next_alive = clock()
         watched = 0  # other claimants the last sweep watches (fast sweeps while any)
         was_covered = False
+        # The start-up sweep runs even if the upkeep vouches already: it finds the peers
+        # holding jobs now (their alive beats), whose death only fast sweeps catch within
+        # seconds; no status change of theirs may come to poke us.
+        swept = False
         failures = 0
         while True:
             # Wakes at least every FAST_SWEEP to see whether a poke moved the sweep earlier,
@@ -228,13 +232,13 @@ class LeaseKeeper:
                     next_alive = clock() + ALIVE_BEAT
                     talked = True
                 if clock() >= next_rescue:
-                    if covered and not fast and failures == 0:
+                    if covered and not fast and failures == 0 and swept:
                         pass  # the upkeep asks notifyq.rescue_due meanwhile, and pokes
                     else:
                         watched = await self.rescue(
                             trust_sessions=clock() >= self._trust_sessions_at
                         )
-                        talked = True
+                        swept = talked = True
                     interval = FAST_SWEEP if watched else self._rescue_interval
                     # Jitter spreads many dispatchers' rescues apart.
                     next_rescue = clock() + interval * random.uniform(0.8, 1.2)

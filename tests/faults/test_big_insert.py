@@ -69,7 +69,10 @@ def big_insert(dsn: str, logs: Path, *, rows: int, timeout: float) -> None:
         second_queue_start_s=round(latency, 3),
     )
     assert notes.count("a") == 1, notes[:10]
-    assert notes.count("b") == 1
+    # The dispatcher drains a's backlog: while it does, its queues' inserts skip their
+    # wake-up (schema 16, notifyq.queue_appetite), b's included, and b's job still starts
+    # promptly (the round-robin claim above).
+    assert notes.count("b") <= 1
     assert rss.samples > 0 and rss.peak_kib <= RSS_BOUND_KIB
 
 

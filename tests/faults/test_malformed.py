@@ -39,6 +39,7 @@ BAD_ROWS = {
     "jobs_on_dependency_failure_valid": ("task, on_dependency_failure", "'faults.record', 'maybe'"),
     "jobs_depends_on_valid": ("task, depends_on", "'faults.record', ARRAY[NULL]::bigint[]"),
     "jobs_rate_key_length": ("task, rate_key", "'faults.record', ''"),
+    "jobs_trace_context_valid": ("task, trace_context", "'faults.record', '[1]'::jsonb"),
 }
 
 

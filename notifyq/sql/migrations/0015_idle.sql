@@ -111,13 +111,10 @@ AS $$
 DECLARE
     d record;
     counted integer;
+    distrusted integer := 0;
     by_session boolean := trust_sessions
         AND now() >= pg_postmaster_start_time() + restart_grace;
 BEGIN
-    SELECT count(*) INTO counted
-    FROM notifyq.dispatchers r
-    WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me AND r.stopped_at IS NULL
-      AND r.alive_at >= now() - 2 * session_grace;
     FOR d IN
         SELECT r.claimant
         FROM notifyq.dispatchers r
@@ -137,7 +134,8 @@ BEGIN
             SELECT FROM notifyq.jobs j
             WHERE j.status = 'running' AND j.claimed_by = d.claimant
               AND j.started_at > now() - session_grace) THEN
-            counted := counted + 1;
+            -- Sessions not trusted now (an outage): watched until it beats again.
+            distrusted := distrusted + (NOT by_session)::integer;
             CONTINUE;
         END IF;
         RETURN QUERY
@@ -181,6 +179,18 @@ BEGIN
     FROM expired e
     WHERE j.id = e.id
     RETURNING j.id, j.status, 'lease'::text, NULL::integer;
+    -- Counted after the rescue (what it re-queued is no longer anyone's): peers beating,
+    -- or that claimed jobs just now.  The latter covers a dispatcher that started right
+    -- after a peer took its jobs: it may sweep before the peer's first beat, and no
+    -- status change of the peer's may come to poke it.  (A frozen peer, which neither
+    -- beats nor claims, is left to its leases.)
+    SELECT count(*) + distrusted INTO counted
+    FROM notifyq.dispatchers r
+    WHERE r.liveness_lock AND r.claimant <> rescue_jobs.me AND r.stopped_at IS NULL
+      AND (r.alive_at >= now() - 2 * session_grace
+           OR EXISTS (SELECT FROM notifyq.jobs j
+                      WHERE j.status = 'running' AND j.claimed_by = r.claimant
+                        AND j.started_at > now() - 2 * session_grace));
     RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text, counted;
 END
 $$;
