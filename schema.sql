@@ -18,14 +18,15 @@
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,
 -- status, attempts, max_attempts, last_error, created_at, started_at,
 -- finished_at, dedupe_key, result, progress, progress_message, checkpoint,
--- depends_on, on_dependency_failure, rate_key, token, trace_context; the status values; the
+-- depends_on, on_dependency_failure, rate_key, token, trace_context, unique_for,
+-- on_duplicate; the status values; the
 -- view notifyq.queue_stats; the tables notifyq.job_history, notifyq.queue_limits,
 -- notifyq.rate_limits, notifyq.periodic, notifyq.tasks and notifyq.queue_events;
 -- the SQL worker protocol (notifyq.claim with its row type notifyq.claimed_job,
 -- heartbeat, complete, fail, progress, hold_session, hand_back, stop_worker);
--- notifyq.job_status and notifyq.set_events; and the notification channels
--- notifyq_jobs, notifyq_status, notifyq_progress and notifyq_events, with the
--- payloads described where they are sent (nothing else is sent on them).
+-- notifyq.job_status, notifyq.dependency_results and notifyq.set_events; and the
+-- notification channels notifyq_jobs, notifyq_status, notifyq_progress and
+-- notifyq_events, with the payloads described where they are sent (nothing else is sent on them).
 -- notifyq_internal carries the dispatchers' own messages and is not part of
 -- it.  Columns whose names start with lease_, claimed_ or rate_reserved are
 -- the dispatchers' bookkeeping.
@@ -82,6 +83,12 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- it, from any language, and each attempt's span links to it (docs/tracing.md).
     -- The CHECK keeps it small, as every claim returns it; NULL costs nothing.
     trace_context    jsonb,
+    -- With dedupe_key, what another INSERT with the key meets (see "Keys beyond
+    -- unfinished jobs" below): unique_for, the key is held that long after this
+    -- job was enqueued, even once it finished; on_duplicate 'replace', an INSERT
+    -- meeting this job queued gives it its payload and run_at instead (debounce).
+    unique_for       interval,
+    on_duplicate     text,
 
     -- Unbounded patterns and a length test: a bounded repetition ({0,199}) costs
     -- every INSERT and UPDATE of a job tens of microseconds (migration 0013).
@@ -107,7 +114,15 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     CONSTRAINT jobs_trace_context_valid CHECK (
         pg_catalog.jsonb_typeof(trace_context) = 'object'
         AND pg_catalog.pg_column_size(trace_context) <= 4096
-        AND NOT pg_catalog.jsonb_path_exists(trace_context, '$.* ? (@.type() != "string")'))
+        AND NOT pg_catalog.jsonb_path_exists(trace_context, '$.* ? (@.type() != "string")')),
+    CONSTRAINT jobs_unique_for_valid CHECK (
+        unique_for IS NULL
+        OR (unique_for > interval '0' AND unique_for <= interval '10 years'
+            AND dedupe_key IS NOT NULL)),
+    CONSTRAINT jobs_on_duplicate_valid CHECK (
+        on_duplicate IS NULL
+        OR (on_duplicate IN ('refuse', 'replace') AND dedupe_key IS NOT NULL
+            AND (on_duplicate = 'refuse' OR unique_for IS NULL)))
 );
 
 COMMENT ON TABLE notifyq.jobs IS
@@ -146,6 +161,16 @@ COMMENT ON CONSTRAINT jobs_trace_context_valid ON notifyq.jobs IS
 COMMENT ON COLUMN notifyq.jobs.trace_context IS
     'The enqueuing trace''s propagation fields ({"traceparent": ..., "tracestate": ...}, '
     'as an OpenTelemetry propagator injects them into a map); each attempt''s span links to it.';
+COMMENT ON CONSTRAINT jobs_unique_for_valid ON notifyq.jobs IS
+    'unique_for: NULL, or more than 0 and at most 10 years, with a dedupe_key';
+COMMENT ON CONSTRAINT jobs_on_duplicate_valid ON notifyq.jobs IS
+    'on_duplicate: NULL, refuse or replace, with a dedupe_key; replace not with unique_for';
+COMMENT ON COLUMN notifyq.jobs.unique_for IS
+    'With dedupe_key: no other job with the key is inserted for this long after this one '
+    'was enqueued, even once it finished.';
+COMMENT ON COLUMN notifyq.jobs.on_duplicate IS
+    'With dedupe_key, replace: an INSERT meeting a queued job with the key gives it its '
+    'payload and run_at instead of being refused (debounce).';
 
 -- Claimable rows, in claim order per (queue, task): the claim probes one
 -- (queue, task) pair at a time, so jobs of tasks it cannot run (and of other
@@ -848,6 +873,220 @@ CREATE OR REPLACE TRIGGER jobs_release_dependents
     AFTER UPDATE ON notifyq.jobs
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION notifyq.release_dependents();
+
+-- ---------------------------------------------------------------------------
+-- Keys beyond unfinished jobs
+--
+-- A dedupe_key alone holds while its job is unfinished (jobs_dedupe_idx).  Two
+-- columns, both NULL by default and both needing a dedupe_key, change what
+-- another INSERT with the key meets:
+--
+--   unique_for    the key is also held for this long after the job was enqueued
+--                 (now() of the INSERT), even once the job finished: an INSERT
+--                 with the key and unique_for inserts nothing while that window
+--                 lasts.  A sliding window from the enqueue that opened it, not a
+--                 fixed bucket: "at most one job per hour per key" must not allow
+--                 two jobs a second apart across a bucket's edge.  A refused
+--                 INSERT does not open or extend a window.
+--   on_duplicate  'replace': while a queued (or waiting) job holds the key, the
+--                 INSERT inserts nothing and gives that job its payload and
+--                 run_at instead (debounce).  While the holder runs, it may have
+--                 read its payload already: the INSERT goes in as a new job, and
+--                 the running job gives up the key to it.  'refuse' (or NULL) is
+--                 the dedupe_key's own rule.
+--
+-- Refused and replaced rows are dropped by the BEFORE INSERT trigger below
+-- (RETURN NULL), with or without ON CONFLICT: the INSERT reports fewer rows and
+-- `RETURNING id` returns none, as ON CONFLICT DO NOTHING does for a dedupe_key.
+-- The two are not combined (a window that replaces is a throttle, a feature of
+-- its own).
+
+-- One row per key whose window was opened: the job that opened it and when it
+-- ends.  The trigger's row lock on it orders the INSERTs of one key.  Rows whose
+-- window ended are deleted by retention (notifyq.expire_unique_windows) or
+-- reused by the key's next window.
+CREATE TABLE IF NOT EXISTS notifyq.unique_windows (
+    dedupe_key text        PRIMARY KEY,
+    job_id     bigint      NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+COMMENT ON TABLE notifyq.unique_windows IS
+    'The open unique_for windows: no job with dedupe_key is inserted before expires_at. '
+    'Kept by the insert trigger and retention: read it, do not write it.';
+-- Retention finds the windows that ended without reading the others.
+CREATE INDEX IF NOT EXISTS unique_windows_expires_idx ON notifyq.unique_windows (expires_at);
+
+-- BEFORE INSERT, only for rows with unique_for or on_duplicate = 'replace' (the
+-- trigger's WHEN): every other INSERT pays nothing.  Its name sorts before
+-- jobs_dependencies_on_insert, so a refused row costs no dependency check.
+--
+-- Race-free under concurrent producers in READ COMMITTED (the default):
+--   unique_for: the key's unique_windows row is read FOR UPDATE, or inserted
+--     (ON CONFLICT DO NOTHING, which waits for a concurrent insert of the key to
+--     end); the loser of either meets the winner's window once it commits, as
+--     each statement here takes a new snapshot.  So one job per window, however
+--     many producers race.  An unfinished job holding the key (jobs_dedupe_idx)
+--     refuses the row too, before the window is touched: a row the index would
+--     refuse must not open a window.
+--   replace: a transaction-level advisory lock on the key (28279, hashtext of
+--     it) orders the replacing producers of one key until each commits; the
+--     holder is then read (a new snapshot: it sees every earlier producer's
+--     job) and locked FOR NO KEY UPDATE, as a completion locks it.  A claim
+--     skips the locked row (SKIP LOCKED) and takes it, with the new payload,
+--     once this transaction ends; a claim that locked it first makes this wait,
+--     and then the holder is running.  So the last producer's payload is the
+--     one that runs.
+-- In REPEATABLE READ or SERIALIZABLE a producer that meets a concurrent change
+-- fails with a serialization error (retry the transaction); replace can insert
+-- a second job there, which jobs_dedupe_idx refuses.  Producers that use one key
+-- with and without these columns are not ordered against each other: use a key
+-- one way.  Several keys replaced in one transaction are locked in the order
+-- given: two transactions giving them in different orders can deadlock (one is
+-- cancelled).
+--
+-- SECURITY DEFINER: a producer may neither read nor lock jobs, nor write the
+-- windows.  The pinned search_path costs only the rows that use the feature.
+CREATE OR REPLACE FUNCTION notifyq.dedupe_on_insert() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    holder record;
+    window_ends timestamptz;
+    opened boolean;
+BEGIN
+    IF NEW.dedupe_key IS NULL
+       OR (NEW.unique_for IS NOT NULL AND NEW.on_duplicate = 'replace')
+       OR NEW.unique_for <= interval '0' THEN
+        RETURN NEW;  -- the CHECK constraints refuse it, with their names
+    END IF;
+    IF NEW.on_duplicate = 'replace' THEN
+        PERFORM pg_advisory_xact_lock(28279, hashtext(NEW.dedupe_key));
+        SELECT j.id, j.status, j.task, j.rate_reserved, j.attempts INTO holder
+        FROM notifyq.jobs j
+        WHERE j.dedupe_key = NEW.dedupe_key AND j.status NOT IN ('succeeded', 'dead', 'cancelled')
+        FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN NEW;
+        END IF;
+        IF holder.task <> NEW.task THEN
+            RAISE EXCEPTION 'notifyq: dedupe_key % is held by job %, of task %, not %',
+                pg_catalog.quote_literal(NEW.dedupe_key), holder.id, holder.task, NEW.task
+                USING ERRCODE = 'check_violation',
+                      HINT = 'on_duplicate = ''replace'' replaces the payload of a job of '
+                             'the same task: give each task keys of its own.';
+        END IF;
+        IF holder.status IN ('queued', 'waiting') THEN
+            -- A job already attempted (queued again for its retry's backoff) or given a
+            -- rate limit's slot keeps the later run_at: replacing never runs it sooner
+            -- than its backoff or its slot.  The checkpoint belonged to the old payload.
+            UPDATE notifyq.jobs j
+            SET payload = NEW.payload,
+                run_at = CASE WHEN holder.rate_reserved OR holder.attempts > 0
+                              THEN greatest(j.run_at, NEW.run_at) ELSE NEW.run_at END,
+                checkpoint = NULL
+            WHERE j.id = holder.id;
+            RETURN NULL;
+        END IF;
+        -- Running: the new payload needs a run of its own, and takes over the key.
+        UPDATE notifyq.jobs j SET dedupe_key = NULL WHERE j.id = holder.id;
+        RETURN NEW;
+    END IF;
+    -- unique_for.  At most three rounds: a window inserted by another transaction
+    -- meanwhile is read by the next round (READ COMMITTED); in REPEATABLE READ the
+    -- INSERT below raises a serialization error instead of coming back.
+    FOR round IN 1..3 LOOP
+        SELECT w.expires_at INTO window_ends
+        FROM notifyq.unique_windows w WHERE w.dedupe_key = NEW.dedupe_key
+        FOR UPDATE;
+        opened := FOUND;
+        IF opened AND window_ends > now() THEN
+            RETURN NULL;
+        END IF;
+        IF EXISTS (SELECT FROM notifyq.jobs j
+                   WHERE j.dedupe_key = NEW.dedupe_key
+                     AND j.status NOT IN ('succeeded', 'dead', 'cancelled')) THEN
+            RETURN NULL;
+        END IF;
+        IF opened THEN  -- ended: this job opens the key's next window
+            UPDATE notifyq.unique_windows w
+            SET job_id = NEW.id, expires_at = now() + NEW.unique_for
+            WHERE w.dedupe_key = NEW.dedupe_key;
+            RETURN NEW;
+        END IF;
+        INSERT INTO notifyq.unique_windows (dedupe_key, job_id, expires_at)
+        VALUES (NEW.dedupe_key, NEW.id, now() + NEW.unique_for)
+        ON CONFLICT (dedupe_key) DO NOTHING;
+        IF FOUND THEN
+            RETURN NEW;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'notifyq: the unique_for window of dedupe_key % kept changing',
+        pg_catalog.quote_literal(NEW.dedupe_key)
+        USING ERRCODE = 'serialization_failure', HINT = 'Retry the transaction.';
+END
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_dedupe_on_insert
+    BEFORE INSERT ON notifyq.jobs
+    FOR EACH ROW
+    WHEN (NEW.unique_for IS NOT NULL OR NEW.on_duplicate = 'replace')
+    EXECUTE FUNCTION notifyq.dedupe_on_insert();
+
+-- Retention: delete up to max_rows windows that ended (oldest first), skipping
+-- rows an INSERT holds right now; returns how many.  A window that ended while
+-- its job is unfinished holds nothing the job's dedupe_key does not.  SECURITY
+-- DEFINER: the worker role runs it without any right on the table.
+CREATE OR REPLACE FUNCTION notifyq.expire_unique_windows(max_rows integer) RETURNS integer
+LANGUAGE sql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH ended AS (
+        SELECT w.dedupe_key FROM notifyq.unique_windows w
+        WHERE w.expires_at <= now()
+        ORDER BY w.expires_at
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED
+    ), deleted AS (
+        DELETE FROM notifyq.unique_windows w USING ended e
+        WHERE w.dedupe_key = e.dedupe_key
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM deleted
+$$;
+COMMENT ON FUNCTION notifyq.expire_unique_windows(integer) IS
+    'Delete up to max_rows unique_for windows that ended; returns how many.';
+REVOKE EXECUTE ON FUNCTION notifyq.expire_unique_windows(integer) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- Results for dependents
+--
+-- The dependencies of job_id, in depends_on's order, each with its status and
+-- result (NULL unless it succeeded; status NULL: deleted since).  For the worker
+-- that runs the job, in any language: read when asked, so a claim pays nothing.
+-- SECURITY INVOKER: it reads with the caller's rights, which the worker role has
+-- (SELECT on notifyq.jobs).  Not through a job's token: a producer chooses
+-- depends_on, so the token of its own job would show it the results of any job.
+CREATE OR REPLACE FUNCTION notifyq.dependency_results(job_id bigint)
+RETURNS TABLE (id bigint, status text, result jsonb)
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT d.id, j.status, j.result
+    FROM notifyq.jobs me
+    CROSS JOIN LATERAL unnest(me.depends_on) WITH ORDINALITY AS d(id, n)
+    LEFT JOIN notifyq.jobs j ON j.id = d.id
+    WHERE me.id = $1
+    ORDER BY d.n
+$$;
+COMMENT ON FUNCTION notifyq.dependency_results(bigint) IS
+    'The dependencies of a job, in depends_on order: id, status and result (for a worker: '
+    'needs SELECT on notifyq.jobs).';
+REVOKE EXECUTE ON FUNCTION notifyq.dependency_results(bigint) FROM PUBLIC;
 
 -- Per queue: jobs by status, and how long the oldest claimable job has waited;
 -- waiting (for dependencies) is the last column, as version 3 appended it.
@@ -1618,6 +1857,7 @@ REVOKE EXECUTE ON FUNCTION notifyq.dependency_status(bigint[], text) FROM PUBLIC
 REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_insert() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.release_dependents() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.dedupe_on_insert() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text) FROM PUBLIC;
@@ -2516,5 +2756,5 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_periodic_changed() FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
-    (11), (12), (13), (14), (15), (16)
+    (11), (12), (13), (14), (15), (16), (19)
 ON CONFLICT (version) DO NOTHING;

@@ -91,7 +91,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 15
+    assert len(comments) == 17
     for name, comment in comments.items():
         assert comment, name
 
