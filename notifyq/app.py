@@ -301,13 +301,19 @@ class App:
         job exists only if it commits.  Without, it commits on its own.
 
         Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
-        run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure.
+        run_at, max_attempts, dedupe_key, unique_for, on_duplicate, rate_key,
+        depends_on, on_dependency_failure.
 
         With `rate_key`, the job shares the rate limit of that key (notifyq.rate_limits).
 
         With `dedupe_key`, while a job with the same key is unfinished (queued,
         running or waiting for a retry) nothing is inserted and that job's id is
-        returned instead (without a token: it is another enqueue's).
+        returned instead (without a token: it is another enqueue's).  With
+        `unique_for` (a timedelta or seconds) as well, the key is held that long
+        after the enqueue of the job that took it, even once that job finished.
+        With `on_duplicate="replace"` instead, a queued job holding the key gets
+        this payload and run_at (debounce; its id comes back), and a running one
+        gives up the key to a new job (docs/lifecycle.md).
 
         With `depends_on` (ids of existing jobs), the job waits until all of
         them succeeded; if one ends dead or cancelled, it is cancelled too, or

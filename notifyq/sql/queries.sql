@@ -19,24 +19,36 @@ RETURNING id;
 
 -- name: enqueue_deduped
 -- `enqueue` with a dedupe_key: while an unfinished job holds the key, nothing is
--- inserted and that job's id comes back instead (created false).  No row at all
--- means the holder committed after this statement's snapshot: run it again.
+-- inserted and that job's id comes back instead (created false).  With
+-- unique_for, a window the key's last job opened refuses it too (the id is that
+-- job's, which may have been purged since); with on_duplicate 'replace', the
+-- queued job holding the key got this payload (the schema's dedupe_on_insert).
+-- No row at all means the holder committed after this statement's snapshot: run
+-- it again.
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                              on_dependency_failure, dedupe_key, rate_key, token, trace_context)
+                              on_dependency_failure, dedupe_key, rate_key, token, trace_context,
+                              unique_for, on_duplicate)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
             %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
-            %(rate_key)s::text, %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb)
+            %(rate_key)s::text, %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb,
+            make_interval(secs => %(unique_for)s::float8), %(on_duplicate)s::text)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
 SELECT id, true AS created FROM inserted
 UNION ALL
-SELECT j.id, false FROM notifyq.jobs j
-WHERE NOT EXISTS (SELECT FROM inserted)
-  AND j.dedupe_key = %(dedupe_key)s
-  AND j.status NOT IN ('succeeded', 'dead', 'cancelled');
+(SELECT h.id, false
+ FROM (SELECT j.id, 1 AS rank FROM notifyq.jobs j
+       WHERE j.dedupe_key = %(dedupe_key)s
+         AND j.status NOT IN ('succeeded', 'dead', 'cancelled')
+       UNION ALL
+       SELECT w.job_id, 2 FROM notifyq.unique_windows w
+       WHERE %(unique_for)s::float8 IS NOT NULL AND w.dedupe_key = %(dedupe_key)s) AS h
+ WHERE NOT EXISTS (SELECT FROM inserted)
+ ORDER BY h.rank
+ LIMIT 1);
 
 -- name: enqueue_many
 -- Insert many jobs of one task in one statement: the statement-level trigger
@@ -143,6 +155,15 @@ SET checkpoint = %(checkpoint)s::pg_catalog.jsonb
 WHERE id = %(id)s AND status = 'running' COLLATE "C" AND claimed_by = %(claimant)s
   AND attempts = %(attempt)s
 RETURNING id;
+
+-- name: dependency_results
+-- JobContext.dependency_results: the jobs a job depends on, their status and result
+-- (notifyq.dependency_results: the job by primary key, each dependency by it too).
+SELECT d.id, d.status, d.result FROM notifyq.dependency_results(%(id)s) AS d;
+
+-- name: expire_unique_windows
+-- Retention: delete a batch of unique_for windows that ended (the SQL function).
+SELECT notifyq.expire_unique_windows(%(limit)s) AS deleted;
 
 -- name: cancelled_among
 -- Which of the jobs this dispatcher runs were cancelled meanwhile (notifyq.cancel_job,

@@ -27,6 +27,7 @@ from ..job import Job, JobState
 from .connection import QUERIES, connect, translated
 from .rows import (
     ClaimRow,
+    DependencyResult,
     EndpointRow,
     Fired,
     HeldAttempt,
@@ -387,6 +388,16 @@ class Store:
             scalar_row,
         )
         return bool(rows)
+
+    async def dependency_results(self, job_id: int) -> dict[int, Any]:
+        """The results of the dependencies of `job_id` that succeeded, by id."""
+        rows = await self._run("dependency_results", {"id": job_id}, class_row(DependencyResult))
+        return {row.id: row.result for row in rows if row.status == JobState.SUCCEEDED}
+
+    async def expire_unique_windows(self, limit: int) -> int:
+        """Delete up to `limit` unique_for windows that ended; how many."""
+        (deleted,) = await self._run("expire_unique_windows", {"limit": limit}, scalar_row)
+        return int(deleted)
 
     async def purge_batch(self, seconds: float, statuses: Sequence[str], limit: int) -> Purged:
         """Delete up to `limit` jobs of `statuses` finished over `seconds` ago: how many,

@@ -38,6 +38,8 @@ class NewJob:
     trace_context: str | None = None
     # The job's token (see JobId): random, from the operating system's CSPRNG.
     token: uuid.UUID = field(default_factory=uuid.uuid4)
+    unique_for: float | None = None  # seconds; with dedupe_key only
+    on_duplicate: str | None = None  # "refuse" | "replace"; with dedupe_key only
 
     def params(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,8 @@ class NewJob:
             "depends_on": self.depends_on,
             "on_dependency_failure": self.on_dependency_failure,
             "trace_context": self.trace_context,
+            "unique_for": self.unique_for,
+            "on_duplicate": self.on_duplicate,
         }
 
 

@@ -120,6 +120,15 @@ class Purged:
 
 
 @dataclass(frozen=True, slots=True)
+class DependencyResult:
+    """dependency_results: one dependency of a job, its status (None: deleted) and result."""
+
+    id: int
+    status: str | None
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Upkeep:
     """upkeep: a served job is ready; a rescue sweep has something to look at."""
 
