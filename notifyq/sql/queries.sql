@@ -23,8 +23,8 @@ RETURNING id;
 -- unique_for, a window the key's last job opened refuses it too (the id is that
 -- job's, which may have been purged since); with on_duplicate 'replace', the
 -- queued job holding the key got this payload (the schema's dedupe_on_insert).
--- No row at all means the holder committed after this statement's snapshot: run
--- it again.
+-- No row at all means the holder committed after this statement's snapshot (a
+-- window seen here as ended was opened again since): run it again.
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
                               on_dependency_failure, dedupe_key, rate_key, token, trace_context,
@@ -45,7 +45,8 @@ UNION ALL
          AND j.status NOT IN ('succeeded', 'dead', 'cancelled')
        UNION ALL
        SELECT w.job_id, 2 FROM notifyq.unique_windows w
-       WHERE %(unique_for)s::float8 IS NOT NULL AND w.dedupe_key = %(dedupe_key)s) AS h
+       WHERE %(unique_for)s::float8 IS NOT NULL AND w.dedupe_key = %(dedupe_key)s
+         AND w.expires_at > now()) AS h
  WHERE NOT EXISTS (SELECT FROM inserted)
  ORDER BY h.rank
  LIMIT 1);

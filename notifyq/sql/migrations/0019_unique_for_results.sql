@@ -141,7 +141,7 @@ BEGIN
             RETURN NULL;
         END IF;
         -- Running: the new payload needs a run of its own, and takes over the key.
-        UPDATE notifyq.jobs j SET dedupe_key = NULL WHERE j.id = holder.id;
+        UPDATE notifyq.jobs j SET dedupe_key = NULL, on_duplicate = NULL WHERE j.id = holder.id;
         RETURN NEW;
     END IF;
     -- unique_for.  At most three rounds: a window inserted by another transaction
