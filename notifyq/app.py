@@ -408,7 +408,7 @@ class App:
         options: ManyOptions,
         caller: str,
     ) -> tuple[store.NewJob, list[str]]:
-        # ManyOptions is EnqueueOptions without dedupe_key, which `accepts` refuses.
+        # ManyOptions is EnqueueOptions without the key options, which `accepts` refuses.
         every = cast(EnqueueOptions, options)
         job = enqueue.build(
             self.registry,

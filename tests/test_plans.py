@@ -553,3 +553,97 @@ def test_an_insert_reads_the_appetite_of_its_queue_by_key(queued_dsn: str) -> No
     idx = {t: after[t][1] - before[t][1] for t in after}
     assert seq == {"jobs": 0, "queue_appetite": 0}
     assert idx["queue_appetite"] >= 2  # the trigger's probe and the write's cleanup
+
+
+KEYED = {
+    "queue": "default",
+    "task": "t",
+    "payload": "{}",
+    "priority": 0,
+    "delay": 0.0,
+    "run_at": None,
+    "max_attempts": None,
+    "depends_on": None,
+    "on_dependency_failure": "cancel",
+    "dedupe_key": "k",
+    "rate_key": None,
+    "token": "00000000-0000-0000-0000-000000000001",
+    "trace_context": None,
+}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"unique_for": 3600.0, "on_duplicate": None}, {"unique_for": None, "on_duplicate": "replace"}],
+    ids=["unique_for", "replace"],
+)
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_keyed_inserts_probe_the_key_only(
+    big_dsn: str, options: dict[str, Any], generic: bool
+) -> None:
+    """The insert trigger of unique_for and replace (notifyq.dedupe_on_insert) finds the
+    key's holder along jobs_dedupe_idx and its window by primary key, with a job holding
+    the key and a window that ended: never a scan of the 40,000 jobs."""
+    query(
+        big_dsn,
+        "INSERT INTO notifyq.jobs (task, dedupe_key, unique_for, on_duplicate)"
+        " VALUES ('t', 'k', %s, %s)",
+        None if options["unique_for"] is None else f"{options['unique_for']} seconds",
+        options["on_duplicate"],
+    )
+    query(
+        big_dsn,
+        "UPDATE notifyq.jobs SET status = 'succeeded', finished_at = now() WHERE dedupe_key = 'k'",
+    )
+    query(big_dsn, "UPDATE notifyq.unique_windows SET expires_at = now() - interval '1 second'")
+    query(big_dsn, "INSERT INTO notifyq.jobs (task, dedupe_key) VALUES ('t', 'other')")
+    query(big_dsn, "ANALYZE notifyq.jobs")
+    plans = nested_plans(big_dsn, "enqueue_deduped", {**KEYED, **options}, generic=generic)
+    nodes = [node for plan in plans for node in plan]
+    tables = {n.get("Relation Name") for n in nodes if "Scan" in n["Node Type"]}
+    found = scans(nodes)
+    assert ("Index Scan", "jobs_dedupe_idx") in found or (
+        "Index Only Scan",
+        "jobs_dedupe_idx",
+    ) in found, found
+    if options["unique_for"]:
+        assert "unique_windows" in tables
+        assert not any(
+            n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "unique_windows"
+            for n in nodes
+        ), found
+    seq_jobs = [
+        n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"
+    ]
+    assert not seq_jobs, found
+
+
+def test_dependency_results_read_by_primary_key(big_dsn: str) -> None:
+    """notifyq.dependency_results: the job and each of its dependencies by id."""
+    (dependent,) = query(
+        big_dsn,
+        "INSERT INTO notifyq.jobs (task, depends_on) VALUES ('t', ARRAY[1, 20001, 40001])"
+        " RETURNING id",
+    )[0]
+    plans = nested_plans(big_dsn, "dependency_results", {"id": dependent})
+    nodes = [node for plan in plans for node in plan]
+    jobs_scans = {
+        (n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "jobs"
+    }
+    assert jobs_scans and {index for _, index in jobs_scans} == {"jobs_pkey"}, jobs_scans
+
+
+def test_window_cleanup_reads_the_ended_windows_only(dsn: str) -> None:
+    """notifyq.expire_unique_windows: along unique_windows_expires_idx, from the oldest."""
+    query(
+        dsn,
+        "INSERT INTO notifyq.unique_windows (dedupe_key, job_id, expires_at)"
+        " SELECT 'k' || g, g, now() + CASE WHEN g % 100 = 0 THEN interval '-1 hour'"
+        " ELSE interval '1 hour' END FROM generate_series(1, 50000) AS g",
+    )
+    query(dsn, "ANALYZE notifyq.unique_windows")
+    plans = nested_plans(dsn, "expire_unique_windows", {"limit": 100}, analyze=True)
+    nodes = [node for plan in plans for node in plan]
+    found = scans(nodes)
+    assert ("Index Scan", "unique_windows_expires_idx") in found, found
+    assert not any(kind == "Seq Scan" for kind, _ in found), found

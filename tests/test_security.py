@@ -111,6 +111,8 @@ PUBLIC_COLUMNS = [
     "dedupe_key",
     "token",
     "trace_context",
+    "unique_for",
+    "on_duplicate",
 ]
 PRIVATE_COLUMNS = [
     "id",
@@ -480,7 +482,9 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "claim_jobs",
         "claim_room",
         "complete",
+        "dependency_results",
         "dependency_status",
+        "expire_unique_windows",
         "fail",
         "finish_jobs",
         "hand_back",

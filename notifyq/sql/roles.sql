@@ -59,7 +59,7 @@ GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, 
     ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 -- The job whose unique_for window refused an INSERT, by its key.
-GRANT SELECT (dedupe_key, job_id) ON notifyq.unique_windows TO {producer};
+GRANT SELECT (dedupe_key, job_id, expires_at) ON notifyq.unique_windows TO {producer};
 GRANT EXECUTE ON FUNCTION notifyq.job_status(bigint, uuid) TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,

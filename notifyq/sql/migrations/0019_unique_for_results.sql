@@ -256,7 +256,7 @@ BEGIN
           AND a.privilege_type = 'INSERT' AND a.grantee <> 0
     LOOP
         EXECUTE format('GRANT INSERT (unique_for, on_duplicate) ON notifyq.jobs TO %s', r.role);
-        EXECUTE format('GRANT SELECT (dedupe_key, job_id) ON notifyq.unique_windows TO %s',
+        EXECUTE format('GRANT SELECT (dedupe_key, job_id, expires_at) ON notifyq.unique_windows TO %s',
                        r.role);
     END LOOP;
     FOR r IN
