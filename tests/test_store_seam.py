@@ -128,6 +128,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "still_claimed": rows.HeldAttempt,
     "rescue": rows.RescueRow,
     "purge_batch": rows.Purged,
+    "dependency_results": rows.DependencyResult,
     "upkeep": rows.Upkeep,
     "periodic_schedules": rows.ScheduleRow,
     "periodic_fire": rows.Fired,

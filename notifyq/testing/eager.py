@@ -153,8 +153,8 @@ class EagerQueue(Assertions):
     def _dependency_results(self, job_id: int) -> dict[int, Any]:
         """What the eager jobs this one depends on returned (each ran at its enqueue)."""
         with self._lock:
-            records = [self._records.get(i) for i in self._depends_on.get(job_id, ())]
-        return {r.id: r.result for r in records if r and r.status == JobState.SUCCEEDED}
+            done = [self._records.get(i) for i in self._depends_on.get(job_id, ())]
+        return {r.id: r.result for r in done if r and r.status == JobState.SUCCEEDED}
 
     def _update(self, job_id: int, **changes: Any) -> None:
         with self._lock:
