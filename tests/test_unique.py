@@ -245,6 +245,32 @@ def test_replace_never_runs_a_retry_or_a_rate_slot_sooner(dsn: str, app: notifyq
     ) == [({"v": 2}, None, True)]
 
 
+def test_replace_past_a_rate_slot_gives_the_slot_up(dsn: str, app: notifyq.App) -> None:
+    """A job the rate limit deferred holds its slot (rate_reserved: it starts then without
+    the rate check).  Replaced with a run_at within the slot, it keeps it; moved past the
+    slot, it is checked again when due instead of starting at a time never granted."""
+    query(
+        dsn, "INSERT INTO notifyq.rate_limits (rate_key, per_second, burst) VALUES ('api', 0.01, 1)"
+    )
+    app.enqueue_sync("t", rate_key="api")
+    held = app.enqueue_sync("t", {"v": 1}, dedupe_key="k", rate_key="api", on_duplicate="replace")
+    # The first job takes the budget; the second gets a slot 100 s later.
+    query(dsn, "SELECT * FROM notifyq.claim_jobs('w', '{default}', '{t}', 10, '1 minute')")
+    slot = query(dsn, "SELECT run_at, rate_reserved FROM notifyq.jobs WHERE id = %s", held)
+    assert slot[0][1] is True
+    assert app.enqueue_sync("t", {"v": 2}, dedupe_key="k", on_duplicate="replace") == held
+    assert query(dsn, "SELECT run_at, rate_reserved FROM notifyq.jobs WHERE id = %s", held) == slot
+    assert (
+        app.enqueue_sync("t", {"v": 3}, dedupe_key="k", delay=3600, on_duplicate="replace") == held
+    )
+    assert query(
+        dsn,
+        "SELECT payload, rate_reserved, run_at > now() + interval '59 minutes'"
+        " FROM notifyq.jobs WHERE id = %s",
+        held,
+    ) == [({"v": 3}, False, True)]
+
+
 def test_replace_while_the_holder_runs_enqueues_a_new_job(dsn: str, app: notifyq.App) -> None:
     first = app.enqueue_sync("t", {"v": 1}, dedupe_key="k")
     query(

@@ -131,11 +131,15 @@ BEGIN
         IF holder.status IN ('queued', 'waiting') THEN
             -- A job already attempted (queued again for its retry's backoff) or given a
             -- rate limit's slot keeps the later run_at: replacing never runs it sooner
-            -- than its backoff or its slot.  The checkpoint belonged to the old payload.
+            -- than its backoff or its slot.  Moved past its slot, it gives the slot up:
+            -- a reserved job starts when due without the rate check, so keeping the
+            -- flag would start it at a time the rate limit never granted.  The
+            -- checkpoint belonged to the old payload.
             UPDATE notifyq.jobs j
             SET payload = NEW.payload,
                 run_at = CASE WHEN holder.rate_reserved OR holder.attempts > 0
                               THEN greatest(j.run_at, NEW.run_at) ELSE NEW.run_at END,
+                rate_reserved = j.rate_reserved AND NEW.run_at <= j.run_at,
                 checkpoint = NULL
             WHERE j.id = holder.id;
             RETURN NULL;
