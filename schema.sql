@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- With dedupe_key, what another INSERT with the key meets (see "Keys beyond
     -- unfinished jobs" below): unique_for, the key is held that long after this
     -- job was enqueued, even once it finished; on_duplicate 'replace', an INSERT
-    -- meeting this job queued gives it its payload and run_at instead (debounce).
+    -- with 'replace' meeting this job queued gives it its payload and run_at
+    -- instead (debounce).
     unique_for       interval,
     on_duplicate     text,
 
@@ -169,8 +170,9 @@ COMMENT ON COLUMN notifyq.jobs.unique_for IS
     'With dedupe_key: no other job with the key is inserted for this long after this one '
     'was enqueued, even once it finished.';
 COMMENT ON COLUMN notifyq.jobs.on_duplicate IS
-    'With dedupe_key, replace: an INSERT meeting a queued job with the key gives it its '
-    'payload and run_at instead of being refused (debounce).';
+    'With dedupe_key, replace: an INSERT with replace meeting a queued job with the key, '
+    'inserted with replace too, gives it its payload and run_at instead of being refused '
+    '(debounce).';
 
 -- Claimable rows, in claim order per (queue, task): the claim probes one
 -- (queue, task) pair at a time, so jobs of tasks it cannot run (and of other
@@ -888,12 +890,14 @@ CREATE OR REPLACE TRIGGER jobs_release_dependents
 --                 fixed bucket: "at most one job per hour per key" must not allow
 --                 two jobs a second apart across a bucket's edge.  A refused
 --                 INSERT does not open or extend a window.
---   on_duplicate  'replace': while a queued (or waiting) job holds the key, the
---                 INSERT inserts nothing and gives that job its payload and
---                 run_at instead (debounce).  While the holder runs, it may have
---                 read its payload already: the INSERT goes in as a new job, and
---                 the running job gives up the key to it.  'refuse' (or NULL) is
---                 the dedupe_key's own rule.
+--   on_duplicate  'replace': while a queued (or waiting) job inserted with
+--                 'replace' too holds the key, the INSERT inserts nothing and
+--                 gives that job its payload and run_at instead (debounce).  While
+--                 the holder runs, it may have read its payload already: the
+--                 INSERT goes in as a new job, and the running job gives up the
+--                 key to it.  A holder inserted without 'replace' is never
+--                 changed: the key's own rule refuses the row.  'refuse' (or
+--                 NULL) is the dedupe_key's own rule.
 --
 -- Refused and replaced rows are dropped by the BEFORE INSERT trigger below
 -- (RETURN NULL), with or without ON CONFLICT: the INSERT reports fewer rows and
@@ -963,9 +967,14 @@ BEGIN
     END IF;
     IF NEW.on_duplicate = 'replace' THEN
         PERFORM pg_advisory_xact_lock(28279, hashtext(NEW.dedupe_key));
+        -- Only a job enqueued to be replaced is: one whose producer chose the key's
+        -- own rule keeps its payload, run_at and key, whoever inserts the key next
+        -- (the producer role may not change jobs).  Then jobs_dedupe_idx refuses this
+        -- row, as it refuses any duplicate of that key.
         SELECT j.id, j.status, j.task, j.rate_reserved, j.attempts INTO holder
         FROM notifyq.jobs j
         WHERE j.dedupe_key = NEW.dedupe_key AND j.status NOT IN ('succeeded', 'dead', 'cancelled')
+          AND j.on_duplicate = 'replace'
         FOR NO KEY UPDATE;
         IF NOT FOUND THEN
             RETURN NEW;

@@ -311,9 +311,9 @@ class App:
         returned instead (without a token: it is another enqueue's).  With
         `unique_for` (a timedelta or seconds) as well, the key is held that long
         after the enqueue of the job that took it, even once that job finished.
-        With `on_duplicate="replace"` instead, a queued job holding the key gets
-        this payload and run_at (debounce; its id comes back), and a running one
-        gives up the key to a new job (docs/lifecycle.md).
+        With `on_duplicate="replace"` instead, a queued job holding the key, itself
+        enqueued with "replace", gets this payload and run_at (debounce; its id comes
+        back), and a running one gives up the key to a new job (docs/lifecycle.md).
 
         With `depends_on` (ids of existing jobs), the job waits until all of
         them succeeded; if one ends dead or cancelled, it is cancelled too, or

@@ -55,7 +55,8 @@ class EnqueueOptions(ManyOptions, total=False):
     dedupe_key: str | None
     # The key is held this long after the enqueue, even once the job finished.
     unique_for: timedelta | float | None
-    # "replace": a queued job holding the key gets this payload and run_at (debounce).
+    # "replace": a queued job holding the key, enqueued with "replace" too, gets this
+    # payload and run_at (debounce).
     on_duplicate: str | None
 
 

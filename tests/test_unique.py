@@ -212,7 +212,9 @@ async def test_a_serving_dispatchers_retention_expires_windows(dsn: str) -> None
 async def test_replace_gives_the_queued_job_the_new_payload_and_run_at(dsn: str) -> None:
     app = notifyq.App(dsn)
     try:
-        first = await app.enqueue("t", {"v": 1}, dedupe_key="doc:5", delay=3600, priority=7)
+        first = await app.enqueue(
+            "t", {"v": 1}, dedupe_key="doc:5", delay=3600, priority=7, on_duplicate="replace"
+        )
         again = await app.enqueue(
             "t", {"v": 2}, dedupe_key="doc:5", delay=10, priority=1, on_duplicate="replace"
         )
@@ -233,7 +235,7 @@ async def test_replace_gives_the_queued_job_the_new_payload_and_run_at(dsn: str)
 
 
 def test_replace_never_runs_a_retry_or_a_rate_slot_sooner(dsn: str, app: notifyq.App) -> None:
-    first = app.enqueue_sync("t", {"v": 1}, dedupe_key="k")
+    first = app.enqueue_sync("t", {"v": 1}, dedupe_key="k", on_duplicate="replace")
     query(
         dsn,
         "UPDATE notifyq.jobs SET attempts = 1, checkpoint = '{\"row\": 9}',"
@@ -272,7 +274,7 @@ def test_replace_past_a_rate_slot_gives_the_slot_up(dsn: str, app: notifyq.App) 
 
 
 def test_replace_while_the_holder_runs_enqueues_a_new_job(dsn: str, app: notifyq.App) -> None:
-    first = app.enqueue_sync("t", {"v": 1}, dedupe_key="k")
+    first = app.enqueue_sync("t", {"v": 1}, dedupe_key="k", on_duplicate="replace")
     query(
         dsn,
         "UPDATE notifyq.jobs SET status = 'running', attempts = 1, started_at = now(),"
@@ -283,6 +285,32 @@ def test_replace_while_the_holder_runs_enqueues_a_new_job(dsn: str, app: notifyq
     assert query(dsn, "SELECT id, status, dedupe_key FROM notifyq.jobs ORDER BY id") == [
         (first, "running", None),
         (second, "queued", "k"),
+    ]
+
+
+def test_replace_never_changes_a_job_enqueued_without_it(dsn: str, app: notifyq.App) -> None:
+    """A producer asking to replace meets a job whose producer chose the key's own rule: the
+    key refuses the row, as any duplicate; the job keeps its payload, run_at and key,
+    queued or running."""
+    first = app.enqueue_sync("t", {"v": 1}, dedupe_key="k", delay=3600)
+    before = query(dsn, "SELECT payload, run_at, dedupe_key FROM notifyq.jobs")
+    again = app.enqueue_sync("t", {"v": 2}, dedupe_key="k", on_duplicate="replace")
+    assert again == first and again.token is None
+    assert query(dsn, "SELECT payload, run_at, dedupe_key FROM notifyq.jobs") == before
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task, payload, dedupe_key, on_duplicate)"
+            " VALUES ('t', '{\"v\": 3}', 'k', 'replace')",
+        )
+    query(
+        dsn,
+        "UPDATE notifyq.jobs SET status = 'running', attempts = 1, started_at = now(),"
+        " claimed_by = 'c', lease_expires_at = now() + interval '1 minute'",
+    )
+    assert app.enqueue_sync("t", {"v": 4}, dedupe_key="k", on_duplicate="replace") == first
+    assert query(dsn, "SELECT id, payload, dedupe_key FROM notifyq.jobs") == [
+        (first, {"v": 1}, "k")
     ]
 
 
