@@ -110,6 +110,23 @@ def test_plain_sql_unique_for_inserts_nothing_while_the_window_lasts(dsn: str) -
     assert statuses(dsn) == {"succeeded": 1}
 
 
+def test_a_bad_row_meets_its_check_while_a_window_lasts(dsn: str) -> None:
+    """A row the CHECKs refuse fails with the constraint's name, never dropped silently
+    by the key's open window."""
+    insert = (
+        "INSERT INTO notifyq.jobs (task, dedupe_key, unique_for, on_duplicate)"
+        " VALUES ('t', 'k', %s, %s)"
+    )
+    query(dsn, insert, "1 hour", None)
+    for window, policy, constraint in [
+        ("11 years", None, "jobs_unique_for_valid"),
+        ("1 hour", "merge", "jobs_on_duplicate_valid"),
+    ]:
+        with pytest.raises(psycopg.errors.CheckViolation, match=constraint):
+            query(dsn, insert, window, policy)
+    assert statuses(dsn) == {"queued": 1}
+
+
 def test_bad_unique_for_and_on_duplicate_are_refused(dsn: str, app: notifyq.App) -> None:
     for options, message in [
         ({"unique_for": 60}, "unique_for needs a dedupe_key"),

@@ -110,9 +110,11 @@ DECLARE
     window_ends timestamptz;
     opened boolean;
 BEGIN
-    IF NEW.dedupe_key IS NULL
+    -- Every row a CHECK refuses goes on to it, even while a window would drop it.
+    IF NEW.dedupe_key IS NULL OR char_length(NEW.dedupe_key) > 255
        OR (NEW.unique_for IS NOT NULL AND NEW.on_duplicate = 'replace')
-       OR NEW.unique_for <= interval '0' THEN
+       OR NEW.unique_for <= interval '0' OR NEW.unique_for > interval '10 years'
+       OR NEW.on_duplicate NOT IN ('refuse', 'replace') THEN
         RETURN NEW;  -- the CHECK constraints refuse it, with their names
     END IF;
     IF NEW.on_duplicate = 'replace' THEN
