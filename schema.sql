@@ -906,8 +906,8 @@ CREATE OR REPLACE TRIGGER jobs_release_dependents
 -- its own).
 
 -- One row per key whose window was opened: the job that opened it and when it
--- ends.  The trigger's row lock on it orders the INSERTs of one key.  Rows whose
--- window ended are deleted by retention (notifyq.expire_unique_windows) or
+-- ends.  Written only for a row that went in (jobs_unique_window_opened).  Rows
+-- whose window ended are deleted by retention (notifyq.expire_unique_windows) or
 -- reused by the key's next window.
 CREATE TABLE IF NOT EXISTS notifyq.unique_windows (
     dedupe_key text        PRIMARY KEY,
@@ -925,15 +925,17 @@ CREATE INDEX IF NOT EXISTS unique_windows_expires_idx ON notifyq.unique_windows 
 -- jobs_dependencies_on_insert, so a refused row costs no dependency check.
 --
 -- Race-free under concurrent producers in READ COMMITTED (the default):
---   unique_for: the key's unique_windows row is read FOR UPDATE, or inserted
---     (ON CONFLICT DO NOTHING, which waits for a concurrent insert of the key to
---     end); the loser of either meets the winner's window once it commits, as
---     each statement here takes a new snapshot.  So one job per window, however
---     many producers race.  An unfinished job holding the key (jobs_dedupe_idx)
---     refuses the row too, before the window is touched: a row the index would
---     refuse must not open a window.
---   replace: a transaction-level advisory lock on the key (28279, hashtext of
---     it) orders the replacing producers of one key until each commits; the
+--   unique_for: a transaction-level advisory lock on the key (28279, hashtext
+--     of it) orders the producers of one key until each commits; the window is
+--     then read with a new snapshot, which sees every earlier producer's window.
+--     So one job per window, however many producers race.  An unfinished job
+--     holding the key (jobs_dedupe_idx) refuses the row too.  The window is
+--     written only once the row is in (AFTER INSERT, open_unique_window): a row
+--     dropped after this trigger, by ON CONFLICT on jobs_dedupe_idx (a job of
+--     the key not committed yet when it looked: a producer not using unique_for,
+--     a dead job retried), opens no window.
+--   replace: the same lock on the key orders the replacing producers of one
+--     key until each commits; the
 --     holder is then read (a new snapshot: it sees every earlier producer's
 --     job) and locked FOR NO KEY UPDATE, as a completion locks it.  A claim
 --     skips the locked row (SKIP LOCKED) and takes it, with the new payload,
@@ -944,7 +946,7 @@ CREATE INDEX IF NOT EXISTS unique_windows_expires_idx ON notifyq.unique_windows 
 -- fails with a serialization error (retry the transaction); replace can insert
 -- a second job there, which jobs_dedupe_idx refuses.  Producers that use one key
 -- with and without these columns are not ordered against each other: use a key
--- one way.  Several keys replaced in one transaction are locked in the order
+-- one way.  Several keys used in one transaction are locked in the order
 -- given: two transactions giving them in different orders can deadlock (one is
 -- cancelled).
 --
@@ -958,7 +960,6 @@ AS $$
 DECLARE
     holder record;
     window_ends timestamptz;
-    opened boolean;
 BEGIN
     -- Every row a CHECK refuses goes on to it, even while a window would drop it.
     IF NEW.dedupe_key IS NULL OR char_length(NEW.dedupe_key) > 255
@@ -1008,38 +1009,21 @@ BEGIN
         UPDATE notifyq.jobs j SET dedupe_key = NULL, on_duplicate = NULL WHERE j.id = holder.id;
         RETURN NEW;
     END IF;
-    -- unique_for.  At most three rounds: a window inserted by another transaction
-    -- meanwhile is read by the next round (READ COMMITTED); in REPEATABLE READ the
-    -- INSERT below raises a serialization error instead of coming back.
-    FOR round IN 1..3 LOOP
-        SELECT w.expires_at INTO window_ends
-        FROM notifyq.unique_windows w WHERE w.dedupe_key = NEW.dedupe_key
-        FOR UPDATE;
-        opened := FOUND;
-        IF opened AND window_ends > now() THEN
-            RETURN NULL;
-        END IF;
-        IF EXISTS (SELECT FROM notifyq.jobs j
-                   WHERE j.dedupe_key = NEW.dedupe_key
-                     AND j.status NOT IN ('succeeded', 'dead', 'cancelled')) THEN
-            RETURN NULL;
-        END IF;
-        IF opened THEN  -- ended: this job opens the key's next window
-            UPDATE notifyq.unique_windows w
-            SET job_id = NEW.id, expires_at = now() + NEW.unique_for
-            WHERE w.dedupe_key = NEW.dedupe_key;
-            RETURN NEW;
-        END IF;
-        INSERT INTO notifyq.unique_windows (dedupe_key, job_id, expires_at)
-        VALUES (NEW.dedupe_key, NEW.id, now() + NEW.unique_for)
-        ON CONFLICT (dedupe_key) DO NOTHING;
-        IF FOUND THEN
-            RETURN NEW;
-        END IF;
-    END LOOP;
-    RAISE EXCEPTION 'notifyq: the unique_for window of dedupe_key % kept changing',
-        pg_catalog.quote_literal(NEW.dedupe_key)
-        USING ERRCODE = 'serialization_failure', HINT = 'Retry the transaction.';
+    -- unique_for.  In REPEATABLE READ the reads below keep the transaction's
+    -- snapshot: a window or job committed meanwhile is met by the window's write or
+    -- the key's index instead, which raise a serialization error.
+    PERFORM pg_advisory_xact_lock(28279, hashtext(NEW.dedupe_key));
+    SELECT w.expires_at INTO window_ends
+    FROM notifyq.unique_windows w WHERE w.dedupe_key = NEW.dedupe_key;
+    IF FOUND AND window_ends > now() THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT FROM notifyq.jobs j
+               WHERE j.dedupe_key = NEW.dedupe_key
+                 AND j.status NOT IN ('succeeded', 'dead', 'cancelled')) THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;  -- open_unique_window opens the key's next window, once the row is in
 END
 $$;
 
@@ -1048,6 +1032,30 @@ CREATE OR REPLACE TRIGGER jobs_dedupe_on_insert
     FOR EACH ROW
     WHEN (NEW.unique_for IS NOT NULL OR NEW.on_duplicate = 'replace')
     EXECUTE FUNCTION notifyq.dedupe_on_insert();
+
+-- AFTER INSERT, only for rows with unique_for: the row went in (no ON CONFLICT
+-- dropped it), so it opens its key's window, or the next one where one ended.
+-- The key's lock, taken by dedupe_on_insert and held to the commit, keeps
+-- every other producer of the key away meanwhile.
+CREATE OR REPLACE FUNCTION notifyq.open_unique_window() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO notifyq.unique_windows AS w (dedupe_key, job_id, expires_at)
+    VALUES (NEW.dedupe_key, NEW.id, now() + NEW.unique_for)
+    ON CONFLICT (dedupe_key) DO UPDATE
+    SET job_id = excluded.job_id, expires_at = excluded.expires_at;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_unique_window_opened
+    AFTER INSERT ON notifyq.jobs
+    FOR EACH ROW
+    WHEN (NEW.unique_for IS NOT NULL)
+    EXECUTE FUNCTION notifyq.open_unique_window();
 
 -- Retention: delete up to max_rows windows that ended (oldest first), skipping
 -- rows an INSERT holds right now; returns how many.  A window that ended while
@@ -1873,6 +1881,7 @@ REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_insert() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.release_dependents() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.dedupe_on_insert() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.open_unique_window() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text) FROM PUBLIC;

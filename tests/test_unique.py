@@ -200,6 +200,47 @@ async def test_two_dispatchers_run_one_job_per_window_while_producers_race(dsn: 
         await app.aclose()
 
 
+async def test_a_row_dropped_by_on_conflict_opens_no_window(dsn: str) -> None:
+    """A producer not using unique_for holds the key with a job not committed yet, which
+    the trigger cannot see: the unique_for row waits for it at jobs_dedupe_idx and ON
+    CONFLICT drops it.  It opens no window: one naming a job that never existed would
+    refuse the key's jobs for the window's length after the holder finished."""
+    app = notifyq.App(dsn)
+    try:
+        with psycopg.connect(dsn) as plain:  # a transaction of its own, left open
+            row = plain.execute(
+                "INSERT INTO notifyq.jobs (task, dedupe_key) VALUES ('t', 'k') RETURNING id"
+            ).fetchone()
+            assert row is not None
+            held = row[0]
+            async with anyio.create_task_group() as tg:
+                got: list[int] = []
+
+                async def produce() -> None:
+                    got.append(await app.enqueue("t", dedupe_key="k", unique_for=3600))
+
+                tg.start_soon(produce)
+                await eventually(
+                    lambda: (
+                        query(
+                            dsn,
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event = 'transactionid' AND datname = current_database()",
+                        )
+                        == [(1,)]
+                    )
+                )
+                plain.commit()
+        assert got == [held]
+        assert query(dsn, "SELECT count(*) FROM notifyq.unique_windows") == [(0,)]
+        # So the key is free once its job finished.
+        query(dsn, "UPDATE notifyq.jobs SET status = 'succeeded', finished_at = now()")
+        fresh = await app.enqueue("t", dedupe_key="k", unique_for=3600)
+        assert fresh != held and fresh.token is not None
+    finally:
+        await app.aclose()
+
+
 def test_retention_deletes_the_windows_that_ended(dsn: str, app: notifyq.App) -> None:
     for key in ("a", "b", "c"):
         app.enqueue_sync("t", dedupe_key=key, unique_for=3600)
@@ -409,7 +450,7 @@ def test_jobs_without_the_columns_never_call_the_trigger(dsn: str) -> None:
         conn.execute("SELECT pg_stat_force_next_flush()")
         calls = conn.execute(
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
-            " WHERE funcname = 'dedupe_on_insert'"
+            " WHERE funcname IN ('dedupe_on_insert', 'open_unique_window')"
         ).fetchone()
         assert calls == (0,)
         conn.execute(
@@ -417,6 +458,7 @@ def test_jobs_without_the_columns_never_call_the_trigger(dsn: str) -> None:
         )
         conn.execute("SELECT pg_stat_force_next_flush()")
         calls = conn.execute(
-            "SELECT sum(calls) FROM pg_stat_user_functions WHERE funcname = 'dedupe_on_insert'"
+            "SELECT sum(calls) FROM pg_stat_user_functions"
+            " WHERE funcname IN ('dedupe_on_insert', 'open_unique_window')"
         ).fetchone()
-        assert calls == (1,)
+        assert calls == (2,)  # the check before, the window after
