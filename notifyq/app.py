@@ -29,6 +29,7 @@ from .registry import (
     DEFAULT_QUEUE,
     Registry,
     Task,
+    check_batching,
     check_queue_name,
     check_task_name,
     describe_handler,
@@ -120,6 +121,8 @@ class App:
         backoff: Backoff | None = ...,
         timeout: float | None = ...,
         decode: Callable[[Any], Any] | None = ...,
+        batch_size: int | None = ...,
+        batch_wait: float | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -133,6 +136,8 @@ class App:
         backoff: Backoff | None = None,
         timeout: float | None = None,
         decode: Callable[[Any], Any] | None = None,
+        batch_size: int | None = None,
+        batch_wait: float | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -144,6 +149,11 @@ class App:
         Without it, a handler whose payload parameter is annotated with a
         dataclass or a pydantic model receives an instance, validated
         (typed_payloads.py), and enqueue accepts an instance or checks an object.
+
+        With `batch_size`, the handler is a batch handler: it is called with a list of
+        up to that many `BatchItem`s, one per claimed job, and settles each
+        (docs/lifecycle.md, "Batch handlers"); `batch_wait` (seconds) lets the next
+        claim wait that long for a fuller batch after one that was not full.
         """
 
         def register(fn: F) -> F:
@@ -151,8 +161,11 @@ class App:
                 raise ConfigurationError("max_attempts must be from 1 to 1000")
             if timeout is not None and timeout <= 0:
                 raise ConfigurationError("timeout must be positive")
+            batch = check_batching(batch_size, batch_wait)
             is_async, wants_context = describe_handler(fn)
-            model = typed_payloads.model_of(fn) if decode is None else None
+            if batch is not None:
+                wants_context = False  # each item carries its job's context
+            model = typed_payloads.model_of(fn, batch=batch is not None) if decode is None else None
             task_name = check_task_name(
                 f"{fn.__module__}.{fn.__qualname__}" if name is None else name
             )
@@ -168,6 +181,7 @@ class App:
                     model=model,
                     is_async=is_async,
                     wants_context=wants_context,
+                    batch=batch,
                 )
             )
             return fn

@@ -51,6 +51,39 @@ def check_task_name(name: str) -> str:
     return name
 
 
+MAX_BATCH_SIZE = 1000  # jobs one batch handler call takes at most: a claim's most
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """A batch handler's settings (batch.py): up to `size` jobs a call; after a call
+    that was not full, the task's next claim waits up to `wait` seconds for more."""
+
+    size: int
+    wait: float = 0.0
+
+
+def check_batching(batch_size: int | None, batch_wait: float | None) -> Batching | None:
+    if batch_size is None:
+        if batch_wait is not None:
+            raise ConfigurationError("batch_wait needs batch_size: it is a batch handler's")
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ConfigurationError(f"batch_size must be an integer, got {batch_size!r}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ConfigurationError(
+            f"batch_size must be from 1 to {MAX_BATCH_SIZE} (the most one claim takes), "
+            f"got {batch_size}"
+        )
+    wait = 0.0 if batch_wait is None else batch_wait
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 60:
+        raise ConfigurationError(
+            f"batch_wait must be from 0 to 60 seconds (the most a job may wait for a fuller "
+            f"batch), got {batch_wait!r}"
+        )
+    return Batching(batch_size, float(wait))
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """A registered handler and the settings its jobs run with."""
@@ -67,6 +100,8 @@ class Task:
     model: type | None = None
     is_async: bool = False
     wants_context: bool = False
+    # Set for a batch handler, which takes a list of BatchItem (batch.py); None: one job a call.
+    batch: Batching | None = None
 
     def __post_init__(self) -> None:
         # Every task decodes through _refuse_undecodable first, so a payload PostgreSQL
