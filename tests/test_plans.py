@@ -71,6 +71,9 @@ CLAIM = {
     "lease": 30.0,
     "task_names": ["t", "t2"],
 }
+# A batch task's claim (`@app.task(batch_size=100)`, and a SQL worker's notifyq.claim with
+# one task): the same statement, for one task and a batch's worth.
+BATCH_CLAIM = {**CLAIM, "limit": 100, "task_names": ["t"]}
 # The indexes the claim may read notifyq.jobs through: its own, the schedule's, and the
 # primary key for its writes.
 CLAIM_INDEXES = {"jobs_claim_idx", "jobs_scheduled_idx", "jobs_pkey"}
@@ -199,10 +202,11 @@ def finished_dsn(server: Server) -> Iterator[str]:
         yield dsn
 
 
+@pytest.mark.parametrize("params", [CLAIM, BATCH_CLAIM], ids=["claim", "batch-claim"])
 @pytest.mark.parametrize("table", ["queued_dsn", "finished_dsn"], ids=["1M-queued", "2M-finished"])
 @pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
 def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
-    request: pytest.FixtureRequest, server: Server, table: str, generic: bool
+    request: pytest.FixtureRequest, server: Server, table: str, generic: bool, params: Any
 ) -> None:
     """generic: what the dispatcher runs (its claim connection forces generic plans).
     Every read of notifyq.jobs is an index probe and the rows read stay near the rows
@@ -210,7 +214,7 @@ def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
     hundreds of thousands here."""
     dsn = request.getfixturevalue(table)
     # The claim is notifyq.claim_jobs: the plans of the statements it runs.
-    plans = nested_plans(dsn, "claim", CLAIM, generic=generic, analyze=True)
+    plans = nested_plans(dsn, "claim", params, generic=generic, analyze=True)
     nodes = [node for plan in plans for node in plan]
     found = scans(nodes)
     jobs_scans = {
@@ -223,12 +227,12 @@ def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
     assert ("Index Scan", "jobs_pkey") in found  # the claim's UPDATE, by id
     assert any(index == "jobs_scheduled_idx" for _, index in found)  # the timer's next run_at
     claimed = next(n for n in nodes if n.get("Operation") == "Update" and n["Actual Rows"])
-    assert claimed["Actual Rows"] == CLAIM["limit"]
+    assert claimed["Actual Rows"] == params["limit"]
     # Each (queue, task) pair's best rows are read once to rank them (up to a claim's
     # worth each), the claimed ones twice more (locked, updated), and one probe per pair
     # finds the timer's next run_at.
-    pairs = len(CLAIM["queues"]) * len(CLAIM["task_names"])
-    assert rows_read(nodes) <= (pairs + 2) * CLAIM["limit"] + pairs, rows_read(nodes)
+    pairs = len(params["queues"]) * len(params["task_names"])
+    assert rows_read(nodes) <= (pairs + 2) * params["limit"] + pairs, rows_read(nodes)
 
 
 # Writes by id go through the primary key, one probe per id.  Never the partial index
