@@ -121,7 +121,11 @@ async def test_a_raising_batch_handler_fails_the_items_it_did_not_settle(dsn: st
     async with serving(app, dsn, concurrency=1):
         await eventually(lambda: statuses(dsn) == {"succeeded": 3})
         assert calls == 2  # the two `later` ones failed once, then ran together again
-        query(dsn, "INSERT INTO notifyq.jobs (task, payload) VALUES ('boom', '{\"kind\": \"doomed\"}')")
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task, payload) VALUES ('boom', %s)",
+            '{"kind": "doomed"}',
+        )
         await eventually(lambda: statuses(dsn) == {"succeeded": 3, "dead": 1})
     rows = query(dsn, "SELECT payload->>'kind', attempts, result, last_error FROM notifyq.jobs")
     by_kind = {(k, a) for k, a, _, _ in rows}
@@ -195,7 +199,8 @@ async def test_a_job_cancelled_in_a_running_batch_is_told_and_stays_cancelled(ds
     async def long(batch: list[BatchItem[Any]]) -> None:
         started.set()
         with anyio.fail_after(15):
-            while not any(item.ctx.cancelled.is_set() for item in batch):
+            # ctx.cancelled is a threading.Event (sync handlers read it too): polled here.
+            while not any(item.ctx.cancelled.is_set() for item in batch):  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         told.extend(item.id for item in batch if item.ctx.cancelled.is_set())
         for item in batch:
@@ -248,9 +253,7 @@ def test_sql_workers_claim_a_batch_of_one_task(dsn: str) -> None:
         "SELECT id, task FROM notifyq.claim('w', max_jobs => 100, tasks => ARRAY['email.send'])",
     )
     assert len(batch) == 100 and {t for _, t in batch} == {"email.send"}
-    rest = query(
-        dsn, "SELECT id FROM notifyq.claim('w2', NULL, 100, tasks => ARRAY['email.send'])"
-    )
+    rest = query(dsn, "SELECT id FROM notifyq.claim('w2', NULL, 100, tasks => ARRAY['email.send'])")
     assert len(rest) == 50 and not {r[0] for r in rest} & {r[0] for r in batch}
     (running,) = query(dsn, "SELECT count(*) FROM notifyq.jobs WHERE status = 'running'")[0]
     assert running == 150
@@ -271,3 +274,23 @@ def test_an_item_is_settled_once() -> None:
     assert item.settled
     with pytest.raises(OutcomeAlreadySet, match="already settled"):
         item.dead("late")
+
+
+def test_eager_mode_runs_a_batch_handler_with_a_batch_of_one() -> None:
+    from notifyq.testing import eager
+
+    app = notifyq.App(dsn="postgresql://unused")
+
+    @app.task(name="bulk", batch_size=10)
+    def bulk(batch: list[BatchItem[dict[str, Any]]]) -> None:
+        for item in batch:
+            if item.payload.get("bad"):
+                item.dead("refused")
+            else:
+                item.succeed({"seen": item.payload["n"]})
+
+    with eager(app) as jobs:
+        app.enqueue_sync("bulk", {"n": 1})
+        with pytest.raises(notifyq.DoNotRetry, match="refused"):
+            app.enqueue_sync("bulk", {"n": 2, "bad": True})
+    assert [j.result for j in jobs.enqueued("bulk")] == [{"seen": 1}, None]

@@ -16,6 +16,7 @@ import anyio
 
 from .. import codec, enqueue, store
 from ..app import App
+from ..batch import BatchItem, conclude
 from ..enqueue import EnqueueOptions
 from ..errors import PayloadError
 from ..job import JobContext, JobId, JobState
@@ -182,7 +183,11 @@ async def _call(task: Task, payload: Any, context: JobContext) -> Any:
                 f"payload of job {context.id} cannot be decoded for task {task.name!r}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-    args = (payload, context) if task.wants_context else (payload,)
+    args: tuple[Any, ...] = (payload, context) if task.wants_context else (payload,)
+    item = None
+    if task.batch is not None:  # a batch of one: the item's outcome is the job's
+        item = BatchItem(payload, context, threading.Lock())
+        args = ([item],)
 
     async def invoke() -> Any:
         if task.is_async:
@@ -191,6 +196,13 @@ async def _call(task: Task, payload: Any, context: JobContext) -> Any:
         return await result if inspect.isawaitable(result) else result
 
     if task.timeout is None:
-        return await invoke()
-    with anyio.fail_after(task.timeout):
-        return await invoke()
+        value = await invoke()
+    else:
+        with anyio.fail_after(task.timeout):
+            value = await invoke()
+    if item is None:
+        return value
+    ((failure, _, text),) = conclude([item], value, None, None, codec.dumps)
+    if failure is not None:
+        raise failure
+    return None if text is None else codec.loads(text)
