@@ -15,7 +15,9 @@ this code needs is the newest file's number: nothing else writes it down.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
+
+import psycopg
 
 from . import store
 from .errors import SchemaMissing
@@ -38,16 +40,25 @@ def migrate(dsn: str) -> tuple[int | None, int]:
         # translated() around the transaction too: its COMMIT (deferred checks, a lost
         # connection) is a statement of its own, outside the store's functions.
         with store.translated(), conn.transaction():
-            store.lock_migrations(conn)
-            before = store.schema_version(conn)
-            current = before or 0
-            for version, script in store.migration_scripts():
-                if version > current:
-                    store.apply_script(conn, version, script)
-                    current = version
+            before, current = upgrade(conn)
         if before != current:
             log.info("migrated schema from=%s to=%s", before, current)
         return before, current
+
+
+def upgrade(conn: psycopg.Connection[Any], up_to: int | None = None) -> tuple[int | None, int]:
+    """`migrate` on the caller's connection, inside the transaction it holds (a Django
+    migration's, say), up to version `up_to` (None: the newest); returns (version before,
+    version after).  The advisory lock is the transaction's: it holds until the caller
+    commits, so a second process migrating at once waits, then finds nothing to do."""
+    store.lock_migrations(conn)
+    before = store.schema_version(conn)
+    current = before or 0
+    for version, script in store.migration_scripts():
+        if current < version and (up_to is None or version <= up_to):
+            store.apply_script(conn, version, script)
+            current = version
+    return before, current
 
 
 def script(after: int = 0) -> str:

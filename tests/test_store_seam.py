@@ -135,6 +135,8 @@ ROW_OF_QUERY: dict[str, type] = {
     "job_show": rows.JobRecord,
     "testing_jobs": rows.JobRecord,
     "job_history": rows.HistoryEntry,
+    "task_record": rows.TaskRecord,
+    "task_attempts": rows.AttemptEntry,
     "queue_limits": rows.QueueLimit,
     "queue_events": rows.QueueEvents,
     "health_server": rows.ServerInfo,

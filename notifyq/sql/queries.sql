@@ -537,6 +537,21 @@ SELECT j.id, j.queue, j.task, j.status, j.attempts, j.max_attempts, j.progress,
        j.finished_at
 FROM notifyq.jobs j WHERE j.id = %(id)s;
 
+-- name: task_record
+-- A job as a framework's result API shows it (Django's get_result): JSON as text, so the
+-- caller's connection decodes it the same whatever loaders it registered.
+SELECT j.id, j.queue, j.task, j.status, j.priority, j.attempts, j.run_at, j.created_at,
+       j.started_at, j.finished_at, j.claimed_by, j.payload::text AS payload_json,
+       j.result::text AS result_json, j.last_error
+FROM notifyq.jobs j WHERE j.id = %(id)s;
+
+-- name: task_attempts
+-- The same: every recorded status change of the job, oldest first, errors whole.
+SELECT h.at, h.from_status, h.to_status, h.attempt, h.dispatcher, h.error
+FROM notifyq.job_history h
+WHERE h.job_id = %(id)s
+ORDER BY h.id;
+
 -- name: jobs_list
 -- notifyq jobs list: the newest jobs, optionally of one queue, task and status.
 SELECT id, queue, task, status, attempts, max_attempts, priority, run_at, created_at,

@@ -378,3 +378,35 @@ class DispatcherState:
     up: float  # seconds since it started
     silent: float  # seconds since its last heartbeat
     kind: str  # serve | sql
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """task_record: a job as a framework's result API shows it (contrib/django)."""
+
+    id: int
+    queue: str
+    task: str
+    status: str
+    priority: int
+    attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    claimed_by: str | None
+    payload_json: str
+    result_json: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEntry:
+    """task_attempts: one recorded status change, its error whole."""
+
+    at: datetime
+    from_status: str | None  # None: the job was inserted
+    to_status: str
+    attempt: int
+    dispatcher: str | None  # the claimant, for a claim
+    error: str | None  # last_error, when this change set it
