@@ -14,7 +14,7 @@ from notifyq.errors import redact
 from notifyq.job import Job
 from notifyq.logs import JsonFormatter, job_fields
 from tests.apps.ledger import LEDGER_DDL
-from tests.conftest import query, serve_process
+from tests.conftest import REPO, query, serve_process
 
 EXIT_TIMEOUT = 60
 
@@ -88,3 +88,34 @@ def test_job_fields_name_the_attempt() -> None:
         "queue": "mail",
         "attempt": 2,
     }
+
+
+def test_the_commands_own_warnings_and_errors_are_json_lines_too() -> None:
+    """fail() and warn() (cli/common.py) print to stderr as before, but under
+    --log-format json as JSON objects like every other line, the password redacted."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "notifyq", "--log-format", "json", "--log-level", "error"),
+            *("serve", "--app", "no_such_module:app"),
+            *("--dsn", "postgresql://u:hunter2@127.0.0.1:1/x"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line parses
+    # The warning is shown under --log-level error: these lines are the command's answer.
+    warning, error = lines
+    assert (warning["level"], warning["event"], warning["logger"]) == (
+        "warning",
+        "cli.warning",
+        "notifyq.cli",
+    )
+    assert "the password in --dsn is visible" in warning["message"]
+    assert (error["level"], error["event"]) == ("error", "cli.error")
+    assert error["message"].startswith("cannot import 'no_such_module'")
+    assert {"time", "level", "logger", "event", "message"} <= error.keys()
+    assert "hunter2" not in result.stderr

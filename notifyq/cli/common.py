@@ -77,12 +77,28 @@ class _RedactingFormatter(logging.Formatter):
 
 
 def fail(message: str) -> NoReturn:
-    click.echo(f"notifyq: error: {redact(message, _secrets)}", err=True)
+    _say(logging.ERROR, "error", message)
     sys.exit(1)
 
 
 def warn(message: str) -> None:
-    click.echo(f"notifyq: warning: {redact(message, _secrets)}", err=True)
+    _say(logging.WARNING, "warning", message)
+
+
+def _say(level: int, kind: str, message: str) -> None:
+    """One line on stderr, whatever the log level: under --log-format json a JSON
+    object like every other line (event cli.error or cli.warning), else plain text.
+    Written here, not logged: --log-level error must not hide a warning about a
+    password on the command line, nor a program's own logging swallow the error."""
+    text = redact(message, _secrets)
+    handler = _handler(create=False)
+    formatter = handler.formatter if handler is not None else None
+    if not isinstance(formatter, JsonFormatter):
+        click.echo(f"notifyq: {kind}: {text}", err=True)
+        return
+    record = logging.LogRecord("notifyq.cli", level, __file__, 0, text, None, None)
+    record.event = f"cli.{kind}"
+    click.echo(formatter.format(record), err=True)
 
 
 class Group(click.Group):
@@ -132,14 +148,15 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler the command line adds; a program that configured logging keeps its own."""
 
 
-def _handler() -> logging.Handler | None:
-    """Our stderr handler, added to the root logger the first time; None when the
-    program running the command had configured logging itself (tests, an embedding)."""
+def _handler(create: bool = True) -> logging.Handler | None:
+    """Our stderr handler, added to the root logger the first time (unless not
+    `create`); None when the program running the command had configured logging
+    itself (tests, an embedding)."""
     root = logging.getLogger()
     ours = [h for h in root.handlers if isinstance(h, _Stderr)]
     if ours:
         return ours[0]
-    if root.handlers:
+    if root.handlers or not create:
         return None
     handler = _Stderr(sys.stderr)
     handler.setFormatter(_RedactingFormatter(_TEXT_FORMAT))
