@@ -25,7 +25,7 @@ from click.core import ParameterSource
 from .. import codec, embedded, migrate
 from ..app import App
 from ..errors import ConfigurationError, NotifyqError, dsn_secrets, redact
-from ..logs import JsonFormatter
+from ..logs import JobContextFilter, JsonFormatter
 from ..registry import check_queue_name, check_task_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,8 +71,20 @@ def dsn_option(fn: F) -> F:
     )(fn)
 
 
-class _RedactingFormatter(logging.Formatter):
+class _TextFormatter(logging.Formatter):
+    """The text lines, passwords removed.  A line a handler logged names its job after
+    the logger (`myapp.mail job=42: ...`); notifyq's own lines about a job (those with
+    an `event`) name it in their message already."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+        self._in_job = logging.Formatter(
+            _TEXT_FORMAT.replace("%(name)s", "%(name)s job=%(job_id)s")
+        )
+
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "job_id", None) is not None and not hasattr(record, "event"):
+            return redact(self._in_job.format(record), _secrets)
         return redact(super().format(record), _secrets)
 
 
@@ -159,7 +171,8 @@ def _handler(create: bool = True) -> logging.Handler | None:
     if root.handlers or not create:
         return None
     handler = _Stderr(sys.stderr)
-    handler.setFormatter(_RedactingFormatter(_TEXT_FORMAT))
+    handler.setFormatter(_TextFormatter())
+    handler.addFilter(JobContextFilter())  # job fields on the lines handlers log
     root.addHandler(handler)
     return handler
 
@@ -191,7 +204,7 @@ def set_log_format(ctx: click.Context, param: click.Parameter | None, value: str
     if value == "json":
         handler.setFormatter(JsonFormatter(clean=lambda text: redact(text, _secrets)))
     else:
-        handler.setFormatter(_RedactingFormatter(_TEXT_FORMAT))
+        handler.setFormatter(_TextFormatter())
 
 
 def log_option(fn: F) -> F:
