@@ -14,13 +14,13 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, cast, overload
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store, tracing, typed_payloads
-from .contrib.sqlalchemy import async_connection, sync_connection
+from .contrib.sqlalchemy import AsyncConn, SyncConn, async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
 from .job import JobId, JobStatus
@@ -37,17 +37,6 @@ from .registry import (
 from .retry import Backoff
 from .settings import Settings
 from .worker import Worker
-
-if TYPE_CHECKING:
-    from sqlalchemy import Connection as SAConnection
-    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-    from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session
-
-# What conn= takes: a psycopg connection, or a SQLAlchemy one whose driver is psycopg
-# (contrib/sqlalchemy.py); the job joins its open transaction.
-SyncConn: TypeAlias = "psycopg.Connection[Any] | Session | SAConnection"
-AsyncConn: TypeAlias = "psycopg.AsyncConnection[Any] | AsyncSession | SAAsyncConnection"
 
 log = logging.getLogger("notifyq")
 

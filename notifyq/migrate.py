@@ -65,7 +65,9 @@ def script(after: int = 0) -> str:
     """The SQL that `migrate` would run on a database at schema version `after` (0: no
     schema yet), for teams that apply schema changes with their own migration tool.
     Apply it in one transaction; it records each version it installs, so `migrate`,
-    `check` and `notifyq health` see the result as they see their own."""
+    `check` and `notifyq health` see the result as they see their own.  It first raises
+    (SQLSTATE 55000, object_not_in_prerequisite_state) unless the database is at `after`,
+    so a script applied to the wrong database fails before it changes anything."""
     if after < 0:
         raise ValueError(f"schema version {after}: versions start at 1 (0: no schema yet)")
     if after > SCHEMA_VERSION:

@@ -42,7 +42,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from . import codec, failpoints, tracing
+from . import codec, failpoints, logs, tracing
 from .batch import BatchItem, conclude
 from .errors import PayloadError, ResultError
 from .job import Job, JobContext, Reporter
@@ -286,6 +286,9 @@ class WorkerPool:
         attempt = (job.id, job.attempt)
         self._running[attempt] = (scope, cancelled)
         tracer = tracing.tracer()  # None unless an OpenTelemetry provider is configured
+        # The handler's own log lines name the job (logs.py); a sync handler's thread gets
+        # a copy of this context from anyio.
+        logged_as = logs.enter_attempt(job.id, job.task, job.queue, job.attempt)
         began = time.monotonic()
         try:
             if tracer is None:
@@ -314,6 +317,7 @@ class WorkerPool:
                 job, task, exc, traceback.format_exc(), runtime=time.monotonic() - began
             )
         finally:
+            logs.leave_attempt(logged_as)
             del self._running[attempt]
 
     def _context(self, job: Job, cancelled: threading.Event) -> JobContext:

@@ -310,6 +310,36 @@ SELECT coalesce(max(version), 0) AS version FROM notifyq.schema_version;
 -- Serialise concurrent migrations (two dispatchers starting at once).
 SELECT pg_advisory_xact_lock(hashtext('notifyq.migrate'));
 
+-- name: migrate_guard
+-- `notifyq schema sql --from N`: refuse, before anything changes, a database whose schema
+-- is not at version N (0: no schema yet), which the script would break or fail on half-way.
+-- Run after migrate_lock, so it sees what a concurrent migration committed.  A DO block
+-- takes no parameters: migration_sql fills the script's versions in as text.
+DO $$
+DECLARE
+    script_from constant int := %(after)s;
+    script_to constant int := %(target)s;
+    found int := 0;
+BEGIN
+    IF pg_catalog.to_regclass('notifyq.schema_version') IS NOT NULL THEN
+        SELECT coalesce(max(version), 0) INTO found FROM notifyq.schema_version;
+    END IF;
+    IF found <> script_from THEN
+        RAISE EXCEPTION 'notifyq: this script is for a database %, but this one %: stopping before any change',
+            CASE script_from WHEN 0 THEN 'without the notifyq schema'
+                 ELSE 'at notifyq schema version ' || script_from END,
+            CASE found WHEN 0 THEN 'has no notifyq schema' ELSE 'is at version ' || found END
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = CASE
+                  WHEN found = 0 THEN 'generate the script for it with: notifyq schema sql'
+                  WHEN found = script_to THEN 'nothing to apply: it is at the version this script installs'
+                  ELSE pg_catalog.format(
+                      'generate the script for it with: notifyq schema sql --from %s', found)
+              END;
+    END IF;
+END
+$$;
+
 -- name: record_version
 -- Record a migration as applied, in the same transaction as the migration.
 INSERT INTO notifyq.schema_version (version) VALUES (%(version)s)

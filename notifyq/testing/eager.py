@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import anyio
 
-from .. import codec, enqueue, store
+from .. import codec, enqueue, logs, store
 from ..app import App
 from ..batch import BatchItem, conclude
 from ..enqueue import EnqueueOptions
@@ -135,6 +135,7 @@ class EagerQueue(Assertions):
             new.max_attempts or task.max_attempts,
             reporter=_EagerReports(self),
         )
+        logged_as = logs.enter_attempt(job_id, new.task, new.queue, 1)  # as the pool does
         try:
             # A payload of its own: what the handler does to it is not the record's.
             value = await _call(task, codec.loads(new.payload_json), context)
@@ -142,6 +143,8 @@ class EagerQueue(Assertions):
         except Exception as exc:
             self._update(job_id, status=JobState.DEAD, error=f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            logs.leave_attempt(logged_as)
         self._update(
             job_id,
             status=JobState.SUCCEEDED,
