@@ -294,3 +294,25 @@ def test_eager_mode_runs_a_batch_handler_with_a_batch_of_one() -> None:
         with pytest.raises(notifyq.DoNotRetry, match="refused"):
             app.enqueue_sync("bulk", {"n": 2, "bad": True})
     assert [j.result for j in jobs.enqueued("bulk")] == [{"seen": 1}, None]
+
+
+async def test_a_handler_that_empties_its_list_settles_every_item(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="drain", batch_size=10)
+    async def drain(batch: list[BatchItem[Any]]) -> None:
+        while batch:  # consumes the list it was given, as a work queue
+            item = batch.pop()
+            if item.id % 2:
+                item.succeed("popped")
+        batch.append(BatchItem(None, JobContext(10**9, "default", "drain", 1, 5), threading.Lock()))
+
+    insert(dsn, "drain", 6)
+    async with serving(app, dsn, concurrency=1) as worker:
+        await eventually(lambda: statuses(dsn) == {"succeeded": 6})
+        # The pool still runs (the list it kept is its own), and holds nothing.
+        insert(dsn, "drain", 1)
+        await eventually(lambda: statuses(dsn) == {"succeeded": 7})
+        await eventually(lambda: len(worker.held) == 0)
+    rows = query(dsn, "SELECT id, result FROM notifyq.jobs ORDER BY id LIMIT 6")
+    assert all(result == ("popped" if job_id % 2 else None) for job_id, result in rows)
