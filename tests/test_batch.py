@@ -266,6 +266,11 @@ def test_batch_settings_are_checked_at_registration() -> None:
             app.task(name="x", **bad)(lambda batch: None)
     with pytest.raises(ConfigurationError, match="batch_wait needs batch_size"):
         app.task(name="x", batch_wait=1)(lambda payload: None)
+    # Called with the list alone: a handler that needs a context too would fail every call.
+    with pytest.raises(ConfigurationError, match=r"only argument.*item\.ctx"):
+        app.task(name="x", batch_size=10)(lambda batch, ctx: None)
+    app.task(name="optional", batch_size=10)(lambda batch, ctx=None: None)
+    app.task(name="variadic", batch_size=10)(lambda *args: None)
 
 
 def test_an_item_is_settled_once() -> None:
