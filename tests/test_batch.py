@@ -321,3 +321,24 @@ async def test_a_handler_that_empties_its_list_settles_every_item(dsn: str) -> N
         await eventually(lambda: len(worker.held) == 0)
     rows = query(dsn, "SELECT id, result FROM notifyq.jobs ORDER BY id LIMIT 6")
     assert all(result == ("popped" if job_id % 2 else None) for job_id, result in rows)
+
+
+def test_eager_mode_keeps_an_item_settled_before_the_handler_raised() -> None:
+    """As the worker does: what was settled stands; a result JSON cannot hold is refused."""
+    from notifyq.errors import ResultError
+    from notifyq.testing import eager
+
+    app = notifyq.App(dsn="postgresql://unused")
+
+    @app.task(name="bulk", batch_size=10)
+    async def bulk(batch: list[BatchItem[dict[str, Any]]]) -> None:
+        for item in batch:
+            item.succeed({"sent": True} if item.payload["ok"] else object())
+        raise RuntimeError("the bulk API hung up after sending")
+
+    with eager(app) as jobs:
+        app.enqueue_sync("bulk", {"ok": True})
+        with pytest.raises(ResultError, match="cannot be stored as JSON"):
+            app.enqueue_sync("bulk", {"ok": False})
+    assert [j.status for j in jobs.enqueued("bulk")] == ["succeeded", "dead"]
+    assert jobs.enqueued("bulk")[0].result == {"sent": True}
