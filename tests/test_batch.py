@@ -342,3 +342,26 @@ def test_eager_mode_keeps_an_item_settled_before_the_handler_raised() -> None:
             app.enqueue_sync("bulk", {"ok": False})
     assert [j.status for j in jobs.enqueued("bulk")] == ["succeeded", "dead"]
     assert jobs.enqueued("bulk")[0].result == {"sent": True}
+
+
+async def test_a_running_batch_leaves_the_other_slots_free(dsn: str) -> None:
+    """A batch of 10 takes one of two slots: while it runs, the next batch starts in the
+    other (counted per job, its 10 attempts would fill both and hold every claim back)."""
+    app = notifyq.App()
+    release = anyio.Event()
+    calls: list[int] = []
+
+    @app.task(name="held", batch_size=10)
+    async def held(batch: list[BatchItem[Any]]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            await release.wait()
+
+    async with serving(app, dsn, concurrency=2) as worker:
+        insert(dsn, "held", 10)
+        await eventually(lambda: calls == [10])
+        assert worker.held.running == 10 and worker.held.slots == 1
+        insert(dsn, "held", 3)
+        await eventually(lambda: calls == [10, 3])  # the first is still waiting
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 13})
