@@ -29,6 +29,7 @@ from .registry import (
     DEFAULT_QUEUE,
     Registry,
     Task,
+    check_batch_handler,
     check_batching,
     check_queue_name,
     check_task_name,
@@ -153,6 +154,7 @@ class App:
             batch = check_batching(batch_size, batch_wait)
             is_async, wants_context = describe_handler(fn)
             if batch is not None:
+                check_batch_handler(fn)
                 wants_context = False  # each item carries its job's context
             model = typed_payloads.model_of(fn, batch=batch is not None) if decode is None else None
             task_name = check_task_name(

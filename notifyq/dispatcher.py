@@ -464,9 +464,13 @@ class Dispatcher:
                     limit = batching.size if left is None else min(batching.size, left)
                     part = await self._claim_tasks([group], limit)
                     parts.append(part)
+                    # A claim counts a slot even when a rate limit deferred all it found:
+                    # else such claims go on, in this pass, through the whole backlog (the
+                    # shared claim counts its deferred ones as taken too).
+                    if part.jobs or part.deferred:
+                        slots -= 1
                     if part.jobs:
                         work.append(tuple(part.jobs))
-                        slots -= 1
                         left = None if left is None else left - len(part.jobs)
                     if len(part.jobs) + part.deferred < limit:
                         if part.jobs and batching.wait > 0:

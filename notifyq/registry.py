@@ -84,6 +84,23 @@ def check_batching(batch_size: int | None, batch_wait: float | None) -> Batching
     return Batching(batch_size, float(wait))
 
 
+def check_batch_handler(handler: Handler) -> None:
+    """A batch handler is called with its list alone: one that needs a second argument
+    (a JobContext, as a plain handler may take) would fail every call with a TypeError."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # builtins without a signature: called with the list
+        return
+    try:
+        signature.bind([])
+    except TypeError:
+        raise ConfigurationError(
+            f"batch handler {getattr(handler, '__qualname__', handler)!r} must take the list "
+            f"of BatchItem as its only argument, not {signature}: each item has its job's "
+            "context (item.ctx)"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """A registered handler and the settings its jobs run with."""

@@ -360,7 +360,9 @@ class WorkerPool:
         trace: str | None = None
         try:
             if items:
-                returned = await self._timed(task, (items,))
+                # A list of its own: a handler that consumes or filters it in place must
+                # not hide items from the outcomes read below, nor from _running's cleanup.
+                returned = await self._timed(task, (list(items),))
         except Exception as exc:
             error, trace = exc, traceback.format_exc()
         except anyio.get_cancelled_exc_class():

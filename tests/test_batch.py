@@ -266,6 +266,11 @@ def test_batch_settings_are_checked_at_registration() -> None:
             app.task(name="x", **bad)(lambda batch: None)
     with pytest.raises(ConfigurationError, match="batch_wait needs batch_size"):
         app.task(name="x", batch_wait=1)(lambda payload: None)
+    # Called with the list alone: a handler that needs a context too would fail every call.
+    with pytest.raises(ConfigurationError, match=r"only argument.*item\.ctx"):
+        app.task(name="x", batch_size=10)(lambda batch, ctx: None)
+    app.task(name="optional", batch_size=10)(lambda batch, ctx=None: None)
+    app.task(name="variadic", batch_size=10)(lambda *args: None)
 
 
 def test_an_item_is_settled_once() -> None:
@@ -294,3 +299,69 @@ def test_eager_mode_runs_a_batch_handler_with_a_batch_of_one() -> None:
         with pytest.raises(notifyq.DoNotRetry, match="refused"):
             app.enqueue_sync("bulk", {"n": 2, "bad": True})
     assert [j.result for j in jobs.enqueued("bulk")] == [{"seen": 1}, None]
+
+
+async def test_a_handler_that_empties_its_list_settles_every_item(dsn: str) -> None:
+    app = notifyq.App()
+
+    @app.task(name="drain", batch_size=10)
+    async def drain(batch: list[BatchItem[Any]]) -> None:
+        while batch:  # consumes the list it was given, as a work queue
+            item = batch.pop()
+            if item.id % 2:
+                item.succeed("popped")
+        batch.append(BatchItem(None, JobContext(10**9, "default", "drain", 1, 5), threading.Lock()))
+
+    insert(dsn, "drain", 6)
+    async with serving(app, dsn, concurrency=1) as worker:
+        await eventually(lambda: statuses(dsn) == {"succeeded": 6})
+        # The pool still runs (the list it kept is its own), and holds nothing.
+        insert(dsn, "drain", 1)
+        await eventually(lambda: statuses(dsn) == {"succeeded": 7})
+        await eventually(lambda: len(worker.held) == 0)
+    rows = query(dsn, "SELECT id, result FROM notifyq.jobs ORDER BY id LIMIT 6")
+    assert all(result == ("popped" if job_id % 2 else None) for job_id, result in rows)
+
+
+def test_eager_mode_keeps_an_item_settled_before_the_handler_raised() -> None:
+    """As the worker does: what was settled stands; a result JSON cannot hold is refused."""
+    from notifyq.errors import ResultError
+    from notifyq.testing import eager
+
+    app = notifyq.App(dsn="postgresql://unused")
+
+    @app.task(name="bulk", batch_size=10)
+    async def bulk(batch: list[BatchItem[dict[str, Any]]]) -> None:
+        for item in batch:
+            item.succeed({"sent": True} if item.payload["ok"] else object())
+        raise RuntimeError("the bulk API hung up after sending")
+
+    with eager(app) as jobs:
+        app.enqueue_sync("bulk", {"ok": True})
+        with pytest.raises(ResultError, match="cannot be stored as JSON"):
+            app.enqueue_sync("bulk", {"ok": False})
+    assert [j.status for j in jobs.enqueued("bulk")] == ["succeeded", "dead"]
+    assert jobs.enqueued("bulk")[0].result == {"sent": True}
+
+
+async def test_a_running_batch_leaves_the_other_slots_free(dsn: str) -> None:
+    """A batch of 10 takes one of two slots: while it runs, the next batch starts in the
+    other (counted per job, its 10 attempts would fill both and hold every claim back)."""
+    app = notifyq.App()
+    release = anyio.Event()
+    calls: list[int] = []
+
+    @app.task(name="held", batch_size=10)
+    async def held(batch: list[BatchItem[Any]]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            await release.wait()
+
+    async with serving(app, dsn, concurrency=2) as worker:
+        insert(dsn, "held", 10)
+        await eventually(lambda: calls == [10])
+        assert worker.held.running == 10 and worker.held.slots == 1
+        insert(dsn, "held", 3)
+        await eventually(lambda: calls == [10, 3])  # the first is still waiting
+        release.set()
+        await eventually(lambda: statuses(dsn) == {"succeeded": 13})

@@ -198,14 +198,23 @@ async def _call(task: Task, payload: Any, context: JobContext) -> Any:
         result = await anyio.to_thread.run_sync(task.handler, *args)
         return await result if inspect.isawaitable(result) else result
 
-    if task.timeout is None:
-        value = await invoke()
-    else:
-        with anyio.fail_after(task.timeout):
+    value: Any = None
+    error: Exception | None = None
+    try:
+        if task.timeout is None:
             value = await invoke()
+        else:
+            with anyio.fail_after(task.timeout):
+                value = await invoke()
+    except Exception as exc:
+        if item is None:
+            raise
+        error = exc  # the item's outcome if it has none yet: one set before it stands
     if item is None:
         return value
-    ((failure, _, text),) = conclude([item], value, None, None, codec.dumps)
+    ((failure, _, text),) = conclude(
+        [item], value, error, None, lambda result: encode_result(task.name, result)
+    )
     if failure is not None:
         raise failure
     return None if text is None else codec.loads(text)
