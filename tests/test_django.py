@@ -12,6 +12,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -327,3 +328,36 @@ def test_a_django_migration_brings_every_schema_version() -> None:
     ]
     assert versions == sorted(versions)
     assert versions[-1] == migrate.SCHEMA_VERSION
+
+
+def test_a_task_past_its_timeout_is_reported_failed(db: str, heard: list[Any]) -> None:
+    options = {"TIMEOUT": 0.2, "MODULES": ["tests.django_project.slow_tasks"]}
+    timing_out = {
+        "default": {
+            "BACKEND": "notifyq.contrib.django.Backend",
+            "QUEUES": ["default", "mail"],
+            "OPTIONS": options,
+        }
+    }
+    with override_settings(TASKS=timing_out):
+        from tests.django_project import slow_tasks
+
+        result = slow_tasks.sleep_async.enqueue(60)
+        late = slow_tasks.sleep_sync.enqueue(1)
+        assert [o.status for o in drain(db, concurrency=2)] == ["dead", "dead"]
+        result.refresh()
+        late.refresh()
+    assert result.status == late.status == TaskResultStatus.FAILED
+    # A thread cannot be stopped: the sync task's thread returns after its attempt failed.
+    deadline = time.monotonic() + 30
+    while not any(s == "finished" and i == late.id for s, i, _ in heard):
+        assert time.monotonic() < deadline, "the sync task's thread never returned"
+        time.sleep(0.05)
+    # task_finished is sent for each as for any failed attempt (not SUCCESSFUL for the
+    # thread that returned after its attempt failed).
+    for job in (result, late):
+        assert [(s, status) for s, i, status in heard if i == job.id] == [
+            ("enqueued", "READY"),
+            ("started", "RUNNING"),
+            ("finished", "FAILED"),
+        ]
