@@ -35,7 +35,8 @@ django.setup()
 
 from django.core import checks  # noqa: E402
 from django.core.management import call_command  # noqa: E402
-from django.db import connections, transaction  # noqa: E402
+from django.db import close_old_connections, connections, transaction  # noqa: E402
+from django.db.transaction import TransactionManagementError  # noqa: E402
 from django.tasks import TaskResultStatus, default_task_backend  # noqa: E402
 from django.tasks.exceptions import (  # noqa: E402
     InvalidTask,
@@ -133,6 +134,38 @@ def test_enqueue_joins_the_transaction_and_wakes_dispatchers_at_its_commit(
         tasks.add.enqueue(5, 5)
         raise RuntimeError("rolled back")
     assert len(jobs(db)) == 1 and len(heard) == 1  # no job, no signal
+
+
+def test_manual_transaction_management_is_refused_before_the_insert(
+    db: str, heard: list[Any]
+) -> None:
+    transaction.set_autocommit(False)
+    try:
+        with pytest.raises(TransactionManagementError, match=r"transaction\.atomic\(\)"):
+            tasks.add.enqueue(1, 1)
+        transaction.commit()
+    finally:
+        transaction.set_autocommit(True)
+    assert jobs(db) == [] and heard == []  # no job that enqueue said it did not send
+
+
+def test_a_dead_persistent_connection_is_replaced_as_django_would(db: str) -> None:
+    """CONN_HEALTH_CHECKS: the request's first use of a connection that died since the
+    last request reconnects, the enqueue's as Django's own queries."""
+    settings = connections.settings["default"]
+    settings.update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True)
+    try:
+        connection = connections["default"]
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            [pid] = cursor.fetchone()
+        query(db, "SELECT pg_terminate_backend(%s)", pid)
+        close_old_connections()  # a request starts
+        result = tasks.add.enqueue(1, 1)
+    finally:
+        settings.update(CONN_MAX_AGE=0, CONN_HEALTH_CHECKS=False)
+        connections.close_all()
+    assert [row[0] for row in jobs(db)] == [int(result.id)]
 
 
 def test_queue_priority_and_run_after_map_onto_the_job(db: str) -> None:
