@@ -12,6 +12,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ django.setup()
 
 from django.core import checks  # noqa: E402
 from django.core.management import call_command  # noqa: E402
-from django.db import connections, transaction  # noqa: E402
+from django.db import close_old_connections, connections, transaction  # noqa: E402
+from django.db.transaction import TransactionManagementError  # noqa: E402
 from django.tasks import TaskResultStatus, default_task_backend  # noqa: E402
 from django.tasks.exceptions import (  # noqa: E402
     InvalidTask,
@@ -132,6 +134,38 @@ def test_enqueue_joins_the_transaction_and_wakes_dispatchers_at_its_commit(
         tasks.add.enqueue(5, 5)
         raise RuntimeError("rolled back")
     assert len(jobs(db)) == 1 and len(heard) == 1  # no job, no signal
+
+
+def test_manual_transaction_management_is_refused_before_the_insert(
+    db: str, heard: list[Any]
+) -> None:
+    transaction.set_autocommit(False)
+    try:
+        with pytest.raises(TransactionManagementError, match=r"transaction\.atomic\(\)"):
+            tasks.add.enqueue(1, 1)
+        transaction.commit()
+    finally:
+        transaction.set_autocommit(True)
+    assert jobs(db) == [] and heard == []  # no job that enqueue said it did not send
+
+
+def test_a_dead_persistent_connection_is_replaced_as_django_would(db: str) -> None:
+    """CONN_HEALTH_CHECKS: the request's first use of a connection that died since the
+    last request reconnects, the enqueue's as Django's own queries."""
+    settings = connections.settings["default"]
+    settings.update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True)
+    try:
+        connection = connections["default"]
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            [pid] = cursor.fetchone()
+        query(db, "SELECT pg_terminate_backend(%s)", pid)
+        close_old_connections()  # a request starts
+        result = tasks.add.enqueue(1, 1)
+    finally:
+        settings.update(CONN_MAX_AGE=0, CONN_HEALTH_CHECKS=False)
+        connections.close_all()
+    assert [row[0] for row in jobs(db)] == [int(result.id)]
 
 
 def test_queue_priority_and_run_after_map_onto_the_job(db: str) -> None:
@@ -327,3 +361,36 @@ def test_a_django_migration_brings_every_schema_version() -> None:
     ]
     assert versions == sorted(versions)
     assert versions[-1] == migrate.SCHEMA_VERSION
+
+
+def test_a_task_past_its_timeout_is_reported_failed(db: str, heard: list[Any]) -> None:
+    options = {"TIMEOUT": 0.2, "MODULES": ["tests.django_project.slow_tasks"]}
+    timing_out = {
+        "default": {
+            "BACKEND": "notifyq.contrib.django.Backend",
+            "QUEUES": ["default", "mail"],
+            "OPTIONS": options,
+        }
+    }
+    with override_settings(TASKS=timing_out):
+        from tests.django_project import slow_tasks
+
+        result = slow_tasks.sleep_async.enqueue(60)
+        late = slow_tasks.sleep_sync.enqueue(1)
+        assert [o.status for o in drain(db, concurrency=2)] == ["dead", "dead"]
+        result.refresh()
+        late.refresh()
+    assert result.status == late.status == TaskResultStatus.FAILED
+    # A thread cannot be stopped: the sync task's thread returns after its attempt failed.
+    deadline = time.monotonic() + 30
+    while not any(s == "finished" and i == late.id for s, i, _ in heard):
+        assert time.monotonic() < deadline, "the sync task's thread never returned"
+        time.sleep(0.05)
+    # task_finished is sent for each as for any failed attempt (not SUCCESSFUL for the
+    # thread that returned after its attempt failed).
+    for job in (result, late):
+        assert [(s, status) for s, i, status in heard if i == job.id] == [
+            ("enqueued", "READY"),
+            ("started", "RUNNING"),
+            ("finished", "FAILED"),
+        ]

@@ -38,6 +38,7 @@ from django.core.checks import CheckMessage
 from django.core.checks import Error as CheckError
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.transaction import TransactionManagementError
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.exceptions import InvalidTask, InvalidTaskBackend, TaskResultDoesNotExist
@@ -117,10 +118,19 @@ class Backend(BaseTaskBackend):
         self.validate_task(task)
         # TypeError for what JSON cannot hold, before anything is sent (as Django's own).
         payload = {"args": normalize_json(args), "kwargs": normalize_json(kwargs)}
+        conn = self.psycopg_connection()
+        wrapper = connections[self.database]
+        if not wrapper.get_autocommit() and not wrapper.in_atomic_block:
+            # on_commit (below) would refuse after the insert: refuse before it instead.
+            raise TransactionManagementError(
+                f"the notifyq task backend {self.alias!r} sends task_enqueued when the job "
+                "commits, which Django cannot tell under manual transaction management "
+                "(set_autocommit(False)): enqueue inside transaction.atomic() instead"
+            )
         job_id = self._app.enqueue_sync(
             task.module_path,
             payload,
-            conn=self.psycopg_connection(),
+            conn=conn,
             queue=task.queue_name,
             priority=task.priority,
             run_at=self._run_at(task.run_after),
@@ -187,6 +197,9 @@ class Backend(BaseTaskBackend):
                 f"DATABASES[{self.database!r}] is {wrapper.vendor}"
             )
         wrapper.validate_no_broken_transaction()
+        # As Django's own cursor(): with CONN_HEALTH_CHECKS, a persistent connection that
+        # died since the last request is replaced, not used.
+        wrapper.close_if_health_check_failed()
         wrapper.ensure_connection()
         conn = wrapper.connection
         if not isinstance(conn, psycopg.Connection):

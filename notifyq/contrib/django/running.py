@@ -12,12 +12,15 @@ Per attempt: the job is read back as a TaskResult (RUNNING), `task_started` is s
 the function is called (with a TaskContext first for `takes_context` tasks), and
 `task_finished` is sent with the attempt's outcome, from inside the exception
 handler when it raised (as Django's own backend does).  Receivers' errors are
-logged, never the job's outcome.
+logged, never the job's outcome.  An attempt past OPTIONS["TIMEOUT"] is failed by
+notifyq: an async task is cancelled, a sync one's thread runs on unsupervised (Python
+cannot stop it); either way `task_finished` reports it FAILED with a TimeoutError.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from inspect import iscoroutinefunction
 from traceback import format_exception
@@ -65,7 +68,10 @@ def handler(backend: Backend, task: Task) -> Callable[[Any, JobContext], Any]:
 
 
 def _sync_handler(backend: Backend, task: Task) -> Callable[[Any, JobContext], Any]:
+    timeout = backend.timeout
+
     def run(payload: Any, ctx: JobContext) -> Any:
+        started = time.monotonic()  # the event loop's clock, after notifyq's deadline began
         args, kwargs = _arguments(payload, ctx)
         close_old_connections()
         try:
@@ -73,6 +79,10 @@ def _sync_handler(backend: Backend, task: Task) -> Callable[[Any, JobContext], A
             _send(task_started, backend, result)
             try:
                 value = normalize_json(task.func(*_context(task, result), *args, **kwargs))
+                if timeout is not None and time.monotonic() - started >= timeout:
+                    # Past TIMEOUT: notifyq failed the attempt and left this thread to run
+                    # on, unsupervised; what the function returned is no outcome.
+                    raise TimeoutError(f"task {ctx.task!r} ran past its {timeout}s timeout")
             except BaseException as exc:  # as a dispatcher does: any raise fails the attempt
                 _failed(result, exc)
                 _send(task_finished, backend, result)
@@ -87,17 +97,35 @@ def _sync_handler(backend: Backend, task: Task) -> Callable[[Any, JobContext], A
 
 
 def _async_handler(backend: Backend, task: Task) -> Callable[[Any, JobContext], Any]:
+    timeout = backend.timeout
+
     async def run(payload: Any, ctx: JobContext) -> Any:
         args, kwargs = _arguments(payload, ctx)
+        deadline = anyio.current_effective_deadline()  # inf without a TIMEOUT
         await sync_to_async(close_old_connections)()
         try:
             result = await backend.aget_result(str(ctx.id))
             await _asend(task_started, backend, result)
             try:
                 value = normalize_json(await task.func(*_context(task, result), *args, **kwargs))
-            except Exception as exc:  # not a cancellation: that hands the job back
+            except Exception as exc:
                 _failed(result, exc)
                 await _asend(task_finished, backend, result)
+                raise
+            except anyio.get_cancelled_exc_class():
+                # A shutdown's cancellation hands the attempt back: it did not finish.
+                # TIMEOUT's (notifyq's deadline, the earliest around this handler) fails
+                # it, so it is reported like any failure.
+                if (
+                    timeout is not None
+                    and not ctx.stopping.is_set()
+                    and (anyio.current_time() >= deadline)
+                ):
+                    _failed(
+                        result, TimeoutError(f"task {ctx.task!r} ran past its {timeout}s timeout")
+                    )
+                    with anyio.CancelScope(shield=True):
+                        await _asend(task_finished, backend, result)
                 raise
             _succeeded(result, value)
             await _asend(task_finished, backend, result)
