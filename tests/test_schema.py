@@ -73,7 +73,11 @@ BAD_ROWS = [
     ("task, tags", "'t', ARRAY['a', NULL]", "jobs_tags_valid"),
     ("task, tags", "'t', ARRAY['a', '']", "jobs_tags_valid"),
     ("task, tags", "'t', ARRAY[['a', 'b'], ['c', 'd']]", "jobs_tags_valid"),
-    ("task, tags", "'t', (SELECT array_agg(g::text) FROM generate_series(1, 21) g)", "jobs_tags_valid"),
+    (
+        "task, tags",
+        "'t', (SELECT array_agg(g::text) FROM generate_series(1, 21) g)",
+        "jobs_tags_valid",
+    ),
     ("task, tags", "'t', ARRAY[repeat('x', 600), repeat('y', 401)]", "jobs_tags_valid"),
 ]
 
