@@ -183,7 +183,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe_idx
 -- Tagged rows by tag, for `tags @> ARRAY[...]` (GIN).  Partial: an untagged job
 -- costs it nothing, on insert or on any later update.  A tagged one costs an entry
 -- per tag on every write that is not HOT (a status change is never HOT: status is
--- in other indexes' predicates), which fastupdate's pending list makes cheap.
+-- in other indexes' predicates), most of it deferred to vacuum by fastupdate's
+-- pending list.
 CREATE INDEX IF NOT EXISTS jobs_tags_idx
     ON notifyq.jobs USING gin (tags) WHERE tags IS NOT NULL;
 
