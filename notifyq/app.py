@@ -32,6 +32,7 @@ from .registry import (
     check_batch_handler,
     check_batching,
     check_queue_name,
+    check_tags,
     check_task_name,
     describe_handler,
 )
@@ -113,6 +114,7 @@ class App:
         decode: Callable[[Any], Any] | None = ...,
         batch_size: int | None = ...,
         batch_wait: float | None = ...,
+        tags: Iterable[str] | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -128,6 +130,7 @@ class App:
         decode: Callable[[Any], Any] | None = None,
         batch_size: int | None = None,
         batch_wait: float | None = None,
+        tags: Iterable[str] | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -144,7 +147,10 @@ class App:
         up to that many `BatchItem`s, one per claimed job, and settles each
         (docs/lifecycle.md, "Batch handlers"); `batch_wait` (seconds) lets the next
         claim wait that long for a fuller batch after one that was not full.
+        `tags` go on every job this app enqueues for the task, before the
+        enqueue's own (`enqueue(..., tags=...)`); a SQL INSERT sets its own.
         """
+        task_tags = check_tags(tags)
 
         def register(fn: F) -> F:
             if not 1 <= max_attempts <= 1000:
@@ -173,6 +179,7 @@ class App:
                     is_async=is_async,
                     wants_context=wants_context,
                     batch=batch,
+                    tags=task_tags,
                 )
             )
             return fn
@@ -306,7 +313,12 @@ class App:
         job exists only if it commits.  Without, it commits on its own.
 
         Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
-        run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure.
+        run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure,
+        tags.
+
+        With `tags` (up to 20 strings), the job can be found by them (`notifyq jobs
+        list --tag`, `retry --dead --tag`, `cancel --tag`, `purge --tag`, `watch --tag`);
+        the task's own tags (`@app.task(tags=...)`) come first.
 
         With `rate_key`, the job shares the rate limit of that key (notifyq.rate_limits).
 
@@ -541,6 +553,26 @@ class App:
     def cancel_sync(self, job_id: int) -> str:
         """`cancel` for synchronous code."""
         return admin.cancel_job(resolve_dsn(self.dsn), job_id)
+
+    async def pause(self, queue: str, task: str | None = None) -> bool:
+        """Pause `queue`, or only `task`'s jobs in it (`notifyq.pause_queue`): no
+        dispatcher or SQL worker starts them until `resume`; running ones finish, and the
+        queue's cap is kept.  False if it was paused already."""
+        return await anyio.to_thread.run_sync(self.pause_sync, queue, task)
+
+    def pause_sync(self, queue: str, task: str | None = None) -> bool:
+        """`pause` for synchronous code."""
+        return admin.pause_queue(resolve_dsn(self.dsn), queue, task)
+
+    async def resume(self, queue: str, task: str | None = None) -> bool:
+        """Lift the pause of `queue` (or of `task` in it: each pause is lifted by naming
+        it as it was made); its dispatchers are woken at once.  False if it was not
+        paused."""
+        return await anyio.to_thread.run_sync(self.resume_sync, queue, task)
+
+    def resume_sync(self, queue: str, task: str | None = None) -> bool:
+        """`resume` for synchronous code."""
+        return admin.resume_queue(resolve_dsn(self.dsn), queue, task)
 
     # --- schema and serving
 

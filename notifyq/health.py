@@ -16,6 +16,8 @@ Checks, in order; a failed one stops the rest that depend on it:
     unserved         every ready job has a live dispatcher that would      else WARNING:
                      claim it (one serving its queue, with a handler for
                      its task); the others wait, queued, until one starts
+    paused           which queues and tasks are paused (notifyq pause),   never a verdict:
+                     since when and how many ready jobs wait on them       OK either way
 
 Exit status: 0 healthy, 1 a check FAILED, 2 only warnings.  The dead-tuple
 count of notifyq.jobs is reported too (information, never a verdict).
@@ -119,6 +121,7 @@ def _run(conn: psycopg.Connection[Any], report: Report, max_age: float) -> None:
         report.checks.append(Check("leases", OK, "no expired lease left unrescued"))
     report.checks.append(_dispatchers(conn))
     report.checks.append(_unserved(conn))
+    report.checks.append(_paused(conn))
     tuples = store.monitoring.jobs_table(conn)
     if tuples is not None:
         live, dead = tuples.n_live_tup, tuples.n_dead_tup
@@ -190,6 +193,35 @@ def _dispatchers(conn: psycopg.Connection[Any]) -> Check:
         "killed, hung or cut off from the database; their jobs are rescued once their "
         "database session is gone, or their leases expire",
         {"lost": lost, "which": which},
+    )
+
+
+def _paused(conn: psycopg.Connection[Any]) -> Check:
+    """Reported, not judged: a pause is an operator's decision (but one easy to forget)."""
+    found = store.monitoring.queue_pauses(conn)
+    if not found:
+        return Check("paused", OK, "no queue or task is paused", {"paused": []})
+    parts = [
+        (f"queue {p.queue!r}" if p.task == "*" else f"task {p.task!r} of queue {p.queue!r}")
+        + f" for {p.paused_for:.0f}s ({p.ready}{'+' if p.more else ''} ready jobs wait)"
+        for p in found
+    ]
+    return Check(
+        "paused",
+        OK,
+        f"paused: {'; '.join(parts)}. Resume with `notifyq resume QUEUE [--task TASK]`",
+        {
+            "paused": [
+                {
+                    "queue": p.queue,
+                    "task": None if p.task == "*" else p.task,
+                    "paused_seconds": round(p.paused_for, 1),
+                    "ready": p.ready,
+                    "more": p.more,
+                }
+                for p in found
+            ]
+        },
     )
 
 

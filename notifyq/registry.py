@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,8 @@ TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
 QUEUE_NAME = re.compile(r"[a-z0-9_][a-z0-9_-]{0,62}")
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 5
+MAX_TAGS = 20  # jobs_tags_valid: at most 20 tags ...
+MAX_TAGS_LENGTH = 1000  # ... of 1000 characters in all, none empty
 
 Handler = Callable[..., Any]
 
@@ -101,6 +103,26 @@ def check_batch_handler(handler: Handler) -> None:
         ) from None
 
 
+def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
+    """Tags as the schema's CHECK jobs_tags_valid takes them (a tuple; empty: none)."""
+    if tags is None:
+        return ()
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, Iterable):
+        raise ConfigurationError(f"tags must be a list of strings, not {tags!r}")
+    found = tuple(tags)
+    for tag in found:
+        if not isinstance(tag, str) or not tag:
+            raise ConfigurationError(f"each tag must be a non-empty string, not {tag!r}")
+    if len(found) > MAX_TAGS:
+        raise ConfigurationError(f"a job has at most {MAX_TAGS} tags, not {len(found)}")
+    if sum(len(tag) for tag in found) > MAX_TAGS_LENGTH:
+        raise ConfigurationError(
+            f"a job's tags are at most {MAX_TAGS_LENGTH} characters in all, not "
+            f"{sum(len(tag) for tag in found)}"
+        )
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """A registered handler and the settings its jobs run with."""
@@ -119,6 +141,7 @@ class Task:
     wants_context: bool = False
     # Set for a batch handler, which takes a list of BatchItem (batch.py); None: one job a call.
     batch: Batching | None = None
+    tags: tuple[str, ...] = ()  # every job of the task gets them (enqueue adds its own)
 
     def __post_init__(self) -> None:
         # Every task decodes through _refuse_undecodable first, so a payload PostgreSQL

@@ -70,6 +70,15 @@ BAD_ROWS = [
         "'t', jsonb_build_object('baggage', repeat('b', 4100))",
         "jobs_trace_context_valid",
     ),
+    ("task, tags", "'t', ARRAY['a', NULL]", "jobs_tags_valid"),
+    ("task, tags", "'t', ARRAY['a', '']", "jobs_tags_valid"),
+    ("task, tags", "'t', ARRAY[['a', 'b'], ['c', 'd']]", "jobs_tags_valid"),
+    (
+        "task, tags",
+        "'t', (SELECT array_agg(g::text) FROM generate_series(1, 21) g)",
+        "jobs_tags_valid",
+    ),
+    ("task, tags", "'t', ARRAY[repeat('x', 600), repeat('y', 401)]", "jobs_tags_valid"),
 ]
 
 
@@ -91,7 +100,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 15
+    assert len(comments) == 16
     for name, comment in comments.items():
         assert comment, name
 

@@ -26,7 +26,7 @@ from .. import codec, embedded, migrate
 from ..app import App
 from ..errors import ConfigurationError, NotifyqError, dsn_secrets, redact
 from ..logs import JobContextFilter, JsonFormatter
-from ..registry import check_queue_name, check_task_name
+from ..registry import check_queue_name, check_tags, check_task_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -256,6 +256,26 @@ def queue_names(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     for queue in value:
         queue_name(ctx, param, queue)
     return value
+
+
+def tag_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    """For a repeatable --tag: the schema's rule for a job's tags (jobs_tags_valid)."""
+    try:
+        check_tags(value)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def tags_option(help: str) -> Callable[[F], F]:
+    """--tag T, repeatable: the jobs that have every tag given."""
+
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--tag", "tags", multiple=True, metavar="T", callback=tag_values, help=help
+        )(fn)
+
+    return decorate
 
 
 def app_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

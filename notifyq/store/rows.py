@@ -174,6 +174,7 @@ class JobSummary:
     created_at: datetime
     finished_at: datetime | None
     error: str | None  # the first line of last_error
+    tags: list[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +206,7 @@ class JobRecord:
     result: Any
     last_error: str | None
     trace_context: Any
+    tags: list[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,18 @@ class QueueLimit:
     queue: str
     max_running: int
     running: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePause:
+    """queue_pauses: a paused queue (task '*') or task of a queue, and its ready jobs."""
+
+    queue: str
+    task: str  # '*': the whole queue
+    paused_at: datetime
+    paused_for: float  # seconds
+    ready: int  # its jobs ready now, counted up to 10,000
+    more: bool  # more than the 10,000 counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +349,8 @@ class QueueStats:
     p50: float | None  # enqueue-to-start wait, seconds
     p95: float | None
     oldest_ready: float | None  # seconds
+    paused: bool  # the whole queue (notifyq.queue_pauses)
+    paused_tasks: list[str]  # its tasks paused on their own
 
 
 @dataclass(frozen=True, slots=True)
