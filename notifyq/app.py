@@ -147,8 +147,9 @@ class App:
         Without it, a handler whose payload parameter is annotated with a
         dataclass or a pydantic model receives an instance, validated
         (typed_payloads.py), and enqueue accepts an instance or checks an object.
-        `tags` go on every job this app enqueues for the task, before the
-        enqueue's own (`enqueue(..., tags=...)`); a SQL INSERT sets its own.
+        `tags` go on every job this app's enqueue methods enqueue for the task (not a
+        periodic schedule's), before the enqueue's own (`enqueue(..., tags=...)`); a SQL
+        INSERT sets its own.
         """
         task_tags = check_tags(tags)
 
