@@ -147,8 +147,9 @@ class App:
         up to that many `BatchItem`s, one per claimed job, and settles each
         (docs/lifecycle.md, "Batch handlers"); `batch_wait` (seconds) lets the next
         claim wait that long for a fuller batch after one that was not full.
-        `tags` go on every job this app enqueues for the task, before the
-        enqueue's own (`enqueue(..., tags=...)`); a SQL INSERT sets its own.
+        `tags` go on every job this app's enqueue methods enqueue for the task (not a
+        periodic schedule's), before the enqueue's own (`enqueue(..., tags=...)`); a SQL
+        INSERT sets its own.
         """
         task_tags = check_tags(tags)
 

@@ -963,7 +963,12 @@ RETURNING id;
 -- name: testing_busy
 -- notifyq.testing's drain: is a job of %(tasks)s in %(queues)s due now, or running?
 -- A rate limit's slot counts once it is due, not before (a drain does not wait for it).
+-- A paused one (notifyq.queue_pauses) does not: no claim starts it, so the drain ends
+-- with it queued, as `serve --until-empty` does.
 SELECT EXISTS (
     SELECT FROM notifyq.jobs j
     WHERE j.queue = ANY (%(queues)s::text[]) AND j.task = ANY (%(tasks)s::text[])
-      AND (j.status = 'running' OR (j.status = 'queued' AND j.run_at <= now())));
+      AND (j.status = 'running'
+           OR (j.status = 'queued' AND j.run_at <= now()
+               AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                               WHERE z.queue = j.queue AND z.task IN (j.task, '*')))));

@@ -71,7 +71,8 @@ def queue_pauses(conn: Conn) -> list[QueuePause]:
 
 
 def _tags(tags: Sequence[str] | None) -> list[str] | None:
-    """No filter (NULL) for no tags: an empty array would match every job as well."""
+    """No filter (NULL) for no tags: the SQL functions refuse an empty array, which
+    `@>` would read as "every tagged job"."""
     return list(tags) if tags else None
 
 
