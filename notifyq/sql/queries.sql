@@ -260,8 +260,18 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, %(local)s);
 -- has a rescue sweep anything to look at (notifyq.rescue_due; then the lease
 -- keeper sweeps)?  One probe per (queue, task) pair along jobs_claim_idx, as
 -- work_left; jobs kept by a cap or a rate limit count as ready (the claim says).
+-- Not those a circuit breaker holds (open in its cool-down, or half-open with its
+-- probe running): a claim would leave them, so every poll would claim for nothing.
 SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
-               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN (SELECT u.name FROM unnest(%(tasks)s::text[]) AS u(name)
+                           WHERE NOT EXISTS (
+                               SELECT FROM notifyq.circuit_breakers b
+                               WHERE b.task = u.name
+                                 AND (b.state = 'open' AND b.opened_at + b.cooldown > now()
+                                      OR b.state = 'half_open' AND EXISTS (
+                                          SELECT FROM notifyq.jobs p
+                                          WHERE p.id = b.probe_job AND p.status = 'running'
+                                            AND p.attempts = b.probe_attempt)))) AS t
                CROSS JOIN LATERAL (
                    SELECT FROM notifyq.jobs j
                    WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
