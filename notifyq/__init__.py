@@ -5,6 +5,7 @@ dispatcher out (`notifyq serve --app module:app`).
 """
 
 from .app import App
+from .breaker import CircuitBreaker
 from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "Backoff",
+    "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DoNotRetry",

@@ -20,6 +20,7 @@ import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store, tracing, typed_payloads
+from .breaker import CircuitBreaker
 from .contrib.sqlalchemy import async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
@@ -74,6 +75,15 @@ def _token(job_id: int, token: uuid.UUID | None) -> uuid.UUID | None:
     return job_id.token if isinstance(job_id, JobId) else None
 
 
+def _breaker(given: CircuitBreaker | None) -> CircuitBreaker | None:
+    if given is not None and not isinstance(given, CircuitBreaker):
+        raise ConfigurationError(
+            f"circuit_breaker must be a notifyq.CircuitBreaker(failures=..., window=..., "
+            f"cooldown=...), not {given!r}"
+        )
+    return given
+
+
 class App:
     """Tasks and how to reach their database.
 
@@ -120,6 +130,7 @@ class App:
         backoff: Backoff | None = ...,
         timeout: float | None = ...,
         decode: Callable[[Any], Any] | None = ...,
+        circuit_breaker: CircuitBreaker | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -133,6 +144,7 @@ class App:
         backoff: Backoff | None = None,
         timeout: float | None = None,
         decode: Callable[[Any], Any] | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -144,6 +156,8 @@ class App:
         Without it, a handler whose payload parameter is annotated with a
         dataclass or a pydantic model receives an instance, validated
         (typed_payloads.py), and enqueue accepts an instance or checks an object.
+        `circuit_breaker` (a `CircuitBreaker`) stops starting the task's jobs while its
+        failures say the service it calls is down (docs/lifecycle.md).
         """
 
         def register(fn: F) -> F:
@@ -168,6 +182,7 @@ class App:
                     model=model,
                     is_async=is_async,
                     wants_context=wants_context,
+                    circuit_breaker=_breaker(circuit_breaker),
                 )
             )
             return fn
@@ -187,6 +202,7 @@ class App:
         max_concurrency: int | None = None,
         headers: dict[str, str] | None = None,
         secret: str | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> None:
         """Register a task whose handler is a web endpoint: `notifyq serve` POSTs each job
         to `url` (docs/http.md: the body, the headers, what each response means).
@@ -194,8 +210,9 @@ class App:
         `timeout` bounds each request (seconds); `max_concurrency` caps the requests one
         dispatcher sends at once; `headers` are extra, non-secret headers; `secret` is the
         NAME of the signing secret, read by the dispatcher from NOTIFYQ_SECRET_<NAME>
-        (or `serve --secrets-file`).  Retries, backoff and dead letters are the task's,
-        as for `@app.task`.  Needs httpx: pip install 'notifyq[http]'.
+        (or `serve --secrets-file`).  Retries, backoff, dead letters and the
+        `circuit_breaker` (one per endpoint) are the task's, as for `@app.task`.  Needs
+        httpx: pip install 'notifyq[http]'.
         """
         from .http.endpoints import endpoint
         from .http.serving import HTTPX_MISSING, httpx_installed
@@ -223,6 +240,7 @@ class App:
                 backoff=backoff or Backoff(),
                 is_async=True,
                 wants_context=True,
+                circuit_breaker=_breaker(circuit_breaker),
             )
         )
 
@@ -536,6 +554,16 @@ class App:
     def cancel_sync(self, job_id: int) -> str:
         """`cancel` for synchronous code."""
         return admin.cancel_job(resolve_dsn(self.dsn), job_id)
+
+    async def reset_circuit_breaker(self, task: str) -> str:
+        """Close `task`'s circuit breaker now (`notifyq.reset_circuit_breaker`): its held
+        jobs start at once and the failures counted so far are forgotten.  Returns the
+        state it had; raises OperationRefused for a task without a breaker."""
+        return await anyio.to_thread.run_sync(self.reset_circuit_breaker_sync, task)
+
+    def reset_circuit_breaker_sync(self, task: str) -> str:
+        """`reset_circuit_breaker` for synchronous code."""
+        return admin.reset_circuit_breaker(resolve_dsn(self.dsn), task)
 
     # --- schema and serving
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .breaker import CircuitBreaker
 from .codec import Undecodable
 from .errors import ConfigurationError, PayloadError
 from .retry import Backoff
@@ -67,6 +68,9 @@ class Task:
     model: type | None = None
     is_async: bool = False
     wants_context: bool = False
+    # Written to notifyq.circuit_breakers at start-up; None leaves that table alone (a
+    # breaker set there in SQL stays).
+    circuit_breaker: CircuitBreaker | None = None
 
     def __post_init__(self) -> None:
         # Every task decodes through _refuse_undecodable first, so a payload PostgreSQL

@@ -12,6 +12,7 @@ from notifyq import Backoff
 PUBLIC = {
     "App",
     "Backoff",
+    "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DoNotRetry",

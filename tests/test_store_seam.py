@@ -136,6 +136,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "testing_jobs": rows.JobRecord,
     "job_history": rows.HistoryEntry,
     "queue_limits": rows.QueueLimit,
+    "circuit_breakers": rows.BreakerState,
     "queue_events": rows.QueueEvents,
     "health_server": rows.ServerInfo,
     "health_oldest_transaction": rows.OldestTransaction,

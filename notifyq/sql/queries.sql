@@ -203,6 +203,22 @@ WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeou
                         excluded.backoff_max, excluded.timeout)
 RETURNING t.task;
 
+-- name: sync_breakers
+-- At start-up: our @app.task(circuit_breaker=...) settings into notifyq.circuit_breakers
+-- (notifyq.set_circuit_breaker's upsert, which the worker role may not call); a breaker's
+-- state is kept, and a row already equal is left alone (no write).
+INSERT INTO notifyq.circuit_breakers AS b (task, failures, failure_window, cooldown)
+SELECT s.task, s.failures, make_interval(secs => s.span), make_interval(secs => s.cooldown)
+FROM unnest(%(tasks)s::text[], %(failures)s::int[], %(windows)s::float8[],
+            %(cooldowns)s::float8[]) AS s(task, failures, span, cooldown)
+ORDER BY s.task
+ON CONFLICT (task) DO UPDATE
+SET failures = excluded.failures, failure_window = excluded.failure_window,
+    cooldown = excluded.cooldown, changed_at = now()
+WHERE (b.failures, b.failure_window, b.cooldown)
+      IS DISTINCT FROM (excluded.failures, excluded.failure_window, excluded.cooldown)
+RETURNING b.task;
+
 -- name: endpoints
 -- The HTTP endpoints (notifyq.endpoints) a dispatcher serves: read before its first
 -- claim and again when a change is announced on notifyq_internal.
@@ -632,6 +648,36 @@ RETURNING queue;
 -- name: clear_queue_limit
 -- notifyq limit QUEUE none: lift a queue's cap.
 DELETE FROM notifyq.queue_limits WHERE queue = %(queue)s RETURNING queue;
+
+-- name: circuit_breakers
+-- notifyq breaker list, watch, health and the metrics: every circuit breaker, with
+-- the seconds until an open one's cool-down ends (0: over, the next claim probes)
+-- and the failures its current window has counted (0 once the window passed).
+SELECT b.task, b.state, b.failures,
+       extract(epoch FROM b.failure_window)::float8 AS window_seconds,
+       extract(epoch FROM b.cooldown)::float8 AS cooldown_seconds,
+       CASE WHEN b.state = 'closed' AND b.failed_since > now() - b.failure_window
+            THEN b.failed ELSE 0 END AS failed,
+       b.opened_at,
+       CASE WHEN b.state = 'open'
+            THEN greatest(extract(epoch FROM b.opened_at + b.cooldown - now()), 0)::float8
+       END AS reopen_in,
+       b.probe_job, b.opens
+FROM notifyq.circuit_breakers b
+ORDER BY b.task;
+
+-- name: set_circuit_breaker
+-- notifyq breaker set TASK: the SQL function.
+SELECT notifyq.set_circuit_breaker(%(task)s, %(failures)s, make_interval(secs => %(window)s),
+                                   make_interval(secs => %(cooldown)s));
+
+-- name: reset_circuit_breaker
+-- notifyq breaker reset TASK, App.reset_circuit_breaker: the SQL function; the state it had.
+SELECT notifyq.reset_circuit_breaker(%(task)s);
+
+-- name: remove_circuit_breaker
+-- notifyq breaker remove TASK: the task has no breaker any more.
+DELETE FROM notifyq.circuit_breakers WHERE task = %(task)s RETURNING task;
 
 -- name: set_events
 -- notifyq events on|off QUEUE: the SQL function.
