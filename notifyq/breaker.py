@@ -40,8 +40,7 @@ class CircuitBreaker:
             )
         if not 1 <= self.failures <= MAX_FAILURES:
             raise ConfigurationError(
-                f"circuit_breaker failures must be from 1 to {MAX_FAILURES:,}, "
-                f"not {self.failures}"
+                f"circuit_breaker failures must be from 1 to {MAX_FAILURES:,}, not {self.failures}"
             )
         for name in ("window", "cooldown"):
             value = getattr(self, name)

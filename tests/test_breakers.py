@@ -75,11 +75,13 @@ async def test_an_outage_kills_no_job_and_costs_the_threshold_and_the_probes(dsn
             raise ConnectionError("smtp.example.com: connection refused")
 
     jobs = 30
-    async with dispatchers(
-        app, dsn, dispatcher_count, concurrency=concurrency, poll_interval=0.2
-    ):
+    async with dispatchers(app, dsn, dispatcher_count, concurrency=concurrency, poll_interval=0.2):
         assert breaker(dsn, "mail.send")["failures"] == threshold  # synced at start-up
-        query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 'mail.send' FROM generate_series(1, %s)", jobs)
+        query(
+            dsn,
+            "INSERT INTO notifyq.jobs (task) SELECT 'mail.send' FROM generate_series(1, %s)",
+            jobs,
+        )
         await eventually(lambda: breaker(dsn, "mail.send")["state"] != "closed")
         # Let it probe and fail a few times: each failed probe opens it again.
         await eventually(lambda: breaker(dsn, "mail.send")["opens"] >= 4)
@@ -151,9 +153,7 @@ def test_two_claims_at_once_start_one_probe(dsn: str) -> None:
         row = breaker(dsn, "t")
         assert (row["state"], row["probe_job"]) == ("half_open", first[0][0])
         # The probe fails through the protocol: open again, and its attempt not charged.
-        assert a.execute("SELECT notifyq.fail(%s, 'a', 'down')", first[0]).fetchone() == (
-            "queued",
-        )
+        assert a.execute("SELECT notifyq.fail(%s, 'a', 'down')", first[0]).fetchone() == ("queued",)
         a.commit()
     assert breaker(dsn, "t")["state"] == "open"
     assert query(dsn, "SELECT attempts FROM notifyq.jobs WHERE id = %s", first[0][0]) == [(0,)]
@@ -213,5 +213,6 @@ def test_circuit_breaker_settings_are_checked() -> None:
         with pytest.raises(ConfigurationError, match="circuit_breaker"):
             CircuitBreaker(**bad)
     app = notifyq.App("postgresql://unused")
-    with pytest.raises(ConfigurationError, match="notifyq.CircuitBreaker"):
-        app.task(name="x", circuit_breaker={"failures": 3})(lambda payload: None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"notifyq\.CircuitBreaker"):
+        wrong: Any = {"failures": 3}
+        app.task(name="x", circuit_breaker=wrong)(lambda payload: None)
