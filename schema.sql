@@ -1951,8 +1951,9 @@ BEGIN
             WHERE b.task = ANY(locked)
               AND (b.state = 'half_open'
                    OR (b.state = 'open' AND b.opened_at + b.cooldown <= now()))
+              -- By primary key: COLLATE "C" keeps jobs_lease_idx out (see finish_jobs).
               AND NOT EXISTS (SELECT FROM notifyq.jobs j
-                              WHERE j.id = b.probe_job AND j.status = 'running'
+                              WHERE j.id = b.probe_job AND j.status = 'running' COLLATE "C"
                                 AND j.attempts = b.probe_attempt)
         ), started AS (
             UPDATE notifyq.circuit_breakers b

@@ -285,8 +285,9 @@ SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
                                WHERE b.task = u.name
                                  AND (b.state = 'open' AND b.opened_at + b.cooldown > now()
                                       OR b.state = 'half_open' AND EXISTS (
-                                          SELECT FROM notifyq.jobs p
-                                          WHERE p.id = b.probe_job AND p.status = 'running'
+                                          SELECT FROM notifyq.jobs p  -- by primary key
+                                          WHERE p.id = b.probe_job
+                                            AND p.status = 'running' COLLATE "C"
                                             AND p.attempts = b.probe_attempt)))) AS t
                CROSS JOIN LATERAL (
                    SELECT FROM notifyq.jobs j
