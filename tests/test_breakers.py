@@ -216,3 +216,66 @@ def test_circuit_breaker_settings_are_checked() -> None:
     with pytest.raises(ConfigurationError, match=r"notifyq\.CircuitBreaker"):
         wrong: Any = {"failures": 3}
         app.task(name="x", circuit_breaker=wrong)(lambda payload: None)
+
+
+def test_an_open_breaker_shows_in_health_watch_metrics_and_the_cli(dsn: str) -> None:
+    from click.testing import CliRunner
+    from prometheus_client import generate_latest
+
+    from notifyq import health, watch
+    from notifyq.cli import main
+    from notifyq.metrics import Figures, Metrics
+    from tests.test_watch import snapshot
+
+    runner = CliRunner()
+    done = runner.invoke(
+        main,
+        [
+            "breaker",
+            "set",
+            "pay.charge",
+            "--failures",
+            "4",
+            "--window",
+            "2m",
+            "--cooldown",
+            "90s",
+            "--dsn",
+            dsn,
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "pay.charge: closed; 4 failures in 2m, cool-down 90s" in done.output
+    assert health.check(dsn).status == "ok"
+    open_breaker(dsn, "pay.charge", cooled=False)
+
+    report = health.check(dsn)
+    (found,) = [c for c in report.checks if c.name == "breakers"]
+    assert found.status == "warning" and "pay.charge (open)" in found.message
+
+    snap = snapshot(dsn)
+    assert [(b.task, b.state) for b in snap.breakers] == [("pay.charge", "open")]
+    assert any(
+        "circuit breaker of task pay.charge: open" in str(line)
+        for line in watch.breaker_lines(snap)
+    )
+
+    metrics = Metrics(dsn, lambda: Figures(0, 0, 0, 0, 0, 0, 0, 0, 1.0, None, True))
+    try:
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        metrics.close()
+    assert 'notifyq_circuit_breaker_state{state="open",task="pay.charge"} 1.0' in text
+    assert 'notifyq_circuit_breaker_state{state="closed",task="pay.charge"} 0.0' in text
+    assert 'notifyq_circuit_breaker_opens_total{task="pay.charge"} 1.0' in text
+
+    listed = runner.invoke(main, ["breaker", "list", "--dsn", dsn])
+    assert "pay.charge: OPEN (probes in" in listed.output
+    reset = runner.invoke(main, ["breaker", "reset", "pay.charge", "--dsn", dsn])
+    assert reset.output == "pay.charge: closed (was open)\n"
+    assert breaker(dsn, "pay.charge")["state"] == "closed"
+    missing = runner.invoke(main, ["breaker", "reset", "no.such", "--dsn", dsn])
+    assert missing.exit_code == 1 and "no.such has no circuit breaker" in missing.output
+    removed = runner.invoke(main, ["breaker", "remove", "pay.charge", "--dsn", dsn])
+    assert removed.output == "pay.charge: circuit breaker removed\n"
