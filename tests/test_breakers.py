@@ -8,6 +8,7 @@ statuses) with a deadline, and the outage ends when the test says so.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -139,7 +140,7 @@ async def test_half_open_lets_exactly_one_probe_through_two_dispatchers(dsn: str
 def test_two_claims_at_once_start_one_probe(dsn: str) -> None:
     """The SQL worker protocol: a claim that finds the breaker locked by another claim
     starting its probe skips it, and once that one commits, sees its probe running."""
-    query(dsn, "SELECT notifyq.set_circuit_breaker('t', 1, '1 minute', '1 second')")
+    query(dsn, "SELECT notifyq.set_circuit_breaker('t', 1, '1 minute', '1 hour')")
     query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 't' FROM generate_series(1, 10)")
     open_breaker(dsn, "t", cooled=True)
     with psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
@@ -157,6 +158,12 @@ def test_two_claims_at_once_start_one_probe(dsn: str) -> None:
         a.commit()
     assert breaker(dsn, "t")["state"] == "open"
     assert query(dsn, "SELECT attempts FROM notifyq.jobs WHERE id = %s", first[0][0]) == [(0,)]
+    # Open again: a claim takes nothing, and its timer is the new cool-down's end.
+    (info,) = query(
+        dsn,
+        "SELECT id, next_in FROM notifyq.claim_jobs('c', '{default}', '{t}', 5, '30 s')",
+    )
+    assert info[0] is None and 3000 < info[1] <= 3600, info
 
 
 async def test_reset_by_hand_releases_the_held_jobs(dsn: str) -> None:
@@ -279,3 +286,28 @@ def test_an_open_breaker_shows_in_health_watch_metrics_and_the_cli(dsn: str) -> 
     assert missing.exit_code == 1 and "no.such has no circuit breaker" in missing.output
     removed = runner.invoke(main, ["breaker", "remove", "pay.charge", "--dsn", dsn])
     assert removed.output == "pay.charge: circuit breaker removed\n"
+
+
+async def test_an_http_tasks_breaker_is_its_endpoints(dsn: str) -> None:
+    """An endpoint that refuses connections (a 'failed' outcome, like a 5xx): its task's
+    breaker opens after the failures set in App.http_task, and its jobs wait, queued."""
+    pytest.importorskip("httpx", reason="HTTP tasks need the notifyq[http] extra")
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = notifyq.App(dsn)
+    app.http_task(
+        "crm.sync",
+        url=f"http://127.0.0.1:{port}/hook",
+        max_attempts=5,
+        backoff=notifyq.Backoff(base=0.01, max_delay=0.05),
+        circuit_breaker=CircuitBreaker(failures=2, window=60, cooldown=3600),
+    )
+    async with serving(app, dsn, concurrency=1, poll_interval=0.1):
+        query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 'crm.sync' FROM generate_series(1, 6)")
+        await eventually(lambda: breaker(dsn, "crm.sync")["state"] == "open")
+        await eventually(lambda: statuses(dsn).get("running", 0) == 0)
+    row = breaker(dsn, "crm.sync")
+    assert (row["failures"], row["window_seconds"], row["cooldown_seconds"]) == (2, 60, 3600)
+    assert statuses(dsn) == {"queued": 6}
+    await app.aclose()
