@@ -18,15 +18,17 @@
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,
 -- status, attempts, max_attempts, last_error, created_at, started_at,
 -- finished_at, dedupe_key, result, progress, progress_message, checkpoint,
--- depends_on, on_dependency_failure, rate_key, token, trace_context; the status values; the
--- view notifyq.queue_stats; the tables notifyq.job_history, notifyq.queue_limits,
--- notifyq.rate_limits, notifyq.periodic, notifyq.tasks and notifyq.queue_events;
+-- depends_on, on_dependency_failure, rate_key, token, trace_context, tags; the
+-- status values; the view notifyq.queue_stats; the tables notifyq.job_history,
+-- notifyq.queue_limits, notifyq.queue_pauses, notifyq.rate_limits,
+-- notifyq.periodic, notifyq.tasks and notifyq.queue_events;
 -- the table notifyq.circuit_breakers (its config columns task, failures,
 -- failure_window, cooldown; state, opened_at and opens to read) with
 -- notifyq.set_circuit_breaker and notifyq.reset_circuit_breaker;
 -- the SQL worker protocol (notifyq.claim with its row type notifyq.claimed_job,
 -- heartbeat, complete, fail, progress, hold_session, hand_back, stop_worker);
--- notifyq.job_status and notifyq.set_events; and the notification channels
+-- notifyq.job_status, notifyq.set_events, notifyq.pause_queue and
+-- notifyq.resume_queue; and the notification channels
 -- notifyq_jobs, notifyq_status, notifyq_progress and notifyq_events, with the
 -- payloads described where they are sent (nothing else is sent on them).
 -- notifyq_internal carries the dispatchers' own messages and is not part of
@@ -85,6 +87,9 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- it, from any language, and each attempt's span links to it (docs/tracing.md).
     -- The CHECK keeps it small, as every claim returns it; NULL costs nothing.
     trace_context    jsonb,
+    -- Labels to find jobs by (`tags @> ARRAY['customer:42']`, jobs_tags_idx): set at
+    -- enqueue, never read by the dispatchers.
+    tags             text[],
 
     -- Unbounded patterns and a length test: a bounded repetition ({0,199}) costs
     -- every INSERT and UPDATE of a job tens of microseconds (migration 0013).
@@ -110,7 +115,13 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     CONSTRAINT jobs_trace_context_valid CHECK (
         pg_catalog.jsonb_typeof(trace_context) = 'object'
         AND pg_catalog.pg_column_size(trace_context) <= 4096
-        AND NOT pg_catalog.jsonb_path_exists(trace_context, '$.* ? (@.type() != "string")'))
+        AND NOT pg_catalog.jsonb_path_exists(trace_context, '$.* ? (@.type() != "string")')),
+    -- Built-in functions only, no per-element subquery: a function looping over the
+    -- tags costs every write of a tagged row about 5 µs, this well under one.
+    CONSTRAINT jobs_tags_valid CHECK (
+        cardinality(tags) <= 20 AND array_ndims(tags) = 1
+        AND array_position(tags, NULL) IS NULL AND array_position(tags, '') IS NULL
+        AND char_length(array_to_string(tags, '')) <= 1000)
 );
 
 COMMENT ON TABLE notifyq.jobs IS
@@ -149,6 +160,11 @@ COMMENT ON CONSTRAINT jobs_trace_context_valid ON notifyq.jobs IS
 COMMENT ON COLUMN notifyq.jobs.trace_context IS
     'The enqueuing trace''s propagation fields ({"traceparent": ..., "tracestate": ...}, '
     'as an OpenTelemetry propagator injects them into a map); each attempt''s span links to it.';
+COMMENT ON CONSTRAINT jobs_tags_valid ON notifyq.jobs IS
+    'tags: NULL or a one-dimensional array of at most 20 non-empty tags, none NULL, '
+    '1000 characters in all';
+COMMENT ON COLUMN notifyq.jobs.tags IS
+    'Labels to find jobs by (tags @> ARRAY[...]): notifyq jobs list/retry/cancel/purge/watch --tag.';
 
 -- Claimable rows, in claim order per (queue, task): the claim probes one
 -- (queue, task) pair at a time, so jobs of tasks it cannot run (and of other
@@ -167,6 +183,13 @@ CREATE INDEX IF NOT EXISTS jobs_lease_idx
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe_idx
     ON notifyq.jobs (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status NOT IN ('succeeded', 'dead', 'cancelled');
+-- Tagged rows by tag, for `tags @> ARRAY[...]` (GIN).  Partial: an untagged job
+-- costs it nothing, on insert or on any later update.  A tagged one costs an entry
+-- per tag on every write that is not HOT (a status change is never HOT: status is
+-- in other indexes' predicates), most of it deferred to vacuum by fastupdate's
+-- pending list.
+CREATE INDEX IF NOT EXISTS jobs_tags_idx
+    ON notifyq.jobs USING gin (tags) WHERE tags IS NOT NULL;
 
 -- The trigger functions run as whoever writes the row (a dispatcher, an
 -- operator), so every function and type they name is qualified with
@@ -852,23 +875,6 @@ CREATE OR REPLACE TRIGGER jobs_release_dependents
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION notifyq.release_dependents();
 
--- Per queue: jobs by status, and how long the oldest claimable job has waited;
--- waiting (for dependencies) is the last column, as version 3 appended it.
-CREATE OR REPLACE VIEW notifyq.queue_stats AS
-SELECT queue,
-       count(*) FILTER (WHERE status = 'queued')                     AS queued,
-       count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
-       count(*) FILTER (WHERE status = 'queued' AND run_at > now())  AS scheduled,
-       count(*) FILTER (WHERE status = 'running')                    AS running,
-       count(*) FILTER (WHERE status = 'succeeded')                  AS succeeded,
-       count(*) FILTER (WHERE status = 'dead')                       AS dead,
-       count(*) FILTER (WHERE status = 'cancelled')                  AS cancelled,
-       now() - min(run_at) FILTER (WHERE status = 'queued' AND run_at <= now())
-                                                                      AS oldest_ready_age,
-       count(*) FILTER (WHERE status = 'waiting')                    AS waiting
-FROM notifyq.jobs
-GROUP BY queue;
-
 -- Operations
 --
 -- What `notifyq watch`, the admin commands and the dispatcher registry need.
@@ -1191,9 +1197,11 @@ COMMENT ON FUNCTION notifyq.retry_job(bigint) IS
     'previous status; raises for an unknown id, a running, succeeded or waiting job, or one '
     'whose dependency is dead or cancelled.';
 
--- Re-queue every dead job (of one queue and/or one task when given).
-CREATE OR REPLACE FUNCTION notifyq.retry_dead(queue text DEFAULT NULL, task text DEFAULT NULL)
-RETURNS bigint
+-- Re-queue every dead job (of one queue and/or one task when given, and with
+-- every one of `tags` when given).
+CREATE OR REPLACE FUNCTION notifyq.retry_dead(
+    queue text DEFAULT NULL, task text DEFAULT NULL, tags text[] DEFAULT NULL
+) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1204,14 +1212,15 @@ BEGIN
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL
     WHERE j.status = 'dead'
       AND (retry_dead.queue IS NULL OR j.queue = retry_dead.queue)
-      AND (retry_dead.task IS NULL OR j.task = retry_dead.task);
+      AND (retry_dead.task IS NULL OR j.task = retry_dead.task)
+      AND (retry_dead.tags IS NULL OR j.tags @> retry_dead.tags);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
 $$;
-COMMENT ON FUNCTION notifyq.retry_dead(text, text) IS
-    'Re-queue dead jobs (optionally only of one queue and/or task): queued, attempts 0, run_at '
-    'now(), last_error kept. Returns how many.';
+COMMENT ON FUNCTION notifyq.retry_dead(text, text, text[]) IS
+    'Re-queue dead jobs (optionally only of one queue and/or task, and with all of tags): '
+    'queued, attempts 0, run_at now(), last_error kept. Returns how many.';
 
 -- Cancel one job.  queued or waiting: it never runs.  running: marked cancelled at once;
 -- the status trigger's notification tells the dispatcher running it, which
@@ -1242,6 +1251,45 @@ COMMENT ON FUNCTION notifyq.cancel_job(bigint) IS
     'that depend on it are cancelled too, unless their on_dependency_failure is run. Returns '
     'the previous status; raises for an unknown id or a finished job.';
 
+-- Cancel every unfinished job (queued, waiting or running) that has all of
+-- `tags` (of one queue and/or task when given), as cancel_job cancels one.
+-- Rows are locked in id order, as everywhere a statement locks many rows; the
+-- lock re-reads each row, so one finished meanwhile is left alone.
+CREATE OR REPLACE FUNCTION notifyq.cancel_jobs(
+    tags text[], queue text DEFAULT NULL, task text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF cancel_jobs.tags IS NULL OR cardinality(cancel_jobs.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: cancel_jobs needs at least one tag'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Cancel a single job by id with notifyq.cancel_job.';
+    END IF;
+    WITH doomed AS MATERIALIZED (
+        SELECT j.id FROM notifyq.jobs j
+        WHERE j.tags @> cancel_jobs.tags
+          AND j.status IN ('queued', 'waiting', 'running')
+          AND (cancel_jobs.queue IS NULL OR j.queue = cancel_jobs.queue)
+          AND (cancel_jobs.task IS NULL OR j.task = cancel_jobs.task)
+        ORDER BY j.id
+        FOR UPDATE
+    )
+    UPDATE notifyq.jobs j
+    SET status = 'cancelled', finished_at = now(), claimed_by = NULL, lease_expires_at = NULL
+    FROM doomed d
+    WHERE j.id = d.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION notifyq.cancel_jobs(text[], text, text) IS
+    'Cancel every queued, waiting or running job with all of tags (optionally only of one '
+    'queue and/or task), as cancel_job does one. Returns how many.';
+
 -- Delete at most max_rows jobs that finished more than older_than ago, oldest
 -- first, along jobs_finished_idx, with their history.  Only succeeded, dead
 -- and cancelled rows qualify: queued and running rows (the queue itself) are
@@ -1250,10 +1298,12 @@ COMMENT ON FUNCTION notifyq.cancel_job(bigint) IS
 -- does) to hold each batch's locks only briefly.  Returns how many jobs went.
 -- It runs as the owner, so a role allowed to EXECUTE it (the worker role) can
 -- delete finished jobs this way and no other.
+-- With `tags`, only jobs that have every one of them (NULL: any job).
 CREATE OR REPLACE FUNCTION notifyq.purge_batch(
     older_than interval,
     statuses text[],
-    max_rows integer
+    max_rows integer,
+    tags text[]
 ) RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER  -- notifyq serve's retention runs it as the worker role, which cannot DELETE
@@ -1284,6 +1334,7 @@ BEGIN
         WHERE j.status IN ('succeeded', 'dead', 'cancelled')
           AND j.status = ANY(purge_batch.statuses)
           AND j.finished_at < now() - older_than
+          AND (purge_batch.tags IS NULL OR j.tags @> purge_batch.tags)
         ORDER BY j.finished_at
         LIMIT max_rows
         FOR UPDATE SKIP LOCKED
@@ -1296,17 +1347,38 @@ BEGIN
     RETURN deleted;
 END
 $$;
+COMMENT ON FUNCTION notifyq.purge_batch(interval, text[], integer, text[]) IS
+    'Delete at most max_rows jobs of the given statuses (only succeeded, dead and cancelled are '
+    'allowed) that finished more than older_than ago, and have all of tags unless it is NULL, '
+    'with their history; never touches queued or running jobs. Returns how many were deleted.';
+
+-- The same without tags: the form `notifyq serve`'s retention runs (the worker role
+-- may EXECUTE it).
+CREATE OR REPLACE FUNCTION notifyq.purge_batch(
+    older_than interval,
+    statuses text[],
+    max_rows integer
+) RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER  -- notifyq serve's retention runs it as the worker role, which cannot DELETE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN notifyq.purge_batch(older_than, statuses, max_rows, NULL::text[]);
+END
+$$;
 COMMENT ON FUNCTION notifyq.purge_batch(interval, text[], integer) IS
     'Delete at most max_rows jobs of the given statuses (only succeeded, dead and cancelled are '
     'allowed) that finished more than older_than ago, with their history; never touches queued '
     'or running jobs. Returns how many were deleted.';
 
 -- Delete every job of the given statuses that finished more than older_than
--- ago, 10,000 per batch (purge_batch), all in the caller's transaction.
--- Returns how many jobs were deleted.
+-- ago (with every one of `tags`, when given), 10,000 per batch (purge_batch),
+-- all in the caller's transaction.  Returns how many jobs were deleted.
 CREATE OR REPLACE FUNCTION notifyq.purge(
     older_than interval,
-    statuses text[] DEFAULT '{succeeded,cancelled}'
+    statuses text[] DEFAULT '{succeeded,cancelled}',
+    tags text[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1316,17 +1388,18 @@ DECLARE
     total bigint := 0;
 BEGIN
     LOOP
-        batch := notifyq.purge_batch(older_than, statuses, 10000);
+        batch := notifyq.purge_batch(older_than, statuses, 10000, tags);
         total := total + batch;
         EXIT WHEN batch < 10000;
     END LOOP;
     RETURN total;
 END
 $$;
-COMMENT ON FUNCTION notifyq.purge(interval, text[]) IS
+COMMENT ON FUNCTION notifyq.purge(interval, text[], text[]) IS
     'Delete jobs of the given statuses (default succeeded and cancelled; only succeeded, dead and '
-    'cancelled are allowed) that finished more than older_than ago, with their history, 10,000 '
-    'per batch; never touches queued or running jobs. Returns how many were deleted.';
+    'cancelled are allowed) that finished more than older_than ago, and have all of tags unless '
+    'it is NULL, with their history, 10,000 per batch; never touches queued or running jobs. '
+    'Returns how many were deleted.';
 
 -- History: one row per status transition (and one per insert), written by two
 -- statement triggers in the writer's transaction, so the record and the change
@@ -1434,7 +1507,8 @@ CREATE OR REPLACE TRIGGER queue_limits_changed
     AFTER INSERT OR UPDATE OR DELETE ON notifyq.queue_limits
     FOR EACH ROW EXECUTE FUNCTION notifyq.notify_limit_changed();
 
--- How many jobs of `queue` a claim may take now: `wanted` when the queue has no
+-- How many jobs of `queue` a claim may take now: none while it is paused
+-- (notifyq.queue_pauses, whatever its cap); `wanted` when it has no
 -- cap; else what the cap leaves, counting the jobs running now.  Two claims of
 -- a capped queue must not both count the same free room, so the function takes
 -- a transaction-level advisory lock per queue (held until the claim commits)
@@ -1451,6 +1525,10 @@ DECLARE
     cap integer;
     busy integer;
 BEGIN
+    IF EXISTS (SELECT FROM notifyq.queue_pauses p
+               WHERE p.queue = claim_room.queue AND p.task = '*') THEN
+        RETURN 0;
+    END IF;
     SELECT l.max_running INTO cap FROM notifyq.queue_limits l WHERE l.queue = claim_room.queue;
     IF NOT FOUND THEN
         RETURN wanted;
@@ -1464,7 +1542,122 @@ END
 $$;
 COMMENT ON FUNCTION notifyq.claim_room(text, integer) IS
     'Internal to the claim: how many jobs of the queue may be claimed now under its '
-    'notifyq.queue_limits cap (wanted when it has none); serialises claims of a capped queue.';
+    'notifyq.queue_limits cap (wanted when it has none, 0 while it is paused); serialises '
+    'claims of a capped queue.';
+
+-- Pausing
+
+-- A paused queue (task '*') or task of a queue starts nothing new: every claim,
+-- `notifyq serve`'s and notifyq.claim's alike, reads this table (claim_room for
+-- the queue, claim_jobs for its tasks) and leaves the paused work queued.  Jobs
+-- already running finish as usual.  Separate from the caps, so a pause keeps the
+-- queue's cap: resuming restores it as it was.  A claim that started before the
+-- pause committed may still start jobs; every claim that starts after it sees it.
+-- Pause with notifyq.pause_queue or a plain INSERT (task defaults to '*'); resume
+-- with notifyq.resume_queue or a DELETE.
+CREATE TABLE IF NOT EXISTS notifyq.queue_pauses (
+    queue     text        NOT NULL,
+    task      text        NOT NULL DEFAULT '*',  -- '*': every task of the queue
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, task),
+    CONSTRAINT queue_pauses_queue_format CHECK (
+        queue ~ '^[a-z0-9_][a-z0-9_-]*$' AND char_length(queue) <= 63),
+    CONSTRAINT queue_pauses_task_format CHECK (
+        task = '*' OR (task ~ '^[A-Za-z_][A-Za-z0-9_.:-]*$' AND char_length(task) <= 200))
+);
+COMMENT ON TABLE notifyq.queue_pauses IS
+    'Paused queues (task ''*'') and tasks of a queue: no claim starts their jobs; running '
+    'ones finish. INSERT to pause (or notifyq.pause_queue), DELETE to resume (or '
+    'notifyq.resume_queue).';
+COMMENT ON CONSTRAINT queue_pauses_queue_format ON notifyq.queue_pauses IS
+    'queue: 1-63 characters of a-z, 0-9, _ and -, not starting with -';
+COMMENT ON CONSTRAINT queue_pauses_task_format ON notifyq.queue_pauses IS
+    'task: ''*'' (the whole queue) or a task name, as notifyq.jobs.task';
+
+-- A pause lifted wakes the dispatchers and SQL workers of the queue at once, on
+-- the channels' own terms: "limit:QUEUE" on notifyq_internal (the cap's message:
+-- a dispatcher that found the queue without room, as a paused queue is, ignores
+-- its inserts until told it has room again), and the queue's name on
+-- notifyq_jobs (as an insert would: a dispatcher or SQL worker whose claims left
+-- a paused task's jobs behind is waiting for one).  A pause sends nothing: the
+-- next claim sees it.
+CREATE OR REPLACE FUNCTION notifyq.notify_pause_lifted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('notifyq_internal', 'limit:' OPERATOR(pg_catalog.||) OLD.queue);
+    PERFORM pg_catalog.pg_notify('notifyq_jobs', OLD.queue);
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER queue_pauses_lifted
+    AFTER UPDATE OR DELETE ON notifyq.queue_pauses
+    FOR EACH ROW EXECUTE FUNCTION notifyq.notify_pause_lifted();
+
+-- Pause a queue (task NULL) or one task of it; true if it was not paused
+-- already.  Run as the owner, or grant EXECUTE and INSERT on queue_pauses.
+CREATE OR REPLACE FUNCTION notifyq.pause_queue(queue text, task text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pause_queue.queue IS NULL THEN
+        RAISE EXCEPTION 'notifyq: name the queue to pause'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO notifyq.queue_pauses AS p (queue, task)
+    VALUES (pause_queue.queue, coalesce(pause_queue.task, '*'))
+    ON CONFLICT ON CONSTRAINT queue_pauses_pkey DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION notifyq.pause_queue(text, text) IS
+    'Pause a queue (task NULL) or one task of it: no claim starts its jobs until resumed; '
+    'running ones finish; its cap is kept. Returns false if it was paused already.';
+
+-- Lift the pause of a queue (task NULL: the queue-wide one; a task's pause is
+-- lifted by naming the task); true if it was paused.
+CREATE OR REPLACE FUNCTION notifyq.resume_queue(queue text, task text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF resume_queue.queue IS NULL THEN
+        RAISE EXCEPTION 'notifyq: name the queue to resume'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM notifyq.queue_pauses p
+    WHERE p.queue = resume_queue.queue AND p.task = coalesce(resume_queue.task, '*');
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION notifyq.resume_queue(text, text) IS
+    'Lift the pause of a queue (task NULL) or of one task of it; its dispatchers are woken at '
+    'once. Returns false if it was not paused.';
+
+-- Per queue: jobs by status, and how long the oldest claimable job has waited;
+-- waiting (for dependencies) as version 3 appended it; paused (the whole queue)
+-- and paused_tasks (its tasks paused on their own) as version 17 appended them.
+CREATE OR REPLACE VIEW notifyq.queue_stats AS
+SELECT queue,
+       count(*) FILTER (WHERE status = 'queued')                     AS queued,
+       count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
+       count(*) FILTER (WHERE status = 'queued' AND run_at > now())  AS scheduled,
+       count(*) FILTER (WHERE status = 'running')                    AS running,
+       count(*) FILTER (WHERE status = 'succeeded')                  AS succeeded,
+       count(*) FILTER (WHERE status = 'dead')                       AS dead,
+       count(*) FILTER (WHERE status = 'cancelled')                  AS cancelled,
+       now() - min(run_at) FILTER (WHERE status = 'queued' AND run_at <= now())
+                                                                      AS oldest_ready_age,
+       count(*) FILTER (WHERE status = 'waiting')                    AS waiting,
+       EXISTS (SELECT FROM notifyq.queue_pauses p
+               WHERE p.queue = j.queue AND p.task = '*')             AS paused,
+       ARRAY(SELECT p.task FROM notifyq.queue_pauses p
+             WHERE p.queue = j.queue AND p.task <> '*' ORDER BY p.task) AS paused_tasks
+FROM notifyq.jobs j
+GROUP BY queue;
 
 -- Periodic jobs (cron): one row per schedule; the dispatchers enqueue each of
 -- its instants once, however many of them run (see periodic_fire in queries.sql).
@@ -1623,10 +1816,12 @@ REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.release_dependents() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text, text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.cancel_job(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION notifyq.purge(interval, text[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.cancel_jobs(text[], text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.purge(interval, text[], text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer, text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.record_history() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.set_history(boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.claim_room(text, integer) FROM PUBLIC;
@@ -1635,6 +1830,9 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.liveness_held(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_due(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.notify_pause_lifted() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.pause_queue(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.resume_queue(text, text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Workers in any language
@@ -1893,10 +2091,17 @@ $$;
 -- path); those it defers get their slot as run_at instead of starting.
 -- A job with no max_attempts of its own gets its task's (notifyq.tasks, else 5).
 -- trace_context: the job's, as its producer set it (NULL on the closing row).
+-- Paused work (notifyq.queue_pauses) is never read: a paused queue has no room
+-- (claim_room), so it is among full_queues and its dispatchers ignore its inserts
+-- until the resume's notification; a paused task's pairs are left out of the
+-- probes.  Neither sets the timer (next_in).  One probe of that (small) table per
+-- queue and per (queue, task) pair.
 -- Circuit breakers (notifyq.circuit_breakers): the tasks whose breaker is open
 -- are left out, and a task whose breaker's cool-down is over gives one job, the
--- probe, from the first served queue that has one ready.  Only when a breaker
--- of these tasks is not closed does the claim do more than read that table.
+-- probe, from the first served queue that has one ready and where neither the
+-- queue nor the task is paused.  A held task's cool-down sets the timer only
+-- when some served queue has not paused it.  Only when a breaker of these
+-- tasks is not closed does the claim do more than read that table.
 CREATE OR REPLACE FUNCTION notifyq.claim_jobs(
     worker text, queues text[], tasks text[], max_jobs integer, lease interval
 ) RETURNS TABLE (
@@ -1940,7 +2145,9 @@ BEGIN
             SELECT b.task,
                    (SELECT q.name
                     FROM unnest(sorted) WITH ORDINALITY AS q(name, n)
-                    WHERE EXISTS (SELECT FROM notifyq.jobs j
+                    WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                      WHERE z.queue = q.name AND z.task IN (b.task, '*'))
+                      AND EXISTS (SELECT FROM notifyq.jobs j
                                   WHERE j.status = 'queued' AND j.queue = q.name
                                     AND j.task = b.task AND j.run_at <= now()
                                   ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx
@@ -1971,7 +2178,12 @@ BEGIN
                                        WHERE b.task = t.name AND b.state <> 'closed')),
                (SELECT min(b.opened_at + b.cooldown) FROM notifyq.circuit_breakers b
                 WHERE b.task = ANY(claim_jobs.tasks) AND b.state = 'open'
-                  AND b.opened_at + b.cooldown > now())
+                  AND b.opened_at + b.cooldown > now()
+                  -- Paused work sets no timer: a task paused in every served queue.
+                  AND EXISTS (SELECT FROM unnest(sorted) AS q(name)
+                              WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                                WHERE z.queue = q.name
+                                                  AND z.task IN (b.task, '*'))))
         INTO runs, reopen_at;
         probe_in := ARRAY(SELECT probe_queues[array_position(probing, t.name)]
                           FROM unnest(runs) WITH ORDINALITY AS t(name, n) ORDER BY t.n);
@@ -1989,7 +2201,10 @@ BEGIN
                    row_number() OVER (ORDER BY m.priority DESC, m.run_at, m.id) AS turn
             FROM (
                 SELECT p.queue, p.task, p.priority, p.run_at, p.id
-                FROM unnest(runs, probe_in) AS t(name, probe_queue)
+                FROM (SELECT u.name, u.probe_queue
+                      FROM unnest(runs, probe_in) AS u(name, probe_queue)
+                      WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                        WHERE z.queue = q.name AND z.task = u.name)) AS t
                 CROSS JOIN LATERAL (
                     SELECT j.queue, j.task, j.priority, j.run_at, j.id
                     FROM notifyq.jobs j
@@ -2083,7 +2298,10 @@ BEGIN
                             WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                               AND j.run_at > now()
                             ORDER BY j.run_at
-                            LIMIT 1) AS s)) - clock_timestamp())::float8),
+                            LIMIT 1) AS s
+                        WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                          WHERE z.queue = q.name AND z.task IN (t.name, '*'))))
+                       - clock_timestamp())::float8),
            (SELECT array_agg(r.name) FROM rooms r
             WHERE r.room < claim_jobs.max_jobs
               AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name)),
@@ -2815,5 +3033,5 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_periodic_changed() FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
-    (11), (12), (13), (14), (15), (16), (18)
+    (11), (12), (13), (14), (15), (16), (17), (18)
 ON CONFLICT (version) DO NOTHING;

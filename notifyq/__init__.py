@@ -5,6 +5,7 @@ dispatcher out (`notifyq serve --app module:app`).
 """
 
 from .app import App
+from .batch import BatchItem
 from .breaker import CircuitBreaker
 from .errors import (
     ConfigurationError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "Backoff",
+    "BatchItem",
     "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",

@@ -24,7 +24,7 @@ from . import store
 from .breaker import CircuitBreaker
 from .errors import ConfigurationError
 from .job import JobState
-from .registry import check_task_name
+from .registry import check_queue_name, check_task_name
 
 # Plain strings, not the members: click.Choice offers an Enum's name (SUCCEEDED), not its value.
 FINISHED = (JobState.SUCCEEDED.value, JobState.DEAD.value, JobState.CANCELLED.value)
@@ -54,8 +54,13 @@ def retry_job(dsn: str, job_id: int) -> str:
     return _on(dsn, lambda conn: store.operations.retry_job(conn, job_id))
 
 
-def retry_dead(dsn: str, queue: str | None = None, task: str | None = None) -> int:
-    return _on(dsn, lambda conn: store.operations.retry_dead(conn, queue, task))
+def retry_dead(
+    dsn: str,
+    queue: str | None = None,
+    task: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> int:
+    return _on(dsn, lambda conn: store.operations.retry_dead(conn, queue, task, tags))
 
 
 def cancel_job(dsn: str, job_id: int) -> str:
@@ -63,12 +68,42 @@ def cancel_job(dsn: str, job_id: int) -> str:
     return _on(dsn, lambda conn: store.operations.cancel_job(conn, job_id))
 
 
+def cancel_jobs(
+    dsn: str, tags: Sequence[str], queue: str | None = None, task: str | None = None
+) -> int:
+    """Cancel every queued, waiting or running job with all of `tags`; how many."""
+    return _on(dsn, lambda conn: store.operations.cancel_jobs(conn, tags, queue, task))
+
+
 def purge(
     dsn: str,
     older_than: float,
     statuses: Sequence[str] = (JobState.SUCCEEDED, JobState.CANCELLED),
+    tags: Sequence[str] | None = None,
 ) -> int:
-    return _on(dsn, lambda conn: store.operations.purge(conn, older_than, statuses))
+    return _on(dsn, lambda conn: store.operations.purge(conn, older_than, statuses, tags))
+
+
+def pause_queue(dsn: str, queue: str, task: str | None = None) -> bool:
+    """Pause `queue` (or `task` in it); False if it was paused already.  The names are
+    checked first: a typo would otherwise pause a queue nobody serves."""
+    check_queue_name(queue)
+    if task is not None:
+        check_task_name(task)
+    return _on(dsn, lambda conn: store.operations.pause_queue(conn, queue, task))
+
+
+def resume_queue(dsn: str, queue: str, task: str | None = None) -> bool:
+    """Lift the pause of `queue` (or of `task` in it); False if it was not paused."""
+    check_queue_name(queue)
+    if task is not None:
+        check_task_name(task)
+    return _on(dsn, lambda conn: store.operations.resume_queue(conn, queue, task))
+
+
+def queue_pauses(dsn: str) -> list[dict[str, Any]]:
+    """Every pause (task '*': the whole queue), with its ready jobs."""
+    return [asdict(row) for row in _on(dsn, store.operations.queue_pauses)]
 
 
 def set_history(dsn: str, enabled: bool) -> bool:
@@ -113,11 +148,12 @@ def list_jobs(
     task: str | None = None,
     status: str | None = None,
     limit: int = 20,
+    tags: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     found = _on(
         dsn,
         lambda conn: store.operations.list_jobs(
-            conn, queue=queue, task=task, status=status, limit=limit
+            conn, queue=queue, task=task, status=status, limit=limit, tags=tags
         ),
     )
     return [asdict(row) for row in found]

@@ -14,14 +14,14 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, cast, overload
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store, tracing, typed_payloads
 from .breaker import CircuitBreaker
-from .contrib.sqlalchemy import async_connection, sync_connection
+from .contrib.sqlalchemy import AsyncConn, SyncConn, async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
 from .job import JobId, JobStatus
@@ -30,24 +30,16 @@ from .registry import (
     DEFAULT_QUEUE,
     Registry,
     Task,
+    check_batch_handler,
+    check_batching,
     check_queue_name,
+    check_tags,
     check_task_name,
     describe_handler,
 )
 from .retry import Backoff
 from .settings import Settings
 from .worker import Worker
-
-if TYPE_CHECKING:
-    from sqlalchemy import Connection as SAConnection
-    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-    from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session
-
-# What conn= takes: a psycopg connection, or a SQLAlchemy one whose driver is psycopg
-# (contrib/sqlalchemy.py); the job joins its open transaction.
-SyncConn: TypeAlias = "psycopg.Connection[Any] | Session | SAConnection"
-AsyncConn: TypeAlias = "psycopg.AsyncConnection[Any] | AsyncSession | SAAsyncConnection"
 
 log = logging.getLogger("notifyq")
 
@@ -131,6 +123,9 @@ class App:
         timeout: float | None = ...,
         decode: Callable[[Any], Any] | None = ...,
         circuit_breaker: CircuitBreaker | None = ...,
+        batch_size: int | None = ...,
+        batch_wait: float | None = ...,
+        tags: Iterable[str] | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -145,6 +140,9 @@ class App:
         timeout: float | None = None,
         decode: Callable[[Any], Any] | None = None,
         circuit_breaker: CircuitBreaker | None = None,
+        batch_size: int | None = None,
+        batch_wait: float | None = None,
+        tags: Iterable[str] | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -158,15 +156,27 @@ class App:
         (typed_payloads.py), and enqueue accepts an instance or checks an object.
         `circuit_breaker` (a `CircuitBreaker`) stops starting the task's jobs while its
         failures say the service it calls is down (docs/lifecycle.md).
+
+        With `batch_size`, the handler is a batch handler: it is called with a list of
+        up to that many `BatchItem`s, one per claimed job, and settles each
+        (docs/lifecycle.md, "Batch handlers"); `batch_wait` (seconds) lets the next
+        claim wait that long for a fuller batch after one that was not full.
+        `tags` go on every job this app enqueues for the task, before the
+        enqueue's own (`enqueue(..., tags=...)`); a SQL INSERT sets its own.
         """
+        task_tags = check_tags(tags)
 
         def register(fn: F) -> F:
             if not 1 <= max_attempts <= 1000:
                 raise ConfigurationError("max_attempts must be from 1 to 1000")
             if timeout is not None and timeout <= 0:
                 raise ConfigurationError("timeout must be positive")
+            batch = check_batching(batch_size, batch_wait)
             is_async, wants_context = describe_handler(fn)
-            model = typed_payloads.model_of(fn) if decode is None else None
+            if batch is not None:
+                check_batch_handler(fn)
+                wants_context = False  # each item carries its job's context
+            model = typed_payloads.model_of(fn, batch=batch is not None) if decode is None else None
             task_name = check_task_name(
                 f"{fn.__module__}.{fn.__qualname__}" if name is None else name
             )
@@ -183,6 +193,8 @@ class App:
                     is_async=is_async,
                     wants_context=wants_context,
                     circuit_breaker=_breaker(circuit_breaker),
+                    batch=batch,
+                    tags=task_tags,
                 )
             )
             return fn
@@ -319,7 +331,12 @@ class App:
         job exists only if it commits.  Without, it commits on its own.
 
         Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
-        run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure.
+        run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure,
+        tags.
+
+        With `tags` (up to 20 strings), the job can be found by them (`notifyq jobs
+        list --tag`, `retry --dead --tag`, `cancel --tag`, `purge --tag`, `watch --tag`);
+        the task's own tags (`@app.task(tags=...)`) come first.
 
         With `rate_key`, the job shares the rate limit of that key (notifyq.rate_limits).
 
@@ -564,6 +581,26 @@ class App:
     def reset_circuit_breaker_sync(self, task: str) -> str:
         """`reset_circuit_breaker` for synchronous code."""
         return admin.reset_circuit_breaker(resolve_dsn(self.dsn), task)
+
+    async def pause(self, queue: str, task: str | None = None) -> bool:
+        """Pause `queue`, or only `task`'s jobs in it (`notifyq.pause_queue`): no
+        dispatcher or SQL worker starts them until `resume`; running ones finish, and the
+        queue's cap is kept.  False if it was paused already."""
+        return await anyio.to_thread.run_sync(self.pause_sync, queue, task)
+
+    def pause_sync(self, queue: str, task: str | None = None) -> bool:
+        """`pause` for synchronous code."""
+        return admin.pause_queue(resolve_dsn(self.dsn), queue, task)
+
+    async def resume(self, queue: str, task: str | None = None) -> bool:
+        """Lift the pause of `queue` (or of `task` in it: each pause is lifted by naming
+        it as it was made); its dispatchers are woken at once.  False if it was not
+        paused."""
+        return await anyio.to_thread.run_sync(self.resume_sync, queue, task)
+
+    def resume_sync(self, queue: str, task: str | None = None) -> bool:
+        """`resume` for synchronous code."""
+        return admin.resume_queue(resolve_dsn(self.dsn), queue, task)
 
     # --- schema and serving
 

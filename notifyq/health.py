@@ -19,13 +19,16 @@ Checks, in order; a failed one stops the rest that depend on it:
     breakers         no task's circuit breaker is open or half-open        else WARNING:
                      its jobs stay queued until a probe succeeds (or
                      `notifyq breaker reset TASK`)
+    paused           which queues and tasks are paused (notifyq pause),   never a verdict:
+                     since when and how many ready jobs wait on them       OK either way
 
 Exit status: 0 healthy, 1 a check FAILED, 2 only warnings.  The dead-tuple
 count of notifyq.jobs is reported too (information, never a verdict).
 
 Seeing other roles' transactions needs `pg_read_all_stats` (or superuser):
 without it PostgreSQL hides their `xact_start` and this check cannot see them.
-The SQL is in sql/queries.sql (blocks `health_*`, `unserved_jobs`, `circuit_breakers`).
+The SQL is in sql/queries.sql (blocks `health_*`, `unserved_jobs`, `queue_pauses`,
+`circuit_breakers`).
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def _run(conn: psycopg.Connection[Any], report: Report, max_age: float) -> None:
     report.checks.append(_dispatchers(conn))
     report.checks.append(_unserved(conn))
     report.checks.append(_breakers(conn))
+    report.checks.append(_paused(conn))
     tuples = store.monitoring.jobs_table(conn)
     if tuples is not None:
         live, dead = tuples.n_live_tup, tuples.n_dead_tup
@@ -194,6 +198,35 @@ def _dispatchers(conn: psycopg.Connection[Any]) -> Check:
         "killed, hung or cut off from the database; their jobs are rescued once their "
         "database session is gone, or their leases expire",
         {"lost": lost, "which": which},
+    )
+
+
+def _paused(conn: psycopg.Connection[Any]) -> Check:
+    """Reported, not judged: a pause is an operator's decision (but one easy to forget)."""
+    found = store.monitoring.queue_pauses(conn)
+    if not found:
+        return Check("paused", OK, "no queue or task is paused", {"paused": []})
+    parts = [
+        (f"queue {p.queue!r}" if p.task == "*" else f"task {p.task!r} of queue {p.queue!r}")
+        + f" for {p.paused_for:.0f}s ({p.ready}{'+' if p.more else ''} ready jobs wait)"
+        for p in found
+    ]
+    return Check(
+        "paused",
+        OK,
+        f"paused: {'; '.join(parts)}. Resume with `notifyq resume QUEUE [--task TASK]`",
+        {
+            "paused": [
+                {
+                    "queue": p.queue,
+                    "task": None if p.task == "*" else p.task,
+                    "paused_seconds": round(p.paused_for, 1),
+                    "ready": p.ready,
+                    "more": p.more,
+                }
+                for p in found
+            ]
+        },
     )
 
 

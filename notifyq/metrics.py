@@ -8,10 +8,11 @@ dispatcher's own counters, through `Figures`, a snapshot of the few it needs
 (metrics know nothing else of the dispatcher), and from the database the queue
 depth (jobs_claim_idx only), the ready jobs no live dispatcher would claim (no
 dispatcher serves their queue, or none has a handler for their task: they wait
-for one), the enqueue-to-start wait of the attempts this process started
-since the last scrape (by primary key), and how many inserts sent or skipped
-their wake-up (two sequences the insert trigger advances: the producers pay one
-nextval() a statement for it, no row write; see notifyq.queue_appetite).
+for one), the paused queues and tasks (notifyq_queue_paused), the
+enqueue-to-start wait of the attempts this process started since the last
+scrape (by primary key), and how many inserts sent or skipped their wake-up
+(two sequences the insert trigger advances: the producers pay one nextval() a
+statement for it, no row write; see notifyq.queue_appetite).
 
     /metrics   Prometheus text format
     /healthz   200 while the process serves HTTP at all (liveness)
@@ -130,6 +131,13 @@ class Metrics:
             LABELS,
             registry=r,
         )
+        self._paused = prom.Gauge(
+            "notifyq_queue_paused",
+            "1 for each paused queue (task '*') and each task paused in a queue (notifyq "
+            "pause): none of their jobs start until resumed; read at scrape time.",
+            LABELS,
+            registry=r,
+        )
         self._http_requests = prom.Counter(
             "notifyq_http_requests",
             "Requests to HTTP tasks' endpoints, by status code ('timeout': no response in "
@@ -211,6 +219,7 @@ class Metrics:
                     self._conn = store.connect_sync(self._dsn)
                 depth = store.monitoring.queue_depth(self._conn)
                 unserved = store.monitoring.unserved_jobs(self._conn)
+                pauses = store.monitoring.queue_pauses(self._conn)
                 waits = store.monitoring.start_waits(self._conn, ids)
                 self.wakeups = store.monitoring.wakeups(self._conn)
                 self.breakers = store.monitoring.circuit_breakers(self._conn)
@@ -227,6 +236,9 @@ class Metrics:
         self._unserved.clear()
         for u in unserved:
             self._unserved.labels(u.queue, u.task).set(u.jobs)
+        self._paused.clear()
+        for p in pauses:
+            self._paused.labels(p.queue, p.task).set(1)
         for w in waits:
             self._wait.labels(w.queue, w.task).observe(w.wait)
         self._breakers.clear()

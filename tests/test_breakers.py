@@ -166,6 +166,40 @@ def test_two_claims_at_once_start_one_probe(dsn: str) -> None:
     assert info[0] is None and 3000 < info[1] <= 3600, info
 
 
+def test_a_pause_holds_the_probe_and_sets_no_cool_down_timer(dsn: str) -> None:
+    """Pause and breakers together (schema 17 and 18): a cooled breaker takes its probe
+    from a served queue where neither the queue nor the task is paused, and starts none
+    while every served queue pauses it; a held task paused everywhere does not time the
+    claim by its cool-down."""
+    query(dsn, "SELECT notifyq.set_circuit_breaker('t', 1, '1 minute', '1 hour')")
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (queue, task) SELECT q, 't'"
+        " FROM unnest('{a,b}'::text[]) AS q, generate_series(1, 3)",
+    )
+    open_breaker(dsn, "t", cooled=True)
+    claim = "SELECT id, queue, next_in FROM notifyq.claim_jobs('w', '{a,b}', '{t}', 5, '30 s')"
+    query(dsn, "SELECT notifyq.pause_queue('a')")
+    query(dsn, "SELECT notifyq.pause_queue('b', 't')")
+    *claimed, _info = query(dsn, claim)
+    assert claimed == []
+    assert breaker(dsn, "t")["state"] == "open"  # no probe started: none could run
+
+    query(dsn, "SELECT notifyq.resume_queue('b', 't')")
+    *claimed, _info = query(dsn, claim)
+    assert [row[1] for row in claimed] == ["b"]  # the probe, from the queue not paused
+    row = breaker(dsn, "t")
+    assert (row["state"], row["probe_job"]) == ("half_open", claimed[0][0])
+    query(dsn, "SELECT notifyq.fail(%s, 'w', 'down')", claimed[0][0])
+    assert breaker(dsn, "t")["state"] == "open"  # a new cool-down, an hour long
+
+    (info,) = query(dsn, claim)
+    assert 3000 < info[2] <= 3600, info  # b serves t: the cool-down's end is the timer
+    query(dsn, "SELECT notifyq.pause_queue('b', 't')")
+    (info,) = query(dsn, claim)
+    assert info[2] is None, info  # paused wherever it is served: no timer
+
+
 async def test_reset_by_hand_releases_the_held_jobs(dsn: str) -> None:
     app = notifyq.App(dsn)
 

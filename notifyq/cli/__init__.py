@@ -5,7 +5,7 @@ One module per command group; this one only assembles them under `main`:
     common.py   the DSN and log options, error handling, --app loading, argument checks
     serve.py    serve (its flags build one notifyq.Settings)
     jobs.py     enqueue, jobs list/show, retry, cancel, purge (payload.py: PAYLOAD's shape)
-    queues.py   stats, cap (and its older name limit), events
+    queues.py   stats, cap (and its older name limit), pause, resume, events
     breakers.py breaker list, reset, set, remove
     watch.py    watch
     schema.py   migrate, schema sql, roles, dsn, health, history
@@ -51,6 +51,8 @@ for command in (
     queues.cap,
     queues.limit,
     breakers.breaker,
+    queues.pause,
+    queues.resume,
     jobs.retry,
     jobs.cancel,
     jobs.purge,

@@ -55,15 +55,15 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- SELECT on the token column would show it every job's token, so it has none.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
 GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, depends_on,
-    on_dependency_failure, rate_key, token, trace_context) ON notifyq.jobs TO {producer};
+    on_dependency_failure, rate_key, token, trace_context, tags) ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 GRANT EXECUTE ON FUNCTION notifyq.job_status(bigint, uuid) TO {producer};
 
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
 -- UPDATE on jobs), its row in the dispatcher registry, the periodic schedules
 -- (its app's definitions, and advancing them as it enqueues), the schema version
--- check, the monitoring views; the status history; the concurrency caps and
--- rate limits (read by every claim through notifyq.claim_room and rate_admit);
+-- check, the monitoring views; the status history; the concurrency caps, pauses
+-- and rate limits (read by every claim through notifyq.claim_room and rate_admit);
 -- retention (notifyq.purge_batch, which deletes as the owner, finished jobs
 -- only); and, as a member of the producer role, enqueues from handlers.  No DELETE on jobs (whole purges are
 -- the owner's), no DDL.
@@ -71,7 +71,7 @@ GRANT USAGE ON SCHEMA notifyq TO {worker};
 GRANT SELECT, UPDATE ON notifyq.jobs TO {worker};
 GRANT SELECT ON notifyq.job_history TO {worker};
 GRANT EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) TO {worker};
-GRANT SELECT ON notifyq.queue_limits TO {worker};
+GRANT SELECT ON notifyq.queue_limits, notifyq.queue_pauses TO {worker};
 GRANT EXECUTE ON FUNCTION notifyq.claim_room(text, integer) TO {worker};
 GRANT SELECT ON notifyq.rate_limits TO {worker};
 GRANT SELECT, INSERT, UPDATE ON notifyq.rate_state TO {worker};

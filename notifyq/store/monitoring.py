@@ -20,6 +20,7 @@ from .rows import (
     LostDispatchers,
     OldestTransaction,
     QueueDepth,
+    QueuePause,
     QueueStats,
     RunningJob,
     ServerInfo,
@@ -74,6 +75,11 @@ def circuit_breakers(conn: Conn) -> list[BreakerState]:
     return fetch_all(conn, "circuit_breakers", {}, class_row(BreakerState))
 
 
+def queue_pauses(conn: Conn) -> list[QueuePause]:
+    """Every paused queue and task, with its ready jobs (notifyq health, the metrics)."""
+    return fetch_all(conn, "queue_pauses", {}, class_row(QueuePause))
+
+
 # --- the metrics, at scrape time
 
 
@@ -100,18 +106,35 @@ async def breaker_states(st: Store) -> list[BreakerState]:
     return await st._run("circuit_breakers", {}, class_row(BreakerState))
 
 
-async def queue_stats(st: Store, queues: Sequence[str] | None) -> list[QueueStats]:
-    params = {"queues": None if queues is None else list(queues)}
+# `tags`: only the jobs that have every one of them (watch --tag); None or empty: any job.
+
+
+async def queue_stats(
+    st: Store, queues: Sequence[str] | None, tags: Sequence[str] | None = None
+) -> list[QueueStats]:
+    params = {"queues": None if queues is None else list(queues), "tags": list(tags or ()) or None}
     return await st._run("watch_queues", params, class_row(QueueStats))
 
 
-async def recent_failures(st: Store, queues: Sequence[str] | None, limit: int) -> list[FailedJob]:
-    params = {"queues": None if queues is None else list(queues), "limit": limit}
+async def recent_failures(
+    st: Store, queues: Sequence[str] | None, limit: int, tags: Sequence[str] | None = None
+) -> list[FailedJob]:
+    params = {
+        "queues": None if queues is None else list(queues),
+        "limit": limit,
+        "tags": list(tags or ()) or None,
+    }
     return await st._run("watch_failures", params, class_row(FailedJob))
 
 
-async def longest_running(st: Store, queues: Sequence[str] | None, limit: int) -> list[RunningJob]:
-    params = {"queues": None if queues is None else list(queues), "limit": limit}
+async def longest_running(
+    st: Store, queues: Sequence[str] | None, limit: int, tags: Sequence[str] | None = None
+) -> list[RunningJob]:
+    params = {
+        "queues": None if queues is None else list(queues),
+        "limit": limit,
+        "tags": list(tags or ()) or None,
+    }
     return await st._run("watch_running", params, class_row(RunningJob))
 
 

@@ -38,6 +38,7 @@ class NewJob:
     trace_context: str | None = None
     # The job's token (see JobId): random, from the operating system's CSPRNG.
     token: uuid.UUID = field(default_factory=uuid.uuid4)
+    tags: list[str] | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class NewJob:
             "depends_on": self.depends_on,
             "on_dependency_failure": self.on_dependency_failure,
             "trace_context": self.trace_context,
+            "tags": self.tags,
         }
 
 

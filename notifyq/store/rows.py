@@ -174,6 +174,7 @@ class JobSummary:
     created_at: datetime
     finished_at: datetime | None
     error: str | None  # the first line of last_error
+    tags: list[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +206,7 @@ class JobRecord:
     result: Any
     last_error: str | None
     trace_context: Any
+    tags: list[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,18 @@ class QueueLimit:
     queue: str
     max_running: int
     running: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePause:
+    """queue_pauses: a paused queue (task '*') or task of a queue, and its ready jobs."""
+
+    queue: str
+    task: str  # '*': the whole queue
+    paused_at: datetime
+    paused_for: float  # seconds
+    ready: int  # its jobs ready now, counted up to 10,000
+    more: bool  # more than the 10,000 counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +365,8 @@ class QueueStats:
     p50: float | None  # enqueue-to-start wait, seconds
     p95: float | None
     oldest_ready: float | None  # seconds
+    paused: bool  # the whole queue (notifyq.queue_pauses)
+    paused_tasks: list[str]  # its tasks paused on their own
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,3 +410,35 @@ class DispatcherState:
     up: float  # seconds since it started
     silent: float  # seconds since its last heartbeat
     kind: str  # serve | sql
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """task_record: a job as a framework's result API shows it (contrib/django)."""
+
+    id: int
+    queue: str
+    task: str
+    status: str
+    priority: int
+    attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    claimed_by: str | None
+    payload_json: str
+    result_json: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEntry:
+    """task_attempts: one recorded status change, its error whole."""
+
+    at: datetime
+    from_status: str | None  # None: the job was inserted
+    to_status: str
+    attempt: int
+    dispatcher: str | None  # the claimant, for a claim
+    error: str | None  # last_error, when this change set it

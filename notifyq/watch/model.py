@@ -44,10 +44,16 @@ class Model:
     """Queries one snapshot at a time and remembers what the view compares against."""
 
     def __init__(
-        self, st: store.Store, queues: Sequence[str] | None = None, *, max_age: float = 60.0
+        self,
+        st: store.Store,
+        queues: Sequence[str] | None = None,
+        *,
+        max_age: float = 60.0,
+        tags: Sequence[str] | None = None,
     ) -> None:
         self._store = st
         self._queues = list(queues) if queues else None
+        self._tags = list(tags) if tags else None  # only jobs with every one of them
         self.max_age = max_age
         self._samples: dict[str, deque[tuple[float, float, int]]] = {}  # (t, rate, ready)
         self._dead_at_start: dict[str, int] | None = None
@@ -58,9 +64,11 @@ class Model:
 
     async def snapshot(self) -> Snapshot:
         reads = store.monitoring
-        queue_rows = await reads.queue_stats(self._store, self._queues)
-        failures = await reads.recent_failures(self._store, self._queues, FAILURES_SHOWN)
-        running = await reads.longest_running(self._store, self._queues, RUNNING_SHOWN)
+        queue_rows = await reads.queue_stats(self._store, self._queues, self._tags)
+        failures = await reads.recent_failures(
+            self._store, self._queues, FAILURES_SHOWN, self._tags
+        )
+        running = await reads.longest_running(self._store, self._queues, RUNNING_SHOWN, self._tags)
         dispatchers = await reads.dispatchers(self._store)
         unserved = await reads.unserved(self._store, self._queues)
         breakers = await reads.breaker_states(self._store)
@@ -114,11 +122,15 @@ class Model:
             p50=stats.p50,
             p95=stats.p95,
             oldest_ready=stats.oldest_ready,
+            paused=stats.paused,
+            paused_tasks=list(stats.paused_tasks),
         )
         row.trend = _buckets(samples, now)
         return row
 
     def _judge(self, now: float, q: QueueRow) -> None:
+        if q.paused or q.paused_tasks:
+            q.alerts.append("paused")
         if q.dead > (self._dead_at_start or {}).get(q.queue, 0):
             q.alerts.append("dead")
         if q.oldest_ready is not None and q.oldest_ready > self.max_age:

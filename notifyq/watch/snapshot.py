@@ -25,6 +25,8 @@ class QueueRow:
     oldest_ready: float | None  # seconds the oldest ready job has waited
     trend: list[float | None] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)
+    paused: bool = False  # the whole queue is paused (notifyq pause)
+    paused_tasks: list[str] = field(default_factory=list)  # its tasks paused on their own
 
 
 @dataclass(slots=True)
@@ -101,7 +103,9 @@ class Snapshot:
       table adds "/s"), p50 and p95 (enqueue-to-start wait of the last minute's starts),
       oldest_ready (how long the oldest ready job has waited), trend (the highest rate in
       each 30 s of the last 5 minutes, oldest first, null before watch started), alerts
-      (any of dead, oldest, failed, growing)
+      (any of dead, oldest, failed, growing), paused (the whole queue is paused: nothing
+      of it starts), paused_tasks (its tasks paused on their own); with `--tag`, the
+      counts are of the jobs that have every tag given
     - dispatchers: claimant (its name on screen and in jobs.claimed_by), host, pid, queues,
       concurrency, running (its jobs running now, from the jobs table; the table shows
       running/concurrency), state (running, stopped, lost), up (since it started), silent

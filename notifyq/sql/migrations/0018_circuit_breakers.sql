@@ -2,7 +2,8 @@
 -- claim leaves out the tasks whose breaker is open and lets one probe through
 -- once its cool-down is over; the completion counts failures, opens and closes
 -- breakers, and does not charge failures while a breaker is open.  schema.sql
--- holds the same objects for new databases.
+-- holds the same objects for new databases.  claim_jobs is version 17's (pauses
+-- honoured) with the breakers added.
 
 -- ---------------------------------------------------------------------------
 -- Circuit breakers, per task (docs/lifecycle.md, "Circuit breakers")
@@ -194,10 +195,17 @@ REVOKE EXECUTE ON FUNCTION notifyq.reset_circuit_breaker(text) FROM PUBLIC;
 -- path); those it defers get their slot as run_at instead of starting.
 -- A job with no max_attempts of its own gets its task's (notifyq.tasks, else 5).
 -- trace_context: the job's, as its producer set it (NULL on the closing row).
+-- Paused work (notifyq.queue_pauses) is never read: a paused queue has no room
+-- (claim_room), so it is among full_queues and its dispatchers ignore its inserts
+-- until the resume's notification; a paused task's pairs are left out of the
+-- probes.  Neither sets the timer (next_in).  One probe of that (small) table per
+-- queue and per (queue, task) pair.
 -- Circuit breakers (notifyq.circuit_breakers): the tasks whose breaker is open
 -- are left out, and a task whose breaker's cool-down is over gives one job, the
--- probe, from the first served queue that has one ready.  Only when a breaker
--- of these tasks is not closed does the claim do more than read that table.
+-- probe, from the first served queue that has one ready and where neither the
+-- queue nor the task is paused.  A held task's cool-down sets the timer only
+-- when some served queue has not paused it.  Only when a breaker of these
+-- tasks is not closed does the claim do more than read that table.
 CREATE OR REPLACE FUNCTION notifyq.claim_jobs(
     worker text, queues text[], tasks text[], max_jobs integer, lease interval
 ) RETURNS TABLE (
@@ -241,7 +249,9 @@ BEGIN
             SELECT b.task,
                    (SELECT q.name
                     FROM unnest(sorted) WITH ORDINALITY AS q(name, n)
-                    WHERE EXISTS (SELECT FROM notifyq.jobs j
+                    WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                      WHERE z.queue = q.name AND z.task IN (b.task, '*'))
+                      AND EXISTS (SELECT FROM notifyq.jobs j
                                   WHERE j.status = 'queued' AND j.queue = q.name
                                     AND j.task = b.task AND j.run_at <= now()
                                   ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx
@@ -272,7 +282,12 @@ BEGIN
                                        WHERE b.task = t.name AND b.state <> 'closed')),
                (SELECT min(b.opened_at + b.cooldown) FROM notifyq.circuit_breakers b
                 WHERE b.task = ANY(claim_jobs.tasks) AND b.state = 'open'
-                  AND b.opened_at + b.cooldown > now())
+                  AND b.opened_at + b.cooldown > now()
+                  -- Paused work sets no timer: a task paused in every served queue.
+                  AND EXISTS (SELECT FROM unnest(sorted) AS q(name)
+                              WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                                WHERE z.queue = q.name
+                                                  AND z.task IN (b.task, '*'))))
         INTO runs, reopen_at;
         probe_in := ARRAY(SELECT probe_queues[array_position(probing, t.name)]
                           FROM unnest(runs) WITH ORDINALITY AS t(name, n) ORDER BY t.n);
@@ -290,7 +305,10 @@ BEGIN
                    row_number() OVER (ORDER BY m.priority DESC, m.run_at, m.id) AS turn
             FROM (
                 SELECT p.queue, p.task, p.priority, p.run_at, p.id
-                FROM unnest(runs, probe_in) AS t(name, probe_queue)
+                FROM (SELECT u.name, u.probe_queue
+                      FROM unnest(runs, probe_in) AS u(name, probe_queue)
+                      WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                        WHERE z.queue = q.name AND z.task = u.name)) AS t
                 CROSS JOIN LATERAL (
                     SELECT j.queue, j.task, j.priority, j.run_at, j.id
                     FROM notifyq.jobs j
@@ -384,7 +402,10 @@ BEGIN
                             WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                               AND j.run_at > now()
                             ORDER BY j.run_at
-                            LIMIT 1) AS s)) - clock_timestamp())::float8),
+                            LIMIT 1) AS s
+                        WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                          WHERE z.queue = q.name AND z.task IN (t.name, '*'))))
+                       - clock_timestamp())::float8),
            (SELECT array_agg(r.name) FROM rooms r
             WHERE r.room < claim_jobs.max_jobs
               AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name)),
