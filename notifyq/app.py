@@ -20,6 +20,7 @@ import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store, tracing, typed_payloads
+from .breaker import CircuitBreaker
 from .contrib.sqlalchemy import AsyncConn, SyncConn, async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
@@ -64,6 +65,15 @@ def _token(job_id: int, token: uuid.UUID | None) -> uuid.UUID | None:
             token = uuid.UUID(str(token))  # a token kept as text; ValueError if it is none
         return token
     return job_id.token if isinstance(job_id, JobId) else None
+
+
+def _breaker(given: CircuitBreaker | None) -> CircuitBreaker | None:
+    if given is not None and not isinstance(given, CircuitBreaker):
+        raise ConfigurationError(
+            f"circuit_breaker must be a notifyq.CircuitBreaker(failures=..., window=..., "
+            f"cooldown=...), not {given!r}"
+        )
+    return given
 
 
 class App:
@@ -112,6 +122,7 @@ class App:
         backoff: Backoff | None = ...,
         timeout: float | None = ...,
         decode: Callable[[Any], Any] | None = ...,
+        circuit_breaker: CircuitBreaker | None = ...,
         batch_size: int | None = ...,
         batch_wait: float | None = ...,
         tags: Iterable[str] | None = ...,
@@ -128,6 +139,7 @@ class App:
         backoff: Backoff | None = None,
         timeout: float | None = None,
         decode: Callable[[Any], Any] | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
         batch_size: int | None = None,
         batch_wait: float | None = None,
         tags: Iterable[str] | None = None,
@@ -142,6 +154,8 @@ class App:
         Without it, a handler whose payload parameter is annotated with a
         dataclass or a pydantic model receives an instance, validated
         (typed_payloads.py), and enqueue accepts an instance or checks an object.
+        `circuit_breaker` (a `CircuitBreaker`) stops starting the task's jobs while its
+        failures say the service it calls is down (docs/lifecycle.md).
 
         With `batch_size`, the handler is a batch handler: it is called with a list of
         up to that many `BatchItem`s, one per claimed job, and settles each
@@ -179,6 +193,7 @@ class App:
                     model=model,
                     is_async=is_async,
                     wants_context=wants_context,
+                    circuit_breaker=_breaker(circuit_breaker),
                     batch=batch,
                     tags=task_tags,
                 )
@@ -200,6 +215,7 @@ class App:
         max_concurrency: int | None = None,
         headers: dict[str, str] | None = None,
         secret: str | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> None:
         """Register a task whose handler is a web endpoint: `notifyq serve` POSTs each job
         to `url` (docs/http.md: the body, the headers, what each response means).
@@ -207,8 +223,9 @@ class App:
         `timeout` bounds each request (seconds); `max_concurrency` caps the requests one
         dispatcher sends at once; `headers` are extra, non-secret headers; `secret` is the
         NAME of the signing secret, read by the dispatcher from NOTIFYQ_SECRET_<NAME>
-        (or `serve --secrets-file`).  Retries, backoff and dead letters are the task's,
-        as for `@app.task`.  Needs httpx: pip install 'notifyq[http]'.
+        (or `serve --secrets-file`).  Retries, backoff, dead letters and the
+        `circuit_breaker` (one per endpoint) are the task's, as for `@app.task`.  Needs
+        httpx: pip install 'notifyq[http]'.
         """
         from .http.endpoints import endpoint
         from .http.serving import HTTPX_MISSING, httpx_installed
@@ -236,6 +253,7 @@ class App:
                 backoff=backoff or Backoff(),
                 is_async=True,
                 wants_context=True,
+                circuit_breaker=_breaker(circuit_breaker),
             )
         )
 
@@ -554,6 +572,16 @@ class App:
     def cancel_sync(self, job_id: int) -> str:
         """`cancel` for synchronous code."""
         return admin.cancel_job(resolve_dsn(self.dsn), job_id)
+
+    async def reset_circuit_breaker(self, task: str) -> str:
+        """Close `task`'s circuit breaker now (`notifyq.reset_circuit_breaker`): its held
+        jobs start at once and the failures counted so far are forgotten.  Returns the
+        state it had; raises OperationRefused for a task without a breaker."""
+        return await anyio.to_thread.run_sync(self.reset_circuit_breaker_sync, task)
+
+    def reset_circuit_breaker_sync(self, task: str) -> str:
+        """`reset_circuit_breaker` for synchronous code."""
+        return admin.reset_circuit_breaker(resolve_dsn(self.dsn), task)
 
     async def pause(self, queue: str, task: str | None = None) -> bool:
         """Pause `queue`, or only `task`'s jobs in it (`notifyq.pause_queue`): no

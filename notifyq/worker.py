@@ -128,6 +128,7 @@ class Worker:
                     t.backoff.factor,
                     t.backoff.max_delay,
                     t.timeout,
+                    t.circuit_breaker,
                 )
                 for t in registry
             ],
@@ -384,6 +385,7 @@ class Worker:
             on_status=self.leases.poke,
             on_endpoints=self.http.changed,
             on_periodic=self.scheduler.changed,
+            on_breaker=self.dispatcher.wake,
             liveness=self.claimant,
             upkeep=listener.Upkeeping(
                 every=self.upkeep_every,

@@ -13,6 +13,7 @@ PUBLIC = {
     "App",
     "Backoff",
     "BatchItem",
+    "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DoNotRetry",

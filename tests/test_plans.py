@@ -235,6 +235,85 @@ def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
     assert rows_read(nodes) <= (pairs + 2) * params["limit"] + pairs, rows_read(nodes)
 
 
+@pytest.mark.parametrize("state", ["open", "cooled"], ids=["open", "probing"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_a_claim_past_a_circuit_breaker_reads_no_backlog(
+    queued_dsn: str, state: str, generic: bool
+) -> None:
+    """The breaker of task 't' open (its 500,000 ready jobs held back): the claim takes
+    t2's jobs and reads none of t's; its cool-down over (`cooled`): it also starts one
+    probe of t, found along jobs_claim_idx.  Still index probes only, the rows read near
+    the rows claimed."""
+    query(
+        queued_dsn,
+        "INSERT INTO notifyq.circuit_breakers (task, state, opened_at, cooldown)"
+        " VALUES ('t', 'open', now() - CASE WHEN %s THEN interval '1 hour' ELSE '0' END,"
+        " '1 minute')",
+        state == "cooled",
+    )
+    try:
+        plans = nested_plans(queued_dsn, "claim", CLAIM, generic=generic, analyze=True)
+    finally:
+        query(queued_dsn, "DELETE FROM notifyq.circuit_breakers")
+    nodes = [node for plan in plans for node in plan]
+    jobs_scans = {
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes
+        if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]
+    }
+    assert {kind for kind, _ in jobs_scans} <= {"Index Scan", "Index Only Scan"}, jobs_scans
+    assert {index for _, index in jobs_scans} <= CLAIM_INDEXES, jobs_scans
+    updates = [n for n in nodes if n.get("Operation") == "Update" and n["Actual Rows"]]
+    claimed = next(n for n in updates if n.get("Relation Name") == "jobs")
+    assert claimed["Actual Rows"] == CLAIM["limit"]
+    probes = [n for n in updates if n.get("Relation Name") == "circuit_breakers"]
+    # Probing: the breaker turned half-open (the write that then records its probe's id
+    # returns no rows to count here).
+    assert len(probes) == (1 if state == "cooled" else 0), probes
+    pairs = len(CLAIM["queues"]) * len(CLAIM["task_names"])
+    assert rows_read(nodes) <= (pairs + 2) * CLAIM["limit"] + 2 * pairs, rows_read(nodes)
+
+
+@pytest.mark.parametrize("state", ["closed", "open"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_failures_reach_their_breaker_by_key(big_dsn: str, state: str, generic: bool) -> None:
+    """The completion with failures of a task that has a breaker: counted (closed), or
+    given back (open).  Jobs by primary key as ever; the breaker by its task."""
+    query(
+        big_dsn,
+        "UPDATE notifyq.jobs SET status = 'running', attempts = 1, started_at = now(),"
+        " claimed_by = 'c', lease_expires_at = now() + interval '1 minute'"
+        " WHERE id <= 50",
+    )
+    query(
+        big_dsn,
+        "INSERT INTO notifyq.circuit_breakers (task, failures, state, opened_at)"
+        " VALUES ('t', 1000, %s, CASE WHEN %s = 'open' THEN now() END)",
+        state,
+        state,
+    )
+    params = {
+        "ids": list(range(1, 51)),
+        "attempts": [1] * 50,
+        "outcomes": ["failed"] * 50,
+        "errors": ["e"] * 50,
+        "results": [None] * 50,
+        "progresses": [None] * 50,
+        "progress_messages": [None] * 50,
+        "retry_in": [None] * 50,
+        "claimant": "c",
+    }
+    plans = nested_plans(big_dsn, "complete", params, generic=generic, analyze=True)
+    nodes = [node for plan in plans for node in plan if node.get("Relation Name")]
+    found = scans(nodes)
+    assert ("Index Scan", "jobs_pkey") in found, found
+    # queue_events and circuit_breakers hold a row per queue or task: a scan is their
+    # cheapest read.  Never one of notifyq.jobs.
+    jobs_seq = [n for n in nodes if n["Node Type"] == "Seq Scan" and n["Relation Name"] == "jobs"]
+    assert not jobs_seq, found
+    assert not any(idx == "jobs_lease_idx" for _, idx in found), found
+
+
 # Writes by id go through the primary key, one probe per id.  Never the partial index
 # of running jobs: when the statistics believe it small, the planner scans all of it once
 # per id (a drain at concurrency 200 spent seconds per completion that way).

@@ -138,6 +138,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "task_record": rows.TaskRecord,
     "task_attempts": rows.AttemptEntry,
     "queue_limits": rows.QueueLimit,
+    "circuit_breakers": rows.BreakerState,
     "queue_pauses": rows.QueuePause,
     "queue_events": rows.QueueEvents,
     "health_server": rows.ServerInfo,

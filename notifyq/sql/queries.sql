@@ -212,6 +212,22 @@ WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeou
                         excluded.backoff_max, excluded.timeout)
 RETURNING t.task;
 
+-- name: sync_breakers
+-- At start-up: our @app.task(circuit_breaker=...) settings into notifyq.circuit_breakers
+-- (notifyq.set_circuit_breaker's upsert, which the worker role may not call); a breaker's
+-- state is kept, and a row already equal is left alone (no write).
+INSERT INTO notifyq.circuit_breakers AS b (task, failures, failure_window, cooldown)
+SELECT s.task, s.failures, make_interval(secs => s.span), make_interval(secs => s.cooldown)
+FROM unnest(%(tasks)s::text[], %(failures)s::int[], %(windows)s::float8[],
+            %(cooldowns)s::float8[]) AS s(task, failures, span, cooldown)
+ORDER BY s.task
+ON CONFLICT (task) DO UPDATE
+SET failures = excluded.failures, failure_window = excluded.failure_window,
+    cooldown = excluded.cooldown, changed_at = now()
+WHERE (b.failures, b.failure_window, b.cooldown)
+      IS DISTINCT FROM (excluded.failures, excluded.failure_window, excluded.cooldown)
+RETURNING b.task;
+
 -- name: endpoints
 -- The HTTP endpoints (notifyq.endpoints) a dispatcher serves: read before its first
 -- claim and again when a change is announced on notifyq_internal.
@@ -271,9 +287,20 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, %(local)s);
 -- work_left; jobs kept by a cap or a rate limit count as ready (the claim says),
 -- paused ones do not (no claim would start them: a poll finding them would only
 -- make an empty claim, every time).  The pause is a condition on the pair only, so
--- it is tested once per pair before its probe reads a row.
+-- it is tested once per pair before its probe reads a row.  Nor do those a circuit
+-- breaker holds (open in its cool-down, or half-open with its probe running), for
+-- the same reason.
 SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
-               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN (SELECT u.name FROM unnest(%(tasks)s::text[]) AS u(name)
+                           WHERE NOT EXISTS (
+                               SELECT FROM notifyq.circuit_breakers b
+                               WHERE b.task = u.name
+                                 AND (b.state = 'open' AND b.opened_at + b.cooldown > now()
+                                      OR b.state = 'half_open' AND EXISTS (
+                                          SELECT FROM notifyq.jobs p  -- by primary key
+                                          WHERE p.id = b.probe_job
+                                            AND p.status = 'running' COLLATE "C"
+                                            AND p.attempts = b.probe_attempt)))) AS t
                CROSS JOIN LATERAL (
                    SELECT FROM notifyq.jobs j
                    WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
@@ -706,6 +733,36 @@ RETURNING queue;
 -- name: clear_queue_limit
 -- notifyq limit QUEUE none: lift a queue's cap.
 DELETE FROM notifyq.queue_limits WHERE queue = %(queue)s RETURNING queue;
+
+-- name: circuit_breakers
+-- notifyq breaker list, watch, health and the metrics: every circuit breaker, with
+-- the seconds until an open one's cool-down ends (0: over, the next claim probes)
+-- and the failures its current window has counted (0 once the window passed).
+SELECT b.task, b.state, b.failures,
+       extract(epoch FROM b.failure_window)::float8 AS window_seconds,
+       extract(epoch FROM b.cooldown)::float8 AS cooldown_seconds,
+       CASE WHEN b.state = 'closed' AND b.failed_since > now() - b.failure_window
+            THEN b.failed ELSE 0 END AS failed,
+       b.opened_at,
+       CASE WHEN b.state = 'open'
+            THEN greatest(extract(epoch FROM b.opened_at + b.cooldown - now()), 0)::float8
+       END AS reopen_in,
+       b.probe_job, b.opens
+FROM notifyq.circuit_breakers b
+ORDER BY b.task;
+
+-- name: set_circuit_breaker
+-- notifyq breaker set TASK: the SQL function.
+SELECT notifyq.set_circuit_breaker(%(task)s, %(failures)s, make_interval(secs => %(window)s),
+                                   make_interval(secs => %(cooldown)s));
+
+-- name: reset_circuit_breaker
+-- notifyq breaker reset TASK, App.reset_circuit_breaker: the SQL function; the state it had.
+SELECT notifyq.reset_circuit_breaker(%(task)s);
+
+-- name: remove_circuit_breaker
+-- notifyq breaker remove TASK: the task has no breaker any more.
+DELETE FROM notifyq.circuit_breakers WHERE task = %(task)s RETURNING task;
 
 -- name: pause_queue
 -- notifyq pause QUEUE [--task TASK]: the SQL function; false if it was paused already.

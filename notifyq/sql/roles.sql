@@ -89,6 +89,9 @@ GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_
 -- The SQL worker protocol (notifyq.claim, heartbeat, complete, fail, ...), which
 -- `notifyq serve` runs too, and the per-task settings it reads and its app keeps.
 GRANT SELECT, INSERT, UPDATE ON notifyq.tasks TO {worker};
+-- Circuit breakers: every claim reads them and may start a probe, every completion
+-- counts failures; a dispatcher writes its app's @app.task(circuit_breaker=...).
+GRANT SELECT, INSERT, UPDATE ON notifyq.circuit_breakers TO {worker};
 GRANT EXECUTE ON FUNCTION
     notifyq.backoff_delay(integer, float8, float8, float8),
     notifyq.claim_jobs(text, text[], text[], integer, interval),
