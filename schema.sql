@@ -18,15 +18,19 @@
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,
 -- status, attempts, max_attempts, last_error, created_at, started_at,
 -- finished_at, dedupe_key, result, progress, progress_message, checkpoint,
--- depends_on, on_dependency_failure, rate_key, token, trace_context, unique_for,
--- on_duplicate; the status values; the
--- view notifyq.queue_stats; the tables notifyq.job_history, notifyq.queue_limits,
--- notifyq.rate_limits, notifyq.periodic, notifyq.tasks and notifyq.queue_events;
+-- depends_on, on_dependency_failure, rate_key, token, trace_context, tags,
+-- unique_for, on_duplicate; the status values; the view notifyq.queue_stats; the tables notifyq.job_history,
+-- notifyq.queue_limits, notifyq.queue_pauses, notifyq.rate_limits,
+-- notifyq.periodic, notifyq.tasks and notifyq.queue_events;
+-- the table notifyq.circuit_breakers (its config columns task, failures,
+-- failure_window, cooldown; state, opened_at and opens to read) with
+-- notifyq.set_circuit_breaker and notifyq.reset_circuit_breaker;
 -- the SQL worker protocol (notifyq.claim with its row type notifyq.claimed_job,
 -- heartbeat, complete, fail, progress, hold_session, hand_back, stop_worker);
--- notifyq.job_status, notifyq.dependency_results and notifyq.set_events; and the
--- notification channels notifyq_jobs, notifyq_status, notifyq_progress and
--- notifyq_events, with the payloads described where they are sent (nothing else is sent on them).
+-- notifyq.job_status, notifyq.dependency_results, notifyq.set_events, notifyq.pause_queue and
+-- notifyq.resume_queue; and the notification channels
+-- notifyq_jobs, notifyq_status, notifyq_progress and notifyq_events, with the
+-- payloads described where they are sent (nothing else is sent on them).
 -- notifyq_internal carries the dispatchers' own messages and is not part of
 -- it.  Columns whose names start with lease_, claimed_ or rate_reserved are
 -- the dispatchers' bookkeeping.
@@ -83,6 +87,9 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- it, from any language, and each attempt's span links to it (docs/tracing.md).
     -- The CHECK keeps it small, as every claim returns it; NULL costs nothing.
     trace_context    jsonb,
+    -- Labels to find jobs by (`tags @> ARRAY['customer:42']`, jobs_tags_idx): set at
+    -- enqueue, never read by the dispatchers.
+    tags             text[],
     -- With dedupe_key, what another INSERT with the key meets (see "Keys beyond
     -- unfinished jobs" below): unique_for, the key is held that long after this
     -- job was enqueued, even once it finished; on_duplicate 'replace', an INSERT
@@ -116,6 +123,12 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
         pg_catalog.jsonb_typeof(trace_context) = 'object'
         AND pg_catalog.pg_column_size(trace_context) <= 4096
         AND NOT pg_catalog.jsonb_path_exists(trace_context, '$.* ? (@.type() != "string")')),
+    -- Built-in functions only, no per-element subquery: a function looping over the
+    -- tags costs every write of a tagged row about 5 µs, this well under one.
+    CONSTRAINT jobs_tags_valid CHECK (
+        cardinality(tags) <= 20 AND array_ndims(tags) = 1
+        AND array_position(tags, NULL) IS NULL AND array_position(tags, '') IS NULL
+        AND char_length(array_to_string(tags, '')) <= 1000),
     CONSTRAINT jobs_unique_for_valid CHECK (
         unique_for IS NULL
         OR (unique_for > interval '0' AND unique_for <= interval '10 years'
@@ -162,6 +175,11 @@ COMMENT ON CONSTRAINT jobs_trace_context_valid ON notifyq.jobs IS
 COMMENT ON COLUMN notifyq.jobs.trace_context IS
     'The enqueuing trace''s propagation fields ({"traceparent": ..., "tracestate": ...}, '
     'as an OpenTelemetry propagator injects them into a map); each attempt''s span links to it.';
+COMMENT ON CONSTRAINT jobs_tags_valid ON notifyq.jobs IS
+    'tags: NULL or a one-dimensional array of at most 20 non-empty tags, none NULL, '
+    '1000 characters in all';
+COMMENT ON COLUMN notifyq.jobs.tags IS
+    'Labels to find jobs by (tags @> ARRAY[...]): notifyq jobs list/retry/cancel/purge/watch --tag.';
 COMMENT ON CONSTRAINT jobs_unique_for_valid ON notifyq.jobs IS
     'unique_for: NULL, or more than 0 and at most 10 years, with a dedupe_key';
 COMMENT ON CONSTRAINT jobs_on_duplicate_valid ON notifyq.jobs IS
@@ -191,6 +209,13 @@ CREATE INDEX IF NOT EXISTS jobs_lease_idx
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedupe_idx
     ON notifyq.jobs (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status NOT IN ('succeeded', 'dead', 'cancelled');
+-- Tagged rows by tag, for `tags @> ARRAY[...]` (GIN).  Partial: an untagged job
+-- costs it nothing, on insert or on any later update.  A tagged one costs an entry
+-- per tag on every write that is not HOT (a status change is never HOT: status is
+-- in other indexes' predicates), most of it deferred to vacuum by fastupdate's
+-- pending list.
+CREATE INDEX IF NOT EXISTS jobs_tags_idx
+    ON notifyq.jobs USING gin (tags) WHERE tags IS NOT NULL;
 
 -- The trigger functions run as whoever writes the row (a dispatcher, an
 -- operator), so every function and type they name is qualified with
@@ -1111,23 +1136,6 @@ COMMENT ON FUNCTION notifyq.dependency_results(bigint) IS
     'needs SELECT on notifyq.jobs).';
 REVOKE EXECUTE ON FUNCTION notifyq.dependency_results(bigint) FROM PUBLIC;
 
--- Per queue: jobs by status, and how long the oldest claimable job has waited;
--- waiting (for dependencies) is the last column, as version 3 appended it.
-CREATE OR REPLACE VIEW notifyq.queue_stats AS
-SELECT queue,
-       count(*) FILTER (WHERE status = 'queued')                     AS queued,
-       count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
-       count(*) FILTER (WHERE status = 'queued' AND run_at > now())  AS scheduled,
-       count(*) FILTER (WHERE status = 'running')                    AS running,
-       count(*) FILTER (WHERE status = 'succeeded')                  AS succeeded,
-       count(*) FILTER (WHERE status = 'dead')                       AS dead,
-       count(*) FILTER (WHERE status = 'cancelled')                  AS cancelled,
-       now() - min(run_at) FILTER (WHERE status = 'queued' AND run_at <= now())
-                                                                      AS oldest_ready_age,
-       count(*) FILTER (WHERE status = 'waiting')                    AS waiting
-FROM notifyq.jobs
-GROUP BY queue;
-
 -- Operations
 --
 -- What `notifyq watch`, the admin commands and the dispatcher registry need.
@@ -1450,27 +1458,36 @@ COMMENT ON FUNCTION notifyq.retry_job(bigint) IS
     'previous status; raises for an unknown id, a running, succeeded or waiting job, or one '
     'whose dependency is dead or cancelled.';
 
--- Re-queue every dead job (of one queue and/or one task when given).
-CREATE OR REPLACE FUNCTION notifyq.retry_dead(queue text DEFAULT NULL, task text DEFAULT NULL)
-RETURNS bigint
+-- Re-queue every dead job (of one queue and/or one task when given, and with
+-- every one of `tags` when given).
+CREATE OR REPLACE FUNCTION notifyq.retry_dead(
+    queue text DEFAULT NULL, task text DEFAULT NULL, tags text[] DEFAULT NULL
+) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- '{}' is no filter and not "any job" either: `tags @> '{}'` holds for every
+    -- tagged job and no untagged one.
+    IF cardinality(retry_dead.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: retry_dead needs at least one tag, or NULL for any job'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     UPDATE notifyq.jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL
     WHERE j.status = 'dead'
       AND (retry_dead.queue IS NULL OR j.queue = retry_dead.queue)
-      AND (retry_dead.task IS NULL OR j.task = retry_dead.task);
+      AND (retry_dead.task IS NULL OR j.task = retry_dead.task)
+      AND (retry_dead.tags IS NULL OR j.tags @> retry_dead.tags);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
 $$;
-COMMENT ON FUNCTION notifyq.retry_dead(text, text) IS
-    'Re-queue dead jobs (optionally only of one queue and/or task): queued, attempts 0, run_at '
-    'now(), last_error kept. Returns how many.';
+COMMENT ON FUNCTION notifyq.retry_dead(text, text, text[]) IS
+    'Re-queue dead jobs (optionally only of one queue and/or task, and with all of tags): '
+    'queued, attempts 0, run_at now(), last_error kept. Returns how many.';
 
 -- Cancel one job.  queued or waiting: it never runs.  running: marked cancelled at once;
 -- the status trigger's notification tells the dispatcher running it, which
@@ -1501,6 +1518,45 @@ COMMENT ON FUNCTION notifyq.cancel_job(bigint) IS
     'that depend on it are cancelled too, unless their on_dependency_failure is run. Returns '
     'the previous status; raises for an unknown id or a finished job.';
 
+-- Cancel every unfinished job (queued, waiting or running) that has all of
+-- `tags` (of one queue and/or task when given), as cancel_job cancels one.
+-- Rows are locked in id order, as everywhere a statement locks many rows; the
+-- lock re-reads each row, so one finished meanwhile is left alone.
+CREATE OR REPLACE FUNCTION notifyq.cancel_jobs(
+    tags text[], queue text DEFAULT NULL, task text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF cancel_jobs.tags IS NULL OR cardinality(cancel_jobs.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: cancel_jobs needs at least one tag'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Cancel a single job by id with notifyq.cancel_job.';
+    END IF;
+    WITH doomed AS MATERIALIZED (
+        SELECT j.id FROM notifyq.jobs j
+        WHERE j.tags @> cancel_jobs.tags
+          AND j.status IN ('queued', 'waiting', 'running')
+          AND (cancel_jobs.queue IS NULL OR j.queue = cancel_jobs.queue)
+          AND (cancel_jobs.task IS NULL OR j.task = cancel_jobs.task)
+        ORDER BY j.id
+        FOR UPDATE
+    )
+    UPDATE notifyq.jobs j
+    SET status = 'cancelled', finished_at = now(), claimed_by = NULL, lease_expires_at = NULL
+    FROM doomed d
+    WHERE j.id = d.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION notifyq.cancel_jobs(text[], text, text) IS
+    'Cancel every queued, waiting or running job with all of tags (optionally only of one '
+    'queue and/or task), as cancel_job does one. Returns how many.';
+
 -- Delete at most max_rows jobs that finished more than older_than ago, oldest
 -- first, along jobs_finished_idx, with their history.  Only succeeded, dead
 -- and cancelled rows qualify: queued and running rows (the queue itself) are
@@ -1509,10 +1565,12 @@ COMMENT ON FUNCTION notifyq.cancel_job(bigint) IS
 -- does) to hold each batch's locks only briefly.  Returns how many jobs went.
 -- It runs as the owner, so a role allowed to EXECUTE it (the worker role) can
 -- delete finished jobs this way and no other.
+-- With `tags`, only jobs that have every one of them (NULL: any job).
 CREATE OR REPLACE FUNCTION notifyq.purge_batch(
     older_than interval,
     statuses text[],
-    max_rows integer
+    max_rows integer,
+    tags text[]
 ) RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER  -- notifyq serve's retention runs it as the worker role, which cannot DELETE
@@ -1535,6 +1593,11 @@ BEGIN
         RAISE EXCEPTION 'notifyq: purge needs a batch size of at least 1, got %', max_rows
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- '{}' would delete every tagged job and no untagged one (see retry_dead).
+    IF cardinality(purge_batch.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: purge needs at least one tag, or NULL for any job'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- The CTE fixes the batch (a LIMIT in a plain DELETE is not allowed); SKIP
     -- LOCKED steps around a row an operator is retrying, or another dispatcher's
     -- retention is deleting, right now.
@@ -1543,6 +1606,7 @@ BEGIN
         WHERE j.status IN ('succeeded', 'dead', 'cancelled')
           AND j.status = ANY(purge_batch.statuses)
           AND j.finished_at < now() - older_than
+          AND (purge_batch.tags IS NULL OR j.tags @> purge_batch.tags)
         ORDER BY j.finished_at
         LIMIT max_rows
         FOR UPDATE SKIP LOCKED
@@ -1555,17 +1619,38 @@ BEGIN
     RETURN deleted;
 END
 $$;
+COMMENT ON FUNCTION notifyq.purge_batch(interval, text[], integer, text[]) IS
+    'Delete at most max_rows jobs of the given statuses (only succeeded, dead and cancelled are '
+    'allowed) that finished more than older_than ago, and have all of tags unless it is NULL, '
+    'with their history; never touches queued or running jobs. Returns how many were deleted.';
+
+-- The same without tags: the form `notifyq serve`'s retention runs (the worker role
+-- may EXECUTE it).
+CREATE OR REPLACE FUNCTION notifyq.purge_batch(
+    older_than interval,
+    statuses text[],
+    max_rows integer
+) RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER  -- notifyq serve's retention runs it as the worker role, which cannot DELETE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN notifyq.purge_batch(older_than, statuses, max_rows, NULL::text[]);
+END
+$$;
 COMMENT ON FUNCTION notifyq.purge_batch(interval, text[], integer) IS
     'Delete at most max_rows jobs of the given statuses (only succeeded, dead and cancelled are '
     'allowed) that finished more than older_than ago, with their history; never touches queued '
     'or running jobs. Returns how many were deleted.';
 
 -- Delete every job of the given statuses that finished more than older_than
--- ago, 10,000 per batch (purge_batch), all in the caller's transaction.
--- Returns how many jobs were deleted.
+-- ago (with every one of `tags`, when given), 10,000 per batch (purge_batch),
+-- all in the caller's transaction.  Returns how many jobs were deleted.
 CREATE OR REPLACE FUNCTION notifyq.purge(
     older_than interval,
-    statuses text[] DEFAULT '{succeeded,cancelled}'
+    statuses text[] DEFAULT '{succeeded,cancelled}',
+    tags text[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1575,17 +1660,18 @@ DECLARE
     total bigint := 0;
 BEGIN
     LOOP
-        batch := notifyq.purge_batch(older_than, statuses, 10000);
+        batch := notifyq.purge_batch(older_than, statuses, 10000, tags);
         total := total + batch;
         EXIT WHEN batch < 10000;
     END LOOP;
     RETURN total;
 END
 $$;
-COMMENT ON FUNCTION notifyq.purge(interval, text[]) IS
+COMMENT ON FUNCTION notifyq.purge(interval, text[], text[]) IS
     'Delete jobs of the given statuses (default succeeded and cancelled; only succeeded, dead and '
-    'cancelled are allowed) that finished more than older_than ago, with their history, 10,000 '
-    'per batch; never touches queued or running jobs. Returns how many were deleted.';
+    'cancelled are allowed) that finished more than older_than ago, and have all of tags unless '
+    'it is NULL, with their history, 10,000 per batch; never touches queued or running jobs. '
+    'Returns how many were deleted.';
 
 -- History: one row per status transition (and one per insert), written by two
 -- statement triggers in the writer's transaction, so the record and the change
@@ -1693,7 +1779,8 @@ CREATE OR REPLACE TRIGGER queue_limits_changed
     AFTER INSERT OR UPDATE OR DELETE ON notifyq.queue_limits
     FOR EACH ROW EXECUTE FUNCTION notifyq.notify_limit_changed();
 
--- How many jobs of `queue` a claim may take now: `wanted` when the queue has no
+-- How many jobs of `queue` a claim may take now: none while it is paused
+-- (notifyq.queue_pauses, whatever its cap); `wanted` when it has no
 -- cap; else what the cap leaves, counting the jobs running now.  Two claims of
 -- a capped queue must not both count the same free room, so the function takes
 -- a transaction-level advisory lock per queue (held until the claim commits)
@@ -1710,6 +1797,10 @@ DECLARE
     cap integer;
     busy integer;
 BEGIN
+    IF EXISTS (SELECT FROM notifyq.queue_pauses p
+               WHERE p.queue = claim_room.queue AND p.task = '*') THEN
+        RETURN 0;
+    END IF;
     SELECT l.max_running INTO cap FROM notifyq.queue_limits l WHERE l.queue = claim_room.queue;
     IF NOT FOUND THEN
         RETURN wanted;
@@ -1723,7 +1814,122 @@ END
 $$;
 COMMENT ON FUNCTION notifyq.claim_room(text, integer) IS
     'Internal to the claim: how many jobs of the queue may be claimed now under its '
-    'notifyq.queue_limits cap (wanted when it has none); serialises claims of a capped queue.';
+    'notifyq.queue_limits cap (wanted when it has none, 0 while it is paused); serialises '
+    'claims of a capped queue.';
+
+-- Pausing
+
+-- A paused queue (task '*') or task of a queue starts nothing new: every claim,
+-- `notifyq serve`'s and notifyq.claim's alike, reads this table (claim_room for
+-- the queue, claim_jobs for its tasks) and leaves the paused work queued.  Jobs
+-- already running finish as usual.  Separate from the caps, so a pause keeps the
+-- queue's cap: resuming restores it as it was.  A claim that started before the
+-- pause committed may still start jobs; every claim that starts after it sees it.
+-- Pause with notifyq.pause_queue or a plain INSERT (task defaults to '*'); resume
+-- with notifyq.resume_queue or a DELETE.
+CREATE TABLE IF NOT EXISTS notifyq.queue_pauses (
+    queue     text        NOT NULL,
+    task      text        NOT NULL DEFAULT '*',  -- '*': every task of the queue
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, task),
+    CONSTRAINT queue_pauses_queue_format CHECK (
+        queue ~ '^[a-z0-9_][a-z0-9_-]*$' AND char_length(queue) <= 63),
+    CONSTRAINT queue_pauses_task_format CHECK (
+        task = '*' OR (task ~ '^[A-Za-z_][A-Za-z0-9_.:-]*$' AND char_length(task) <= 200))
+);
+COMMENT ON TABLE notifyq.queue_pauses IS
+    'Paused queues (task ''*'') and tasks of a queue: no claim starts their jobs; running '
+    'ones finish. INSERT to pause (or notifyq.pause_queue), DELETE to resume (or '
+    'notifyq.resume_queue).';
+COMMENT ON CONSTRAINT queue_pauses_queue_format ON notifyq.queue_pauses IS
+    'queue: 1-63 characters of a-z, 0-9, _ and -, not starting with -';
+COMMENT ON CONSTRAINT queue_pauses_task_format ON notifyq.queue_pauses IS
+    'task: ''*'' (the whole queue) or a task name, as notifyq.jobs.task';
+
+-- A pause lifted wakes the dispatchers and SQL workers of the queue at once, on
+-- the channels' own terms: "limit:QUEUE" on notifyq_internal (the cap's message:
+-- a dispatcher that found the queue without room, as a paused queue is, ignores
+-- its inserts until told it has room again), and the queue's name on
+-- notifyq_jobs (as an insert would: a dispatcher or SQL worker whose claims left
+-- a paused task's jobs behind is waiting for one).  A pause sends nothing: the
+-- next claim sees it.
+CREATE OR REPLACE FUNCTION notifyq.notify_pause_lifted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('notifyq_internal', 'limit:' OPERATOR(pg_catalog.||) OLD.queue);
+    PERFORM pg_catalog.pg_notify('notifyq_jobs', OLD.queue);
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER queue_pauses_lifted
+    AFTER UPDATE OR DELETE ON notifyq.queue_pauses
+    FOR EACH ROW EXECUTE FUNCTION notifyq.notify_pause_lifted();
+
+-- Pause a queue (task NULL) or one task of it; true if it was not paused
+-- already.  Run as the owner, or grant EXECUTE and INSERT on queue_pauses.
+CREATE OR REPLACE FUNCTION notifyq.pause_queue(queue text, task text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pause_queue.queue IS NULL THEN
+        RAISE EXCEPTION 'notifyq: name the queue to pause'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO notifyq.queue_pauses AS p (queue, task)
+    VALUES (pause_queue.queue, coalesce(pause_queue.task, '*'))
+    ON CONFLICT ON CONSTRAINT queue_pauses_pkey DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION notifyq.pause_queue(text, text) IS
+    'Pause a queue (task NULL) or one task of it: no claim starts its jobs until resumed; '
+    'running ones finish; its cap is kept. Returns false if it was paused already.';
+
+-- Lift the pause of a queue (task NULL: the queue-wide one; a task's pause is
+-- lifted by naming the task); true if it was paused.
+CREATE OR REPLACE FUNCTION notifyq.resume_queue(queue text, task text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF resume_queue.queue IS NULL THEN
+        RAISE EXCEPTION 'notifyq: name the queue to resume'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM notifyq.queue_pauses p
+    WHERE p.queue = resume_queue.queue AND p.task = coalesce(resume_queue.task, '*');
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION notifyq.resume_queue(text, text) IS
+    'Lift the pause of a queue (task NULL) or of one task of it; its dispatchers are woken at '
+    'once. Returns false if it was not paused.';
+
+-- Per queue: jobs by status, and how long the oldest claimable job has waited;
+-- waiting (for dependencies) as version 3 appended it; paused (the whole queue)
+-- and paused_tasks (its tasks paused on their own) as version 17 appended them.
+CREATE OR REPLACE VIEW notifyq.queue_stats AS
+SELECT queue,
+       count(*) FILTER (WHERE status = 'queued')                     AS queued,
+       count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
+       count(*) FILTER (WHERE status = 'queued' AND run_at > now())  AS scheduled,
+       count(*) FILTER (WHERE status = 'running')                    AS running,
+       count(*) FILTER (WHERE status = 'succeeded')                  AS succeeded,
+       count(*) FILTER (WHERE status = 'dead')                       AS dead,
+       count(*) FILTER (WHERE status = 'cancelled')                  AS cancelled,
+       now() - min(run_at) FILTER (WHERE status = 'queued' AND run_at <= now())
+                                                                      AS oldest_ready_age,
+       count(*) FILTER (WHERE status = 'waiting')                    AS waiting,
+       EXISTS (SELECT FROM notifyq.queue_pauses p
+               WHERE p.queue = j.queue AND p.task = '*')             AS paused,
+       ARRAY(SELECT p.task FROM notifyq.queue_pauses p
+             WHERE p.queue = j.queue AND p.task <> '*' ORDER BY p.task) AS paused_tasks
+FROM notifyq.jobs j
+GROUP BY queue;
 
 -- Periodic jobs (cron): one row per schedule; the dispatchers enqueue each of
 -- its instants once, however many of them run (see periodic_fire in queries.sql).
@@ -1884,10 +2090,12 @@ REVOKE EXECUTE ON FUNCTION notifyq.dedupe_on_insert() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.open_unique_window() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text, text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.cancel_job(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION notifyq.purge(interval, text[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.cancel_jobs(text[], text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.purge(interval, text[], text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer, text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.record_history() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.set_history(boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.claim_room(text, integer) FROM PUBLIC;
@@ -1896,6 +2104,9 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_limit_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_jobs(text, interval, interval, boolean, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.liveness_held(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.rescue_due(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.notify_pause_lifted() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.pause_queue(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.resume_queue(text, text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Workers in any language
@@ -1944,6 +2155,159 @@ AS $$
                  END AS c) AS ceiling
 $$;
 
+-- ---------------------------------------------------------------------------
+-- Circuit breakers, per task (docs/lifecycle.md, "Circuit breakers")
+--
+-- A task whose handler keeps failing (its database, its API, its endpoint is
+-- down) stops being started for a while instead of burning every job's
+-- attempts.  One row per task that has a breaker; a task without a row has
+-- none.  The config columns (failures, failure_window, cooldown) are written
+-- by an app's @app.task(circuit_breaker=...) at start-up, by
+-- notifyq.set_circuit_breaker or plain SQL; the state columns only by the
+-- claim, the completion (notifyq.finish_jobs) and notifyq.reset_circuit_breaker.
+--
+--   closed     jobs run.  Each failure counts (an outcome 'failed': a handler
+--              error, a timeout, Retry; not 'dead', i.e. DoNotRetry, a refused
+--              payload, an HTTP 4xx, nor a cancellation); `failures` of them
+--              within `failure_window` of the first one counted open it.  A
+--              window starts at its first failure and ends failure_window
+--              later, when the count starts again.  Successes are not counted
+--              (a rate would make every success write this row).
+--   open       no job of the task is claimed: they stay queued, charged
+--              nothing.  Jobs already running when it opened finish; their
+--              failures are not charged either (the attempt is given back).
+--              Once `cooldown` has passed since opened_at, the next claim that
+--              finds a ready job of the task starts exactly one (the probe)
+--              and turns the breaker half_open.
+--   half_open  only the probe runs (probe_job, at attempt probe_attempt).  It
+--              succeeds: closed.  It fails: open again (opened_at now, a new
+--              cool-down), and that attempt is not charged.  It ends another
+--              way (dead, cancelled, rescued, handed back): the next claim
+--              starts another probe.
+--
+-- Claims take the row lock (SKIP LOCKED) only to start a probe, so two claims,
+-- on any dispatchers or SQL workers, never start two; while no breaker of the
+-- claimed tasks is open they only read this table (one probe of its primary
+-- key per task).  Every change of state but the start of a probe is announced
+-- on notifyq_internal (payload "breaker:TASK"), so dispatchers claim again at once.
+CREATE TABLE IF NOT EXISTS notifyq.circuit_breakers (
+    task           text        PRIMARY KEY,
+    failures       integer     NOT NULL DEFAULT 5,
+    failure_window interval    NOT NULL DEFAULT '1 minute',
+    cooldown       interval    NOT NULL DEFAULT '30 seconds',
+    state          text        NOT NULL DEFAULT 'closed',
+    -- Failures counted in the window that began at failed_since (closed only).
+    failed         integer     NOT NULL DEFAULT 0,
+    failed_since   timestamptz,
+    opened_at      timestamptz,
+    probe_job      bigint,
+    probe_attempt  integer,
+    -- How many times it opened (or opened again after a failed probe), ever.
+    opens          bigint      NOT NULL DEFAULT 0,
+    changed_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT circuit_breakers_task_format CHECK (
+        task ~ '^[A-Za-z_][A-Za-z0-9_.:-]*$' AND char_length(task) <= 200),
+    CONSTRAINT circuit_breakers_failures_range CHECK (failures BETWEEN 1 AND 1000000),
+    CONSTRAINT circuit_breakers_failure_window_positive CHECK (failure_window > interval '0'),
+    CONSTRAINT circuit_breakers_cooldown_positive CHECK (cooldown > interval '0'),
+    CONSTRAINT circuit_breakers_state_valid CHECK (state IN ('closed', 'open', 'half_open')),
+    CONSTRAINT circuit_breakers_open_has_opened_at CHECK (
+        state = 'closed' OR opened_at IS NOT NULL)
+);
+COMMENT ON TABLE notifyq.circuit_breakers IS
+    'Circuit breakers per task: after `failures` failures within failure_window no job of '
+    'the task starts until cooldown has passed; then one probe runs, and its outcome closes '
+    'or reopens it. Set with notifyq.set_circuit_breaker, reset with '
+    'notifyq.reset_circuit_breaker, remove with DELETE.';
+COMMENT ON CONSTRAINT circuit_breakers_failures_range ON notifyq.circuit_breakers IS
+    'failures: 1 to 1000000 failures within failure_window open the breaker';
+COMMENT ON CONSTRAINT circuit_breakers_failure_window_positive ON notifyq.circuit_breakers IS
+    'failure_window: a positive interval';
+COMMENT ON CONSTRAINT circuit_breakers_cooldown_positive ON notifyq.circuit_breakers IS
+    'cooldown: a positive interval, how long an open breaker holds the task''s jobs back';
+COMMENT ON CONSTRAINT circuit_breakers_state_valid ON notifyq.circuit_breakers IS
+    'state: closed, open or half_open';
+COMMENT ON CONSTRAINT circuit_breakers_open_has_opened_at ON notifyq.circuit_breakers IS
+    'an open or half-open breaker has opened_at';
+
+-- Dispatchers hear every change of state on notifyq_internal ("breaker:TASK"):
+-- a closed breaker releases the jobs it held, an opened one moves their next
+-- wake-up to the cool-down's end.  Not the start of a probe (the claim that
+-- started it is the only one that could act on it).
+CREATE OR REPLACE FUNCTION notifyq.notify_breaker_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify(
+        'notifyq_internal', 'breaker:' OPERATOR(pg_catalog.||) COALESCE(NEW.task, OLD.task));
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER circuit_breakers_changed
+    AFTER UPDATE ON notifyq.circuit_breakers
+    FOR EACH ROW
+    WHEN (NEW.state <> 'half_open'
+          AND (OLD.state, OLD.opened_at) IS DISTINCT FROM (NEW.state, NEW.opened_at))
+    EXECUTE FUNCTION notifyq.notify_breaker_changed();
+
+CREATE OR REPLACE TRIGGER circuit_breakers_removed
+    AFTER DELETE ON notifyq.circuit_breakers
+    FOR EACH ROW
+    WHEN (OLD.state <> 'closed')
+    EXECUTE FUNCTION notifyq.notify_breaker_changed();
+
+-- Give `task` a breaker, or change its settings; its state is kept.
+CREATE OR REPLACE FUNCTION notifyq.set_circuit_breaker(
+    task text, failures integer, failure_window interval, cooldown interval
+) RETURNS void
+LANGUAGE sql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO notifyq.circuit_breakers AS b (task, failures, failure_window, cooldown)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT ON CONSTRAINT circuit_breakers_pkey DO UPDATE
+    SET failures = excluded.failures, failure_window = excluded.failure_window,
+        cooldown = excluded.cooldown, changed_at = now()
+$$;
+COMMENT ON FUNCTION notifyq.set_circuit_breaker(text, integer, interval, interval) IS
+    'Give a task a circuit breaker (failures within failure_window open it for cooldown), or '
+    'change its settings; its state is kept.';
+
+-- Close `task`'s breaker by hand: its held jobs start at once; the failures
+-- counted so far are forgotten.  Returns the state it had.
+CREATE OR REPLACE FUNCTION notifyq.reset_circuit_breaker(task text) RETURNS text
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    was text;
+BEGIN
+    SELECT b.state INTO was FROM notifyq.circuit_breakers b
+    WHERE b.task = reset_circuit_breaker.task
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'notifyq: task % has no circuit breaker', reset_circuit_breaker.task
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'notifyq breaker list shows the tasks that have one.';
+    END IF;
+    UPDATE notifyq.circuit_breakers b
+    SET state = 'closed', failed = 0, failed_since = NULL, opened_at = NULL, probe_job = NULL,
+        probe_attempt = NULL, changed_at = now()
+    WHERE b.task = reset_circuit_breaker.task;
+    RETURN was;
+END
+$$;
+COMMENT ON FUNCTION notifyq.reset_circuit_breaker(text) IS
+    'Close a task''s circuit breaker by hand and forget its failures; returns the state it '
+    'had; raises for a task without one.';
+
+REVOKE EXECUTE ON FUNCTION notifyq.notify_breaker_changed() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.set_circuit_breaker(text, integer, interval, interval)
+    FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.reset_circuit_breaker(text) FROM PUBLIC;
+
 -- What notifyq.claim returns for each job claimed.
 DO $$
 BEGIN
@@ -1969,7 +2333,8 @@ $$;
 -- running under `worker` for `lease` and counting the attempt, in one
 -- statement: the rows claimed, then one row with id NULL that carries
 --   next_in: seconds until the next scheduled job (or rate slot) of these
---     queues and tasks, by the database clock (NULL: none);
+--     queues and tasks, or the end of an open circuit breaker's cool-down, by
+--     the database clock (NULL: none);
 --   full_queues: the queues at their concurrency cap once this claim commits
 --     (those whose cap gave less room than asked for, all of it taken);
 --   deferred: candidates the rate limits gave a later slot instead.
@@ -2000,6 +2365,17 @@ $$;
 -- path); those it defers get their slot as run_at instead of starting.
 -- A job with no max_attempts of its own gets its task's (notifyq.tasks, else 5).
 -- trace_context: the job's, as its producer set it (NULL on the closing row).
+-- Paused work (notifyq.queue_pauses) is never read: a paused queue has no room
+-- (claim_room), so it is among full_queues and its dispatchers ignore its inserts
+-- until the resume's notification; a paused task's pairs are left out of the
+-- probes.  Neither sets the timer (next_in).  One probe of that (small) table per
+-- queue and per (queue, task) pair.
+-- Circuit breakers (notifyq.circuit_breakers): the tasks whose breaker is open
+-- are left out, and a task whose breaker's cool-down is over gives one job, the
+-- probe, from the first served queue that has one ready and where neither the
+-- queue nor the task is paused.  A held task's cool-down sets the timer only
+-- when some served queue has not paused it.  Only when a breaker of these
+-- tasks is not closed does the claim do more than read that table.
 CREATE OR REPLACE FUNCTION notifyq.claim_jobs(
     worker text, queues text[], tasks text[], max_jobs integer, lease interval
 ) RETURNS TABLE (
@@ -2018,7 +2394,74 @@ AS $$
 DECLARE
     sorted text[] := ARRAY(SELECT DISTINCT u.name FROM unnest(claim_jobs.queues) AS u(name)
                            ORDER BY 1);
+    runs text[] := claim_jobs.tasks;  -- the tasks claimed: those no breaker holds
+    probe_in text[];  -- per task of runs: the queue its probe comes from, NULL: no probe
+    locked text[];  -- breakers this claim may start a probe of (their rows locked)
+    probing text[] := '{}';
+    probe_queues text[] := '{}';
+    reopen_at timestamptz;  -- the end of the earliest cool-down among the held tasks
 BEGIN
+    IF EXISTS (SELECT FROM notifyq.circuit_breakers b
+               WHERE b.task = ANY(claim_jobs.tasks) AND b.state <> 'closed') THEN
+        -- First lock the breakers that may let a probe through, in task order and
+        -- skipping those another transaction holds (a claim starting its probe, a
+        -- completion counting failures: both leave the task held for this claim);
+        -- then, in a statement of its own (so a probe a claim committed before we
+        -- got the lock is seen), start a probe where none runs and a job is ready.
+        locked := ARRAY(
+            SELECT b.task FROM notifyq.circuit_breakers b
+            WHERE b.task = ANY(claim_jobs.tasks)
+              AND (b.state = 'half_open'
+                   OR (b.state = 'open' AND b.opened_at + b.cooldown <= now()))
+            ORDER BY b.task
+            FOR NO KEY UPDATE SKIP LOCKED);
+        WITH due AS MATERIALIZED (
+            SELECT b.task,
+                   (SELECT q.name
+                    FROM unnest(sorted) WITH ORDINALITY AS q(name, n)
+                    WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                      WHERE z.queue = q.name AND z.task IN (b.task, '*'))
+                      AND EXISTS (SELECT FROM notifyq.jobs j
+                                  WHERE j.status = 'queued' AND j.queue = q.name
+                                    AND j.task = b.task AND j.run_at <= now()
+                                  ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx
+                                  LIMIT 1)
+                    ORDER BY q.n
+                    LIMIT 1) AS queue
+            FROM notifyq.circuit_breakers b
+            WHERE b.task = ANY(locked)
+              AND (b.state = 'half_open'
+                   OR (b.state = 'open' AND b.opened_at + b.cooldown <= now()))
+              -- By primary key: COLLATE "C" keeps jobs_lease_idx out (see finish_jobs).
+              AND NOT EXISTS (SELECT FROM notifyq.jobs j
+                              WHERE j.id = b.probe_job AND j.status = 'running' COLLATE "C"
+                                AND j.attempts = b.probe_attempt)
+        ), started AS (
+            UPDATE notifyq.circuit_breakers b
+            SET state = 'half_open', probe_job = NULL, probe_attempt = NULL, changed_at = now()
+            FROM due d
+            WHERE b.task = d.task AND d.queue IS NOT NULL
+            RETURNING b.task, d.queue
+        )
+        SELECT coalesce(array_agg(s.task), '{}'), coalesce(array_agg(s.queue), '{}')
+        INTO probing, probe_queues
+        FROM started s;
+        SELECT ARRAY(SELECT t.name FROM unnest(claim_jobs.tasks) AS t(name)
+                     WHERE t.name = ANY(probing)
+                        OR NOT EXISTS (SELECT FROM notifyq.circuit_breakers b
+                                       WHERE b.task = t.name AND b.state <> 'closed')),
+               (SELECT min(b.opened_at + b.cooldown) FROM notifyq.circuit_breakers b
+                WHERE b.task = ANY(claim_jobs.tasks) AND b.state = 'open'
+                  AND b.opened_at + b.cooldown > now()
+                  -- Paused work sets no timer: a task paused in every served queue.
+                  AND EXISTS (SELECT FROM unnest(sorted) AS q(name)
+                              WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                                WHERE z.queue = q.name
+                                                  AND z.task IN (b.task, '*'))))
+        INTO runs, reopen_at;
+        probe_in := ARRAY(SELECT probe_queues[array_position(probing, t.name)]
+                          FROM unnest(runs) WITH ORDINALITY AS t(name, n) ORDER BY t.n);
+    END IF;
     RETURN QUERY
     WITH rooms AS MATERIALIZED (
         SELECT q.name, notifyq.claim_room(q.name, claim_jobs.max_jobs) AS room
@@ -2032,14 +2475,18 @@ BEGIN
                    row_number() OVER (ORDER BY m.priority DESC, m.run_at, m.id) AS turn
             FROM (
                 SELECT p.queue, p.task, p.priority, p.run_at, p.id
-                FROM unnest(claim_jobs.tasks) AS t(name)
+                FROM (SELECT u.name, u.probe_queue
+                      FROM unnest(runs, probe_in) AS u(name, probe_queue)
+                      WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                        WHERE z.queue = q.name AND z.task = u.name)) AS t
                 CROSS JOIN LATERAL (
                     SELECT j.queue, j.task, j.priority, j.run_at, j.id
                     FROM notifyq.jobs j
                     WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                       AND j.run_at <= now()
+                      AND coalesce(t.probe_queue = q.name, true)  -- a probe: one queue, one job
                     ORDER BY j.priority DESC, j.run_at, j.id
-                    LIMIT q.room
+                    LIMIT CASE WHEN t.probe_queue IS NULL THEN q.room ELSE 1 END
                 ) AS p
                 ORDER BY p.priority DESC, p.run_at, p.id
                 LIMIT q.room
@@ -2097,6 +2544,13 @@ BEGIN
                                WHERE NOT EXISTS (SELECT FROM deferrals d WHERE d.id = c.id)))
         RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint,
                   j.lease_expires_at, j.trace_context
+    ), probes AS (
+        -- The probe each half-open breaker let through (the one-time filter keeps
+        -- this off the common path).
+        UPDATE notifyq.circuit_breakers b
+        SET probe_job = c.id, probe_attempt = c.attempts
+        FROM claimed c
+        WHERE cardinality(probing) > 0 AND b.task = c.task AND b.task = ANY(probing)
     )
     -- In claim order (an Append keeps its branches' order), the info row last.
     (SELECT c.id, c.queue, c.task, c.payload, c.attempts, c.max_attempts, c.checkpoint,
@@ -2108,16 +2562,20 @@ BEGIN
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            (SELECT extract(epoch FROM least(
                        (SELECT min(d.slot) FROM deferrals d),
+                       reopen_at,
                        (SELECT min(s.run_at)
                         FROM unnest(sorted) AS q(name)
-                        CROSS JOIN unnest(claim_jobs.tasks) AS t(name)
+                        CROSS JOIN unnest(runs) AS t(name)
                         CROSS JOIN LATERAL (
                             SELECT j.run_at
                             FROM notifyq.jobs j
                             WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                               AND j.run_at > now()
                             ORDER BY j.run_at
-                            LIMIT 1) AS s)) - clock_timestamp())::float8),
+                            LIMIT 1) AS s
+                        WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                          WHERE z.queue = q.name AND z.task IN (t.name, '*'))))
+                       - clock_timestamp())::float8),
            (SELECT array_agg(r.name) FROM rooms r
             WHERE r.room < claim_jobs.max_jobs
               AND r.room <= (SELECT count(*) FROM claimed c WHERE c.queue = r.name)),
@@ -2127,7 +2585,8 @@ END
 $$;
 COMMENT ON FUNCTION notifyq.claim_jobs(text, text[], text[], integer, interval) IS
     'The claim notifyq serve and notifyq.claim share: the jobs claimed, then a row with id '
-    'NULL telling the next scheduled instant, the queues at their cap and the deferred count.';
+    'NULL telling the next scheduled instant, the queues at their cap and the deferred count; '
+    'circuit breakers hold back their tasks'' jobs and let one probe through.';
 
 -- Every outcome an attempt can come to, for `notifyq serve` (batches) and the
 -- single-job functions below alike.  Per job: an outcome ('succeeded', 'failed'
@@ -2145,6 +2604,14 @@ COMMENT ON FUNCTION notifyq.claim_jobs(text, text[], text[], integer, interval) 
 -- who held it when PostgreSQL can tell.  A job with no row returned is no longer
 -- the worker's.  With `wait`, rows are locked first (in id order) and waited for
 -- instead, up to the caller's lock_timeout.
+-- Circuit breakers (notifyq.circuit_breakers): a 'failed' outcome of a task
+-- whose breaker is closed counts towards opening it, and the batch that
+-- reaches the count opens it; one of a task whose breaker is open or half-open
+-- is not charged (attempts goes back down, and the job is queued after its
+-- backoff even on its last attempt): the outage is the task's, not the job's.
+-- The probe's outcome closes the breaker (succeeded) or opens it again
+-- (failed).  The breakers' rows are locked in task order, and only for tasks
+-- with a failure or a probe in the batch.
 -- Rows are read by id through the primary key: `status = 'running' COLLATE "C"`
 -- (the same test, bytewise) cannot match the predicate of jobs_lease_idx, so the
 -- planner never picks that partial index here.  When its statistics say few jobs
@@ -2185,7 +2652,11 @@ BEGIN
                     finish_jobs.progresses, finish_jobs.messages)
              AS o(id, attempt, outcome, result, error, retry_in, progress, message)
     ), mine AS MATERIALIZED (
-        SELECT j.id, j.attempts, j.max_attempts, j.task
+        SELECT j.id, j.attempts, j.max_attempts, j.task,
+               -- A failure while the task's breaker is open or half-open: not charged.
+               o.outcome IS NOT DISTINCT FROM 'failed' AND EXISTS (
+                   SELECT FROM notifyq.circuit_breakers b
+                   WHERE b.task = j.task AND b.state <> 'closed') AS refund
         FROM notifyq.jobs j
         JOIN o ON j.id = o.id
         WHERE j.status = 'running' COLLATE "C"
@@ -2193,11 +2664,12 @@ BEGIN
           AND j.attempts = coalesce(o.attempt, j.attempts)
         FOR NO KEY UPDATE OF j SKIP LOCKED
     ), decided AS (
-        SELECT m.id, o.result, o.error, o.progress, o.message,
+        SELECT m.id, o.result, o.error, o.progress, o.message, m.refund,
                CASE WHEN coalesce(o.outcome, 'succeeded') = 'succeeded' THEN 'succeeded'
+                    WHEN m.refund THEN 'queued'
                     WHEN o.outcome = 'dead' OR m.attempts >= m.max_attempts THEN 'dead'
                     ELSE 'queued' END AS status,
-               CASE WHEN o.outcome = 'failed' AND m.attempts < m.max_attempts
+               CASE WHEN o.outcome = 'failed' AND (m.attempts < m.max_attempts OR m.refund)
                     THEN now() + make_interval(secs => coalesce(
                         -- greatest() ignores NULLs: no retry_in must stay NULL.
                         CASE WHEN o.retry_in IS NOT NULL THEN greatest(o.retry_in, 0) END,
@@ -2212,6 +2684,7 @@ BEGIN
     ), written AS (
         UPDATE notifyq.jobs j
         SET status = d.status,
+            attempts = j.attempts - d.refund::integer,
             finished_at = CASE WHEN d.status = 'queued' THEN NULL ELSE now() END,
             run_at = coalesce(d.retry_at, j.run_at),
             last_error = coalesce(d.error, j.last_error),
@@ -2224,8 +2697,62 @@ BEGIN
             lease_expires_at = NULL
         FROM decided d
         WHERE j.id = d.id
-        RETURNING j.id, j.attempts, j.status, j.run_at
+        RETURNING j.id, j.attempts + d.refund::integer AS attempts, j.status, j.run_at
+    ), tripped AS MATERIALIZED (
+        -- Per task with a breaker: the failures to count, and whether its probe is here.
+        SELECT b.task,
+               count(*) FILTER (WHERE o.outcome = 'failed') AS failed,
+               bool_or(b.state = 'closed') AS closed,
+               bool_or(m.id = b.probe_job) AS probe
+        FROM mine m
+        JOIN o ON o.id = m.id
+        JOIN notifyq.circuit_breakers b ON b.task = m.task
+        GROUP BY b.task
+    ), breakers AS MATERIALIZED (
+        SELECT b.task
+        FROM notifyq.circuit_breakers b
+        JOIN tripped t ON t.task = b.task
+        WHERE (t.failed > 0 AND t.closed) OR t.probe
+        ORDER BY b.task
+        FOR NO KEY UPDATE OF b
+    ), counted AS (
+        -- Computed from the row as it is once locked (another completion may have
+        -- counted failures, or a claim started a probe, meanwhile).
+        UPDATE notifyq.circuit_breakers b
+        SET (state, failed, failed_since, opened_at, opens, probe_job, probe_attempt,
+             changed_at) = (
+            SELECT s.state,
+                   CASE WHEN s.state = 'closed' AND b.state = 'closed' THEN s.failed ELSE 0 END,
+                   CASE WHEN s.state = 'closed' AND b.state = 'closed' AND s.failed > 0
+                        THEN s.since END,
+                   CASE WHEN s.state = 'open' AND b.state <> 'open' THEN now()
+                        WHEN s.state = 'closed' THEN NULL
+                        ELSE b.opened_at END,
+                   b.opens + (s.state = 'open' AND b.state <> 'open')::integer,
+                   CASE WHEN s.state = 'half_open' THEN b.probe_job END,
+                   CASE WHEN s.state = 'half_open' THEN b.probe_attempt END,
+                   CASE WHEN s.state <> b.state THEN now() ELSE b.changed_at END
+            FROM (SELECT w.failed, w.since,
+                         CASE WHEN b.state = 'closed' AND t.failed > 0
+                                   AND w.failed >= b.failures THEN 'open'
+                              WHEN b.state = 'half_open' AND p.outcome = 'failed' THEN 'open'
+                              WHEN b.state = 'half_open' AND p.outcome = 'succeeded'
+                                  THEN 'closed'
+                              ELSE b.state END AS state
+                  FROM (SELECT CASE WHEN b.failed_since > now() - b.failure_window
+                                    THEN b.failed + t.failed ELSE t.failed END AS failed,
+                               CASE WHEN b.failed_since > now() - b.failure_window
+                                    THEN b.failed_since ELSE now() END AS since) AS w
+                  LEFT JOIN (SELECT coalesce(o.outcome, 'succeeded') AS outcome
+                             FROM mine m
+                             JOIN o ON o.id = m.id
+                             WHERE m.id = b.probe_job AND m.attempts = b.probe_attempt) AS p
+                      ON true) AS s)
+        FROM breakers l
+        JOIN tripped t ON t.task = l.task
+        WHERE b.task = l.task
     )
+    -- (Every data-modifying CTE runs to completion whether or not it is read.)
     SELECT w.id, w.attempts, w.status, w.run_at, NULL::text
     FROM written w
     UNION ALL
@@ -2780,5 +3307,5 @@ REVOKE EXECUTE ON FUNCTION notifyq.notify_periodic_changed() FROM PUBLIC;
 
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
-    (11), (12), (13), (14), (15), (16), (19)
+    (11), (12), (13), (14), (15), (16), (17), (18), (19)
 ON CONFLICT (version) DO NOTHING;

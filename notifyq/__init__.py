@@ -5,6 +5,8 @@ dispatcher out (`notifyq serve --app module:app`).
 """
 
 from .app import App
+from .batch import BatchItem
+from .breaker import CircuitBreaker
 from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "Backoff",
+    "BatchItem",
+    "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DoNotRetry",

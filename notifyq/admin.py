@@ -1,7 +1,8 @@
-"""The operations behind `notifyq jobs/retry/cancel/purge/stats`.
+"""The operations behind `notifyq jobs/retry/cancel/purge/stats/breaker`.
 
 Each admin action is a SQL function in schema.sql (notifyq.retry_job,
-retry_dead, cancel_job, purge), so any language can do the same; this module
+retry_dead, cancel_job, purge, reset_circuit_breaker, ...), so any language can
+do the same; this module
 opens a connection and calls them through the store (store/operations.py).  A
 refusal (unknown id, wrong state) arrives as OperationRefused with the
 function's message and hint.
@@ -20,8 +21,10 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import store
+from .breaker import CircuitBreaker
 from .errors import ConfigurationError
 from .job import JobState
+from .registry import check_queue_name, check_task_name
 
 # Plain strings, not the members: click.Choice offers an Enum's name (SUCCEEDED), not its value.
 FINISHED = (JobState.SUCCEEDED.value, JobState.DEAD.value, JobState.CANCELLED.value)
@@ -51,8 +54,13 @@ def retry_job(dsn: str, job_id: int) -> str:
     return _on(dsn, lambda conn: store.operations.retry_job(conn, job_id))
 
 
-def retry_dead(dsn: str, queue: str | None = None, task: str | None = None) -> int:
-    return _on(dsn, lambda conn: store.operations.retry_dead(conn, queue, task))
+def retry_dead(
+    dsn: str,
+    queue: str | None = None,
+    task: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> int:
+    return _on(dsn, lambda conn: store.operations.retry_dead(conn, queue, task, tags))
 
 
 def cancel_job(dsn: str, job_id: int) -> str:
@@ -60,12 +68,42 @@ def cancel_job(dsn: str, job_id: int) -> str:
     return _on(dsn, lambda conn: store.operations.cancel_job(conn, job_id))
 
 
+def cancel_jobs(
+    dsn: str, tags: Sequence[str], queue: str | None = None, task: str | None = None
+) -> int:
+    """Cancel every queued, waiting or running job with all of `tags`; how many."""
+    return _on(dsn, lambda conn: store.operations.cancel_jobs(conn, tags, queue, task))
+
+
 def purge(
     dsn: str,
     older_than: float,
     statuses: Sequence[str] = (JobState.SUCCEEDED, JobState.CANCELLED),
+    tags: Sequence[str] | None = None,
 ) -> int:
-    return _on(dsn, lambda conn: store.operations.purge(conn, older_than, statuses))
+    return _on(dsn, lambda conn: store.operations.purge(conn, older_than, statuses, tags))
+
+
+def pause_queue(dsn: str, queue: str, task: str | None = None) -> bool:
+    """Pause `queue` (or `task` in it); False if it was paused already.  The names are
+    checked first: a typo would otherwise pause a queue nobody serves."""
+    check_queue_name(queue)
+    if task is not None:
+        check_task_name(task)
+    return _on(dsn, lambda conn: store.operations.pause_queue(conn, queue, task))
+
+
+def resume_queue(dsn: str, queue: str, task: str | None = None) -> bool:
+    """Lift the pause of `queue` (or of `task` in it); False if it was not paused."""
+    check_queue_name(queue)
+    if task is not None:
+        check_task_name(task)
+    return _on(dsn, lambda conn: store.operations.resume_queue(conn, queue, task))
+
+
+def queue_pauses(dsn: str) -> list[dict[str, Any]]:
+    """Every pause (task '*': the whole queue), with its ready jobs."""
+    return [asdict(row) for row in _on(dsn, store.operations.queue_pauses)]
 
 
 def set_history(dsn: str, enabled: bool) -> bool:
@@ -110,11 +148,12 @@ def list_jobs(
     task: str | None = None,
     status: str | None = None,
     limit: int = 20,
+    tags: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     found = _on(
         dsn,
         lambda conn: store.operations.list_jobs(
-            conn, queue=queue, task=task, status=status, limit=limit
+            conn, queue=queue, task=task, status=status, limit=limit, tags=tags
         ),
     )
     return [asdict(row) for row in found]
@@ -123,3 +162,30 @@ def list_jobs(
 def show_job(dsn: str, job_id: int) -> dict[str, Any] | None:
     found = _on(dsn, lambda conn: store.operations.show_job(conn, job_id))
     return None if found is None else asdict(found)
+
+
+def circuit_breakers(dsn: str) -> list[dict[str, Any]]:
+    """Every task's circuit breaker: its settings and where it stands."""
+    return [asdict(row) for row in _on(dsn, store.operations.circuit_breakers)]
+
+
+def set_circuit_breaker(dsn: str, task: str, breaker: CircuitBreaker) -> None:
+    """Give `task` a circuit breaker, or change its settings (its state is kept)."""
+    check_task_name(task)
+    _on(
+        dsn,
+        lambda conn: store.operations.set_circuit_breaker(
+            conn, task, breaker.failures, breaker.window, breaker.cooldown
+        ),
+    )
+
+
+def reset_circuit_breaker(dsn: str, task: str) -> str:
+    """Close `task`'s circuit breaker now; returns the state it had (OperationRefused
+    for a task without one)."""
+    return _on(dsn, lambda conn: store.operations.reset_circuit_breaker(conn, task))
+
+
+def remove_circuit_breaker(dsn: str, task: str) -> bool:
+    """`task` has no circuit breaker from now on; whether it had one."""
+    return _on(dsn, lambda conn: store.operations.remove_circuit_breaker(conn, task))

@@ -14,13 +14,14 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack, cast, overload
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store, tracing, typed_payloads
-from .contrib.sqlalchemy import async_connection, sync_connection
+from .breaker import CircuitBreaker
+from .contrib.sqlalchemy import AsyncConn, SyncConn, async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
 from .job import JobId, JobStatus
@@ -29,24 +30,16 @@ from .registry import (
     DEFAULT_QUEUE,
     Registry,
     Task,
+    check_batch_handler,
+    check_batching,
     check_queue_name,
+    check_tags,
     check_task_name,
     describe_handler,
 )
 from .retry import Backoff
 from .settings import Settings
 from .worker import Worker
-
-if TYPE_CHECKING:
-    from sqlalchemy import Connection as SAConnection
-    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-    from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session
-
-# What conn= takes: a psycopg connection, or a SQLAlchemy one whose driver is psycopg
-# (contrib/sqlalchemy.py); the job joins its open transaction.
-SyncConn: TypeAlias = "psycopg.Connection[Any] | Session | SAConnection"
-AsyncConn: TypeAlias = "psycopg.AsyncConnection[Any] | AsyncSession | SAAsyncConnection"
 
 log = logging.getLogger("notifyq")
 
@@ -72,6 +65,15 @@ def _token(job_id: int, token: uuid.UUID | None) -> uuid.UUID | None:
             token = uuid.UUID(str(token))  # a token kept as text; ValueError if it is none
         return token
     return job_id.token if isinstance(job_id, JobId) else None
+
+
+def _breaker(given: CircuitBreaker | None) -> CircuitBreaker | None:
+    if given is not None and not isinstance(given, CircuitBreaker):
+        raise ConfigurationError(
+            f"circuit_breaker must be a notifyq.CircuitBreaker(failures=..., window=..., "
+            f"cooldown=...), not {given!r}"
+        )
+    return given
 
 
 class App:
@@ -120,6 +122,10 @@ class App:
         backoff: Backoff | None = ...,
         timeout: float | None = ...,
         decode: Callable[[Any], Any] | None = ...,
+        circuit_breaker: CircuitBreaker | None = ...,
+        batch_size: int | None = ...,
+        batch_wait: float | None = ...,
+        tags: Iterable[str] | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -133,6 +139,10 @@ class App:
         backoff: Backoff | None = None,
         timeout: float | None = None,
         decode: Callable[[Any], Any] | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
+        batch_size: int | None = None,
+        batch_wait: float | None = None,
+        tags: Iterable[str] | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -144,15 +154,30 @@ class App:
         Without it, a handler whose payload parameter is annotated with a
         dataclass or a pydantic model receives an instance, validated
         (typed_payloads.py), and enqueue accepts an instance or checks an object.
+        `circuit_breaker` (a `CircuitBreaker`) stops starting the task's jobs while its
+        failures say the service it calls is down (docs/lifecycle.md).
+
+        With `batch_size`, the handler is a batch handler: it is called with a list of
+        up to that many `BatchItem`s, one per claimed job, and settles each
+        (docs/lifecycle.md, "Batch handlers"); `batch_wait` (seconds) lets the next
+        claim wait that long for a fuller batch after one that was not full.
+        `tags` go on every job this app's enqueue methods enqueue for the task (not a
+        periodic schedule's), before the enqueue's own (`enqueue(..., tags=...)`); a SQL
+        INSERT sets its own.
         """
+        task_tags = check_tags(tags)
 
         def register(fn: F) -> F:
             if not 1 <= max_attempts <= 1000:
                 raise ConfigurationError("max_attempts must be from 1 to 1000")
             if timeout is not None and timeout <= 0:
                 raise ConfigurationError("timeout must be positive")
+            batch = check_batching(batch_size, batch_wait)
             is_async, wants_context = describe_handler(fn)
-            model = typed_payloads.model_of(fn) if decode is None else None
+            if batch is not None:
+                check_batch_handler(fn)
+                wants_context = False  # each item carries its job's context
+            model = typed_payloads.model_of(fn, batch=batch is not None) if decode is None else None
             task_name = check_task_name(
                 f"{fn.__module__}.{fn.__qualname__}" if name is None else name
             )
@@ -168,6 +193,9 @@ class App:
                     model=model,
                     is_async=is_async,
                     wants_context=wants_context,
+                    circuit_breaker=_breaker(circuit_breaker),
+                    batch=batch,
+                    tags=task_tags,
                 )
             )
             return fn
@@ -187,6 +215,7 @@ class App:
         max_concurrency: int | None = None,
         headers: dict[str, str] | None = None,
         secret: str | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> None:
         """Register a task whose handler is a web endpoint: `notifyq serve` POSTs each job
         to `url` (docs/http.md: the body, the headers, what each response means).
@@ -194,8 +223,9 @@ class App:
         `timeout` bounds each request (seconds); `max_concurrency` caps the requests one
         dispatcher sends at once; `headers` are extra, non-secret headers; `secret` is the
         NAME of the signing secret, read by the dispatcher from NOTIFYQ_SECRET_<NAME>
-        (or `serve --secrets-file`).  Retries, backoff and dead letters are the task's,
-        as for `@app.task`.  Needs httpx: pip install 'notifyq[http]'.
+        (or `serve --secrets-file`).  Retries, backoff, dead letters and the
+        `circuit_breaker` (one per endpoint) are the task's, as for `@app.task`.  Needs
+        httpx: pip install 'notifyq[http]'.
         """
         from .http.endpoints import endpoint
         from .http.serving import HTTPX_MISSING, httpx_installed
@@ -223,6 +253,7 @@ class App:
                 backoff=backoff or Backoff(),
                 is_async=True,
                 wants_context=True,
+                circuit_breaker=_breaker(circuit_breaker),
             )
         )
 
@@ -302,7 +333,11 @@ class App:
 
         Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
         run_at, max_attempts, dedupe_key, unique_for, on_duplicate, rate_key,
-        depends_on, on_dependency_failure.
+        depends_on, on_dependency_failure, tags.
+
+        With `tags` (up to 20 strings), the job can be found by them (`notifyq jobs
+        list --tag`, `retry --dead --tag`, `cancel --tag`, `purge --tag`, `watch --tag`);
+        the task's own tags (`@app.task(tags=...)`) come first.
 
         With `rate_key`, the job shares the rate limit of that key (notifyq.rate_limits).
 
@@ -542,6 +577,36 @@ class App:
     def cancel_sync(self, job_id: int) -> str:
         """`cancel` for synchronous code."""
         return admin.cancel_job(resolve_dsn(self.dsn), job_id)
+
+    async def reset_circuit_breaker(self, task: str) -> str:
+        """Close `task`'s circuit breaker now (`notifyq.reset_circuit_breaker`): its held
+        jobs start at once and the failures counted so far are forgotten.  Returns the
+        state it had; raises OperationRefused for a task without a breaker."""
+        return await anyio.to_thread.run_sync(self.reset_circuit_breaker_sync, task)
+
+    def reset_circuit_breaker_sync(self, task: str) -> str:
+        """`reset_circuit_breaker` for synchronous code."""
+        return admin.reset_circuit_breaker(resolve_dsn(self.dsn), task)
+
+    async def pause(self, queue: str, task: str | None = None) -> bool:
+        """Pause `queue`, or only `task`'s jobs in it (`notifyq.pause_queue`): no
+        dispatcher or SQL worker starts them until `resume`; running ones finish, and the
+        queue's cap is kept.  False if it was paused already."""
+        return await anyio.to_thread.run_sync(self.pause_sync, queue, task)
+
+    def pause_sync(self, queue: str, task: str | None = None) -> bool:
+        """`pause` for synchronous code."""
+        return admin.pause_queue(resolve_dsn(self.dsn), queue, task)
+
+    async def resume(self, queue: str, task: str | None = None) -> bool:
+        """Lift the pause of `queue` (or of `task` in it: each pause is lifted by naming
+        it as it was made); its dispatchers are woken at once.  False if it was not
+        paused."""
+        return await anyio.to_thread.run_sync(self.resume_sync, queue, task)
+
+    def resume_sync(self, queue: str, task: str | None = None) -> bool:
+        """`resume` for synchronous code."""
+        return admin.resume_queue(resolve_dsn(self.dsn), queue, task)
 
     # --- schema and serving
 

@@ -52,6 +52,17 @@ rate limit, are waited for; delayed jobs and retries in backoff are not.  Each
 written outcome that leaves us idle asks for that last claim, since the outcome may
 have released a dependent job or queued a retry due at once.
 
+A batch task (`@app.task(batch_size=N)`, batch.py) is claimed apart, in claims
+of its own of up to N jobs, each claim's jobs handed to the pool as one batch
+that takes one slot.  Free slots are offered in turn, a different group first on
+each pass: each batch task, then every other task together, so neither a backlog
+of batches nor one of single jobs starves the other.  A batch task's claims go on
+while they come back full and slots are left.  Its jobs still count one each
+where the database counts: a queue's concurrency cap, rate limits, `max_jobs`.
+With `batch_wait`, a batch claim that came back short holds the task's next claim
+for that long, so the next batch gathers what arrives meanwhile; the claim's
+timer wakes the loop when the hold ends, so a job waits `batch_wait` at most.
+
 With an `Appetite` (a listening dispatcher), each claim tells it whether it came
 back full, which decides whether inserts notify (appetite.py); a short claim
 that turned the rows hungry is followed by the barrier and one more claim before
@@ -70,6 +81,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import NamedTuple
 
 import anyio
 
@@ -78,6 +90,7 @@ from .errors import DatabaseUnavailable, LockTimeout
 from .job import Job
 from .ledger import Ledger
 from .logs import job_fields
+from .registry import Batching
 from .retry import reconnect_delay
 from .store import Claim, Store, TaskSettings
 
@@ -111,6 +124,17 @@ class EmptyClaimBudget:
         self._tokens -= 1
 
 
+Work = Job | tuple[Job, ...]  # what a slot takes: a job, or a batch (worker_pool.py)
+
+
+class Pass(NamedTuple):
+    """What one pass's claims took, together."""
+
+    claim: Claim  # every job claimed, and what the statements told
+    work: list[Work]  # the jobs grouped into what the slots take
+    full: bool  # some claim came back full: ready jobs may be left
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -123,12 +147,13 @@ class Dispatcher:
         poll_interval: float,
         lease: float,
         tasks: Sequence[TaskSettings],
-        submit: Callable[[Job], None],
+        submit: Callable[[Work], None],
         ledger: Ledger,
         max_jobs: int | None = None,
         until_empty: bool = False,
         rooms: Callable[[], Mapping[str, int]] = dict,
         appetite: Appetite | None = None,
+        batches: Mapping[str, Batching] | None = None,
     ) -> None:
         self._store = store
         self._claimant = claimant
@@ -144,6 +169,11 @@ class Dispatcher:
         self._tasks_synced = False
         # Capped tasks (HTTP endpoints' max_concurrency) -> attempts they may still start.
         self._rooms = rooms
+        self._batches = dict(batches or {})  # batch tasks -> their batching
+        self._held: dict[str, float] = {}  # batch tasks -> until when batch_wait holds them
+        self._turn = 0  # which group of tasks is offered the free slots first
+        # Outcomes waiting to be written before claims stop: the most the slots can hold.
+        self._unwritten_cap = concurrency * max([1, *(b.size for b in self._batches.values())])
         self._appetite = appetite
         self._submit = submit  # hands a job to the pool, which enters it in the ledger
         self._ledger = ledger
@@ -271,8 +301,8 @@ class Dispatcher:
             if self._notified or timers or self._idle_recheck:
                 more_waiting = True
                 self._notified = self._idle_recheck = self._poll_due = False
-            backlog = self._ledger.pending - self._concurrency
-            free = self._concurrency - self._ledger.running - max(backlog, 0)
+            backlog = self._ledger.pending - self._unwritten_cap
+            free = self._concurrency - self._ledger.slots - max(backlog, 0)
             if more_waiting and free > 0:
                 if more_waiting_full and free < self._refill_at:
                     # Draining a backlog: let a few more slots free up (briefly) so one
@@ -284,15 +314,18 @@ class Dispatcher:
                         continue
                 refill_by = None
                 limit = min(free, self._batch_size)
-                if self._max_jobs is not None:
-                    limit = min(limit, self._max_jobs - self.claimed)
+                left = None if self._max_jobs is None else self._max_jobs - self.claimed
+                if left is not None:
+                    limit = min(limit, left)
                 # Work known to be waiting: left behind by a full claim, or scheduled and due.
                 known = more_waiting_full or now >= due_from
                 sent = clock()
                 self.polls += polled and not by_upkeep
                 heard, self._heard = (None if known else self._heard), set()
                 try:
-                    jobs, next_in, self.full, deferred = await self._claim(limit)
+                    (jobs, next_in, self.full, deferred), work, full = await self._claim(
+                        limit, left
+                    )
                     failures = 0
                 except DatabaseUnavailable as exc:
                     failures += 1
@@ -307,7 +340,7 @@ class Dispatcher:
                 due_from = sent + max(next_in, 0.0) if next_in is not None else math.inf
                 # Candidates deferred by a rate limit took places in this claim: ready
                 # jobs behind them may be waiting.
-                more_waiting = more_waiting_full = len(jobs) + deferred == limit
+                more_waiting = more_waiting_full = full
                 if notified_only and not jobs:
                     budget.spend(clock())
                     self.empty_notified_claims += 1
@@ -319,8 +352,8 @@ class Dispatcher:
                     if unannounced:
                         self.polls_with_work += 1
                         log.info("fallback poll found %d jobs", unannounced)
-                for job in jobs:
-                    self._submit(job)
+                for unit in work:
+                    self._submit(unit)
                 if self._appetite is not None:
                     await self._state_appetite(more_waiting_full)
                 if self._max_jobs is not None and self.claimed >= self._max_jobs:
@@ -371,29 +404,106 @@ class Dispatcher:
             self._appetite.missed()
             return False
 
-    async def _claim(self, limit: int) -> Claim:
+    async def _claim(self, limit: int, left: int | None) -> Pass:
+        """Claim for `limit` free slots, and `left` jobs at most (None: no bound)."""
         if not self._tasks_synced:
             changed = await self._store.sync_tasks(self._tasks)
+            breakers = await self._store.sync_breakers(self._tasks)
             self._tasks_synced = True
             if changed:
                 log.info("task settings written to notifyq.tasks: %s", ", ".join(changed))
+            if breakers:
+                log.info(
+                    "circuit breakers written to notifyq.circuit_breakers: %s",
+                    ", ".join(breakers),
+                )
         if self._orphans_possible:
             released = await self._store.release_orphans(self._claimant, self._ledger.ids())
             self._orphans_possible = False
             if released:
                 log.warning("returned %d jobs whose claim reply was lost", len(released))
         try:
-            return await self._claim_once(limit)
+            if not self._batches:
+                claim = await self._claim_once(self._task_names, limit)
+                return Pass(claim, list(claim.jobs), len(claim.jobs) + claim.deferred == limit)
+            return await self._claim_groups(limit, left)
         except LockTimeout:
             raise  # the statement failed before its COMMIT: nothing was claimed
         except DatabaseUnavailable:
             self._orphans_possible = True
             raise
 
-    async def _claim_once(self, limit: int) -> Claim:
+    async def _claim_groups(self, slots: int, left: int | None) -> Pass:
+        """Offer `slots` to each batch task and to the other tasks, in turn (see above)."""
+        served = set(self._task_names)
+        groups: list[str | None] = [t for t in self._batches if t in served]
+        groups.append(None)  # every other task
+        start = self._turn % len(groups)
+        self._turn += 1
+        parts: list[Claim] = []
+        work: list[Work] = []
+        full = False
+        now = anyio.current_time()
+        hold_ends: list[float] = []
+        try:
+            for group in groups[start:] + groups[:start]:
+                if slots <= 0 or left == 0:
+                    break
+                if group is None:
+                    tasks = [t for t in self._task_names if t not in self._batches]
+                    if not tasks:
+                        continue
+                    limit = slots if left is None else min(slots, left)
+                    part = await self._claim_once(tasks, limit)
+                    parts.append(part)
+                    work.extend(part.jobs)
+                    taken = len(part.jobs) + part.deferred
+                    full = full or taken == limit
+                    slots -= taken
+                    left = None if left is None else left - len(part.jobs)
+                    continue
+                if (until := self._held.get(group, 0.0)) > now:
+                    hold_ends.append(until)
+                    continue
+                batching = self._batches[group]
+                while slots > 0 and left != 0:
+                    limit = batching.size if left is None else min(batching.size, left)
+                    part = await self._claim_tasks([group], limit)
+                    parts.append(part)
+                    # A claim counts a slot even when a rate limit deferred all it found:
+                    # else such claims go on, in this pass, through the whole backlog (the
+                    # shared claim counts its deferred ones as taken too).
+                    if part.jobs or part.deferred:
+                        slots -= 1
+                    if part.jobs:
+                        work.append(tuple(part.jobs))
+                        left = None if left is None else left - len(part.jobs)
+                    if len(part.jobs) + part.deferred < limit:
+                        if part.jobs and batching.wait > 0:
+                            self._held[group] = now + batching.wait
+                        break
+                    full = full or slots == 0
+        except (DatabaseUnavailable, LockTimeout):
+            if not parts:
+                raise
+            # Jobs already claimed are handed over; what the failed claim may have
+            # committed unseen is released before the next one.
+            self._orphans_possible = True
+        nexts = [p.next_in for p in parts if p.next_in is not None]
+        # A held batch task's hold ends on the timer: what gathered meanwhile is claimed.
+        nexts.extend(until - anyio.current_time() for until in hold_ends)
+        claim = Claim(
+            [job for p in parts for job in p.jobs],
+            min(nexts) if nexts else None,
+            frozenset().union(*(p.full for p in parts)),
+            sum(p.deferred for p in parts),
+        )
+        return Pass(claim, work, full)
+
+    async def _claim_once(self, tasks: Sequence[str], limit: int) -> Claim:
         rooms = self._rooms()
         if not rooms:
-            return await self._claim_tasks(self._task_names, limit)
+            return await self._claim_tasks(tasks, limit)
         # A capped task with less room than the limit gets a claim of its own, bounded by
         # its room: in the shared one it could take every free slot, and its surplus would
         # wait for the endpoint holding slots (and leases) other tasks could use.  Claimed
@@ -402,13 +512,13 @@ class Dispatcher:
         parts: list[Claim] = []
         left = limit
         try:
-            for task in self._task_names:
+            for task in tasks:
                 room = small.get(task)
                 if room is not None and room > 0 and left > 0:
                     part = await self._claim_tasks([task], min(room, left))
                     parts.append(part)
                     left -= len(part.jobs) + part.deferred
-            rest = [t for t in self._task_names if t not in small]
+            rest = [t for t in tasks if t not in small]
             if left > 0 and (rest or not parts):
                 parts.append(await self._claim_tasks(rest, left))
         except (DatabaseUnavailable, LockTimeout):

@@ -13,13 +13,14 @@ from numbers import Integral
 from typing import Any, TypedDict
 
 from . import codec, store, typed_payloads
-from .errors import InvalidJob
+from .errors import ConfigurationError, InvalidJob
 from .registry import (
     DEFAULT_QUEUE,
     Handler,
     Registry,
     Task,
     check_queue_name,
+    check_tags,
     check_task_name,
 )
 
@@ -46,6 +47,7 @@ class ManyOptions(TypedDict, total=False):
     rate_key: str | None  # shares the rate limit of that key (notifyq.rate_limits)
     depends_on: Iterable[int] | None  # ids of jobs that must succeed first
     on_dependency_failure: str  # "cancel" (default) or "run"
+    tags: Iterable[str] | None  # labels to find jobs by, added to the task's own
 
 
 class EnqueueOptions(ManyOptions, total=False):
@@ -132,7 +134,22 @@ def build(
         on_dependency_failure=failure_policy(options.get("on_dependency_failure", "cancel")),
         unique_for=unique_for,
         on_duplicate=on_duplicate,
+        tags=job_tags(known, options.get("tags")),
     )
+
+
+def job_tags(task: Task | None, tags: Iterable[str] | None) -> list[str] | None:
+    """The task's tags, then the enqueue's not already among them; None when there are none."""
+    try:
+        given = check_tags(tags)
+    except ConfigurationError as exc:
+        raise InvalidJob(str(exc)) from None
+    own = task.tags if task is not None else ()
+    merged = [*own, *(tag for tag in dict.fromkeys(given) if tag not in own)]
+    try:
+        return list(check_tags(merged)) or None
+    except ConfigurationError as exc:
+        raise InvalidJob(f"{exc} (the task's tags and the enqueue's together)") from None
 
 
 def window(unique_for: timedelta | float | None, dedupe_key: str | None) -> float | None:

@@ -11,6 +11,7 @@
     ├── OperationRefused        an admin function refused (unknown job id, wrong state, ...)
     ├── JobFailed               App.wait(): the job ended dead or cancelled
     ├── SignatureError          notifyq.http.verify(): a request's signature does not hold
+    ├── OutcomeAlreadySet       a batch handler settled an item twice, or after its call
     └── JobFailure              raised *by handlers* to steer what happens to the job
         ├── Retry               fail this attempt; run again no earlier than `after` seconds
         └── DoNotRetry          fail this attempt and send the job to `dead` at once
@@ -127,6 +128,11 @@ class JobFailed(NotifyqError):
         self.error = error
         first = (error or "").split("\n", 1)[0]
         super().__init__(f"job {job_id} is {status}" + (f": {first}" if first else ""))
+
+
+class OutcomeAlreadySet(NotifyqError):
+    """A batch handler settled an item that already had its outcome, or after the call
+    ended (batch.py): each item is settled at most once, before the handler returns."""
 
 
 class SignatureError(NotifyqError):

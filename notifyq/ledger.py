@@ -20,7 +20,9 @@ Who moves an attempt, and who reads what:
     worker.py        reads `ids()` for cancellations, and `running` for the metrics
 
 `running` and `pending` are kept apart because they mean different things to
-the dispatcher: a running attempt holds a slot, a pending one only a row.
+the dispatcher: a running attempt holds a slot, a pending one only a row.  The
+attempts of one batch (a batch handler's, batch.py) share a single slot:
+`slots` counts slots taken, `running` attempts.
 Both hold a lease, so the lease keeper renews all of them (being written too:
 a write may fail and be retried).
 
@@ -50,6 +52,7 @@ class Ledger:
         self._running: set[Attempt] = set()  # handed to the pool, handler not done
         self._pending: set[Attempt] = set()  # handler done, outcome not written
         self._writing: set[Attempt] = set()  # of the pending: being written now
+        self._sharing = 0  # running attempts that share a batch's slot (all but one each)
 
     def __len__(self) -> int:
         """Attempts held: running, or whose outcome is not written yet."""
@@ -61,6 +64,12 @@ class Ledger:
         """Attempts handed to the pool whose handler is not done: the slots they take."""
         with self._lock:
             return len(self._running)
+
+    @property
+    def slots(self) -> int:
+        """Slots the running attempts take: one each, one per batch for a batch's."""
+        with self._lock:
+            return len(self._running) - self._sharing
 
     @property
     def pending(self) -> int:
@@ -78,6 +87,24 @@ class Ledger:
                 return False
             self._running.add(attempt)
             return True
+
+    def claimed_batch(self, attempts: Collection[Attempt]) -> list[Attempt]:
+        """These attempts are ours and handed to the pool as one batch, in one slot.
+        Returns those entered; one already running is left out, as `claimed` does."""
+        with self._lock:
+            entered = [a for a in dict.fromkeys(attempts) if a not in self._running]
+            self._running.update(entered)
+            self._sharing += max(len(entered) - 1, 0)
+            return entered
+
+    def finished_batch(self, attempts: Collection[Attempt]) -> int:
+        """`finished` for every attempt of a batch `claimed_batch` entered, at once: its
+        slot is free.  Returns how many attempts are still running."""
+        with self._lock:
+            self._running.difference_update(attempts)
+            self._pending.update(attempts)
+            self._sharing -= max(len(attempts) - 1, 0)
+            return len(self._running)
 
     def finished(self, attempt: Attempt) -> int:
         """Its handler is done (or it was interrupted): the outcome waits to be written.

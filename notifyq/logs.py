@@ -14,6 +14,15 @@ record (`extra`), so any formatter can use them, `%(job_id)s` included:
 `JsonFormatter` writes every line as {"time", "level", "logger", "event",
 "message"} plus those of the fields the record has, and "error" with the
 traceback when one was logged.
+
+Lines a handler logs itself (`logging.getLogger(__name__).info(...)` inside the
+task) know nothing of the job: `enter_attempt` holds the attempt's job_id, task,
+queue and attempt in a context variable while the handler runs (`enter_attempt`),
+and `JobContextFilter`, on a handler of the logging tree, copies them onto every
+record logged meanwhile.  A filter, not a formatter, because filters run in the
+thread that logs, where the context variable is: a sync handler's worker thread
+gets a copy of the context (anyio.to_thread.run_sync runs the call in
+`copy_context()`), but a thread the handler starts itself does not.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +50,38 @@ def job_fields(job: Job, event: str, **more: Any) -> dict[str, Any]:
         "attempt": job.attempt,
         **more,
     }
+
+
+_CONTEXT = ("job_id", "task", "queue", "attempt")
+
+# The attempt running in this context: (job_id, task, queue, attempt), in _CONTEXT's order.
+_attempt: ContextVar[tuple[int, str, str, int] | None] = ContextVar("notifyq_attempt", default=None)
+
+
+def enter_attempt(job_id: int, task: str, queue: str, attempt: int) -> Token[Any]:
+    """From now on in this context (this task, and the threads it hands a copy of its
+    context), records carry the attempt's fields through `JobContextFilter`; until
+    `leave_attempt` with the token returned."""
+    return _attempt.set((job_id, task, queue, attempt))
+
+
+def leave_attempt(token: Token[Any]) -> None:
+    _attempt.reset(token)
+
+
+class JobContextFilter(logging.Filter):
+    """Adds job_id, task, queue and attempt to the records logged while a handler runs
+    (see `enter_attempt`); a field the record has already is kept.  Put it on a logging
+    handler (`handler.addFilter(JobContextFilter())`), not on a logger: a logger's
+    filters do not see the records of its children.  `notifyq serve` does it for you."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        running = _attempt.get()
+        if running is not None:
+            for name, value in zip(_CONTEXT, running, strict=True):
+                if getattr(record, name, None) is None:
+                    setattr(record, name, value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):

@@ -8,10 +8,11 @@ dispatcher's own counters, through `Figures`, a snapshot of the few it needs
 (metrics know nothing else of the dispatcher), and from the database the queue
 depth (jobs_claim_idx only), the ready jobs no live dispatcher would claim (no
 dispatcher serves their queue, or none has a handler for their task: they wait
-for one), the enqueue-to-start wait of the attempts this process started
-since the last scrape (by primary key), and how many inserts sent or skipped
-their wake-up (two sequences the insert trigger advances: the producers pay one
-nextval() a statement for it, no row write; see notifyq.queue_appetite).
+for one), the paused queues and tasks (notifyq_queue_paused), the
+enqueue-to-start wait of the attempts this process started since the last
+scrape (by primary key), and how many inserts sent or skipped their wake-up
+(two sequences the insert trigger advances: the producers pay one nextval() a
+statement for it, no row write; see notifyq.queue_appetite).
 
     /metrics   Prometheus text format
     /healthz   200 while the process serves HTTP at all (liveness)
@@ -77,6 +78,9 @@ class Figures:
     listening: bool  # the listener is connected, or the dispatcher is not to listen
 
 
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
 class Metrics:
     """The dispatcher's Prometheus registry and its hooks: `started` for each job claimed,
     and the completer's outcomes (`decided`, `settled`: a completion.Subscriber)."""
@@ -127,6 +131,13 @@ class Metrics:
             LABELS,
             registry=r,
         )
+        self._paused = prom.Gauge(
+            "notifyq_queue_paused",
+            "1 for each paused queue (task '*') and each task paused in a queue (notifyq "
+            "pause): none of their jobs start until resumed; read at scrape time.",
+            LABELS,
+            registry=r,
+        )
         self._http_requests = prom.Counter(
             "notifyq_http_requests",
             "Requests to HTTP tasks' endpoints, by status code ('timeout': no response in "
@@ -141,11 +152,19 @@ class Metrics:
             buckets=BUCKETS,
             registry=r,
         )
+        self._breakers = prom.Gauge(
+            "notifyq_circuit_breaker_state",
+            "1 for the state each task's circuit breaker is in (closed, open, half_open), 0 "
+            "for the others; read at scrape time (the whole database's).",
+            ["task", "state"],
+            registry=r,
+        )
         self._up = prom.Gauge(
             "notifyq_database_up", "1 if the scrape's queries reached the database.", registry=r
         )
         self._waits: deque[int] = deque(maxlen=MAX_PENDING_WAITS)
         self.wakeups: store.rows.Wakeups | None = None  # the database's, at the last scrape
+        self.breakers: list[store.rows.BreakerState] = []  # ditto
         self._conn: Any = None
         self._conn_lock = threading.Lock()
         r.register(_Collector(self))
@@ -200,8 +219,10 @@ class Metrics:
                     self._conn = store.connect_sync(self._dsn)
                 depth = store.monitoring.queue_depth(self._conn)
                 unserved = store.monitoring.unserved_jobs(self._conn)
+                pauses = store.monitoring.queue_pauses(self._conn)
                 waits = store.monitoring.start_waits(self._conn, ids)
                 self.wakeups = store.monitoring.wakeups(self._conn)
+                self.breakers = store.monitoring.circuit_breakers(self._conn)
         except NotifyqError as exc:
             log.warning("metrics: could not query the database (%s)", exc)
             self.close()
@@ -215,8 +236,15 @@ class Metrics:
         self._unserved.clear()
         for u in unserved:
             self._unserved.labels(u.queue, u.task).set(u.jobs)
+        self._paused.clear()
+        for p in pauses:
+            self._paused.labels(p.queue, p.task).set(1)
         for w in waits:
             self._wait.labels(w.queue, w.task).observe(w.wait)
+        self._breakers.clear()
+        for b in self.breakers:
+            for state in BREAKER_STATES:
+                self._breakers.labels(b.task, state).set(int(b.state == state))
 
     def close(self) -> None:
         with self._conn_lock:
@@ -280,6 +308,16 @@ class _Collector:
                 "notification: every dispatcher of the queue was draining.",
                 value=wakeups.skipped,
             )
+        if self._m.breakers:
+            opens = CounterMetricFamily(
+                "notifyq_circuit_breaker_opens",
+                "Times each task's circuit breaker opened (or opened again after a failed "
+                "probe), since it was created; the whole database's.",
+                labels=["task"],
+            )
+            for b in self._m.breakers:
+                opens.add_metric([b.task], b.opens)
+            yield opens
         yield GaugeMetricFamily(
             "notifyq_running_jobs", "Jobs running in this process.", value=w.running
         )

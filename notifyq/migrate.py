@@ -15,7 +15,9 @@ this code needs is the newest file's number: nothing else writes it down.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Any, Final
+
+import psycopg
 
 from . import store
 from .errors import SchemaMissing
@@ -38,23 +40,34 @@ def migrate(dsn: str) -> tuple[int | None, int]:
         # translated() around the transaction too: its COMMIT (deferred checks, a lost
         # connection) is a statement of its own, outside the store's functions.
         with store.translated(), conn.transaction():
-            store.lock_migrations(conn)
-            before = store.schema_version(conn)
-            current = before or 0
-            for version, script in store.migration_scripts():
-                if version > current:
-                    store.apply_script(conn, version, script)
-                    current = version
+            before, current = upgrade(conn)
         if before != current:
             log.info("migrated schema from=%s to=%s", before, current)
         return before, current
+
+
+def upgrade(conn: psycopg.Connection[Any], up_to: int | None = None) -> tuple[int | None, int]:
+    """`migrate` on the caller's connection, inside the transaction it holds (a Django
+    migration's, say), up to version `up_to` (None: the newest); returns (version before,
+    version after).  The advisory lock is the transaction's: it holds until the caller
+    commits, so a second process migrating at once waits, then finds nothing to do."""
+    store.lock_migrations(conn)
+    before = store.schema_version(conn)
+    current = before or 0
+    for version, script in store.migration_scripts():
+        if current < version and (up_to is None or version <= up_to):
+            store.apply_script(conn, version, script)
+            current = version
+    return before, current
 
 
 def script(after: int = 0) -> str:
     """The SQL that `migrate` would run on a database at schema version `after` (0: no
     schema yet), for teams that apply schema changes with their own migration tool.
     Apply it in one transaction; it records each version it installs, so `migrate`,
-    `check` and `notifyq health` see the result as they see their own."""
+    `check` and `notifyq health` see the result as they see their own.  It first raises
+    (SQLSTATE 55000, object_not_in_prerequisite_state) unless the database is at `after`,
+    so a script applied to the wrong database fails before it changes anything."""
     if after < 0:
         raise ValueError(f"schema version {after}: versions start at 1 (0: no schema yet)")
     if after > SCHEMA_VERSION:

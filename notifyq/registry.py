@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .breaker import CircuitBreaker
 from .codec import Undecodable
 from .errors import ConfigurationError, PayloadError
 from .retry import Backoff
@@ -18,6 +19,8 @@ TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
 QUEUE_NAME = re.compile(r"[a-z0-9_][a-z0-9_-]{0,62}")
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 5
+MAX_TAGS = 20  # jobs_tags_valid: at most 20 tags ...
+MAX_TAGS_LENGTH = 1000  # ... of 1000 characters in all, none empty
 
 Handler = Callable[..., Any]
 
@@ -51,6 +54,76 @@ def check_task_name(name: str) -> str:
     return name
 
 
+MAX_BATCH_SIZE = 1000  # jobs one batch handler call takes at most: a claim's most
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """A batch handler's settings (batch.py): up to `size` jobs a call; after a call
+    that was not full, the task's next claim waits up to `wait` seconds for more."""
+
+    size: int
+    wait: float = 0.0
+
+
+def check_batching(batch_size: int | None, batch_wait: float | None) -> Batching | None:
+    if batch_size is None:
+        if batch_wait is not None:
+            raise ConfigurationError("batch_wait needs batch_size: it is a batch handler's")
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ConfigurationError(f"batch_size must be an integer, got {batch_size!r}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ConfigurationError(
+            f"batch_size must be from 1 to {MAX_BATCH_SIZE} (the most one claim takes), "
+            f"got {batch_size}"
+        )
+    wait = 0.0 if batch_wait is None else batch_wait
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 60:
+        raise ConfigurationError(
+            f"batch_wait must be from 0 to 60 seconds (the most a job may wait for a fuller "
+            f"batch), got {batch_wait!r}"
+        )
+    return Batching(batch_size, float(wait))
+
+
+def check_batch_handler(handler: Handler) -> None:
+    """A batch handler is called with its list alone: one that needs a second argument
+    (a JobContext, as a plain handler may take) would fail every call with a TypeError."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # builtins without a signature: called with the list
+        return
+    try:
+        signature.bind([])
+    except TypeError:
+        raise ConfigurationError(
+            f"batch handler {getattr(handler, '__qualname__', handler)!r} must take the list "
+            f"of BatchItem as its only argument, not {signature}: each item has its job's "
+            "context (item.ctx)"
+        ) from None
+
+
+def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
+    """Tags as the schema's CHECK jobs_tags_valid takes them (a tuple; empty: none)."""
+    if tags is None:
+        return ()
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, Iterable):
+        raise ConfigurationError(f"tags must be a list of strings, not {tags!r}")
+    found = tuple(tags)
+    for tag in found:
+        if not isinstance(tag, str) or not tag:
+            raise ConfigurationError(f"each tag must be a non-empty string, not {tag!r}")
+    if len(found) > MAX_TAGS:
+        raise ConfigurationError(f"a job has at most {MAX_TAGS} tags, not {len(found)}")
+    if sum(len(tag) for tag in found) > MAX_TAGS_LENGTH:
+        raise ConfigurationError(
+            f"a job's tags are at most {MAX_TAGS_LENGTH} characters in all, not "
+            f"{sum(len(tag) for tag in found)}"
+        )
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """A registered handler and the settings its jobs run with."""
@@ -67,6 +140,12 @@ class Task:
     model: type | None = None
     is_async: bool = False
     wants_context: bool = False
+    # Written to notifyq.circuit_breakers at start-up; None leaves that table alone (a
+    # breaker set there in SQL stays).
+    circuit_breaker: CircuitBreaker | None = None
+    # Set for a batch handler, which takes a list of BatchItem (batch.py); None: one job a call.
+    batch: Batching | None = None
+    tags: tuple[str, ...] = ()  # every job of the task gets them (enqueue adds its own)
 
     def __post_init__(self) -> None:
         # Every task decodes through _refuse_undecodable first, so a payload PostgreSQL

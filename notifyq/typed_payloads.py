@@ -38,8 +38,9 @@ log = logging.getLogger("notifyq.registry")
 Decode = Callable[[Any], Any]
 
 
-def model_of(handler: Callable[..., Any]) -> type | None:
-    """The dataclass or pydantic model the handler's first parameter is annotated with.
+def model_of(handler: Callable[..., Any], *, batch: bool = False) -> type | None:
+    """The dataclass or pydantic model the handler's first parameter is annotated with
+    (with `batch`, a batch handler's: `list[BatchItem[Model]]` or any sequence of them).
     Only that annotation is resolved: another one that names a class imported under
     TYPE_CHECKING must not make the payload untyped."""
     try:
@@ -68,9 +69,20 @@ def model_of(handler: Callable[..., Any]) -> type | None:
             return None
     if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
+    if batch:
+        annotation = _item_payload(annotation)
     if isinstance(annotation, type) and (_is_pydantic(annotation) or _is_dataclass(annotation)):
         return annotation
     return None
+
+
+def _item_payload(annotation: Any) -> Any:
+    """X of a batch handler's `Sequence[BatchItem[X]]` (None when it says no X)."""
+    items = typing.get_args(annotation)
+    if len(items) != 1:
+        return None
+    payload = typing.get_args(items[0])
+    return payload[0] if len(payload) == 1 else None
 
 
 def decoder(model: type) -> Decode:

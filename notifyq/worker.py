@@ -37,7 +37,7 @@ from .dispatcher import Dispatcher
 from .errors import DatabaseUnavailable
 from .http.endpoints import Secrets
 from .http.serving import HttpServing, check_secrets
-from .job import Job, JobState
+from .job import JobState
 from .leases import LeaseKeeper, heartbeat_for
 from .ledger import Ledger
 from .metrics import Exporter, Figures, Metrics
@@ -46,7 +46,7 @@ from .progress import Reports
 from .registry import Registry
 from .settings import MAX_BATCH, Settings
 from .store import TaskSettings
-from .worker_pool import Finished, WorkerPool
+from .worker_pool import Finished, Work, WorkerPool
 
 log = logging.getLogger("notifyq")
 
@@ -128,6 +128,7 @@ class Worker:
                     t.backoff.factor,
                     t.backoff.max_delay,
                     t.timeout,
+                    t.circuit_breaker,
                 )
                 for t in registry
             ],
@@ -137,6 +138,7 @@ class Worker:
             until_empty=settings.until_empty,
             rooms=lambda: self.http.rooms(),
             appetite=self.appetite,
+            batches={t.name: t.batch for t in registry if t.batch is not None},
         )
         self.completer = Completer(
             complete_store,
@@ -205,11 +207,12 @@ class Worker:
         self.dispatcher.serve_tasks(tasks)
         self.leases.serve_tasks(tasks)
 
-    def _submit(self, job: Job) -> None:
-        if self.metrics is not None:
-            self.metrics.started(job)
-        self.http.claimed(job.task)
-        self.pool.submit(job)
+    def _submit(self, work: Work) -> None:
+        for job in work if isinstance(work, tuple) else (work,):
+            if self.metrics is not None:
+                self.metrics.started(job)
+            self.http.claimed(job.task)
+        self.pool.submit(work)
 
     def _finished(self, finished: Finished) -> None:
         self.http.released(finished.job.task)
@@ -382,6 +385,7 @@ class Worker:
             on_status=self.leases.poke,
             on_endpoints=self.http.changed,
             on_periodic=self.scheduler.changed,
+            on_breaker=self.dispatcher.wake,
             liveness=self.claimant,
             upkeep=listener.Upkeeping(
                 every=self.upkeep_every,

@@ -16,6 +16,12 @@ ledger as running, and its report moves it to pending (ledger.py) before
 counting free slots) already sees the slot free.  A job claimed again under
 an attempt still in a slot here (cancelled, retried, claimed back) waits
 outside the ledger until that attempt is reported, then takes its slot.
+
+A batch (the jobs of a batch handler's task, claimed together: batch.py) is
+handed over as a tuple of jobs and runs in one slot, as one call; the ledger
+counts its attempts running and its slot taken once, until all are reported
+together.  A job of a batch task handed over alone (its turn came, see above)
+runs as a batch of one.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from . import codec, failpoints, tracing
+from . import codec, failpoints, logs, tracing
+from .batch import BatchItem, conclude
 from .errors import PayloadError, ResultError
 from .job import Job, JobContext, Reporter
 from .ledger import Attempt, Ledger
@@ -65,6 +72,9 @@ class Finished:
 
 
 _NEVER = threading.Event()  # the `cancelled` of async handlers: they get CancelledError
+
+Work = Job | tuple[Job, ...]
+"""What a slot takes: one job, or a batch of jobs of one batch task."""
 
 
 class WorkerPool:
@@ -108,27 +118,42 @@ class WorkerPool:
         Jobs waiting for their attempt's turn (see submit) are not counted."""
         return self._ledger.running
 
-    def submit(self, job: Job) -> None:
-        """Queue a claimed job; the dispatcher never claims more than there are free slots.
-        The attempt is running in the ledger from now until it is reported."""
+    def submit(self, work: Work) -> None:
+        """Queue a claimed job, or a batch; the dispatcher never claims more than there are
+        free slots.  Each attempt is running in the ledger from now until it is reported."""
+        if isinstance(work, tuple):
+            entered = set(self._ledger.claimed_batch([(j.id, j.attempt) for j in work]))
+            batch = tuple(j for j in work if (j.id, j.attempt) in entered)
+            for job in work:
+                if (job.id, job.attempt) not in entered:
+                    self._wait_turn(job)
+            if batch:
+                if self._idle.is_set():
+                    self._idle = anyio.Event()
+                self._handoff.put(batch)
+            return
+        job = work
         attempt = (job.id, job.attempt)
         if not self._ledger.claimed(attempt):
-            # The same (job id, attempt) is still in a slot: its job was cancelled while
-            # it ran (a sync handler that never looks at `cancelled`), then retried, which
-            # starts the attempts over, and this pool claimed it again.  Nothing tells the
-            # two apart (the ledger, `cancel`, the database's fence), so this one waits,
-            # in no slot, until that one is reported; the ledger's entry is that one's.
-            self._next_turn.setdefault(attempt, deque()).append(job)
-            log.warning(
-                "job=%s attempt=%s claimed again while that attempt still runs here (a sync "
-                "handler that does not check ctx.cancelled?): it starts once that one returns",
-                job.id,
-                job.attempt,
-            )
+            self._wait_turn(job)
             return
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._handoff.put(job)
+
+    def _wait_turn(self, job: Job) -> None:
+        # The same (job id, attempt) is still in a slot: its job was cancelled while
+        # it ran (a sync handler that never looks at `cancelled`), then retried, which
+        # starts the attempts over, and this pool claimed it again.  Nothing tells the
+        # two apart (the ledger, `cancel`, the database's fence), so this one waits,
+        # in no slot, until that one is reported; the ledger's entry is that one's.
+        self._next_turn.setdefault((job.id, job.attempt), deque()).append(job)
+        log.warning(
+            "job=%s attempt=%s claimed again while that attempt still runs here (a sync "
+            "handler that does not check ctx.cancelled?): it starts once that one returns",
+            job.id,
+            job.attempt,
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the slots until `close()` and every submitted job has finished."""
@@ -177,45 +202,69 @@ class WorkerPool:
         """Run jobs under one cancel scope until the hand-off is closed and empty (True) or
         `interrupt_all` cancels the scope (False).  One scope per slot, not per attempt:
         creating a scope costs more than a no-op job, and only shutdown ever cancels it."""
-        current: Job | None = None
+        current: Work | None = None
         with anyio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
-                while (job := await self._handoff.get()) is not None:
-                    current = job
-                    finished = await self._attempt(job, scope)
+                while (work := await self._handoff.get()) is not None:
+                    current = work
+                    if isinstance(work, tuple):
+                        self._report_all(await self._batch(work, scope), batch=True)
+                    elif self._is_batch_task(work):
+                        self._report_all(await self._batch((work,), scope), batch=False)
+                    else:
+                        self._report_all([await self._attempt(work, scope)], batch=False)
                     current = None
-                    self._report(finished)
                 return True
             finally:
                 self._scopes.discard(scope)
         if current is not None:  # shutdown or a cancellation interrupted this attempt
-            task = self._registry.get(current.task)
+            jobs = current if isinstance(current, tuple) else (current,)
+            task = self._registry.get(jobs[0].task)
             if task is not None and not task.is_async:
                 self.abandoned += 1
-            self._report(Finished(current, task, interrupted=True))
+            interrupted = [Finished(job, task, interrupted=True) for job in jobs]
+            self._report_all(interrupted, batch=isinstance(current, tuple))
         return False
 
+    def _is_batch_task(self, job: Job) -> bool:
+        task = self._registry.get(job.task)
+        return task is not None and task.batch is not None
+
     def _report(self, finished: Finished) -> None:
-        attempt = (finished.job.id, finished.job.attempt)
-        if self._cancelled and attempt in self._cancelled:
-            self._cancelled.discard(attempt)
-            finished = replace(finished, cancelled=True)
-        still_running = self._ledger.finished(attempt)
-        follower = self._turn_of(attempt) if self._next_turn else None
-        if follower is not None:
-            # Its turn came: in the ledger before the report below wakes anyone, so the
-            # slot it takes is never counted free.
-            self._ledger.claimed(attempt)
-            still_running += 1
-            if not self._closed:
-                self._handoff.put(follower)
+        self._report_all([finished], batch=False)
+
+    def _report_all(self, ended: list[Finished], *, batch: bool) -> None:
+        """Report attempts that ended together: one job's, or a batch's (whose attempts
+        leave their shared slot at once)."""
+        attempts = [(f.job.id, f.job.attempt) for f in ended]
+        if self._cancelled:
+            for i, attempt in enumerate(attempts):
+                if attempt in self._cancelled:
+                    self._cancelled.discard(attempt)
+                    ended[i] = replace(ended[i], cancelled=True)
+        if batch:
+            still_running = self._ledger.finished_batch(attempts)
+        else:
+            still_running = self._ledger.finished(attempts[0])
+        followers: list[Job] = []
+        for attempt in attempts if self._next_turn else ():
+            follower = self._turn_of(attempt)
+            if follower is not None:
+                # Its turn came: in the ledger before the report below wakes anyone, so
+                # the slot it takes is never counted free.
+                self._ledger.claimed(attempt)
+                still_running += 1
+                followers.append(follower)
+                if not self._closed:
+                    self._handoff.put(follower)
         if not still_running:
             self._idle.set()
-        if failpoints.ACTIVE and not finished.interrupted:
+        if failpoints.ACTIVE and not ended[0].interrupted:
             failpoints.hit("handler-after")
-        self._on_finished(finished)
-        if follower is not None and self._closed:  # shutdown: it never starts
+        for finished in ended:
+            self._on_finished(finished)
+        for follower in followers if self._closed else ():  # shutdown: they never start
             self._report(Finished(follower, self._registry.get(follower.task), interrupted=True))
 
     def _turn_of(self, attempt: Attempt) -> Job | None:
@@ -233,20 +282,13 @@ class WorkerPool:
         if self._interrupting:  # claimed just before shutdown and never started
             return Finished(job, task, interrupted=True)
         cancelled = threading.Event() if task is not None and not task.is_async else None
-        context = JobContext(
-            job.id,
-            job.queue,
-            job.task,
-            job.attempt,
-            job.max_attempts,
-            self._stopping,
-            cancelled or _NEVER,
-            job.checkpoint,
-            self._reporter,
-        )
+        context = self._context(job, cancelled or _NEVER)
         attempt = (job.id, job.attempt)
         self._running[attempt] = (scope, cancelled)
         tracer = tracing.tracer()  # None unless an OpenTelemetry provider is configured
+        # The handler's own log lines name the job (logs.py); a sync handler's thread gets
+        # a copy of this context from anyio.
+        logged_as = logs.enter_attempt(job.id, job.task, job.queue, job.attempt)
         began = time.monotonic()
         try:
             if tracer is None:
@@ -275,28 +317,106 @@ class WorkerPool:
                 job, task, exc, traceback.format_exc(), runtime=time.monotonic() - began
             )
         finally:
+            logs.leave_attempt(logged_as)
             del self._running[attempt]
+
+    def _context(self, job: Job, cancelled: threading.Event) -> JobContext:
+        return JobContext(
+            job.id,
+            job.queue,
+            job.task,
+            job.attempt,
+            job.max_attempts,
+            self._stopping,
+            cancelled,
+            job.checkpoint,
+            self._reporter,
+        )
+
+    async def _batch(self, jobs: tuple[Job, ...], scope: anyio.CancelScope) -> list[Finished]:
+        """Run a batch handler once for these jobs of its task; how each attempt ended."""
+        task = self._registry.get(jobs[0].task)
+        if self._interrupting:  # claimed just before shutdown and never started
+            return [Finished(job, task, interrupted=True) for job in jobs]
+        if task is None:
+            return [Finished(job, task, self._unknown(job)) for job in jobs]
+        ended: dict[Attempt, Finished] = {}
+        items: list[BatchItem[Any]] = []
+        lock = threading.Lock()
+        for job in jobs:
+            try:
+                payload = self._decode(task, job)
+            except PayloadError as exc:  # dead alone, before the call: the others go on
+                ended[(job.id, job.attempt)] = Finished(job, task, exc, runtime=0.0)
+                continue
+            # Each item's own event, async handlers' too: a cancelled job must not cancel
+            # the call the other items are in (see cancel).
+            cancelled = threading.Event()
+            items.append(BatchItem(payload, self._context(job, cancelled), lock))
+            self._running[(job.id, job.attempt)] = (scope, cancelled)
+        began = time.monotonic()
+        returned: Any = None
+        error: BaseException | None = None
+        trace: str | None = None
+        try:
+            if items:
+                # A list of its own: a handler that consumes or filters it in place must
+                # not hide items from the outcomes read below, nor from _running's cleanup.
+                returned = await self._timed(task, (list(items),))
+        except Exception as exc:
+            error, trace = exc, traceback.format_exc()
+        except anyio.get_cancelled_exc_class():
+            if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
+                raise  # a real cancellation: ours (shutdown) or an enclosing one
+            error = RuntimeError("the handler raised CancelledError")
+            trace = traceback.format_exc()
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: only these jobs fail
+            error, trace = exc, traceback.format_exc()
+        finally:
+            for item in items:
+                del self._running[(item.ctx.id, item.ctx.attempt)]
+        runtime = time.monotonic() - began
+        outcomes = conclude(items, returned, error, trace, lambda r: encode_result(task.name, r))
+        by_id = {job.id: job for job in jobs}
+        for item, (failure, text, result) in zip(items, outcomes, strict=True):
+            job = by_id[item.ctx.id]
+            ended[(job.id, job.attempt)] = Finished(
+                job, task, failure, text, result=result, runtime=runtime
+            )
+        return [ended[(job.id, job.attempt)] for job in jobs]
+
+    @staticmethod
+    def _unknown(job: Job) -> UnknownTask:
+        return UnknownTask(
+            f"unknown task {job.task!r}: no handler is registered under this name "
+            f"in the app serving queue {job.queue!r}"
+        )
 
     async def _handle(self, task: Task | None, job: Job, context: JobContext) -> str | None:
         """Run the handler; what it returned, as JSON text."""
         if task is None:
-            raise UnknownTask(
-                f"unknown task {job.task!r}: no handler is registered under this name "
-                f"in the app serving queue {job.queue!r}"
-            )
+            raise self._unknown(job)
         return encode_result(task.name, await self._call(task, job, context))
 
+    @staticmethod
+    def _decode(task: Task, job: Job) -> Any:
+        if task.decode is None:
+            return job.payload
+        try:
+            return task.decode(job.payload)
+        except Exception as exc:
+            raise PayloadError(
+                f"payload of job {job.id} cannot be decoded for task {task.name!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
     async def _call(self, task: Task, job: Job, context: JobContext) -> Any:
-        payload = job.payload
-        if task.decode is not None:
-            try:
-                payload = task.decode(payload)
-            except Exception as exc:
-                raise PayloadError(
-                    f"payload of job {job.id} cannot be decoded for task {task.name!r}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+        payload = self._decode(task, job)
         args = (payload, context) if task.wants_context else (payload,)
+        return await self._timed(task, args)
+
+    async def _timed(self, task: Task, args: tuple[Any, ...]) -> Any:
+        """The handler's call under the task's timeout."""
         if task.timeout is None:  # no second cancel scope on the hot path
             return await self._invoke(task, args)
         try:
@@ -336,11 +456,11 @@ class _Handoff:
     __slots__ = ("_closed", "_jobs", "_waiting")
 
     def __init__(self) -> None:
-        self._jobs: deque[Job] = deque()
-        self._waiting: deque[asyncio.Future[Job | None]] = deque()
+        self._jobs: deque[Work] = deque()
+        self._waiting: deque[asyncio.Future[Work | None]] = deque()
         self._closed = False
 
-    def put(self, job: Job) -> None:
+    def put(self, job: Work) -> None:
         while self._waiting:
             slot = self._waiting.popleft()
             if not slot.done():  # a slot cancelled while it waited is gone
@@ -356,7 +476,7 @@ class _Handoff:
             if not slot.done():
                 slot.set_result(None)
 
-    async def get(self) -> Job | None:
+    async def get(self) -> Work | None:
         # A checkpoint between two jobs, as the stream had: a slot that finds work queued
         # every time must still let the other tasks of the loop run, and see cancellation.
         await anyio.lowlevel.checkpoint()
@@ -364,7 +484,7 @@ class _Handoff:
             return self._jobs.popleft()
         if self._closed:
             return None
-        slot: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+        slot: asyncio.Future[Work | None] = asyncio.get_running_loop().create_future()
         self._waiting.append(slot)
         try:
             return await slot

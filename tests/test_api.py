@@ -12,6 +12,8 @@ from notifyq import Backoff
 PUBLIC = {
     "App",
     "Backoff",
+    "BatchItem",
+    "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DoNotRetry",
@@ -103,6 +105,7 @@ def test_the_enqueue_methods_take_the_documented_keywords_and_refuse_others() ->
         "rate_key",
         "depends_on",
         "on_dependency_failure",
+        "tags",
     }
     assert every - many == {"dedupe_key", "unique_for", "on_duplicate"}
     # Nothing listens there: only a call that got past the keywords would try to connect.

@@ -48,7 +48,7 @@ SERVE = ["serve", "--app", "examples.hello:app"]
         ),
         (["enqueue", "t", "{bad"], "Invalid value for '[PAYLOAD]': not valid JSON"),
         (["retry"], "give either a job ID or --dead"),
-        (["retry", "7", "--queue", "q"], "--queue and --task go with --dead"),
+        (["retry", "7", "--queue", "q"], "--queue, --task and --tag go with --dead"),
         (["limit", "slow", "-1"], "the cap must be a whole number of jobs"),
         (["cap", "slow", "lots"], "not 'lots'"),
         (["cap", "slow", "1000001"], "from 0 (pauses the queue) to 1,000,000, or 'none'"),

@@ -341,7 +341,8 @@ async def test_scheduler_survives_its_connection_being_cut(dsn: str) -> None:
                 query(
                     dsn,
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name = 'notifyq:periodic-test'",
+                    " WHERE application_name = 'notifyq:periodic-test'"
+                    " AND datname = current_database()",
                 )
                 before = count()
                 while count() < before + 2:  # noqa: ASYNC110 - a table, not an event

@@ -71,6 +71,9 @@ CLAIM = {
     "lease": 30.0,
     "task_names": ["t", "t2"],
 }
+# A batch task's claim (`@app.task(batch_size=100)`, and a SQL worker's notifyq.claim with
+# one task): the same statement, for one task and a batch's worth.
+BATCH_CLAIM = {**CLAIM, "limit": 100, "task_names": ["t"]}
 # The indexes the claim may read notifyq.jobs through: its own, the schedule's, and the
 # primary key for its writes.
 CLAIM_INDEXES = {"jobs_claim_idx", "jobs_scheduled_idx", "jobs_pkey"}
@@ -199,10 +202,11 @@ def finished_dsn(server: Server) -> Iterator[str]:
         yield dsn
 
 
+@pytest.mark.parametrize("params", [CLAIM, BATCH_CLAIM], ids=["claim", "batch-claim"])
 @pytest.mark.parametrize("table", ["queued_dsn", "finished_dsn"], ids=["1M-queued", "2M-finished"])
 @pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
 def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
-    request: pytest.FixtureRequest, server: Server, table: str, generic: bool
+    request: pytest.FixtureRequest, server: Server, table: str, generic: bool, params: Any
 ) -> None:
     """generic: what the dispatcher runs (its claim connection forces generic plans).
     Every read of notifyq.jobs is an index probe and the rows read stay near the rows
@@ -210,7 +214,7 @@ def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
     hundreds of thousands here."""
     dsn = request.getfixturevalue(table)
     # The claim is notifyq.claim_jobs: the plans of the statements it runs.
-    plans = nested_plans(dsn, "claim", CLAIM, generic=generic, analyze=True)
+    plans = nested_plans(dsn, "claim", params, generic=generic, analyze=True)
     nodes = [node for plan in plans for node in plan]
     found = scans(nodes)
     jobs_scans = {
@@ -223,12 +227,91 @@ def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
     assert ("Index Scan", "jobs_pkey") in found  # the claim's UPDATE, by id
     assert any(index == "jobs_scheduled_idx" for _, index in found)  # the timer's next run_at
     claimed = next(n for n in nodes if n.get("Operation") == "Update" and n["Actual Rows"])
-    assert claimed["Actual Rows"] == CLAIM["limit"]
+    assert claimed["Actual Rows"] == params["limit"]
     # Each (queue, task) pair's best rows are read once to rank them (up to a claim's
     # worth each), the claimed ones twice more (locked, updated), and one probe per pair
     # finds the timer's next run_at.
+    pairs = len(params["queues"]) * len(params["task_names"])
+    assert rows_read(nodes) <= (pairs + 2) * params["limit"] + pairs, rows_read(nodes)
+
+
+@pytest.mark.parametrize("state", ["open", "cooled"], ids=["open", "probing"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_a_claim_past_a_circuit_breaker_reads_no_backlog(
+    queued_dsn: str, state: str, generic: bool
+) -> None:
+    """The breaker of task 't' open (its 500,000 ready jobs held back): the claim takes
+    t2's jobs and reads none of t's; its cool-down over (`cooled`): it also starts one
+    probe of t, found along jobs_claim_idx.  Still index probes only, the rows read near
+    the rows claimed."""
+    query(
+        queued_dsn,
+        "INSERT INTO notifyq.circuit_breakers (task, state, opened_at, cooldown)"
+        " VALUES ('t', 'open', now() - CASE WHEN %s THEN interval '1 hour' ELSE '0' END,"
+        " '1 minute')",
+        state == "cooled",
+    )
+    try:
+        plans = nested_plans(queued_dsn, "claim", CLAIM, generic=generic, analyze=True)
+    finally:
+        query(queued_dsn, "DELETE FROM notifyq.circuit_breakers")
+    nodes = [node for plan in plans for node in plan]
+    jobs_scans = {
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes
+        if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]
+    }
+    assert {kind for kind, _ in jobs_scans} <= {"Index Scan", "Index Only Scan"}, jobs_scans
+    assert {index for _, index in jobs_scans} <= CLAIM_INDEXES, jobs_scans
+    updates = [n for n in nodes if n.get("Operation") == "Update" and n["Actual Rows"]]
+    claimed = next(n for n in updates if n.get("Relation Name") == "jobs")
+    assert claimed["Actual Rows"] == CLAIM["limit"]
+    probes = [n for n in updates if n.get("Relation Name") == "circuit_breakers"]
+    # Probing: the breaker turned half-open (the write that then records its probe's id
+    # returns no rows to count here).
+    assert len(probes) == (1 if state == "cooled" else 0), probes
     pairs = len(CLAIM["queues"]) * len(CLAIM["task_names"])
-    assert rows_read(nodes) <= (pairs + 2) * CLAIM["limit"] + pairs, rows_read(nodes)
+    assert rows_read(nodes) <= (pairs + 2) * CLAIM["limit"] + 2 * pairs, rows_read(nodes)
+
+
+@pytest.mark.parametrize("state", ["closed", "open"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_failures_reach_their_breaker_by_key(big_dsn: str, state: str, generic: bool) -> None:
+    """The completion with failures of a task that has a breaker: counted (closed), or
+    given back (open).  Jobs by primary key as ever; the breaker by its task."""
+    query(
+        big_dsn,
+        "UPDATE notifyq.jobs SET status = 'running', attempts = 1, started_at = now(),"
+        " claimed_by = 'c', lease_expires_at = now() + interval '1 minute'"
+        " WHERE id <= 50",
+    )
+    query(
+        big_dsn,
+        "INSERT INTO notifyq.circuit_breakers (task, failures, state, opened_at)"
+        " VALUES ('t', 1000, %s, CASE WHEN %s = 'open' THEN now() END)",
+        state,
+        state,
+    )
+    params = {
+        "ids": list(range(1, 51)),
+        "attempts": [1] * 50,
+        "outcomes": ["failed"] * 50,
+        "errors": ["e"] * 50,
+        "results": [None] * 50,
+        "progresses": [None] * 50,
+        "progress_messages": [None] * 50,
+        "retry_in": [None] * 50,
+        "claimant": "c",
+    }
+    plans = nested_plans(big_dsn, "complete", params, generic=generic, analyze=True)
+    nodes = [node for plan in plans for node in plan if node.get("Relation Name")]
+    found = scans(nodes)
+    assert ("Index Scan", "jobs_pkey") in found, found
+    # queue_events and circuit_breakers hold a row per queue or task: a scan is their
+    # cheapest read.  Never one of notifyq.jobs.
+    jobs_seq = [n for n in nodes if n["Node Type"] == "Seq Scan" and n["Relation Name"] == "jobs"]
+    assert not jobs_seq, found
+    assert not any(idx == "jobs_lease_idx" for _, idx in found), found
 
 
 # Writes by id go through the primary key, one probe per id.  Never the partial index
@@ -317,9 +400,68 @@ def test_until_empty_asks_the_claim_index_whether_work_is_left(big_dsn: str, gen
     """work_left (serve --until-empty): with a backlog it answers from jobs_claim_idx at the
     first ready row; it never reads the table or the finished rows."""
     params = {"queues": ["default"], "tasks": ["t"]}
-    found = scans(prepared_plan(big_dsn, "work_left", params, generic=generic))
+    found = scans(without_pauses(prepared_plan(big_dsn, "work_left", params, generic=generic)))
     assert any(idx == "jobs_claim_idx" for _, idx in found), found
     assert not any(kind == "Seq Scan" for kind, _ in found), found
+
+
+def without_pauses(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The nodes but those reading notifyq.queue_pauses: a row per pause (none, mostly),
+    which a sequential scan reads most cheaply, once per statement or per (queue, task)."""
+    return [n for n in nodes if n.get("Relation Name") != "queue_pauses"]
+
+
+@contextmanager
+def paused(dsn: str, *pauses: tuple[str, str]) -> Iterator[None]:
+    """(queue, task) pairs paused ('*': the whole queue) while inside, on a shared table."""
+    for queue, task in pauses:
+        query(dsn, "INSERT INTO notifyq.queue_pauses (queue, task) VALUES (%s, %s)", queue, task)
+    try:
+        yield
+    finally:
+        query(dsn, "DELETE FROM notifyq.queue_pauses")
+
+
+def claimed_pairs(dsn: str) -> Counter[tuple[str, str]]:
+    """The (queue, task) of what CLAIM claims, in a rolled-back transaction."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction(force_rollback=True):
+        rows = conn.execute(QUERIES["claim"], CLAIM).fetchall()
+    return Counter((r[1], r[2]) for r in rows if r[0] is not None)
+
+
+@pytest.mark.parametrize("pause", [("default", "*"), ("default", "t")], ids=["queue", "task"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_a_paused_backlog_costs_the_claim_nothing(
+    queued_dsn: str, pause: tuple[str, str], generic: bool
+) -> None:
+    """1,000,000 queued jobs, then their queue (or one task of it) paused: the claim takes
+    the other work and reads no more of the paused pairs' jobs than a pair's probe,
+    along its indexes only; the upkeep and work_left say nothing is ready in a paused
+    pair, reading a row or two."""
+    with paused(queued_dsn, pause):
+        got = claimed_pairs(queued_dsn)
+        assert got and all(
+            queue != pause[0] or (pause[1] != "*" and task != pause[1]) for queue, task in got
+        ), got
+        plans = nested_plans(queued_dsn, "claim", CLAIM, generic=generic, analyze=True)
+        nodes = [node for plan in plans for node in plan]
+        jobs_scans = {
+            (n["Node Type"], n.get("Index Name"))
+            for n in nodes
+            if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]
+        }
+        assert {index for _, index in jobs_scans} <= CLAIM_INDEXES, jobs_scans
+        pairs = len(CLAIM["queues"]) * len(CLAIM["task_names"])
+        assert rows_read(nodes) <= (pairs + 2) * CLAIM["limit"] + pairs, rows_read(nodes)
+        one_pair = {"queues": [pause[0]], "tasks": ["t"], "claimant": "me"}
+        for name in ("upkeep", "work_left"):
+            nodes = prepared_plan(queued_dsn, name, one_pair, generic=generic, analyze=True)
+            # At most the probe of the pair's first row, which the planner may make before
+            # it looks at the pause: never the backlog behind it.
+            assert rows_read(nodes) <= 2, (name, scans(nodes))
+        with psycopg.connect(queued_dsn, autocommit=True) as conn:
+            ready = conn.execute(QUERIES["upkeep"], one_pair).fetchone()
+        assert ready is not None and ready[0] is False
 
 
 def nested_plans(
@@ -503,7 +645,7 @@ def test_the_listeners_upkeep_reads_indexes_only(big_dsn: str, generic: bool) ->
         " liveness_lock, alive_at) VALUES ('x', 'h', 1, '{default}', 1, 10, true, now())",
     )
     params = {"claimant": "me", "queues": ["default", "other"], "tasks": ["t", "t2"]}
-    found = scans(prepared_plan(big_dsn, "upkeep", params, generic=generic))
+    found = scans(without_pauses(prepared_plan(big_dsn, "upkeep", params, generic=generic)))
     assert ("Index Only Scan", "jobs_claim_idx") in found or (
         "Index Scan",
         "jobs_claim_idx",

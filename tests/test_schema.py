@@ -70,6 +70,15 @@ BAD_ROWS = [
         "'t', jsonb_build_object('baggage', repeat('b', 4100))",
         "jobs_trace_context_valid",
     ),
+    ("task, tags", "'t', ARRAY['a', NULL]", "jobs_tags_valid"),
+    ("task, tags", "'t', ARRAY['a', '']", "jobs_tags_valid"),
+    ("task, tags", "'t', ARRAY[['a', 'b'], ['c', 'd']]", "jobs_tags_valid"),
+    (
+        "task, tags",
+        "'t', (SELECT array_agg(g::text) FROM generate_series(1, 21) g)",
+        "jobs_tags_valid",
+    ),
+    ("task, tags", "'t', ARRAY[repeat('x', 600), repeat('y', 401)]", "jobs_tags_valid"),
 ]
 
 
@@ -91,7 +100,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 17
+    assert len(comments) == 18
     for name, comment in comments.items():
         assert comment, name
 
@@ -399,6 +408,50 @@ def test_schema_sql_from_a_version_gives_only_the_migrations_above_it(
     with psycopg.connect(empty_dsn) as conn:
         conn.execute(text.encode())
     assert catalog(empty_dsn) == catalog(dsn)
+
+
+def test_schema_sql_fails_before_any_change_on_a_database_at_another_version(
+    dsn: str, empty_dsn: str
+) -> None:
+    """The script starts with a guard: applied to a database that is not at --from (the
+    tool's own bookkeeping gone wrong, the wrong DSN), it raises and changes nothing."""
+    with psycopg.connect(empty_dsn) as conn:
+        for version, script in store.migration_scripts():
+            if version <= 9:
+                store.apply_script(conn, version, script)
+    before = catalog(empty_dsn)
+    now = migrate.SCHEMA_VERSION
+
+    def refused(target: str, *args: str) -> str:
+        script = schema_sql(*args).encode()
+        with (
+            pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as caught,
+            psycopg.connect(target) as conn,
+        ):
+            conn.execute(script)
+        return str(caught.value)
+
+    message = refused(empty_dsn, "--from", "6")
+    assert message.startswith(
+        "notifyq: this script is for a database at notifyq schema version 6, but this one is "
+        "at version 9: stopping before any change"
+    )
+    assert "HINT:  generate the script for it with: notifyq schema sql --from 9" in message
+    message = refused(empty_dsn)  # no --from: for a database without the schema
+    assert message.startswith(
+        "notifyq: this script is for a database without the notifyq schema, but this one is "
+        "at version 9"
+    )
+    assert catalog(empty_dsn) == before
+    assert "HINT:  nothing to apply" in refused(dsn, "--from", "9")
+    assert "HINT:  nothing to apply" in refused(dsn)
+    with psycopg.connect(dsn) as conn:  # --from the current version: a guard and no more
+        conn.execute(schema_sql("--from", str(now)).encode())
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA notifyq CASCADE")
+    message = refused(dsn, "--from", "9")
+    assert "this one has no notifyq schema" in message
+    assert "HINT:  generate the script for it with: notifyq schema sql\n" in message
 
 
 def test_schema_sql_refuses_a_version_this_notifyq_does_not_know() -> None:

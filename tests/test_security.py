@@ -242,7 +242,8 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
         assert not query(dsn, "SELECT has_schema_privilege(%s, 'notifyq', 'CREATE')", role)[0][0]
         assert not query(
             dsn,
-            "SELECT has_function_privilege(%s, 'notifyq.purge(interval, text[])', 'EXECUTE')",
+            "SELECT has_function_privilege("
+            "%s, 'notifyq.purge(interval, text[], text[])', 'EXECUTE')",
             role,
         )[0][0]
     assert query(dsn, "SELECT has_schema_privilege(current_user, 'notifyq', 'CREATE')")[0][0]
@@ -478,6 +479,7 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "appetite_barrier",
         "backoff_delay",
         "cancel_job",
+        "cancel_jobs",
         "claim",
         "claim_jobs",
         "claim_room",
@@ -494,16 +496,21 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "job_status",
         "liveness_held",
         "lock_job",
+        "pause_queue",
         "progress",
         "purge",
+        "purge_batch",
         "purge_batch",
         "rate_admit",
         "rescue",
         "rescue_due",
         "rescue_jobs",
+        "reset_circuit_breaker",
+        "resume_queue",
         "retry_dead",
         "retry_job",
         "set_appetite",
+        "set_circuit_breaker",
         "set_events",
         "set_history",
         "stop_worker",

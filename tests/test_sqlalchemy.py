@@ -3,18 +3,24 @@ the Session (or AsyncSession, or Connection) commits."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import URL, create_engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import notifyq
 from notifyq import migrate
 from notifyq.errors import ConfigurationError
-from tests.conftest import query
+from tests.conftest import REPO, query
 
 pytestmark = pytest.mark.anyio
 
@@ -65,9 +71,12 @@ def test_schema_sql_applies_through_sqlalchemy_as_documented(empty_dsn: str) -> 
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql(migrate.script(0), execution_options={"no_parameters": True})
+        assert migrate.check(empty_dsn) == migrate.SCHEMA_VERSION
+        # The same revision run again (Alembic's bookkeeping lost): its guard stops it.
+        with pytest.raises(DBAPIError, match="stopping before any change"), engine.begin() as conn:
+            conn.exec_driver_sql(migrate.script(0), execution_options={"no_parameters": True})
     finally:
         engine.dispose()
-    assert migrate.check(empty_dsn) == migrate.SCHEMA_VERSION
 
 
 def test_a_connection_must_be_in_a_transaction(dsn: str) -> None:
@@ -139,3 +148,88 @@ async def test_a_driver_other_than_psycopg_is_refused_naming_the_url_to_use(dsn:
         await other.dispose()
         await app.aclose()
     assert tasks(dsn) == []
+
+
+WITH_SQLALCHEMY = """
+from typing import Any
+
+import psycopg
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session, scoped_session
+
+import notifyq
+
+app = notifyq.App()
+engine = create_engine("postgresql+psycopg://")
+
+
+def sync(s: Session, scoped: scoped_session[Session], aconn: AsyncConnection) -> None:
+    with engine.begin() as connection:
+        app.enqueue_sync("t", conn=connection)
+    app.enqueue_sync("t", conn=s)
+    app.enqueue_many_sync("t", [1], conn=scoped)
+    app.enqueue_sync("t", conn=aconn)  # error
+    app.enqueue_sync("t", conn="postgresql://")  # error
+
+
+async def async_(session: AsyncSession, aconn: AsyncConnection, s: Session) -> None:
+    await app.enqueue("t", conn=session)
+    await app.enqueue_many("t", [1], conn=aconn)
+    app.enqueue_sync("t", conn=session)  # error
+    await app.enqueue("t", conn=s)  # error
+"""
+
+WITHOUT_SQLALCHEMY = """
+from typing import Any
+
+import psycopg
+
+import notifyq
+
+app = notifyq.App()
+
+
+async def both(conn: psycopg.Connection[Any], aconn: psycopg.AsyncConnection[Any]) -> None:
+    app.enqueue_sync("t", conn=conn)
+    await app.enqueue("t", conn=aconn)
+    app.enqueue_sync("t", conn="postgresql://")  # error
+    await app.enqueue("t", conn=conn)  # error
+"""
+
+
+@pytest.mark.timeout(300)  # mypy analyses notifyq, psycopg and SQLAlchemy from cold
+def test_conn_is_typed_with_sqlalchemy_installed_or_not(tmp_path: Path) -> None:
+    """mypy on a user's code: with SQLAlchemy, its Session and Connection fit `conn=` and
+    the async ones do not fit the _sync methods (and the other way round); without it
+    (SQLAlchemy's modules skipped, as if not installed), `conn=` is still typed, not Any."""
+    for name, source, config in (
+        ("with_sqlalchemy", WITH_SQLALCHEMY, "[mypy]\nstrict = True\n"),
+        (
+            "without_sqlalchemy",
+            WITHOUT_SQLALCHEMY,
+            "[mypy]\nstrict = True\n[mypy-sqlalchemy.*]\nfollow_imports = skip\n",
+        ),
+    ):
+        snippet = tmp_path / f"{name}.py"
+        snippet.write_text(textwrap.dedent(source).lstrip())
+        (tmp_path / f"{name}.ini").write_text(config)
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "mypy", "--config-file", f"{name}.ini"),
+                *("--cache-dir", str(tmp_path / "cache"), snippet.name),
+            ],
+            cwd=tmp_path,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=280,
+        )
+        errors = {
+            int(m.group(1)) for m in re.finditer(rf"^{name}\.py:(\d+): error:", result.stdout, re.M)
+        }
+        expected = {
+            n for n, line in enumerate(snippet.read_text().splitlines(), 1) if "# error" in line
+        }
+        assert errors == expected, result.stdout + result.stderr
+        assert "arg-type" in result.stdout  # the errors are the ones meant, not import errors

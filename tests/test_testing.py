@@ -3,6 +3,7 @@ the clean state per test, and the plugin as another project's test run uses it."
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 import notifyq
 from notifyq import Backoff, InvalidJob, JobContext
+from notifyq.logs import JobContextFilter
 from notifyq.testing import Clock, TestQueue, eager
 from tests.conftest import query
 
@@ -99,6 +101,37 @@ async def test_eager_from_async_code() -> None:
         await app.enqueue_many("double", [{"n": 3}, {"n": 4}])
         app.enqueue_sync("double", {"n": 5})  # from a loop's thread: a loop of its own
     assert [j.result for j in jobs.jobs()] == [4, 6, 8, 10]
+
+
+def test_eager_handlers_log_lines_carry_their_job(caplog: pytest.LogCaptureFixture) -> None:
+    """As under `notifyq serve`: a handler's log lines, in its thread or the loop, get the
+    job's fields through notifyq.logs.JobContextFilter on the logging handler."""
+    app = notifyq.App(dsn="postgresql://nobody@127.0.0.1:1/none")
+    log = logging.getLogger("tests.eager")
+
+    @app.task(name="say.sync", queue="chat")
+    def say_sync(payload: str) -> None:
+        log.info("sync %s", payload)
+
+    @app.task(name="say.async")
+    async def say_async(payload: str) -> None:
+        log.info("async %s", payload)
+
+    caplog.handler.addFilter(JobContextFilter())
+    with caplog.at_level(logging.INFO, "tests.eager"), eager(app):
+        first = app.enqueue_sync("say.sync", "hi")
+        second = app.enqueue_sync("say.async", "ho")
+        log.info("outside")
+    fields = [
+        (r.getMessage(), getattr(r, "job_id", None), getattr(r, "task", None),
+         getattr(r, "queue", None), getattr(r, "attempt", None))
+        for r in caplog.records
+    ]  # fmt: skip
+    assert fields == [
+        ("sync hi", first, "say.sync", "chat", 1),
+        ("async ho", second, "say.async", "default", 1),
+        ("outside", None, None, None, None),
+    ]
 
 
 # --- the real queue
@@ -313,3 +346,31 @@ def test_the_plugin_is_declared_as_an_entry_point() -> None:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["pytest11"] == {"notifyq": "notifyq.pytest_plugin"}
+
+
+@pytest.mark.anyio
+async def test_drain_runs_the_rest_and_leaves_a_paused_queue_queued(notifyq_dsn: str) -> None:
+    """As `serve --until-empty` does: a paused job starts on no claim, so the drain does not
+    wait `give_up_after` for it and fail."""
+    app = notifyq.App()
+
+    @app.task(name="p.t", queue="paused")
+    async def paused(payload: Any) -> None:
+        pass
+
+    @app.task(name="o.t")
+    async def other(payload: Any) -> None:
+        pass
+
+    queue = TestQueue(app)
+    held = await app.enqueue("p.t", {})
+    ran = await app.enqueue("o.t", {})
+    await app.pause("paused")
+    try:
+        outcomes = await queue.drain(give_up_after=10)
+    finally:
+        await app.aclose()
+    assert [(o.id, o.status) for o in outcomes] == [(ran, "succeeded")]
+    assert query(notifyq_dsn, "SELECT status FROM notifyq.jobs WHERE id = %s", held) == [
+        ("queued",)
+    ]

@@ -25,8 +25,8 @@ from click.core import ParameterSource
 from .. import codec, embedded, migrate
 from ..app import App
 from ..errors import ConfigurationError, NotifyqError, dsn_secrets, redact
-from ..logs import JsonFormatter
-from ..registry import check_queue_name, check_task_name
+from ..logs import JobContextFilter, JsonFormatter
+from ..registry import check_queue_name, check_tags, check_task_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,18 +71,46 @@ def dsn_option(fn: F) -> F:
     )(fn)
 
 
-class _RedactingFormatter(logging.Formatter):
+class _TextFormatter(logging.Formatter):
+    """The text lines, passwords removed.  A line a handler logged names its job after
+    the logger (`myapp.mail job=42: ...`); notifyq's own lines about a job (those with
+    an `event`) name it in their message already."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+        self._in_job = logging.Formatter(
+            _TEXT_FORMAT.replace("%(name)s", "%(name)s job=%(job_id)s")
+        )
+
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "job_id", None) is not None and not hasattr(record, "event"):
+            return redact(self._in_job.format(record), _secrets)
         return redact(super().format(record), _secrets)
 
 
 def fail(message: str) -> NoReturn:
-    click.echo(f"notifyq: error: {redact(message, _secrets)}", err=True)
+    _say(logging.ERROR, "error", message)
     sys.exit(1)
 
 
 def warn(message: str) -> None:
-    click.echo(f"notifyq: warning: {redact(message, _secrets)}", err=True)
+    _say(logging.WARNING, "warning", message)
+
+
+def _say(level: int, kind: str, message: str) -> None:
+    """One line on stderr, whatever the log level: under --log-format json a JSON
+    object like every other line (event cli.error or cli.warning), else plain text.
+    Written here, not logged: --log-level error must not hide a warning about a
+    password on the command line, nor a program's own logging swallow the error."""
+    text = redact(message, _secrets)
+    handler = _handler(create=False)
+    formatter = handler.formatter if handler is not None else None
+    if not isinstance(formatter, JsonFormatter):
+        click.echo(f"notifyq: {kind}: {text}", err=True)
+        return
+    record = logging.LogRecord("notifyq.cli", level, __file__, 0, text, None, None)
+    record.event = f"cli.{kind}"
+    click.echo(formatter.format(record), err=True)
 
 
 class Group(click.Group):
@@ -132,17 +160,19 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler the command line adds; a program that configured logging keeps its own."""
 
 
-def _handler() -> logging.Handler | None:
-    """Our stderr handler, added to the root logger the first time; None when the
-    program running the command had configured logging itself (tests, an embedding)."""
+def _handler(create: bool = True) -> logging.Handler | None:
+    """Our stderr handler, added to the root logger the first time (unless not
+    `create`); None when the program running the command had configured logging
+    itself (tests, an embedding)."""
     root = logging.getLogger()
     ours = [h for h in root.handlers if isinstance(h, _Stderr)]
     if ours:
         return ours[0]
-    if root.handlers:
+    if root.handlers or not create:
         return None
     handler = _Stderr(sys.stderr)
-    handler.setFormatter(_RedactingFormatter(_TEXT_FORMAT))
+    handler.setFormatter(_TextFormatter())
+    handler.addFilter(JobContextFilter())  # job fields on the lines handlers log
     root.addHandler(handler)
     return handler
 
@@ -174,7 +204,7 @@ def set_log_format(ctx: click.Context, param: click.Parameter | None, value: str
     if value == "json":
         handler.setFormatter(JsonFormatter(clean=lambda text: redact(text, _secrets)))
     else:
-        handler.setFormatter(_RedactingFormatter(_TEXT_FORMAT))
+        handler.setFormatter(_TextFormatter())
 
 
 def log_option(fn: F) -> F:
@@ -226,6 +256,26 @@ def queue_names(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     for queue in value:
         queue_name(ctx, param, queue)
     return value
+
+
+def tag_values(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    """For a repeatable --tag: the schema's rule for a job's tags (jobs_tags_valid)."""
+    try:
+        check_tags(value)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
+def tags_option(help: str) -> Callable[[F], F]:
+    """--tag T, repeatable: the jobs that have every tag given."""
+
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--tag", "tags", multiple=True, metavar="T", callback=tag_values, help=help
+        )(fn)
+
+    return decorate
 
 
 def app_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

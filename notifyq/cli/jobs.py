@@ -21,6 +21,7 @@ from .common import (
     json_document,
     load_app,
     queue_name,
+    tags_option,
     task_name,
     warn,
 )
@@ -55,6 +56,7 @@ MAX_ATTEMPTS = click.IntRange(1, 1000)
     default=None,
     help="Attempts before the job is dead (default: the task's setting).",
 )
+@tags_option("Tag the job with T (repeatable), to find it by later (jobs list --tag, ...).")
 @click.option(
     "--app",
     "app_target",
@@ -76,6 +78,7 @@ def enqueue(
     priority: int | None,
     delay: float | None,
     max_attempts: int | None,
+    tags: tuple[str, ...],
     app_target: str | None,
 ) -> None:
     """Enqueue TASK with PAYLOAD (a JSON document, default {}); prints the job id."""
@@ -96,7 +99,13 @@ def enqueue(
     client = App(database(dsn or (app.dsn if app else None)))
     try:
         job_id = client.enqueue_sync(
-            task, payload, queue=queue, priority=priority, delay=delay, max_attempts=max_attempts
+            task,
+            payload,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            tags=tags or None,
         )
     finally:
         client.close()
@@ -124,13 +133,21 @@ def jobs() -> None:
     metavar="N",
     help="Show at most N jobs, the newest first (a queue's concurrency cap is `notifyq cap`).",
 )
+@tags_option("Only jobs tagged T (repeatable: jobs with every one of them).")
 def jobs_list(
-    dsn: str | None, queue: str | None, task: str | None, status: str | None, limit: int
+    dsn: str | None,
+    queue: str | None,
+    task: str | None,
+    status: str | None,
+    limit: int,
+    tags: tuple[str, ...],
 ) -> None:
     """The newest jobs, one line each (id, queue, task, status, attempts, first error line)."""
     from .. import admin
 
-    found = admin.list_jobs(database(dsn), queue=queue, task=task, status=status, limit=limit)
+    found = admin.list_jobs(
+        database(dsn), queue=queue, task=task, status=status, limit=limit, tags=tags
+    )
     click.echo(f"{'id':>8}  {'queue':<12} {'task':<24} {'status':<9} {'tries':>5}  error")
     for j in found:
         tries = f"{j['attempts']}/{j['max_attempts'] or '-'}"
@@ -156,6 +173,7 @@ def jobs_show(job_id: int, dsn: str | None) -> None:
     documents = {
         name: job.pop(name) for name in ("payload", "checkpoint", "result", "trace_context")
     }
+    job["tags"] = ", ".join(job["tags"] or ()) or None
     for name, value in job.items():
         click.echo(f"{name + ':':<{max(18, len(name) + 2)}}{'' if value is None else value}")
     for name, value in documents.items():
@@ -208,18 +226,24 @@ def attempt_errors(history: list[dict[str, Any]]) -> list[str | None]:
 @click.option(
     "--task", default=None, metavar="TASK", callback=task_name, help="With --dead: only this task."
 )
+@tags_option("With --dead: only jobs tagged T (repeatable: with every one of them).")
 def retry(
-    job_id: int | None, dsn: str | None, all_dead: bool, queue: str | None, task: str | None
+    job_id: int | None,
+    dsn: str | None,
+    all_dead: bool,
+    queue: str | None,
+    task: str | None,
+    tags: tuple[str, ...],
 ) -> None:
     """Run job ID again now (dead or cancelled ones start from attempt 1), or --dead jobs."""
     from .. import admin
 
     if all_dead == (job_id is not None):
         raise click.UsageError("give either a job ID or --dead")
-    if not all_dead and (queue or task):
-        raise click.UsageError("--queue and --task go with --dead")
+    if not all_dead and (queue or task or tags):
+        raise click.UsageError("--queue, --task and --tag go with --dead")
     if all_dead:
-        count = admin.retry_dead(database(dsn), queue, task)
+        count = admin.retry_dead(database(dsn), queue, task, tags)
         click.echo(f"re-queued {count} dead jobs")
     else:
         assert job_id is not None
@@ -228,12 +252,35 @@ def retry(
 
 
 @click.command(name="cancel")
-@click.argument("job_id", metavar="ID", type=int)
+@click.argument("job_id", metavar="[ID]", type=int, required=False)
 @dsn_option
-def cancel(job_id: int, dsn: str | None) -> None:
-    """Cancel job ID: a queued job never runs; a running one's handler is interrupted."""
+@tags_option("Cancel every unfinished job tagged T instead of one (repeatable: with every one).")
+@click.option(
+    "--queue", default=None, metavar="Q", callback=queue_name, help="With --tag: only this queue."
+)
+@click.option(
+    "--task", default=None, metavar="TASK", callback=task_name, help="With --tag: only this task."
+)
+def cancel(
+    job_id: int | None,
+    dsn: str | None,
+    tags: tuple[str, ...],
+    queue: str | None,
+    task: str | None,
+) -> None:
+    """Cancel job ID: a queued job never runs; a running one's handler is interrupted.
+    With --tag, every queued, waiting or running job that has the tags, alike."""
     from .. import admin
 
+    if bool(tags) == (job_id is not None):
+        raise click.UsageError("give either a job ID or --tag")
+    if not tags and (queue or task):
+        raise click.UsageError("--queue and --task go with --tag")
+    if tags:
+        count = admin.cancel_jobs(database(dsn), tags, queue, task)
+        click.echo(f"cancelled {count} jobs tagged {', '.join(tags)}")
+        return
+    assert job_id is not None
     was = admin.cancel_job(database(dsn), job_id)
     note = " (the dispatcher running it interrupts its handler)" if was == JobState.RUNNING else ""
     click.echo(f"job {job_id}: {was} -> cancelled{note}")
@@ -261,11 +308,15 @@ def _checked_age(ctx: click.Context, param: click.Parameter, value: str) -> str:
     type=click.Choice(FINISHED),
     help="Statuses to delete (repeatable). Default: succeeded and cancelled.",
 )
-def purge(dsn: str | None, older_than: str, statuses: tuple[str, ...]) -> None:
+@tags_option("Only jobs tagged T (repeatable: with every one of them).")
+def purge(
+    dsn: str | None, older_than: str, statuses: tuple[str, ...], tags: tuple[str, ...]
+) -> None:
     """Delete finished jobs in batches; queued and running jobs are never touched."""
     from .. import admin
 
     seconds = admin.parse_age(older_than)
     chosen = statuses or (JobState.SUCCEEDED.value, JobState.CANCELLED.value)
-    count = admin.purge(database(dsn), seconds, chosen)
-    click.echo(f"purged {count} jobs ({', '.join(chosen)}) finished over {older_than} ago")
+    count = admin.purge(database(dsn), seconds, chosen, tags)
+    tagged = f" tagged {', '.join(tags)}" if tags else ""
+    click.echo(f"purged {count} jobs ({', '.join(chosen)}){tagged} finished over {older_than} ago")

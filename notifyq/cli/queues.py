@@ -1,4 +1,4 @@
-"""Queues: `stats`, `cap` (and its older name `limit`), `events`."""
+"""Queues: `stats`, `cap` (and its older name `limit`), `pause`, `resume`, `events`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from typing import Any
 import click
 
 from .. import codec
-from .common import F, NegativeNumbersAreArguments, database, dsn_option, queue_name, queue_names
+from .common import (
+    F,
+    NegativeNumbersAreArguments,
+    database,
+    dsn_option,
+    queue_name,
+    queue_names,
+    task_name,
+)
 
 # Mirrors the schema's CHECK queue_limits_max_running_range, so a cap out of range is a
 # usage error before anything connects (not the database's refusal, exit 1).
@@ -48,7 +56,11 @@ def stats(dsn: str | None, queues: tuple[str, ...], as_json: bool) -> None:
 
     console = Console()
     console.print(watch.queue_table(snap, console.width))
-    for line in (*watch.empty_queue_lines(snap), *watch.unserved_lines(snap)):
+    for line in (
+        *watch.empty_queue_lines(snap),
+        *watch.unserved_lines(snap),
+        *watch.breaker_lines(snap),
+    ):
         console.print(line)
 
 
@@ -104,6 +116,67 @@ limit = NegativeNumbersAreArguments(
     help="Same as `notifyq cap` (its older name).\n\n" + inspect.cleandoc(cap.help or ""),
     short_help="Same as `notifyq cap` (its older name).",
 )
+
+
+def _paused(queue: str, task: str | None) -> str:
+    return queue if task is None else f"{queue}: task {task}"
+
+
+@click.command(name="pause")
+@click.argument("queue", required=False, callback=queue_name)
+@click.option(
+    "--task", default=None, metavar="TASK", callback=task_name, help="Only this task's jobs."
+)
+@dsn_option
+def pause(queue: str | None, task: str | None, dsn: str | None) -> None:
+    """Pause QUEUE (or only --task TASK in it): no dispatcher or SQL worker starts its
+    jobs until `notifyq resume`; running jobs finish, and its cap is kept.  Without
+    QUEUE, list what is paused."""
+    from .. import admin
+
+    if queue is None:
+        if task is not None:
+            raise click.UsageError("name the queue: notifyq pause QUEUE --task TASK")
+        pauses = admin.queue_pauses(database(dsn))
+        if not pauses:
+            click.echo("nothing is paused")
+        for p in pauses:
+            which = p["queue"] if p["task"] == "*" else f"{p['queue']}: task {p['task']}"
+            more = "+" if p["more"] else ""
+            click.echo(
+                f"{which}: paused since {p['paused_at']:%Y-%m-%d %H:%M:%S%z} "
+                f"({p['ready']}{more} ready)"
+            )
+        return
+    if admin.pause_queue(database(dsn), queue, task):
+        click.echo(f"{_paused(queue, task)}: paused (running jobs finish; nothing new starts)")
+    else:
+        click.echo(f"{_paused(queue, task)}: already paused")
+
+
+@click.command(name="resume")
+@click.argument("queue", callback=queue_name)
+@click.option(
+    "--task",
+    default=None,
+    metavar="TASK",
+    callback=task_name,
+    help="Lift this task's own pause (a queue's pause and its tasks' are lifted apart).",
+)
+@dsn_option
+def resume(queue: str, task: str | None, dsn: str | None) -> None:
+    """Lift the pause of QUEUE (or of --task TASK in it); its dispatchers start its jobs
+    at once."""
+    from .. import admin
+
+    dsn = database(dsn)
+    if admin.resume_queue(dsn, queue, task):
+        click.echo(f"{_paused(queue, task)}: resumed")
+        return
+    tasks = [p["task"] for p in admin.queue_pauses(dsn) if p["queue"] == queue]
+    left = [t for t in tasks if t != "*"] if task is None else []
+    hint = f" (its tasks paused on their own: {', '.join(left)}; use --task)" if left else ""
+    click.echo(f"{_paused(queue, task)}: was not paused{hint}")
 
 
 @click.command(name="events")

@@ -53,15 +53,19 @@ def schema_sql(after: int) -> None:
 
     It is what `notifyq migrate` runs, migration by migration, each followed by the
     INSERT recording its version: apply it in one transaction (Alembic, Django
-    migrations, Flyway, sqitch, psql -1).  Connects to nothing.
+    migrations, Flyway, sqitch, psql -1).  It starts with a guard that raises, before
+    anything changes, when the database is not at VERSION.  Connects to nothing.
     """
     if after == migrate.SCHEMA_VERSION:
-        click.echo(f"-- the schema is at version {after}, this notifyq's: nothing to apply")
-        return
-    click.echo(
-        f"-- notifyq schema from version {after or 'none'} to {migrate.SCHEMA_VERSION}: "
-        "apply in one transaction"
-    )
+        click.echo(
+            f"-- the schema is at version {after}, this notifyq's: nothing to apply "
+            "(the guard below only checks that the database is there)"
+        )
+    else:
+        click.echo(
+            f"-- notifyq schema from version {after or 'none'} to {migrate.SCHEMA_VERSION}: "
+            "apply in one transaction"
+        )
     click.echo(migrate.script(after), nl=False)
 
 

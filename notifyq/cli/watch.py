@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import codec
-from .common import database, dsn_option
+from .common import database, dsn_option, tags_option
 from .queues import queues_option
 
 
@@ -30,6 +30,7 @@ from .queues import queues_option
     metavar="S",
     help="Show the oldest ready job in red when it has waited longer than this.",
 )
+@tags_option("Only jobs tagged T (repeatable: with every one of them); dispatchers are all shown.")
 def watch_command(
     dsn: str | None,
     queues: tuple[str, ...],
@@ -37,6 +38,7 @@ def watch_command(
     as_json: bool,
     interval: float,
     max_age: float,
+    tags: tuple[str, ...],
 ) -> None:
     """Live view of queues, dispatchers and failures (Ctrl-C to quit)."""
     import anyio
@@ -47,7 +49,7 @@ def watch_command(
     dsn = database(dsn)
     console = Console()
     if once:
-        snap = anyio.run(lambda: watch.once(dsn, queues or None, max_age))
+        snap = anyio.run(lambda: watch.once(dsn, queues or None, max_age, tags or None))
         if as_json:
             click.echo(codec.dumps(snap.as_dict()))
         else:
@@ -72,6 +74,7 @@ def watch_command(
                 interval=interval,
                 max_age=max_age,
                 on_resize=None if live is None else live.redraw,
+                tags=tags or None,
             )
         )
     except KeyboardInterrupt:

@@ -12,16 +12,67 @@ be in one already (`with engine.begin() as conn`, or after a statement of its ow
 otherwise SQLAlchemy would not know of the transaction the INSERT opens, and its
 `commit()` would leave the job uncommitted, to be rolled back and lost.
 
-SQLAlchemy is not imported here: its objects are recognised by what they offer.
+SQLAlchemy is not imported here: its objects are recognised by what they offer, at run
+time by their attributes and for type checkers by the Protocols below, which describe
+the part of SQLAlchemy's classes notifyq uses.  With SQLAlchemy installed, mypy checks a
+`Session` against `SessionLike` (it fits; an `AsyncSession` does not, so giving one to
+`enqueue_sync` is a type error); without it, `conn=` is still typed, not `Any`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import psycopg
 
 from ..errors import ConfigurationError
+
+
+class PooledConnection(Protocol):
+    """sqlalchemy.pool.PoolProxiedConnection: the pool's wrapper of a DBAPI connection."""
+
+    @property
+    def driver_connection(self) -> Any: ...
+
+
+class ConnectionLike(Protocol):
+    """sqlalchemy.Connection (sync)."""
+
+    @property
+    def connection(self) -> PooledConnection: ...
+
+    def in_transaction(self) -> bool: ...
+
+    # What tells it from an AsyncConnection, whose `connection` property is typed
+    # NoReturn (which fits any type) but whose commit is a coroutine function.
+    def commit(self) -> None: ...
+
+
+class SessionLike(Protocol):
+    """sqlalchemy.orm.Session (sync)."""
+
+    def connection(self) -> ConnectionLike: ...
+
+    def commit(self) -> None: ...  # as in ConnectionLike: an AsyncConnection does not fit
+
+
+class AsyncConnectionLike(Protocol):
+    """sqlalchemy.ext.asyncio.AsyncConnection."""
+
+    async def get_raw_connection(self) -> PooledConnection: ...
+
+    def in_transaction(self) -> bool: ...
+
+
+class AsyncSessionLike(Protocol):
+    """sqlalchemy.ext.asyncio.AsyncSession."""
+
+    async def connection(self) -> AsyncConnectionLike: ...
+
+
+# What conn= of App.enqueue* takes: the job joins that connection's open transaction.
+SyncConn: TypeAlias = psycopg.Connection[Any] | SessionLike | ConnectionLike
+AsyncConn: TypeAlias = psycopg.AsyncConnection[Any] | AsyncSessionLike | AsyncConnectionLike
 
 
 def sync_connection(conn: Any) -> psycopg.Connection[Any]:

@@ -10,11 +10,11 @@
 -- The token is ours (the caller made it): a producer may not read it back.
 -- trace_context: the enqueuing span's propagation fields (tracing.py), or NULL.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token, trace_context)
+                          on_dependency_failure, rate_key, token, trace_context, tags)
 VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
         %(depends_on)s::bigint[], %(on_dependency_failure)s, %(rate_key)s::text,
-        %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb)
+        %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[])
 RETURNING id;
 
 -- name: enqueue_deduped
@@ -28,12 +28,13 @@ RETURNING id;
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
                               on_dependency_failure, dedupe_key, rate_key, token, trace_context,
-                              unique_for, on_duplicate)
+                              unique_for, on_duplicate, tags)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
             %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
             %(rate_key)s::text, %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb,
-            make_interval(secs => %(unique_for)s::float8), %(on_duplicate)s::text)
+            make_interval(secs => %(unique_for)s::float8), %(on_duplicate)s::text,
+            %(tags)s::text[])
     ON CONFLICT DO NOTHING
     RETURNING id
 )
@@ -56,14 +57,15 @@ UNION ALL
 -- sends one notification per queue however many rows.  Identity values are
 -- drawn in ORDINALITY order, so the caller sorts the returned ids into the
 -- payloads' order (and so their tokens').  Casts are explicit: a NULL parameter
--- has no type here.  The batch shares one trace_context: its enqueuing span's.
+-- has no type here.  The batch shares one trace_context (its enqueuing span's)
+-- and its tags.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token, trace_context)
+                          on_dependency_failure, rate_key, token, trace_context, tags)
 SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
        coalesce(%(run_at)s::timestamptz,
                 now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
        %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text,
-       %(rate_key)s::text, p.token, %(trace_context)s::pg_catalog.jsonb
+       %(rate_key)s::text, p.token, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[]
 FROM ROWS FROM (pg_catalog.unnest(%(payloads)s::text[]), pg_catalog.unnest(%(tokens)s::uuid[]))
      WITH ORDINALITY AS p (payload, token, n)
 ORDER BY p.n
@@ -178,6 +180,8 @@ SELECT id FROM notifyq.jobs WHERE id = ANY(%(ids)s::bigint[]) AND status = 'canc
 -- rate limit gave a slot (rate_reserved: ready work spread out, not scheduled work).
 -- Delayed jobs and retries waiting out their backoff do not: they are for a later run.
 -- Only the tasks we have handlers for: another app's jobs are not ours to wait for.
+-- Paused ones (notifyq.queue_pauses) do not count either: they start on no one's
+-- claim until resumed, so a run until empty ends without them.
 -- One probe per (queue, task) pair, as the claim reads (jobs_claim_idx, then
 -- jobs_scheduled_idx), never a scan of the table; the second reads the pair's
 -- scheduled jobs only when nothing is ready, i.e. once, at the end.
@@ -187,6 +191,8 @@ SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
                    SELECT FROM notifyq.jobs j
                    WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                      AND j.run_at <= now()
+                     AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z  -- before any read
+                                     WHERE z.queue = q.name AND z.task IN (t.name, '*'))
                    ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx's order
                    LIMIT 1) AS ready)
     OR EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
@@ -195,6 +201,8 @@ SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
                    SELECT FROM notifyq.jobs j
                    WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                      AND j.rate_reserved
+                     AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                     WHERE z.queue = q.name AND z.task IN (t.name, '*'))
                    ORDER BY j.run_at  -- jobs_scheduled_idx's order
                    LIMIT 1) AS paced);
 
@@ -224,6 +232,22 @@ WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeou
       IS DISTINCT FROM (excluded.max_attempts, excluded.backoff_base, excluded.backoff_factor,
                         excluded.backoff_max, excluded.timeout)
 RETURNING t.task;
+
+-- name: sync_breakers
+-- At start-up: our @app.task(circuit_breaker=...) settings into notifyq.circuit_breakers
+-- (notifyq.set_circuit_breaker's upsert, which the worker role may not call); a breaker's
+-- state is kept, and a row already equal is left alone (no write).
+INSERT INTO notifyq.circuit_breakers AS b (task, failures, failure_window, cooldown)
+SELECT s.task, s.failures, make_interval(secs => s.span), make_interval(secs => s.cooldown)
+FROM unnest(%(tasks)s::text[], %(failures)s::int[], %(windows)s::float8[],
+            %(cooldowns)s::float8[]) AS s(task, failures, span, cooldown)
+ORDER BY s.task
+ON CONFLICT (task) DO UPDATE
+SET failures = excluded.failures, failure_window = excluded.failure_window,
+    cooldown = excluded.cooldown, changed_at = now()
+WHERE (b.failures, b.failure_window, b.cooldown)
+      IS DISTINCT FROM (excluded.failures, excluded.failure_window, excluded.cooldown)
+RETURNING b.task;
 
 -- name: endpoints
 -- The HTTP endpoints (notifyq.endpoints) a dispatcher serves: read before its first
@@ -281,15 +305,32 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, %(local)s);
 -- is a job of the served queues and tasks ready (then the dispatcher claims), and
 -- has a rescue sweep anything to look at (notifyq.rescue_due; then the lease
 -- keeper sweeps)?  One probe per (queue, task) pair along jobs_claim_idx, as
--- work_left; jobs kept by a cap or a rate limit count as ready (the claim says).
+-- work_left; jobs kept by a cap or a rate limit count as ready (the claim says),
+-- paused ones do not (no claim would start them: a poll finding them would only
+-- make an empty claim, every time).  The pause is a condition on the pair only, so
+-- it is tested once per pair before its probe reads a row.  Nor do those a circuit
+-- breaker holds (open in its cool-down, or half-open with its probe running), for
+-- the same reason.
 SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
-               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN (SELECT u.name FROM unnest(%(tasks)s::text[]) AS u(name)
+                           WHERE NOT EXISTS (
+                               SELECT FROM notifyq.circuit_breakers b
+                               WHERE b.task = u.name
+                                 AND (b.state = 'open' AND b.opened_at + b.cooldown > now()
+                                      OR b.state = 'half_open' AND EXISTS (
+                                          SELECT FROM notifyq.jobs p  -- by primary key
+                                          WHERE p.id = b.probe_job
+                                            AND p.status = 'running' COLLATE "C"
+                                            AND p.attempts = b.probe_attempt)))) AS t
                CROSS JOIN LATERAL (
                    SELECT FROM notifyq.jobs j
                    WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                      AND j.run_at <= now()
+                     AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z  -- before any read
+                                     WHERE z.queue = q.name AND z.task IN (t.name, '*'))
                    ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx's order
-                   LIMIT 1) AS ready) AS ready,
+                   LIMIT 1) AS ready)
+           AS ready,
        notifyq.rescue_due(%(claimant)s) AS rescue;
 
 -- name: liveness_lock
@@ -331,6 +372,36 @@ SELECT coalesce(max(version), 0) AS version FROM notifyq.schema_version;
 -- name: migrate_lock
 -- Serialise concurrent migrations (two dispatchers starting at once).
 SELECT pg_advisory_xact_lock(hashtext('notifyq.migrate'));
+
+-- name: migrate_guard
+-- `notifyq schema sql --from N`: refuse, before anything changes, a database whose schema
+-- is not at version N (0: no schema yet), which the script would break or fail on half-way.
+-- Run after migrate_lock, so it sees what a concurrent migration committed.  A DO block
+-- takes no parameters: migration_sql fills the script's versions in as text.
+DO $$
+DECLARE
+    script_from constant int := %(after)s;
+    script_to constant int := %(target)s;
+    found int := 0;
+BEGIN
+    IF pg_catalog.to_regclass('notifyq.schema_version') IS NOT NULL THEN
+        SELECT coalesce(max(version), 0) INTO found FROM notifyq.schema_version;
+    END IF;
+    IF found <> script_from THEN
+        RAISE EXCEPTION 'notifyq: this script is for a database %, but this one %: stopping before any change',
+            CASE script_from WHEN 0 THEN 'without the notifyq schema'
+                 ELSE 'at notifyq schema version ' || script_from END,
+            CASE found WHEN 0 THEN 'has no notifyq schema' ELSE 'is at version ' || found END
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = CASE
+                  WHEN found = 0 THEN 'generate the script for it with: notifyq schema sql'
+                  WHEN found = script_to THEN 'nothing to apply: it is at the version this script installs'
+                  ELSE pg_catalog.format(
+                      'generate the script for it with: notifyq schema sql --from %s', found)
+              END;
+    END IF;
+END
+$$;
 
 -- name: record_version
 -- Record a migration as applied, in the same transaction as the migration.
@@ -409,7 +480,9 @@ UPDATE notifyq.dispatchers SET stopped_at = now(), running = 0 WHERE claimant = 
 -- (jobs_lease_idx), dead (jobs_dead_idx), finished in the last minute and 10 s
 -- (jobs_finished_idx), jobs whose last attempt failed in the last minute
 -- (jobs_failed_idx), and enqueue-to-start waits of the latest 2,000 starts of the
--- last minute.  %(queues)s NULL means every queue.
+-- last minute; whether the queue is paused, and which of its tasks are
+-- (notifyq.queue_pauses).  %(queues)s NULL means every queue; %(tags)s, when not
+-- NULL, counts only the jobs that have every one of them (watch --tag).
 WITH queued AS (
     SELECT queue,
            count(*) FILTER (WHERE run_at <= now()) AS ready,
@@ -418,16 +491,19 @@ WITH queued AS (
                AS oldest_ready
     FROM notifyq.jobs
     WHERE status = 'queued' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
     GROUP BY queue
 ), running AS (
     SELECT queue, count(*) AS running
     FROM notifyq.jobs
     WHERE status = 'running' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
     GROUP BY queue
 ), dead AS (
     SELECT queue, count(*) AS dead
     FROM notifyq.jobs
     WHERE status = 'dead' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
     GROUP BY queue
 ), finished AS (
     SELECT queue,
@@ -438,12 +514,14 @@ WITH queued AS (
     WHERE status IN ('succeeded', 'dead', 'cancelled')
       AND finished_at > now() - interval '1 minute'
       AND coalesce(queue = ANY(%(queues)s::text[]), true)
+      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
     GROUP BY queue
 ), failed AS (
     SELECT queue, count(*) AS failed_1m
     FROM notifyq.jobs
     WHERE last_error IS NOT NULL AND started_at > now() - interval '1 minute'
       AND status IN ('queued', 'dead') AND coalesce(queue = ANY(%(queues)s::text[]), true)
+      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
     GROUP BY queue
 ), starts AS (
     (SELECT queue, started_at - run_at AS wait
@@ -451,6 +529,7 @@ WITH queued AS (
      WHERE status IN ('succeeded', 'dead') AND finished_at > now() - interval '1 minute'
        AND started_at > now() - interval '1 minute' AND started_at >= run_at
        AND coalesce(queue = ANY(%(queues)s::text[]), true)
+       AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
      ORDER BY finished_at DESC
      LIMIT 2000)
     UNION ALL
@@ -458,6 +537,7 @@ WITH queued AS (
     FROM notifyq.jobs
     WHERE status = 'running' AND started_at > now() - interval '1 minute'
       AND started_at >= run_at AND coalesce(queue = ANY(%(queues)s::text[]), true)
+      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
 ), latency AS (
     SELECT queue,
            extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY wait))::float8 AS p50,
@@ -468,6 +548,8 @@ WITH queued AS (
     SELECT queue FROM queued UNION SELECT queue FROM running UNION SELECT queue FROM dead
     UNION SELECT queue FROM finished UNION SELECT queue FROM failed
     UNION SELECT unnest(%(queues)s::text[])
+    UNION SELECT queue FROM notifyq.queue_pauses
+          WHERE coalesce(queue = ANY(%(queues)s::text[]), true)
 )
 SELECT n.queue,
        coalesce(q.ready, 0) AS ready,
@@ -479,7 +561,11 @@ SELECT n.queue,
        coalesce(f.done_10s, 0) AS done_10s,
        l.p50,
        l.p95,
-       q.oldest_ready
+       q.oldest_ready,
+       EXISTS (SELECT FROM notifyq.queue_pauses p WHERE p.queue = n.queue AND p.task = '*')
+           AS paused,
+       ARRAY(SELECT p.task FROM notifyq.queue_pauses p
+             WHERE p.queue = n.queue AND p.task <> '*' ORDER BY p.task) AS paused_tasks
 FROM names n
 LEFT JOIN queued q USING (queue)
 LEFT JOIN running r USING (queue)
@@ -491,24 +577,26 @@ ORDER BY n.queue;
 
 -- name: watch_failures
 -- notifyq watch: the latest jobs whose last attempt failed (waiting for a retry,
--- or dead), newest first, along jobs_failed_idx.
+-- or dead), newest first, along jobs_failed_idx (with every one of %(tags)s).
 SELECT id, queue, task, attempts, status, split_part(last_error, E'\n', 1) AS error,
        extract(epoch FROM now() - started_at)::float8 AS age
 FROM notifyq.jobs
 WHERE last_error IS NOT NULL AND started_at IS NOT NULL AND status IN ('queued', 'dead')
   AND coalesce(queue = ANY(%(queues)s::text[]), true)
+  AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
 ORDER BY started_at DESC
 LIMIT %(limit)s;
 
 -- name: watch_running
 -- notifyq watch: the jobs running longest, along jobs_lease_idx (running rows
 -- only, at most the dispatchers' total concurrency), with who runs them and
--- how far their handlers say they are.
+-- how far their handlers say they are (with every one of %(tags)s).
 SELECT id, queue, task, attempts, claimed_by,
        extract(epoch FROM now() - started_at)::float8 AS running_for,
        progress::float8, progress_message
 FROM notifyq.jobs
 WHERE status = 'running' AND coalesce(queue = ANY(%(queues)s::text[]), true)
+  AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
 ORDER BY started_at
 LIMIT %(limit)s;
 
@@ -559,14 +647,31 @@ SELECT j.id, j.queue, j.task, j.status, j.attempts, j.max_attempts, j.progress,
        j.finished_at
 FROM notifyq.jobs j WHERE j.id = %(id)s;
 
+-- name: task_record
+-- A job as a framework's result API shows it (Django's get_result): JSON as text, so the
+-- caller's connection decodes it the same whatever loaders it registered.
+SELECT j.id, j.queue, j.task, j.status, j.priority, j.attempts, j.run_at, j.created_at,
+       j.started_at, j.finished_at, j.claimed_by, j.payload::text AS payload_json,
+       j.result::text AS result_json, j.last_error
+FROM notifyq.jobs j WHERE j.id = %(id)s;
+
+-- name: task_attempts
+-- The same: every recorded status change of the job, oldest first, errors whole.
+SELECT h.at, h.from_status, h.to_status, h.attempt, h.dispatcher, h.error
+FROM notifyq.job_history h
+WHERE h.job_id = %(id)s
+ORDER BY h.id;
+
 -- name: jobs_list
--- notifyq jobs list: the newest jobs, optionally of one queue, task and status.
+-- notifyq jobs list: the newest jobs, optionally of one queue, task and status, and
+-- with every one of %(tags)s (jobs_tags_idx, when the tags are rare enough).
 SELECT id, queue, task, status, attempts, max_attempts, priority, run_at, created_at,
-       finished_at, split_part(last_error, E'\n', 1) AS error
+       finished_at, split_part(last_error, E'\n', 1) AS error, tags
 FROM notifyq.jobs
 WHERE (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(task)s::text IS NULL OR task = %(task)s::text)
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
 ORDER BY id DESC
 LIMIT %(limit)s;
 
@@ -575,7 +680,7 @@ LIMIT %(limit)s;
 SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
        created_at, started_at, finished_at, claimed_by, lease_expires_at, depends_on,
        on_dependency_failure, rate_key, rate_reserved, progress, progress_message, payload,
-       checkpoint, result, last_error, trace_context
+       checkpoint, result, last_error, trace_context, tags
 FROM notifyq.jobs
 WHERE id = %(id)s;
 
@@ -585,15 +690,20 @@ SELECT notifyq.retry_job(%(id)s);
 
 -- name: retry_dead
 -- notifyq retry --dead: the SQL function; returns how many jobs were re-queued.
-SELECT notifyq.retry_dead(%(queue)s, %(task)s);
+SELECT notifyq.retry_dead(%(queue)s, %(task)s, %(tags)s::text[]);
 
 -- name: cancel_job
 -- notifyq cancel ID: the SQL function; returns the status the job had.
 SELECT notifyq.cancel_job(%(id)s);
 
+-- name: cancel_jobs
+-- notifyq cancel --tag: the SQL function; returns how many jobs were cancelled.
+SELECT notifyq.cancel_jobs(%(tags)s::text[], %(queue)s, %(task)s);
+
 -- name: purge
 -- notifyq purge: the SQL function; returns how many jobs were deleted.
-SELECT notifyq.purge(make_interval(secs => %(seconds)s), %(statuses)s::text[]);
+SELECT notifyq.purge(make_interval(secs => %(seconds)s), %(statuses)s::text[],
+                     %(tags)s::text[]);
 
 -- name: purge_batch
 -- notifyq serve's retention: one batch of the SQL function, in its own transaction,
@@ -644,6 +754,61 @@ RETURNING queue;
 -- name: clear_queue_limit
 -- notifyq limit QUEUE none: lift a queue's cap.
 DELETE FROM notifyq.queue_limits WHERE queue = %(queue)s RETURNING queue;
+
+-- name: circuit_breakers
+-- notifyq breaker list, watch, health and the metrics: every circuit breaker, with
+-- the seconds until an open one's cool-down ends (0: over, the next claim probes)
+-- and the failures its current window has counted (0 once the window passed).
+SELECT b.task, b.state, b.failures,
+       extract(epoch FROM b.failure_window)::float8 AS window_seconds,
+       extract(epoch FROM b.cooldown)::float8 AS cooldown_seconds,
+       CASE WHEN b.state = 'closed' AND b.failed_since > now() - b.failure_window
+            THEN b.failed ELSE 0 END AS failed,
+       b.opened_at,
+       CASE WHEN b.state = 'open'
+            THEN greatest(extract(epoch FROM b.opened_at + b.cooldown - now()), 0)::float8
+       END AS reopen_in,
+       b.probe_job, b.opens
+FROM notifyq.circuit_breakers b
+ORDER BY b.task;
+
+-- name: set_circuit_breaker
+-- notifyq breaker set TASK: the SQL function.
+SELECT notifyq.set_circuit_breaker(%(task)s, %(failures)s, make_interval(secs => %(window)s),
+                                   make_interval(secs => %(cooldown)s));
+
+-- name: reset_circuit_breaker
+-- notifyq breaker reset TASK, App.reset_circuit_breaker: the SQL function; the state it had.
+SELECT notifyq.reset_circuit_breaker(%(task)s);
+
+-- name: remove_circuit_breaker
+-- notifyq breaker remove TASK: the task has no breaker any more.
+DELETE FROM notifyq.circuit_breakers WHERE task = %(task)s RETURNING task;
+
+-- name: pause_queue
+-- notifyq pause QUEUE [--task TASK]: the SQL function; false if it was paused already.
+SELECT notifyq.pause_queue(%(queue)s, %(task)s);
+
+-- name: resume_queue
+-- notifyq resume QUEUE [--task TASK]: the SQL function; false if it was not paused.
+SELECT notifyq.resume_queue(%(queue)s, %(task)s);
+
+-- name: queue_pauses
+-- notifyq pause, health and the metrics: every pause (task '*': the whole queue), with
+-- how many of its jobs are ready now, counted up to 10,000 along jobs_claim_idx (more
+-- says there are more).
+SELECT p.queue, p.task, p.paused_at,
+       extract(epoch FROM now() - p.paused_at)::float8 AS paused_for,
+       least(c.ready, 10000) AS ready, c.ready > 10000 AS more
+FROM notifyq.queue_pauses p
+CROSS JOIN LATERAL (
+    SELECT count(*) AS ready
+    FROM (SELECT FROM notifyq.jobs j
+          WHERE j.status = 'queued' AND j.queue = p.queue
+            AND (p.task = '*' OR j.task = p.task) AND j.run_at <= now()
+          LIMIT 10001) AS k
+) AS c
+ORDER BY p.queue, p.task;
 
 -- name: set_events
 -- notifyq events on|off QUEUE: the SQL function.
@@ -809,7 +974,7 @@ FROM fired f;
 SELECT id, queue, task, status, priority, attempts, max_attempts, dedupe_key, run_at,
        created_at, started_at, finished_at, claimed_by, lease_expires_at, depends_on,
        on_dependency_failure, rate_key, rate_reserved, progress, progress_message, payload,
-       checkpoint, result, last_error, trace_context
+       checkpoint, result, last_error, trace_context, tags
 FROM notifyq.jobs
 WHERE %(ids)s::bigint[] IS NULL OR id = ANY (%(ids)s::bigint[])
 ORDER BY id;
@@ -876,7 +1041,12 @@ RETURNING id;
 -- name: testing_busy
 -- notifyq.testing's drain: is a job of %(tasks)s in %(queues)s due now, or running?
 -- A rate limit's slot counts once it is due, not before (a drain does not wait for it).
+-- A paused one (notifyq.queue_pauses) does not: no claim starts it, so the drain ends
+-- with it queued, as `serve --until-empty` does.
 SELECT EXISTS (
     SELECT FROM notifyq.jobs j
     WHERE j.queue = ANY (%(queues)s::text[]) AND j.task = ANY (%(tasks)s::text[])
-      AND (j.status = 'running' OR (j.status = 'queued' AND j.run_at <= now())));
+      AND (j.status = 'running'
+           OR (j.status = 'queued' AND j.run_at <= now()
+               AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                               WHERE z.queue = j.queue AND z.task IN (j.task, '*')))));

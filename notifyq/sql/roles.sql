@@ -55,7 +55,7 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- SELECT on the token column would show it every job's token, so it has none.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
 GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, depends_on,
-    on_dependency_failure, rate_key, token, trace_context, unique_for, on_duplicate)
+    on_dependency_failure, rate_key, token, trace_context, tags, unique_for, on_duplicate)
     ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 -- The job whose unique_for window refused an INSERT, by its key.
@@ -65,8 +65,8 @@ GRANT EXECUTE ON FUNCTION notifyq.job_status(bigint, uuid) TO {producer};
 -- The worker runs `notifyq serve`: claims, completions, leases and rescue (SELECT,
 -- UPDATE on jobs), its row in the dispatcher registry, the periodic schedules
 -- (its app's definitions, and advancing them as it enqueues), the schema version
--- check, the monitoring views; the status history; the concurrency caps and
--- rate limits (read by every claim through notifyq.claim_room and rate_admit);
+-- check, the monitoring views; the status history; the concurrency caps, pauses
+-- and rate limits (read by every claim through notifyq.claim_room and rate_admit);
 -- retention (notifyq.purge_batch, which deletes as the owner, finished jobs
 -- only); and, as a member of the producer role, enqueues from handlers.  No DELETE on jobs (whole purges are
 -- the owner's), no DDL.
@@ -78,7 +78,7 @@ GRANT EXECUTE ON FUNCTION notifyq.purge_batch(interval, text[], integer) TO {wor
 GRANT EXECUTE ON FUNCTION notifyq.expire_unique_windows(integer) TO {worker};
 -- A handler reads the results of the jobs its job depends on (with its own SELECT).
 GRANT EXECUTE ON FUNCTION notifyq.dependency_results(bigint) TO {worker};
-GRANT SELECT ON notifyq.queue_limits TO {worker};
+GRANT SELECT ON notifyq.queue_limits, notifyq.queue_pauses TO {worker};
 GRANT EXECUTE ON FUNCTION notifyq.claim_room(text, integer) TO {worker};
 GRANT SELECT ON notifyq.rate_limits TO {worker};
 GRANT SELECT, INSERT, UPDATE ON notifyq.rate_state TO {worker};
@@ -96,6 +96,9 @@ GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_
 -- The SQL worker protocol (notifyq.claim, heartbeat, complete, fail, ...), which
 -- `notifyq serve` runs too, and the per-task settings it reads and its app keeps.
 GRANT SELECT, INSERT, UPDATE ON notifyq.tasks TO {worker};
+-- Circuit breakers: every claim reads them and may start a probe, every completion
+-- counts failures; a dispatcher writes its app's @app.task(circuit_breaker=...).
+GRANT SELECT, INSERT, UPDATE ON notifyq.circuit_breakers TO {worker};
 GRANT EXECUTE ON FUNCTION
     notifyq.backoff_delay(integer, float8, float8, float8),
     notifyq.claim_jobs(text, text[], text[], integer, interval),

@@ -12,13 +12,14 @@ Split by role, each module a seam of its own:
     operations.py   the operator's statements (admin.py, `notifyq jobs/retry/...`)
     monitoring.py   health checks, metrics and `notifyq watch`'s reads
     migrations.py   the schema, its numbered migrations, the roles script
+    task_results.py a job and its attempts for a framework's result API (contrib/django)
     testing.py      notifyq.testing's: a test's clean state, its jobs, its clock
 
 Every query runs through a typed function here; nothing outside this package
 names a query or reads a row by position (tests/test_store_seam.py checks).
 """
 
-from . import monitoring, operations, rows, testing
+from . import monitoring, operations, rows, task_results, testing
 from .connection import CONNECT_OPTIONS, QUERIES, connect, connect_sync, translated
 from .dispatching import (
     Claim,
@@ -93,6 +94,7 @@ __all__ = [
     "roles_script",
     "rows",
     "schema_version",
+    "task_results",
     "testing",
     "translated",
     "wait_outcomes",

@@ -22,6 +22,7 @@ from psycopg import sql
 from psycopg.rows import BaseRowFactory, RowMaker, class_row, scalar_row
 
 from .. import failpoints
+from ..breaker import CircuitBreaker
 from ..errors import DatabaseUnavailable, LockTimeout, PoolerInTheWay
 from ..job import Job, JobState
 from .connection import QUERIES, connect, translated
@@ -70,6 +71,8 @@ class TaskSettings:
     backoff_factor: float
     backoff_max: float  # seconds
     timeout: float | None  # seconds
+    # Its row in notifyq.circuit_breakers (failures, window, cooldown); None: left alone.
+    circuit_breaker: CircuitBreaker | None = None
 
 
 class Claim(NamedTuple):
@@ -439,6 +442,22 @@ class Store:
                 "factors": [float(t.backoff_factor) for t in tasks],
                 "max_delays": [float(t.backoff_max) for t in tasks],
                 "timeouts": [None if t.timeout is None else float(t.timeout) for t in tasks],
+            },
+            scalar_row,
+        )
+
+    async def sync_breakers(self, tasks: Sequence[TaskSettings]) -> list[str]:
+        """Write our tasks' circuit breaker settings; returns the tasks whose row changed."""
+        given = [(t.task, t.circuit_breaker) for t in tasks if t.circuit_breaker is not None]
+        if not given:
+            return []
+        return await self._run(
+            "sync_breakers",
+            {
+                "tasks": [task for task, _ in given],
+                "failures": [b.failures for _, b in given],
+                "windows": [float(b.window) for _, b in given],
+                "cooldowns": [float(b.cooldown) for _, b in given],
             },
             scalar_row,
         )

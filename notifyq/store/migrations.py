@@ -44,10 +44,15 @@ def migration_scripts() -> list[tuple[int, LiteralString]]:
 def migration_sql(after: int) -> str:
     """What `notifyq migrate` runs on a database at version `after` (0: no schema), as one
     script for a migration tool: the advisory lock `migrate` takes (so the two never run
-    at once), then each migration above `after`, each followed by the row recording it."""
+    at once), a guard that raises unless the database is at `after` (where `migrate`
+    reads the version and chooses), then each migration above `after`, each followed by
+    the row recording it."""
+    scripts = migration_scripts()
+    guard = QUERIES["migrate_guard"]
+    guard = guard.replace("%(after)s", str(after)).replace("%(target)s", str(scripts[-1][0]))
     record = QUERIES["record_version"]
-    parts = [QUERIES["migrate_lock"]]
-    for version, script in migration_scripts():
+    parts = [QUERIES["migrate_lock"], guard]
+    for version, script in scripts:
         if version > after:
             parts.append(f"-- notifyq migration {version}\n{script.rstrip()}")
             parts.append(record.replace("%(version)s", str(version)))

@@ -13,12 +13,14 @@ from psycopg.rows import class_row
 from .connection import fetch_all, fetch_one
 from .dispatching import Store
 from .rows import (
+    BreakerState,
     DispatcherState,
     ExpiredLeases,
     FailedJob,
     LostDispatchers,
     OldestTransaction,
     QueueDepth,
+    QueuePause,
     QueueStats,
     RunningJob,
     ServerInfo,
@@ -68,6 +70,16 @@ def unserved_jobs(conn: Conn, queues: Sequence[str] | None = None) -> list[Unser
     return fetch_all(conn, "unserved_jobs", params, class_row(UnservedJobs))
 
 
+def circuit_breakers(conn: Conn) -> list[BreakerState]:
+    """Every circuit breaker and where it stands (health, the metrics)."""
+    return fetch_all(conn, "circuit_breakers", {}, class_row(BreakerState))
+
+
+def queue_pauses(conn: Conn) -> list[QueuePause]:
+    """Every paused queue and task, with its ready jobs (notifyq health, the metrics)."""
+    return fetch_all(conn, "queue_pauses", {}, class_row(QueuePause))
+
+
 # --- the metrics, at scrape time
 
 
@@ -90,18 +102,39 @@ def start_waits(conn: Conn, ids: Collection[int]) -> list[StartWait]:
 # --- notifyq watch, on its Store (reconnects like the dispatcher's)
 
 
-async def queue_stats(st: Store, queues: Sequence[str] | None) -> list[QueueStats]:
-    params = {"queues": None if queues is None else list(queues)}
+async def breaker_states(st: Store) -> list[BreakerState]:
+    return await st._run("circuit_breakers", {}, class_row(BreakerState))
+
+
+# `tags`: only the jobs that have every one of them (watch --tag); None or empty: any job.
+
+
+async def queue_stats(
+    st: Store, queues: Sequence[str] | None, tags: Sequence[str] | None = None
+) -> list[QueueStats]:
+    params = {"queues": None if queues is None else list(queues), "tags": list(tags or ()) or None}
     return await st._run("watch_queues", params, class_row(QueueStats))
 
 
-async def recent_failures(st: Store, queues: Sequence[str] | None, limit: int) -> list[FailedJob]:
-    params = {"queues": None if queues is None else list(queues), "limit": limit}
+async def recent_failures(
+    st: Store, queues: Sequence[str] | None, limit: int, tags: Sequence[str] | None = None
+) -> list[FailedJob]:
+    params = {
+        "queues": None if queues is None else list(queues),
+        "limit": limit,
+        "tags": list(tags or ()) or None,
+    }
     return await st._run("watch_failures", params, class_row(FailedJob))
 
 
-async def longest_running(st: Store, queues: Sequence[str] | None, limit: int) -> list[RunningJob]:
-    params = {"queues": None if queues is None else list(queues), "limit": limit}
+async def longest_running(
+    st: Store, queues: Sequence[str] | None, limit: int, tags: Sequence[str] | None = None
+) -> list[RunningJob]:
+    params = {
+        "queues": None if queues is None else list(queues),
+        "limit": limit,
+        "tags": list(tags or ()) or None,
+    }
     return await st._run("watch_running", params, class_row(RunningJob))
 
 

@@ -40,6 +40,7 @@ class NewJob:
     token: uuid.UUID = field(default_factory=uuid.uuid4)
     unique_for: float | None = None  # seconds; with dedupe_key only
     on_duplicate: str | None = None  # "refuse" | "replace"; with dedupe_key only
+    tags: list[str] | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class NewJob:
             "trace_context": self.trace_context,
             "unique_for": self.unique_for,
             "on_duplicate": self.on_duplicate,
+            "tags": self.tags,
         }
 
 

@@ -183,6 +183,7 @@ class JobSummary:
     created_at: datetime
     finished_at: datetime | None
     error: str | None  # the first line of last_error
+    tags: list[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +215,7 @@ class JobRecord:
     result: Any
     last_error: str | None
     trace_context: Any
+    tags: list[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,11 +240,39 @@ class QueueLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuePause:
+    """queue_pauses: a paused queue (task '*') or task of a queue, and its ready jobs."""
+
+    queue: str
+    task: str  # '*': the whole queue
+    paused_at: datetime
+    paused_for: float  # seconds
+    ready: int  # its jobs ready now, counted up to 10,000
+    more: bool  # more than the 10,000 counted
+
+
+@dataclass(frozen=True, slots=True)
 class QueueEvents:
     """queue_events: a queue whose jobs announce their changes on notifyq_events."""
 
     queue: str
     enabled_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    """circuit_breakers: a task's circuit breaker, its settings and where it stands."""
+
+    task: str
+    state: str  # closed | open | half_open
+    failures: int  # failures within window_seconds that open it
+    window_seconds: float
+    cooldown_seconds: float
+    failed: int  # failures counted in the current window (closed only)
+    opened_at: datetime | None
+    reopen_in: float | None  # open: seconds until the cool-down ends (0: the next claim probes)
+    probe_job: int | None  # half_open: the probe's job id
+    opens: int  # times it opened, ever
 
 
 # --- monitoring (notifyq health, watch, the metrics)
@@ -344,6 +374,8 @@ class QueueStats:
     p50: float | None  # enqueue-to-start wait, seconds
     p95: float | None
     oldest_ready: float | None  # seconds
+    paused: bool  # the whole queue (notifyq.queue_pauses)
+    paused_tasks: list[str]  # its tasks paused on their own
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,3 +419,35 @@ class DispatcherState:
     up: float  # seconds since it started
     silent: float  # seconds since its last heartbeat
     kind: str  # serve | sql
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """task_record: a job as a framework's result API shows it (contrib/django)."""
+
+    id: int
+    queue: str
+    task: str
+    status: str
+    priority: int
+    attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    claimed_by: str | None
+    payload_json: str
+    result_json: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEntry:
+    """task_attempts: one recorded status change, its error whole."""
+
+    at: datetime
+    from_status: str | None  # None: the job was inserted
+    to_status: str
+    attempt: int
+    dispatcher: str | None  # the claimant, for a claim
+    error: str | None  # last_error, when this change set it

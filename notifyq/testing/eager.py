@@ -14,8 +14,9 @@ from typing import Any, cast
 
 import anyio
 
-from .. import codec, enqueue, store
+from .. import codec, enqueue, logs, store
 from ..app import App
+from ..batch import BatchItem, conclude
 from ..enqueue import EnqueueOptions
 from ..errors import PayloadError
 from ..job import JobContext, JobId, JobState
@@ -136,6 +137,7 @@ class EagerQueue(Assertions):
             new.max_attempts or task.max_attempts,
             reporter=_EagerReports(self),
         )
+        logged_as = logs.enter_attempt(job_id, new.task, new.queue, 1)  # as the pool does
         try:
             # A payload of its own: what the handler does to it is not the record's.
             value = await _call(task, codec.loads(new.payload_json), context)
@@ -143,6 +145,8 @@ class EagerQueue(Assertions):
         except Exception as exc:
             self._update(job_id, status=JobState.DEAD, error=f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            logs.leave_attempt(logged_as)
         self._update(
             job_id,
             status=JobState.SUCCEEDED,
@@ -193,7 +197,11 @@ async def _call(task: Task, payload: Any, context: JobContext) -> Any:
                 f"payload of job {context.id} cannot be decoded for task {task.name!r}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-    args = (payload, context) if task.wants_context else (payload,)
+    args: tuple[Any, ...] = (payload, context) if task.wants_context else (payload,)
+    item = None
+    if task.batch is not None:  # a batch of one: the item's outcome is the job's
+        item = BatchItem(payload, context, threading.Lock())
+        args = ([item],)
 
     async def invoke() -> Any:
         if task.is_async:
@@ -201,7 +209,23 @@ async def _call(task: Task, payload: Any, context: JobContext) -> Any:
         result = await anyio.to_thread.run_sync(task.handler, *args)
         return await result if inspect.isawaitable(result) else result
 
-    if task.timeout is None:
-        return await invoke()
-    with anyio.fail_after(task.timeout):
-        return await invoke()
+    value: Any = None
+    error: Exception | None = None
+    try:
+        if task.timeout is None:
+            value = await invoke()
+        else:
+            with anyio.fail_after(task.timeout):
+                value = await invoke()
+    except Exception as exc:
+        if item is None:
+            raise
+        error = exc  # the item's outcome if it has none yet: one set before it stands
+    if item is None:
+        return value
+    ((failure, _, text),) = conclude(
+        [item], value, error, None, lambda result: encode_result(task.name, result)
+    )
+    if failure is not None:
+        raise failure
+    return None if text is None else codec.loads(text)

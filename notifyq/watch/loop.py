@@ -32,16 +32,18 @@ async def follow(
     interval: float = 2.0,
     max_age: float = 60.0,
     on_resize: Callable[[], None] | None = None,
+    tags: Sequence[str] | None = None,
 ) -> None:
     """Refresh on notifications (coalesced) and every `interval`; never returns.
     `on_resize` is called when the terminal's size changes (SIGWINCH), to draw the last
-    snapshot again at once rather than at the next refresh."""
+    snapshot again at once rather than at the next refresh.  `tags`: count only the jobs
+    that have every one of them."""
     if on_resize is None or not hasattr(signal, "SIGWINCH"):  # Windows has no SIGWINCH
-        await _follow(dsn, show, queues, interval, max_age)
+        await _follow(dsn, show, queues, interval, max_age, tags)
         return
     async with anyio.create_task_group() as tg:
         tg.start_soon(_call_on_resize, on_resize)
-        await _follow(dsn, show, queues, interval, max_age)
+        await _follow(dsn, show, queues, interval, max_age, tags)
 
 
 async def _call_on_resize(callback: Callable[[], None]) -> None:
@@ -56,10 +58,11 @@ async def _follow(
     queues: Sequence[str] | None,
     interval: float,
     max_age: float,
+    tags: Sequence[str] | None,
 ) -> None:
     st = store.Store(dsn, "watch")
     listener = store.Listener(dsn, channels.STATUS, channels.PROGRESS)
-    model = Model(st, queues, max_age=max_age)
+    model = Model(st, queues, max_age=max_age, tags=tags)
     failures = 0
     clock = anyio.current_time
     try:
@@ -85,9 +88,14 @@ async def _follow(
             await st.close()
 
 
-async def once(dsn: str, queues: Sequence[str] | None = None, max_age: float = 60.0) -> Snapshot:
+async def once(
+    dsn: str,
+    queues: Sequence[str] | None = None,
+    max_age: float = 60.0,
+    tags: Sequence[str] | None = None,
+) -> Snapshot:
     st = store.Store(dsn, "watch")
     try:
-        return await Model(st, queues, max_age=max_age).snapshot()
+        return await Model(st, queues, max_age=max_age, tags=tags).snapshot()
     finally:
         await st.close()

@@ -1,8 +1,9 @@
 """The model: one Snapshot per refresh, read through the typed store
 (`notifyq.store.monitoring`), and what a refresh is compared against.
 
-Five statements per refresh (sql/queries.sql `watch_queues`, `watch_failures`,
-`watch_running`, `watch_dispatchers`, `unserved_jobs`), each along a partial index,
+Six statements per refresh (sql/queries.sql `watch_queues`, `watch_failures`,
+`watch_running`, `watch_dispatchers`, `unserved_jobs`, `circuit_breakers`: a row per
+task that has a breaker), those of notifyq.jobs each along a partial index,
 never a count of the whole table: ready/scheduled/oldest from jobs_claim_idx, running
 jobs from jobs_lease_idx, dead from jobs_dead_idx, the last minute's successes and
 enqueue-to-start waits from jobs_finished_idx, failures from jobs_failed_idx, and the
@@ -21,24 +22,38 @@ from collections import deque
 from collections.abc import Sequence
 
 from .. import store
-from .snapshot import DispatcherRow, FailureRow, QueueRow, RunningRow, Snapshot, UnservedRow
+from .snapshot import (
+    BreakerRow,
+    DispatcherRow,
+    FailureRow,
+    QueueRow,
+    RunningRow,
+    Snapshot,
+    UnservedRow,
+)
 
 HISTORY = 300.0  # seconds of throughput and backlog samples kept
 SPARK_BUCKETS = 10  # the sparkline: 10 buckets of 30 s, the last 5 minutes
 GROWTH_WINDOW = 30.0  # a backlog larger than this many seconds ago is growing
 FAILURES_SHOWN = 5
 RUNNING_SHOWN = 5
-QUERIES_PER_REFRESH = 5
+QUERIES_PER_REFRESH = 6
 
 
 class Model:
     """Queries one snapshot at a time and remembers what the view compares against."""
 
     def __init__(
-        self, st: store.Store, queues: Sequence[str] | None = None, *, max_age: float = 60.0
+        self,
+        st: store.Store,
+        queues: Sequence[str] | None = None,
+        *,
+        max_age: float = 60.0,
+        tags: Sequence[str] | None = None,
     ) -> None:
         self._store = st
         self._queues = list(queues) if queues else None
+        self._tags = list(tags) if tags else None  # only jobs with every one of them
         self.max_age = max_age
         self._samples: dict[str, deque[tuple[float, float, int]]] = {}  # (t, rate, ready)
         self._dead_at_start: dict[str, int] | None = None
@@ -49,11 +64,14 @@ class Model:
 
     async def snapshot(self) -> Snapshot:
         reads = store.monitoring
-        queue_rows = await reads.queue_stats(self._store, self._queues)
-        failures = await reads.recent_failures(self._store, self._queues, FAILURES_SHOWN)
-        running = await reads.longest_running(self._store, self._queues, RUNNING_SHOWN)
+        queue_rows = await reads.queue_stats(self._store, self._queues, self._tags)
+        failures = await reads.recent_failures(
+            self._store, self._queues, FAILURES_SHOWN, self._tags
+        )
+        running = await reads.longest_running(self._store, self._queues, RUNNING_SHOWN, self._tags)
         dispatchers = await reads.dispatchers(self._store)
         unserved = await reads.unserved(self._store, self._queues)
+        breakers = await reads.breaker_states(self._store)
         self.queries += QUERIES_PER_REFRESH
         self.refreshes += 1
         now = time.monotonic()
@@ -68,6 +86,11 @@ class Model:
         snap.running = [_running(r) for r in running]
         snap.dispatchers = [_dispatcher(d) for d in dispatchers]
         snap.unserved = [_unserved(u) for u in unserved]
+        snap.breakers = [
+            BreakerRow(b.task, b.state, b.reopen_in, b.probe_job, b.opens)
+            for b in breakers
+            if b.state != "closed"
+        ]
         self.last = snap
         return snap
 
@@ -77,7 +100,7 @@ class Model:
         if self.last is not None:
             snap.queues, snap.dispatchers = self.last.queues, self.last.dispatchers
             snap.failures, snap.running = self.last.failures, self.last.running
-            snap.unserved = self.last.unserved
+            snap.unserved, snap.breakers = self.last.unserved, self.last.breakers
         snap.connected, snap.problem = False, problem
         return snap
 
@@ -99,11 +122,15 @@ class Model:
             p50=stats.p50,
             p95=stats.p95,
             oldest_ready=stats.oldest_ready,
+            paused=stats.paused,
+            paused_tasks=list(stats.paused_tasks),
         )
         row.trend = _buckets(samples, now)
         return row
 
     def _judge(self, now: float, q: QueueRow) -> None:
+        if q.paused or q.paused_tasks:
+            q.alerts.append("paused")
         if q.dead > (self._dead_at_start or {}).get(q.queue, 0):
             q.alerts.append("dead")
         if q.oldest_ready is not None and q.oldest_ready > self.max_age:

@@ -25,6 +25,8 @@ class QueueRow:
     oldest_ready: float | None  # seconds the oldest ready job has waited
     trend: list[float | None] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)
+    paused: bool = False  # the whole queue is paused (notifyq pause)
+    paused_tasks: list[str] = field(default_factory=list)  # its tasks paused on their own
 
 
 @dataclass(slots=True)
@@ -65,6 +67,17 @@ class UnservedRow:
 
 
 @dataclass(slots=True)
+class BreakerRow:
+    """A task's circuit breaker that is not closed: its jobs are held back."""
+
+    task: str
+    state: str  # open | half_open
+    reopen_in: float | None  # open: seconds until its cool-down ends and a probe may run
+    probe_job: int | None  # half_open: the probe running
+    opens: int  # times it opened, ever
+
+
+@dataclass(slots=True)
 class RunningRow:
     id: int
     queue: str
@@ -90,7 +103,9 @@ class Snapshot:
       table adds "/s"), p50 and p95 (enqueue-to-start wait of the last minute's starts),
       oldest_ready (how long the oldest ready job has waited), trend (the highest rate in
       each 30 s of the last 5 minutes, oldest first, null before watch started), alerts
-      (any of dead, oldest, failed, growing)
+      (any of dead, oldest, failed, growing), paused (the whole queue is paused: nothing
+      of it starts), paused_tasks (its tasks paused on their own); with `--tag`, the
+      counts are of the jobs that have every tag given
     - dispatchers: claimant (its name on screen and in jobs.claimed_by), host, pid, queues,
       concurrency, running (its jobs running now, from the jobs table; the table shows
       running/concurrency), state (running, stopped, lost), up (since it started), silent
@@ -100,6 +115,8 @@ class Snapshot:
     - failures (newest first): id, queue, task, attempt, status (queued: waiting for a
       retry; dead), error (its first line), age (since that attempt started)
     - unserved: queue, task, jobs, oldest, queue_served, more (see UnservedRow)
+    - breakers (circuit breakers not closed, whose tasks' jobs are held back): task,
+      state (open, half_open), reopen_in, probe_job, opens (see BreakerRow)
     """
 
     at: float
@@ -110,6 +127,7 @@ class Snapshot:
     failures: list[FailureRow] = field(default_factory=list)
     running: list[RunningRow] = field(default_factory=list)  # the longest-running first
     unserved: list[UnservedRow] = field(default_factory=list)
+    breakers: list[BreakerRow] = field(default_factory=list)
     refreshes: int = 0
     queries_per_second: float = 0.0
 

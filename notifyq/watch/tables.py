@@ -59,8 +59,18 @@ def _alert(q: QueueRow, name: str, style: str) -> str:
     return style if name in q.alerts else ""
 
 
+def _queue_name(q: QueueRow) -> Text:
+    # Marked where the eye reads first: a paused queue's backlog is not a stuck one.
+    name = Text(q.queue, style="bold")
+    if q.paused:
+        name.append(" (paused)", style="bold yellow")
+    elif q.paused_tasks:
+        name.append(f" ({len(q.paused_tasks)} paused)", style="yellow")
+    return name
+
+
 QUEUE_COLUMNS: list[Column[QueueRow]] = [
-    Column("queue", lambda q: Text(q.queue, style="bold"), 100, shrink=8),
+    Column("queue", _queue_name, 100, shrink=8),
     Column("ready", lambda q: _num(q.ready, _alert(q, "growing", "yellow")), 90, True),
     Column("scheduled", lambda q: _num(q.scheduled), 75, True),
     Column("running", lambda q: _num(q.running), 80, True),
