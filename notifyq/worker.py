@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Sequence
 
 import anyio
+from anyio.abc import TaskStatus
 
 from . import channels, embedded, failpoints, listener, retention, store
 from .appetite import Appetite
@@ -226,22 +227,24 @@ class Worker:
             # Before "serving" is logged: a port already taken fails the start, not later.
             exporter = Exporter(self.metrics, s.metrics_port or 0, s.metrics_host)
             exporter.start()
-        log.info(
-            "serving queues=%s concurrency=%d claimant=%s poll=%ss lease=%ss listen=%s",
-            ",".join(self.queues),
-            s.concurrency,
-            self.claimant,
-            s.poll_interval,
-            s.lease,
-            s.listen,
-        )
         self.leases.start()
         try:
             # Before the first claim: the endpoints' tasks are in the claim's list.
             await self.http.start()
             async with anyio.create_task_group() as background:
                 if handle_signals:
-                    background.start_soon(self._signals)
+                    # Before "serving" is logged: a SIGTERM from then on stops us gracefully
+                    # (before it, the default handler, or embedded.py's, ends the process).
+                    await background.start(self._signals)
+                log.info(
+                    "serving queues=%s concurrency=%d claimant=%s poll=%ss lease=%ss listen=%s",
+                    ",".join(self.queues),
+                    s.concurrency,
+                    self.claimant,
+                    s.poll_interval,
+                    s.lease,
+                    s.listen,
+                )
                 if s.listen:
                     background.start_soon(self._listen)
                 background.start_soon(self._beat)
@@ -452,13 +455,14 @@ class Worker:
         self.scheduler.changed()
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 
-    async def _signals(self) -> None:
+    async def _signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         watched = (signal.SIGTERM, signal.SIGINT)
         # Closing the receiver sets Python's defaults, not what was there before it: put
         # back the handlers that leave the private server's users (embedded.py).
         before = {signum: signal.getsignal(signum) for signum in watched}
         try:
             with anyio.open_signal_receiver(*watched) as signals:
+                task_status.started()
                 async for signum in signals:
                     if not self._signalled:
                         self._signalled = True

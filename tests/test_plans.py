@@ -711,6 +711,7 @@ KEYED = {
     "rate_key": None,
     "token": "00000000-0000-0000-0000-000000000001",
     "trace_context": None,
+    "tags": None,
 }
 
 

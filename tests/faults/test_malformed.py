@@ -40,6 +40,9 @@ BAD_ROWS = {
     "jobs_depends_on_valid": ("task, depends_on", "'faults.record', ARRAY[NULL]::bigint[]"),
     "jobs_rate_key_length": ("task, rate_key", "'faults.record', ''"),
     "jobs_trace_context_valid": ("task, trace_context", "'faults.record', '[1]'::jsonb"),
+    "jobs_tags_valid": ("task, tags", "'faults.record', ARRAY['']"),
+    "jobs_unique_for_valid": ("task, unique_for", "'faults.record', interval '1 hour'"),
+    "jobs_on_duplicate_valid": ("task, dedupe_key, on_duplicate", "'faults.record', 'k', 'merge'"),
 }
 
 

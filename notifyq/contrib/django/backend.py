@@ -55,7 +55,7 @@ from ...retry import Backoff
 from . import results, tasks
 
 OPTIONS = ("DATABASE", "MAX_ATTEMPTS", "BACKOFF", "TIMEOUT", "DSN", "MODULES")
-MAX_JOB_ID = 2**63 - 1
+MAX_JOB_ID = 9_223_372_036_854_775_807  # bigint's largest
 # Connection parameters of Django's that are not libpq's (get_connection_params).
 _NOT_LIBPQ = frozenset({"cursor_factory", "context", "prepare_threshold"})
 
