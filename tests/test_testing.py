@@ -217,6 +217,21 @@ def test_advance_moves_a_rate_limits_slots(notifyq_dsn: str, notifyq_clock: Cloc
         app.close()
 
 
+def test_advance_ends_a_unique_for_window(notifyq_dsn: str, notifyq_clock: Clock) -> None:
+    app, _ = flaky_app()
+    queue = TestQueue(app)
+    try:
+        first = app.enqueue_sync("t.ok", {"n": 1}, dedupe_key="daily", unique_for=3600)
+        assert [o.id for o in queue.drain_sync()] == [first]
+        # Finished, the window holds the key for the rest of the hour ...
+        assert app.enqueue_sync("t.ok", {"n": 2}, dedupe_key="daily", unique_for=3600) == first
+        notifyq_clock.advance(3600)
+        # ... and once it has passed, the key takes a new job.
+        assert app.enqueue_sync("t.ok", {"n": 3}, dedupe_key="daily", unique_for=3600) != first
+    finally:
+        app.close()
+
+
 def test_assertions_list_what_was_enqueued(notifyq_dsn: str) -> None:
     app, _ = flaky_app()
     queue = TestQueue(app)

@@ -462,3 +462,32 @@ def test_jobs_without_the_columns_never_call_the_trigger(dsn: str) -> None:
             " WHERE funcname IN ('dedupe_on_insert', 'open_unique_window')"
         ).fetchone()
         assert calls == (2,)  # the check before, the window after
+
+
+def test_the_enqueue_command_takes_a_key_a_window_and_replace(dsn: str) -> None:
+    from tests.test_security import run_cli
+
+    def enqueue(payload: str, *options: str) -> Any:
+        return run_cli("enqueue", "cli.keyed", payload, "--dsn", dsn, *options)
+
+    first = enqueue('{"n": 1}', "--dedupe-key", "k1", "--unique-for", "3600")
+    assert first.exit_code == 0, first.output
+    again = enqueue('{"n": 2}', "--dedupe-key", "k1", "--unique-for", "3600")
+    assert again.exit_code == 0 and again.output == first.output  # the holder's id
+    query(dsn, "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = now()")
+    # Finished, but the window holds the key.
+    assert enqueue('{"n": 3}', "--dedupe-key", "k1", "--unique-for", "3600").output == first.output
+    replaced = enqueue('{"n": 4}', "--dedupe-key", "k2", "--replace")
+    assert enqueue('{"n": 5}', "--dedupe-key", "k2", "--replace").output == replaced.output
+    assert query(dsn, "SELECT dedupe_key, payload FROM notifyq.jobs ORDER BY id") == [
+        ("k1", {"n": 1}),
+        ("k2", {"n": 5}),
+    ]
+    for options, message in (
+        (("--unique-for", "60"), "need --dedupe-key"),
+        (("--replace",), "need --dedupe-key"),
+        (("--dedupe-key", "k", "--unique-for", "60", "--replace"), "cannot be combined"),
+        (("--dedupe-key", "k", "--unique-for", "0"), "--unique-for"),
+    ):
+        refused = enqueue("{}", *options)
+        assert refused.exit_code == 2 and message in refused.output, (options, refused.output)

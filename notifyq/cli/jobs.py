@@ -58,6 +58,27 @@ MAX_ATTEMPTS = click.IntRange(1, 1000)
 )
 @tags_option("Tag the job with T (repeatable), to find it by later (jobs list --tag, ...).")
 @click.option(
+    "--dedupe-key",
+    default=None,
+    metavar="K",
+    help="While an unfinished job holds key K, enqueue nothing and print that job's id.",
+)
+@click.option(
+    "--unique-for",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="With --dedupe-key: the key is also held this long after the job was enqueued, "
+    "even once it finished.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    default=False,
+    help="With --dedupe-key: a queued job holding the key (enqueued with --replace too) "
+    "takes this payload and run time instead (debounce).",
+)
+@click.option(
     "--app",
     "app_target",
     default=None,
@@ -79,9 +100,18 @@ def enqueue(
     delay: float | None,
     max_attempts: int | None,
     tags: tuple[str, ...],
+    dedupe_key: str | None,
+    unique_for: float | None,
+    replace: bool,
     app_target: str | None,
 ) -> None:
     """Enqueue TASK with PAYLOAD (a JSON document, default {}); prints the job id."""
+    if (unique_for is not None or replace) and dedupe_key is None:
+        raise click.UsageError(
+            "--unique-for and --replace need --dedupe-key: the key is what they act on"
+        )
+    if unique_for is not None and replace:
+        raise click.UsageError("--unique-for and --replace cannot be combined")
     app = load_app(app_target) if app_target else None
     try:
         warning = payloads.check(task, payload, app)
@@ -106,6 +136,9 @@ def enqueue(
             delay=delay,
             max_attempts=max_attempts,
             tags=tags or None,
+            dedupe_key=dedupe_key,
+            unique_for=unique_for,
+            on_duplicate="replace" if replace else None,
         )
     finally:
         client.close()

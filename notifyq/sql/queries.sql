@@ -1009,7 +1009,8 @@ $reset$;
 -- name: testing_advance
 -- notifyq.testing's clock: %(seconds)s pass for what the database keeps time of.  Every
 -- timestamp of the jobs that are not running moves back by that much (run_at included:
--- delayed jobs and retries come due), so do the rate limits' slots and the history;
+-- delayed jobs and retries come due), so do the rate limits' slots, the history and
+-- the unique_for windows (they end);
 -- leases, dispatchers and periodic schedules keep the real clock.  How many jobs moved.
 WITH shift AS (
     SELECT pg_catalog.make_interval(secs => %(seconds)s) AS by
@@ -1024,6 +1025,9 @@ WITH shift AS (
     UPDATE notifyq.rate_state r SET tat = r.tat - s.by FROM shift s RETURNING r.rate_key
 ), history AS (
     UPDATE notifyq.job_history h SET at = h.at - s.by FROM shift s RETURNING h.id
+), windows AS (
+    UPDATE notifyq.unique_windows w SET expires_at = w.expires_at - s.by FROM shift s
+    RETURNING w.dedupe_key
 )
 -- Every data-modifying CTE runs once, whether or not the query reads it.
 SELECT count(*) FROM jobs;
