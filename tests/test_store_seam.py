@@ -153,6 +153,8 @@ ROW_OF_QUERY: dict[str, type] = {
     "watch_failures": rows.FailedJob,
     "watch_running": rows.RunningJob,
     "watch_dispatchers": rows.DispatcherState,
+    "web_jobs": rows.JobSummary,
+    "web_periodic": rows.PeriodicEntry,
 }
 
 # The PostgreSQL types (by OID) psycopg loads as each Python type a field declares.

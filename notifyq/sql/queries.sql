@@ -967,3 +967,29 @@ SELECT EXISTS (
     SELECT FROM notifyq.jobs j
     WHERE j.queue = ANY (%(queues)s::text[]) AND j.task = ANY (%(tasks)s::text[])
       AND (j.status = 'running' OR (j.status = 'queued' AND j.run_at <= now())));
+
+-- name: web_jobs
+-- notifyq web's job search: the newest jobs matching every filter given (NULL: any),
+-- walking the primary key backwards and stopping at %(limit)s, like jobs_list; the
+-- time range is on created_at; the payload filter compares one top-level key's value
+-- as text (so 42 matches "42"), never builds a path or an expression from the input.
+SELECT id, queue, task, status, attempts, max_attempts, priority, run_at, created_at,
+       finished_at, split_part(last_error, E'\n', 1) AS error, tags
+FROM notifyq.jobs
+WHERE (%(id)s::bigint IS NULL OR id = %(id)s::bigint)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(task)s::text IS NULL OR task = %(task)s::text)
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+  AND (%(key)s::text IS NULL OR payload ->> %(key)s::text = %(value)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: web_periodic
+-- notifyq web's schedules page: every periodic schedule, paused ones too, with the
+-- instant after which its next one is due and the database clock's now().
+SELECT now() AS now, name, task, queue, schedule, timezone, missed, paused,
+       last_instant, greatest(last_instant, defined_at) AS since
+FROM notifyq.periodic
+ORDER BY name;

@@ -426,3 +426,22 @@ class AttemptEntry:
     attempt: int
     dispatcher: str | None  # the claimant, for a claim
     error: str | None  # last_error, when this change set it
+
+
+# --- notifyq web
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicEntry:
+    """web_periodic: one schedule, paused or not, and the database clock."""
+
+    now: datetime
+    name: str
+    task: str
+    queue: str
+    schedule: str
+    timezone: str
+    missed: str  # skip | once
+    paused: bool
+    last_instant: datetime | None  # the latest instant dealt with; None before the first
+    since: datetime  # its next instant is the first one after this

@@ -1,0 +1,126 @@
+"""The live part of `notifyq web`: one LISTEN connection and one watch Model per
+server process, whatever the number of open tabs.
+
+A notification on notifyq_status, notifyq_jobs or notifyq_progress starts a refresh,
+coalesced to at most MAX_REFRESHES per second however many arrive, and a quiet
+`interval` refreshes anyway (ages move).  A refresh is the watch Model's five
+statements; its snapshot is rendered to HTML once and that fragment is handed to
+every open Server-Sent Events stream: a tab costs the database nothing, the server
+one render per refresh shared by all and one SSE message per refresh per tab.  With
+no tab open the hub refreshes nothing (the LISTEN connection stays, idle).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import anyio
+
+from .. import channels, store
+from ..errors import DatabaseUnavailable
+from ..retry import reconnect_delay
+from ..watch import Model, Snapshot
+
+log = logging.getLogger("notifyq.web")
+
+MAX_REFRESHES = 1.0  # per second, fanned out to every tab
+FRESH = 1.0  # seconds a snapshot serves page loads before they refresh it
+
+
+class Hub:
+    """Refreshes on notifications while a tab listens; page loads share its snapshots."""
+
+    def __init__(
+        self, dsn: str, render: Callable[[Snapshot], str], *, interval: float = 5.0
+    ) -> None:
+        self._dsn = dsn
+        self._render = render
+        self.interval = interval
+        self.store = store.Store(dsn, "web")
+        self._model = Model(self.store)
+        self._lock = anyio.Lock()  # one refresh at a time: the Model keeps history
+        self._changed = anyio.Event()
+        self._wanted = anyio.Event()
+        self._last: Snapshot | None = None
+        self._last_at = 0.0
+        self.fragment = ""
+        self.version = 0
+        self.listeners = 0  # open SSE streams
+        self.running = False  # run() is live: without it streams would never hear a thing
+
+    @property
+    def statements(self) -> int:
+        """Statements this process's dashboard has run (page loads and refreshes)."""
+        return self.store.statements
+
+    async def snapshot(self) -> Snapshot:
+        """A snapshot at most FRESH seconds old (page loads: a burst of them shares one)."""
+        async with self._lock:
+            if self._last is not None and time.monotonic() - self._last_at < FRESH:
+                return self._last
+            return await self._refresh()
+
+    async def _refresh(self) -> Snapshot:
+        snap = await self._model.snapshot()
+        self._last, self._last_at = snap, time.monotonic()
+        return snap
+
+    def _publish(self, snap: Snapshot) -> None:
+        self.fragment = self._render(snap)
+        self.version += 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    @contextmanager
+    def listening(self) -> Iterator[None]:
+        self.listeners += 1
+        self._wanted.set()
+        try:
+            yield
+        finally:
+            self.listeners -= 1
+            if not self.listeners:
+                self._wanted = anyio.Event()
+
+    async def next(self, seen: int, within: float) -> str | None:
+        """The fragment of a refresh newer than version `seen`; None after `within` seconds."""
+        with anyio.move_on_after(within):
+            while self.version <= seen:
+                await self._changed.wait()
+        return self.fragment if self.version > seen else None
+
+    async def run(self) -> None:
+        """Until cancelled: LISTEN, refresh (coalesced) while a tab listens, reconnect
+        with backoff when the database goes away (the tabs are told)."""
+        listener = store.Listener(self._dsn, channels.STATUS, channels.JOBS, channels.PROGRESS)
+        failures = 0
+        self.running = True
+        try:
+            while True:
+                try:
+                    await listener.open()
+                    while True:
+                        await self._wanted.wait()
+                        async with self._lock:
+                            snap = await self._refresh()
+                        self._publish(snap)
+                        failures = 0
+                        last = anyio.current_time()
+                        await listener.wait(ping_after=self.interval)
+                        await anyio.sleep(max(0.0, last + 1 / MAX_REFRESHES - anyio.current_time()))
+                        await listener.drain()  # all that arrived meanwhile: one refresh
+                except DatabaseUnavailable as exc:
+                    log.warning("dashboard: database unreachable: %s", exc)
+                    self._publish(self._model.unreachable("the database is unreachable"))
+                    await listener.close()
+                    await self.store.close()
+                    failures += 1
+                    await anyio.sleep(reconnect_delay(failures, first=0.25, cap=5.0, jitter=False))
+        finally:
+            self.running = False
+            with anyio.CancelScope(shield=True):
+                await listener.close()
+                await self.store.close()
