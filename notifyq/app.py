@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, Unpack, cast, overload
 
 import anyio
@@ -586,7 +586,13 @@ class App:
             self.registry, self.schedules, settings or Settings(), resolve_dsn(dsn or self.dsn)
         )
 
-    def serve(self, settings: Settings | None = None, *, dsn: str | None = None) -> int:
+    def serve(
+        self,
+        settings: Settings | None = None,
+        *,
+        dsn: str | None = None,
+        beside: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+    ) -> int:
         """Run a dispatcher in this thread until SIGTERM/SIGINT, or until a one-shot
         run's end (`Settings.until_empty`, `max_jobs`, `max_runtime`).
 
@@ -595,9 +601,20 @@ class App:
         A plain `def` handler still running when the shutdown grace ran out
         cannot be interrupted (threads cannot be cancelled): its job has been
         handed back, and the process exits without waiting for the thread.
+
+        `beside`: more work for the same event loop (`notifyq serve --web-port` runs the
+        dashboard there), started with the dispatcher and cancelled once it has stopped.
         """
         worker = self.worker(settings, dsn=dsn)
-        anyio.run(lambda: worker.run(handle_signals=True))
+
+        async def run() -> None:
+            async with anyio.create_task_group() as tg:
+                for task in beside:
+                    tg.start_soon(task)
+                await worker.run(handle_signals=True)
+                tg.cancel_scope.cancel()
+
+        anyio.run(run)
         if worker.pool.abandoned:
             log.warning("exiting with %d abandoned handler threads", worker.pool.abandoned)
             atexit._run_exitfuncs()

@@ -7,6 +7,7 @@ One module per command group; this one only assembles them under `main`:
     jobs.py     enqueue, jobs list/show, retry, cancel, purge (payload.py: PAYLOAD's shape)
     queues.py   stats, cap (and its older name limit), pause, resume, events
     watch.py    watch
+    web.py      web (the dashboard; serve --web-port uses it too)
     schema.py   migrate, schema sql, roles, dsn, health, history
 
 A bad argument is a usage error (exit 2) found before anything connects; an
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import click
 
-from . import jobs, queues, schema, serve, watch
+from . import jobs, queues, schema, serve, watch, web
 from .common import Group, default_log_level, log_option, remember_environment
 
 
@@ -43,6 +44,7 @@ for command in (
     schema.dsn_command,
     schema.health_command,
     watch.watch_command,
+    web.web_command,
     queues.stats,
     jobs.jobs,
     schema.history_command,

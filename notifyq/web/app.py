@@ -156,6 +156,8 @@ class _Dashboard:
                 log.warning("dashboard: database unreachable: %s", exc)
                 text = "The database is unreachable; details are in the server's log."
                 return HTMLResponse(pages.message(p, "Unavailable", text, "/"), 503)
+            finally:
+                self.hub.forget()  # the next page load shows what the action did
 
         return handle
 

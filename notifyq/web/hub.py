@@ -63,6 +63,10 @@ class Hub:
                 return self._last
             return await self._refresh()
 
+    def forget(self) -> None:
+        """After an action: the next page load reads afresh (and sees what it did)."""
+        self._last = None
+
     async def _refresh(self) -> Snapshot:
         snap = await self._model.snapshot()
         self._last, self._last_at = snap, time.monotonic()
