@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import re
+import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,8 +25,9 @@ import notifyq
 from notifyq.cli import main
 from notifyq.errors import ConfigurationError
 from notifyq.web import check_bind, create_app
-from tests.conftest import query
+from tests.conftest import query, serve_process
 from tests.helpers import eventually, serving
+from tests.test_cli_usage import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -366,3 +370,32 @@ async def test_the_stream_says_why_without_the_lifespan_and_mounts_under_a_prefi
         stream = await c.get("/admin/queue/events")
         assert stream.status_code == 503 and "lifespan" in stream.text
     await dashboard.state.hub.store.close()  # what the lifespan's end does
+
+
+def test_serve_runs_the_dashboard_beside_the_dispatcher_and_stops_on_sigterm(
+    dsn: str, tmp_path: Path
+) -> None:
+    """One process, one loop: the dispatcher registers, the dashboard shows it, and
+    SIGTERM stops both, an open live stream included (the hub ends it), exit 0."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with serve_process(dsn, "--web-port", str(port), app="examples.hello:app", log=log) as proc:
+        base = f"http://127.0.0.1:{port}"
+
+        def dispatcher_shown() -> bool:
+            try:
+                return "serve" in httpx.get(f"{base}/dispatchers", timeout=2).text
+            except httpx.TransportError:
+                return False
+
+        deadline = time.monotonic() + 20
+        while not dispatcher_shown():
+            assert time.monotonic() < deadline, log.read_text()
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        with httpx.stream("GET", f"{base}/events", timeout=10) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("retry:")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()

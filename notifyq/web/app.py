@@ -274,7 +274,7 @@ class _Dashboard:
             with hub.listening():
                 yield "retry: 3000\n\n"
                 seen = 0
-                while True:
+                while hub.running and not hub.ending:
                     fragment = await hub.next(seen, KEEPALIVE)
                     if fragment is None:
                         yield ": keep-alive\n\n"

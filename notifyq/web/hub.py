@@ -50,6 +50,7 @@ class Hub:
         self.version = 0
         self.listeners = 0  # open SSE streams
         self.running = False  # run() is live: without it streams would never hear a thing
+        self.ending = False  # the server shuts down: the streams end
 
     @property
     def statements(self) -> int:
@@ -78,6 +79,10 @@ class Hub:
         self._changed.set()
         self._changed = anyio.Event()
 
+    def end_streams(self) -> None:
+        self.ending = True
+        self._changed.set()
+
     @contextmanager
     def listening(self) -> Iterator[None]:
         self.listeners += 1
@@ -90,9 +95,10 @@ class Hub:
                 self._wanted = anyio.Event()
 
     async def next(self, seen: int, within: float) -> str | None:
-        """The fragment of a refresh newer than version `seen`; None after `within` seconds."""
+        """The fragment of a refresh newer than version `seen`; None after `within` seconds
+        or once the hub stops or the server shuts down."""
         with anyio.move_on_after(within):
-            while self.version <= seen:
+            while self.version <= seen and self.running and not self.ending:
                 await self._changed.wait()
         return self.fragment if self.version > seen else None
 
@@ -125,6 +131,7 @@ class Hub:
                     await anyio.sleep(reconnect_delay(failures, first=0.25, cap=5.0, jitter=False))
         finally:
             self.running = False
+            self._changed.set()  # the streams see the hub gone and end
             with anyio.CancelScope(shield=True):
                 await listener.close()
                 await self.store.close()
