@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import admin, periodic, store
-from ..errors import ConfigurationError, DatabaseUnavailable, OperationRefused
+from ..errors import ConfigurationError, DatabaseUnavailable, NotifyqError, OperationRefused
 from ..store.dashboard import JobFilter
 from ..watch import Snapshot
 from . import pages
@@ -117,6 +117,9 @@ class _Dashboard:
                 log.warning("dashboard: database unreachable: %s", exc)
                 text = "The database is unreachable; details are in the server's log."
                 response = HTMLResponse(pages.message(p, "Unavailable", text, "/"), 503)
+            except NotifyqError as exc:  # a missing grant, most likely: docs/web.md lists them
+                log.warning("dashboard: %s", exc)
+                response = HTMLResponse(pages.message(p, "Failed", str(exc), "/"), 500)
             if new:
                 response.set_cookie(
                     CSRF_COOKIE,

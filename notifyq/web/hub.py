@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import anyio
 
 from .. import channels, store
-from ..errors import DatabaseUnavailable
+from ..errors import NotifyqError
 from ..retry import reconnect_delay
 from ..watch import Model, Snapshot
 
@@ -122,9 +122,11 @@ class Hub:
                         await listener.wait(ping_after=self.interval)
                         await anyio.sleep(max(0.0, last + 1 / MAX_REFRESHES - anyio.current_time()))
                         await listener.drain()  # all that arrived meanwhile: one refresh
-                except DatabaseUnavailable as exc:
-                    log.warning("dashboard: database unreachable: %s", exc)
-                    self._publish(self._model.unreachable("the database is unreachable"))
+                except NotifyqError as exc:
+                    # Unreachable, or refused (a missing grant): said in the log and on the
+                    # pages, then tried again with backoff rather than ending the server.
+                    log.warning("dashboard: the live view's refresh failed: %s", exc)
+                    self._publish(self._model.unreachable("the refresh failed"))
                     await listener.close()
                     await self.store.close()
                     failures += 1

@@ -145,7 +145,10 @@ def overview(p: Page, snap: Snapshot) -> str:
     """The live part of the overview page: the queues, the failures, the longest running."""
     out = []
     if not snap.connected:
-        out.append('<p class="alert">The database is unreachable: reconnecting.</p>')
+        out.append(
+            '<p class="alert">The live view\'s refresh failed (the database is unreachable, '
+            "or the dashboard's role lacks a grant; the server's log says which): retrying.</p>"
+        )
     rows = []
     for q in snap.queues:
         actions = ""
