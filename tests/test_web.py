@@ -8,6 +8,7 @@ import base64
 import re
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,9 +16,11 @@ from typing import Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from anyio.streams.memory import MemoryObjectSendStream
 from click.testing import CliRunner
+from psycopg.conninfo import make_conninfo
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -25,7 +28,7 @@ import notifyq
 from notifyq.cli import main
 from notifyq.errors import ConfigurationError
 from notifyq.web import check_bind, create_app
-from tests.conftest import query, serve_process
+from tests.conftest import REPO, query, serve_process
 from tests.helpers import eventually, serving
 from tests.test_cli_usage import free_port
 
@@ -399,3 +402,67 @@ def test_serve_runs_the_dashboard_beside_the_dispatcher_and_stops_on_sigterm(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+
+
+READ_GRANTS = """
+GRANT USAGE ON SCHEMA notifyq TO {role};
+GRANT SELECT ON notifyq.jobs, notifyq.job_history, notifyq.dispatcher_status,
+    notifyq.queue_pauses, notifyq.periodic, notifyq.schema_version TO {role};
+GRANT EXECUTE ON FUNCTION notifyq.liveness_held(text) TO {role};
+"""
+ACTION_GRANTS = """
+GRANT EXECUTE ON FUNCTION notifyq.retry_job(bigint), notifyq.cancel_job(bigint),
+    notifyq.lock_job(bigint), notifyq.dependency_status(bigint[], text),
+    notifyq.pause_queue(text, text),
+    notifyq.resume_queue(text, text), notifyq.purge(interval, text[], text[]),
+    notifyq.purge_batch(interval, text[], integer, text[]) TO {role};
+GRANT UPDATE ON notifyq.jobs TO {role};
+GRANT INSERT, DELETE ON notifyq.queue_pauses TO {role};
+"""
+
+
+@asynccontextmanager
+async def role_with(dsn: str, *grants: str) -> AsyncIterator[str]:
+    """A LOGIN role with the grants docs/web.md lists (the same text); its DSN."""
+    role = f"notifyq_dash_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'dash'".encode())
+        for text in grants:
+            conn.execute(text.format(role=role).encode())
+    try:
+        yield make_conninfo(dsn, user=role, password="dash")
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}".encode())
+            conn.execute(f"DROP ROLE {role}".encode())
+
+
+def test_docs_list_exactly_the_grants_the_tests_use() -> None:
+    doc = (REPO / "docs" / "web.md").read_text()
+    for grants in (READ_GRANTS, ACTION_GRANTS):
+        text = grants.format(role="notifyq_dashboard").strip()
+        assert text in doc
+
+
+async def test_the_documented_grants_are_enough(dsn: str) -> None:
+    job = dead_job(dsn)
+    query(dsn, "INSERT INTO notifyq.periodic (name, task, schedule) VALUES ('n', 't', '* * * * *')")
+    async with role_with(dsn, READ_GRANTS) as reader, client(create_app(reader)) as c:
+        for path in ("/", "/jobs", f"/jobs/{job}", "/dispatchers", "/schedules"):
+            assert (await c.get(path)).status_code == 200, path
+        token = await csrf(c)
+        refused = await c.post(f"/jobs/{job}/retry", data={"csrf": token})
+        assert refused.status_code == 409 and "permission denied" in refused.text
+    async with (
+        role_with(dsn, READ_GRANTS, ACTION_GRANTS) as operator,
+        client(create_app(operator)) as c,
+    ):
+        token = await csrf(c)
+        retried = await c.post(f"/jobs/{job}/retry", data={"csrf": token})
+        assert retried.status_code == 303, retried.text
+        assert (await c.post(f"/jobs/{job}/cancel", data={"csrf": token})).status_code == 303
+        assert (await c.post("/queues/q/pause", data={"csrf": token})).status_code == 303
+        assert (await c.post("/queues/q/resume", data={"csrf": token})).status_code == 303
+        form = {"csrf": token, "older_than": "0s", "status": "cancelled", "confirm": "purge"}
+        purged = await c.post("/purge", data=form)
+        assert purged.status_code == 200 and "Deleted 1 job(s)" in purged.text
