@@ -22,7 +22,7 @@ from ..watch.snapshot import QueueRow
 from ..watch.tables import duration
 
 STATUSES = ("waiting", "queued", "running", "succeeded", "dead", "cancelled")
-RETRYABLE = ("dead", "cancelled", "succeeded", "queued")
+RETRYABLE = ("dead", "cancelled", "queued")  # what notifyq.retry_job accepts (queued: run now)
 CANCELLABLE = ("waiting", "queued", "running")
 
 
@@ -364,7 +364,8 @@ def job_page(p: Page, job: JobRecord, attempts: Sequence[AttemptEntry], done: st
     if not p.read_only:
         actions = []
         if job.status in RETRYABLE:
-            actions.append(_form(p, f"/jobs/{job.id}/retry", "Retry"))
+            label = "Run now" if job.status == "queued" else "Retry"
+            actions.append(_form(p, f"/jobs/{job.id}/retry", label))
         if job.status in CANCELLABLE:
             ask = f"Cancel job {job.id}?"
             actions.append(_form(p, f"/jobs/{job.id}/cancel", "Cancel", confirm=ask))
