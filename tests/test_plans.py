@@ -616,3 +616,28 @@ def test_an_insert_reads_the_appetite_of_its_queue_by_key(queued_dsn: str) -> No
     idx = {t: after[t][1] - before[t][1] for t in after}
     assert seq == {"jobs": 0, "queue_appetite": 0}
     assert idx["queue_appetite"] >= 2  # the trigger's probe and the write's cleanup
+
+
+@pytest.mark.parametrize(
+    ("given", "most"),
+    [({}, 100), ({"status": "dead"}, 2_000), ({"id": 1_234_567}, 1), ({"since": "now"}, 100)],
+    ids=["newest", "a-status", "by-id", "a-time-range"],
+)
+def test_the_dashboards_search_walks_the_primary_key_and_stops_at_its_limit(
+    finished_dsn: str, given: dict[str, Any], most: int
+) -> None:
+    """notifyq web's job search (custom plans: its Store prepares nothing) on 2M finished
+    jobs: the newest first along jobs_pkey, stopping at the limit; an id is one probe.  A
+    filter few recent rows match reads further back (documented in docs/web.md)."""
+    params: dict[str, Any] = dict.fromkeys(
+        ("id", "queue", "task", "status", "since", "until", "key", "value")
+    )
+    params["limit"] = 100
+    params.update(given)
+    if params["since"] == "now":
+        (row,) = query(finished_dsn, "SELECT max(created_at) - interval '1 hour' FROM notifyq.jobs")
+        params["since"] = row[0]
+    nodes = prepared_plan(finished_dsn, "web_jobs", params, generic=False, analyze=True)
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], scans(nodes)
+    assert {idx for _, idx in scans(nodes)} == {"jobs_pkey"}, scans(nodes)
+    assert rows_read(nodes) <= most

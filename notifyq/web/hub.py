@@ -39,7 +39,10 @@ class Hub:
         self._dsn = dsn
         self._render = render
         self.interval = interval
-        self.store = store.Store(dsn, "web")
+        # Not prepared: the search's filters are optional (NULL: any), and only a plan made
+        # for the values given uses the index they allow (a generic plan of `id = $1 OR $1
+        # IS NULL` walks the whole table).  Planning each statement is cheap at this rate.
+        self.store = store.Store(dsn, "web", prepare=False)
         self._model = Model(self.store)
         self._lock = anyio.Lock()  # one refresh at a time: the Model keeps history
         self._changed = anyio.Event()
