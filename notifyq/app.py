@@ -31,6 +31,7 @@ from .registry import (
     Task,
     check_batch_handler,
     check_batching,
+    check_callback_url,
     check_queue_name,
     check_tags,
     check_task_name,
@@ -115,6 +116,7 @@ class App:
         batch_size: int | None = ...,
         batch_wait: float | None = ...,
         tags: Iterable[str] | None = ...,
+        callback_url: str | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -131,6 +133,7 @@ class App:
         batch_size: int | None = None,
         batch_wait: float | None = None,
         tags: Iterable[str] | None = None,
+        callback_url: str | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -149,8 +152,11 @@ class App:
         claim wait that long for a fuller batch after one that was not full.
         `tags` go on every job this app enqueues for the task, before the
         enqueue's own (`enqueue(..., tags=...)`); a SQL INSERT sets its own.
+        `callback_url` is POSTed to when a job of the task ends, unless the enqueue
+        names its own (docs/http.md, "Completion webhooks").
         """
         task_tags = check_tags(tags)
+        task_callback_url = check_callback_url(callback_url)
 
         def register(fn: F) -> F:
             if not 1 <= max_attempts <= 1000:
@@ -180,6 +186,7 @@ class App:
                     wants_context=wants_context,
                     batch=batch,
                     tags=task_tags,
+                    callback_url=task_callback_url,
                 )
             )
             return fn
@@ -314,7 +321,11 @@ class App:
 
         Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
         run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure,
-        tags.
+        tags, callback_url.
+
+        With `callback_url`, notifyq POSTs the job's outcome there when it ends
+        (succeeded, dead, cancelled), signed; the URL must start with a prefix of
+        notifyq.webhook_allowlist, or the database refuses the job (InvalidJob).
 
         With `tags` (up to 20 strings), the job can be found by them (`notifyq jobs
         list --tag`, `retry --dead --tag`, `cancel --tag`, `purge --tag`, `watch --tag`);

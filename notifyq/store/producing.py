@@ -39,6 +39,8 @@ class NewJob:
     # The job's token (see JobId): random, from the operating system's CSPRNG.
     token: uuid.UUID = field(default_factory=uuid.uuid4)
     tags: list[str] | None = None
+    # POSTed to when the job ends; the database checks it against its allow-list.
+    callback_url: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class NewJob:
             "on_dependency_failure": self.on_dependency_failure,
             "trace_context": self.trace_context,
             "tags": self.tags,
+            "callback_url": self.callback_url,
         }
 
 
