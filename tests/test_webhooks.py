@@ -115,6 +115,10 @@ async def test_a_url_outside_the_allow_list_is_refused_by_the_database(
         await app.enqueue("t", {}, callback_url=stretched)
     with pytest.raises(InvalidJob, match="callback_url must be"):
         await app.enqueue("t", {}, callback_url="ftp://files.example.com/")
+    # enqueue_many gives every job of the batch the URL.
+    many = await app.enqueue_many("t", [{}, {}], callback_url=allowed + "batch")
+    urls = query(dsn, "SELECT callback_url FROM notifyq.jobs WHERE id = ANY(%s)", list(many))
+    assert urls == [(allowed + "batch",)] * 2
     # Nor can an allowed job be pointed elsewhere later.
     job = await app.enqueue("t", {}, callback_url=allowed + "ok")
     with (
