@@ -177,7 +177,9 @@ class Worker:
             self.webhooks = WebhookSender(
                 claim_store,
                 secrets,
-                poll_interval=settings.poll_interval,
+                # Listening: woken by notifyq_internal's "webhooks" (and on reconnect), so an
+                # idle dispatcher still runs one statement per poll, the listener's upkeep.
+                poll_interval=None if settings.listen else settings.poll_interval,
                 observe=None if self.metrics is None else self.metrics.webhook,
             )
         rescue_interval = min(settings.poll_interval, settings.lease / 2)
@@ -466,6 +468,8 @@ class Worker:
         if self.appetite is not None:
             self.appetite.lost()
         self.http.changed()  # a change announced while nobody listened
+        if self.webhooks is not None:
+            self.webhooks.changed()  # webhooks queued while nobody listened
         self.scheduler.changed()
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 

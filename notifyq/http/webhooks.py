@@ -23,6 +23,7 @@ writing it down: receivers deduplicate by Notifyq-Delivery-Id.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import anyio
@@ -44,19 +45,21 @@ TIMEOUT = 10.0  # seconds a receiver has to answer
 LEASE = TIMEOUT * 3  # a claimed row is ours this long: well past a request's timeout
 MAX_ATTEMPTS = 10
 BACKOFF = Backoff(base=1.0, factor=2.0, max_delay=3600.0)
+RETRY_AFTER_ERROR = 5.0  # seconds before trying the database again after a failed round
 
 
 class WebhookSender:
     """Claims and sends due completion webhooks until cancelled.  `changed()` is the
-    listener's hint that new ones were queued; without it the sender looks again every
-    `poll_interval` seconds (and when the next retry is due)."""
+    listener's hint that new ones were queued (and its call after every reconnect): with
+    it (`poll_interval` None) an idle sender runs no statement at all until told, or until
+    the next retry is due; without a listener it looks every `poll_interval` seconds."""
 
     def __init__(
         self,
         st: store.Store,
         secrets: Secrets,
         *,
-        poll_interval: float,
+        poll_interval: float | None,
         observe: Callable[[str], None] | None = None,
         backoff: Backoff = BACKOFF,
     ) -> None:
@@ -77,17 +80,19 @@ class WebhookSender:
             follow_redirects=False, headers={"User-Agent": USER_AGENT}, timeout=TIMEOUT
         ) as client:
             while True:
-                wait = self._poll
+                wait = math.inf if self._poll is None else self._poll
                 try:
                     if await self.round(client) == BATCH:
                         continue  # a full claim: more may be due
                     due = await store.webhooks.next_due(self._store)
                     if due is not None:
-                        wait = max(0.0, min(due, self._poll))
+                        wait = max(0.0, min(due, wait))
                 except DatabaseUnavailable as exc:
                     log.warning("webhook sender paused (%s); trying again", exc)
+                    wait = min(wait, RETRY_AFTER_ERROR)
                 except NotifyqError as exc:
                     log.error("webhook sender failed: %s", exc)
+                    wait = min(wait, RETRY_AFTER_ERROR)
                 with anyio.move_on_after(wait):
                     await self._wake.wait()
                 self._wake = anyio.Event()
