@@ -706,3 +706,36 @@ def test_stuck_reads_running_jobs_only(finished_dsn: str) -> None:
     found = jobs_scans(nodes)
     assert found and all(index == "jobs_lease_idx" for _, index in found), found
     assert rows_read(nodes) <= running, rows_read(nodes)
+
+
+@pytest.mark.parametrize("name", ["webhook_claim", "webhook_next_due"])
+def test_the_webhook_sender_reads_pending_deliveries_only(dsn: str, name: str) -> None:
+    """The sender's claim and its "next due?" probe go along webhook_deliveries_due_idx
+    (pending rows only): 100,000 delivered rows cost them nothing."""
+    params = {"limit": 20, "lease": 30.0}
+    with psycopg.connect(dsn) as conn, conn.transaction(force_rollback=True):
+        conn.execute(
+            "INSERT INTO notifyq.webhook_deliveries (job_id, url, body, status, attempts,"
+            " delivered_at) SELECT g, 'http://h/x', '{}', 'delivered', 1, now()"
+            " FROM generate_series(1, 100000) AS g"
+        )
+        conn.execute(
+            "INSERT INTO notifyq.webhook_deliveries (job_id, url, body)"
+            " SELECT g, 'http://h/x', '{}' FROM generate_series(1, 5) AS g"
+        )
+        conn.execute("ANALYZE notifyq.webhook_deliveries")
+        row = conn.execute(
+            b"EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES[name].encode(), params
+        ).fetchone()
+    assert row is not None
+    nodes = list(plan_nodes(row[0][0]["Plan"]))
+    on_outbox = [n for n in nodes if n.get("Relation Name") == "webhook_deliveries"]
+    assert on_outbox, nodes
+    assert all(n["Node Type"] != "Seq Scan" for n in on_outbox), on_outbox
+    assert any(n.get("Index Name") == "webhook_deliveries_due_idx" for n in on_outbox), on_outbox
+    read = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+        for n in on_outbox
+        if "Scan" in n["Node Type"]
+    )
+    assert read <= 20, read
