@@ -1,7 +1,8 @@
-"""The operations behind `notifyq jobs/retry/cancel/purge/stats`.
+"""The operations behind `notifyq jobs/retry/cancel/purge/stats/breaker`.
 
 Each admin action is a SQL function in schema.sql (notifyq.retry_job,
-retry_dead, cancel_job, purge), so any language can do the same; this module
+retry_dead, cancel_job, purge, reset_circuit_breaker, ...), so any language can
+do the same; this module
 opens a connection and calls them through the store (store/operations.py).  A
 refusal (unknown id, wrong state) arrives as OperationRefused with the
 function's message and hint.
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import store
+from .breaker import CircuitBreaker
 from .errors import ConfigurationError
 from .job import JobState
 from .registry import check_queue_name, check_task_name
@@ -182,3 +184,30 @@ def stuck(dsn: str, longer_than: float = 3600.0) -> list[dict[str, Any]]:
     """notifyq.stuck: running jobs past their lease, or running over `longer_than` seconds."""
     found = _on(dsn, lambda conn: store.monitoring.stuck(conn, longer_than))
     return [asdict(row) for row in found]
+
+
+def circuit_breakers(dsn: str) -> list[dict[str, Any]]:
+    """Every task's circuit breaker: its settings and where it stands."""
+    return [asdict(row) for row in _on(dsn, store.operations.circuit_breakers)]
+
+
+def set_circuit_breaker(dsn: str, task: str, breaker: CircuitBreaker) -> None:
+    """Give `task` a circuit breaker, or change its settings (its state is kept)."""
+    check_task_name(task)
+    _on(
+        dsn,
+        lambda conn: store.operations.set_circuit_breaker(
+            conn, task, breaker.failures, breaker.window, breaker.cooldown
+        ),
+    )
+
+
+def reset_circuit_breaker(dsn: str, task: str) -> str:
+    """Close `task`'s circuit breaker now; returns the state it had (OperationRefused
+    for a task without one)."""
+    return _on(dsn, lambda conn: store.operations.reset_circuit_breaker(conn, task))
+
+
+def remove_circuit_breaker(dsn: str, task: str) -> bool:
+    """`task` has no circuit breaker from now on; whether it had one."""
+    return _on(dsn, lambda conn: store.operations.remove_circuit_breaker(conn, task))

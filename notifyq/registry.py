@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .breaker import CircuitBreaker
 from .codec import Undecodable
 from .errors import ConfigurationError, PayloadError
 from .retry import Backoff
@@ -156,6 +157,9 @@ class Task:
     model: type | None = None
     is_async: bool = False
     wants_context: bool = False
+    # Written to notifyq.circuit_breakers at start-up; None leaves that table alone (a
+    # breaker set there in SQL stays).
+    circuit_breaker: CircuitBreaker | None = None
     # Set for a batch handler, which takes a list of BatchItem (batch.py); None: one job a call.
     batch: Batching | None = None
     tags: tuple[str, ...] = ()  # every job of the task gets them (enqueue adds its own)

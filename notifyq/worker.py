@@ -132,6 +132,7 @@ class Worker:
                     t.backoff.factor,
                     t.backoff.max_delay,
                     t.timeout,
+                    t.circuit_breaker,
                 )
                 for t in registry
             ],
@@ -405,6 +406,7 @@ class Worker:
             on_endpoints=self.http.changed,
             on_periodic=self.scheduler.changed,
             on_webhooks=None if self.webhooks is None else self.webhooks.changed,
+            on_breaker=self.dispatcher.wake,
             liveness=self.claimant,
             upkeep=listener.Upkeeping(
                 every=self.upkeep_every,

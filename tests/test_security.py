@@ -111,6 +111,8 @@ PUBLIC_COLUMNS = [
     "dedupe_key",
     "token",
     "trace_context",
+    "unique_for",
+    "on_duplicate",
 ]
 PRIVATE_COLUMNS = [
     "id",
@@ -240,8 +242,8 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
         assert not query(dsn, "SELECT has_schema_privilege(%s, 'notifyq', 'CREATE')", role)[0][0]
         assert not query(
             dsn,
-            "SELECT has_function_privilege(%s, 'notifyq.purge(interval, text[], text[])',"
-            " 'EXECUTE')",
+            "SELECT has_function_privilege("
+            "%s, 'notifyq.purge(interval, text[], text[])', 'EXECUTE')",
             role,
         )[0][0]
     assert query(dsn, "SELECT has_schema_privilege(current_user, 'notifyq', 'CREATE')")[0][0]
@@ -503,7 +505,9 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "claim_jobs",
         "claim_room",
         "complete",
+        "dependency_results",
         "dependency_status",
+        "expire_unique_windows",
         "fail",
         "finish_jobs",
         "hand_back",
@@ -522,10 +526,12 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "rescue",
         "rescue_due",
         "rescue_jobs",
+        "reset_circuit_breaker",
         "resume_queue",
         "retry_dead",
         "retry_job",
         "set_appetite",
+        "set_circuit_breaker",
         "set_events",
         "set_history",
         "stop_worker",

@@ -21,26 +21,38 @@ RETURNING id;
 
 -- name: enqueue_deduped
 -- `enqueue` with a dedupe_key: while an unfinished job holds the key, nothing is
--- inserted and that job's id comes back instead (created false).  No row at all
--- means the holder committed after this statement's snapshot: run it again.
+-- inserted and that job's id comes back instead (created false).  With
+-- unique_for, a window the key's last job opened refuses it too (the id is that
+-- job's, which may have been purged since); with on_duplicate 'replace', the
+-- queued job holding the key got this payload (the schema's dedupe_on_insert).
+-- No row at all means the holder committed after this statement's snapshot (a
+-- window seen here as ended was opened again since): run it again.
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
                               on_dependency_failure, dedupe_key, rate_key, token, trace_context,
-                              tags, callback_url)
+                              unique_for, on_duplicate, tags, callback_url)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
             %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
             %(rate_key)s::text, %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb,
+            make_interval(secs => %(unique_for)s::float8), %(on_duplicate)s::text,
             %(tags)s::text[], %(callback_url)s::text)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
 SELECT id, true AS created FROM inserted
 UNION ALL
-SELECT j.id, false FROM notifyq.jobs j
-WHERE NOT EXISTS (SELECT FROM inserted)
-  AND j.dedupe_key = %(dedupe_key)s
-  AND j.status NOT IN ('succeeded', 'dead', 'cancelled');
+(SELECT h.id, false
+ FROM (SELECT j.id, 1 AS rank FROM notifyq.jobs j
+       WHERE j.dedupe_key = %(dedupe_key)s
+         AND j.status NOT IN ('succeeded', 'dead', 'cancelled')
+       UNION ALL
+       SELECT w.job_id, 2 FROM notifyq.unique_windows w
+       WHERE %(unique_for)s::float8 IS NOT NULL AND w.dedupe_key = %(dedupe_key)s
+         AND w.expires_at > now()) AS h
+ WHERE NOT EXISTS (SELECT FROM inserted)
+ ORDER BY h.rank
+ LIMIT 1);
 
 -- name: enqueue_many
 -- Insert many jobs of one task in one statement: the statement-level trigger
@@ -151,6 +163,15 @@ WHERE id = %(id)s AND status = 'running' COLLATE "C" AND claimed_by = %(claimant
   AND attempts = %(attempt)s
 RETURNING id;
 
+-- name: dependency_results
+-- JobContext.dependency_results: the jobs a job depends on, their status and result
+-- (notifyq.dependency_results: the job by primary key, each dependency by it too).
+SELECT d.id, d.status, d.result FROM notifyq.dependency_results(%(id)s) AS d;
+
+-- name: expire_unique_windows
+-- Retention: delete a batch of unique_for windows that ended (the SQL function).
+SELECT notifyq.expire_unique_windows(%(limit)s) AS deleted;
+
 -- name: cancelled_among
 -- Which of the jobs this dispatcher runs were cancelled meanwhile (notifyq.cancel_job,
 -- or a plain UPDATE to 'cancelled'): their handlers are interrupted.
@@ -216,6 +237,22 @@ WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeou
                         excluded.backoff_max, excluded.timeout)
 RETURNING t.task;
 
+-- name: sync_breakers
+-- At start-up: our @app.task(circuit_breaker=...) settings into notifyq.circuit_breakers
+-- (notifyq.set_circuit_breaker's upsert, which the worker role may not call); a breaker's
+-- state is kept, and a row already equal is left alone (no write).
+INSERT INTO notifyq.circuit_breakers AS b (task, failures, failure_window, cooldown)
+SELECT s.task, s.failures, make_interval(secs => s.span), make_interval(secs => s.cooldown)
+FROM unnest(%(tasks)s::text[], %(failures)s::int[], %(windows)s::float8[],
+            %(cooldowns)s::float8[]) AS s(task, failures, span, cooldown)
+ORDER BY s.task
+ON CONFLICT (task) DO UPDATE
+SET failures = excluded.failures, failure_window = excluded.failure_window,
+    cooldown = excluded.cooldown, changed_at = now()
+WHERE (b.failures, b.failure_window, b.cooldown)
+      IS DISTINCT FROM (excluded.failures, excluded.failure_window, excluded.cooldown)
+RETURNING b.task;
+
 -- name: endpoints
 -- The HTTP endpoints (notifyq.endpoints) a dispatcher serves: read before its first
 -- claim and again when a change is announced on notifyq_internal.
@@ -275,9 +312,20 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, %(local)s);
 -- work_left; jobs kept by a cap or a rate limit count as ready (the claim says),
 -- paused ones do not (no claim would start them: a poll finding them would only
 -- make an empty claim, every time).  The pause is a condition on the pair only, so
--- it is tested once per pair before its probe reads a row.
+-- it is tested once per pair before its probe reads a row.  Nor do those a circuit
+-- breaker holds (open in its cool-down, or half-open with its probe running), for
+-- the same reason.
 SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
-               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN (SELECT u.name FROM unnest(%(tasks)s::text[]) AS u(name)
+                           WHERE NOT EXISTS (
+                               SELECT FROM notifyq.circuit_breakers b
+                               WHERE b.task = u.name
+                                 AND (b.state = 'open' AND b.opened_at + b.cooldown > now()
+                                      OR b.state = 'half_open' AND EXISTS (
+                                          SELECT FROM notifyq.jobs p  -- by primary key
+                                          WHERE p.id = b.probe_job
+                                            AND p.status = 'running' COLLATE "C"
+                                            AND p.attempts = b.probe_attempt)))) AS t
                CROSS JOIN LATERAL (
                    SELECT FROM notifyq.jobs j
                    WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
@@ -631,6 +679,36 @@ RETURNING queue;
 -- notifyq limit QUEUE none: lift a queue's cap.
 DELETE FROM notifyq.queue_limits WHERE queue = %(queue)s RETURNING queue;
 
+-- name: circuit_breakers
+-- notifyq breaker list, watch, health and the metrics: every circuit breaker, with
+-- the seconds until an open one's cool-down ends (0: over, the next claim probes)
+-- and the failures its current window has counted (0 once the window passed).
+SELECT b.task, b.state, b.failures,
+       extract(epoch FROM b.failure_window)::float8 AS window_seconds,
+       extract(epoch FROM b.cooldown)::float8 AS cooldown_seconds,
+       CASE WHEN b.state = 'closed' AND b.failed_since > now() - b.failure_window
+            THEN b.failed ELSE 0 END AS failed,
+       b.opened_at,
+       CASE WHEN b.state = 'open'
+            THEN greatest(extract(epoch FROM b.opened_at + b.cooldown - now()), 0)::float8
+       END AS reopen_in,
+       b.probe_job, b.opens
+FROM notifyq.circuit_breakers b
+ORDER BY b.task;
+
+-- name: set_circuit_breaker
+-- notifyq breaker set TASK: the SQL function.
+SELECT notifyq.set_circuit_breaker(%(task)s, %(failures)s, make_interval(secs => %(window)s),
+                                   make_interval(secs => %(cooldown)s));
+
+-- name: reset_circuit_breaker
+-- notifyq breaker reset TASK, App.reset_circuit_breaker: the SQL function; the state it had.
+SELECT notifyq.reset_circuit_breaker(%(task)s);
+
+-- name: remove_circuit_breaker
+-- notifyq breaker remove TASK: the task has no breaker any more.
+DELETE FROM notifyq.circuit_breakers WHERE task = %(task)s RETURNING task;
+
 -- name: pause_queue
 -- notifyq pause QUEUE [--task TASK]: the SQL function; false if it was paused already.
 SELECT notifyq.pause_queue(%(queue)s, %(task)s);
@@ -887,10 +965,15 @@ RETURNING id;
 -- name: testing_busy
 -- notifyq.testing's drain: is a job of %(tasks)s in %(queues)s due now, or running?
 -- A rate limit's slot counts once it is due, not before (a drain does not wait for it).
+-- A paused one (notifyq.queue_pauses) does not: no claim starts it, so the drain ends
+-- with it queued, as `serve --until-empty` does.
 SELECT EXISTS (
     SELECT FROM notifyq.jobs j
     WHERE j.queue = ANY (%(queues)s::text[]) AND j.task = ANY (%(tasks)s::text[])
-      AND (j.status = 'running' OR (j.status = 'queued' AND j.run_at <= now())));
+      AND (j.status = 'running'
+           OR (j.status = 'queued' AND j.run_at <= now()
+               AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                               WHERE z.queue = j.queue AND z.task IN (j.task, '*')))));
 
 -- name: webhook_claim
 -- Claim up to %(limit)s due completion webhooks (notifyq.webhook_deliveries) along

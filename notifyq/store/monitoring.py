@@ -13,6 +13,7 @@ from psycopg.rows import class_row
 from .connection import fetch_all, fetch_one
 from .dispatching import Store
 from .rows import (
+    BreakerState,
     DispatcherState,
     ExpiredLeases,
     FailedAttempt,
@@ -71,6 +72,11 @@ def unserved_jobs(conn: Conn, queues: Sequence[str] | None = None) -> list[Unser
     return fetch_all(conn, "unserved_jobs", params, class_row(UnservedJobs))
 
 
+def circuit_breakers(conn: Conn) -> list[BreakerState]:
+    """Every circuit breaker and where it stands (health, the metrics)."""
+    return fetch_all(conn, "circuit_breakers", {}, class_row(BreakerState))
+
+
 def queue_pauses(conn: Conn) -> list[QueuePause]:
     """Every paused queue and task, with its ready jobs (notifyq health, the metrics)."""
     return fetch_all(conn, "queue_pauses", {}, class_row(QueuePause))
@@ -116,6 +122,10 @@ def start_waits(conn: Conn, ids: Collection[int]) -> list[StartWait]:
 
 
 # --- notifyq watch, on its Store (reconnects like the dispatcher's)
+
+
+async def breaker_states(st: Store) -> list[BreakerState]:
+    return await st._run("circuit_breakers", {}, class_row(BreakerState))
 
 
 # `tags`: only the jobs that have every one of them (watch --tag); None or empty: any job.

@@ -120,6 +120,15 @@ class Purged:
 
 
 @dataclass(frozen=True, slots=True)
+class DependencyResult:
+    """dependency_results: one dependency of a job, its status (None: deleted) and result."""
+
+    id: int
+    status: str | None
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Upkeep:
     """upkeep: a served job is ready; a rescue sweep has something to look at."""
 
@@ -248,6 +257,22 @@ class QueueEvents:
 
     queue: str
     enabled_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    """circuit_breakers: a task's circuit breaker, its settings and where it stands."""
+
+    task: str
+    state: str  # closed | open | half_open
+    failures: int  # failures within window_seconds that open it
+    window_seconds: float
+    cooldown_seconds: float
+    failed: int  # failures counted in the current window (closed only)
+    opened_at: datetime | None
+    reopen_in: float | None  # open: seconds until the cool-down ends (0: the next claim probes)
+    probe_job: int | None  # half_open: the probe's job id
+    opens: int  # times it opened, ever
 
 
 # --- monitoring (notifyq health, watch, the metrics)
