@@ -18,13 +18,19 @@
 -- notifyq.jobs with its columns id, queue, task, payload, priority, run_at,
 -- status, attempts, max_attempts, last_error, created_at, started_at,
 -- finished_at, dedupe_key, result, progress, progress_message, checkpoint,
--- depends_on, on_dependency_failure, rate_key, token, trace_context, tags; the
--- status values; the view notifyq.queue_stats; the tables notifyq.job_history,
+-- depends_on, on_dependency_failure, rate_key, token, trace_context, tags,
+-- unique_for, on_duplicate, callback_url; the status values; the view
+-- notifyq.queue_stats; the monitoring functions notifyq.queue_health,
+-- failed_recent and stuck; the tables notifyq.job_history,
 -- notifyq.queue_limits, notifyq.queue_pauses, notifyq.rate_limits,
--- notifyq.periodic, notifyq.tasks and notifyq.queue_events;
+-- notifyq.periodic, notifyq.tasks, notifyq.queue_events,
+-- notifyq.webhook_allowlist and notifyq.webhook_deliveries;
+-- the table notifyq.circuit_breakers (its config columns task, failures,
+-- failure_window, cooldown; state, opened_at and opens to read) with
+-- notifyq.set_circuit_breaker and notifyq.reset_circuit_breaker;
 -- the SQL worker protocol (notifyq.claim with its row type notifyq.claimed_job,
 -- heartbeat, complete, fail, progress, hold_session, hand_back, stop_worker);
--- notifyq.job_status, notifyq.set_events, notifyq.pause_queue and
+-- notifyq.job_status, notifyq.dependency_results, notifyq.set_events, notifyq.pause_queue and
 -- notifyq.resume_queue; and the notification channels
 -- notifyq_jobs, notifyq_status, notifyq_progress and notifyq_events, with the
 -- payloads described where they are sent (nothing else is sent on them).
@@ -87,6 +93,16 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     -- Labels to find jobs by (`tags @> ARRAY['customer:42']`, jobs_tags_idx): set at
     -- enqueue, never read by the dispatchers.
     tags             text[],
+    -- With dedupe_key, what another INSERT with the key meets (see "Keys beyond
+    -- unfinished jobs" below): unique_for, the key is held that long after this
+    -- job was enqueued, even once it finished; on_duplicate 'replace', an INSERT
+    -- with 'replace' meeting this job queued gives it its payload and run_at
+    -- instead (debounce).
+    unique_for       interval,
+    on_duplicate     text,
+    -- POSTed to when the job ends (see "Completion webhooks" below); must start with a
+    -- prefix of notifyq.webhook_allowlist, which the database checks.
+    callback_url     text,
 
     -- Unbounded patterns and a length test: a bounded repetition ({0,199}) costs
     -- every INSERT and UPDATE of a job tens of microseconds (migration 0013).
@@ -118,7 +134,18 @@ CREATE TABLE IF NOT EXISTS notifyq.jobs (
     CONSTRAINT jobs_tags_valid CHECK (
         cardinality(tags) <= 20 AND array_ndims(tags) = 1
         AND array_position(tags, NULL) IS NULL AND array_position(tags, '') IS NULL
-        AND char_length(array_to_string(tags, '')) <= 1000)
+        AND char_length(array_to_string(tags, '')) <= 1000),
+    CONSTRAINT jobs_unique_for_valid CHECK (
+        unique_for IS NULL
+        OR (unique_for > interval '0' AND unique_for <= interval '10 years'
+            AND dedupe_key IS NOT NULL)),
+    CONSTRAINT jobs_on_duplicate_valid CHECK (
+        on_duplicate IS NULL
+        OR (on_duplicate IN ('refuse', 'replace') AND dedupe_key IS NOT NULL
+            AND (on_duplicate = 'refuse' OR unique_for IS NULL))),
+    CONSTRAINT jobs_callback_url_format CHECK (
+        callback_url ~* '^https?://[^/?#@[:space:]]+/[^[:space:]]*$'
+        AND char_length(callback_url) <= 2048)
 );
 
 COMMENT ON TABLE notifyq.jobs IS
@@ -162,6 +189,23 @@ COMMENT ON CONSTRAINT jobs_tags_valid ON notifyq.jobs IS
     '1000 characters in all';
 COMMENT ON COLUMN notifyq.jobs.tags IS
     'Labels to find jobs by (tags @> ARRAY[...]): notifyq jobs list/retry/cancel/purge/watch --tag.';
+COMMENT ON CONSTRAINT jobs_unique_for_valid ON notifyq.jobs IS
+    'unique_for: NULL, or more than 0 and at most 10 years, with a dedupe_key';
+COMMENT ON CONSTRAINT jobs_on_duplicate_valid ON notifyq.jobs IS
+    'on_duplicate: NULL, refuse or replace, with a dedupe_key; replace not with unique_for';
+COMMENT ON COLUMN notifyq.jobs.unique_for IS
+    'With dedupe_key: no other job with the key is inserted for this long after this one '
+    'was enqueued, even once it finished.';
+COMMENT ON COLUMN notifyq.jobs.on_duplicate IS
+    'With dedupe_key, replace: an INSERT with replace meeting a queued job with the key, '
+    'inserted with replace too, gives it its payload and run_at instead of being refused '
+    '(debounce).';
+COMMENT ON CONSTRAINT jobs_callback_url_format ON notifyq.jobs IS
+    'callback_url: NULL or an http:// or https:// URL with a host and a path (at least /), '
+    'no spaces, at most 2048 characters';
+COMMENT ON COLUMN notifyq.jobs.callback_url IS
+    'POSTed to when the job ends (succeeded, dead, cancelled); must start with a prefix of '
+    'notifyq.webhook_allowlist.';
 
 -- Claimable rows, in claim order per (queue, task): the claim probes one
 -- (queue, task) pair at a time, so jobs of tasks it cannot run (and of other
@@ -872,6 +916,241 @@ CREATE OR REPLACE TRIGGER jobs_release_dependents
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION notifyq.release_dependents();
 
+-- ---------------------------------------------------------------------------
+-- Keys beyond unfinished jobs
+--
+-- A dedupe_key alone holds while its job is unfinished (jobs_dedupe_idx).  Two
+-- columns, both NULL by default and both needing a dedupe_key, change what
+-- another INSERT with the key meets:
+--
+--   unique_for    the key is also held for this long after the job was enqueued
+--                 (now() of the INSERT), even once the job finished: an INSERT
+--                 with the key and unique_for inserts nothing while that window
+--                 lasts.  A sliding window from the enqueue that opened it, not a
+--                 fixed bucket: "at most one job per hour per key" must not allow
+--                 two jobs a second apart across a bucket's edge.  A refused
+--                 INSERT does not open or extend a window.
+--   on_duplicate  'replace': while a queued (or waiting) job inserted with
+--                 'replace' too holds the key, the INSERT inserts nothing and
+--                 gives that job its payload and run_at instead (debounce).  While
+--                 the holder runs, it may have read its payload already: the
+--                 INSERT goes in as a new job, and the running job gives up the
+--                 key to it.  A holder inserted without 'replace' is never
+--                 changed: the key's own rule refuses the row.  'refuse' (or
+--                 NULL) is the dedupe_key's own rule.
+--
+-- Refused and replaced rows are dropped by the BEFORE INSERT trigger below
+-- (RETURN NULL), with or without ON CONFLICT: the INSERT reports fewer rows and
+-- `RETURNING id` returns none, as ON CONFLICT DO NOTHING does for a dedupe_key.
+-- The two are not combined (a window that replaces is a throttle, a feature of
+-- its own).
+
+-- One row per key whose window was opened: the job that opened it and when it
+-- ends.  Written only for a row that went in (jobs_unique_window_opened).  Rows
+-- whose window ended are deleted by retention (notifyq.expire_unique_windows) or
+-- reused by the key's next window.
+CREATE TABLE IF NOT EXISTS notifyq.unique_windows (
+    dedupe_key text        PRIMARY KEY,
+    job_id     bigint      NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+COMMENT ON TABLE notifyq.unique_windows IS
+    'The open unique_for windows: no job with dedupe_key is inserted before expires_at. '
+    'Kept by the insert trigger and retention: read it, do not write it.';
+-- Retention finds the windows that ended without reading the others.
+CREATE INDEX IF NOT EXISTS unique_windows_expires_idx ON notifyq.unique_windows (expires_at);
+
+-- BEFORE INSERT, only for rows with unique_for or on_duplicate = 'replace' (the
+-- trigger's WHEN): every other INSERT pays nothing.  Its name sorts before
+-- jobs_dependencies_on_insert, so a refused row costs no dependency check.
+--
+-- Race-free under concurrent producers in READ COMMITTED (the default):
+--   unique_for: a transaction-level advisory lock on the key (28279, hashtext
+--     of it) orders the producers of one key until each commits; the window is
+--     then read with a new snapshot, which sees every earlier producer's window.
+--     So one job per window, however many producers race.  An unfinished job
+--     holding the key (jobs_dedupe_idx) refuses the row too.  The window is
+--     written only once the row is in (AFTER INSERT, open_unique_window): a row
+--     dropped after this trigger, by ON CONFLICT on jobs_dedupe_idx (a job of
+--     the key not committed yet when it looked: a producer not using unique_for,
+--     a dead job retried), opens no window.
+--   replace: the same lock on the key orders the replacing producers of one
+--     key until each commits; the
+--     holder is then read (a new snapshot: it sees every earlier producer's
+--     job) and locked FOR NO KEY UPDATE, as a completion locks it.  A claim
+--     skips the locked row (SKIP LOCKED) and takes it, with the new payload,
+--     once this transaction ends; a claim that locked it first makes this wait,
+--     and then the holder is running.  So the last producer's payload is the
+--     one that runs.
+-- In REPEATABLE READ or SERIALIZABLE a producer that meets a concurrent change
+-- fails with a serialization error (retry the transaction); replace can insert
+-- a second job there, which jobs_dedupe_idx refuses.  Producers that use one key
+-- with and without these columns are not ordered against each other: use a key
+-- one way.  Several keys used in one transaction are locked in the order
+-- given: two transactions giving them in different orders can deadlock (one is
+-- cancelled).
+--
+-- SECURITY DEFINER: a producer may neither read nor lock jobs, nor write the
+-- windows.  The pinned search_path costs only the rows that use the feature.
+CREATE OR REPLACE FUNCTION notifyq.dedupe_on_insert() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    holder record;
+    window_ends timestamptz;
+BEGIN
+    -- Every row a CHECK refuses goes on to it, even while a window would drop it.
+    IF NEW.dedupe_key IS NULL OR char_length(NEW.dedupe_key) > 255
+       OR (NEW.unique_for IS NOT NULL AND NEW.on_duplicate = 'replace')
+       OR NEW.unique_for <= interval '0' OR NEW.unique_for > interval '10 years'
+       OR NEW.on_duplicate NOT IN ('refuse', 'replace') THEN
+        RETURN NEW;  -- the CHECK constraints refuse it, with their names
+    END IF;
+    IF NEW.on_duplicate = 'replace' THEN
+        PERFORM pg_advisory_xact_lock(28279, hashtext(NEW.dedupe_key));
+        -- Only a job enqueued to be replaced is: one whose producer chose the key's
+        -- own rule keeps its payload, run_at and key, whoever inserts the key next
+        -- (the producer role may not change jobs).  Then jobs_dedupe_idx refuses this
+        -- row, as it refuses any duplicate of that key.
+        SELECT j.id, j.status, j.task, j.rate_reserved, j.attempts INTO holder
+        FROM notifyq.jobs j
+        WHERE j.dedupe_key = NEW.dedupe_key AND j.status NOT IN ('succeeded', 'dead', 'cancelled')
+          AND j.on_duplicate = 'replace'
+        FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN NEW;
+        END IF;
+        IF holder.task <> NEW.task THEN
+            RAISE EXCEPTION 'notifyq: dedupe_key % is held by job %, of task %, not %',
+                pg_catalog.quote_literal(NEW.dedupe_key), holder.id, holder.task, NEW.task
+                USING ERRCODE = 'check_violation',
+                      HINT = 'on_duplicate = ''replace'' replaces the payload of a job of '
+                             'the same task: give each task keys of its own.';
+        END IF;
+        IF holder.status IN ('queued', 'waiting') THEN
+            -- A job already attempted (queued again for its retry's backoff) or given a
+            -- rate limit's slot keeps the later run_at: replacing never runs it sooner
+            -- than its backoff or its slot.  Moved past its slot, it gives the slot up:
+            -- a reserved job starts when due without the rate check, so keeping the
+            -- flag would start it at a time the rate limit never granted.  The
+            -- checkpoint belonged to the old payload.
+            UPDATE notifyq.jobs j
+            SET payload = NEW.payload,
+                run_at = CASE WHEN holder.rate_reserved OR holder.attempts > 0
+                              THEN greatest(j.run_at, NEW.run_at) ELSE NEW.run_at END,
+                rate_reserved = j.rate_reserved AND NEW.run_at <= j.run_at,
+                checkpoint = NULL
+            WHERE j.id = holder.id;
+            RETURN NULL;
+        END IF;
+        -- Running: the new payload needs a run of its own, and takes over the key.
+        UPDATE notifyq.jobs j SET dedupe_key = NULL, on_duplicate = NULL WHERE j.id = holder.id;
+        RETURN NEW;
+    END IF;
+    -- unique_for.  In REPEATABLE READ the reads below keep the transaction's
+    -- snapshot: a window or job committed meanwhile is met by the window's write or
+    -- the key's index instead, which raise a serialization error.
+    PERFORM pg_advisory_xact_lock(28279, hashtext(NEW.dedupe_key));
+    SELECT w.expires_at INTO window_ends
+    FROM notifyq.unique_windows w WHERE w.dedupe_key = NEW.dedupe_key;
+    IF FOUND AND window_ends > now() THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT FROM notifyq.jobs j
+               WHERE j.dedupe_key = NEW.dedupe_key
+                 AND j.status NOT IN ('succeeded', 'dead', 'cancelled')) THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;  -- open_unique_window opens the key's next window, once the row is in
+END
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_dedupe_on_insert
+    BEFORE INSERT ON notifyq.jobs
+    FOR EACH ROW
+    WHEN (NEW.unique_for IS NOT NULL OR NEW.on_duplicate = 'replace')
+    EXECUTE FUNCTION notifyq.dedupe_on_insert();
+
+-- AFTER INSERT, only for rows with unique_for: the row went in (no ON CONFLICT
+-- dropped it), so it opens its key's window, or the next one where one ended.
+-- The key's lock, taken by dedupe_on_insert and held to the commit, keeps
+-- every other producer of the key away meanwhile.
+CREATE OR REPLACE FUNCTION notifyq.open_unique_window() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO notifyq.unique_windows AS w (dedupe_key, job_id, expires_at)
+    VALUES (NEW.dedupe_key, NEW.id, now() + NEW.unique_for)
+    ON CONFLICT (dedupe_key) DO UPDATE
+    SET job_id = excluded.job_id, expires_at = excluded.expires_at;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_unique_window_opened
+    AFTER INSERT ON notifyq.jobs
+    FOR EACH ROW
+    WHEN (NEW.unique_for IS NOT NULL)
+    EXECUTE FUNCTION notifyq.open_unique_window();
+
+-- Retention: delete up to max_rows windows that ended (oldest first), skipping
+-- rows an INSERT holds right now; returns how many.  A window that ended while
+-- its job is unfinished holds nothing the job's dedupe_key does not.  SECURITY
+-- DEFINER: the worker role runs it without any right on the table.
+CREATE OR REPLACE FUNCTION notifyq.expire_unique_windows(max_rows integer) RETURNS integer
+LANGUAGE sql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH ended AS (
+        SELECT w.dedupe_key FROM notifyq.unique_windows w
+        WHERE w.expires_at <= now()
+        ORDER BY w.expires_at
+        LIMIT max_rows
+        FOR UPDATE SKIP LOCKED
+    ), deleted AS (
+        DELETE FROM notifyq.unique_windows w USING ended e
+        WHERE w.dedupe_key = e.dedupe_key
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM deleted
+$$;
+COMMENT ON FUNCTION notifyq.expire_unique_windows(integer) IS
+    'Delete up to max_rows unique_for windows that ended; returns how many.';
+REVOKE EXECUTE ON FUNCTION notifyq.expire_unique_windows(integer) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- Results for dependents
+--
+-- The dependencies of job_id, in depends_on's order, each with its status and
+-- result (NULL unless it succeeded; status NULL: deleted since).  For the worker
+-- that runs the job, in any language: read when asked, so a claim pays nothing.
+-- SECURITY INVOKER: it reads with the caller's rights, which the worker role has
+-- (SELECT on notifyq.jobs).  Not through a job's token: a producer chooses
+-- depends_on, so the token of its own job would show it the results of any job.
+CREATE OR REPLACE FUNCTION notifyq.dependency_results(job_id bigint)
+RETURNS TABLE (id bigint, status text, result jsonb)
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT d.id, j.status, j.result
+    FROM notifyq.jobs me
+    CROSS JOIN LATERAL unnest(me.depends_on) WITH ORDINALITY AS d(id, n)
+    LEFT JOIN notifyq.jobs j ON j.id = d.id
+    WHERE me.id = $1
+    ORDER BY d.n
+$$;
+COMMENT ON FUNCTION notifyq.dependency_results(bigint) IS
+    'The dependencies of a job, in depends_on order: id, status and result (for a worker: '
+    'needs SELECT on notifyq.jobs).';
+REVOKE EXECUTE ON FUNCTION notifyq.dependency_results(bigint) FROM PUBLIC;
+
 -- Operations
 --
 -- What `notifyq watch`, the admin commands and the dispatcher registry need.
@@ -1205,6 +1484,12 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- '{}' is no filter and not "any job" either: `tags @> '{}'` holds for every
+    -- tagged job and no untagged one.
+    IF cardinality(retry_dead.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: retry_dead needs at least one tag, or NULL for any job'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     UPDATE notifyq.jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL
     WHERE j.status = 'dead'
@@ -1321,6 +1606,11 @@ BEGIN
     END IF;
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'notifyq: purge needs a batch size of at least 1, got %', max_rows
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- '{}' would delete every tagged job and no untagged one (see retry_dead).
+    IF cardinality(purge_batch.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: purge needs at least one tag, or NULL for any job'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- The CTE fixes the batch (a LIMIT in a plain DELETE is not allowed); SKIP
@@ -1656,6 +1946,175 @@ SELECT queue,
 FROM notifyq.jobs j
 GROUP BY queue;
 
+-- ---------------------------------------------------------------------------
+-- Monitoring
+--
+-- Plain SQL functions, STABLE, without SET or SECURITY DEFINER: PostgreSQL inlines
+-- them into the calling query, so a caller's filter and EXPLAIN see the statement
+-- itself, and each reads notifyq.jobs along a partial index only (never the
+-- finished rows as a whole).  They run with the caller's rights: SELECT on
+-- notifyq.jobs and notifyq.queue_pauses (the worker role has both).
+
+-- Per queue: ready, scheduled and the oldest ready job's age in seconds
+-- (jobs_claim_idx), running (jobs_lease_idx), dead (jobs_dead_idx), succeeded in
+-- the last minute and finished (not cancelled) in the last 10 s
+-- (jobs_finished_idx), jobs whose last attempt failed in the last minute
+-- (jobs_failed_idx), enqueue-to-start waits p50/p95 in seconds over the latest
+-- 2,000 starts of the last minute, and pauses (notifyq.queue_pauses).  queues
+-- NULL: every queue; tags: only the jobs that have every one of them.  `notifyq
+-- watch` reads the same function.
+CREATE OR REPLACE FUNCTION notifyq.queue_health(queues text[] DEFAULT NULL, tags text[] DEFAULT NULL)
+RETURNS TABLE (queue text, ready bigint, scheduled bigint, running bigint, succeeded_1m bigint,
+               failed_1m bigint, dead bigint, done_10s bigint, p50 float8, p95 float8,
+               oldest_ready float8, paused boolean, paused_tasks text[])
+LANGUAGE sql STABLE
+AS $$
+WITH queued AS (
+    SELECT j.queue,
+           count(*) FILTER (WHERE j.run_at <= now()) AS ready,
+           count(*) FILTER (WHERE j.run_at > now()) AS scheduled,
+           extract(epoch FROM now() - min(j.run_at) FILTER (WHERE j.run_at <= now()))::float8
+               AS oldest_ready
+    FROM notifyq.jobs j
+    WHERE j.status = 'queued' AND coalesce(j.queue = ANY(queue_health.queues), true)
+      AND (queue_health.tags IS NULL OR j.tags @> queue_health.tags)
+    GROUP BY j.queue
+), running AS (
+    SELECT j.queue, count(*) AS running
+    FROM notifyq.jobs j
+    WHERE j.status = 'running' AND coalesce(j.queue = ANY(queue_health.queues), true)
+      AND (queue_health.tags IS NULL OR j.tags @> queue_health.tags)
+    GROUP BY j.queue
+), dead AS (
+    SELECT j.queue, count(*) AS dead
+    FROM notifyq.jobs j
+    WHERE j.status = 'dead' AND coalesce(j.queue = ANY(queue_health.queues), true)
+      AND (queue_health.tags IS NULL OR j.tags @> queue_health.tags)
+    GROUP BY j.queue
+), finished AS (
+    SELECT j.queue,
+           count(*) FILTER (WHERE j.status = 'succeeded') AS succeeded_1m,
+           count(*) FILTER (WHERE j.status <> 'cancelled'
+                              AND j.finished_at > now() - interval '10 seconds') AS done_10s
+    FROM notifyq.jobs j
+    WHERE j.status IN ('succeeded', 'dead', 'cancelled')
+      AND j.finished_at > now() - interval '1 minute'
+      AND coalesce(j.queue = ANY(queue_health.queues), true)
+      AND (queue_health.tags IS NULL OR j.tags @> queue_health.tags)
+    GROUP BY j.queue
+), failed AS (
+    SELECT j.queue, count(*) AS failed_1m
+    FROM notifyq.jobs j
+    WHERE j.last_error IS NOT NULL AND j.started_at > now() - interval '1 minute'
+      AND j.status IN ('queued', 'dead') AND coalesce(j.queue = ANY(queue_health.queues), true)
+      AND (queue_health.tags IS NULL OR j.tags @> queue_health.tags)
+    GROUP BY j.queue
+), starts AS (
+    (SELECT j.queue, j.started_at - j.run_at AS wait
+     FROM notifyq.jobs j
+     WHERE j.status IN ('succeeded', 'dead') AND j.finished_at > now() - interval '1 minute'
+       AND j.started_at > now() - interval '1 minute' AND j.started_at >= j.run_at
+       AND coalesce(j.queue = ANY(queue_health.queues), true)
+       AND (queue_health.tags IS NULL OR j.tags @> queue_health.tags)
+     ORDER BY j.finished_at DESC
+     LIMIT 2000)
+    UNION ALL
+    SELECT j.queue, j.started_at - j.run_at
+    FROM notifyq.jobs j
+    WHERE j.status = 'running' AND j.started_at > now() - interval '1 minute'
+      AND j.started_at >= j.run_at AND coalesce(j.queue = ANY(queue_health.queues), true)
+      AND (queue_health.tags IS NULL OR j.tags @> queue_health.tags)
+), latency AS (
+    SELECT s.queue,
+           extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY s.wait))::float8 AS p50,
+           extract(epoch FROM percentile_cont(0.95) WITHIN GROUP (ORDER BY s.wait))::float8 AS p95
+    FROM starts s
+    GROUP BY s.queue
+), names AS (
+    SELECT q.queue FROM queued q UNION SELECT r.queue FROM running r
+    UNION SELECT d.queue FROM dead d UNION SELECT f.queue FROM finished f
+    UNION SELECT x.queue FROM failed x
+    UNION SELECT unnest(queue_health.queues)
+    UNION SELECT p.queue FROM notifyq.queue_pauses p
+          WHERE coalesce(p.queue = ANY(queue_health.queues), true)
+)
+SELECT n.queue,
+       coalesce(q.ready, 0),
+       coalesce(q.scheduled, 0),
+       coalesce(r.running, 0),
+       coalesce(f.succeeded_1m, 0),
+       coalesce(x.failed_1m, 0),
+       coalesce(d.dead, 0),
+       coalesce(f.done_10s, 0),
+       l.p50,
+       l.p95,
+       q.oldest_ready,
+       EXISTS (SELECT FROM notifyq.queue_pauses p WHERE p.queue = n.queue AND p.task = '*'),
+       ARRAY(SELECT p.task FROM notifyq.queue_pauses p
+             WHERE p.queue = n.queue AND p.task <> '*' ORDER BY p.task)
+FROM names n
+LEFT JOIN queued q ON q.queue = n.queue
+LEFT JOIN running r ON r.queue = n.queue
+LEFT JOIN dead d ON d.queue = n.queue
+LEFT JOIN finished f ON f.queue = n.queue
+LEFT JOIN failed x ON x.queue = n.queue
+LEFT JOIN latency l ON l.queue = n.queue
+ORDER BY n.queue
+$$;
+COMMENT ON FUNCTION notifyq.queue_health(text[], text[]) IS
+    'Per queue: ready, scheduled, running, succeeded and failed in the last minute, dead, '
+    'enqueue-to-start p50/p95 and the oldest ready age (seconds), pauses; along the partial '
+    'indexes. SELECT * FROM notifyq.queue_health()';
+
+-- The latest failed attempts, newest first: jobs waiting for their retry
+-- (queued, with the error of the attempt that failed) and dead ones, whose
+-- failing attempt started within `within`; at most `max_rows` of them.  Along
+-- jobs_failed_idx (jobs that ever failed, by their last start), backwards: it
+-- reads about the rows it returns.  error is last_error whole (the traceback).
+CREATE OR REPLACE FUNCTION notifyq.failed_recent(
+    within interval DEFAULT '1 hour', max_rows integer DEFAULT 100
+) RETURNS TABLE (id bigint, queue text, task text, status text, attempts integer,
+                 max_attempts integer, error text, started_at timestamptz,
+                 finished_at timestamptz)
+LANGUAGE sql STABLE
+AS $$
+SELECT j.id, j.queue, j.task, j.status, j.attempts, j.max_attempts, j.last_error,
+       j.started_at, j.finished_at
+FROM notifyq.jobs j
+WHERE j.last_error IS NOT NULL AND j.status IN ('queued', 'dead')
+  AND j.started_at > now() - failed_recent.within
+ORDER BY j.started_at DESC
+LIMIT failed_recent.max_rows
+$$;
+COMMENT ON FUNCTION notifyq.failed_recent(interval, integer) IS
+    'The latest failed attempts (jobs waiting for a retry, and dead jobs) started within '
+    '`within`, newest first, at most max_rows, with the whole error.';
+
+-- Running jobs that look stuck: their lease expired (the dispatcher holding them
+-- stopped renewing it: the rescuer re-queues them a grace later), or running for
+-- longer than `running_longer_than`.  Along jobs_lease_idx (running rows only: at
+-- most the dispatchers' total concurrency), longest running first.
+CREATE OR REPLACE FUNCTION notifyq.stuck(running_longer_than interval DEFAULT '1 hour')
+RETURNS TABLE (id bigint, queue text, task text, attempts integer, claimed_by text,
+               started_at timestamptz, lease_expires_at timestamptz, running_for interval,
+               lease_expired boolean)
+LANGUAGE sql STABLE
+AS $$
+SELECT j.id, j.queue, j.task, j.attempts, j.claimed_by, j.started_at, j.lease_expires_at,
+       now() - j.started_at, j.lease_expires_at < now()
+FROM notifyq.jobs j
+WHERE j.status = 'running'
+  AND (j.lease_expires_at < now() OR j.started_at < now() - stuck.running_longer_than)
+ORDER BY j.started_at
+$$;
+COMMENT ON FUNCTION notifyq.stuck(interval) IS
+    'Running jobs past their lease, or running longer than running_longer_than (default 1 '
+    'hour), longest running first.';
+
+REVOKE EXECUTE ON FUNCTION notifyq.queue_health(text[], text[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.failed_recent(interval, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.stuck(interval) FROM PUBLIC;
+
 -- Periodic jobs (cron): one row per schedule; the dispatchers enqueue each of
 -- its instants once, however many of them run (see periodic_fire in queries.sql).
 CREATE TABLE IF NOT EXISTS notifyq.periodic (
@@ -1811,6 +2270,8 @@ REVOKE EXECUTE ON FUNCTION notifyq.dependency_status(bigint[], text) FROM PUBLIC
 REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_insert() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.dependencies_on_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.release_dependents() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.dedupe_on_insert() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.open_unique_window() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.lock_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_job(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION notifyq.retry_dead(text, text, text[]) FROM PUBLIC;
@@ -1878,6 +2339,159 @@ AS $$
                  END AS c) AS ceiling
 $$;
 
+-- ---------------------------------------------------------------------------
+-- Circuit breakers, per task (docs/lifecycle.md, "Circuit breakers")
+--
+-- A task whose handler keeps failing (its database, its API, its endpoint is
+-- down) stops being started for a while instead of burning every job's
+-- attempts.  One row per task that has a breaker; a task without a row has
+-- none.  The config columns (failures, failure_window, cooldown) are written
+-- by an app's @app.task(circuit_breaker=...) at start-up, by
+-- notifyq.set_circuit_breaker or plain SQL; the state columns only by the
+-- claim, the completion (notifyq.finish_jobs) and notifyq.reset_circuit_breaker.
+--
+--   closed     jobs run.  Each failure counts (an outcome 'failed': a handler
+--              error, a timeout, Retry; not 'dead', i.e. DoNotRetry, a refused
+--              payload, an HTTP 4xx, nor a cancellation); `failures` of them
+--              within `failure_window` of the first one counted open it.  A
+--              window starts at its first failure and ends failure_window
+--              later, when the count starts again.  Successes are not counted
+--              (a rate would make every success write this row).
+--   open       no job of the task is claimed: they stay queued, charged
+--              nothing.  Jobs already running when it opened finish; their
+--              failures are not charged either (the attempt is given back).
+--              Once `cooldown` has passed since opened_at, the next claim that
+--              finds a ready job of the task starts exactly one (the probe)
+--              and turns the breaker half_open.
+--   half_open  only the probe runs (probe_job, at attempt probe_attempt).  It
+--              succeeds: closed.  It fails: open again (opened_at now, a new
+--              cool-down), and that attempt is not charged.  It ends another
+--              way (dead, cancelled, rescued, handed back): the next claim
+--              starts another probe.
+--
+-- Claims take the row lock (SKIP LOCKED) only to start a probe, so two claims,
+-- on any dispatchers or SQL workers, never start two; while no breaker of the
+-- claimed tasks is open they only read this table (one probe of its primary
+-- key per task).  Every change of state but the start of a probe is announced
+-- on notifyq_internal (payload "breaker:TASK"), so dispatchers claim again at once.
+CREATE TABLE IF NOT EXISTS notifyq.circuit_breakers (
+    task           text        PRIMARY KEY,
+    failures       integer     NOT NULL DEFAULT 5,
+    failure_window interval    NOT NULL DEFAULT '1 minute',
+    cooldown       interval    NOT NULL DEFAULT '30 seconds',
+    state          text        NOT NULL DEFAULT 'closed',
+    -- Failures counted in the window that began at failed_since (closed only).
+    failed         integer     NOT NULL DEFAULT 0,
+    failed_since   timestamptz,
+    opened_at      timestamptz,
+    probe_job      bigint,
+    probe_attempt  integer,
+    -- How many times it opened (or opened again after a failed probe), ever.
+    opens          bigint      NOT NULL DEFAULT 0,
+    changed_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT circuit_breakers_task_format CHECK (
+        task ~ '^[A-Za-z_][A-Za-z0-9_.:-]*$' AND char_length(task) <= 200),
+    CONSTRAINT circuit_breakers_failures_range CHECK (failures BETWEEN 1 AND 1000000),
+    CONSTRAINT circuit_breakers_failure_window_positive CHECK (failure_window > interval '0'),
+    CONSTRAINT circuit_breakers_cooldown_positive CHECK (cooldown > interval '0'),
+    CONSTRAINT circuit_breakers_state_valid CHECK (state IN ('closed', 'open', 'half_open')),
+    CONSTRAINT circuit_breakers_open_has_opened_at CHECK (
+        state = 'closed' OR opened_at IS NOT NULL)
+);
+COMMENT ON TABLE notifyq.circuit_breakers IS
+    'Circuit breakers per task: after `failures` failures within failure_window no job of '
+    'the task starts until cooldown has passed; then one probe runs, and its outcome closes '
+    'or reopens it. Set with notifyq.set_circuit_breaker, reset with '
+    'notifyq.reset_circuit_breaker, remove with DELETE.';
+COMMENT ON CONSTRAINT circuit_breakers_failures_range ON notifyq.circuit_breakers IS
+    'failures: 1 to 1000000 failures within failure_window open the breaker';
+COMMENT ON CONSTRAINT circuit_breakers_failure_window_positive ON notifyq.circuit_breakers IS
+    'failure_window: a positive interval';
+COMMENT ON CONSTRAINT circuit_breakers_cooldown_positive ON notifyq.circuit_breakers IS
+    'cooldown: a positive interval, how long an open breaker holds the task''s jobs back';
+COMMENT ON CONSTRAINT circuit_breakers_state_valid ON notifyq.circuit_breakers IS
+    'state: closed, open or half_open';
+COMMENT ON CONSTRAINT circuit_breakers_open_has_opened_at ON notifyq.circuit_breakers IS
+    'an open or half-open breaker has opened_at';
+
+-- Dispatchers hear every change of state on notifyq_internal ("breaker:TASK"):
+-- a closed breaker releases the jobs it held, an opened one moves their next
+-- wake-up to the cool-down's end.  Not the start of a probe (the claim that
+-- started it is the only one that could act on it).
+CREATE OR REPLACE FUNCTION notifyq.notify_breaker_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify(
+        'notifyq_internal', 'breaker:' OPERATOR(pg_catalog.||) COALESCE(NEW.task, OLD.task));
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER circuit_breakers_changed
+    AFTER UPDATE ON notifyq.circuit_breakers
+    FOR EACH ROW
+    WHEN (NEW.state <> 'half_open'
+          AND (OLD.state, OLD.opened_at) IS DISTINCT FROM (NEW.state, NEW.opened_at))
+    EXECUTE FUNCTION notifyq.notify_breaker_changed();
+
+CREATE OR REPLACE TRIGGER circuit_breakers_removed
+    AFTER DELETE ON notifyq.circuit_breakers
+    FOR EACH ROW
+    WHEN (OLD.state <> 'closed')
+    EXECUTE FUNCTION notifyq.notify_breaker_changed();
+
+-- Give `task` a breaker, or change its settings; its state is kept.
+CREATE OR REPLACE FUNCTION notifyq.set_circuit_breaker(
+    task text, failures integer, failure_window interval, cooldown interval
+) RETURNS void
+LANGUAGE sql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO notifyq.circuit_breakers AS b (task, failures, failure_window, cooldown)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT ON CONSTRAINT circuit_breakers_pkey DO UPDATE
+    SET failures = excluded.failures, failure_window = excluded.failure_window,
+        cooldown = excluded.cooldown, changed_at = now()
+$$;
+COMMENT ON FUNCTION notifyq.set_circuit_breaker(text, integer, interval, interval) IS
+    'Give a task a circuit breaker (failures within failure_window open it for cooldown), or '
+    'change its settings; its state is kept.';
+
+-- Close `task`'s breaker by hand: its held jobs start at once; the failures
+-- counted so far are forgotten.  Returns the state it had.
+CREATE OR REPLACE FUNCTION notifyq.reset_circuit_breaker(task text) RETURNS text
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    was text;
+BEGIN
+    SELECT b.state INTO was FROM notifyq.circuit_breakers b
+    WHERE b.task = reset_circuit_breaker.task
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'notifyq: task % has no circuit breaker', reset_circuit_breaker.task
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'notifyq breaker list shows the tasks that have one.';
+    END IF;
+    UPDATE notifyq.circuit_breakers b
+    SET state = 'closed', failed = 0, failed_since = NULL, opened_at = NULL, probe_job = NULL,
+        probe_attempt = NULL, changed_at = now()
+    WHERE b.task = reset_circuit_breaker.task;
+    RETURN was;
+END
+$$;
+COMMENT ON FUNCTION notifyq.reset_circuit_breaker(text) IS
+    'Close a task''s circuit breaker by hand and forget its failures; returns the state it '
+    'had; raises for a task without one.';
+
+REVOKE EXECUTE ON FUNCTION notifyq.notify_breaker_changed() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.set_circuit_breaker(text, integer, interval, interval)
+    FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.reset_circuit_breaker(text) FROM PUBLIC;
+
 -- What notifyq.claim returns for each job claimed.
 DO $$
 BEGIN
@@ -1903,7 +2517,8 @@ $$;
 -- running under `worker` for `lease` and counting the attempt, in one
 -- statement: the rows claimed, then one row with id NULL that carries
 --   next_in: seconds until the next scheduled job (or rate slot) of these
---     queues and tasks, by the database clock (NULL: none);
+--     queues and tasks, or the end of an open circuit breaker's cool-down, by
+--     the database clock (NULL: none);
 --   full_queues: the queues at their concurrency cap once this claim commits
 --     (those whose cap gave less room than asked for, all of it taken);
 --   deferred: candidates the rate limits gave a later slot instead.
@@ -1939,6 +2554,12 @@ $$;
 -- until the resume's notification; a paused task's pairs are left out of the
 -- probes.  Neither sets the timer (next_in).  One probe of that (small) table per
 -- queue and per (queue, task) pair.
+-- Circuit breakers (notifyq.circuit_breakers): the tasks whose breaker is open
+-- are left out, and a task whose breaker's cool-down is over gives one job, the
+-- probe, from the first served queue that has one ready and where neither the
+-- queue nor the task is paused.  A held task's cool-down sets the timer only
+-- when some served queue has not paused it.  Only when a breaker of these
+-- tasks is not closed does the claim do more than read that table.
 CREATE OR REPLACE FUNCTION notifyq.claim_jobs(
     worker text, queues text[], tasks text[], max_jobs integer, lease interval
 ) RETURNS TABLE (
@@ -1957,7 +2578,74 @@ AS $$
 DECLARE
     sorted text[] := ARRAY(SELECT DISTINCT u.name FROM unnest(claim_jobs.queues) AS u(name)
                            ORDER BY 1);
+    runs text[] := claim_jobs.tasks;  -- the tasks claimed: those no breaker holds
+    probe_in text[];  -- per task of runs: the queue its probe comes from, NULL: no probe
+    locked text[];  -- breakers this claim may start a probe of (their rows locked)
+    probing text[] := '{}';
+    probe_queues text[] := '{}';
+    reopen_at timestamptz;  -- the end of the earliest cool-down among the held tasks
 BEGIN
+    IF EXISTS (SELECT FROM notifyq.circuit_breakers b
+               WHERE b.task = ANY(claim_jobs.tasks) AND b.state <> 'closed') THEN
+        -- First lock the breakers that may let a probe through, in task order and
+        -- skipping those another transaction holds (a claim starting its probe, a
+        -- completion counting failures: both leave the task held for this claim);
+        -- then, in a statement of its own (so a probe a claim committed before we
+        -- got the lock is seen), start a probe where none runs and a job is ready.
+        locked := ARRAY(
+            SELECT b.task FROM notifyq.circuit_breakers b
+            WHERE b.task = ANY(claim_jobs.tasks)
+              AND (b.state = 'half_open'
+                   OR (b.state = 'open' AND b.opened_at + b.cooldown <= now()))
+            ORDER BY b.task
+            FOR NO KEY UPDATE SKIP LOCKED);
+        WITH due AS MATERIALIZED (
+            SELECT b.task,
+                   (SELECT q.name
+                    FROM unnest(sorted) WITH ORDINALITY AS q(name, n)
+                    WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                      WHERE z.queue = q.name AND z.task IN (b.task, '*'))
+                      AND EXISTS (SELECT FROM notifyq.jobs j
+                                  WHERE j.status = 'queued' AND j.queue = q.name
+                                    AND j.task = b.task AND j.run_at <= now()
+                                  ORDER BY j.priority DESC, j.run_at, j.id  -- jobs_claim_idx
+                                  LIMIT 1)
+                    ORDER BY q.n
+                    LIMIT 1) AS queue
+            FROM notifyq.circuit_breakers b
+            WHERE b.task = ANY(locked)
+              AND (b.state = 'half_open'
+                   OR (b.state = 'open' AND b.opened_at + b.cooldown <= now()))
+              -- By primary key: COLLATE "C" keeps jobs_lease_idx out (see finish_jobs).
+              AND NOT EXISTS (SELECT FROM notifyq.jobs j
+                              WHERE j.id = b.probe_job AND j.status = 'running' COLLATE "C"
+                                AND j.attempts = b.probe_attempt)
+        ), started AS (
+            UPDATE notifyq.circuit_breakers b
+            SET state = 'half_open', probe_job = NULL, probe_attempt = NULL, changed_at = now()
+            FROM due d
+            WHERE b.task = d.task AND d.queue IS NOT NULL
+            RETURNING b.task, d.queue
+        )
+        SELECT coalesce(array_agg(s.task), '{}'), coalesce(array_agg(s.queue), '{}')
+        INTO probing, probe_queues
+        FROM started s;
+        SELECT ARRAY(SELECT t.name FROM unnest(claim_jobs.tasks) AS t(name)
+                     WHERE t.name = ANY(probing)
+                        OR NOT EXISTS (SELECT FROM notifyq.circuit_breakers b
+                                       WHERE b.task = t.name AND b.state <> 'closed')),
+               (SELECT min(b.opened_at + b.cooldown) FROM notifyq.circuit_breakers b
+                WHERE b.task = ANY(claim_jobs.tasks) AND b.state = 'open'
+                  AND b.opened_at + b.cooldown > now()
+                  -- Paused work sets no timer: a task paused in every served queue.
+                  AND EXISTS (SELECT FROM unnest(sorted) AS q(name)
+                              WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                                                WHERE z.queue = q.name
+                                                  AND z.task IN (b.task, '*'))))
+        INTO runs, reopen_at;
+        probe_in := ARRAY(SELECT probe_queues[array_position(probing, t.name)]
+                          FROM unnest(runs) WITH ORDINALITY AS t(name, n) ORDER BY t.n);
+    END IF;
     RETURN QUERY
     WITH rooms AS MATERIALIZED (
         SELECT q.name, notifyq.claim_room(q.name, claim_jobs.max_jobs) AS room
@@ -1971,7 +2659,8 @@ BEGIN
                    row_number() OVER (ORDER BY m.priority DESC, m.run_at, m.id) AS turn
             FROM (
                 SELECT p.queue, p.task, p.priority, p.run_at, p.id
-                FROM (SELECT u.name FROM unnest(claim_jobs.tasks) AS u(name)
+                FROM (SELECT u.name, u.probe_queue
+                      FROM unnest(runs, probe_in) AS u(name, probe_queue)
                       WHERE NOT EXISTS (SELECT FROM notifyq.queue_pauses z
                                         WHERE z.queue = q.name AND z.task = u.name)) AS t
                 CROSS JOIN LATERAL (
@@ -1979,8 +2668,9 @@ BEGIN
                     FROM notifyq.jobs j
                     WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
                       AND j.run_at <= now()
+                      AND coalesce(t.probe_queue = q.name, true)  -- a probe: one queue, one job
                     ORDER BY j.priority DESC, j.run_at, j.id
-                    LIMIT q.room
+                    LIMIT CASE WHEN t.probe_queue IS NULL THEN q.room ELSE 1 END
                 ) AS p
                 ORDER BY p.priority DESC, p.run_at, p.id
                 LIMIT q.room
@@ -2038,6 +2728,13 @@ BEGIN
                                WHERE NOT EXISTS (SELECT FROM deferrals d WHERE d.id = c.id)))
         RETURNING j.id, j.queue, j.task, j.payload, j.attempts, j.max_attempts, j.checkpoint,
                   j.lease_expires_at, j.trace_context
+    ), probes AS (
+        -- The probe each half-open breaker let through (the one-time filter keeps
+        -- this off the common path).
+        UPDATE notifyq.circuit_breakers b
+        SET probe_job = c.id, probe_attempt = c.attempts
+        FROM claimed c
+        WHERE cardinality(probing) > 0 AND b.task = c.task AND b.task = ANY(probing)
     )
     -- In claim order (an Append keeps its branches' order), the info row last.
     (SELECT c.id, c.queue, c.task, c.payload, c.attempts, c.max_attempts, c.checkpoint,
@@ -2049,9 +2746,10 @@ BEGIN
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            (SELECT extract(epoch FROM least(
                        (SELECT min(d.slot) FROM deferrals d),
+                       reopen_at,
                        (SELECT min(s.run_at)
                         FROM unnest(sorted) AS q(name)
-                        CROSS JOIN unnest(claim_jobs.tasks) AS t(name)
+                        CROSS JOIN unnest(runs) AS t(name)
                         CROSS JOIN LATERAL (
                             SELECT j.run_at
                             FROM notifyq.jobs j
@@ -2071,7 +2769,8 @@ END
 $$;
 COMMENT ON FUNCTION notifyq.claim_jobs(text, text[], text[], integer, interval) IS
     'The claim notifyq serve and notifyq.claim share: the jobs claimed, then a row with id '
-    'NULL telling the next scheduled instant, the queues at their cap and the deferred count.';
+    'NULL telling the next scheduled instant, the queues at their cap and the deferred count; '
+    'circuit breakers hold back their tasks'' jobs and let one probe through.';
 
 -- Every outcome an attempt can come to, for `notifyq serve` (batches) and the
 -- single-job functions below alike.  Per job: an outcome ('succeeded', 'failed'
@@ -2089,6 +2788,14 @@ COMMENT ON FUNCTION notifyq.claim_jobs(text, text[], text[], integer, interval) 
 -- who held it when PostgreSQL can tell.  A job with no row returned is no longer
 -- the worker's.  With `wait`, rows are locked first (in id order) and waited for
 -- instead, up to the caller's lock_timeout.
+-- Circuit breakers (notifyq.circuit_breakers): a 'failed' outcome of a task
+-- whose breaker is closed counts towards opening it, and the batch that
+-- reaches the count opens it; one of a task whose breaker is open or half-open
+-- is not charged (attempts goes back down, and the job is queued after its
+-- backoff even on its last attempt): the outage is the task's, not the job's.
+-- The probe's outcome closes the breaker (succeeded) or opens it again
+-- (failed).  The breakers' rows are locked in task order, and only for tasks
+-- with a failure or a probe in the batch.
 -- Rows are read by id through the primary key: `status = 'running' COLLATE "C"`
 -- (the same test, bytewise) cannot match the predicate of jobs_lease_idx, so the
 -- planner never picks that partial index here.  When its statistics say few jobs
@@ -2129,7 +2836,11 @@ BEGIN
                     finish_jobs.progresses, finish_jobs.messages)
              AS o(id, attempt, outcome, result, error, retry_in, progress, message)
     ), mine AS MATERIALIZED (
-        SELECT j.id, j.attempts, j.max_attempts, j.task
+        SELECT j.id, j.attempts, j.max_attempts, j.task,
+               -- A failure while the task's breaker is open or half-open: not charged.
+               o.outcome IS NOT DISTINCT FROM 'failed' AND EXISTS (
+                   SELECT FROM notifyq.circuit_breakers b
+                   WHERE b.task = j.task AND b.state <> 'closed') AS refund
         FROM notifyq.jobs j
         JOIN o ON j.id = o.id
         WHERE j.status = 'running' COLLATE "C"
@@ -2137,11 +2848,12 @@ BEGIN
           AND j.attempts = coalesce(o.attempt, j.attempts)
         FOR NO KEY UPDATE OF j SKIP LOCKED
     ), decided AS (
-        SELECT m.id, o.result, o.error, o.progress, o.message,
+        SELECT m.id, o.result, o.error, o.progress, o.message, m.refund,
                CASE WHEN coalesce(o.outcome, 'succeeded') = 'succeeded' THEN 'succeeded'
+                    WHEN m.refund THEN 'queued'
                     WHEN o.outcome = 'dead' OR m.attempts >= m.max_attempts THEN 'dead'
                     ELSE 'queued' END AS status,
-               CASE WHEN o.outcome = 'failed' AND m.attempts < m.max_attempts
+               CASE WHEN o.outcome = 'failed' AND (m.attempts < m.max_attempts OR m.refund)
                     THEN now() + make_interval(secs => coalesce(
                         -- greatest() ignores NULLs: no retry_in must stay NULL.
                         CASE WHEN o.retry_in IS NOT NULL THEN greatest(o.retry_in, 0) END,
@@ -2156,6 +2868,7 @@ BEGIN
     ), written AS (
         UPDATE notifyq.jobs j
         SET status = d.status,
+            attempts = j.attempts - d.refund::integer,
             finished_at = CASE WHEN d.status = 'queued' THEN NULL ELSE now() END,
             run_at = coalesce(d.retry_at, j.run_at),
             last_error = coalesce(d.error, j.last_error),
@@ -2168,8 +2881,62 @@ BEGIN
             lease_expires_at = NULL
         FROM decided d
         WHERE j.id = d.id
-        RETURNING j.id, j.attempts, j.status, j.run_at
+        RETURNING j.id, j.attempts + d.refund::integer AS attempts, j.status, j.run_at
+    ), tripped AS MATERIALIZED (
+        -- Per task with a breaker: the failures to count, and whether its probe is here.
+        SELECT b.task,
+               count(*) FILTER (WHERE o.outcome = 'failed') AS failed,
+               bool_or(b.state = 'closed') AS closed,
+               bool_or(m.id = b.probe_job) AS probe
+        FROM mine m
+        JOIN o ON o.id = m.id
+        JOIN notifyq.circuit_breakers b ON b.task = m.task
+        GROUP BY b.task
+    ), breakers AS MATERIALIZED (
+        SELECT b.task
+        FROM notifyq.circuit_breakers b
+        JOIN tripped t ON t.task = b.task
+        WHERE (t.failed > 0 AND t.closed) OR t.probe
+        ORDER BY b.task
+        FOR NO KEY UPDATE OF b
+    ), counted AS (
+        -- Computed from the row as it is once locked (another completion may have
+        -- counted failures, or a claim started a probe, meanwhile).
+        UPDATE notifyq.circuit_breakers b
+        SET (state, failed, failed_since, opened_at, opens, probe_job, probe_attempt,
+             changed_at) = (
+            SELECT s.state,
+                   CASE WHEN s.state = 'closed' AND b.state = 'closed' THEN s.failed ELSE 0 END,
+                   CASE WHEN s.state = 'closed' AND b.state = 'closed' AND s.failed > 0
+                        THEN s.since END,
+                   CASE WHEN s.state = 'open' AND b.state <> 'open' THEN now()
+                        WHEN s.state = 'closed' THEN NULL
+                        ELSE b.opened_at END,
+                   b.opens + (s.state = 'open' AND b.state <> 'open')::integer,
+                   CASE WHEN s.state = 'half_open' THEN b.probe_job END,
+                   CASE WHEN s.state = 'half_open' THEN b.probe_attempt END,
+                   CASE WHEN s.state <> b.state THEN now() ELSE b.changed_at END
+            FROM (SELECT w.failed, w.since,
+                         CASE WHEN b.state = 'closed' AND t.failed > 0
+                                   AND w.failed >= b.failures THEN 'open'
+                              WHEN b.state = 'half_open' AND p.outcome = 'failed' THEN 'open'
+                              WHEN b.state = 'half_open' AND p.outcome = 'succeeded'
+                                  THEN 'closed'
+                              ELSE b.state END AS state
+                  FROM (SELECT CASE WHEN b.failed_since > now() - b.failure_window
+                                    THEN b.failed + t.failed ELSE t.failed END AS failed,
+                               CASE WHEN b.failed_since > now() - b.failure_window
+                                    THEN b.failed_since ELSE now() END AS since) AS w
+                  LEFT JOIN (SELECT coalesce(o.outcome, 'succeeded') AS outcome
+                             FROM mine m
+                             JOIN o ON o.id = m.id
+                             WHERE m.id = b.probe_job AND m.attempts = b.probe_attempt) AS p
+                      ON true) AS s)
+        FROM breakers l
+        JOIN tripped t ON t.task = l.task
+        WHERE b.task = l.task
     )
+    -- (Every data-modifying CTE runs to completion whether or not it is read.)
     SELECT w.id, w.attempts, w.status, w.run_at, NULL::text
     FROM written w
     UNION ALL
@@ -2722,7 +3489,139 @@ CREATE OR REPLACE TRIGGER periodic_changed
 
 REVOKE EXECUTE ON FUNCTION notifyq.notify_periodic_changed() FROM PUBLIC;
 
+-- ---------------------------------------------------------------------------
+-- Completion webhooks
+--
+-- A job with a callback_url gets a POST when it reaches a final state
+-- (succeeded, dead, cancelled).  The trigger below writes a row into the outbox
+-- notifyq.webhook_deliveries in the same transaction as the status change, so a
+-- completion and its delivery commit together, and the job's own completion never
+-- waits on the network: `notifyq serve` delivers from the outbox afterwards,
+-- retrying with backoff (docs/http.md, "Completion webhooks").
+--
+-- A producer must not make the dispatchers call any address it likes (server-side
+-- request forgery): a callback_url must start with a prefix of
+-- notifyq.webhook_allowlist, which only the schema owner writes (or an admin role
+-- it grants), checked at INSERT and UPDATE by the database, and again at delivery.
+
+-- URL prefixes a callback_url may start with.  A prefix names at least the scheme,
+-- the host and the / after it, so "https://hooks.example.com/" cannot be
+-- stretched to https://hooks.example.com.evil.org/.  secret names the signing
+-- secret (NOTIFYQ_SECRET_<secret> in the dispatcher's environment, as for HTTP
+-- endpoints), never its value; NULL: deliveries to it are not signed.
+CREATE TABLE IF NOT EXISTS notifyq.webhook_allowlist (
+    prefix   text        PRIMARY KEY,
+    secret   text,
+    added_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT webhook_allowlist_prefix_format CHECK (
+        prefix ~* '^https?://[^/?#@[:space:]]+/[^[:space:]]*$' AND char_length(prefix) <= 2048),
+    CONSTRAINT webhook_allowlist_secret_format CHECK (secret ~ '^[A-Z0-9_]{1,64}$')
+);
+COMMENT ON TABLE notifyq.webhook_allowlist IS
+    'URL prefixes a job''s callback_url may start with; written by the schema owner (or an '
+    'admin role) only. secret names the signing secret (NOTIFYQ_SECRET_<secret>).';
+COMMENT ON CONSTRAINT webhook_allowlist_prefix_format ON notifyq.webhook_allowlist IS
+    'prefix: http:// or https://, a host, and at least the / after it (so no other host '
+    'can match it)';
+COMMENT ON CONSTRAINT webhook_allowlist_secret_format ON notifyq.webhook_allowlist IS
+    'secret: the NAME of a signing secret, 1-64 characters of A-Z, 0-9 and _';
+
+-- The outbox: one row per final state reached by a job with a callback_url.
+-- body is the JSON POSTed, frozen when the job ended.  pending rows are claimed by
+-- due time (next_at) with SKIP LOCKED; a claim moves next_at a lease ahead, so a
+-- dispatcher that dies mid-delivery leaves the row to be claimed again then.
+CREATE TABLE IF NOT EXISTS notifyq.webhook_deliveries (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id       bigint      NOT NULL,
+    url          text        NOT NULL,
+    body         jsonb       NOT NULL,
+    status       text        NOT NULL DEFAULT 'pending',
+    attempts     integer     NOT NULL DEFAULT 0,
+    next_at      timestamptz NOT NULL DEFAULT now(),
+    last_error   text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    delivered_at timestamptz,
+    CONSTRAINT webhook_deliveries_status_valid CHECK (status IN ('pending', 'delivered', 'failed'))
+);
+COMMENT ON TABLE notifyq.webhook_deliveries IS
+    'Completion webhooks to send (pending), sent (delivered) or given up (failed), filled by '
+    'a trigger on notifyq.jobs and delivered by notifyq serve.';
+-- Due deliveries, for the claim: partial, so delivered rows cost nothing here.
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx
+    ON notifyq.webhook_deliveries (next_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_job_idx
+    ON notifyq.webhook_deliveries (job_id);
+
+-- Refuses a callback_url outside the allow-list.  SECURITY DEFINER: producers need
+-- no right on the allow-list (they may not even read it).  Fired only for rows with
+-- a callback_url (the triggers' WHEN): every other job costs nothing.
+CREATE OR REPLACE FUNCTION notifyq.check_callback_url() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM notifyq.webhook_allowlist a
+                   WHERE starts_with(NEW.callback_url, a.prefix)) THEN
+        RAISE EXCEPTION 'notifyq: callback_url % is not allowed: it starts with no prefix of '
+                        'notifyq.webhook_allowlist', NEW.callback_url
+            USING ERRCODE = 'check_violation',
+                  HINT = 'The schema owner allows a prefix: INSERT INTO notifyq.webhook_allowlist '
+                         '(prefix) VALUES (''https://hooks.example.com/'')';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_callback_url_allowed
+    BEFORE INSERT OR UPDATE OF callback_url ON notifyq.jobs
+    FOR EACH ROW WHEN (NEW.callback_url IS NOT NULL)
+    EXECUTE FUNCTION notifyq.check_callback_url();
+
+-- Queues the delivery of a job that reached a final state.  SECURITY DEFINER:
+-- whoever finishes the job (a dispatcher, an operator cancelling it) needs no
+-- right on the outbox.  Row triggers whose WHEN keeps jobs without a callback_url
+-- (and changes that are not to a final state) from ever calling it.  A job
+-- inserted already final (cancelled at once by a failed dependency) counts too.
+CREATE OR REPLACE FUNCTION notifyq.queue_webhook() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO notifyq.webhook_deliveries (job_id, url, body)
+    VALUES (NEW.id, NEW.callback_url,
+            jsonb_build_object(
+                'id', NEW.id, 'queue', NEW.queue, 'task', NEW.task, 'status', NEW.status,
+                'attempts', NEW.attempts,
+                'result', CASE WHEN NEW.status = 'succeeded' THEN NEW.result END,
+                'error', CASE WHEN NEW.status <> 'succeeded' THEN NEW.last_error END,
+                'finished_at', NEW.finished_at));
+    -- A hint for the dispatchers' webhook senders, once per transaction (identical
+    -- payloads are merged); their poll finds the row without it.
+    PERFORM pg_notify('notifyq_internal', 'webhooks');
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER jobs_webhook_on_finish
+    AFTER UPDATE OF status ON notifyq.jobs
+    FOR EACH ROW
+    WHEN (NEW.callback_url IS NOT NULL AND NEW.status IN ('succeeded', 'dead', 'cancelled')
+          AND OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION notifyq.queue_webhook();
+
+CREATE OR REPLACE TRIGGER jobs_webhook_on_insert
+    AFTER INSERT ON notifyq.jobs
+    FOR EACH ROW
+    WHEN (NEW.callback_url IS NOT NULL AND NEW.status IN ('succeeded', 'dead', 'cancelled'))
+    EXECUTE FUNCTION notifyq.queue_webhook();
+
+REVOKE ALL ON notifyq.webhook_allowlist, notifyq.webhook_deliveries FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.check_callback_url() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION notifyq.queue_webhook() FROM PUBLIC;
+
 -- Every version this file contains, as the migrations would have recorded them.
 INSERT INTO notifyq.schema_version (version) VALUES (1), (2), (3), (4), (5), (6), (7), (8), (9), (10),
-    (11), (12), (13), (14), (15), (16), (17)
+    (11), (12), (13), (14), (15), (16), (17), (18), (19), (20)
 ON CONFLICT (version) DO NOTHING;

@@ -6,6 +6,7 @@ dispatcher out (`notifyq serve --app module:app`).
 
 from .app import App
 from .batch import BatchItem
+from .breaker import CircuitBreaker
 from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -32,6 +33,7 @@ __all__ = [
     "App",
     "Backoff",
     "BatchItem",
+    "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DoNotRetry",

@@ -1,7 +1,8 @@
-"""The operations behind `notifyq jobs/retry/cancel/purge/stats`.
+"""The operations behind `notifyq jobs/retry/cancel/purge/stats/breaker`.
 
 Each admin action is a SQL function in schema.sql (notifyq.retry_job,
-retry_dead, cancel_job, purge), so any language can do the same; this module
+retry_dead, cancel_job, purge, reset_circuit_breaker, ...), so any language can
+do the same; this module
 opens a connection and calls them through the store (store/operations.py).  A
 refusal (unknown id, wrong state) arrives as OperationRefused with the
 function's message and hint.
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from . import store
+from .breaker import CircuitBreaker
 from .errors import ConfigurationError
 from .job import JobState
 from .registry import check_queue_name, check_task_name
@@ -160,3 +162,52 @@ def list_jobs(
 def show_job(dsn: str, job_id: int) -> dict[str, Any] | None:
     found = _on(dsn, lambda conn: store.operations.show_job(conn, job_id))
     return None if found is None else asdict(found)
+
+
+# --- the monitoring functions (docs/sql.md, "Monitoring"): the same rows as their SQL
+
+
+def queue_health(dsn: str, queues: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """notifyq.queue_health: per queue, ready, scheduled, running, failed in the last
+    minute, dead, enqueue-to-start p50/p95, oldest ready age and pauses."""
+    return [asdict(row) for row in _on(dsn, lambda c: store.monitoring.queue_health(c, queues))]
+
+
+def failed_recent(dsn: str, within: float = 3600.0, limit: int = 100) -> list[dict[str, Any]]:
+    """notifyq.failed_recent: failed attempts started in the last `within` seconds, newest
+    first, at most `limit`, each with its whole error."""
+    found = _on(dsn, lambda conn: store.monitoring.failed_recent(conn, within, limit))
+    return [asdict(row) for row in found]
+
+
+def stuck(dsn: str, longer_than: float = 3600.0) -> list[dict[str, Any]]:
+    """notifyq.stuck: running jobs past their lease, or running over `longer_than` seconds."""
+    found = _on(dsn, lambda conn: store.monitoring.stuck(conn, longer_than))
+    return [asdict(row) for row in found]
+
+
+def circuit_breakers(dsn: str) -> list[dict[str, Any]]:
+    """Every task's circuit breaker: its settings and where it stands."""
+    return [asdict(row) for row in _on(dsn, store.operations.circuit_breakers)]
+
+
+def set_circuit_breaker(dsn: str, task: str, breaker: CircuitBreaker) -> None:
+    """Give `task` a circuit breaker, or change its settings (its state is kept)."""
+    check_task_name(task)
+    _on(
+        dsn,
+        lambda conn: store.operations.set_circuit_breaker(
+            conn, task, breaker.failures, breaker.window, breaker.cooldown
+        ),
+    )
+
+
+def reset_circuit_breaker(dsn: str, task: str) -> str:
+    """Close `task`'s circuit breaker now; returns the state it had (OperationRefused
+    for a task without one)."""
+    return _on(dsn, lambda conn: store.operations.reset_circuit_breaker(conn, task))
+
+
+def remove_circuit_breaker(dsn: str, task: str) -> bool:
+    """`task` has no circuit breaker from now on; whether it had one."""
+    return _on(dsn, lambda conn: store.operations.remove_circuit_breaker(conn, task))

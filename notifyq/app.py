@@ -20,6 +20,7 @@ import anyio
 import psycopg
 
 from . import admin, embedded, enqueue, migrate, periodic, results, store, tracing, typed_payloads
+from .breaker import CircuitBreaker
 from .contrib.sqlalchemy import AsyncConn, SyncConn, async_connection, sync_connection
 from .enqueue import EnqueueOptions, ManyOptions
 from .errors import ConfigurationError
@@ -31,6 +32,7 @@ from .registry import (
     Task,
     check_batch_handler,
     check_batching,
+    check_callback_url,
     check_queue_name,
     check_tags,
     check_task_name,
@@ -64,6 +66,15 @@ def _token(job_id: int, token: uuid.UUID | None) -> uuid.UUID | None:
             token = uuid.UUID(str(token))  # a token kept as text; ValueError if it is none
         return token
     return job_id.token if isinstance(job_id, JobId) else None
+
+
+def _breaker(given: CircuitBreaker | None) -> CircuitBreaker | None:
+    if given is not None and not isinstance(given, CircuitBreaker):
+        raise ConfigurationError(
+            f"circuit_breaker must be a notifyq.CircuitBreaker(failures=..., window=..., "
+            f"cooldown=...), not {given!r}"
+        )
+    return given
 
 
 class App:
@@ -112,9 +123,11 @@ class App:
         backoff: Backoff | None = ...,
         timeout: float | None = ...,
         decode: Callable[[Any], Any] | None = ...,
+        circuit_breaker: CircuitBreaker | None = ...,
         batch_size: int | None = ...,
         batch_wait: float | None = ...,
         tags: Iterable[str] | None = ...,
+        callback_url: str | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -128,9 +141,11 @@ class App:
         backoff: Backoff | None = None,
         timeout: float | None = None,
         decode: Callable[[Any], Any] | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
         batch_size: int | None = None,
         batch_wait: float | None = None,
         tags: Iterable[str] | None = None,
+        callback_url: str | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -142,15 +157,21 @@ class App:
         Without it, a handler whose payload parameter is annotated with a
         dataclass or a pydantic model receives an instance, validated
         (typed_payloads.py), and enqueue accepts an instance or checks an object.
+        `circuit_breaker` (a `CircuitBreaker`) stops starting the task's jobs while its
+        failures say the service it calls is down (docs/lifecycle.md).
 
         With `batch_size`, the handler is a batch handler: it is called with a list of
         up to that many `BatchItem`s, one per claimed job, and settles each
         (docs/lifecycle.md, "Batch handlers"); `batch_wait` (seconds) lets the next
         claim wait that long for a fuller batch after one that was not full.
-        `tags` go on every job this app enqueues for the task, before the
-        enqueue's own (`enqueue(..., tags=...)`); a SQL INSERT sets its own.
+        `tags` go on every job this app's enqueue methods enqueue for the task (not a
+        periodic schedule's), before the enqueue's own (`enqueue(..., tags=...)`); a SQL
+        INSERT sets its own.
+        `callback_url` is POSTed to when a job of the task ends, unless the enqueue
+        names its own (docs/http.md, "Completion webhooks").
         """
         task_tags = check_tags(tags)
+        task_callback_url = check_callback_url(callback_url)
 
         def register(fn: F) -> F:
             if not 1 <= max_attempts <= 1000:
@@ -178,8 +199,10 @@ class App:
                     model=model,
                     is_async=is_async,
                     wants_context=wants_context,
+                    circuit_breaker=_breaker(circuit_breaker),
                     batch=batch,
                     tags=task_tags,
+                    callback_url=task_callback_url,
                 )
             )
             return fn
@@ -199,6 +222,7 @@ class App:
         max_concurrency: int | None = None,
         headers: dict[str, str] | None = None,
         secret: str | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> None:
         """Register a task whose handler is a web endpoint: `notifyq serve` POSTs each job
         to `url` (docs/http.md: the body, the headers, what each response means).
@@ -206,8 +230,9 @@ class App:
         `timeout` bounds each request (seconds); `max_concurrency` caps the requests one
         dispatcher sends at once; `headers` are extra, non-secret headers; `secret` is the
         NAME of the signing secret, read by the dispatcher from NOTIFYQ_SECRET_<NAME>
-        (or `serve --secrets-file`).  Retries, backoff and dead letters are the task's,
-        as for `@app.task`.  Needs httpx: pip install 'notifyq[http]'.
+        (or `serve --secrets-file`).  Retries, backoff, dead letters and the
+        `circuit_breaker` (one per endpoint) are the task's, as for `@app.task`.  Needs
+        httpx: pip install 'notifyq[http]'.
         """
         from .http.endpoints import endpoint
         from .http.serving import HTTPX_MISSING, httpx_installed
@@ -235,6 +260,7 @@ class App:
                 backoff=backoff or Backoff(),
                 is_async=True,
                 wants_context=True,
+                circuit_breaker=_breaker(circuit_breaker),
             )
         )
 
@@ -313,8 +339,12 @@ class App:
         job exists only if it commits.  Without, it commits on its own.
 
         Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
-        run_at, max_attempts, dedupe_key, rate_key, depends_on, on_dependency_failure,
-        tags.
+        run_at, max_attempts, dedupe_key, unique_for, on_duplicate, rate_key,
+        depends_on, on_dependency_failure, tags, callback_url.
+
+        With `callback_url`, notifyq POSTs the job's outcome there when it ends
+        (succeeded, dead, cancelled), signed; the URL must start with a prefix of
+        notifyq.webhook_allowlist, or the database refuses the job (InvalidJob).
 
         With `tags` (up to 20 strings), the job can be found by them (`notifyq jobs
         list --tag`, `retry --dead --tag`, `cancel --tag`, `purge --tag`, `watch --tag`);
@@ -324,7 +354,12 @@ class App:
 
         With `dedupe_key`, while a job with the same key is unfinished (queued,
         running or waiting for a retry) nothing is inserted and that job's id is
-        returned instead (without a token: it is another enqueue's).
+        returned instead (without a token: it is another enqueue's).  With
+        `unique_for` (a timedelta or seconds) as well, the key is held that long
+        after the enqueue of the job that took it, even once that job finished.
+        With `on_duplicate="replace"` instead, a queued job holding the key, itself
+        enqueued with "replace", gets this payload and run_at (debounce; its id comes
+        back), and a running one gives up the key to a new job (docs/lifecycle.md).
 
         With `depends_on` (ids of existing jobs), the job waits until all of
         them succeeded; if one ends dead or cancelled, it is cancelled too, or
@@ -419,7 +454,7 @@ class App:
         options: ManyOptions,
         caller: str,
     ) -> tuple[store.NewJob, list[str]]:
-        # ManyOptions is EnqueueOptions without dedupe_key, which `accepts` refuses.
+        # ManyOptions is EnqueueOptions without the key options, which `accepts` refuses.
         every = cast(EnqueueOptions, options)
         job = enqueue.build(
             self.registry,
@@ -553,6 +588,16 @@ class App:
     def cancel_sync(self, job_id: int) -> str:
         """`cancel` for synchronous code."""
         return admin.cancel_job(resolve_dsn(self.dsn), job_id)
+
+    async def reset_circuit_breaker(self, task: str) -> str:
+        """Close `task`'s circuit breaker now (`notifyq.reset_circuit_breaker`): its held
+        jobs start at once and the failures counted so far are forgotten.  Returns the
+        state it had; raises OperationRefused for a task without a breaker."""
+        return await anyio.to_thread.run_sync(self.reset_circuit_breaker_sync, task)
+
+    def reset_circuit_breaker_sync(self, task: str) -> str:
+        """`reset_circuit_breaker` for synchronous code."""
+        return admin.reset_circuit_breaker(resolve_dsn(self.dsn), task)
 
     async def pause(self, queue: str, task: str | None = None) -> bool:
         """Pause `queue`, or only `task`'s jobs in it (`notifyq.pause_queue`): no

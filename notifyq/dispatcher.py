@@ -408,9 +408,15 @@ class Dispatcher:
         """Claim for `limit` free slots, and `left` jobs at most (None: no bound)."""
         if not self._tasks_synced:
             changed = await self._store.sync_tasks(self._tasks)
+            breakers = await self._store.sync_breakers(self._tasks)
             self._tasks_synced = True
             if changed:
                 log.info("task settings written to notifyq.tasks: %s", ", ".join(changed))
+            if breakers:
+                log.info(
+                    "circuit breakers written to notifyq.circuit_breakers: %s",
+                    ", ".join(breakers),
+                )
         if self._orphans_possible:
             released = await self._store.release_orphans(self._claimant, self._ledger.ids())
             self._orphans_possible = False

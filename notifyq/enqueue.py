@@ -8,7 +8,7 @@ commits (PostgreSQL holds the trigger's notification until then too).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from numbers import Integral
 from typing import Any, TypedDict
 
@@ -19,6 +19,7 @@ from .registry import (
     Handler,
     Registry,
     Task,
+    check_callback_url,
     check_queue_name,
     check_tags,
     check_task_name,
@@ -27,6 +28,7 @@ from .registry import (
 MAX_DELAY = 10 * 365 * 24 * 3600.0
 MAX_DEDUPE_KEY = 255  # characters, as the schema's jobs_dedupe_key_length says
 MAX_DEPENDENCIES = 1000
+ON_DUPLICATE = ("refuse", "replace")
 ON_DEPENDENCY_FAILURE = ("cancel", "run")
 MAX_PAYLOAD_DEPTH = 100
 """Arrays and objects nested deeper than this are refused at enqueue.  Far beyond
@@ -47,13 +49,19 @@ class ManyOptions(TypedDict, total=False):
     depends_on: Iterable[int] | None  # ids of jobs that must succeed first
     on_dependency_failure: str  # "cancel" (default) or "run"
     tags: Iterable[str] | None  # labels to find jobs by, added to the task's own
+    callback_url: str | None  # POSTed to when the job ends (default: the task's)
 
 
 class EnqueueOptions(ManyOptions, total=False):
     """The keyword arguments of `App.enqueue(_sync)`: those of enqueue_many, and
-    a dedupe_key (one job per key while unfinished)."""
+    a dedupe_key (one job per key while unfinished) with what else it means."""
 
     dedupe_key: str | None
+    # The key is held this long after the enqueue, even once the job finished.
+    unique_for: timedelta | float | None
+    # "replace": a queued job holding the key, enqueued with "replace" too, gets this
+    # payload and run_at (debounce).
+    on_duplicate: str | None
 
 
 MANY_OPTIONS = frozenset(ManyOptions.__annotations__)
@@ -109,6 +117,8 @@ def build(
         raise InvalidJob(
             f"dedupe_key must be a string of 1 to {MAX_DEDUPE_KEY} characters, got {dedupe_key!r}"
         )
+    unique_for = window(options.get("unique_for"), dedupe_key)
+    on_duplicate = duplicate_policy(options.get("on_duplicate"), dedupe_key, unique_for)
     return store.NewJob(
         task=name,
         payload_json=encode(payload, task=known) if with_payload else "{}",
@@ -124,8 +134,24 @@ def build(
         rate_key=rate_key,
         depends_on=dependencies(options.get("depends_on")),
         on_dependency_failure=failure_policy(options.get("on_dependency_failure", "cancel")),
+        unique_for=unique_for,
+        on_duplicate=on_duplicate,
         tags=job_tags(known, options.get("tags")),
+        callback_url=job_callback_url(known, options),
     )
+
+
+def job_callback_url(task: Task | None, options: ManyOptions) -> str | None:
+    """The enqueue's callback_url if it names one (None too: no callback), else the task's."""
+    url = (
+        options.get("callback_url")
+        if "callback_url" in options or task is None
+        else (task.callback_url)
+    )
+    try:
+        return check_callback_url(url)
+    except ConfigurationError as exc:
+        raise InvalidJob(str(exc)) from None
 
 
 def job_tags(task: Task | None, tags: Iterable[str] | None) -> list[str] | None:
@@ -140,6 +166,40 @@ def job_tags(task: Task | None, tags: Iterable[str] | None) -> list[str] | None:
         return list(check_tags(merged)) or None
     except ConfigurationError as exc:
         raise InvalidJob(f"{exc} (the task's tags and the enqueue's together)") from None
+
+
+def window(unique_for: timedelta | float | None, dedupe_key: str | None) -> float | None:
+    """unique_for in seconds (the schema's jobs_unique_for_valid, checked before sending)."""
+    if unique_for is None:
+        return None
+    if isinstance(unique_for, timedelta):
+        seconds = unique_for.total_seconds()
+    elif isinstance(unique_for, int | float) and not isinstance(unique_for, bool):
+        seconds = float(unique_for)
+    else:
+        raise InvalidJob(f"unique_for must be a timedelta or seconds, not {unique_for!r}")
+    if not 0 < seconds <= MAX_DELAY:  # also rejects NaN
+        raise InvalidJob(
+            f"unique_for must be more than 0 and at most {MAX_DELAY:.0f} seconds (10 years), "
+            f"got {seconds}"
+        )
+    if dedupe_key is None:
+        raise InvalidJob("unique_for needs a dedupe_key: the key is what it keeps unique")
+    return seconds
+
+
+def duplicate_policy(
+    on_duplicate: str | None, dedupe_key: str | None, unique_for: float | None
+) -> str | None:
+    if on_duplicate is None:
+        return None
+    if on_duplicate not in ON_DUPLICATE:
+        raise InvalidJob(f"on_duplicate must be 'refuse' or 'replace', not {on_duplicate!r}")
+    if dedupe_key is None:
+        raise InvalidJob("on_duplicate needs a dedupe_key: the key names the job to replace")
+    if on_duplicate == "replace" and unique_for is not None:
+        raise InvalidJob("on_duplicate='replace' cannot be combined with unique_for")
+    return on_duplicate
 
 
 def dependencies(depends_on: Iterable[int] | None) -> list[int] | None:

@@ -162,6 +162,10 @@ _CONSTRAINTS = {
     "jobs_depends_on_valid": "depends_on must hold at most 1000 job ids, none of them NULL",
     "jobs_trace_context_valid": "trace_context must be a JSON object of strings, at most "
     "4096 bytes as jsonb",
+    "jobs_unique_for_valid": "unique_for must be more than 0 and at most 10 years, with a "
+    "dedupe_key",
+    "jobs_on_duplicate_valid": "on_duplicate must be 'refuse' or 'replace', with a dedupe_key "
+    "(and 'replace' not with unique_for)",
 }
 
 

@@ -16,6 +16,9 @@ Checks, in order; a failed one stops the rest that depend on it:
     unserved         every ready job has a live dispatcher that would      else WARNING:
                      claim it (one serving its queue, with a handler for
                      its task); the others wait, queued, until one starts
+    breakers         no task's circuit breaker is open or half-open        else WARNING:
+                     its jobs stay queued until a probe succeeds (or
+                     `notifyq breaker reset TASK`)
     paused           which queues and tasks are paused (notifyq pause),   never a verdict:
                      since when and how many ready jobs wait on them       OK either way
 
@@ -24,7 +27,8 @@ count of notifyq.jobs is reported too (information, never a verdict).
 
 Seeing other roles' transactions needs `pg_read_all_stats` (or superuser):
 without it PostgreSQL hides their `xact_start` and this check cannot see them.
-The SQL is in sql/queries.sql (blocks `health_*` and `unserved_jobs`).
+The SQL is in sql/queries.sql (blocks `health_*`, `unserved_jobs`, `queue_pauses`,
+`circuit_breakers`).
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ def _run(conn: psycopg.Connection[Any], report: Report, max_age: float) -> None:
         report.checks.append(Check("leases", OK, "no expired lease left unrescued"))
     report.checks.append(_dispatchers(conn))
     report.checks.append(_unserved(conn))
+    report.checks.append(_breakers(conn))
     report.checks.append(_paused(conn))
     tuples = store.monitoring.jobs_table(conn)
     if tuples is not None:
@@ -266,4 +271,38 @@ def _unserved(conn: psycopg.Connection[Any]) -> Check:
                 for r in found
             ],
         },
+    )
+
+
+def _breakers(conn: psycopg.Connection[Any]) -> Check:
+    found = store.monitoring.circuit_breakers(conn)
+    tripped = [b for b in found if b.state != "closed"]
+    details = {
+        "breakers": len(found),
+        "tripped": [
+            {
+                "task": b.task,
+                "state": b.state,
+                "opened_at": None if b.opened_at is None else b.opened_at.isoformat(),
+                "probe_in_seconds": None if b.reopen_in is None else round(b.reopen_in, 1),
+                "probe_job": b.probe_job,
+            }
+            for b in tripped
+        ],
+    }
+    if not tripped:
+        return Check(
+            "breakers", OK, f"no circuit breaker open ({len(found)} tasks have one)", details
+        )
+    parts = [
+        f"{b.task} ({'half-open, its probe running' if b.state == 'half_open' else 'open'})"
+        for b in tripped
+    ]
+    return Check(
+        "breakers",
+        WARNING,
+        f"{len(tripped)} tasks' circuit breakers hold their jobs back: {', '.join(parts)}. "
+        "Their handlers kept failing; a probe after each cool-down closes the breaker once "
+        "one succeeds, or close it now with `notifyq breaker reset TASK`",
+        details,
     )

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import anyio
@@ -108,6 +110,8 @@ class Reporter(Protocol):
 
     async def save_checkpoint(self, job_id: int, attempt: int, checkpoint: Any) -> None: ...
 
+    async def dependency_results(self, job_id: int) -> dict[int, Any]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class JobContext:
@@ -124,6 +128,9 @@ class JobContext:
 
     `checkpoint` is what an earlier attempt of this job saved with
     `save_checkpoint` (None if nothing): a long job resumes from it.
+
+    `dependency_results()` is what the jobs in its depends_on returned, read
+    when first asked for (a claim reads nothing for it).
     """
 
     id: int
@@ -135,6 +142,13 @@ class JobContext:
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
     checkpoint: Any = None
     reporter: Reporter | None = field(default=None, repr=False, compare=False)
+    # dependency_results, once read: one read per attempt, however often asked.
+    _dependency_results: dict[int, Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _dependencies_read: threading.Event = field(
+        default_factory=threading.Event, init=False, repr=False, compare=False
+    )
 
     def progress(self, percent: float, message: str | None = None) -> None:
         """Report progress (0-100, and a short message): never blocks, never fails the job.
@@ -162,6 +176,23 @@ class JobContext:
         """`save_checkpoint` for a plain `def` handler, called from its own thread."""
         if self.reporter is not None:
             anyio.from_thread.run(self.save_checkpoint, checkpoint)
+
+    async def dependency_results(self) -> Mapping[int, Any]:
+        """What the jobs this job depends on (its depends_on) returned, by job id: those
+        that succeeded (a handler that returned None: None).  A dependency that ended dead
+        or cancelled (with on_dependency_failure="run") or was deleted since is left out;
+        a job without dependencies gets an empty mapping.  Read from the database at the
+        first call of the attempt (one query by primary key), then kept."""
+        if self.reporter is not None and not self._dependencies_read.is_set():
+            self._dependency_results.update(await self.reporter.dependency_results(self.id))
+            self._dependencies_read.set()
+        return MappingProxyType(self._dependency_results)
+
+    def dependency_results_sync(self) -> Mapping[int, Any]:
+        """`dependency_results` for a plain `def` handler, called from its own thread."""
+        if self.reporter is None or self._dependencies_read.is_set():
+            return MappingProxyType(self._dependency_results)
+        return anyio.from_thread.run(self.dependency_results)
 
 
 MAX_PROGRESS_MESSAGE = 200  # characters, as the schema's jobs_progress_message_length says

@@ -78,6 +78,9 @@ class Figures:
     listening: bool  # the listener is connected, or the dispatcher is not to listen
 
 
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
 class Metrics:
     """The dispatcher's Prometheus registry and its hooks: `started` for each job claimed,
     and the completer's outcomes (`decided`, `settled`: a completion.Subscriber)."""
@@ -149,11 +152,26 @@ class Metrics:
             buckets=BUCKETS,
             registry=r,
         )
+        self._webhooks = prom.Counter(
+            "notifyq_webhooks",
+            "Completion webhook attempts by outcome: sent (a 2xx), failed (to be retried), "
+            "given_up (no more tries, or a URL no longer allowed).",
+            ["outcome"],
+            registry=r,
+        )
+        self._breakers = prom.Gauge(
+            "notifyq_circuit_breaker_state",
+            "1 for the state each task's circuit breaker is in (closed, open, half_open), 0 "
+            "for the others; read at scrape time (the whole database's).",
+            ["task", "state"],
+            registry=r,
+        )
         self._up = prom.Gauge(
             "notifyq_database_up", "1 if the scrape's queries reached the database.", registry=r
         )
         self._waits: deque[int] = deque(maxlen=MAX_PENDING_WAITS)
         self.wakeups: store.rows.Wakeups | None = None  # the database's, at the last scrape
+        self.breakers: list[store.rows.BreakerState] = []  # ditto
         self._conn: Any = None
         self._conn_lock = threading.Lock()
         r.register(_Collector(self))
@@ -181,6 +199,10 @@ class Metrics:
         """One request to an HTTP task's endpoint ended (notifyq.http.delivery)."""
         self._http_requests.labels(task, code).inc()
         self._http_seconds.labels(task).observe(seconds)
+
+    def webhook(self, outcome: str) -> None:
+        """One completion webhook attempt ended: sent, failed or given_up (webhooks.py)."""
+        self._webhooks.labels(outcome).inc()
 
     def settled(self, job: Job, status: str) -> None:
         """An outcome written: the database applied the retry policy (completion.Subscriber)."""
@@ -211,6 +233,7 @@ class Metrics:
                 pauses = store.monitoring.queue_pauses(self._conn)
                 waits = store.monitoring.start_waits(self._conn, ids)
                 self.wakeups = store.monitoring.wakeups(self._conn)
+                self.breakers = store.monitoring.circuit_breakers(self._conn)
         except NotifyqError as exc:
             log.warning("metrics: could not query the database (%s)", exc)
             self.close()
@@ -229,6 +252,10 @@ class Metrics:
             self._paused.labels(p.queue, p.task).set(1)
         for w in waits:
             self._wait.labels(w.queue, w.task).observe(w.wait)
+        self._breakers.clear()
+        for b in self.breakers:
+            for state in BREAKER_STATES:
+                self._breakers.labels(b.task, state).set(int(b.state == state))
 
     def close(self) -> None:
         with self._conn_lock:
@@ -292,6 +319,16 @@ class _Collector:
                 "notification: every dispatcher of the queue was draining.",
                 value=wakeups.skipped,
             )
+        if self._m.breakers:
+            opens = CounterMetricFamily(
+                "notifyq_circuit_breaker_opens",
+                "Times each task's circuit breaker opened (or opened again after a failed "
+                "probe), since it was created; the whole database's.",
+                labels=["task"],
+            )
+            for b in self._m.breakers:
+                opens.add_metric([b.task], b.opens)
+            yield opens
         yield GaugeMetricFamily(
             "notifyq_running_jobs", "Jobs running in this process.", value=w.running
         )

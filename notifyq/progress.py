@@ -1,4 +1,5 @@
-"""Progress reports and checkpoints from running handlers to the table.
+"""Progress reports and checkpoints from running handlers to the table (and,
+the other way, the results of a job's dependencies, read when a handler asks).
 
 Progress is a hint for people watching, so it must never slow or fail a job:
 `progress()` only records the latest report per job (from the event loop or
@@ -85,6 +86,9 @@ class Reports:
                 f"checkpoint of job {job_id} not saved: attempt {attempt} no longer holds the "
                 f"job (its lease expired and it was rescued, or it was cancelled)"
             )
+
+    async def dependency_results(self, job_id: int) -> dict[int, Any]:
+        return await self._store.dependency_results(job_id)
 
     async def run(self) -> None:
         self._loop_thread = threading.get_ident()

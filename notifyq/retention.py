@@ -6,7 +6,9 @@ in its own short transaction: a sweep never holds locks for long, never
 touches queued or running rows, and steps around rows another dispatcher's
 sweep holds (SKIP LOCKED), so any number of dispatchers may sweep at once.
 A job's history rows go with it.  Statuses kept equally long share their
-batches (succeeded and cancelled, by default): one statement per age.
+batches (succeeded and cancelled, by default): one statement per age.  Each
+sweep also deletes the unique_for windows that ended (notifyq.unique_windows),
+even where jobs are kept forever.
 
 Each batch also says when a row left could next be old enough (the oldest
 finished row younger than the cutoff, plus the age): until then a sweep would
@@ -53,11 +55,11 @@ class Retention:
         self._interval = interval
         self.deleted = 0
         self.sweeps = 0
+        self.windows_expired = 0  # unique_for windows deleted
         self._next_in: float | None = None  # seconds from the last sweep to the next due
 
     async def run(self) -> None:
-        if not self._groups:
-            return  # kept forever
+        # Jobs kept forever still have unique_for windows that end: those are swept.
         # Dispatchers started together would otherwise sweep together.
         await anyio.sleep(random.uniform(0.0, min(self._interval, 60.0)))
         while True:
@@ -86,6 +88,7 @@ class Retention:
                         break
                     # Let claims and completions in between batches.
                     await anyio.lowlevel.checkpoint()
+            self.windows_expired += await self._expire_windows()
         except DatabaseUnavailable as exc:
             log.warning("retention sweep stopped (%s); the next sweep goes on", exc)
         except NotifyqError as exc:
@@ -97,3 +100,15 @@ class Retention:
         self.deleted += swept
         self.sweeps += 1
         return swept
+
+    async def _expire_windows(self) -> int:
+        """Delete the unique_for windows that ended (notifyq.expire_unique_windows).  Not
+        part of next_in: a window's end is not a finished job's age, and a sweep that finds
+        none costs one probe of a small index."""
+        expired = 0
+        while True:
+            batch = await self._store.expire_unique_windows(BATCH)
+            expired += batch
+            if batch < BATCH:
+                return expired
+            await anyio.lowlevel.checkpoint()

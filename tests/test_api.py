@@ -13,6 +13,7 @@ PUBLIC = {
     "App",
     "Backoff",
     "BatchItem",
+    "CircuitBreaker",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DoNotRetry",
@@ -99,12 +100,15 @@ def test_the_enqueue_methods_take_the_documented_keywords_and_refuse_others() ->
         "run_at",
         "max_attempts",
         "dedupe_key",
+        "unique_for",
+        "on_duplicate",
         "rate_key",
         "depends_on",
         "on_dependency_failure",
         "tags",
+        "callback_url",
     }
-    assert every - many == {"dedupe_key"}
+    assert every - many == {"dedupe_key", "unique_for", "on_duplicate"}
     # Nothing listens there: only a call that got past the keywords would try to connect.
     app = notifyq.App("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(

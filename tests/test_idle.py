@@ -203,7 +203,8 @@ def test_status_and_pruning_see_the_liveness_lock(dsn: str) -> None:
 
 
 class PurgeSpy:
-    """A store whose purge_batch says what it was asked and what the database would say."""
+    """A store whose purge_batch says what it was asked and what the database would say
+    (and that has no unique_for windows to expire)."""
 
     def __init__(self, next_in: float | None) -> None:
         self.calls: list[tuple[float, tuple[str, ...]]] = []
@@ -212,6 +213,9 @@ class PurgeSpy:
     async def purge_batch(self, seconds: float, statuses: Any, limit: int) -> Purged:
         self.calls.append((seconds, tuple(statuses)))
         return Purged(deleted=0, next_in=self.next_in)
+
+    async def expire_unique_windows(self, limit: int) -> int:
+        return 0
 
 
 async def test_retention_shares_batches_and_sleeps_until_something_can_be_due() -> None:

@@ -235,6 +235,85 @@ def test_claim_cost_follows_the_jobs_it_claims_not_the_table(
     assert rows_read(nodes) <= (pairs + 2) * params["limit"] + pairs, rows_read(nodes)
 
 
+@pytest.mark.parametrize("state", ["open", "cooled"], ids=["open", "probing"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_a_claim_past_a_circuit_breaker_reads_no_backlog(
+    queued_dsn: str, state: str, generic: bool
+) -> None:
+    """The breaker of task 't' open (its 500,000 ready jobs held back): the claim takes
+    t2's jobs and reads none of t's; its cool-down over (`cooled`): it also starts one
+    probe of t, found along jobs_claim_idx.  Still index probes only, the rows read near
+    the rows claimed."""
+    query(
+        queued_dsn,
+        "INSERT INTO notifyq.circuit_breakers (task, state, opened_at, cooldown)"
+        " VALUES ('t', 'open', now() - CASE WHEN %s THEN interval '1 hour' ELSE '0' END,"
+        " '1 minute')",
+        state == "cooled",
+    )
+    try:
+        plans = nested_plans(queued_dsn, "claim", CLAIM, generic=generic, analyze=True)
+    finally:
+        query(queued_dsn, "DELETE FROM notifyq.circuit_breakers")
+    nodes = [node for plan in plans for node in plan]
+    jobs_scans = {
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes
+        if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]
+    }
+    assert {kind for kind, _ in jobs_scans} <= {"Index Scan", "Index Only Scan"}, jobs_scans
+    assert {index for _, index in jobs_scans} <= CLAIM_INDEXES, jobs_scans
+    updates = [n for n in nodes if n.get("Operation") == "Update" and n["Actual Rows"]]
+    claimed = next(n for n in updates if n.get("Relation Name") == "jobs")
+    assert claimed["Actual Rows"] == CLAIM["limit"]
+    probes = [n for n in updates if n.get("Relation Name") == "circuit_breakers"]
+    # Probing: the breaker turned half-open (the write that then records its probe's id
+    # returns no rows to count here).
+    assert len(probes) == (1 if state == "cooled" else 0), probes
+    pairs = len(CLAIM["queues"]) * len(CLAIM["task_names"])
+    assert rows_read(nodes) <= (pairs + 2) * CLAIM["limit"] + 2 * pairs, rows_read(nodes)
+
+
+@pytest.mark.parametrize("state", ["closed", "open"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_failures_reach_their_breaker_by_key(big_dsn: str, state: str, generic: bool) -> None:
+    """The completion with failures of a task that has a breaker: counted (closed), or
+    given back (open).  Jobs by primary key as ever; the breaker by its task."""
+    query(
+        big_dsn,
+        "UPDATE notifyq.jobs SET status = 'running', attempts = 1, started_at = now(),"
+        " claimed_by = 'c', lease_expires_at = now() + interval '1 minute'"
+        " WHERE id <= 50",
+    )
+    query(
+        big_dsn,
+        "INSERT INTO notifyq.circuit_breakers (task, failures, state, opened_at)"
+        " VALUES ('t', 1000, %s, CASE WHEN %s = 'open' THEN now() END)",
+        state,
+        state,
+    )
+    params = {
+        "ids": list(range(1, 51)),
+        "attempts": [1] * 50,
+        "outcomes": ["failed"] * 50,
+        "errors": ["e"] * 50,
+        "results": [None] * 50,
+        "progresses": [None] * 50,
+        "progress_messages": [None] * 50,
+        "retry_in": [None] * 50,
+        "claimant": "c",
+    }
+    plans = nested_plans(big_dsn, "complete", params, generic=generic, analyze=True)
+    nodes = [node for plan in plans for node in plan if node.get("Relation Name")]
+    found = scans(nodes)
+    assert ("Index Scan", "jobs_pkey") in found, found
+    # queue_events and circuit_breakers hold a row per queue or task: a scan is their
+    # cheapest read.  Never one of notifyq.jobs.
+    jobs_seq = [n for n in nodes if n["Node Type"] == "Seq Scan" and n["Relation Name"] == "jobs"]
+    assert not jobs_seq, found
+    assert not any(idx == "jobs_lease_idx" for _, idx in found), found
+
+
 # Writes by id go through the primary key, one probe per id.  Never the partial index
 # of running jobs: when the statistics believe it small, the planner scans all of it once
 # per id (a drain at concurrency 200 spent seconds per completion that way).
@@ -641,3 +720,220 @@ def test_the_dashboards_search_walks_the_primary_key_and_stops_at_its_limit(
     assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], scans(nodes)
     assert {idx for _, idx in scans(nodes)} == {"jobs_pkey"}, scans(nodes)
     assert rows_read(nodes) <= most
+
+
+# The indexes the monitoring functions may read notifyq.jobs through: the partial ones.
+MONITOR_INDEXES = {
+    "jobs_claim_idx",
+    "jobs_scheduled_idx",
+    "jobs_lease_idx",
+    "jobs_dead_idx",
+    "jobs_finished_idx",
+    "jobs_failed_idx",
+}
+
+
+def jobs_scans(nodes: list[dict[str, Any]]) -> set[tuple[str, str | None]]:
+    return {
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes
+        if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]
+    }
+
+
+@pytest.mark.parametrize("table", ["queued_dsn", "finished_dsn"], ids=["1M-queued", "2M-finished"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_queue_health_reads_the_partial_indexes_only(
+    request: pytest.FixtureRequest, server: Server, table: str, generic: bool
+) -> None:
+    """notifyq.queue_health (watch_queues, which inlines it) reads what it counts (queued,
+    running and dead jobs, and the last minute's finished ones), never the rest of the
+    finished rows: on 2,000,000 finished jobs, along the partial indexes only.  (On the
+    1,000,000-queued table, where nearly every row is one it counts, the planner may
+    rightly read the table itself.)"""
+    dsn = request.getfixturevalue(table)
+    params = {"queues": None, "tags": None}
+    nodes = prepared_plan(dsn, "watch_queues", params, generic=generic, analyze=True)
+    counted = query(
+        dsn, "SELECT count(*) FROM notifyq.jobs WHERE status IN ('queued', 'running', 'dead')"
+    )[0][0]
+    # Each counted row once per CTE reading its index (queued: the counts, the waits).
+    assert rows_read(nodes) <= 2 * counted + 10_000, (rows_read(nodes), counted)
+    if table == "finished_dsn":
+        found = jobs_scans(nodes)
+        assert found and all(kind != "Seq Scan" for kind, _ in found), found
+        indexes = {n["Index Name"] for n in nodes if n.get("Index Name")}
+        assert indexes <= MONITOR_INDEXES | {"queue_pauses_pkey"}, indexes
+
+
+def monitor_plan(dsn: str, setup: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """EXPLAIN ANALYZE of query `name` after `setup` and ANALYZE, rolled back after."""
+    body = QUERIES[name].encode()
+    with psycopg.connect(dsn) as conn, conn.transaction(force_rollback=True):
+        conn.execute(setup.encode())
+        conn.execute("ANALYZE notifyq.jobs")  # transactional: rolled back with the rows
+        row = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + body, params).fetchone()
+    assert row is not None
+    return list(plan_nodes(row[0][0]["Plan"]))
+
+
+def test_failed_recent_reads_about_the_rows_it_returns(finished_dsn: str) -> None:
+    """notifyq.failed_recent: backwards along jobs_failed_idx, stopping at its limit, with
+    50,000 failed jobs over a month and 2,000,000 finished ones in the table."""
+    nodes = monitor_plan(
+        finished_dsn,
+        "INSERT INTO notifyq.jobs (task, status, attempts, last_error, run_at, started_at,"
+        " finished_at) SELECT 't', 'dead', 3, 'boom', now() - g * interval '1 minute',"
+        " now() - g * interval '1 minute', now() - g * interval '1 minute'"
+        " FROM generate_series(1, 50000) AS g",
+        "monitor_failed_recent",
+        {"within": 86400.0 * 30, "limit": 100},
+    )
+    found = jobs_scans(nodes)
+    assert found == {("Index Scan", "jobs_failed_idx")}, found
+    assert rows_read(nodes) <= 200, rows_read(nodes)
+
+
+def test_stuck_reads_running_jobs_only(finished_dsn: str) -> None:
+    """notifyq.stuck: along jobs_lease_idx, so 10,000 running jobs cost 10,000 index
+    entries however many finished rows the table holds (2,000,000 here)."""
+    running = 10_000
+    nodes = monitor_plan(
+        finished_dsn,
+        "INSERT INTO notifyq.jobs (task, status, attempts, started_at, claimed_by,"
+        " lease_expires_at) SELECT 't', 'running', 1, now() - g * interval '1 second', 'x',"
+        " now() + CASE WHEN g % 100 = 0 THEN interval '-1 minute' ELSE interval '1 minute' END"
+        f" FROM generate_series(1, {running}) AS g",
+        "monitor_stuck",
+        {"seconds": 3600.0},
+    )
+    found = jobs_scans(nodes)
+    assert found and all(index == "jobs_lease_idx" for _, index in found), found
+    assert rows_read(nodes) <= running, rows_read(nodes)
+
+
+@pytest.mark.parametrize("name", ["webhook_claim", "webhook_next_due"])
+def test_the_webhook_sender_reads_pending_deliveries_only(dsn: str, name: str) -> None:
+    """The sender's claim and its "next due?" probe go along webhook_deliveries_due_idx
+    (pending rows only): 100,000 delivered rows cost them nothing."""
+    params = {"limit": 20, "lease": 30.0}
+    with psycopg.connect(dsn) as conn, conn.transaction(force_rollback=True):
+        conn.execute(
+            "INSERT INTO notifyq.webhook_deliveries (job_id, url, body, status, attempts,"
+            " delivered_at) SELECT g, 'http://h/x', '{}', 'delivered', 1, now()"
+            " FROM generate_series(1, 100000) AS g"
+        )
+        conn.execute(
+            "INSERT INTO notifyq.webhook_deliveries (job_id, url, body)"
+            " SELECT g, 'http://h/x', '{}' FROM generate_series(1, 5) AS g"
+        )
+        conn.execute("ANALYZE notifyq.webhook_deliveries")
+        row = conn.execute(
+            b"EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES[name].encode(), params
+        ).fetchone()
+    assert row is not None
+    nodes = list(plan_nodes(row[0][0]["Plan"]))
+    on_outbox = [n for n in nodes if n.get("Relation Name") == "webhook_deliveries"]
+    assert on_outbox, nodes
+    assert all(n["Node Type"] != "Seq Scan" for n in on_outbox), on_outbox
+    assert any(n.get("Index Name") == "webhook_deliveries_due_idx" for n in on_outbox), on_outbox
+    read = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+        for n in on_outbox
+        if "Scan" in n["Node Type"]
+    )
+    assert read <= 20, read
+
+
+KEYED = {
+    "queue": "default",
+    "task": "t",
+    "payload": "{}",
+    "priority": 0,
+    "delay": 0.0,
+    "run_at": None,
+    "max_attempts": None,
+    "depends_on": None,
+    "on_dependency_failure": "cancel",
+    "dedupe_key": "k",
+    "rate_key": None,
+    "token": "00000000-0000-0000-0000-000000000001",
+    "trace_context": None,
+}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"unique_for": 3600.0, "on_duplicate": None}, {"unique_for": None, "on_duplicate": "replace"}],
+    ids=["unique_for", "replace"],
+)
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_keyed_inserts_probe_the_key_only(
+    big_dsn: str, options: dict[str, Any], generic: bool
+) -> None:
+    """The insert trigger of unique_for and replace (notifyq.dedupe_on_insert) finds the
+    key's holder along jobs_dedupe_idx and its window by primary key, with a job holding
+    the key and a window that ended: never a scan of the 40,000 jobs."""
+    query(
+        big_dsn,
+        "INSERT INTO notifyq.jobs (task, dedupe_key, unique_for, on_duplicate)"
+        " VALUES ('t', 'k', %s, %s)",
+        None if options["unique_for"] is None else f"{options['unique_for']} seconds",
+        options["on_duplicate"],
+    )
+    query(
+        big_dsn,
+        "UPDATE notifyq.jobs SET status = 'succeeded', finished_at = now() WHERE dedupe_key = 'k'",
+    )
+    query(big_dsn, "UPDATE notifyq.unique_windows SET expires_at = now() - interval '1 second'")
+    query(big_dsn, "INSERT INTO notifyq.jobs (task, dedupe_key) VALUES ('t', 'other')")
+    query(big_dsn, "ANALYZE notifyq.jobs")
+    plans = nested_plans(big_dsn, "enqueue_deduped", {**KEYED, **options}, generic=generic)
+    nodes = [node for plan in plans for node in plan]
+    tables = {n.get("Relation Name") for n in nodes if "Scan" in n["Node Type"]}
+    found = scans(nodes)
+    assert ("Index Scan", "jobs_dedupe_idx") in found or (
+        "Index Only Scan",
+        "jobs_dedupe_idx",
+    ) in found, found
+    if options["unique_for"]:
+        assert "unique_windows" in tables
+        assert not any(
+            n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "unique_windows"
+            for n in nodes
+        ), found
+    seq_jobs = [
+        n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"
+    ]
+    assert not seq_jobs, found
+
+
+def test_dependency_results_read_by_primary_key(big_dsn: str) -> None:
+    """notifyq.dependency_results: the job and each of its dependencies by id."""
+    (dependent,) = query(
+        big_dsn,
+        "INSERT INTO notifyq.jobs (task, depends_on) VALUES ('t', ARRAY[1, 20001, 40001])"
+        " RETURNING id",
+    )[0]
+    plans = nested_plans(big_dsn, "dependency_results", {"id": dependent})
+    nodes = [node for plan in plans for node in plan]
+    jobs_scans = {
+        (n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "jobs"
+    }
+    assert jobs_scans and {index for _, index in jobs_scans} == {"jobs_pkey"}, jobs_scans
+
+
+def test_window_cleanup_reads_the_ended_windows_only(dsn: str) -> None:
+    """notifyq.expire_unique_windows: along unique_windows_expires_idx, from the oldest."""
+    query(
+        dsn,
+        "INSERT INTO notifyq.unique_windows (dedupe_key, job_id, expires_at)"
+        " SELECT 'k' || g, g, now() + CASE WHEN g % 100 = 0 THEN interval '-1 hour'"
+        " ELSE interval '1 hour' END FROM generate_series(1, 50000) AS g",
+    )
+    query(dsn, "ANALYZE notifyq.unique_windows")
+    plans = nested_plans(dsn, "expire_unique_windows", {"limit": 100}, analyze=True)
+    nodes = [node for plan in plans for node in plan]
+    found = scans(nodes)
+    assert ("Index Scan", "unique_windows_expires_idx") in found, found
+    assert not any(kind == "Seq Scan" for kind, _ in found), found

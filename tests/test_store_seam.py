@@ -128,6 +128,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "still_claimed": rows.HeldAttempt,
     "rescue": rows.RescueRow,
     "purge_batch": rows.Purged,
+    "dependency_results": rows.DependencyResult,
     "upkeep": rows.Upkeep,
     "periodic_schedules": rows.ScheduleRow,
     "periodic_fire": rows.Fired,
@@ -138,6 +139,7 @@ ROW_OF_QUERY: dict[str, type] = {
     "task_record": rows.TaskRecord,
     "task_attempts": rows.AttemptEntry,
     "queue_limits": rows.QueueLimit,
+    "circuit_breakers": rows.BreakerState,
     "queue_pauses": rows.QueuePause,
     "queue_events": rows.QueueEvents,
     "health_server": rows.ServerInfo,
@@ -155,6 +157,11 @@ ROW_OF_QUERY: dict[str, type] = {
     "watch_dispatchers": rows.DispatcherState,
     "web_jobs": rows.JobSummary,
     "web_periodic": rows.PeriodicEntry,
+    "monitor_failed_recent": rows.FailedAttempt,
+    "monitor_stuck": rows.StuckJob,
+    "webhook_claim": rows.WebhookClaimed,
+    "webhook_next_due": rows.NextDue,
+    "webhook_settle": rows.Settled,
 }
 
 # The PostgreSQL types (by OID) psycopg loads as each Python type a field declares.

@@ -13,7 +13,7 @@ import pytest
 
 import notifyq
 from notifyq import ConfigurationError, InvalidJob, watch
-from tests.conftest import REPO, query
+from tests.conftest import REPO, query, statuses
 
 
 def tags_of(dsn: str) -> list[tuple[Any, ...]]:
@@ -167,3 +167,29 @@ async def test_watch_with_tags_counts_only_the_tagged_jobs(dsn: str) -> None:
     assert both == {"q": 1}
     done = cli(dsn, "watch", "--once", "--json", "--tag", "b")
     assert {q["queue"]: q["ready"] for q in json.loads(done.stdout)["queues"]} == {"q": 1, "r": 1}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT notifyq.retry_dead(tags => '{}')",
+        "SELECT notifyq.purge(interval '0', '{succeeded,dead}', '{}')",
+        "SELECT notifyq.purge_batch(interval '0', '{succeeded,dead}', 100, '{}')",
+    ],
+    ids=["retry_dead", "purge", "purge_batch"],
+)
+def test_an_empty_tag_array_in_sql_is_refused_not_read_as_any_tagged_job(
+    dsn: str, call: str
+) -> None:
+    """`tags @> '{}'` holds for every tagged job and no untagged one: neither "no filter"
+    (NULL) nor a filter, so a client whose tag list came out empty would act on a subset
+    it never named.  Refused, as cancel_jobs refuses it."""
+    query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, tags, status, attempts, finished_at) VALUES"
+        " ('t', ARRAY['a'], 'dead', 1, now() - interval '1 day'),"
+        " ('t', NULL, 'dead', 1, now() - interval '1 day')",
+    )
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="NULL for any job"):
+        query(dsn, call)
+    assert statuses(dsn) == {"dead": 2}

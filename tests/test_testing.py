@@ -346,3 +346,31 @@ def test_the_plugin_is_declared_as_an_entry_point() -> None:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["pytest11"] == {"notifyq": "notifyq.pytest_plugin"}
+
+
+@pytest.mark.anyio
+async def test_drain_runs_the_rest_and_leaves_a_paused_queue_queued(notifyq_dsn: str) -> None:
+    """As `serve --until-empty` does: a paused job starts on no claim, so the drain does not
+    wait `give_up_after` for it and fail."""
+    app = notifyq.App()
+
+    @app.task(name="p.t", queue="paused")
+    async def paused(payload: Any) -> None:
+        pass
+
+    @app.task(name="o.t")
+    async def other(payload: Any) -> None:
+        pass
+
+    queue = TestQueue(app)
+    held = await app.enqueue("p.t", {})
+    ran = await app.enqueue("o.t", {})
+    await app.pause("paused")
+    try:
+        outcomes = await queue.drain(give_up_after=10)
+    finally:
+        await app.aclose()
+    assert [(o.id, o.status) for o in outcomes] == [(ran, "succeeded")]
+    assert query(notifyq_dsn, "SELECT status FROM notifyq.jobs WHERE id = %s", held) == [
+        ("queued",)
+    ]

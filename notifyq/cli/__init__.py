@@ -6,6 +6,7 @@ One module per command group; this one only assembles them under `main`:
     serve.py    serve (its flags build one notifyq.Settings)
     jobs.py     enqueue, jobs list/show, retry, cancel, purge (payload.py: PAYLOAD's shape)
     queues.py   stats, cap (and its older name limit), pause, resume, events
+    breakers.py breaker list, reset, set, remove
     watch.py    watch
     web.py      web (the dashboard; serve --web-port uses it too)
     schema.py   migrate, schema sql, roles, dsn, health, history
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from . import jobs, queues, schema, serve, watch, web
+from . import breakers, jobs, queues, schema, serve, watch, web
 from .common import Group, default_log_level, log_option, remember_environment
 
 
@@ -51,6 +52,7 @@ for command in (
     queues.events,
     queues.cap,
     queues.limit,
+    breakers.breaker,
     queues.pause,
     queues.resume,
     jobs.retry,

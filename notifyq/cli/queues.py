@@ -56,7 +56,11 @@ def stats(dsn: str | None, queues: tuple[str, ...], as_json: bool) -> None:
 
     console = Console()
     console.print(watch.queue_table(snap, console.width))
-    for line in (*watch.empty_queue_lines(snap), *watch.unserved_lines(snap)):
+    for line in (
+        *watch.empty_queue_lines(snap),
+        *watch.unserved_lines(snap),
+        *watch.breaker_lines(snap),
+    ):
         console.print(line)
 
 

@@ -10,35 +10,49 @@
 -- The token is ours (the caller made it): a producer may not read it back.
 -- trace_context: the enqueuing span's propagation fields (tracing.py), or NULL.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token, trace_context, tags)
+                          on_dependency_failure, rate_key, token, trace_context, tags,
+                          callback_url)
 VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
         %(depends_on)s::bigint[], %(on_dependency_failure)s, %(rate_key)s::text,
-        %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[])
+        %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[],
+        %(callback_url)s::text)
 RETURNING id;
 
 -- name: enqueue_deduped
 -- `enqueue` with a dedupe_key: while an unfinished job holds the key, nothing is
--- inserted and that job's id comes back instead (created false).  No row at all
--- means the holder committed after this statement's snapshot: run it again.
+-- inserted and that job's id comes back instead (created false).  With
+-- unique_for, a window the key's last job opened refuses it too (the id is that
+-- job's, which may have been purged since); with on_duplicate 'replace', the
+-- queued job holding the key got this payload (the schema's dedupe_on_insert).
+-- No row at all means the holder committed after this statement's snapshot (a
+-- window seen here as ended was opened again since): run it again.
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
                               on_dependency_failure, dedupe_key, rate_key, token, trace_context,
-                              tags)
+                              unique_for, on_duplicate, tags, callback_url)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
             %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
             %(rate_key)s::text, %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb,
-            %(tags)s::text[])
+            make_interval(secs => %(unique_for)s::float8), %(on_duplicate)s::text,
+            %(tags)s::text[], %(callback_url)s::text)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
 SELECT id, true AS created FROM inserted
 UNION ALL
-SELECT j.id, false FROM notifyq.jobs j
-WHERE NOT EXISTS (SELECT FROM inserted)
-  AND j.dedupe_key = %(dedupe_key)s
-  AND j.status NOT IN ('succeeded', 'dead', 'cancelled');
+(SELECT h.id, false
+ FROM (SELECT j.id, 1 AS rank FROM notifyq.jobs j
+       WHERE j.dedupe_key = %(dedupe_key)s
+         AND j.status NOT IN ('succeeded', 'dead', 'cancelled')
+       UNION ALL
+       SELECT w.job_id, 2 FROM notifyq.unique_windows w
+       WHERE %(unique_for)s::float8 IS NOT NULL AND w.dedupe_key = %(dedupe_key)s
+         AND w.expires_at > now()) AS h
+ WHERE NOT EXISTS (SELECT FROM inserted)
+ ORDER BY h.rank
+ LIMIT 1);
 
 -- name: enqueue_many
 -- Insert many jobs of one task in one statement: the statement-level trigger
@@ -48,12 +62,14 @@ WHERE NOT EXISTS (SELECT FROM inserted)
 -- has no type here.  The batch shares one trace_context (its enqueuing span's)
 -- and its tags.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token, trace_context, tags)
+                          on_dependency_failure, rate_key, token, trace_context, tags,
+                          callback_url)
 SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
        coalesce(%(run_at)s::timestamptz,
                 now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
        %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text,
-       %(rate_key)s::text, p.token, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[]
+       %(rate_key)s::text, p.token, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[],
+       %(callback_url)s::text
 FROM ROWS FROM (pg_catalog.unnest(%(payloads)s::text[]), pg_catalog.unnest(%(tokens)s::uuid[]))
      WITH ORDINALITY AS p (payload, token, n)
 ORDER BY p.n
@@ -147,6 +163,15 @@ WHERE id = %(id)s AND status = 'running' COLLATE "C" AND claimed_by = %(claimant
   AND attempts = %(attempt)s
 RETURNING id;
 
+-- name: dependency_results
+-- JobContext.dependency_results: the jobs a job depends on, their status and result
+-- (notifyq.dependency_results: the job by primary key, each dependency by it too).
+SELECT d.id, d.status, d.result FROM notifyq.dependency_results(%(id)s) AS d;
+
+-- name: expire_unique_windows
+-- Retention: delete a batch of unique_for windows that ended (the SQL function).
+SELECT notifyq.expire_unique_windows(%(limit)s) AS deleted;
+
 -- name: cancelled_among
 -- Which of the jobs this dispatcher runs were cancelled meanwhile (notifyq.cancel_job,
 -- or a plain UPDATE to 'cancelled'): their handlers are interrupted.
@@ -212,6 +237,22 @@ WHERE (t.max_attempts, t.backoff_base, t.backoff_factor, t.backoff_max, t.timeou
                         excluded.backoff_max, excluded.timeout)
 RETURNING t.task;
 
+-- name: sync_breakers
+-- At start-up: our @app.task(circuit_breaker=...) settings into notifyq.circuit_breakers
+-- (notifyq.set_circuit_breaker's upsert, which the worker role may not call); a breaker's
+-- state is kept, and a row already equal is left alone (no write).
+INSERT INTO notifyq.circuit_breakers AS b (task, failures, failure_window, cooldown)
+SELECT s.task, s.failures, make_interval(secs => s.span), make_interval(secs => s.cooldown)
+FROM unnest(%(tasks)s::text[], %(failures)s::int[], %(windows)s::float8[],
+            %(cooldowns)s::float8[]) AS s(task, failures, span, cooldown)
+ORDER BY s.task
+ON CONFLICT (task) DO UPDATE
+SET failures = excluded.failures, failure_window = excluded.failure_window,
+    cooldown = excluded.cooldown, changed_at = now()
+WHERE (b.failures, b.failure_window, b.cooldown)
+      IS DISTINCT FROM (excluded.failures, excluded.failure_window, excluded.cooldown)
+RETURNING b.task;
+
 -- name: endpoints
 -- The HTTP endpoints (notifyq.endpoints) a dispatcher serves: read before its first
 -- claim and again when a change is announced on notifyq_internal.
@@ -271,9 +312,20 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, %(local)s);
 -- work_left; jobs kept by a cap or a rate limit count as ready (the claim says),
 -- paused ones do not (no claim would start them: a poll finding them would only
 -- make an empty claim, every time).  The pause is a condition on the pair only, so
--- it is tested once per pair before its probe reads a row.
+-- it is tested once per pair before its probe reads a row.  Nor do those a circuit
+-- breaker holds (open in its cool-down, or half-open with its probe running), for
+-- the same reason.
 SELECT EXISTS (SELECT FROM unnest(%(queues)s::text[]) AS q(name)
-               CROSS JOIN unnest(%(tasks)s::text[]) AS t(name)
+               CROSS JOIN (SELECT u.name FROM unnest(%(tasks)s::text[]) AS u(name)
+                           WHERE NOT EXISTS (
+                               SELECT FROM notifyq.circuit_breakers b
+                               WHERE b.task = u.name
+                                 AND (b.state = 'open' AND b.opened_at + b.cooldown > now()
+                                      OR b.state = 'half_open' AND EXISTS (
+                                          SELECT FROM notifyq.jobs p  -- by primary key
+                                          WHERE p.id = b.probe_job
+                                            AND p.status = 'running' COLLATE "C"
+                                            AND p.attempts = b.probe_attempt)))) AS t
                CROSS JOIN LATERAL (
                    SELECT FROM notifyq.jobs j
                    WHERE j.status = 'queued' AND j.queue = q.name AND j.task = t.name
@@ -427,105 +479,25 @@ WITH gone AS (
 UPDATE notifyq.dispatchers SET stopped_at = now(), running = 0 WHERE claimant = %(claimant)s;
 
 -- name: watch_queues
--- notifyq watch/stats: per queue, from the partial indexes only (never the whole
--- table): ready, scheduled and the oldest ready job's age (jobs_claim_idx), running
--- (jobs_lease_idx), dead (jobs_dead_idx), finished in the last minute and 10 s
--- (jobs_finished_idx), jobs whose last attempt failed in the last minute
--- (jobs_failed_idx), and enqueue-to-start waits of the latest 2,000 starts of the
--- last minute; whether the queue is paused, and which of its tasks are
--- (notifyq.queue_pauses).  %(queues)s NULL means every queue; %(tags)s, when not
--- NULL, counts only the jobs that have every one of them (watch --tag).
-WITH queued AS (
-    SELECT queue,
-           count(*) FILTER (WHERE run_at <= now()) AS ready,
-           count(*) FILTER (WHERE run_at > now()) AS scheduled,
-           extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
-               AS oldest_ready
-    FROM notifyq.jobs
-    WHERE status = 'queued' AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), running AS (
-    SELECT queue, count(*) AS running
-    FROM notifyq.jobs
-    WHERE status = 'running' AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), dead AS (
-    SELECT queue, count(*) AS dead
-    FROM notifyq.jobs
-    WHERE status = 'dead' AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), finished AS (
-    SELECT queue,
-           count(*) FILTER (WHERE status = 'succeeded') AS succeeded_1m,
-           count(*) FILTER (WHERE status <> 'cancelled'
-                              AND finished_at > now() - interval '10 seconds') AS done_10s
-    FROM notifyq.jobs
-    WHERE status IN ('succeeded', 'dead', 'cancelled')
-      AND finished_at > now() - interval '1 minute'
-      AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), failed AS (
-    SELECT queue, count(*) AS failed_1m
-    FROM notifyq.jobs
-    WHERE last_error IS NOT NULL AND started_at > now() - interval '1 minute'
-      AND status IN ('queued', 'dead') AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), starts AS (
-    (SELECT queue, started_at - run_at AS wait
-     FROM notifyq.jobs
-     WHERE status IN ('succeeded', 'dead') AND finished_at > now() - interval '1 minute'
-       AND started_at > now() - interval '1 minute' AND started_at >= run_at
-       AND coalesce(queue = ANY(%(queues)s::text[]), true)
-       AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-     ORDER BY finished_at DESC
-     LIMIT 2000)
-    UNION ALL
-    SELECT queue, started_at - run_at
-    FROM notifyq.jobs
-    WHERE status = 'running' AND started_at > now() - interval '1 minute'
-      AND started_at >= run_at AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-), latency AS (
-    SELECT queue,
-           extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY wait))::float8 AS p50,
-           extract(epoch FROM percentile_cont(0.95) WITHIN GROUP (ORDER BY wait))::float8 AS p95
-    FROM starts
-    GROUP BY queue
-), names AS (
-    SELECT queue FROM queued UNION SELECT queue FROM running UNION SELECT queue FROM dead
-    UNION SELECT queue FROM finished UNION SELECT queue FROM failed
-    UNION SELECT unnest(%(queues)s::text[])
-    UNION SELECT queue FROM notifyq.queue_pauses
-          WHERE coalesce(queue = ANY(%(queues)s::text[]), true)
-)
-SELECT n.queue,
-       coalesce(q.ready, 0) AS ready,
-       coalesce(q.scheduled, 0) AS scheduled,
-       coalesce(r.running, 0) AS running,
-       coalesce(f.succeeded_1m, 0) AS succeeded_1m,
-       coalesce(x.failed_1m, 0) AS failed_1m,
-       coalesce(d.dead, 0) AS dead,
-       coalesce(f.done_10s, 0) AS done_10s,
-       l.p50,
-       l.p95,
-       q.oldest_ready,
-       EXISTS (SELECT FROM notifyq.queue_pauses p WHERE p.queue = n.queue AND p.task = '*')
-           AS paused,
-       ARRAY(SELECT p.task FROM notifyq.queue_pauses p
-             WHERE p.queue = n.queue AND p.task <> '*' ORDER BY p.task) AS paused_tasks
-FROM names n
-LEFT JOIN queued q USING (queue)
-LEFT JOIN running r USING (queue)
-LEFT JOIN dead d USING (queue)
-LEFT JOIN finished f USING (queue)
-LEFT JOIN failed x USING (queue)
-LEFT JOIN latency l USING (queue)
-ORDER BY n.queue;
+-- notifyq watch/stats: per queue, notifyq.queue_health (schema.sql says what each
+-- column counts and along which partial index; the function is inlined here, so
+-- the plan is this statement's own).  %(queues)s NULL means every queue; %(tags)s,
+-- when not NULL, counts only the jobs that have every one of them (watch --tag).
+SELECT queue, ready, scheduled, running, succeeded_1m, failed_1m, dead, done_10s, p50, p95,
+       oldest_ready, paused, paused_tasks
+FROM notifyq.queue_health(%(queues)s::text[], %(tags)s::text[]);
+
+-- name: monitor_failed_recent
+-- The latest failed attempts (notifyq.failed_recent, along jobs_failed_idx).
+SELECT id, queue, task, status, attempts, max_attempts, error, started_at, finished_at
+FROM notifyq.failed_recent(make_interval(secs => %(within)s), %(limit)s);
+
+-- name: monitor_stuck
+-- Running jobs past their lease or running longer than %(seconds)s (notifyq.stuck,
+-- along jobs_lease_idx).
+SELECT id, queue, task, attempts, claimed_by, started_at, lease_expires_at,
+       extract(epoch FROM running_for)::float8 AS running_for, lease_expired
+FROM notifyq.stuck(make_interval(secs => %(seconds)s));
 
 -- name: watch_failures
 -- notifyq watch: the latest jobs whose last attempt failed (waiting for a retry,
@@ -706,6 +678,36 @@ RETURNING queue;
 -- name: clear_queue_limit
 -- notifyq limit QUEUE none: lift a queue's cap.
 DELETE FROM notifyq.queue_limits WHERE queue = %(queue)s RETURNING queue;
+
+-- name: circuit_breakers
+-- notifyq breaker list, watch, health and the metrics: every circuit breaker, with
+-- the seconds until an open one's cool-down ends (0: over, the next claim probes)
+-- and the failures its current window has counted (0 once the window passed).
+SELECT b.task, b.state, b.failures,
+       extract(epoch FROM b.failure_window)::float8 AS window_seconds,
+       extract(epoch FROM b.cooldown)::float8 AS cooldown_seconds,
+       CASE WHEN b.state = 'closed' AND b.failed_since > now() - b.failure_window
+            THEN b.failed ELSE 0 END AS failed,
+       b.opened_at,
+       CASE WHEN b.state = 'open'
+            THEN greatest(extract(epoch FROM b.opened_at + b.cooldown - now()), 0)::float8
+       END AS reopen_in,
+       b.probe_job, b.opens
+FROM notifyq.circuit_breakers b
+ORDER BY b.task;
+
+-- name: set_circuit_breaker
+-- notifyq breaker set TASK: the SQL function.
+SELECT notifyq.set_circuit_breaker(%(task)s, %(failures)s, make_interval(secs => %(window)s),
+                                   make_interval(secs => %(cooldown)s));
+
+-- name: reset_circuit_breaker
+-- notifyq breaker reset TASK, App.reset_circuit_breaker: the SQL function; the state it had.
+SELECT notifyq.reset_circuit_breaker(%(task)s);
+
+-- name: remove_circuit_breaker
+-- notifyq breaker remove TASK: the task has no breaker any more.
+DELETE FROM notifyq.circuit_breakers WHERE task = %(task)s RETURNING task;
 
 -- name: pause_queue
 -- notifyq pause QUEUE [--task TASK]: the SQL function; false if it was paused already.
@@ -963,10 +965,68 @@ RETURNING id;
 -- name: testing_busy
 -- notifyq.testing's drain: is a job of %(tasks)s in %(queues)s due now, or running?
 -- A rate limit's slot counts once it is due, not before (a drain does not wait for it).
+-- A paused one (notifyq.queue_pauses) does not: no claim starts it, so the drain ends
+-- with it queued, as `serve --until-empty` does.
 SELECT EXISTS (
     SELECT FROM notifyq.jobs j
     WHERE j.queue = ANY (%(queues)s::text[]) AND j.task = ANY (%(tasks)s::text[])
-      AND (j.status = 'running' OR (j.status = 'queued' AND j.run_at <= now())));
+      AND (j.status = 'running'
+           OR (j.status = 'queued' AND j.run_at <= now()
+               AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z
+                               WHERE z.queue = j.queue AND z.task IN (j.task, '*')))));
+
+-- name: webhook_claim
+-- Claim up to %(limit)s due completion webhooks (notifyq.webhook_deliveries) along
+-- webhook_deliveries_due_idx.  SKIP LOCKED: dispatchers claiming at once share the
+-- rows; the claim moves next_at %(lease)s seconds ahead, so another claims the row
+-- only if this one has neither delivered it nor rescheduled it by then (the lease
+-- outlasts a request's timeout).  The CTE keeps the LIMIT to the locked rows.
+-- allowed: the URL still starts with a prefix of notifyq.webhook_allowlist (a
+-- prefix removed since the job was enqueued stops its deliveries), with the
+-- prefix's signing secret name.
+WITH due AS (
+    SELECT d.id
+    FROM notifyq.webhook_deliveries d
+    WHERE d.status = 'pending' AND d.next_at <= now()
+    ORDER BY d.next_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifyq.webhook_deliveries d
+SET attempts = d.attempts + 1, next_at = now() + make_interval(secs => %(lease)s)
+FROM due
+WHERE d.id = due.id
+RETURNING d.id, d.job_id, d.url, d.body::text AS body, d.attempts,
+          (SELECT a.secret FROM notifyq.webhook_allowlist a
+           WHERE starts_with(d.url, a.prefix) ORDER BY length(a.prefix) DESC LIMIT 1) AS secret,
+          EXISTS (SELECT FROM notifyq.webhook_allowlist a WHERE starts_with(d.url, a.prefix))
+              AS allowed;
+
+-- name: webhook_next_due
+-- Seconds until the next pending webhook is due (NULL: none), one probe of
+-- webhook_deliveries_due_idx: how long the sender may wait when nothing is due.
+SELECT extract(epoch FROM min(next_at) - now())::float8 AS seconds
+FROM notifyq.webhook_deliveries
+WHERE status = 'pending';
+
+-- name: webhook_settle
+-- Write the outcomes of claimed deliveries, fenced by the attempt claimed (a row
+-- claimed again after our lease ran out is not ours to settle): delivered; or
+-- failed with %(errors)s and due again after %(retry_in)s seconds, or given up
+-- (status failed) when retry_in is NULL.
+UPDATE notifyq.webhook_deliveries d
+SET status = CASE WHEN o.delivered THEN 'delivered'
+                  WHEN o.retry_in IS NULL THEN 'failed' ELSE 'pending' END,
+    delivered_at = CASE WHEN o.delivered THEN now() END,
+    last_error = CASE WHEN o.delivered THEN d.last_error ELSE o.error END,
+    next_at = CASE WHEN o.retry_in IS NULL THEN d.next_at
+                   ELSE now() + make_interval(secs => o.retry_in) END
+FROM ROWS FROM (unnest(%(ids)s::bigint[]), unnest(%(attempts)s::integer[]),
+                unnest(%(delivered)s::boolean[]), unnest(%(errors)s::text[]),
+                unnest(%(retry_in)s::float8[]))
+     AS o (id, attempt, delivered, error, retry_in)
+WHERE d.id = o.id AND d.attempts = o.attempt AND d.status = 'pending'
+RETURNING d.id;
 
 -- name: web_jobs
 -- notifyq web's job search: the newest jobs matching every filter given (NULL: any),

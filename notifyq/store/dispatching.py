@@ -22,11 +22,13 @@ from psycopg import sql
 from psycopg.rows import BaseRowFactory, RowMaker, class_row, scalar_row
 
 from .. import failpoints
+from ..breaker import CircuitBreaker
 from ..errors import DatabaseUnavailable, LockTimeout, PoolerInTheWay
 from ..job import Job, JobState
 from .connection import QUERIES, connect, translated
 from .rows import (
     ClaimRow,
+    DependencyResult,
     EndpointRow,
     Fired,
     HeldAttempt,
@@ -69,6 +71,8 @@ class TaskSettings:
     backoff_factor: float
     backoff_max: float  # seconds
     timeout: float | None  # seconds
+    # Its row in notifyq.circuit_breakers (failures, window, cooldown); None: left alone.
+    circuit_breaker: CircuitBreaker | None = None
 
 
 class Claim(NamedTuple):
@@ -388,6 +392,16 @@ class Store:
         )
         return bool(rows)
 
+    async def dependency_results(self, job_id: int) -> dict[int, Any]:
+        """The results of the dependencies of `job_id` that succeeded, by id."""
+        rows = await self._run("dependency_results", {"id": job_id}, class_row(DependencyResult))
+        return {row.id: row.result for row in rows if row.status == JobState.SUCCEEDED}
+
+    async def expire_unique_windows(self, limit: int) -> int:
+        """Delete up to `limit` unique_for windows that ended; how many."""
+        (deleted,) = await self._run("expire_unique_windows", {"limit": limit}, scalar_row)
+        return int(deleted)
+
     async def purge_batch(self, seconds: float, statuses: Sequence[str], limit: int) -> Purged:
         """Delete up to `limit` jobs of `statuses` finished over `seconds` ago: how many,
         and when a row left may be old enough (see the query)."""
@@ -428,6 +442,22 @@ class Store:
                 "factors": [float(t.backoff_factor) for t in tasks],
                 "max_delays": [float(t.backoff_max) for t in tasks],
                 "timeouts": [None if t.timeout is None else float(t.timeout) for t in tasks],
+            },
+            scalar_row,
+        )
+
+    async def sync_breakers(self, tasks: Sequence[TaskSettings]) -> list[str]:
+        """Write our tasks' circuit breaker settings; returns the tasks whose row changed."""
+        given = [(t.task, t.circuit_breaker) for t in tasks if t.circuit_breaker is not None]
+        if not given:
+            return []
+        return await self._run(
+            "sync_breakers",
+            {
+                "tasks": [task for task, _ in given],
+                "failures": [b.failures for _, b in given],
+                "windows": [float(b.window) for _, b in given],
+                "cooldowns": [float(b.cooldown) for _, b in given],
             },
             scalar_row,
         )

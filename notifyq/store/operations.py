@@ -1,4 +1,4 @@
-"""The operator's statements behind `notifyq jobs/retry/cancel/purge/history/events/limit`
+"""The operator's statements behind `notifyq jobs/retry/cancel/purge/history/events/limit/breaker`
 (admin.py), sync, on the caller's connection.
 
 The admin actions are SQL functions in schema.sql (notifyq.retry_job, retry_dead,
@@ -16,7 +16,15 @@ import psycopg
 from psycopg.rows import class_row
 
 from .connection import fetch_all, fetch_one, fetch_value
-from .rows import HistoryEntry, JobRecord, JobSummary, QueueEvents, QueueLimit, QueuePause
+from .rows import (
+    BreakerState,
+    HistoryEntry,
+    JobRecord,
+    JobSummary,
+    QueueEvents,
+    QueueLimit,
+    QueuePause,
+)
 
 Conn = psycopg.Connection[Any]
 
@@ -71,7 +79,8 @@ def queue_pauses(conn: Conn) -> list[QueuePause]:
 
 
 def _tags(tags: Sequence[str] | None) -> list[str] | None:
-    """No filter (NULL) for no tags: an empty array would match every job as well."""
+    """No filter (NULL) for no tags: the SQL functions refuse an empty array, which
+    `@>` would read as "every tagged job"."""
     return list(tags) if tags else None
 
 
@@ -123,3 +132,27 @@ def list_jobs(
 
 def show_job(conn: Conn, job_id: int) -> JobRecord | None:
     return fetch_one(conn, "job_show", {"id": job_id}, class_row(JobRecord))
+
+
+def circuit_breakers(conn: Conn) -> list[BreakerState]:
+    return fetch_all(conn, "circuit_breakers", {}, class_row(BreakerState))
+
+
+def set_circuit_breaker(
+    conn: Conn, task: str, failures: int, window: float, cooldown: float
+) -> None:
+    fetch_value(
+        conn,
+        "set_circuit_breaker",
+        {"task": task, "failures": failures, "window": window, "cooldown": cooldown},
+    )
+
+
+def reset_circuit_breaker(conn: Conn, task: str) -> str:
+    """Close the task's breaker; the state it had."""
+    return str(fetch_value(conn, "reset_circuit_breaker", {"task": task}))
+
+
+def remove_circuit_breaker(conn: Conn, task: str) -> bool:
+    """Whether the task had a breaker (it has none now)."""
+    return fetch_value(conn, "remove_circuit_breaker", {"task": task}) is not None

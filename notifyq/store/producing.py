@@ -38,7 +38,11 @@ class NewJob:
     trace_context: str | None = None
     # The job's token (see JobId): random, from the operating system's CSPRNG.
     token: uuid.UUID = field(default_factory=uuid.uuid4)
+    unique_for: float | None = None  # seconds; with dedupe_key only
+    on_duplicate: str | None = None  # "refuse" | "replace"; with dedupe_key only
     tags: list[str] | None = None
+    # POSTed to when the job ends; the database checks it against its allow-list.
+    callback_url: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -55,7 +59,10 @@ class NewJob:
             "depends_on": self.depends_on,
             "on_dependency_failure": self.on_dependency_failure,
             "trace_context": self.trace_context,
+            "unique_for": self.unique_for,
+            "on_duplicate": self.on_duplicate,
             "tags": self.tags,
+            "callback_url": self.callback_url,
         }
 
 

@@ -120,6 +120,15 @@ class Purged:
 
 
 @dataclass(frozen=True, slots=True)
+class DependencyResult:
+    """dependency_results: one dependency of a job, its status (None: deleted) and result."""
+
+    id: int
+    status: str | None
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Upkeep:
     """upkeep: a served job is ready; a rescue sweep has something to look at."""
 
@@ -248,6 +257,22 @@ class QueueEvents:
 
     queue: str
     enabled_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    """circuit_breakers: a task's circuit breaker, its settings and where it stands."""
+
+    task: str
+    state: str  # closed | open | half_open
+    failures: int  # failures within window_seconds that open it
+    window_seconds: float
+    cooldown_seconds: float
+    failed: int  # failures counted in the current window (closed only)
+    opened_at: datetime | None
+    reopen_in: float | None  # open: seconds until the cool-down ends (0: the next claim probes)
+    probe_job: int | None  # half_open: the probe's job id
+    opens: int  # times it opened, ever
 
 
 # --- monitoring (notifyq health, watch, the metrics)
@@ -445,3 +470,60 @@ class PeriodicEntry:
     paused: bool
     last_instant: datetime | None  # the latest instant dealt with; None before the first
     since: datetime  # its next instant is the first one after this
+
+
+@dataclass(frozen=True, slots=True)
+class FailedAttempt:
+    """monitor_failed_recent: a recent failed attempt (notifyq.failed_recent)."""
+
+    id: int
+    queue: str
+    task: str
+    status: str  # a JobState value: queued (for a retry) or dead
+    attempts: int
+    max_attempts: int | None
+    error: str  # last_error, whole
+    started_at: datetime  # when the failed attempt started
+    finished_at: datetime | None  # dead jobs only
+
+
+@dataclass(frozen=True, slots=True)
+class StuckJob:
+    """monitor_stuck: a running job past its lease or running too long (notifyq.stuck)."""
+
+    id: int
+    queue: str
+    task: str
+    attempts: int
+    claimed_by: str
+    started_at: datetime
+    lease_expires_at: datetime
+    running_for: float  # seconds
+    lease_expired: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookClaimed:
+    """webhook_claim: a completion webhook to send now (notifyq.webhook_deliveries)."""
+
+    id: int
+    job_id: int
+    url: str
+    body: str  # the JSON to POST, as text: signed as these bytes
+    attempts: int  # this attempt's number
+    secret: str | None  # the allow-list prefix's signing secret name; None: unsigned
+    allowed: bool  # the URL still starts with an allowed prefix
+
+
+@dataclass(frozen=True, slots=True)
+class NextDue:
+    """webhook_next_due: seconds until the next pending webhook is due."""
+
+    seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """webhook_settle: a delivery whose outcome was written."""
+
+    id: int

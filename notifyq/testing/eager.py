@@ -37,6 +37,7 @@ class EagerQueue(Assertions):
         self._records: dict[int, EnqueuedJob] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # enqueue_sync may be called from many threads
+        self._depends_on: dict[int, list[int]] = {}
 
     def jobs(self) -> list[EnqueuedJob]:
         with self._lock:
@@ -124,6 +125,7 @@ class EagerQueue(Assertions):
                 max_attempts=new.max_attempts,
                 dedupe_key=new.dedupe_key,
             )
+            self._depends_on[job_id] = list(new.depends_on or ())
         if task is None:  # a task served elsewhere (another app, another language)
             return JobId(job_id, new.token)
         self._update(job_id, status=JobState.RUNNING, attempts=1)
@@ -152,6 +154,12 @@ class EagerQueue(Assertions):
         )
         return JobId(job_id, new.token)
 
+    def _dependency_results(self, job_id: int) -> dict[int, Any]:
+        """What the eager jobs this one depends on returned (each ran at its enqueue)."""
+        with self._lock:
+            done = [self._records.get(i) for i in self._depends_on.get(job_id, ())]
+        return {r.id: r.result for r in done if r and r.status == JobState.SUCCEEDED}
+
     def _update(self, job_id: int, **changes: Any) -> None:
         with self._lock:
             self._records[job_id] = dataclasses.replace(self._records[job_id], **changes)
@@ -168,6 +176,9 @@ class _EagerReports:
 
     async def save_checkpoint(self, job_id: int, attempt: int, checkpoint: Any) -> None:
         self._queue._update(job_id, checkpoint=codec.loads(codec.dumps(checkpoint)))
+
+    async def dependency_results(self, job_id: int) -> dict[int, Any]:
+        return self._queue._dependency_results(job_id)
 
 
 def eager(app: App) -> EagerQueue:

@@ -74,7 +74,8 @@ class TestQueue(Assertions):
         one at a time, in claim order (priority, then run_at, then id).  `max_rounds`:
         how many times retries are made due at most; `give_up_after`: seconds before giving up
         on jobs that stay due or running (a queue at its cap of 0, a handler that never
-        returns).  Either way AssertionError, naming the jobs."""
+        returns).  Either way AssertionError, naming the jobs.  Jobs of a paused queue or
+        task (`App.pause`) are left queued, as `serve --until-empty` leaves them."""
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be at least 1, got {max_rounds}")
         heard = _Heard()

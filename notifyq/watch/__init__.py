@@ -29,7 +29,7 @@ from .loop import MAX_REFRESHES, follow, once
 from .model import Model
 from .snapshot import Snapshot
 from .tables import DISPATCHER_COLUMNS, FAILURE_COLUMNS, QUEUE_COLUMNS, RUNNING_COLUMNS, queue_table
-from .view import empty_queue_lines, render, unserved_lines
+from .view import breaker_lines, empty_queue_lines, render, unserved_lines
 
 __all__ = [
     "DISPATCHER_COLUMNS",
@@ -41,6 +41,7 @@ __all__ = [
     "LiveView",
     "Model",
     "Snapshot",
+    "breaker_lines",
     "empty_queue_lines",
     "follow",
     "once",

@@ -1,8 +1,9 @@
 """The model: one Snapshot per refresh, read through the typed store
 (`notifyq.store.monitoring`), and what a refresh is compared against.
 
-Five statements per refresh (sql/queries.sql `watch_queues`, `watch_failures`,
-`watch_running`, `watch_dispatchers`, `unserved_jobs`), each along a partial index,
+Six statements per refresh (sql/queries.sql `watch_queues`, `watch_failures`,
+`watch_running`, `watch_dispatchers`, `unserved_jobs`, `circuit_breakers`: a row per
+task that has a breaker), those of notifyq.jobs each along a partial index,
 never a count of the whole table: ready/scheduled/oldest from jobs_claim_idx, running
 jobs from jobs_lease_idx, dead from jobs_dead_idx, the last minute's successes and
 enqueue-to-start waits from jobs_finished_idx, failures from jobs_failed_idx, and the
@@ -21,14 +22,22 @@ from collections import deque
 from collections.abc import Sequence
 
 from .. import store
-from .snapshot import DispatcherRow, FailureRow, QueueRow, RunningRow, Snapshot, UnservedRow
+from .snapshot import (
+    BreakerRow,
+    DispatcherRow,
+    FailureRow,
+    QueueRow,
+    RunningRow,
+    Snapshot,
+    UnservedRow,
+)
 
 HISTORY = 300.0  # seconds of throughput and backlog samples kept
 SPARK_BUCKETS = 10  # the sparkline: 10 buckets of 30 s, the last 5 minutes
 GROWTH_WINDOW = 30.0  # a backlog larger than this many seconds ago is growing
 FAILURES_SHOWN = 5
 RUNNING_SHOWN = 5
-QUERIES_PER_REFRESH = 5
+QUERIES_PER_REFRESH = 6
 
 
 class Model:
@@ -62,6 +71,7 @@ class Model:
         running = await reads.longest_running(self._store, self._queues, RUNNING_SHOWN, self._tags)
         dispatchers = await reads.dispatchers(self._store)
         unserved = await reads.unserved(self._store, self._queues)
+        breakers = await reads.breaker_states(self._store)
         self.queries += QUERIES_PER_REFRESH
         self.refreshes += 1
         now = time.monotonic()
@@ -76,6 +86,11 @@ class Model:
         snap.running = [_running(r) for r in running]
         snap.dispatchers = [_dispatcher(d) for d in dispatchers]
         snap.unserved = [_unserved(u) for u in unserved]
+        snap.breakers = [
+            BreakerRow(b.task, b.state, b.reopen_in, b.probe_job, b.opens)
+            for b in breakers
+            if b.state != "closed"
+        ]
         self.last = snap
         return snap
 
@@ -85,7 +100,7 @@ class Model:
         if self.last is not None:
             snap.queues, snap.dispatchers = self.last.queues, self.last.dispatchers
             snap.failures, snap.running = self.last.failures, self.last.running
-            snap.unserved = self.last.unserved
+            snap.unserved, snap.breakers = self.last.unserved, self.last.breakers
         snap.connected, snap.problem = False, problem
         return snap
 

@@ -67,6 +67,17 @@ class UnservedRow:
 
 
 @dataclass(slots=True)
+class BreakerRow:
+    """A task's circuit breaker that is not closed: its jobs are held back."""
+
+    task: str
+    state: str  # open | half_open
+    reopen_in: float | None  # open: seconds until its cool-down ends and a probe may run
+    probe_job: int | None  # half_open: the probe running
+    opens: int  # times it opened, ever
+
+
+@dataclass(slots=True)
 class RunningRow:
     id: int
     queue: str
@@ -104,6 +115,8 @@ class Snapshot:
     - failures (newest first): id, queue, task, attempt, status (queued: waiting for a
       retry; dead), error (its first line), age (since that attempt started)
     - unserved: queue, task, jobs, oldest, queue_served, more (see UnservedRow)
+    - breakers (circuit breakers not closed, whose tasks' jobs are held back): task,
+      state (open, half_open), reopen_in, probe_job, opens (see BreakerRow)
     """
 
     at: float
@@ -114,6 +127,7 @@ class Snapshot:
     failures: list[FailureRow] = field(default_factory=list)
     running: list[RunningRow] = field(default_factory=list)  # the longest-running first
     unserved: list[UnservedRow] = field(default_factory=list)
+    breakers: list[BreakerRow] = field(default_factory=list)
     refreshes: int = 0
     queries_per_second: float = 0.0
 

@@ -3,7 +3,8 @@ terminal's width (tables.py) and, in the live view, its height (layout.py).
 
 The header line, then the queues with a note per queue that no dispatcher would
 drain (red: ready jobs no dispatcher would claim; yellow: an empty queue that no
-dispatcher serves), the dispatchers, the jobs running longest and the latest failures.
+dispatcher serves) and per task whose circuit breaker holds its jobs back (red),
+the dispatchers, the jobs running longest and the latest failures.
 """
 
 from __future__ import annotations
@@ -60,6 +61,20 @@ def unserved_lines(snap: Snapshot) -> list[Text]:
     return lines
 
 
+def breaker_lines(snap: Snapshot) -> list[Text]:
+    """A line per task whose circuit breaker holds its jobs back."""
+    lines = []
+    for b in snap.breakers:
+        if b.state == "half_open":
+            now = f"half-open, probe job {b.probe_job} running" if b.probe_job else "half-open"
+        else:
+            now = f"open, probe in {duration(b.reopen_in or 0.0)}"
+        lines.append(
+            Text(f"circuit breaker of task {b.task}: {now} (opened {b.opens}x)", style="bold red")
+        )
+    return lines
+
+
 def empty_queue_lines(snap: Snapshot) -> list[Text]:
     """A line per queue shown with nothing in it and no live dispatcher serving it: a
     queue named with --queue that nothing uses (a typo, or a queue not started yet),
@@ -92,7 +107,7 @@ def render(
     # Screen lines, so that the layout can count them: a long note wraps.
     notes = [
         line
-        for note in (*empty_queue_lines(snap), *unserved_lines(snap))
+        for note in (*empty_queue_lines(snap), *unserved_lines(snap), *breaker_lines(snap))
         for line in note.wrap(measure, width)
     ]
     lost = [d for d in snap.dispatchers if d.state == "lost"]

@@ -74,6 +74,12 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- '{}' is no filter and not "any job" either: `tags @> '{}'` holds for every
+    -- tagged job and no untagged one.
+    IF cardinality(retry_dead.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: retry_dead needs at least one tag, or NULL for any job'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     UPDATE notifyq.jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL
     WHERE j.status = 'dead'
@@ -161,6 +167,11 @@ BEGIN
     END IF;
     IF max_rows IS NULL OR max_rows < 1 THEN
         RAISE EXCEPTION 'notifyq: purge needs a batch size of at least 1, got %', max_rows
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- '{}' would delete every tagged job and no untagged one (see retry_dead).
+    IF cardinality(purge_batch.tags) = 0 THEN
+        RAISE EXCEPTION 'notifyq: purge needs at least one tag, or NULL for any job'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- The CTE fixes the batch (a LIMIT in a plain DELETE is not allowed); SKIP
