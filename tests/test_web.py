@@ -407,8 +407,10 @@ def test_serve_runs_the_dashboard_beside_the_dispatcher_and_stops_on_sigterm(
 READ_GRANTS = """
 GRANT USAGE ON SCHEMA notifyq TO {role};
 GRANT SELECT ON notifyq.jobs, notifyq.job_history, notifyq.dispatcher_status,
-    notifyq.queue_pauses, notifyq.periodic, notifyq.schema_version TO {role};
-GRANT EXECUTE ON FUNCTION notifyq.liveness_held(text) TO {role};
+    notifyq.queue_pauses, notifyq.circuit_breakers, notifyq.periodic,
+    notifyq.schema_version TO {role};
+GRANT EXECUTE ON FUNCTION notifyq.liveness_held(text),
+    notifyq.queue_health(text[], text[]) TO {role};
 """
 ACTION_GRANTS = """
 GRANT EXECUTE ON FUNCTION notifyq.retry_job(bigint), notifyq.cancel_job(bigint),
