@@ -267,6 +267,19 @@ async def test_hidden_payloads_are_never_rendered(dsn: str) -> None:
         assert "SECRET" not in page.text and "hidden" in page.text
 
 
+async def test_hidden_payloads_cannot_be_searched(dsn: str) -> None:
+    # A match (or none) would tell a hidden payload's value, one guess at a time.
+    (row,) = query(
+        dsn,
+        "INSERT INTO notifyq.jobs (task, payload) VALUES ('t', '{\"pin\": \"4711\"}') RETURNING id",
+    )
+    async with client(create_app(dsn, show_payloads=False)) as c:
+        guess = await c.get("/jobs", params={"key": "pin", "value": "4711"})
+        assert guess.status_code == 400 and "hidden" in guess.text
+        assert f"/jobs/{row[0]}" not in guess.text
+        assert 'name="key"' not in (await c.get("/jobs")).text
+
+
 async def test_markup_in_a_payload_an_error_and_tags_is_escaped(dsn: str) -> None:
     # Task and queue names cannot hold markup (the jobs_task_format and jobs_queue_format
     # CHECKs); what a producer or a handler writes freely can.

@@ -199,6 +199,9 @@ class _Dashboard:
     async def jobs(self, request: Request, p: pages.Page) -> Response:
         form = {k: v.strip() for k, v in request.query_params.items() if v.strip()}
         try:
+            if not self.show_payloads and ("key" in form or "value" in form):
+                # Matches would tell the value of a hidden payload, one guess at a time.
+                raise ValueError("payload search is off: payloads are hidden (--hide-payloads)")
             wanted = _job_filter(form)
         except ValueError as exc:
             return HTMLResponse(pages.jobs_page(p, form, [], str(exc)), 400)

@@ -327,8 +327,7 @@ def jobs_page(p: Page, form: dict[str, str], found: Sequence[JobSummary], error:
         + field("queue", "queue")
         + field("since", "created from", "datetime-local")
         + field("until", "created before", "datetime-local")
-        + field("key", "payload key")
-        + field("value", "payload value")
+        + (field("key", "payload key") + field("value", "payload value") if p.show_payloads else "")
         + '<button type="submit">Search</button></form>'
     )
     if error:
