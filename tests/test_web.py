@@ -371,6 +371,35 @@ async def test_the_live_stream_delivers_a_job_enqueued_by_sql(dsn: str) -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_the_listen_connection_closes_when_the_last_tab_does(dsn: str) -> None:
+    # Left open and unread, it would hold back PostgreSQL's notification queue (every
+    # NOTIFY fails once that is full) for as long as no one looks at the dashboard.
+    def listeners() -> int:
+        (row,) = query(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'notifyq:listen'",
+        )
+        return int(row[0])
+
+    app = create_app(dsn, interval=0.2)
+    send, chunks = anyio.create_memory_object_stream[str](100)
+    async with send, chunks, app.router.lifespan_context(app):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_events, app, send)
+            with anyio.fail_after(20):
+                async for chunk in chunks:
+                    if "event: overview" in chunk:
+                        break
+            assert listeners() == 1
+            tg.cancel_scope.cancel()  # the tab closes
+        await eventually(lambda: listeners() == 0)
+        async with anyio.create_task_group() as tg:  # a new tab: it listens again
+            tg.start_soon(read_events, app, send)
+            await eventually(lambda: listeners() == 1)
+            tg.cancel_scope.cancel()
+
+
 async def test_the_stream_says_why_without_the_lifespan_and_mounts_under_a_prefix(
     dsn: str,
 ) -> None:

@@ -7,7 +7,8 @@ coalesced to at most MAX_REFRESHES per second however many arrive, and a quiet
 statements; its snapshot is rendered to HTML once and that fragment is handed to
 every open Server-Sent Events stream: a tab costs the database nothing, the server
 one render per refresh shared by all and one SSE message per refresh per tab.  With
-no tab open the hub refreshes nothing (the LISTEN connection stays, idle).
+no tab open the hub refreshes nothing and its LISTEN connection is closed (one nobody
+reads would hold back the server's notification queue, and NOTIFY fails once it is full).
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ class Hub:
         try:
             while True:
                 try:
+                    await self._wanted.wait()
                     await listener.open()
-                    while True:
-                        await self._wanted.wait()
+                    while self._wanted.is_set():
                         async with self._lock:
                             snap = await self._refresh()
                         self._publish(snap)
@@ -125,6 +126,9 @@ class Hub:
                         await listener.wait(ping_after=self.interval)
                         await anyio.sleep(max(0.0, last + 1 / MAX_REFRESHES - anyio.current_time()))
                         await listener.drain()  # all that arrived meanwhile: one refresh
+                    # No tab: closed rather than left unread, since a listener that reads
+                    # nothing holds back the server's notification queue for everyone.
+                    await listener.close()
                 except NotifyqError as exc:
                     # Unreachable, or refused (a missing grant): said in the log and on the
                     # pages, then tried again with backoff rather than ending the server.
