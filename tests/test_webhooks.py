@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.abc
+import httpx
 import psycopg
 import pytest
 
 import notifyq
 from notifyq import DoNotRetry, InvalidJob, store
-from notifyq.http import verify
+from notifyq.http import verify, webhooks
 from notifyq.http.endpoints import Secrets
 from notifyq.http.webhooks import WebhookSender
 from tests.conftest import query
@@ -178,3 +181,110 @@ async def test_two_dispatchers_deliver_each_once(
     assert sum(s.sent for s in senders) == 40
     for request in web.at("/hooks/many"):
         verify(SECRET, request.headers, request.body)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "../admin",
+        "x/../../admin",
+        "%2e%2e/admin",
+        ".%2E/admin",
+        "..%2fadmin",
+        "..\\admin",
+        "..;/admin",
+        "./x",
+        "..",
+    ],
+)
+async def test_a_dot_segment_cannot_climb_out_of_the_prefix(
+    app: notifyq.App,  # noqa: F811
+    dsn: str,
+    web: Endpoints,  # noqa: F811
+    tail: str,
+) -> None:
+    """starts_with alone lets https://host/hooks/../admin through, and the client (httpx
+    normalises dot segments) or the receiver POSTs it to /admin, outside the prefix."""
+    query(dsn, "INSERT INTO notifyq.webhook_allowlist (prefix) VALUES (%s)", web.url("/hooks/"))
+    with pytest.raises(InvalidJob, match=r"\"\.\.\" path segment"):
+        await app.enqueue("t", {}, callback_url=web.url("/hooks/") + tail)
+    # Dots that are not a whole segment stay allowed.
+    await app.enqueue("t", {}, callback_url=web.url("/hooks/v1.2/a..b/.well"))
+
+
+async def one_round(dsn: str, read_timeout: float = 10.0) -> None:
+    """One claim-send-settle round of a sender, as `notifyq serve` runs it."""
+    st = store.Store(dsn, "webhooks-round")
+    try:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=read_timeout) as client:
+            await WebhookSender(st, Secrets(), poll_interval=None).round(client)
+    finally:
+        await st.close()
+
+
+def finished_with_callbacks(dsn: str, *urls: str) -> None:
+    for url in urls:
+        query(dsn, "INSERT INTO notifyq.jobs (task, callback_url) VALUES ('t', %s)", url)
+    query(dsn, "UPDATE notifyq.jobs SET status = 'cancelled', finished_at = now()")
+
+
+async def test_an_answer_with_a_nul_does_not_lose_the_batch(
+    dsn: str,
+    web: Endpoints,  # noqa: F811
+    allowed: str,
+) -> None:
+    """PostgreSQL text holds no NUL: one receiver's answer with one must not fail the
+    settle of the whole batch (whose sent rows would be POSTed again after the lease)."""
+    bad = web.on("/hooks/nul", (500, {}, b"broken\x00answer"))
+    good = web.on("/hooks/good", ok())
+    finished_with_callbacks(dsn, bad, good)
+    await one_round(dsn)
+    (_, status_bad, attempts_bad, error), (_, status_good, _, _) = deliveries(dsn)
+    assert (status_bad, attempts_bad, status_good) == ("pending", 1, "delivered")
+    assert "broken\\x00answer" in error
+
+
+async def test_an_invalid_url_is_given_up_not_a_crash(dsn: str, allowed: str) -> None:
+    """A control character passes the URL's CHECK but httpx refuses the URL with
+    InvalidURL, which is not an HTTPError: it must end that delivery, not the sender
+    (and with it `notifyq serve`, again after every lease)."""
+    finished_with_callbacks(dsn, allowed + "x\x01y")
+    await one_round(dsn)
+    ((_, status, attempts, error),) = deliveries(dsn)
+    assert (status, attempts) == ("failed", 1)
+    assert "invalid URL" in error
+
+
+async def test_an_answer_trickled_past_the_timeout_is_cut(
+    dsn: str, allowed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx's timeout bounds each read: a receiver answering a byte at a time would hold
+    the request past the claim's lease, and another sender would POST the row again while
+    this one still waits.  The sender bounds the whole request by TIMEOUT."""
+    monkeypatch.setattr(webhooks, "TIMEOUT", 0.5)
+
+    async def trickle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n")
+            # 8 s in all, far past TIMEOUT, each byte well within a read timeout.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                for _ in range(40):
+                    await stream.send(b"x")
+                    await anyio.sleep(0.2)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    query(
+        dsn,
+        "INSERT INTO notifyq.webhook_allowlist (prefix) VALUES (%s)",
+        f"http://127.0.0.1:{port}/",
+    )
+    finished_with_callbacks(dsn, f"http://127.0.0.1:{port}/slow")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, trickle)
+        await one_round(dsn, read_timeout=0.5)
+        tg.cancel_scope.cancel()
+    ((_, status, attempts, error),) = deliveries(dsn)
+    assert (status, attempts) == ("pending", 1)
+    assert "no complete answer within 0.5 s" in error

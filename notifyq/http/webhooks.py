@@ -126,9 +126,18 @@ class WebhookSender:
         try:
             if d.secret is not None:
                 headers[SIGNATURE_HEADER] = sign(self._secrets.keys(d.secret), body)
-            response = await client.post(d.url, content=body, headers=headers)
+            # httpx's timeout bounds each read, not the request: a receiver trickling its
+            # answer would outlast LEASE, and another sender would POST the row again.
+            with anyio.fail_after(TIMEOUT):
+                response = await client.post(d.url, content=body, headers=headers)
         except ConfigurationError as exc:  # the prefix names a secret this process lacks
             outcomes.append(self._retry(d, f"{where}: {exc}"))
+            return
+        except TimeoutError:
+            outcomes.append(self._retry(d, f"{where}: no complete answer within {TIMEOUT:g} s"))
+            return
+        except httpx.InvalidURL as exc:  # not an HTTPError; sending it again cannot help
+            outcomes.append(self._give_up(d, f"{where}: invalid URL: {exc}"))
             return
         except httpx.HTTPError as exc:
             outcomes.append(self._retry(d, f"{where}: {type(exc).__name__}: {exc or 'failed'}"))
@@ -150,7 +159,11 @@ class WebhookSender:
             self._observe("failed")
         log.warning("%s; trying again", error)
         return WebhookOutcome(
-            d.id, d.attempts, delivered=False, error=error, retry_in=self._backoff.delay(d.attempts)
+            d.id,
+            d.attempts,
+            delivered=False,
+            error=_storable(error),
+            retry_in=self._backoff.delay(d.attempts),
         )
 
     def _give_up(self, d: WebhookClaimed, error: str) -> WebhookOutcome:
@@ -158,4 +171,12 @@ class WebhookSender:
         if self._observe is not None:
             self._observe("given_up")
         log.error("%s", error)
-        return WebhookOutcome(d.id, d.attempts, delivered=False, error=error, retry_in=None)
+        return WebhookOutcome(
+            d.id, d.attempts, delivered=False, error=_storable(error), retry_in=None
+        )
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text holds no NUL nor lone surrogate, and a receiver's answer may: one
+    # such error would fail the settle of the whole batch, whose sent rows go out again.
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")

@@ -259,6 +259,16 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- A dot segment ("..", ".", plain or percent-encoded, ended by / \ ; ? # or the
+    -- end) climbs out of the prefix's path once the HTTP client or the receiver
+    -- normalises the path (https://hooks.example.com/notifyq/../admin is POSTed to
+    -- /admin): starts_with alone would let it through.
+    IF NEW.callback_url ~* '(/|\\|%2f|%5c)(\.|%2e){1,2}($|[/\\;?#]|%2f|%5c)' THEN
+        RAISE EXCEPTION 'notifyq: callback_url % is not allowed: it has a "." or ".." path '
+                        'segment, which would leave its allow-list prefix', NEW.callback_url
+            USING ERRCODE = 'check_violation',
+                  HINT = 'Give the URL without "." and ".." segments (plain or %2e).';
+    END IF;
     IF NOT EXISTS (SELECT FROM notifyq.webhook_allowlist a
                    WHERE starts_with(NEW.callback_url, a.prefix)) THEN
         RAISE EXCEPTION 'notifyq: callback_url % is not allowed: it starts with no prefix of '
