@@ -164,6 +164,28 @@ def show_job(dsn: str, job_id: int) -> dict[str, Any] | None:
     return None if found is None else asdict(found)
 
 
+# --- the monitoring functions (docs/sql.md, "Monitoring"): the same rows as their SQL
+
+
+def queue_health(dsn: str, queues: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """notifyq.queue_health: per queue, ready, scheduled, running, failed in the last
+    minute, dead, enqueue-to-start p50/p95, oldest ready age and pauses."""
+    return [asdict(row) for row in _on(dsn, lambda c: store.monitoring.queue_health(c, queues))]
+
+
+def failed_recent(dsn: str, within: float = 3600.0, limit: int = 100) -> list[dict[str, Any]]:
+    """notifyq.failed_recent: failed attempts started in the last `within` seconds, newest
+    first, at most `limit`, each with its whole error."""
+    found = _on(dsn, lambda conn: store.monitoring.failed_recent(conn, within, limit))
+    return [asdict(row) for row in found]
+
+
+def stuck(dsn: str, longer_than: float = 3600.0) -> list[dict[str, Any]]:
+    """notifyq.stuck: running jobs past their lease, or running over `longer_than` seconds."""
+    found = _on(dsn, lambda conn: store.monitoring.stuck(conn, longer_than))
+    return [asdict(row) for row in found]
+
+
 def circuit_breakers(dsn: str) -> list[dict[str, Any]]:
     """Every task's circuit breaker: its settings and where it stands."""
     return [asdict(row) for row in _on(dsn, store.operations.circuit_breakers)]

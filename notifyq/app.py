@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, Unpack, cast, overload
 
 import anyio
@@ -32,6 +32,7 @@ from .registry import (
     Task,
     check_batch_handler,
     check_batching,
+    check_callback_url,
     check_queue_name,
     check_tags,
     check_task_name,
@@ -126,6 +127,7 @@ class App:
         batch_size: int | None = ...,
         batch_wait: float | None = ...,
         tags: Iterable[str] | None = ...,
+        callback_url: str | None = ...,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -143,6 +145,7 @@ class App:
         batch_size: int | None = None,
         batch_wait: float | None = None,
         tags: Iterable[str] | None = None,
+        callback_url: str | None = None,
     ) -> F | Callable[[F], F]:
         """Register a handler; the function itself is returned unchanged.
 
@@ -164,8 +167,11 @@ class App:
         `tags` go on every job this app's enqueue methods enqueue for the task (not a
         periodic schedule's), before the enqueue's own (`enqueue(..., tags=...)`); a SQL
         INSERT sets its own.
+        `callback_url` is POSTed to when a job of the task ends, unless the enqueue
+        names its own (docs/http.md, "Completion webhooks").
         """
         task_tags = check_tags(tags)
+        task_callback_url = check_callback_url(callback_url)
 
         def register(fn: F) -> F:
             if not 1 <= max_attempts <= 1000:
@@ -196,6 +202,7 @@ class App:
                     circuit_breaker=_breaker(circuit_breaker),
                     batch=batch,
                     tags=task_tags,
+                    callback_url=task_callback_url,
                 )
             )
             return fn
@@ -333,7 +340,11 @@ class App:
 
         Options (keywords, see `enqueue.EnqueueOptions`): queue, priority, delay,
         run_at, max_attempts, dedupe_key, unique_for, on_duplicate, rate_key,
-        depends_on, on_dependency_failure, tags.
+        depends_on, on_dependency_failure, tags, callback_url.
+
+        With `callback_url`, notifyq POSTs the job's outcome there when it ends
+        (succeeded, dead, cancelled), signed; the URL must start with a prefix of
+        notifyq.webhook_allowlist, or the database refuses the job (InvalidJob).
 
         With `tags` (up to 20 strings), the job can be found by them (`notifyq jobs
         list --tag`, `retry --dead --tag`, `cancel --tag`, `purge --tag`, `watch --tag`);
@@ -620,7 +631,13 @@ class App:
             self.registry, self.schedules, settings or Settings(), resolve_dsn(dsn or self.dsn)
         )
 
-    def serve(self, settings: Settings | None = None, *, dsn: str | None = None) -> int:
+    def serve(
+        self,
+        settings: Settings | None = None,
+        *,
+        dsn: str | None = None,
+        beside: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+    ) -> int:
         """Run a dispatcher in this thread until SIGTERM/SIGINT, or until a one-shot
         run's end (`Settings.until_empty`, `max_jobs`, `max_runtime`).
 
@@ -629,9 +646,20 @@ class App:
         A plain `def` handler still running when the shutdown grace ran out
         cannot be interrupted (threads cannot be cancelled): its job has been
         handed back, and the process exits without waiting for the thread.
+
+        `beside`: more work for the same event loop (`notifyq serve --web-port` runs the
+        dashboard there), started with the dispatcher and cancelled once it has stopped.
         """
         worker = self.worker(settings, dsn=dsn)
-        anyio.run(lambda: worker.run(handle_signals=True))
+
+        async def run() -> None:
+            async with anyio.create_task_group() as tg:
+                for task in beside:
+                    tg.start_soon(task)
+                await worker.run(handle_signals=True)
+                tg.cancel_scope.cancel()
+
+        anyio.run(run)
         if worker.pool.abandoned:
             log.warning("exiting with %d abandoned handler threads", worker.pool.abandoned)
             atexit._run_exitfuncs()

@@ -19,6 +19,7 @@ from .registry import (
     Handler,
     Registry,
     Task,
+    check_callback_url,
     check_queue_name,
     check_tags,
     check_task_name,
@@ -48,6 +49,7 @@ class ManyOptions(TypedDict, total=False):
     depends_on: Iterable[int] | None  # ids of jobs that must succeed first
     on_dependency_failure: str  # "cancel" (default) or "run"
     tags: Iterable[str] | None  # labels to find jobs by, added to the task's own
+    callback_url: str | None  # POSTed to when the job ends (default: the task's)
 
 
 class EnqueueOptions(ManyOptions, total=False):
@@ -135,7 +137,21 @@ def build(
         unique_for=unique_for,
         on_duplicate=on_duplicate,
         tags=job_tags(known, options.get("tags")),
+        callback_url=job_callback_url(known, options),
     )
+
+
+def job_callback_url(task: Task | None, options: ManyOptions) -> str | None:
+    """The enqueue's callback_url if it names one (None too: no callback), else the task's."""
+    url = (
+        options.get("callback_url")
+        if "callback_url" in options or task is None
+        else (task.callback_url)
+    )
+    try:
+        return check_callback_url(url)
+    except ConfigurationError as exc:
+        raise InvalidJob(str(exc)) from None
 
 
 def job_tags(task: Task | None, tags: Iterable[str] | None) -> list[str] | None:

@@ -64,6 +64,7 @@ PROBE_PREFIX = "notifyq-probe:"  # on the internal channel
 LIMIT_PREFIX = "limit:"  # internal: notifyq.queue_limits changed for the queue that follows
 ENDPOINTS = "endpoints"  # internal: notifyq.endpoints changed (HTTP tasks)
 PERIODIC = "periodic"  # internal: notifyq.periodic changed (schedules)
+WEBHOOKS = "webhooks"  # internal: completion webhooks were queued (webhook_deliveries)
 BREAKER_PREFIX = "breaker:"  # internal: the circuit breaker of the task that follows changed
 PROBE_TIMEOUT = 5.0
 RECONNECT_CAP = 2.0  # seconds: well inside the rescuers' grace for a lost session
@@ -106,6 +107,7 @@ async def listen(
     on_status: Callable[[], None] | None = None,
     on_endpoints: Callable[[], None] | None = None,
     on_periodic: Callable[[], None] | None = None,
+    on_webhooks: Callable[[], None] | None = None,
     on_breaker: Callable[[], None] | None = None,
     liveness: str | None = None,
     upkeep: Upkeeping | None = None,
@@ -119,6 +121,7 @@ async def listen(
     queues left `running`, or of cap changes (room under a concurrency cap);
     `on_status()` once per batch of status notifications (jobs changed status
     somewhere); `on_endpoints()` once per batch saying notifyq.endpoints changed,
+    `on_periodic()` notifyq.periodic; `on_webhooks()` completion webhooks were queued;
     `on_periodic()` notifyq.periodic; `on_breaker()` once per batch saying a circuit
     breaker opened or closed (held jobs to claim, or a cool-down to wait for);
     `send_probe(payload)` must NOTIFY channels.INTERNAL from another connection;
@@ -203,6 +206,8 @@ async def listen(
                         on_endpoints()
                     if on_periodic is not None and PERIODIC in internal:
                         on_periodic()
+                    if on_webhooks is not None and WEBHOOKS in internal:
+                        on_webhooks()
                     if on_breaker is not None and any(
                         p.startswith(BREAKER_PREFIX) for p in internal
                     ):

@@ -152,6 +152,13 @@ class Metrics:
             buckets=BUCKETS,
             registry=r,
         )
+        self._webhooks = prom.Counter(
+            "notifyq_webhooks",
+            "Completion webhook attempts by outcome: sent (a 2xx), failed (to be retried), "
+            "given_up (no more tries, or a URL no longer allowed).",
+            ["outcome"],
+            registry=r,
+        )
         self._breakers = prom.Gauge(
             "notifyq_circuit_breaker_state",
             "1 for the state each task's circuit breaker is in (closed, open, half_open), 0 "
@@ -192,6 +199,10 @@ class Metrics:
         """One request to an HTTP task's endpoint ended (notifyq.http.delivery)."""
         self._http_requests.labels(task, code).inc()
         self._http_seconds.labels(task).observe(seconds)
+
+    def webhook(self, outcome: str) -> None:
+        """One completion webhook attempt ended: sent, failed or given_up (webhooks.py)."""
+        self._webhooks.labels(outcome).inc()
 
     def settled(self, job: Job, status: str) -> None:
         """An outcome written: the database applied the retry policy (completion.Subscriber)."""

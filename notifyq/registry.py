@@ -124,6 +124,23 @@ def check_tags(tags: Iterable[str] | None) -> tuple[str, ...]:
     return found
 
 
+# jobs_callback_url_format, checked before a round trip; the allow-list is the database's.
+_CALLBACK_URL = re.compile(r"https?://[^/?#@\s]+/\S*", re.IGNORECASE)
+
+
+def check_callback_url(url: str | None) -> str | None:
+    """A callback URL as the schema's CHECK jobs_callback_url_format takes it (None: none).
+    Whether it is allowed is the database's to say (notifyq.webhook_allowlist)."""
+    if url is None:
+        return None
+    if not isinstance(url, str) or len(url) > 2048 or not _CALLBACK_URL.fullmatch(url):
+        raise ConfigurationError(
+            f"callback_url must be an http:// or https:// URL with a host and a path (at "
+            f"least /), no spaces, at most 2048 characters, not {url!r}"
+        )
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     """A registered handler and the settings its jobs run with."""
@@ -146,6 +163,7 @@ class Task:
     # Set for a batch handler, which takes a list of BatchItem (batch.py); None: one job a call.
     batch: Batching | None = None
     tags: tuple[str, ...] = ()  # every job of the task gets them (enqueue adds its own)
+    callback_url: str | None = None  # every job of the task gets it, unless enqueue names one
 
     def __post_init__(self) -> None:
         # Every task decodes through _refuse_undecodable first, so a payload PostgreSQL

@@ -27,6 +27,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
@@ -37,7 +38,7 @@ from .completion import Completer
 from .dispatcher import Dispatcher
 from .errors import DatabaseUnavailable
 from .http.endpoints import Secrets
-from .http.serving import HttpServing, check_secrets
+from .http.serving import HttpServing, check_secrets, httpx_installed
 from .job import JobState
 from .leases import LeaseKeeper, heartbeat_for
 from .ledger import Ledger
@@ -48,6 +49,9 @@ from .registry import Registry
 from .settings import MAX_BATCH, Settings
 from .store import TaskSettings
 from .worker_pool import Finished, Work, WorkerPool
+
+if TYPE_CHECKING:  # imported when httpx is there (the optional http extra)
+    from .http.webhooks import WebhookSender
 
 log = logging.getLogger("notifyq")
 
@@ -166,6 +170,20 @@ class Worker:
             on_room=self.dispatcher.wake,
             observe=None if self.metrics is None else self.metrics.http_request,
         )
+        # Completion webhooks (http/webhooks.py), when httpx is installed: on the claim
+        # connection too (a claim and a settle per batch; a probe per poll when idle).
+        self.webhooks: WebhookSender | None = None
+        if httpx_installed():
+            from .http.webhooks import WebhookSender
+
+            self.webhooks = WebhookSender(
+                claim_store,
+                secrets,
+                # Listening: woken by notifyq_internal's "webhooks" (and on reconnect), so an
+                # idle dispatcher still runs one statement per poll, the listener's upkeep.
+                poll_interval=None if settings.listen else settings.poll_interval,
+                observe=None if self.metrics is None else self.metrics.webhook,
+            )
         rescue_interval = min(settings.poll_interval, settings.lease / 2)
         # The listener's upkeep is the fallback poll and the rescue check in one (and the
         # ping, at least every 30 s): as often as either.
@@ -254,6 +272,8 @@ class Worker:
                 background.start_soon(self.reports.run)
                 background.start_soon(self.retention.run)
                 background.start_soon(self.http.watch)
+                if self.webhooks is not None:
+                    background.start_soon(self.webhooks.run)
                 if s.max_runtime is not None:
                     background.start_soon(self._runtime_limit, s.max_runtime)
                 async with anyio.create_task_group() as work:
@@ -388,6 +408,7 @@ class Worker:
             on_status=self.leases.poke,
             on_endpoints=self.http.changed,
             on_periodic=self.scheduler.changed,
+            on_webhooks=None if self.webhooks is None else self.webhooks.changed,
             on_breaker=self.dispatcher.wake,
             liveness=self.claimant,
             upkeep=listener.Upkeeping(
@@ -452,6 +473,8 @@ class Worker:
         if self.appetite is not None:
             self.appetite.lost()
         self.http.changed()  # a change announced while nobody listened
+        if self.webhooks is not None:
+            self.webhooks.changed()  # webhooks queued while nobody listened
         self.scheduler.changed()
         self.dispatcher.wake()  # catch up on what was inserted while nobody listened
 

@@ -106,6 +106,7 @@ def test_the_enqueue_methods_take_the_documented_keywords_and_refuse_others() ->
         "depends_on",
         "on_dependency_failure",
         "tags",
+        "callback_url",
     }
     assert every - many == {"dedupe_key", "unique_for", "on_duplicate"}
     # Nothing listens there: only a call that got past the keywords would try to connect.

@@ -324,7 +324,7 @@ def test_the_migration_installs_and_upgrades_the_schema(
     ]
     assert query(
         empty_dsn, "SELECT name FROM django_migrations WHERE app = 'notifyq' ORDER BY name"
-    ) == [("0001_schema",), ("0002_schema",), ("0003_schema",)]
+    ) == [("0001_schema",), ("0002_schema",), ("0003_schema",), ("0004_schema",)]
     assert not [m for m in checks.run_checks(databases=["default"]) if m.id.startswith("notifyq")]
     assert tasks.add.enqueue(1, 1).id == "1"
 

@@ -697,6 +697,154 @@ def test_an_insert_reads_the_appetite_of_its_queue_by_key(queued_dsn: str) -> No
     assert idx["queue_appetite"] >= 2  # the trigger's probe and the write's cleanup
 
 
+@pytest.mark.parametrize(
+    ("given", "most"),
+    [({}, 100), ({"status": "dead"}, 2_000), ({"id": 1_234_567}, 1), ({"since": "now"}, 100)],
+    ids=["newest", "a-status", "by-id", "a-time-range"],
+)
+def test_the_dashboards_search_walks_the_primary_key_and_stops_at_its_limit(
+    finished_dsn: str, given: dict[str, Any], most: int
+) -> None:
+    """notifyq web's job search (custom plans: its Store prepares nothing) on 2M finished
+    jobs: the newest first along jobs_pkey, stopping at the limit; an id is one probe.  A
+    filter few recent rows match reads further back (documented in docs/web.md)."""
+    params: dict[str, Any] = dict.fromkeys(
+        ("id", "queue", "task", "status", "since", "until", "key", "value")
+    )
+    params["limit"] = 100
+    params.update(given)
+    if params["since"] == "now":
+        (row,) = query(finished_dsn, "SELECT max(created_at) - interval '1 hour' FROM notifyq.jobs")
+        params["since"] = row[0]
+    nodes = prepared_plan(finished_dsn, "web_jobs", params, generic=False, analyze=True)
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], scans(nodes)
+    assert {idx for _, idx in scans(nodes)} == {"jobs_pkey"}, scans(nodes)
+    assert rows_read(nodes) <= most
+
+
+# The indexes the monitoring functions may read notifyq.jobs through: the partial ones.
+MONITOR_INDEXES = {
+    "jobs_claim_idx",
+    "jobs_scheduled_idx",
+    "jobs_lease_idx",
+    "jobs_dead_idx",
+    "jobs_finished_idx",
+    "jobs_failed_idx",
+}
+
+
+def jobs_scans(nodes: list[dict[str, Any]]) -> set[tuple[str, str | None]]:
+    return {
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes
+        if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]
+    }
+
+
+@pytest.mark.parametrize("table", ["queued_dsn", "finished_dsn"], ids=["1M-queued", "2M-finished"])
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
+def test_queue_health_reads_the_partial_indexes_only(
+    request: pytest.FixtureRequest, server: Server, table: str, generic: bool
+) -> None:
+    """notifyq.queue_health (watch_queues, which inlines it) reads what it counts (queued,
+    running and dead jobs, and the last minute's finished ones), never the rest of the
+    finished rows: on 2,000,000 finished jobs, along the partial indexes only.  (On the
+    1,000,000-queued table, where nearly every row is one it counts, the planner may
+    rightly read the table itself.)"""
+    dsn = request.getfixturevalue(table)
+    params = {"queues": None, "tags": None}
+    nodes = prepared_plan(dsn, "watch_queues", params, generic=generic, analyze=True)
+    counted = query(
+        dsn, "SELECT count(*) FROM notifyq.jobs WHERE status IN ('queued', 'running', 'dead')"
+    )[0][0]
+    # Each counted row once per CTE reading its index (queued: the counts, the waits).
+    assert rows_read(nodes) <= 2 * counted + 10_000, (rows_read(nodes), counted)
+    if table == "finished_dsn":
+        found = jobs_scans(nodes)
+        assert found and all(kind != "Seq Scan" for kind, _ in found), found
+        indexes = {n["Index Name"] for n in nodes if n.get("Index Name")}
+        assert indexes <= MONITOR_INDEXES | {"queue_pauses_pkey"}, indexes
+
+
+def monitor_plan(dsn: str, setup: str, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """EXPLAIN ANALYZE of query `name` after `setup` and ANALYZE, rolled back after."""
+    body = QUERIES[name].encode()
+    with psycopg.connect(dsn) as conn, conn.transaction(force_rollback=True):
+        conn.execute(setup.encode())
+        conn.execute("ANALYZE notifyq.jobs")  # transactional: rolled back with the rows
+        row = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + body, params).fetchone()
+    assert row is not None
+    return list(plan_nodes(row[0][0]["Plan"]))
+
+
+def test_failed_recent_reads_about_the_rows_it_returns(finished_dsn: str) -> None:
+    """notifyq.failed_recent: backwards along jobs_failed_idx, stopping at its limit, with
+    50,000 failed jobs over a month and 2,000,000 finished ones in the table."""
+    nodes = monitor_plan(
+        finished_dsn,
+        "INSERT INTO notifyq.jobs (task, status, attempts, last_error, run_at, started_at,"
+        " finished_at) SELECT 't', 'dead', 3, 'boom', now() - g * interval '1 minute',"
+        " now() - g * interval '1 minute', now() - g * interval '1 minute'"
+        " FROM generate_series(1, 50000) AS g",
+        "monitor_failed_recent",
+        {"within": 86400.0 * 30, "limit": 100},
+    )
+    found = jobs_scans(nodes)
+    assert found == {("Index Scan", "jobs_failed_idx")}, found
+    assert rows_read(nodes) <= 200, rows_read(nodes)
+
+
+def test_stuck_reads_running_jobs_only(finished_dsn: str) -> None:
+    """notifyq.stuck: along jobs_lease_idx, so 10,000 running jobs cost 10,000 index
+    entries however many finished rows the table holds (2,000,000 here)."""
+    running = 10_000
+    nodes = monitor_plan(
+        finished_dsn,
+        "INSERT INTO notifyq.jobs (task, status, attempts, started_at, claimed_by,"
+        " lease_expires_at) SELECT 't', 'running', 1, now() - g * interval '1 second', 'x',"
+        " now() + CASE WHEN g % 100 = 0 THEN interval '-1 minute' ELSE interval '1 minute' END"
+        f" FROM generate_series(1, {running}) AS g",
+        "monitor_stuck",
+        {"seconds": 3600.0},
+    )
+    found = jobs_scans(nodes)
+    assert found and all(index == "jobs_lease_idx" for _, index in found), found
+    assert rows_read(nodes) <= running, rows_read(nodes)
+
+
+@pytest.mark.parametrize("name", ["webhook_claim", "webhook_next_due"])
+def test_the_webhook_sender_reads_pending_deliveries_only(dsn: str, name: str) -> None:
+    """The sender's claim and its "next due?" probe go along webhook_deliveries_due_idx
+    (pending rows only): 100,000 delivered rows cost them nothing."""
+    params = {"limit": 20, "lease": 30.0}
+    with psycopg.connect(dsn) as conn, conn.transaction(force_rollback=True):
+        conn.execute(
+            "INSERT INTO notifyq.webhook_deliveries (job_id, url, body, status, attempts,"
+            " delivered_at) SELECT g, 'http://h/x', '{}', 'delivered', 1, now()"
+            " FROM generate_series(1, 100000) AS g"
+        )
+        conn.execute(
+            "INSERT INTO notifyq.webhook_deliveries (job_id, url, body)"
+            " SELECT g, 'http://h/x', '{}' FROM generate_series(1, 5) AS g"
+        )
+        conn.execute("ANALYZE notifyq.webhook_deliveries")
+        row = conn.execute(
+            b"EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES[name].encode(), params
+        ).fetchone()
+    assert row is not None
+    nodes = list(plan_nodes(row[0][0]["Plan"]))
+    on_outbox = [n for n in nodes if n.get("Relation Name") == "webhook_deliveries"]
+    assert on_outbox, nodes
+    assert all(n["Node Type"] != "Seq Scan" for n in on_outbox), on_outbox
+    assert any(n.get("Index Name") == "webhook_deliveries_due_idx" for n in on_outbox), on_outbox
+    read = sum(
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"]
+        for n in on_outbox
+        if "Scan" in n["Node Type"]
+    )
+    assert read <= 20, read
+
+
 KEYED = {
     "queue": "default",
     "task": "t",

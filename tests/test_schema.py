@@ -100,7 +100,7 @@ def test_each_constraint_documents_its_rule(dsn: str) -> None:
             " WHERE conrelid = 'notifyq.jobs'::regclass AND contype = 'c'",
         )
     )
-    assert len(comments) == 18
+    assert len(comments) == 19
     for name, comment in comments.items():
         assert comment, name
 

@@ -254,6 +254,24 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
     assert not query(dsn, "SELECT has_function_privilege(%s, %s, 'EXECUTE')", p, batch)[0][0]
     for role in (p, w):
         assert not table(role, "INSERT", "notifyq.job_history"), role
+    # The monitoring functions: the worker (and a monitoring role like it), not the producer.
+    for monitor in (
+        "notifyq.queue_health(text[], text[])",
+        "notifyq.failed_recent(interval, integer)",
+        "notifyq.stuck(interval)",
+    ):
+        assert query(dsn, "SELECT has_function_privilege(%s, %s, 'EXECUTE')", w, monitor)[0][0]
+        assert not query(dsn, "SELECT has_function_privilege(%s, %s, 'EXECUTE')", p, monitor)[0][0]
+    # Completion webhooks: the producer sets a callback_url; nobody but the owner writes the
+    # allow-list (it decides where dispatchers POST); the worker reads it and the outbox.
+    assert column(p, "callback_url", "INSERT")
+    for role in (p, w):
+        for privilege in ("INSERT", "UPDATE", "DELETE"):
+            assert not table(role, privilege, "notifyq.webhook_allowlist"), (role, privilege)
+        assert not table(role, "INSERT", "notifyq.webhook_deliveries"), role
+    assert not table(p, "SELECT", "notifyq.webhook_allowlist")
+    assert table(w, "SELECT", "notifyq.webhook_allowlist")
+    assert table(w, "UPDATE", "notifyq.webhook_deliveries")
 
 
 def test_producer_login_enqueues_but_cannot_steer_jobs(dsn: str, roles: Roles) -> None:
@@ -469,11 +487,14 @@ def test_security_definer_functions_pin_search_path(dsn: str) -> None:
         "(SELECT FROM unnest(proconfig) AS c(setting) WHERE c.setting LIKE 'search_path=%')",
     )
     assert unpinned == []
-    # The admin functions (run by operators, often the owner) pin it too.
+    # The admin functions (run by operators, often the owner) pin it too.  Not the
+    # monitoring functions: plain SQL, read-only, with the caller's rights, and inlined into
+    # the caller's query, which a SET clause would prevent (schema.sql, "Monitoring").
     admin = query(
         dsn,
         "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = 'notifyq'::regnamespace "
-        "AND prorettype <> 'trigger'::regtype ORDER BY proname",
+        "AND prorettype <> 'trigger'::regtype"
+        " AND proname NOT IN ('queue_health', 'failed_recent', 'stuck') ORDER BY proname",
     )
     assert [name for name, _ in admin] == [
         "appetite_barrier",

@@ -155,6 +155,13 @@ ROW_OF_QUERY: dict[str, type] = {
     "watch_failures": rows.FailedJob,
     "watch_running": rows.RunningJob,
     "watch_dispatchers": rows.DispatcherState,
+    "web_jobs": rows.JobSummary,
+    "web_periodic": rows.PeriodicEntry,
+    "monitor_failed_recent": rows.FailedAttempt,
+    "monitor_stuck": rows.StuckJob,
+    "webhook_claim": rows.WebhookClaimed,
+    "webhook_next_due": rows.NextDue,
+    "webhook_settle": rows.Settled,
 }
 
 # The PostgreSQL types (by OID) psycopg loads as each Python type a field declares.

@@ -8,6 +8,7 @@ One module per command group; this one only assembles them under `main`:
     queues.py   stats, cap (and its older name limit), pause, resume, events
     breakers.py breaker list, reset, set, remove
     watch.py    watch
+    web.py      web (the dashboard; serve --web-port uses it too)
     schema.py   migrate, schema sql, roles, dsn, health, history
 
 A bad argument is a usage error (exit 2) found before anything connects; an
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from . import breakers, jobs, queues, schema, serve, watch
+from . import breakers, jobs, queues, schema, serve, watch, web
 from .common import Group, default_log_level, log_option, remember_environment
 
 
@@ -44,6 +45,7 @@ for command in (
     schema.dsn_command,
     schema.health_command,
     watch.watch_command,
+    web.web_command,
     queues.stats,
     jobs.jobs,
     schema.history_command,

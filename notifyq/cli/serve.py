@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import click
@@ -27,6 +28,7 @@ from .common import (
     load_app,
     log_option,
 )
+from .web import require_web, web_token
 
 
 def _setting(*decls: str, age: bool = False, **kwargs: Any) -> Callable[[F], F]:
@@ -139,6 +141,21 @@ def _queue_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     "authentication); 0.0.0.0 for every interface, e.g. for a scraper in another container.",
 )
 @click.option(
+    "--web-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    default=None,
+    help="Serve the dashboard (notifyq web) on http://WEB-HOST:PORT in this process, beside "
+    "the dispatcher. Needs the web extra: pip install 'notifyq[web]'.",
+)
+@click.option(
+    "--web-host",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="HOST",
+    help="Address the dashboard binds; anything but loopback needs NOTIFYQ_WEB_TOKEN.",
+)
+@click.option(
     "--until-empty",
     is_flag=True,
     help="One-shot run: exit 0 once no job of the served queues is to start now and every "
@@ -168,6 +185,8 @@ def serve(
     dsn: str | None,
     no_listen: bool,
     do_migrate: bool,
+    web_port: int | None,
+    web_host: str,
     **given: Any,
 ) -> None:
     """Run the dispatcher: LISTEN, claim in batches, run the app's handlers.
@@ -184,10 +203,18 @@ def serve(
         from ..metrics import require_prometheus  # fail before connecting, not after
 
         require_prometheus()
+    web, token = None, None
+    if web_port is not None:  # fail before connecting, not after
+        web = require_web("--web-port")
+        token = web_token(web_host, "--web-host")
     app = load_app(app_target)
     dsn = dsn or app.dsn
     if dsn and do_migrate:
         migrate.migrate(dsn)
     dsn = database(dsn)
     migrate.check(dsn)
-    sys.exit(app.serve(settings, dsn=dsn))
+    beside = []
+    if web is not None:
+        dashboard = web.create_app(dsn, token=token)
+        beside.append(partial(web.serve_beside, dashboard, web_host, web_port))
+    sys.exit(app.serve(settings, dsn=dsn, beside=beside))

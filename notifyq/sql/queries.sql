@@ -10,11 +10,13 @@
 -- The token is ours (the caller made it): a producer may not read it back.
 -- trace_context: the enqueuing span's propagation fields (tracing.py), or NULL.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token, trace_context, tags)
+                          on_dependency_failure, rate_key, token, trace_context, tags,
+                          callback_url)
 VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
         coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
         %(depends_on)s::bigint[], %(on_dependency_failure)s, %(rate_key)s::text,
-        %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[])
+        %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[],
+        %(callback_url)s::text)
 RETURNING id;
 
 -- name: enqueue_deduped
@@ -28,13 +30,13 @@ RETURNING id;
 WITH inserted AS (
     INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
                               on_dependency_failure, dedupe_key, rate_key, token, trace_context,
-                              unique_for, on_duplicate, tags)
+                              unique_for, on_duplicate, tags, callback_url)
     VALUES (%(queue)s, %(task)s, %(payload)s::pg_catalog.jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)), %(max_attempts)s,
             %(depends_on)s::bigint[], %(on_dependency_failure)s, %(dedupe_key)s,
             %(rate_key)s::text, %(token)s::uuid, %(trace_context)s::pg_catalog.jsonb,
             make_interval(secs => %(unique_for)s::float8), %(on_duplicate)s::text,
-            %(tags)s::text[])
+            %(tags)s::text[], %(callback_url)s::text)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
@@ -60,12 +62,14 @@ UNION ALL
 -- has no type here.  The batch shares one trace_context (its enqueuing span's)
 -- and its tags.
 INSERT INTO notifyq.jobs (queue, task, payload, priority, run_at, max_attempts, depends_on,
-                          on_dependency_failure, rate_key, token, trace_context, tags)
+                          on_dependency_failure, rate_key, token, trace_context, tags,
+                          callback_url)
 SELECT %(queue)s::text, %(task)s::text, p.payload::pg_catalog.jsonb, %(priority)s::integer,
        coalesce(%(run_at)s::timestamptz,
                 now() + pg_catalog.make_interval(secs => %(delay)s::float8)),
        %(max_attempts)s::integer, %(depends_on)s::bigint[], %(on_dependency_failure)s::text,
-       %(rate_key)s::text, p.token, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[]
+       %(rate_key)s::text, p.token, %(trace_context)s::pg_catalog.jsonb, %(tags)s::text[],
+       %(callback_url)s::text
 FROM ROWS FROM (pg_catalog.unnest(%(payloads)s::text[]), pg_catalog.unnest(%(tokens)s::uuid[]))
      WITH ORDINALITY AS p (payload, token, n)
 ORDER BY p.n
@@ -475,105 +479,25 @@ WITH gone AS (
 UPDATE notifyq.dispatchers SET stopped_at = now(), running = 0 WHERE claimant = %(claimant)s;
 
 -- name: watch_queues
--- notifyq watch/stats: per queue, from the partial indexes only (never the whole
--- table): ready, scheduled and the oldest ready job's age (jobs_claim_idx), running
--- (jobs_lease_idx), dead (jobs_dead_idx), finished in the last minute and 10 s
--- (jobs_finished_idx), jobs whose last attempt failed in the last minute
--- (jobs_failed_idx), and enqueue-to-start waits of the latest 2,000 starts of the
--- last minute; whether the queue is paused, and which of its tasks are
--- (notifyq.queue_pauses).  %(queues)s NULL means every queue; %(tags)s, when not
--- NULL, counts only the jobs that have every one of them (watch --tag).
-WITH queued AS (
-    SELECT queue,
-           count(*) FILTER (WHERE run_at <= now()) AS ready,
-           count(*) FILTER (WHERE run_at > now()) AS scheduled,
-           extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
-               AS oldest_ready
-    FROM notifyq.jobs
-    WHERE status = 'queued' AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), running AS (
-    SELECT queue, count(*) AS running
-    FROM notifyq.jobs
-    WHERE status = 'running' AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), dead AS (
-    SELECT queue, count(*) AS dead
-    FROM notifyq.jobs
-    WHERE status = 'dead' AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), finished AS (
-    SELECT queue,
-           count(*) FILTER (WHERE status = 'succeeded') AS succeeded_1m,
-           count(*) FILTER (WHERE status <> 'cancelled'
-                              AND finished_at > now() - interval '10 seconds') AS done_10s
-    FROM notifyq.jobs
-    WHERE status IN ('succeeded', 'dead', 'cancelled')
-      AND finished_at > now() - interval '1 minute'
-      AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), failed AS (
-    SELECT queue, count(*) AS failed_1m
-    FROM notifyq.jobs
-    WHERE last_error IS NOT NULL AND started_at > now() - interval '1 minute'
-      AND status IN ('queued', 'dead') AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-    GROUP BY queue
-), starts AS (
-    (SELECT queue, started_at - run_at AS wait
-     FROM notifyq.jobs
-     WHERE status IN ('succeeded', 'dead') AND finished_at > now() - interval '1 minute'
-       AND started_at > now() - interval '1 minute' AND started_at >= run_at
-       AND coalesce(queue = ANY(%(queues)s::text[]), true)
-       AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-     ORDER BY finished_at DESC
-     LIMIT 2000)
-    UNION ALL
-    SELECT queue, started_at - run_at
-    FROM notifyq.jobs
-    WHERE status = 'running' AND started_at > now() - interval '1 minute'
-      AND started_at >= run_at AND coalesce(queue = ANY(%(queues)s::text[]), true)
-      AND (%(tags)s::text[] IS NULL OR tags @> %(tags)s::text[])
-), latency AS (
-    SELECT queue,
-           extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY wait))::float8 AS p50,
-           extract(epoch FROM percentile_cont(0.95) WITHIN GROUP (ORDER BY wait))::float8 AS p95
-    FROM starts
-    GROUP BY queue
-), names AS (
-    SELECT queue FROM queued UNION SELECT queue FROM running UNION SELECT queue FROM dead
-    UNION SELECT queue FROM finished UNION SELECT queue FROM failed
-    UNION SELECT unnest(%(queues)s::text[])
-    UNION SELECT queue FROM notifyq.queue_pauses
-          WHERE coalesce(queue = ANY(%(queues)s::text[]), true)
-)
-SELECT n.queue,
-       coalesce(q.ready, 0) AS ready,
-       coalesce(q.scheduled, 0) AS scheduled,
-       coalesce(r.running, 0) AS running,
-       coalesce(f.succeeded_1m, 0) AS succeeded_1m,
-       coalesce(x.failed_1m, 0) AS failed_1m,
-       coalesce(d.dead, 0) AS dead,
-       coalesce(f.done_10s, 0) AS done_10s,
-       l.p50,
-       l.p95,
-       q.oldest_ready,
-       EXISTS (SELECT FROM notifyq.queue_pauses p WHERE p.queue = n.queue AND p.task = '*')
-           AS paused,
-       ARRAY(SELECT p.task FROM notifyq.queue_pauses p
-             WHERE p.queue = n.queue AND p.task <> '*' ORDER BY p.task) AS paused_tasks
-FROM names n
-LEFT JOIN queued q USING (queue)
-LEFT JOIN running r USING (queue)
-LEFT JOIN dead d USING (queue)
-LEFT JOIN finished f USING (queue)
-LEFT JOIN failed x USING (queue)
-LEFT JOIN latency l USING (queue)
-ORDER BY n.queue;
+-- notifyq watch/stats: per queue, notifyq.queue_health (schema.sql says what each
+-- column counts and along which partial index; the function is inlined here, so
+-- the plan is this statement's own).  %(queues)s NULL means every queue; %(tags)s,
+-- when not NULL, counts only the jobs that have every one of them (watch --tag).
+SELECT queue, ready, scheduled, running, succeeded_1m, failed_1m, dead, done_10s, p50, p95,
+       oldest_ready, paused, paused_tasks
+FROM notifyq.queue_health(%(queues)s::text[], %(tags)s::text[]);
+
+-- name: monitor_failed_recent
+-- The latest failed attempts (notifyq.failed_recent, along jobs_failed_idx).
+SELECT id, queue, task, status, attempts, max_attempts, error, started_at, finished_at
+FROM notifyq.failed_recent(make_interval(secs => %(within)s), %(limit)s);
+
+-- name: monitor_stuck
+-- Running jobs past their lease or running longer than %(seconds)s (notifyq.stuck,
+-- along jobs_lease_idx).
+SELECT id, queue, task, attempts, claimed_by, started_at, lease_expires_at,
+       extract(epoch FROM running_for)::float8 AS running_for, lease_expired
+FROM notifyq.stuck(make_interval(secs => %(seconds)s));
 
 -- name: watch_failures
 -- notifyq watch: the latest jobs whose last attempt failed (waiting for a retry,
@@ -1054,3 +978,82 @@ SELECT EXISTS (
            OR (j.status = 'queued' AND j.run_at <= now()
                AND NOT EXISTS (SELECT FROM notifyq.queue_pauses z
                                WHERE z.queue = j.queue AND z.task IN (j.task, '*')))));
+
+-- name: webhook_claim
+-- Claim up to %(limit)s due completion webhooks (notifyq.webhook_deliveries) along
+-- webhook_deliveries_due_idx.  SKIP LOCKED: dispatchers claiming at once share the
+-- rows; the claim moves next_at %(lease)s seconds ahead, so another claims the row
+-- only if this one has neither delivered it nor rescheduled it by then (the lease
+-- outlasts a request's timeout).  The CTE keeps the LIMIT to the locked rows.
+-- allowed: the URL still starts with a prefix of notifyq.webhook_allowlist (a
+-- prefix removed since the job was enqueued stops its deliveries), with the
+-- prefix's signing secret name.
+WITH due AS (
+    SELECT d.id
+    FROM notifyq.webhook_deliveries d
+    WHERE d.status = 'pending' AND d.next_at <= now()
+    ORDER BY d.next_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifyq.webhook_deliveries d
+SET attempts = d.attempts + 1, next_at = now() + make_interval(secs => %(lease)s)
+FROM due
+WHERE d.id = due.id
+RETURNING d.id, d.job_id, d.url, d.body::text AS body, d.attempts,
+          (SELECT a.secret FROM notifyq.webhook_allowlist a
+           WHERE starts_with(d.url, a.prefix) ORDER BY length(a.prefix) DESC LIMIT 1) AS secret,
+          EXISTS (SELECT FROM notifyq.webhook_allowlist a WHERE starts_with(d.url, a.prefix))
+              AS allowed;
+
+-- name: webhook_next_due
+-- Seconds until the next pending webhook is due (NULL: none), one probe of
+-- webhook_deliveries_due_idx: how long the sender may wait when nothing is due.
+SELECT extract(epoch FROM min(next_at) - now())::float8 AS seconds
+FROM notifyq.webhook_deliveries
+WHERE status = 'pending';
+
+-- name: webhook_settle
+-- Write the outcomes of claimed deliveries, fenced by the attempt claimed (a row
+-- claimed again after our lease ran out is not ours to settle): delivered; or
+-- failed with %(errors)s and due again after %(retry_in)s seconds, or given up
+-- (status failed) when retry_in is NULL.
+UPDATE notifyq.webhook_deliveries d
+SET status = CASE WHEN o.delivered THEN 'delivered'
+                  WHEN o.retry_in IS NULL THEN 'failed' ELSE 'pending' END,
+    delivered_at = CASE WHEN o.delivered THEN now() END,
+    last_error = CASE WHEN o.delivered THEN d.last_error ELSE o.error END,
+    next_at = CASE WHEN o.retry_in IS NULL THEN d.next_at
+                   ELSE now() + make_interval(secs => o.retry_in) END
+FROM ROWS FROM (unnest(%(ids)s::bigint[]), unnest(%(attempts)s::integer[]),
+                unnest(%(delivered)s::boolean[]), unnest(%(errors)s::text[]),
+                unnest(%(retry_in)s::float8[]))
+     AS o (id, attempt, delivered, error, retry_in)
+WHERE d.id = o.id AND d.attempts = o.attempt AND d.status = 'pending'
+RETURNING d.id;
+
+-- name: web_jobs
+-- notifyq web's job search: the newest jobs matching every filter given (NULL: any),
+-- walking the primary key backwards and stopping at %(limit)s, like jobs_list; the
+-- time range is on created_at; the payload filter compares one top-level key's value
+-- as text (so 42 matches "42"), never builds a path or an expression from the input.
+SELECT id, queue, task, status, attempts, max_attempts, priority, run_at, created_at,
+       finished_at, split_part(last_error, E'\n', 1) AS error, tags
+FROM notifyq.jobs
+WHERE (%(id)s::bigint IS NULL OR id = %(id)s::bigint)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(task)s::text IS NULL OR task = %(task)s::text)
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+  AND (%(key)s::text IS NULL OR payload ->> %(key)s::text = %(value)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: web_periodic
+-- notifyq web's schedules page: every periodic schedule, paused ones too, with the
+-- instant after which its next one is due and the database clock's now().
+SELECT now() AS now, name, task, queue, schedule, timezone, missed, paused,
+       last_instant, greatest(last_instant, defined_at) AS since
+FROM notifyq.periodic
+ORDER BY name;

@@ -55,7 +55,7 @@ REVOKE ALL ON SCHEMA notifyq FROM {producer}, {worker};
 -- SELECT on the token column would show it every job's token, so it has none.
 GRANT USAGE ON SCHEMA notifyq TO {producer};
 GRANT INSERT (queue, task, payload, priority, run_at, max_attempts, dedupe_key, depends_on,
-    on_dependency_failure, rate_key, token, trace_context, tags, unique_for, on_duplicate)
+    on_dependency_failure, rate_key, token, trace_context, tags, unique_for, on_duplicate, callback_url)
     ON notifyq.jobs TO {producer};
 GRANT SELECT (id, dedupe_key, status) ON notifyq.jobs TO {producer};
 -- The job whose unique_for window refused an INSERT, by its key.
@@ -93,6 +93,11 @@ GRANT EXECUTE ON FUNCTION notifyq.liveness_held(text), notifyq.rescue_due(text) 
 GRANT SELECT, INSERT, UPDATE ON notifyq.periodic TO {worker};
 GRANT SELECT ON notifyq.schema_version, notifyq.queue_stats, notifyq.dispatcher_status
     TO {worker};
+-- The monitoring functions (SELECT * FROM notifyq.queue_health(), failed_recent(), stuck()):
+-- they read with the caller's rights, which the grants above give.  A monitoring-only
+-- role needs USAGE on the schema, SELECT on notifyq.jobs and notifyq.queue_pauses, and these.
+GRANT EXECUTE ON FUNCTION notifyq.queue_health(text[], text[]),
+    notifyq.failed_recent(interval, integer), notifyq.stuck(interval) TO {worker};
 -- The SQL worker protocol (notifyq.claim, heartbeat, complete, fail, ...), which
 -- `notifyq serve` runs too, and the per-task settings it reads and its app keeps.
 GRANT SELECT, INSERT, UPDATE ON notifyq.tasks TO {worker};
@@ -121,6 +126,11 @@ GRANT EXECUTE ON FUNCTION
 -- owner does, or an admin role it names:
 --     GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.endpoints TO notifyq_admin;
 GRANT SELECT ON notifyq.endpoints TO {worker};
+-- Completion webhooks: the allow-list is read (at delivery, again), never written, for
+-- the same reason; the outbox is claimed and marked, never filled (a trigger does that).
+--     GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.webhook_allowlist TO notifyq_admin;
+GRANT SELECT ON notifyq.webhook_allowlist TO {worker};
+GRANT SELECT, UPDATE ON notifyq.webhook_deliveries TO {worker};
 -- Appetite (notifyq.queue_appetite): each dispatcher states whether it waits for
 -- notifications; its metrics read the insert trigger's counts.
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.queue_appetite TO {worker};

@@ -11,15 +11,17 @@ Split by role, each module a seam of its own:
                     statement; `Listener`, the LISTEN connection
     operations.py   the operator's statements (admin.py, `notifyq jobs/retry/...`)
     monitoring.py   health checks, metrics and `notifyq watch`'s reads
+    dashboard.py    `notifyq web`'s other reads: job search, a job's attempts, schedules
     migrations.py   the schema, its numbered migrations, the roles script
     task_results.py a job and its attempts for a framework's result API (contrib/django)
     testing.py      notifyq.testing's: a test's clean state, its jobs, its clock
+    webhooks.py     the completion webhook sender's outbox: claim, settle
 
 Every query runs through a typed function here; nothing outside this package
 names a query or reads a row by position (tests/test_store_seam.py checks).
 """
 
-from . import monitoring, operations, rows, task_results, testing
+from . import dashboard, monitoring, operations, rows, task_results, testing, webhooks
 from .connection import CONNECT_OPTIONS, QUERIES, connect, connect_sync, translated
 from .dispatching import (
     Claim,
@@ -80,6 +82,7 @@ __all__ = [
     "apply_script",
     "connect",
     "connect_sync",
+    "dashboard",
     "enqueue",
     "enqueue_many",
     "enqueue_many_sync",
@@ -98,4 +101,5 @@ __all__ = [
     "testing",
     "translated",
     "wait_outcomes",
+    "webhooks",
 ]

@@ -16,6 +16,7 @@ from .rows import (
     BreakerState,
     DispatcherState,
     ExpiredLeases,
+    FailedAttempt,
     FailedJob,
     LostDispatchers,
     OldestTransaction,
@@ -25,6 +26,7 @@ from .rows import (
     RunningJob,
     ServerInfo,
     StartWait,
+    StuckJob,
     TupleCounts,
     UnservedJobs,
     Wakeups,
@@ -78,6 +80,26 @@ def circuit_breakers(conn: Conn) -> list[BreakerState]:
 def queue_pauses(conn: Conn) -> list[QueuePause]:
     """Every paused queue and task, with its ready jobs (notifyq health, the metrics)."""
     return fetch_all(conn, "queue_pauses", {}, class_row(QueuePause))
+
+
+# --- the monitoring functions (notifyq.queue_health, failed_recent, stuck), sync
+
+
+def queue_health(conn: Conn, queues: Sequence[str] | None = None) -> list[QueueStats]:
+    """notifyq.queue_health: per queue, what `notifyq watch` shows."""
+    params = {"queues": None if queues is None else list(queues), "tags": None}
+    return fetch_all(conn, "watch_queues", params, class_row(QueueStats))
+
+
+def failed_recent(conn: Conn, within: float, limit: int) -> list[FailedAttempt]:
+    """notifyq.failed_recent: failed attempts started in the last `within` seconds."""
+    params = {"within": within, "limit": limit}
+    return fetch_all(conn, "monitor_failed_recent", params, class_row(FailedAttempt))
+
+
+def stuck(conn: Conn, longer_than: float) -> list[StuckJob]:
+    """notifyq.stuck: running jobs past their lease or running over `longer_than` seconds."""
+    return fetch_all(conn, "monitor_stuck", {"seconds": longer_than}, class_row(StuckJob))
 
 
 # --- the metrics, at scrape time

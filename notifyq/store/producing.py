@@ -41,6 +41,8 @@ class NewJob:
     unique_for: float | None = None  # seconds; with dedupe_key only
     on_duplicate: str | None = None  # "refuse" | "replace"; with dedupe_key only
     tags: list[str] | None = None
+    # POSTed to when the job ends; the database checks it against its allow-list.
+    callback_url: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,7 @@ class NewJob:
             "unique_for": self.unique_for,
             "on_duplicate": self.on_duplicate,
             "tags": self.tags,
+            "callback_url": self.callback_url,
         }
 
 

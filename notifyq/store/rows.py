@@ -451,3 +451,79 @@ class AttemptEntry:
     attempt: int
     dispatcher: str | None  # the claimant, for a claim
     error: str | None  # last_error, when this change set it
+
+
+# --- notifyq web
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicEntry:
+    """web_periodic: one schedule, paused or not, and the database clock."""
+
+    now: datetime
+    name: str
+    task: str
+    queue: str
+    schedule: str
+    timezone: str
+    missed: str  # skip | once
+    paused: bool
+    last_instant: datetime | None  # the latest instant dealt with; None before the first
+    since: datetime  # its next instant is the first one after this
+
+
+@dataclass(frozen=True, slots=True)
+class FailedAttempt:
+    """monitor_failed_recent: a recent failed attempt (notifyq.failed_recent)."""
+
+    id: int
+    queue: str
+    task: str
+    status: str  # a JobState value: queued (for a retry) or dead
+    attempts: int
+    max_attempts: int | None
+    error: str  # last_error, whole
+    started_at: datetime  # when the failed attempt started
+    finished_at: datetime | None  # dead jobs only
+
+
+@dataclass(frozen=True, slots=True)
+class StuckJob:
+    """monitor_stuck: a running job past its lease or running too long (notifyq.stuck)."""
+
+    id: int
+    queue: str
+    task: str
+    attempts: int
+    claimed_by: str
+    started_at: datetime
+    lease_expires_at: datetime
+    running_for: float  # seconds
+    lease_expired: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookClaimed:
+    """webhook_claim: a completion webhook to send now (notifyq.webhook_deliveries)."""
+
+    id: int
+    job_id: int
+    url: str
+    body: str  # the JSON to POST, as text: signed as these bytes
+    attempts: int  # this attempt's number
+    secret: str | None  # the allow-list prefix's signing secret name; None: unsigned
+    allowed: bool  # the URL still starts with an allowed prefix
+
+
+@dataclass(frozen=True, slots=True)
+class NextDue:
+    """webhook_next_due: seconds until the next pending webhook is due."""
+
+    seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """webhook_settle: a delivery whose outcome was written."""
+
+    id: int
