@@ -860,6 +860,7 @@ KEYED = {
     "token": "00000000-0000-0000-0000-000000000001",
     "trace_context": None,
     "tags": None,
+    "callback_url": None,
 }
 
 

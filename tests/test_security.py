@@ -271,7 +271,15 @@ def test_roles_grant_least_privilege_and_run_twice(dsn: str, roles: Roles) -> No
         assert not table(role, "INSERT", "notifyq.webhook_deliveries"), role
     assert not table(p, "SELECT", "notifyq.webhook_allowlist")
     assert table(w, "SELECT", "notifyq.webhook_allowlist")
-    assert table(w, "UPDATE", "notifyq.webhook_deliveries")
+    # ... and writes a delivery's state, never its url or body (checked at the insert).
+    for name, allowed in (("status", True), ("next_at", True), ("url", False), ("body", False)):
+        granted = query(
+            dsn,
+            "SELECT has_column_privilege(%s, 'notifyq.webhook_deliveries', %s, 'UPDATE')",
+            w,
+            name,
+        )[0][0]
+        assert granted == allowed, name
 
 
 def test_producer_login_enqueues_but_cannot_steer_jobs(dsn: str, roles: Roles) -> None:

@@ -130,7 +130,9 @@ GRANT SELECT ON notifyq.endpoints TO {worker};
 -- the same reason; the outbox is claimed and marked, never filled (a trigger does that).
 --     GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.webhook_allowlist TO notifyq_admin;
 GRANT SELECT ON notifyq.webhook_allowlist TO {worker};
-GRANT SELECT, UPDATE ON notifyq.webhook_deliveries TO {worker};
+-- UPDATE of the delivery's state only: a worker must not rewrite url or body, which
+-- the allow-list's trigger checked at the job's insert.
+GRANT SELECT, UPDATE (status, attempts, next_at, last_error, delivered_at) ON notifyq.webhook_deliveries TO {worker};
 -- Appetite (notifyq.queue_appetite): each dispatcher states whether it waits for
 -- notifications; its metrics read the insert trigger's counts.
 GRANT SELECT, INSERT, UPDATE, DELETE ON notifyq.queue_appetite TO {worker};

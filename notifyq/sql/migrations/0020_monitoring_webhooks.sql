@@ -354,7 +354,7 @@ BEGIN
                        'notifyq.failed_recent(interval, integer), notifyq.stuck(interval) TO %s',
                        r.role);
         EXECUTE format('GRANT SELECT ON notifyq.webhook_allowlist TO %s', r.role);
-        EXECUTE format('GRANT SELECT, UPDATE ON notifyq.webhook_deliveries TO %s', r.role);
+        EXECUTE format('GRANT SELECT, UPDATE (status, attempts, next_at, last_error, delivered_at) ON notifyq.webhook_deliveries TO %s', r.role);
     END LOOP;
 END
 $$;
