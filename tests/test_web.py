@@ -510,3 +510,18 @@ async def test_the_documented_grants_are_enough(dsn: str) -> None:
         form = {"csrf": token, "older_than": "0s", "status": "cancelled", "confirm": "purge"}
         purged = await c.post("/purge", data=form)
         assert purged.status_code == 200 and "Deleted 1 job(s)" in purged.text
+
+
+async def test_the_overview_lists_the_circuit_breakers_holding_jobs_back(dsn: str) -> None:
+    query(dsn, "SELECT notifyq.set_circuit_breaker('api.call', 1, '1 minute', '1 hour')")
+    query(dsn, "SELECT notifyq.set_circuit_breaker('api.other', 1, '1 minute', '1 hour')")
+    query(
+        dsn,
+        "UPDATE notifyq.circuit_breakers SET state = 'open', opens = 1, opened_at = now()"
+        " WHERE task = 'api.call'",
+    )
+    async with client(create_app(dsn)) as c:
+        home = (await c.get("/")).text
+    assert "Circuit breakers holding jobs back" in home
+    assert "api.call" in home and "open" in home
+    assert "api.other" not in home  # closed: holds nothing back

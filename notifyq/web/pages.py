@@ -117,8 +117,8 @@ def _progress(percent: float | None, message: str | None) -> str:
 
 
 def queue_states(q: QueueRow) -> list[str]:
-    """The states a queue's row shows.  The seam for the states still to come: circuit
-    breakers (open, half-open) and caps belong here once the snapshot carries them."""
+    """The states a queue's row shows.  Circuit breakers are per task: the overview lists
+    those not closed under the queues.  Caps belong here once the snapshot carries them."""
     states = []
     if q.paused:
         states.append("paused")
@@ -194,6 +194,20 @@ def overview(p: Page, snap: Snapshot) -> str:
         "",
     ]
     out.append(_table(headers, rows, "No jobs yet."))
+    if snap.breakers:
+        # Circuit breakers not closed: their tasks' jobs are held back (docs/lifecycle.md).
+        held = [
+            [
+                e(b.task),
+                e(b.state.replace("_", "-")),
+                e(duration(b.reopen_in)) if b.state == "open" else "",
+                _job_link(p, b.probe_job) if b.probe_job is not None else "",
+                e(b.opens),
+            ]
+            for b in snap.breakers
+        ]
+        out.append("<h2>Circuit breakers holding jobs back</h2>")
+        out.append(_table(["task", "state", "probe in", "probe job", "opened"], held, ""))
     if snap.unserved:
         unserved = [
             [e(u.queue), e(u.task), e(f"{u.jobs}{'+' if u.more else ''}"), e(duration(u.oldest))]
