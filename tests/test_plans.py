@@ -26,6 +26,10 @@ from notifyq import Settings, store
 from notifyq.store import QUERIES
 from tests.conftest import Server, query, statuses, with_dbname
 
+# One worker under `pytest -n 2` (pyproject: --dist loadgroup): the module-scoped tables
+# of a million rows and more are filled once per server, not once per worker.
+pytestmark = pytest.mark.xdist_group("plans")
+
 BACKLOG = 20_000
 
 
