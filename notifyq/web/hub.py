@@ -3,7 +3,7 @@ server process, whatever the number of open tabs.
 
 A notification on notifyq_status, notifyq_jobs or notifyq_progress starts a refresh,
 coalesced to at most MAX_REFRESHES per second however many arrive, and a quiet
-`interval` refreshes anyway (ages move).  A refresh is the watch Model's five
+`interval` refreshes anyway (ages move).  A refresh is the watch Model's six
 statements; its snapshot is rendered to HTML once and that fragment is handed to
 every open Server-Sent Events stream: a tab costs the database nothing, the server
 one render per refresh shared by all and one SSE message per refresh per tab.  With
