@@ -401,7 +401,7 @@ class App:
     ) -> list[JobId]:
         """Insert one job of `task` per payload, all in one transaction; their ids (each
         with its token, see `enqueue`), in order.  The options are `enqueue`'s but
-        dedupe_key (see `enqueue.ManyOptions`).
+        dedupe_key, unique_for and on_duplicate (see `enqueue.ManyOptions`).
 
         Each queue gets one notification however many jobs.  Every payload is
         checked before anything is sent, so a bad one refuses the whole batch.

@@ -122,7 +122,7 @@ async def listen(
     `on_status()` once per batch of status notifications (jobs changed status
     somewhere); `on_endpoints()` once per batch saying notifyq.endpoints changed,
     `on_periodic()` notifyq.periodic; `on_webhooks()` completion webhooks were queued;
-    `on_periodic()` notifyq.periodic; `on_breaker()` once per batch saying a circuit
+    `on_breaker()` once per batch saying a circuit
     breaker opened or closed (held jobs to claim, or a cool-down to wait for);
     `send_probe(payload)` must NOTIFY channels.INTERNAL from another connection;
     `liveness`: the claimant whose liveness lock this connection holds (and the

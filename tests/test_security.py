@@ -471,6 +471,37 @@ def test_migration_lets_existing_producers_give_and_use_tokens(empty_dsn: str) -
         _drop_roles(empty_dsn, [role])
 
 
+def test_migration_gives_existing_workers_the_circuit_breakers(empty_dsn: str) -> None:
+    """A worker role `notifyq roles` made before version 18 may still claim once the
+    database is migrated: every claim reads notifyq.circuit_breakers with its rights."""
+    with psycopg.connect(empty_dsn) as conn:
+        for version, script in store.migration_scripts():
+            if version <= 17:
+                store.apply_script(conn, version, script)
+    role = f"nq_old_worker_{uuid.uuid4().hex[:10]}"
+    claim = "notifyq.claim_jobs(text, text[], text[], integer, interval)"
+    try:
+        for statement in (
+            "CREATE ROLE {} NOLOGIN",
+            "GRANT USAGE ON SCHEMA notifyq TO {}",
+            "GRANT SELECT, UPDATE ON notifyq.jobs TO {}",
+            f"GRANT EXECUTE ON FUNCTION {claim} TO {{}}",
+        ):
+            query(empty_dsn, sql.SQL(statement).format(sql.Identifier(role)).as_string(None))
+        assert migrate.migrate(empty_dsn) == (17, migrate.SCHEMA_VERSION)
+        assert query(
+            empty_dsn,
+            "SELECT has_table_privilege(%s, 'notifyq.circuit_breakers', 'SELECT'),"
+            " has_table_privilege(%s, 'notifyq.circuit_breakers', 'INSERT'),"
+            " has_table_privilege(%s, 'notifyq.circuit_breakers', 'UPDATE')",
+            role,
+            role,
+            role,
+        ) == [(True, True, True)]
+    finally:
+        _drop_roles(empty_dsn, [role])
+
+
 # --- 2. functions
 
 

@@ -1,7 +1,7 @@
 """The notifyq schema through Django's migrations, and the check that it is current.
 
 The app ships one Django migration per notifyq schema version it brings (0001
-brings the schema to version 16, 0002 to 18; a notifyq release that adds a
+brings the schema to version 16, 0002 to 18, 0003 to 19, 0004 to 20; a notifyq release that adds a
 version adds a Django migration for it, which a test enforces).  Each runs notifyq's own
 migrator (migrate.upgrade) on the migration's connection, inside its transaction:
 the advisory lock makes a second process migrating at once wait and then find

@@ -606,3 +606,23 @@ COMMENT ON FUNCTION notifyq.finish_jobs(
     text, bigint[], integer[], text[], jsonb[], text[], float8[], real[], text[], boolean) IS
     'Write outcomes (succeeded, failed, dead) of jobs a worker runs, fenced, applying the '
     'task''s retry policy; returns the new statuses, and busy for rows locked elsewhere.';
+
+-- Every claim reads the breakers and may start a probe, every completion counts
+-- failures, both with their caller's rights, and a dispatcher writes its app's
+-- @app.task(circuit_breaker=...) at start-up: the roles that may claim (`notifyq
+-- roles` gave the worker role EXECUTE on notifyq.claim_jobs) get what `notifyq
+-- roles` gives them now, or their claims fail from this version on.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT a.grantee::regrole AS role
+        FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) AS a
+        WHERE p.oid = 'notifyq.claim_jobs(text, text[], text[], integer, interval)'::regprocedure
+          AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE ON notifyq.circuit_breakers TO %s', r.role);
+    END LOOP;
+END
+$$;
