@@ -849,23 +849,17 @@ def test_the_webhook_sender_reads_pending_deliveries_only(dsn: str, name: str) -
     assert read <= 20, read
 
 
-KEYED = {
-    "queue": "default",
-    "task": "t",
-    "payload": "{}",
-    "priority": 0,
-    "delay": 0.0,
-    "run_at": None,
-    "max_attempts": None,
-    "depends_on": None,
-    "on_dependency_failure": "cancel",
-    "dedupe_key": "k",
-    "rate_key": None,
-    "token": "00000000-0000-0000-0000-000000000001",
-    "trace_context": None,
-    "tags": None,
-    "callback_url": None,
-}
+# The parameters enqueue sends (store.producing.NewJob), whatever columns it gains.
+KEYED = store.producing.NewJob(
+    task="t",
+    payload_json="{}",
+    queue="default",
+    priority=0,
+    delay=0.0,
+    run_at=None,
+    max_attempts=None,
+    dedupe_key="k",
+).params()
 
 
 @pytest.mark.parametrize(
