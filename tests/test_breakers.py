@@ -212,6 +212,10 @@ async def test_reset_by_hand_releases_the_held_jobs(dsn: str) -> None:
         query(dsn, "INSERT INTO notifyq.jobs (task) SELECT 'sms.send' FROM generate_series(1, 5)")
         # Held: the claims that the inserts caused took nothing, and the listener's polls
         # (several of them) caused none: their upkeep says the held jobs are not ready.
+        # The count starts once the wake-ups of the insert and of the breaker's change
+        # (notifyq_internal) have been heard: two upkeeps later.
+        settled = worker.upkeeps + 2
+        await eventually(lambda: worker.upkeeps >= settled)
         upkeeps, claims = worker.upkeeps, worker.dispatcher.claims
         await eventually(lambda: worker.upkeeps >= upkeeps + 5)
         assert statuses(dsn) == {"queued": 5}
